@@ -1,0 +1,43 @@
+"""Job: what is being trained per step (batch, sequence, precision) and with which kernels."""
+
+import dataclasses
+from dataclasses import dataclass
+
+from planner.schema import check_keys, require_bool, require_choice, require_int
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw",)
+# Which implementation's activation bookkeeping to model:
+#   torch    - this project's runtime (PyTorch DTensor TP/SP, FSDP2, torch.distributed.pipelining)
+#   megatron - Megatron-LM (Korthikanti et al. 2022): SP re-gathers layer inputs in backward
+ENGINES = ("torch", "megatron")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    global_batch: int
+    seq_len: int
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+    flash_attention: bool = True
+    engine: str = "torch"
+
+    def __post_init__(self):
+        require_int(self.global_batch, "global batch")
+        require_int(self.seq_len, "seq len")
+        require_choice(self.precision, "precision", PRECISIONS)
+        require_choice(self.optimizer, "optimizer", OPTIMIZERS)
+        require_bool(self.flash_attention, "flash_attention")
+        require_choice(self.engine, "engine", ENGINES)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Job":
+        check_keys(data, cls, "job")
+        return cls(**data)
