@@ -21,6 +21,7 @@ class GpuSpec:
     hbm_bandwidth_bytes_per_s: float
     gemm_efficiency_max: float  # fraction of peak a large, well-shaped GEMM sustains
     gemm_half_dim: float        # GEMM efficiency per dimension d is d / (d + gemm_half_dim)
+    attention_efficiency: float  # fraction of peak a fused (flash) attention kernel sustains
     memory_efficiency: float    # fraction of HBM bandwidth that elementwise kernels reach
     kernel_overhead_s: float    # launch + tail cost per kernel
     framework_overhead_bytes: int  # CUDA context, allocator reserve, workspace
@@ -34,7 +35,7 @@ class GpuSpec:
             require_choice(dtype, "gpu.peak_flops key", ("fp32", "bf16", "fp16", "fp8"))
             require_number(value, f"gpu.peak_flops.{dtype}", strict=True)
         require_number(self.hbm_bandwidth_bytes_per_s, "gpu.hbm_bandwidth_bytes_per_s", strict=True)
-        for key in ("gemm_efficiency_max", "memory_efficiency"):
+        for key in ("gemm_efficiency_max", "memory_efficiency", "attention_efficiency"):
             value = getattr(self, key)
             require_number(value, f"gpu.{key}", strict=True)
             if value > 1:

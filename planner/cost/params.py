@@ -1,91 +1,115 @@
-"""Exact parameter counts, whole-model and per pipeline/tensor-parallel rank.
+"""Exact parameter inventory: every tensor the model has, its shape and how tensor parallelism
+splits it; whole-model and per-rank counts follow from it.
 
-Counts follow the layer definitions of each family (GPT-2: Radford et al. 2019 and HF GPT2Model;
-Llama: Touvron et al. 2023 and HF LlamaModel; BERT: HF BertForMaskedLM) and equal
-`sum(p.numel())` of runtime/model.py for every preset (tests/test_runtime_model.py)."""
+Layer definitions: GPT-2 (Radford et al. 2019; HF GPT2Model), Llama (Touvron et al. 2023; HF
+LlamaModel), BERT (HF BertForMaskedLM).  `count_parameters` equals `sum(p.numel())` of
+runtime/model.py for every preset.  TP placements are PyTorch's: column-parallel weights and
+biases Shard(0), row-parallel weights Shard(1) with replicated bias, vocab-parallel embedding and
+output layer Shard(0) (Shoeybi et al. 2019, Sec. 3)."""
 
+import math
 from dataclasses import dataclass
 
 from planner.spec import BERT_TYPE_VOCAB, ModelSpec
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @dataclass(frozen=True)
-class ParamShare:
-    """Parameters of a piece of the model as one tensor-parallel rank holds them."""
-    sharded: int     # split across the TP group: this is one rank's (largest) share
-    replicated: int  # held in full by every TP rank (norms, row-parallel biases, positions)
+class ParamTensor:
+    name: str
+    shape: tuple
+    tp_dim: int = None  # dimension split across the TP group; None = replicated
 
     @property
-    def total(self) -> int:
-        return self.sharded + self.replicated
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
-    def __add__(self, other: "ParamShare") -> "ParamShare":
-        return ParamShare(self.sharded + other.sharded, self.replicated + other.replicated)
-
-
-def norm_params(spec: ModelSpec) -> int:
-    return spec.hidden_size * (2 if spec.norm == "layernorm" else 1)
-
-
-def layer_share(spec: ModelSpec, tp: int = 1) -> ParamShare:
-    """One transformer block: attention (column-parallel q/k/v, row-parallel o), MLP, 2 norms."""
-    h, kv, f = spec.hidden_size, spec.kv_hidden_size, spec.ffn_hidden_size
-    attn_w = h * h + 2 * h * kv + h * h
-    mlp_w = (3 if spec.mlp == "swiglu" else 2) * h * f
-    sharded = attn_w + mlp_w
-    replicated = 2 * norm_params(spec)
-    if spec.linear_bias:
-        sharded += h + 2 * kv + (2 * f if spec.mlp == "swiglu" else f)  # column-parallel biases
-        replicated += 2 * h                                              # row-parallel biases
-    return ParamShare(sharded // tp, replicated)
+    def local_shape(self, tp: int) -> tuple:
+        """Shape on TP rank 0, the largest shard (torch.chunk semantics for uneven splits)."""
+        if self.tp_dim is None or tp == 1:
+            return self.shape
+        shape = list(self.shape)
+        shape[self.tp_dim] = -(-shape[self.tp_dim] // tp)
+        return tuple(shape)
 
 
-def embedding_share(spec: ModelSpec, tp: int = 1) -> ParamShare:
-    """Word embedding (vocab-parallel), learned positions, BERT token types and embedding norm."""
+def _norm(name: str, spec: ModelSpec) -> list:
     h = spec.hidden_size
-    replicated = spec.max_seq_len * h if spec.learned_positions else 0
+    tensors = [ParamTensor(f"{name}.weight", (h,))]
+    if spec.norm == "layernorm":
+        tensors.append(ParamTensor(f"{name}.bias", (h,)))
+    return tensors
+
+
+def _linear(name: str, d_in: int, d_out: int, bias: bool, parallel: str) -> list:
+    """nn.Linear weight [out, in]; parallel is 'col', 'row' or 'none'."""
+    w_dim = {"col": 0, "row": 1, "none": None}[parallel]
+    tensors = [ParamTensor(f"{name}.weight", (d_out, d_in), w_dim)]
+    if bias:
+        tensors.append(ParamTensor(f"{name}.bias", (d_out,), 0 if parallel == "col" else None))
+    return tensors
+
+
+def block_tensors(spec: ModelSpec) -> list:
+    """One transformer block (names are per-block; the runtime prefixes the layer index)."""
+    h, kv, f, b = spec.hidden_size, spec.kv_hidden_size, spec.ffn_hidden_size, spec.linear_bias
+    tensors = _norm("attn_norm", spec)
+    tensors += _linear("attn.q", h, h, b, "col") + _linear("attn.k", h, kv, b, "col")
+    tensors += _linear("attn.v", h, kv, b, "col") + _linear("attn.o", h, h, b, "row")
+    tensors += _norm("mlp_norm", spec)
+    if spec.mlp == "swiglu":
+        tensors += _linear("mlp.gate", h, f, b, "col") + _linear("mlp.up", h, f, b, "col")
+        tensors += _linear("mlp.down", f, h, b, "row")
+    else:
+        tensors += _linear("mlp.fc", h, f, b, "col") + _linear("mlp.proj", f, h, b, "row")
+    return tensors
+
+
+def embedding_tensors(spec: ModelSpec) -> list:
+    h = spec.hidden_size
+    tensors = [ParamTensor("embed.tokens.weight", (spec.vocab_size, h), 0)]
+    if spec.learned_positions:
+        tensors.append(ParamTensor("embed.positions.weight", (spec.max_seq_len, h)))
     if spec.arch == "bert":
-        replicated += BERT_TYPE_VOCAB * h + norm_params(spec)
-    return ParamShare(_ceil_div(spec.vocab_size, tp) * h, replicated)
+        tensors.append(ParamTensor("embed.token_types.weight", (BERT_TYPE_VOCAB, h)))
+        tensors += _norm("embed.norm", spec)
+    return tensors
 
 
-def head_share(spec: ModelSpec, tp: int = 1, holds_tied_copy: bool = False) -> ParamShare:
-    """Final norm and output projection (vocab-parallel); BERT's MLM transform instead.
+def head_tensors(spec: ModelSpec, holds_tied_copy: bool = False) -> list:
+    """Final norm and output layer; BERT's MLM transform (dense + norm) and decoder bias.
 
-    A tied output layer shares the word embedding; on a pipeline whose first and last stages
-    differ, the last stage keeps its own copy (Narayanan et al. 2021, Sec. 4.1)."""
+    A tied output layer shares the word embedding; when the first and last pipeline chunks live
+    on different ranks, the last one keeps its own copy (Narayanan et al. 2021, Sec. 4.1)."""
     h, v = spec.hidden_size, spec.vocab_size
     if spec.arch == "bert":
-        replicated = h * h + h + norm_params(spec)  # dense + LayerNorm of the MLM transform
-        sharded = _ceil_div(v, tp)                  # decoder bias
+        tensors = _linear("head.transform", h, h, True, "none") + _norm("head.norm", spec)
+        tensors.append(ParamTensor("head.decoder.bias", (v,), 0))
     else:
-        replicated, sharded = norm_params(spec), 0
+        tensors = _norm("final_norm", spec)
     if not spec.tie_embeddings or holds_tied_copy:
-        sharded += _ceil_div(v, tp) * h
-    return ParamShare(sharded, replicated)
+        tensors.append(ParamTensor("head.output.weight", (v, h), 0))
+    return tensors
 
 
 def count_parameters(spec: ModelSpec) -> int:
     """All trainable parameters of the model (tied weights counted once)."""
-    return (embedding_share(spec).total + spec.num_layers * layer_share(spec).total
-            + head_share(spec).total)
+    return (sum(t.numel for t in embedding_tensors(spec))
+            + spec.num_layers * sum(t.numel for t in block_tensors(spec))
+            + sum(t.numel for t in head_tensors(spec)))
 
 
-def rank_param_shares(spec: ModelSpec, layout) -> list:
-    """ParamShare of each pipeline rank: its chunks' layers, the embedding on the rank running
-    the first chunk and the head on the rank running the last chunk."""
-    layer = layer_share(spec, layout.tp)
+def rank_param_tensors(spec: ModelSpec, layout, pp_rank: int) -> list:
+    """Every parameter tensor pipeline rank `pp_rank` holds (blocks repeated per layer)."""
     first, last = layout.chunk_rank(0), layout.chunk_rank(layout.num_chunks - 1)
-    shares = []
-    for rank, chunks in enumerate(layout.rank_chunk_layers(spec.num_layers)):
-        share = ParamShare(layer.sharded * sum(chunks), layer.replicated * sum(chunks))
-        if rank == first:
-            share = share + embedding_share(spec, layout.tp)
-        if rank == last:
-            share = share + head_share(spec, layout.tp, holds_tied_copy=first != last)
-        shares.append(share)
-    return shares
+    layers = sum(layout.rank_chunk_layers(spec.num_layers)[pp_rank])
+    tensors = block_tensors(spec) * layers
+    if pp_rank == first:
+        tensors = embedding_tensors(spec) + tensors
+    if pp_rank == last:
+        tensors = tensors + head_tensors(spec, holds_tied_copy=first != last)
+    return tensors
+
+
+def block_params_local(spec: ModelSpec, tp: int) -> int:
+    """Parameters of one block on one TP rank."""
+    return sum(math.prod(t.local_shape(tp)) for t in block_tensors(spec))

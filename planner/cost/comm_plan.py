@@ -1,0 +1,74 @@
+"""Every collective of one training step for the most loaded rank: what, how big, how often,
+over which link (tensor, pipeline and data parallel)."""
+
+import math
+
+from planner.cost.comm import make_collective
+from planner.cost.params import rank_param_tensors
+from planner.plan import Plan
+from planner.topology import axis_link, pipeline_p2p_link
+from planner.units import dtype_bytes
+
+
+def tp_collectives_per_layer(plan: Plan) -> list:
+    """Per layer and micro-batch, forward + backward (Shoeybi et al. 2019, Fig. 4: two
+    all-reduces in forward and two in backward; Korthikanti et al. 2022, Sec. 4.2.2: with
+    sequence parallelism each becomes an all-gather plus a reduce-scatter of the same volume)."""
+    lay, job = plan.layout, plan.job
+    if lay.tp == 1:
+        return []
+    link = axis_link(plan.cluster.profile, lay, "tp")
+    nbytes = dtype_bytes(job.precision) * lay.micro_batch * job.seq_len * plan.model.hidden_size
+    passes = 2 + (1 if lay.recompute == "full" else 0)  # full recompute repeats the forward
+    if lay.sequence_parallel:
+        return [make_collective("tp_all_gather", "all_gather", link, 2 * passes, nbytes),
+                make_collective("tp_reduce_scatter", "reduce_scatter", link, 2 * passes, nbytes)]
+    return [make_collective("tp_all_reduce", "all_reduce", link, 2 * passes, nbytes)]
+
+
+def pp_p2p_per_microbatch(plan: Plan) -> list:
+    """Activation sent forward and its gradient sent backward at each chunk boundary (the
+    sequence-parallel activation is sharded, so 1/t of it crosses; Korthikanti Sec. 4.2.3)."""
+    lay, job = plan.layout, plan.job
+    if lay.pp == 1:
+        return []
+    link = pipeline_p2p_link(plan.cluster.profile, lay)
+    div = lay.tp if lay.sequence_parallel else 1
+    nbytes = dtype_bytes(job.precision) * lay.micro_batch * job.seq_len * \
+        plan.model.hidden_size / div
+    return [make_collective("pp_send_activation", "p2p", link, lay.virtual_stages, nbytes),
+            make_collective("pp_send_gradient", "p2p", link, lay.virtual_stages, nbytes)]
+
+
+def _rank_numel(plan: Plan, pp_rank: int) -> int:
+    lay = plan.layout
+    return sum(math.prod(t.local_shape(lay.tp))
+               for t in rank_param_tensors(plan.model, lay, pp_rank))
+
+
+def dp_collectives(plan: Plan, pp_rank: int) -> list:
+    """Gradient synchronisation and parameter gathers of one step on one pipeline rank.
+
+    ZeRO-0: all-reduce of the gradients; ZeRO-1: the same plus an all-gather of the updated
+    parameters (torch: ZeroRedundancyOptimizer broadcasts fp32 shards; Megatron's distributed
+    optimizer reduce-scatters gradients and all-gathers 16-bit parameters); ZeRO-2/3 (FSDP2):
+    per micro-batch a reduce-scatter of fp32 gradients and one (ZeRO-2) or two (ZeRO-3, forward
+    and backward) all-gathers of the 16-bit parameters (Rajbhandari et al. 2020, Sec. 7)."""
+    lay, job = plan.layout, plan.job
+    if lay.dp == 1:
+        return []
+    link = axis_link(plan.cluster.profile, lay, "dp")
+    numel = _rank_numel(plan, pp_rank)
+    a, m = dtype_bytes(job.precision), lay.num_microbatches
+    grad_bytes = 2 * numel if job.engine == "megatron" and job.precision == "fp16" else 4 * numel
+    if lay.zero_stage == 0:
+        return [make_collective("dp_all_reduce", "all_reduce", link, 1, grad_bytes)]
+    if lay.zero_stage == 1:
+        if job.engine == "megatron":
+            return [make_collective("dp_reduce_scatter", "reduce_scatter", link, 1, grad_bytes),
+                    make_collective("dp_param_all_gather", "all_gather", link, 1, a * numel)]
+        return [make_collective("dp_all_reduce", "all_reduce", link, 1, grad_bytes),
+                make_collective("dp_param_broadcast", "all_gather", link, 1, 4 * numel)]
+    gathers = 2 if lay.zero_stage == 3 else 1
+    return [make_collective("dp_reduce_scatter", "reduce_scatter", link, m, 4 * numel),
+            make_collective("dp_param_all_gather", "all_gather", link, gathers * m, a * numel)]

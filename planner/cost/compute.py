@@ -1,0 +1,123 @@
+"""Time of the compute kernels of one layer / the output layer, for one micro-batch on one rank.
+
+GEMMs run at peak x gemm_efficiency_max x q(m) q(n) q(k), q(d) = d / (d + gemm_half_dim): a
+roofline-style saturation for tile quantisation on small dimensions, fitted per GPU
+(planner/fit.py fits it to measured matmuls).  Memory-bound kernels (norms, activations,
+residual adds, dropout, softmax) move their bytes at HBM bandwidth x memory_efficiency.
+Every kernel pays kernel_overhead_s.  A backward pass runs two GEMMs per forward GEMM (input and
+weight gradients) and moves twice the elementwise bytes."""
+
+from dataclasses import dataclass
+
+from planner.cost.flops import Gemm, attention_core_flops, head_extra_gemms, head_gemm, layer_gemms
+from planner.hardware import GpuSpec
+from planner.job import Job
+from planner.plan import Layout
+from planner.spec import ModelSpec
+from planner.units import DROPOUT_MASK_BYTES, dtype_bytes
+
+# FlashAttention-2 backward runs 5 GEMM-sized products against the forward's 2 (Dao 2023, Sec. 3)
+FLASH_BWD_FACTOR = 2.5
+ELEMENTWISE_KERNELS_PER_LAYER = 10  # norms, residual adds, activation, rope/bias, dropouts
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """Seconds for one layer (or the output layer) and one micro-batch on one rank."""
+    gemm_fwd_s: float
+    attention_fwd_s: float
+    elementwise_fwd_s: float
+    gemm_bwd_s: float
+    attention_bwd_s: float
+    elementwise_bwd_s: float
+
+    @property
+    def fwd_s(self) -> float:
+        return self.gemm_fwd_s + self.attention_fwd_s + self.elementwise_fwd_s
+
+    @property
+    def bwd_s(self) -> float:
+        return self.gemm_bwd_s + self.attention_bwd_s + self.elementwise_bwd_s
+
+    @property
+    def wgrad_s(self) -> float:
+        """The weight-gradient half of the backward GEMMs (deferrable in zero-bubble schedules)."""
+        return self.gemm_bwd_s / 2
+
+
+def gemm_efficiency(gpu: GpuSpec, m: int, n: int, k: int) -> float:
+    d0 = gpu.gemm_half_dim
+    return gpu.gemm_efficiency_max * (m / (m + d0)) * (n / (n + d0)) * (k / (k + d0))
+
+
+def gemm_time(gpu: GpuSpec, gemm: Gemm, precision: str) -> float:
+    rate = gpu.peak_flops[precision] * gemm_efficiency(gpu, gemm.m, gemm.n, gemm.k)
+    return gemm.flops / rate + gemm.count * gpu.kernel_overhead_s
+
+
+def _memory_time(gpu: GpuSpec, nbytes: float, kernels: int) -> float:
+    return nbytes / (gpu.hbm_bandwidth_bytes_per_s * gpu.memory_efficiency) + \
+        kernels * gpu.kernel_overhead_s
+
+
+def _elementwise_bytes(spec: ModelSpec, job: Job, layout: Layout) -> float:
+    """Bytes the memory-bound kernels of one layer's forward read and write."""
+    a, t = dtype_bytes(job.precision), layout.tp
+    tokens = layout.micro_batch * job.seq_len
+    sp = t if layout.sequence_parallel else 1
+    hidden = a * tokens * spec.hidden_size / sp
+    # two norms (read + write), two residual adds (2 reads + 1 write)
+    total = 2 * 2 * hidden + 2 * 3 * hidden
+    if spec.dropout > 0:  # two dropouts: read, write, mask
+        total += 2 * (2 * hidden + DROPOUT_MASK_BYTES * tokens * spec.hidden_size / sp)
+    ffn = a * tokens * spec.ffn_hidden_size / t
+    total += 5 * ffn if spec.mlp == "swiglu" else 2 * ffn  # silu + gate*up, or gelu
+    if spec.arch == "llama":  # rotary embedding of q and k: read + write
+        total += 2 * a * tokens * (spec.hidden_size + spec.kv_hidden_size) / t
+    return total
+
+
+def _attention_times(gpu: GpuSpec, spec: ModelSpec, job: Job, layout: Layout) -> tuple:
+    """(forward, backward) seconds of the attention core."""
+    b, s, t = layout.micro_batch, job.seq_len, layout.tp
+    flops = attention_core_flops(spec, b, s, t)
+    peak = gpu.peak_flops[job.precision]
+    if job.flash_attention:
+        executed = flops * (0.5 if spec.causal else 1.0)  # causal kernels skip masked tiles
+        fwd = executed / (peak * gpu.attention_efficiency) + gpu.kernel_overhead_s
+        return fwd, FLASH_BWD_FACTOR * fwd
+    heads = b * spec.num_heads // t
+    bmm = Gemm("scores", s, spec.head_dim, s, heads)
+    gemm_fwd = 2 * gemm_time(gpu, bmm, job.precision)
+    scores = heads * s * s
+    a = dtype_bytes(job.precision)
+    # fused scale-mask-softmax (read + write) and dropout (read, write, 1-byte mask)
+    traffic = 2 * a * scores + ((2 * a + DROPOUT_MASK_BYTES) * scores if spec.dropout > 0 else 0)
+    elem = _memory_time(gpu, traffic, 2)
+    return gemm_fwd + elem, 2 * gemm_fwd + 2 * elem
+
+
+def layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, layout: Layout) -> LayerTimes:
+    tokens = layout.micro_batch * job.seq_len
+    gemm_fwd = sum(gemm_time(gpu, g, job.precision)
+                   for g in layer_gemms(spec, tokens, layout.tp))
+    attn_fwd, attn_bwd = _attention_times(gpu, spec, job, layout)
+    elem_fwd = _memory_time(gpu, _elementwise_bytes(spec, job, layout),
+                            ELEMENTWISE_KERNELS_PER_LAYER)
+    return LayerTimes(gemm_fwd, attn_fwd, elem_fwd, 2 * gemm_fwd, attn_bwd, 2 * elem_fwd)
+
+
+def head_times(gpu: GpuSpec, spec: ModelSpec, job: Job, layout: Layout) -> LayerTimes:
+    """Output layer: logits GEMM (vocab-parallel) and the fp32 softmax cross-entropy."""
+    tokens = layout.micro_batch * job.seq_len
+    gemms = [head_gemm(spec, tokens, layout.tp)] + head_extra_gemms(spec, tokens)
+    gemm_fwd = sum(gemm_time(gpu, g, job.precision) for g in gemms)
+    logits = tokens * -(-spec.vocab_size // layout.tp)
+    # cast to fp32 and log-softmax (read 16-bit, write fp32, read + write for the softmax)
+    elem_fwd = _memory_time(gpu, logits * (dtype_bytes(job.precision) + 3 * 4), 3)
+    return LayerTimes(gemm_fwd, 0.0, elem_fwd, 2 * gemm_fwd, 0.0, 2 * elem_fwd)
+
+
+def selective_recompute_s(times: LayerTimes) -> float:
+    """Selective recompute re-runs the attention core's forward (Korthikanti Sec. 5)."""
+    return times.attention_fwd_s

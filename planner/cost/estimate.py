@@ -1,0 +1,89 @@
+"""estimate(plan) -> Estimate: memory, time, communication and throughput of one plan."""
+
+from dataclasses import dataclass
+
+from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_collectives_per_layer
+from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
+from planner.cost.memory import MemoryBreakdown, rank_memory
+from planner.cost.time import TimeBreakdown, time_breakdown
+from planner.plan import Plan
+
+
+@dataclass(frozen=True)
+class Estimate:
+    plan: Plan
+    memory: MemoryBreakdown
+    time: TimeBreakdown
+    communication: list       # Collective, per step, for the most loaded rank
+    model_flops_per_step: float
+    hardware_flops_per_step: float
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.fits
+
+    @property
+    def step_s(self) -> float:
+        return self.time.step_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.plan.job.tokens_per_step / self.step_s
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        """Model TFLOP/s per GPU (no recompute counted)."""
+        return self.model_flops_per_step / self.step_s / self.plan.cluster.world_size / 1e12
+
+    @property
+    def peak_flops(self) -> float:
+        return self.plan.cluster.profile.gpu.peak_flops[self.plan.job.precision]
+
+    @property
+    def mfu(self) -> float:
+        return self.tflops_per_gpu * 1e12 / self.peak_flops
+
+    @property
+    def hfu(self) -> float:
+        return self.hardware_flops_per_step / self.step_s / self.plan.cluster.world_size / \
+            self.peak_flops
+
+    def to_dict(self) -> dict:
+        return {"fits": self.fits, "memory": self.memory.to_dict(), "time": self.time.to_dict(),
+                "tokens_per_s": self.tokens_per_s, "tflops_per_gpu": self.tflops_per_gpu,
+                "mfu": self.mfu, "hfu": self.hfu,
+                "model_flops_per_step": self.model_flops_per_step,
+                "hardware_flops_per_step": self.hardware_flops_per_step,
+                "communication": [_collective_dict(c) for c in self.communication],
+                "plan": self.plan.with_estimate(None).to_dict()}
+
+
+def _collective_dict(c) -> dict:
+    return {"name": c.name, "kind": c.kind, "axis": c.axis, "tier": c.tier, "count": c.count,
+            "group_size": c.group_size, "bytes_each": c.bytes_each,
+            "volume_bytes": c.volume_bytes, "time_s": c.time_s}
+
+
+def _step_collectives(plan: Plan, pp_rank: int) -> list:
+    """Per-step collectives of one rank, counts scaled from per-layer / per-micro-batch."""
+    lay = plan.layout
+    layers = sum(lay.rank_chunk_layers(plan.model.num_layers)[pp_rank])
+    m = lay.num_microbatches
+    scaled = []
+    for c, times in [(c, layers * m) for c in tp_collectives_per_layer(plan)] + \
+                    [(c, m) for c in pp_p2p_per_microbatch(plan)]:
+        scaled.append(type(c)(**{**c.__dict__, "count": c.count * times}))
+    return scaled + dp_collectives(plan, pp_rank)
+
+
+def estimate(plan: Plan) -> Estimate:
+    spec, job, lay = plan.model, plan.job, plan.layout
+    memories = [rank_memory(plan, r) for r in range(lay.pp)]
+    memory = max(memories, key=lambda mem: (mem.total_bytes, -mem.pp_rank))
+    time = time_breakdown(plan, memories)
+    return Estimate(
+        plan=plan, memory=memory, time=time,
+        communication=_step_collectives(plan, memory.pp_rank),
+        model_flops_per_step=model_flops_per_step(spec, job.global_batch, job.seq_len),
+        hardware_flops_per_step=hardware_flops_per_step(spec, job.global_batch, job.seq_len,
+                                                        lay.recompute))
