@@ -1,0 +1,35 @@
+"""`planner` command line: parse -> call the library -> report.  User errors print one line and
+exit with code 2."""
+
+import argparse
+import importlib
+import sys
+
+# sub-command name -> module in planner.commands
+COMMANDS = ["estimate", "models", "profiles"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="planner", description="Plan, simulate and run parallel transformer training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        module = importlib.import_module(f"planner.commands.{name}")
+        module.add_parser(sub).set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except ValueError as exc:
+        print(f"planner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""`planner estimate`: memory, time and throughput of one plan."""
+
+from planner.commands.common import add_inputs, add_layout, build_plan, print_json
+from planner.cost.estimate import estimate
+from planner.report import estimate_text
+
+
+def add_parser(sub):
+    p = sub.add_parser("estimate", help="estimate memory, step time and MFU of one plan")
+    add_inputs(p, required=False)
+    add_layout(p)
+    return p
+
+
+def run(args) -> int:
+    est = estimate(build_plan(args))
+    if args.json:
+        print_json(est.to_dict())
+    else:
+        print(estimate_text(est))
+    return 0

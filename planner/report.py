@@ -1,0 +1,67 @@
+"""Text and tables for the CLI and the app (presentation only: no formulas here)."""
+
+from planner.units import fmt_bytes, fmt_seconds
+
+MEMORY_ROWS = [
+    ("weights_bytes", "weights", "parameters held by this rank (ZeRO-3/FSDP: its shard)"),
+    ("gradients_bytes", "gradients", "gradient buffers (ZeRO-2/3: sharded)"),
+    ("optimizer_bytes", "optimizer states", "AdamW moments (+ fp32 master for 16-bit weights)"),
+    ("activations_bytes", "activations", "saved for backward x in-flight micro-batches"),
+    ("gathered_params_bytes", "16-bit compute copies", "FSDP gathers / autocast weight cache"),
+    ("comm_buffers_bytes", "comm buffers", "TP gather output, reduce-scatter staging"),
+    ("framework_bytes", "framework overhead", "CUDA context, allocator reserve (profile)"),
+]
+
+TIME_ROWS = [
+    ("compute_s", "compute", "forward + backward kernels, all micro-batches"),
+    ("recompute_s", "recompute", "activation recomputation"),
+    ("tp_comm_s", "TP/SP communication", "exposed tensor-parallel collectives"),
+    ("pp_comm_s", "PP communication", "stage-boundary sends"),
+    ("bubble_s", "pipeline bubble", "fill and drain of the schedule"),
+    ("dp_comm_exposed_s", "DP communication", "gradient sync not hidden by backward"),
+    ("optimizer_s", "optimizer step", "AdamW update + clipping (memory-bound)"),
+]
+
+
+def layout_summary(layout) -> str:
+    parts = [f"dp={layout.dp}", f"tp={layout.tp}", f"pp={layout.pp}"]
+    if layout.sequence_parallel:
+        parts.append("sp")
+    parts += [f"zero={layout.zero_stage}", f"mb={layout.micro_batch}x{layout.num_microbatches}"]
+    if layout.pp > 1:
+        sched = layout.schedule
+        if layout.virtual_stages > 1:
+            sched += f"(v={layout.virtual_stages})"
+        parts.append(sched)
+    parts.append(f"recompute={layout.recompute}")
+    return " ".join(parts)
+
+
+def estimate_text(est) -> str:
+    """The readable breakdown `planner estimate` prints."""
+    plan, mem, t = est.plan, est.memory, est.time
+    lines = [f"{plan.model.name} on {plan.cluster.world_size} x {plan.cluster.profile.gpu.name} "
+             f"({plan.cluster.num_nodes} node(s), profile {plan.cluster.profile.name}); "
+             f"batch {plan.job.global_batch} x {plan.job.seq_len} tokens, {plan.job.precision}",
+             f"layout: {layout_summary(plan.layout)}", "",
+             f"Memory per GPU (most loaded rank: pipeline stage {mem.pp_rank})"]
+    for key, label, note in MEMORY_ROWS:
+        lines.append(f"  {label:<22} {fmt_bytes(getattr(mem, key)):>12}   {note}")
+    verdict = "fits" if mem.fits else "DOES NOT FIT"
+    lines.append(f"  {'total':<22} {fmt_bytes(mem.total_bytes):>12}   of "
+                 f"{fmt_bytes(mem.capacity_bytes)}: {verdict} "
+                 f"({100 * mem.total_bytes / mem.capacity_bytes:.0f}%)")
+    lines += ["", f"Step time (slowest pipeline stage: {t.slowest_pp_rank})"]
+    for key, label, note in TIME_ROWS:
+        value = getattr(t, key)
+        share = 100 * value / t.step_s if t.step_s else 0
+        lines.append(f"  {label:<22} {fmt_seconds(value):>12} {share:5.1f}%   {note}")
+    lines.append(f"  {'step':<22} {fmt_seconds(t.step_s):>12}")
+    lines += ["", f"Throughput: {est.tokens_per_s:,.0f} tokens/s, {est.tflops_per_gpu:.1f} "
+              f"TFLOP/s per GPU, MFU {100 * est.mfu:.1f}%, HFU {100 * est.hfu:.1f}%"]
+    if est.communication:
+        lines += ["", "Communication per step (most loaded rank)"]
+        for c in est.communication:
+            lines.append(f"  {c.name:<22} {c.count:>6} x {fmt_bytes(c.bytes_each):>11} over "
+                         f"{c.axis}({c.group_size}) {c.tier:<5} {fmt_seconds(c.time_s):>10}")
+    return "\n".join(lines)
