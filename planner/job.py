@@ -3,7 +3,7 @@
 import dataclasses
 from dataclasses import dataclass
 
-from planner.schema import check_keys, require_bool, require_choice, require_int
+from planner.schema import check_keys, require_choice, require_int
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw",)
@@ -11,6 +11,10 @@ OPTIMIZERS = ("adamw",)
 #   torch    - this project's runtime (PyTorch DTensor TP/SP, FSDP2, torch.distributed.pipelining)
 #   megatron - Megatron-LM (Korthikanti et al. 2022): SP re-gathers layer inputs in backward
 ENGINES = ("torch", "megatron")
+# Attention kernels: flash (fused, no s^2 tensors; Dao et al. 2022), fused (one scale-mask-softmax
+# kernel over materialised scores, Megatron-LM since 2020), eager (separate scale, mask, softmax and
+# dropout kernels, as plain PyTorch code or Megatron-LM 2019 runs them)
+ATTENTION = ("flash", "fused", "eager")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,7 +23,7 @@ class Job:
     seq_len: int
     precision: str = "bf16"
     optimizer: str = "adamw"
-    flash_attention: bool = True
+    attention: str = "flash"
     engine: str = "torch"
 
     def __post_init__(self):
@@ -27,8 +31,12 @@ class Job:
         require_int(self.seq_len, "seq len")
         require_choice(self.precision, "precision", PRECISIONS)
         require_choice(self.optimizer, "optimizer", OPTIMIZERS)
-        require_bool(self.flash_attention, "flash_attention")
+        require_choice(self.attention, "attention", ATTENTION)
         require_choice(self.engine, "engine", ENGINES)
+
+    @property
+    def flash_attention(self) -> bool:
+        return self.attention == "flash"
 
     @property
     def tokens_per_step(self) -> int:

@@ -4,7 +4,7 @@ import json
 import sys
 
 from planner.hardware import load_cluster
-from planner.job import Job, PRECISIONS
+from planner.job import ATTENTION, Job, PRECISIONS
 from planner.plan import Layout, Plan, RECOMPUTE, SCHEDULES
 from planner.presets import load_model
 
@@ -21,8 +21,8 @@ def add_inputs(parser, required: bool = True) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--engine", choices=("torch", "megatron"), default="torch",
                         help="whose activation/overlap behaviour to model (default torch)")
-    parser.add_argument("--no-flash", action="store_true",
-                        help="model unfused attention (stores s^2 scores) instead of flash")
+    parser.add_argument("--attention", choices=ATTENTION, default="flash",
+                        help="attention kernels: flash (default), fused softmax, or eager")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -46,7 +46,7 @@ def build_inputs(args) -> tuple:
     model = load_model(args.model)
     cluster = load_cluster(args.cluster, args.nodes)
     job = Job(global_batch=args.global_batch, seq_len=args.seq_len, precision=args.precision,
-              flash_attention=not args.no_flash, engine=args.engine)
+              attention=args.attention, engine=args.engine)
     return model, cluster, job
 
 

@@ -18,7 +18,9 @@ from planner.units import DROPOUT_MASK_BYTES, dtype_bytes
 
 # FlashAttention-2 backward runs 5 GEMM-sized products against the forward's 2 (Dao 2023, Sec. 3)
 FLASH_BWD_FACTOR = 2.5
-ELEMENTWISE_KERNELS_PER_LAYER = 10  # norms, residual adds, activation, rope/bias, dropouts
+ELEMENTWISE_KERNELS_PER_LAYER = 10
+# Megatron-LM 2019 attention: scores / sqrt(d), scores * mask, - 10000 * (1 - mask), then softmax
+EAGER_ATTENTION_EXTRA_KERNELS = 3  # norms, residual adds, activation, rope/bias, dropouts
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,12 @@ def _attention_times(gpu: GpuSpec, spec: ModelSpec, job: Job, layout: Layout) ->
     gemm_fwd = 2 * gemm_time(gpu, bmm, job.precision)
     scores = heads * s * s
     a = dtype_bytes(job.precision)
-    # fused scale-mask-softmax (read + write) and dropout (read, write, 1-byte mask)
-    traffic = 2 * a * scores + ((2 * a + DROPOUT_MASK_BYTES) * scores if spec.dropout > 0 else 0)
-    elem = _memory_time(gpu, traffic, 2)
+    # fused scale-mask-softmax (read + write) and dropout (read, write, 1-byte mask); eager
+    # code runs scale, mask-multiply and mask-subtract as three more read+write kernels
+    passes = 1 if job.attention == "fused" else 1 + EAGER_ATTENTION_EXTRA_KERNELS
+    traffic = passes * 2 * a * scores + \
+        ((2 * a + DROPOUT_MASK_BYTES) * scores if spec.dropout > 0 else 0)
+    elem = _memory_time(gpu, traffic, passes + 1)
     return gemm_fwd + elem, 2 * gemm_fwd + 2 * elem
 
 

@@ -1,0 +1,79 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from planner.cost.params import count_parameters, rank_param_tensors
+from planner.plan import Layout
+from planner.presets import MODEL_PRESETS, load_model
+from planner.spec import ModelSpec, from_hf_config
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("gpt2-124m", 124_439_808),      # HF gpt2, tied embeddings, 1024 positions
+    ("llama2-7b", 6_738_415_616),    # HF meta-llama/Llama-2-7b-hf
+    ("llama3-8b", 8_030_261_248),    # HF meta-llama/Meta-Llama-3-8B
+    ("llama2-70b", 68_976_648_192),
+    ("llama3-405b", 405_853_388_800),
+    ("bert-base", 109_514_298),      # HF BertForMaskedLM bert-base-uncased
+])
+def test_exact_parameter_counts(name, expected):
+    assert count_parameters(MODEL_PRESETS[name]) == expected
+
+
+@pytest.mark.parametrize("fixture, preset", [
+    ("hf_gpt2.json", "gpt2-124m"), ("hf_llama2_7b.json", "llama2-7b"),
+    ("hf_llama3_8b.json", "llama3-8b"), ("hf_bert_base.json", "bert-base")])
+def test_hf_config_import_matches_preset(fixture, preset):
+    spec = load_model(str(FIXTURES / fixture))
+    assert count_parameters(spec) == count_parameters(MODEL_PRESETS[preset])
+    assert spec.arch == MODEL_PRESETS[preset].arch
+    assert spec.num_kv_heads == MODEL_PRESETS[preset].num_kv_heads
+
+
+def test_spec_json_round_trip(tmp_path):
+    for spec in MODEL_PRESETS.values():
+        path = tmp_path / f"{spec.name}.json"
+        path.write_text(json.dumps(spec.to_dict()))
+        assert load_model(str(path)) == spec
+
+
+def test_spec_rejects_unknown_and_missing_keys():
+    data = MODEL_PRESETS["tiny"].to_dict()
+    with pytest.raises(ValueError, match="unknown key 'colour'"):
+        ModelSpec.from_dict({**data, "colour": "red"})
+    del data["hidden_size"]
+    with pytest.raises(ValueError, match="missing key 'hidden_size'"):
+        ModelSpec.from_dict(data)
+
+
+def test_spec_rejects_bad_shapes():
+    data = MODEL_PRESETS["tiny"].to_dict()
+    with pytest.raises(ValueError, match="hidden_size 130 is not divisible by num_heads 8"):
+        ModelSpec.from_dict({**data, "hidden_size": 130})
+    with pytest.raises(ValueError, match="num_layers must be >= 1, got 0"):
+        ModelSpec.from_dict({**data, "num_layers": 0})
+    with pytest.raises(ValueError, match="unsupported model_type 't5'"):
+        from_hf_config({"model_type": "t5"})
+
+
+def test_unknown_model_names_the_value():
+    with pytest.raises(ValueError, match="unknown model 'llama9-1t'"):
+        load_model("llama9-1t")
+
+
+def test_pipeline_ranks_partition_the_parameters():
+    spec = MODEL_PRESETS["llama2-7b"]
+    for layout in (Layout(pp=4, num_microbatches=4),
+                   Layout(pp=2, virtual_stages=2, schedule="interleaved_1f1b",
+                          num_microbatches=4),
+                   Layout(pp=2, virtual_stages=2, schedule="zbv", num_microbatches=4)):
+        total = sum(t.numel for r in range(layout.pp)
+                    for t in rank_param_tensors(spec, layout, r))
+        assert total == count_parameters(spec)
+    gpt = MODEL_PRESETS["gpt2-124m"]  # tied: the last stage keeps a copy of the embedding
+    layout = Layout(pp=2, num_microbatches=2)
+    total = sum(t.numel for r in range(2) for t in rank_param_tensors(gpt, layout, r))
+    assert total == count_parameters(gpt) + gpt.vocab_size * gpt.hidden_size
