@@ -9,8 +9,16 @@ import sys
 COMMANDS = ["estimate", "models", "profiles"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (no usage dump), exit code 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="planner", description="Plan, simulate and run parallel transformer training.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:

@@ -44,7 +44,10 @@ class Layout:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         require_choice(self.schedule, "schedule", SCHEDULES)
         require_choice(self.recompute, "recompute", RECOMPUTE)
-        if sorted(self.mesh_order) != sorted(AXES):
+        for key in ("mesh_order", "layers_per_stage"):
+            if not isinstance(getattr(self, key), (list, tuple)):
+                raise ValueError(f"{key} must be a list, got {getattr(self, key)!r}")
+        if sorted(map(str, self.mesh_order)) != sorted(AXES):
             raise ValueError(f"mesh_order must be a permutation of {list(AXES)}, "
                              f"got {list(self.mesh_order)}")
         for n in self.layers_per_stage:

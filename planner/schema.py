@@ -37,7 +37,7 @@ def require_number(value, name: str, minimum: float = 0.0, strict: bool = False)
 
 
 def require_choice(value, name: str, choices) -> None:
-    if value not in choices:
+    if isinstance(value, (list, dict)) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 

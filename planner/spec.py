@@ -148,7 +148,7 @@ def from_hf_config(cfg: dict, name: str = "hf-model") -> ModelSpec:
     if not isinstance(cfg, dict):
         raise ValueError("Hugging Face config: expected a JSON object")
     model_type = cfg.get("model_type")
-    if model_type not in _HF_IMPORTERS:
+    if not isinstance(model_type, str) or model_type not in _HF_IMPORTERS:
         raise ValueError(f"Hugging Face config: unsupported model_type {model_type!r}; "
                          f"expected one of {sorted(_HF_IMPORTERS)}")
     if model_type == "bert" and cfg.get("type_vocab_size", BERT_TYPE_VOCAB) != BERT_TYPE_VOCAB:
@@ -156,5 +156,5 @@ def from_hf_config(cfg: dict, name: str = "hf-model") -> ModelSpec:
                          f"is not supported (only {BERT_TYPE_VOCAB})")
     try:
         return _HF_IMPORTERS[model_type](cfg, name)
-    except (TypeError, KeyError) as exc:
+    except (TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"Hugging Face config: bad value ({exc})") from None

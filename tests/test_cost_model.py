@@ -1,0 +1,94 @@
+"""Behaviour of the cost model: each knob moves the figure it should, and only that one."""
+
+import pytest
+
+from planner.cost.estimate import estimate
+from planner.cost.memory import memory_breakdown, rank_memory
+from planner.cost.pipeline import inflight_chunks, pipeline_time
+from planner.hardware import load_cluster
+from planner.job import Job
+from planner.plan import Layout, Plan
+from planner.presets import MODEL_PRESETS
+
+
+def _plan(layout, model="llama2-7b", nodes=1, batch=64, seq=4096, **job):
+    return Plan(model=MODEL_PRESETS[model], cluster=load_cluster("a100-80g", nodes),
+                job=Job(global_batch=batch, seq_len=seq, **job), layout=layout)
+
+
+def test_zero_stages_shrink_model_states():
+    totals = []
+    for zero in range(4):
+        mem = memory_breakdown(_plan(Layout(dp=8, zero_stage=zero, num_microbatches=8)))
+        totals.append(mem.weights_bytes + mem.gradients_bytes + mem.optimizer_bytes)
+    assert totals[0] > totals[1] > totals[2] == totals[3]  # FSDP2 shards weights from ZeRO-2
+    zero3 = memory_breakdown(_plan(Layout(dp=8, zero_stage=3, num_microbatches=8)))
+    zero2 = memory_breakdown(_plan(Layout(dp=8, zero_stage=2, num_microbatches=8)))
+    assert zero3.gathered_params_bytes < zero2.gathered_params_bytes
+
+
+def test_recompute_and_sp_shrink_activations():
+    base = dict(tp=8, num_microbatches=64)
+    none = memory_breakdown(_plan(Layout(**base))).activations_bytes
+    sp = memory_breakdown(_plan(Layout(**base, sequence_parallel=True))).activations_bytes
+    full = memory_breakdown(_plan(Layout(**base, recompute="full"))).activations_bytes
+    assert full < sp < none
+
+
+def test_recompute_costs_time():
+    base = dict(tp=8, num_microbatches=64)
+    t_none = estimate(_plan(Layout(**base))).step_s
+    t_full = estimate(_plan(Layout(**base, recompute="full"))).step_s
+    assert t_full > 1.2 * t_none
+
+
+def test_pipeline_inflight_microbatches():
+    gpipe = Layout(pp=4, num_microbatches=8, schedule="gpipe")
+    one_f_one_b = Layout(pp=4, num_microbatches=8, schedule="1f1b")
+    assert [inflight_chunks(gpipe, r) for r in range(4)] == [8, 8, 8, 8]
+    assert [inflight_chunks(one_f_one_b, r) for r in range(4)] == [4, 3, 2, 1]
+    # Korthikanti Sec. 4.2.3: interleaving holds (1 + (p-1)/(p v)) times 1F1B's first stage
+    inter = Layout(pp=4, num_microbatches=8, schedule="interleaved_1f1b", virtual_stages=2)
+    assert inflight_chunks(inter, 0) / 2 == pytest.approx(4 * (1 + 3 / 8))
+
+
+def test_most_loaded_rank_is_reported():
+    plan = _plan(Layout(pp=4, dp=2, num_microbatches=32), batch=64)
+    mem = memory_breakdown(plan)
+    assert mem.total_bytes == max(rank_memory(plan, r).total_bytes for r in range(4))
+    assert mem.pp_rank == 0  # 1F1B: the first stage holds p micro-batches
+
+
+def test_bubble_shrinks_with_more_microbatches_and_interleaving():
+    few = estimate(_plan(Layout(pp=8, num_microbatches=8), batch=8)).time.bubble_fraction
+    many = estimate(_plan(Layout(pp=8, num_microbatches=64), batch=64)).time.bubble_fraction
+    inter = estimate(_plan(Layout(pp=8, num_microbatches=64, schedule="interleaved_1f1b",
+                                  virtual_stages=2), batch=64)).time.bubble_fraction
+    assert few > many > inter
+
+
+def test_uniform_pipeline_closed_form():
+    """Narayanan et al. 2021: (m + (p-1)/v) micro-batch times; bubble (p-1)/(v m + p - 1)."""
+    for layout, bubble in ((Layout(pp=8, num_microbatches=64), 7 / 71),
+                           (Layout(pp=8, num_microbatches=64, schedule="interleaved_1f1b",
+                                   virtual_stages=4), 7 / (4 * 64 + 7))):
+        total, idle = pipeline_time(layout, [2.0] * 8, 1.0, 1.0, 0.5)
+        assert idle / total == pytest.approx(bubble, rel=1e-12)
+
+
+def test_does_not_fit_verdict():
+    plan = _plan(Layout(dp=8, num_microbatches=1, micro_batch=8), model="llama2-13b")
+    assert not estimate(plan).fits
+
+
+def test_inter_node_dp_is_slower_than_intra_node():
+    intra = estimate(_plan(Layout(dp=8, num_microbatches=8), model="gpt3-1.3b", batch=64,
+                           seq=2048))
+    inter_plan = Plan(model=MODEL_PRESETS["gpt3-1.3b"], cluster=load_cluster("a100-80g", 8),
+                      job=Job(global_batch=64, seq_len=2048),
+                      layout=Layout(dp=8, tp=8, num_microbatches=8, mesh_order=("pp", "dp", "tp")))
+    inter = estimate(inter_plan)
+    dp_intra = [c for c in intra.communication if c.axis == "dp"][0]
+    dp_inter = [c for c in inter.communication if c.axis == "dp"][0]
+    assert dp_intra.tier == "intra" and dp_inter.tier == "inter"
+    assert dp_inter.time_each_s / dp_inter.bytes_each > dp_intra.time_each_s / dp_intra.bytes_each

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from planner.cost.estimate import estimate
+from planner.hardware import load_cluster
+from planner.job import Job
+from planner.plan import Layout, Plan
+from planner.presets import MODEL_PRESETS
+
+
+def _plan(model="llama2-7b", cluster="a100-80g", nodes=1, job=None, **layout):
+    job = job or Job(global_batch=32, seq_len=4096)
+    return Plan(model=MODEL_PRESETS[model], cluster=load_cluster(cluster, nodes), job=job,
+                layout=Layout(**layout))
+
+
+@pytest.mark.parametrize("layout, message", [
+    (dict(dp=4, tp=1, num_microbatches=8), "dp\\*tp\\*pp = 4\\*1\\*1 = 4 does not equal the "
+                                           "cluster's 8 GPUs"),
+    (dict(tp=16, dp=1, num_microbatches=32, nodes=2), "TP=16 needs 16 GPUs per node; a node has 8"),
+    (dict(dp=8, micro_batch=3, num_microbatches=1), "global batch 32 != micro batch 3 x 1 "
+                                                    "micro-batches x dp 8 = 24"),
+    (dict(dp=8, num_microbatches=4, sequence_parallel=True), "sequence_parallel needs tp > 1"),
+    (dict(tp=8, num_microbatches=32, zero_stage=2), "ZeRO-2 shards over data parallel ranks; "
+                                                    "it needs dp > 1"),
+    (dict(pp=8, num_microbatches=33 - 1, schedule="interleaved_1f1b", virtual_stages=1),
+     "needs virtual_stages >= 2"),
+    (dict(pp=8, num_microbatches=4, micro_batch=8, schedule="interleaved_1f1b",
+          virtual_stages=2), "micro-batches \\(4\\) divisible by pp \\(8\\)"),
+])
+def test_validation_names_the_numbers(layout, message):
+    nodes = layout.pop("nodes", 1)
+    with pytest.raises(ValueError, match=message):
+        _plan(nodes=nodes, **layout)
+
+
+def test_tp_must_divide_kv_heads():
+    job = Job(global_batch=8, seq_len=1024)
+    with pytest.raises(ValueError, match="tp=8 must divide num_heads 8 and num_kv_heads 4"):
+        Plan(model=MODEL_PRESETS["tiny"].__class__(**{**MODEL_PRESETS["tiny"].to_dict(),
+                                                      "max_seq_len": 1024}),
+             cluster=load_cluster("cpu", 1), job=job,
+             layout=Layout(tp=8, num_microbatches=8))
+
+
+def test_bf16_on_v100_is_an_error():
+    with pytest.raises(ValueError, match="precision bf16 is not supported by profile v100-16g"):
+        _plan(model="gpt2-1.5b", cluster="v100-16g", job=Job(global_batch=8, seq_len=1024),
+              dp=8)
+
+
+def test_plan_json_round_trip_with_estimate(tmp_path):
+    plan = _plan(dp=2, tp=2, pp=2, num_microbatches=16, zero_stage=1,
+                 sequence_parallel=True, recompute="selective")
+    plan = plan.with_estimate(estimate(plan).to_dict())
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded == plan
+    assert json.loads(path.read_text())["schema_version"] == 1
+
+
+def test_plan_rejects_unknown_keys_and_versions(tmp_path):
+    data = _plan(dp=8, num_microbatches=4).to_dict()
+    with pytest.raises(ValueError, match="unknown key 'gpus'"):
+        Plan.from_dict({**data, "gpus": 8})
+    with pytest.raises(ValueError, match="schema_version 99"):
+        Plan.from_dict({**data, "schema_version": 99})
+    bad = dict(data, layout={**data["layout"], "zero_stage": 5})
+    with pytest.raises(ValueError, match="zero_stage must be 0, 1, 2 or 3, got 5"):
+        Plan.from_dict(bad)
