@@ -59,27 +59,26 @@ def _interleaved(rank: int, p: int, v: int, m: int, zero_bubble: bool) -> list:
         return (v - 1 - (op - warmup) // per_round % v) * p + rank
 
     nxt = {"F": defaultdict(int), "B": defaultdict(int), "W": defaultdict(int)}
-    ops, backwards = [], []
+    ops, backwards = [], []  # backwards: stage of every I so far, in order
 
     def emit(kind, stage):
         key = "B" if kind == "I" else kind
         ops.append((kind, stage, nxt[key][stage]))
         nxt[key][stage] += 1
+        if kind == "I":
+            backwards.append(stage)
 
-    def emit_weight():  # the oldest backward still waiting for its weight gradient
-        emit("W", backwards[len(ops) - 2 * len(backwards) - (total - len(backwards)) * 0
-                            and 0])
-
+    weights = 0
     for op in range(total + warmup):
         if op < total:
             emit("F", fwd_stage(op))
         if op >= warmup:
             emit("I" if zero_bubble else "B", bwd_stage(op))
-            backwards.append(bwd_stage(op))
-            if zero_bubble and op - warmup >= rank:
-                emit("W", backwards[sum(nxt["W"].values())])
-    while zero_bubble and sum(nxt["W"].values()) < len(backwards):
-        emit("W", backwards[sum(nxt["W"].values())])
+            if zero_bubble and op - warmup >= rank:  # W of the oldest waiting backward
+                emit("W", backwards[weights])
+                weights += 1
+    for stage in backwards[weights:]:
+        emit("W", stage)
     return ops
 
 
