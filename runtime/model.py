@@ -181,8 +181,15 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(spec, None)  # follows the default device (meta when building)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.autocast_dtype = None  # set for bf16/fp16 compute without FSDP mixed precision
 
     def forward(self, x):
+        if self.autocast_dtype is None:
+            return self._forward(x)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+            return self._forward(x)
+
+    def _forward(self, x):
         if self.embed is not None:
             x = self.embed(x)
         for layer in self.layers.values():
@@ -194,7 +201,8 @@ class Transformer(nn.Module):
     def retie(self) -> None:
         """Re-tie the output projection to the word embedding (after TP replaced both)."""
         if self.embed is not None and self.head is not None and self.spec.tie_embeddings:
-            self.head.output.weight = self.embed.wte.weight
+            if self.head.output.weight is not self.embed.wte.weight:
+                self.head.output.weight = self.embed.wte.weight
 
 
 def canonical_name(spec: ModelSpec, fqn: str) -> str:
@@ -221,6 +229,7 @@ def materialize(model: Transformer, device, seed: int = 0) -> None:
     """Allocate a (possibly parallelised) meta model on `device` and fill it deterministically."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     model.to_empty(device=device)
+    model.retie()  # to_empty gives each name its own tensor
     for name, param in model.named_parameters():
         full = _init_full(model.spec, canonical_name(model.spec, name), param.shape, seed)
         full = full.to(device=device, dtype=param.dtype)

@@ -1,0 +1,116 @@
+"""Real text as tokens, sharded by data-parallel rank, deterministic, with a held-out split.
+
+Default corpus: this Python's own standard-library sources (always present, no download), read
+in sorted path order up to a byte cap, tokenised byte-level (ids 0-255, valid for any vocabulary
+of at least 256). `--data PATH` takes a text file, a directory of text files, or a uint16 `.bin`
+of token ids (the nanoGPT format). Sample k of the run is window perm_e[k mod W] of the training
+split, e = k div W, with a seeded permutation per epoch; so the data position is the step."""
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_CAP_BYTES = 8 << 20
+VAL_FRACTION = 0.05
+MLM_PROBABILITY = 0.15  # Devlin et al. 2019, Sec. 3.1
+
+
+def stdlib_files() -> list:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py")
+                  if not {"site-packages", "dist-packages"} & set(p.parts))
+
+
+def _read_files(files, cap_bytes: int) -> np.ndarray:
+    chunks, size = [], 0
+    for path in files:
+        try:
+            data = path.read_bytes()[:cap_bytes - size]
+        except OSError:
+            continue
+        chunks.append(np.frombuffer(data, dtype=np.uint8))
+        size += len(data)
+        if size >= cap_bytes:
+            break
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
+
+
+def load_tokens(path=None, vocab_size: int = 256, cap_bytes: int = DEFAULT_CAP_BYTES):
+    """Token ids as a numpy array (uint8 for bytes, uint16 for a .bin file)."""
+    if path is None:
+        tokens = _read_files(stdlib_files(), cap_bytes)
+        source = "the Python standard library"
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise ValueError(f"data path not found: {path}")
+        if p.suffix == ".bin":
+            tokens = np.memmap(p, dtype=np.uint16, mode="r")
+        elif p.is_dir():
+            tokens = _read_files(sorted(f for f in p.rglob("*") if f.is_file()), cap_bytes)
+        else:
+            tokens = _read_files([p], cap_bytes)
+        source = str(path)
+    if vocab_size < 256 and tokens.dtype == np.uint8:
+        raise ValueError(f"byte-level tokens need vocab_size >= 256, the model has {vocab_size}")
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"data {source} has token id {int(tokens.max())} >= the model's "
+                         f"vocab_size {vocab_size}")
+    return tokens
+
+
+class TokenData:
+    """Fixed-length windows of a token stream for one data-parallel rank."""
+
+    def __init__(self, tokens, seq_len: int, layout, dp_rank: int, *, causal: bool = True,
+                 vocab_size: int = 256, seed: int = 0):
+        n_val = max(seq_len + 1, int(len(tokens) * VAL_FRACTION))
+        if len(tokens) < n_val + 2 * (seq_len + 1):
+            raise ValueError(f"data has {len(tokens)} tokens; need at least "
+                             f"{n_val + 2 * (seq_len + 1)} for sequence length {seq_len}")
+        self.train, self.val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+        self.seq_len, self.causal, self.seed = seq_len, causal, seed
+        self.mask_id = vocab_size - 1  # 0xFF for bytes: never occurs in UTF-8 text
+        self.per_rank = layout.micro_batch * layout.num_microbatches
+        self.global_batch = self.per_rank * layout.dp
+        self.offset = dp_rank * self.per_rank
+        self.windows = (len(self.train) - 1) // seq_len
+        self._perm = {}
+
+    def _window(self, split, start: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(split[start:start + self.seq_len + 1],
+                                           dtype=np.int64))
+
+    def _train_start(self, k: int) -> int:
+        epoch, i = divmod(k, self.windows)
+        if epoch not in self._perm:
+            gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._perm = {epoch: torch.randperm(self.windows, generator=gen)}
+        return int(self._perm[epoch][i]) * self.seq_len
+
+    def _sample(self, window: torch.Tensor, k: int) -> tuple:
+        if self.causal:
+            return window[:-1], window[1:]
+        x = window[:-1].clone()  # BERT: masked-LM on the same positions
+        gen = torch.Generator().manual_seed(self.seed * 104729 + k)
+        masked = torch.rand(self.seq_len, generator=gen) < MLM_PROBABILITY
+        masked[int(torch.randint(self.seq_len, (1,), generator=gen))] = True
+        labels = torch.where(masked, x, torch.full_like(x, -100))
+        x[masked] = self.mask_id
+        return x, labels
+
+    def batch(self, step: int) -> tuple:
+        """(inputs, labels) of shape (micro_batch * num_microbatches, seq_len) for a step."""
+        ks = [step * self.global_batch + self.offset + j for j in range(self.per_rank)]
+        pairs = [self._sample(self._window(self.train, self._train_start(k)), k) for k in ks]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def val_batch(self, index: int) -> tuple:
+        """A held-out batch of the same shape (pipelines freeze shapes, RUNTIME_NOTES 5)."""
+        windows = max(1, (len(self.val) - 1) // self.seq_len)
+        ks = [index * self.global_batch + self.offset + j for j in range(self.per_rank)]
+        pairs = [self._sample(self._window(self.val, (k % windows) * self.seq_len), 10**9 + k)
+                 for k in ks]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

@@ -1,0 +1,177 @@
+"""One rank's share of a training job under a plan: model chunks, wrappers, schedule, optimizer,
+and the training/validation step. train.py drives it; tests call it directly."""
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from runtime.mesh import pair_group
+from runtime.model import canonical_name, materialize
+from runtime.optim import (OptimConfig, build_adamw, build_sharded_adamw, clip_grad_norm)
+from runtime.parallelize import apply_ddp, parallelize
+from runtime.pipeline import build_chunks, build_schedule, lm_loss
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Engine:
+    def __init__(self, plan, ctx, optim_cfg: OptimConfig = OptimConfig(), seed: int = 0):
+        self.plan, self.ctx, self.cfg, self.seed = plan, ctx, optim_cfg, seed
+        spec, lay = plan.model, plan.layout
+        chunks = build_chunks(spec, lay, ctx.pp_rank)
+        self.chunk_ids = [c for c, _ in chunks]
+        self.parts = [m for _, m in chunks]
+        wraps = {parallelize(part, lay, plan.job.precision, ctx) for part in self.parts}
+        for part in self.parts:
+            materialize(part, ctx.device, seed)
+        self.ddp = wraps == {"ddp"}
+        self.modules = [apply_ddp(p, ctx.group("dp")) if self.ddp else p for p in self.parts]
+        self.schedule = (build_schedule(self.modules, self.chunk_ids, lay, ctx)
+                         if lay.pp > 1 else None)
+        self.has_first = 0 in self.chunk_ids
+        self.has_last = lay.num_chunks - 1 in self.chunk_ids
+        self._setup_tied()
+        if lay.zero_stage == 1 and lay.dp > 1:
+            self.optimizers = [build_sharded_adamw(self.named_parameters(), ctx.group("dp"),
+                                                   optim_cfg)]
+        else:
+            self.optimizers = [build_adamw(p, optim_cfg) for p in self.parts]
+
+    # --- parameters -------------------------------------------------------------------------
+    def named_parameters(self) -> list:
+        """[(canonical name, parameter)] over this rank's chunks (a tied copy keeps its own
+        entry under the embedding's name)."""
+        return [(canonical_name(self.plan.model, n), p)
+                for part in self.parts for n, p in part.named_parameters()]
+
+    def _setup_tied(self) -> None:
+        """Tied embeddings split over chunks: the copy's gradient is summed with the
+        embedding's each step (Narayanan et al. 2021, Sec. 4.1)."""
+        lay, spec = self.plan.layout, self.plan.model
+        self.tied_params, self.tied_group = [], None
+        if not (spec.tie_embeddings and lay.num_chunks > 1):
+            return
+        first, last = lay.chunk_rank(0), lay.chunk_rank(lay.num_chunks - 1)
+        if first != last:
+            self.tied_group = pair_group(self.ctx, first, last)
+        for part in self.parts:
+            if part.embed is not None:
+                self.tied_params.append(part.embed.wte.weight)
+            elif part.head is not None:
+                self.tied_params.append(part.head.output.weight)
+
+    def _sync_tied(self) -> None:
+        grads = [_local(p.grad) for p in self.tied_params if p.grad is not None]
+        if not grads:
+            return
+        if len(grads) == 2:
+            grads[0].add_(grads[1])
+        if self.tied_group is not None:
+            dist.all_reduce(grads[0], group=self.tied_group)
+        for g in grads[1:]:
+            g.copy_(grads[0])
+
+    def clip_entries(self) -> list:
+        copies = 2 if self.plan.model.tie_embeddings and self.plan.layout.num_chunks > 1 else 1
+        tied = {id(p) for p in self.tied_params}
+        return [(p, copies if id(p) in tied else 1) for _, p in self.named_parameters()]
+
+    # --- steps ------------------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def _loss_ctx(self):
+        return loss_parallel() if self.plan.layout.tp > 1 else contextlib.nullcontext()
+
+    def _accumulate(self, inputs, labels) -> torch.Tensor:
+        """pp == 1: gradient accumulation over the plan's micro-batches."""
+        nmb, module = self.plan.layout.num_microbatches, self.modules[0]
+        total = torch.zeros((), device=self.ctx.device)
+        for m, (x, y) in enumerate(zip(inputs.chunk(nmb), labels.chunk(nmb))):
+            skip_sync = self.ddp and m < nmb - 1
+            with (module.no_sync() if skip_sync else contextlib.nullcontext()), \
+                    self._loss_ctx():
+                loss = lm_loss(module(x), y)
+                (loss / nmb).backward()
+            total += _local(loss.detach())
+        return total / nmb
+
+    def _pipeline(self, inputs, labels, train: bool = True) -> torch.Tensor:
+        losses = [] if self.has_last else None
+        args = (inputs,) if self.has_first else ()
+        target = labels if self.has_last else None
+        with self._loss_ctx():
+            if train:
+                self.schedule.step(*args, target=target, losses=losses)
+            else:
+                self.schedule.eval(*args, target=target, losses=losses)
+        if not self.has_last:
+            return torch.zeros((), device=self.ctx.device)
+        return torch.stack([_local(x.detach()).float() for x in losses]).mean()
+
+    def global_loss(self, local_loss: torch.Tensor) -> float:
+        """Mean loss over data-parallel ranks, known to every rank."""
+        value = local_loss.detach().double() if self.has_last else torch.zeros(
+            (), dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(value)
+        return float(value) / (self.plan.layout.dp * self.plan.layout.tp)
+
+    def forward_backward(self, inputs, labels) -> float:
+        if self.schedule is not None:
+            local_loss = self._pipeline(inputs, labels)
+        else:
+            local_loss = self._accumulate(inputs, labels)
+        self._shard_grads_like_params()
+        self._sync_tied()
+        return self.global_loss(local_loss)
+
+    def _shard_grads_like_params(self) -> None:
+        """DTensor computes the vocabulary-parallel embedding's gradient replicated (full v x h
+        on every TP rank); keep only this rank's rows, as the parameter (a local slice)."""
+        for _, p in self.named_parameters():
+            g = p.grad
+            if isinstance(g, DTensor) and g.placements != p.placements:
+                p.grad = g.redistribute(p.device_mesh, p.placements)
+
+    def optimizer_step(self) -> float:
+        """Clip by the global norm, step, clear gradients; returns the norm before clipping."""
+        norm = clip_grad_norm(self.clip_entries(), self.cfg.grad_clip, self.ctx)
+        for opt in self.optimizers:
+            opt.step()
+        self.zero_grad()
+        return norm
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def train_step(self, inputs, labels) -> float:
+        """One optimizer step; a non-finite loss skips the update and is returned as is."""
+        loss = self.forward_backward(inputs, labels)
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            self.zero_grad()
+            return loss
+        self.optimizer_step()
+        return loss
+
+    @torch.no_grad()
+    def eval_loss(self, inputs, labels) -> float:
+        for m in self.modules:
+            m.eval()
+        try:
+            if self.schedule is not None:
+                local_loss = self._pipeline(inputs, labels, train=False)
+            else:
+                with self._loss_ctx():
+                    local_loss = _local(lm_loss(self.modules[0](inputs), labels))
+        finally:
+            for m in self.modules:
+                m.train()
+        return self.global_loss(local_loss)

@@ -1,0 +1,103 @@
+"""Process group and named DeviceMesh from a plan's layout (gloo on CPU, NCCL on CUDA).
+
+The launched world size is checked against the plan before any collective, so a wrong launch
+fails on every rank with one line instead of hanging (RUNTIME_NOTES item 5: short timeouts)."""
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+DEFAULT_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistContext:
+    """This rank's place in the job: the world mesh and its coordinates on it."""
+    mesh: DeviceMesh
+    device: torch.device
+    rank: int
+    world_size: int
+    coords: dict  # {"pp": i, "dp": j, "tp": k}
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coords["pp"]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords["dp"]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coords["tp"]
+
+    def size(self, axis: str) -> int:
+        return self.mesh.size(self.mesh.mesh_dim_names.index(axis))
+
+    def group(self, axis: str):
+        return self.mesh.get_group(axis)
+
+    def rank_at(self, **coords) -> int:
+        """Global rank at the given coordinates (axes not given: this rank's own)."""
+        full = {**self.coords, **coords}
+        index = tuple(full[name] for name in self.mesh.mesh_dim_names)
+        return int(self.mesh.mesh[index])
+
+
+def check_world_size(layout) -> int:
+    """The launched world size (WORLD_SIZE, 1 without torchrun); ValueError if the plan differs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != layout.world_size:
+        raise ValueError(f"the plan needs {layout.world_size} processes "
+                         f"(dp {layout.dp} x tp {layout.tp} x pp {layout.pp}) but "
+                         f"{world} were launched; use --nproc-per-node {layout.world_size}")
+    return world
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def init_distributed(layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+    """Start (or reuse) the default process group and build the mesh in layout.mesh_order."""
+    world = check_world_size(layout)
+    device = _device()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # a single process started without torchrun
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+    order = tuple(layout.mesh_order)
+    shape = tuple(getattr(layout, axis) for axis in order)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=order)
+    coord = mesh.get_coordinate()
+    return DistContext(mesh=mesh, device=device, rank=dist.get_rank(), world_size=world,
+                       coords=dict(zip(order, coord)))
+
+
+def pair_group(ctx: DistContext, pp_a: int, pp_b: int):
+    """The group of ranks at pipeline ranks pp_a and pp_b with this rank's dp/tp coordinates.
+
+    Every rank must call this (new_subgroups_by_enumeration is collective)."""
+    pairs, seen = [], set()
+    for rank in range(ctx.world_size):
+        index = (ctx.mesh.mesh == rank).nonzero()[0].tolist()
+        coords = dict(zip(ctx.mesh.mesh_dim_names, index))
+        a = ctx.rank_at(**{**coords, "pp": pp_a})
+        b = ctx.rank_at(**{**coords, "pp": pp_b})
+        if (a, b) not in seen:
+            seen.add((a, b))
+            pairs.append([a, b])
+    group, _ = dist.new_subgroups_by_enumeration(pairs)
+    return group

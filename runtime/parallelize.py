@@ -1,0 +1,128 @@
+"""Apply a layout to one model part, in a fixed order: TP (+SP, loss parallel), recompute,
+then data parallelism (FSDP2 for ZeRO-2/3, DDP or FSDP2-replicate for ZeRO-0/1).
+
+The TP plan follows Megatron-LM's split (Shoeybi et al. 2019, Sec. 3): q/k/v and the first MLP
+projections column-parallel, o and the last MLP projection row-parallel, the word embedding and
+the output layer vocabulary-parallel; with sequence parallelism (Korthikanti et al. 2022,
+Sec. 4.2) norms and residuals run on sequence shards. Module plans as in torchtitan's Llama."""
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                               PrepareModuleOutput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+
+from runtime.model import Transformer, set_recompute
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _gather_input(sp: bool, extra: int = 0):
+    """Sequence shards -> full sequence before a TP region (all-gather under SP)."""
+    return PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * extra,
+                              desired_input_layouts=(Replicate(),) + (None,) * extra,
+                              use_local_output=True)
+
+
+def block_plan(block, sp: bool) -> dict:
+    seq_out = Shard(1) if sp else Replicate()
+    plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(),
+            "attn.v": ColwiseParallel(), "attn.o": RowwiseParallel(output_layouts=seq_out)}
+    if block.mlp.swiglu:
+        plan.update({"mlp.gate": ColwiseParallel(), "mlp.up": ColwiseParallel(),
+                     "mlp.down": RowwiseParallel(output_layouts=seq_out)})
+    else:
+        plan.update({"mlp.fc": ColwiseParallel(),
+                     "mlp.proj": RowwiseParallel(output_layouts=seq_out)})
+    if sp:
+        # Norm weights stay replicated; their gradients are summed over the TP group.
+        plan.update({"attn_norm": SequenceParallel(use_local_output=True),
+                     "mlp_norm": SequenceParallel(use_local_output=True),
+                     "attn": _gather_input(sp, extra=2), "mlp": _gather_input(sp)})
+    return plan
+
+
+def _embed_plan(part: Transformer, sp: bool) -> dict:
+    plain = part.embed.wpe is None and part.embed.norm is None
+    if plain:  # Llama: reduce-scatter straight into sequence shards
+        return {"embed.wte": RowwiseParallel(input_layouts=Replicate(),
+                                             output_layouts=Shard(1) if sp else Replicate())}
+    plan = {"embed.wte": RowwiseParallel(input_layouts=Replicate(),
+                                         output_layouts=Replicate())}
+    if sp:  # positions/norm act on the full sequence, then each rank keeps its slice
+        plan["embed"] = PrepareModuleOutput(output_layouts=Replicate(),
+                                            desired_output_layouts=Shard(1))
+    return plan
+
+
+def _head_plan(part: Transformer, sp: bool) -> dict:
+    # Logits stay vocabulary-sharded DTensors for loss_parallel (no all-gather of v).
+    plan = {"head.output": ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(),
+                                           output_layouts=Shard(-1), use_local_output=False)}
+    if sp:
+        plan["head.norm"] = SequenceParallel(use_local_output=True)
+        if part.head.dense is not None:
+            plan["head.dense"] = SequenceParallel(use_local_output=True)
+    return plan
+
+
+def apply_tp(part: Transformer, tp_mesh, sp: bool) -> None:
+    plan = {}
+    for name, block in part.layers.items():
+        plan.update({f"layers.{name}.{k}": v for k, v in block_plan(block, sp).items()})
+    if part.embed is not None:
+        plan.update(_embed_plan(part, sp))
+    if part.head is not None:
+        plan.update(_head_plan(part, sp))
+    parallelize_module(part, tp_mesh, plan)
+    part.retie()
+
+
+def mp_policy(precision: str) -> MixedPrecisionPolicy:
+    """fp32 master weights and gradient reduction; compute in the plan's precision."""
+    if precision == "fp32":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
+
+
+def apply_fsdp(part: Transformer, dp_mesh, zero_stage: int, precision: str) -> None:
+    """ZeRO-2: reshard_after_forward=False; ZeRO-3: True (Zhao et al. 2023, FSDP)."""
+    kw = dict(mesh=dp_mesh, reshard_after_forward=zero_stage == 3,
+              mp_policy=mp_policy(precision))
+    for block in part.layers.values():
+        fully_shard(block, **kw)
+    fully_shard(part, **kw)  # embedding, head (and a tied pair) form the root group
+
+
+def apply_replicate(part: Transformer, dp_mesh, precision: str) -> None:
+    """ZeRO-0/1 data parallelism over DTensor (TP) parameters: FSDP2-based replicate
+    (DDP refuses DTensor parameters, RUNTIME_NOTES item 4)."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+    replicate(part, mesh=dp_mesh, mp_policy=mp_policy(precision))
+
+
+def apply_ddp(part: nn.Module, dp_group) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+    # Gradients are views of the buckets, so buckets add no bytes.
+    return DistributedDataParallel(part, process_group=dp_group, forward_sync_buffers=False,
+                                   gradient_as_bucket_view=True)
+
+
+def parallelize(part: Transformer, layout, precision: str, ctx) -> str:
+    """TP, recompute and FSDP on a meta-device part. Returns the data-parallel wrapper still
+    to apply after materialisation: 'ddp', 'replicate' (already applied) or 'none'."""
+    if layout.tp > 1:
+        apply_tp(part, ctx.mesh["tp"], layout.sequence_parallel)
+    set_recompute(part, layout.recompute)
+    if layout.dp > 1 and layout.zero_stage >= 2:
+        apply_fsdp(part, ctx.mesh["dp"], layout.zero_stage, precision)
+        return "none"
+    if precision != "fp32":
+        part.autocast_dtype = DTYPES[precision]
+    if layout.dp > 1 and layout.tp > 1:
+        part.autocast_dtype = None
+        apply_replicate(part, ctx.mesh["dp"], precision)
+        return "none"
+    return "ddp" if layout.dp > 1 else "none"
