@@ -9,11 +9,14 @@ def add_parser(sub):
     p = sub.add_parser("estimate", help="estimate memory, step time and MFU of one plan")
     add_inputs(p, required=False)
     add_layout(p)
+    p.add_argument("--out", help="write the plan, with this estimate, to a plan.json")
     return p
 
 
 def run(args) -> int:
     est = estimate(build_plan(args))
+    if args.out:
+        est.plan.with_estimate(est.to_dict()).save(args.out)
     if args.json:
         print_json(est.to_dict())
     else:
