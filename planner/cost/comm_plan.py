@@ -50,7 +50,7 @@ def dp_collectives(plan: Plan, pp_rank: int) -> list:
     """Gradient synchronisation and parameter gathers of one step on one pipeline rank.
 
     ZeRO-0: all-reduce of the gradients; ZeRO-1: the same plus an all-gather of the updated
-    parameters (torch: ZeroRedundancyOptimizer broadcasts fp32 shards; Megatron's distributed
+    parameters (torch: the sharded AdamW all-gathers its fp32 shards; Megatron's distributed
     optimizer reduce-scatters gradients and all-gathers 16-bit parameters); ZeRO-2/3 (FSDP2):
     per micro-batch a reduce-scatter of fp32 gradients and one (ZeRO-2) or two (ZeRO-3, forward
     and backward) all-gathers of the 16-bit parameters (Rajbhandari et al. 2020, Sec. 7)."""

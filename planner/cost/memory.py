@@ -7,13 +7,14 @@ and variance); ZeRO-1 shards the K bytes over the dp ranks, ZeRO-2 also the grad
 also the weights.  That is the `megatron` engine.  The `torch` engine (this project's runtime)
 keeps fp32 parameters as the master copy and computes in 16 bits through FSDP2's
 MixedPrecisionPolicy or autocast: 4 + 4 + 8 bytes, sharded per tensor exactly as PyTorch does
-(FSDP2: dim 0, torch.chunk sizes; ZeroRedundancyOptimizer: greedy largest-first partition)."""
+(FSDP2: dim 0, torch.chunk sizes; ZeRO-1: the rank-local parameters laid end to end and cut into
+dp equal pieces, as runtime/zero1.py does)."""
 
 import math
 from dataclasses import dataclass, fields
 
 from planner.cost import activations as act
-from planner.cost.params import ParamTensor, block_params_local, rank_param_tensors
+from planner.cost.params import block_params_local, chunk_size, rank_param_tensors
 from planner.cost.pipeline import head_inflight, inflight_chunks
 from planner.plan import Plan
 from planner.units import (ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED, dtype_bytes)
@@ -72,43 +73,49 @@ def zero_model_state_bytes(num_params: float, dp: int, zero_stage: int,
         optimizer_bytes=k * num_params / (dp if zero_stage >= 1 else 1))
 
 
-def _fsdp_numel(t: ParamTensor, tp: int, dp: int) -> int:
-    shape = t.local_shape(tp)
-    return -(-shape[0] // dp) * math.prod(shape[1:])
+def _fsdp_numel(shape: tuple, dp: int, dp_rank: int) -> int:
+    """FSDP2 shards dim 0 of the (TP-local) tensor like torch.chunk."""
+    return chunk_size(shape[0], dp, dp_rank) * math.prod(shape[1:])
 
 
-def _zero1_largest_partition(numels: list, dp: int) -> tuple:
-    """ZeroRedundancyOptimizer: largest tensors first, each to the least loaded rank
-    (torch.distributed.optim.ZeroRedundancyOptimizer._partition_parameters)."""
-    loads, counts = [0] * dp, [0] * dp
-    for n in sorted(numels, reverse=True):
-        rank = loads.index(min(loads))
-        loads[rank] += n
-        counts[rank] += 1
-    worst = max(range(dp), key=lambda r: (loads[r], counts[r]))
-    return loads[worst], counts[worst]
+def _flat_partition(numels: list, dp: int, dp_rank: int) -> tuple:
+    """(elements, tensor pieces) of one rank when the rank-local parameters are laid end to end
+    and cut into dp equal pieces (DeepSpeed's flat ZeRO-1 partition, runtime/zero1.py)."""
+    total = sum(numels)
+    shard = -(-total // dp)
+    start, end = dp_rank * shard, min((dp_rank + 1) * shard, total)
+    pieces, offset = 0, 0
+    for n in numels:
+        if max(start, offset) < min(end, offset + n):
+            pieces += 1
+        offset += n
+    return max(0, end - start), pieces
 
 
-def torch_model_state_bytes(tensors: list, tp: int, dp: int, zero_stage: int) -> ModelStateBytes:
+def torch_model_state_bytes(tensors: list, tp: int, dp: int, zero_stage: int,
+                            dp_rank: int = 0, tp_rank: int = 0) -> ModelStateBytes:
     """fp32 parameters, fp32 gradients, AdamW exp_avg + exp_avg_sq + step, as PyTorch shards."""
     state = ADAM_STATE_BYTES_FP32
+    shapes = [t.local_shape(tp, tp_rank) for t in tensors]
     if zero_stage >= 2:
-        numel = sum(_fsdp_numel(t, tp, dp) for t in tensors)
-        return ModelStateBytes(4 * numel, 4 * numel, state * numel + ADAM_STEP_BYTES * len(tensors))
-    local = [math.prod(t.local_shape(tp)) for t in tensors]
+        numel = sum(_fsdp_numel(s, dp, dp_rank) for s in shapes)
+        return ModelStateBytes(4 * numel, 4 * numel, state * numel + ADAM_STEP_BYTES * len(shapes))
+    local = [math.prod(s) for s in shapes]
     numel = sum(local)
     if zero_stage == 1:
-        opt_numel, opt_count = _zero1_largest_partition(local, dp)
+        opt_numel, opt_count = _flat_partition(local, dp, dp_rank)
     else:
         opt_numel, opt_count = numel, len(local)
     return ModelStateBytes(4 * numel, 4 * numel, state * opt_numel + ADAM_STEP_BYTES * opt_count)
 
 
-def rank_model_state(plan: Plan, pp_rank: int) -> ModelStateBytes:
+def rank_model_state(plan: Plan, pp_rank: int, dp_rank: int = 0,
+                     tp_rank: int = 0) -> ModelStateBytes:
+    """Model-state bytes of one rank (dp rank 0 / tp rank 0 hold the largest shards)."""
     lay, spec = plan.layout, plan.model
     tensors = rank_param_tensors(spec, lay, pp_rank)
     if plan.job.engine == "torch":
-        return torch_model_state_bytes(tensors, lay.tp, lay.dp, lay.zero_stage)
+        return torch_model_state_bytes(tensors, lay.tp, lay.dp, lay.zero_stage, dp_rank, tp_rank)
     numel = sum(math.prod(t.local_shape(lay.tp)) for t in tensors)
     return zero_model_state_bytes(numel, lay.dp, lay.zero_stage, plan.job.precision)
 

@@ -23,13 +23,19 @@ class ParamTensor:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def local_shape(self, tp: int) -> tuple:
-        """Shape on TP rank 0, the largest shard (torch.chunk semantics for uneven splits)."""
+    def local_shape(self, tp: int, tp_rank: int = 0) -> tuple:
+        """Shape on one TP rank (rank 0 holds the largest shard of an uneven split)."""
         if self.tp_dim is None or tp == 1:
             return self.shape
         shape = list(self.shape)
-        shape[self.tp_dim] = -(-shape[self.tp_dim] // tp)
+        shape[self.tp_dim] = chunk_size(shape[self.tp_dim], tp, tp_rank)
         return tuple(shape)
+
+
+def chunk_size(n: int, parts: int, index: int) -> int:
+    """Length of piece `index` when torch.chunk / DTensor Shard splits n into `parts`."""
+    size = -(-n // parts)
+    return max(0, min(size, n - index * size))
 
 
 def _norm(name: str, spec: ModelSpec) -> list:

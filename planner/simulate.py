@@ -1,0 +1,394 @@
+"""One training iteration as a DAG of compute and communication events, list-scheduled on one
+compute and one communication stream per pipeline rank (data-parallel replicas are identical).
+
+Events: forward F, backward B (or input-gradient I and weight-gradient W for zero-bubble
+schedules) and recompute R of every micro-batch on every model chunk, in the per-rank order of
+the schedule (planner/schedules.py, PyTorch's order); point-to-point sends between stages; data
+parallel gradient reduction in buckets and ZeRO parameter gathers with one-ahead prefetch; the
+optimizer step.  TP/SP collectives live inside the layers: their exposed part is inside the
+compute events (attributes tp_s / tp_exposed_s).  An event starts when its dependencies are met
+and its stream is free; the comm stream serves ready events in order of readiness (sends first).
+
+Durations and overlap rules come from the cost model (planner/cost/time.py docstring): forward
+TP collectives are exposed, the `megatron` engine hides backward TP behind the weight-gradient
+GEMM; pipeline sends block the sender until done; the `torch` engine's gradient all-reduce starts
+bucket by bucket during each chunk's last backward and FSDP (ZeRO-2/3) reduce-scatters every
+micro-batch; the `megatron` engine reduces gradients after the last backward."""
+
+import heapq
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_collectives_per_layer
+from planner.cost.compute import head_times, layer_times, selective_recompute_s
+from planner.cost.memory import rank_memory
+from planner.cost.time import _exposed_tp_per_layer, _optimizer_s
+from planner.plan import Plan
+from planner.schedules import SPLIT_BACKWARD, rank_actions
+
+PIPELINE_KINDS = ("F", "B", "I", "W", "R")
+COMM_KINDS = {"send": "pp", "grad_sync": "dp_grad", "gather": "dp_gather", "param_sync": "dp_gather"}
+COMM_PRIORITY = {"send": 0, "gather": 1, "grad_sync": 2, "param_sync": 3}
+MAX_BUCKETS_PER_CHUNK = 8   # DDP gradient buckets per chunk: one per layer, at most this many
+
+
+def _tuple_of(values, name: str, n: int) -> tuple:
+    values = tuple(float(x) for x in values)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries; expected {n}")
+    if any(x < 0 for x in values):
+        raise ValueError(f"{name} must be >= 0, got {min(values)}")
+    return values
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimCosts:
+    """Everything the simulator schedules, in seconds.  chunk_* are per model chunk in pipeline
+    order and per micro-batch; rank_* per pipeline rank.  Build with `plan_costs(plan)` or by
+    hand (tests use uniform stages without communication)."""
+    schedule: str
+    pp: int
+    virtual_stages: int = 1
+    num_microbatches: int
+    chunk_fwd_s: tuple
+    chunk_bwd_s: tuple                     # full backward, weight gradient included
+    chunk_wgrad_s: tuple = ()
+    chunk_recompute_s: tuple = ()
+    chunk_tp_s: tuple = ()                 # TP collectives per micro-batch (all passes)
+    chunk_tp_exposed_s: tuple = ()         # the part of chunk_tp_s inside the compute events
+    chunk_param_share: tuple = ()          # fraction of its rank's parameters in each chunk
+    chunk_buckets: tuple = ()              # gradient buckets per chunk
+    p2p_s: float = 0.0                     # one activation or gradient send between ranks
+    dp_mode: str = "none"                  # none | all_reduce | sharded
+    dp_overlap: bool = True
+    rank_grad_sync_s: tuple = ()           # all_reduce: per step; sharded: per micro-batch
+    rank_gather_s: tuple = ()              # sharded: one gather of the rank's parameters
+    gathers_per_microbatch: int = 0        # ZeRO-2: 1 (before F), ZeRO-3: 2 (also before B)
+    rank_after_step_s: tuple = ()          # ZeRO-1 parameter broadcast after the step
+    rank_optimizer_s: tuple = ()
+    blocking_p2p: bool = True
+
+    def __post_init__(self):
+        n, p = self.pp * self.virtual_stages, self.pp
+        defaults = {"chunk_wgrad_s": n, "chunk_recompute_s": n, "chunk_tp_s": n,
+                    "chunk_tp_exposed_s": n, "rank_grad_sync_s": p, "rank_gather_s": p,
+                    "rank_after_step_s": p, "rank_optimizer_s": p}
+        for name in ("chunk_fwd_s", "chunk_bwd_s", *defaults):
+            value = getattr(self, name) or (0.0,) * defaults.get(name, 0)
+            object.__setattr__(self, name, _tuple_of(value, name, defaults.get(name, n)))
+        share = self.chunk_param_share or [1.0 / self.virtual_stages] * n
+        object.__setattr__(self, "chunk_param_share", _tuple_of(share, "chunk_param_share", n))
+        buckets = tuple(self.chunk_buckets or (1,) * n)
+        if len(buckets) != n or any(not isinstance(k, int) or k < 1 for k in buckets):
+            raise ValueError(f"chunk_buckets must be {n} integers >= 1, got {list(buckets)}")
+        object.__setattr__(self, "chunk_buckets", buckets)
+        if self.dp_mode not in ("none", "all_reduce", "sharded"):
+            raise ValueError(f"dp_mode must be none, all_reduce or sharded, got {self.dp_mode!r}")
+        if any(w > b for w, b in zip(self.chunk_wgrad_s, self.chunk_bwd_s)):
+            raise ValueError("chunk_wgrad_s must not exceed chunk_bwd_s")
+
+    def chunk_rank(self, chunk: int) -> int:
+        if self.schedule == "zbv":
+            return chunk if chunk < self.pp else 2 * self.pp - 1 - chunk
+        return chunk % self.pp
+
+
+def plan_costs(plan: Plan) -> SimCosts:
+    """Durations of every event of `plan`, from the cost model (planner/cost/*)."""
+    spec, job, lay = plan.model, plan.job, plan.layout
+    gpu = plan.cluster.profile.gpu
+    lt, ht = layer_times(gpu, spec, job, lay), head_times(gpu, spec, job, lay)
+    passes = 3 if lay.recompute == "full" else 2
+    tp_layer = sum(c.time_s for c in tp_collectives_per_layer(plan))
+    tp_pass = tp_layer / passes
+    tp_exposed = _exposed_tp_per_layer(plan, lt.wgrad_s)
+    tp_rec = tp_pass if lay.recompute == "full" else 0.0
+    rec = {"none": 0.0, "selective": selective_recompute_s(lt), "full": lt.fwd_s}[lay.recompute]
+    layers = lay.stage_layers(spec.num_layers)
+    head = [ht if c == len(layers) - 1 else None for c in range(len(layers))]
+    per_rank = [sum(lay.rank_chunk_layers(spec.num_layers)[r]) for r in range(lay.pp)]
+    p2p = pp_p2p_per_microbatch(plan)
+    return SimCosts(
+        schedule=lay.schedule, pp=lay.pp, virtual_stages=lay.virtual_stages,
+        num_microbatches=lay.num_microbatches,
+        chunk_fwd_s=[n * (lt.fwd_s + tp_pass) + (h.fwd_s if h else 0) for n, h in zip(layers, head)],
+        chunk_bwd_s=[n * (lt.bwd_s + tp_exposed - tp_pass - tp_rec) + (h.bwd_s if h else 0)
+                     for n, h in zip(layers, head)],
+        chunk_wgrad_s=[n * lt.wgrad_s + (h.wgrad_s if h else 0) for n, h in zip(layers, head)],
+        chunk_recompute_s=[n * (rec + tp_rec) for n in layers],
+        chunk_tp_s=[n * tp_layer for n in layers], chunk_tp_exposed_s=[n * tp_exposed for n in layers],
+        chunk_param_share=[n / per_rank[lay.chunk_rank(c)] for c, n in enumerate(layers)],
+        chunk_buckets=[max(1, min(n, MAX_BUCKETS_PER_CHUNK)) for n in layers],
+        p2p_s=p2p[0].time_each_s if p2p else 0.0, **_dp_costs(plan))
+
+
+def _dp_costs(plan: Plan) -> dict:
+    lay = plan.layout
+    colls = [dp_collectives(plan, r) for r in range(lay.pp)]
+    opt = [_optimizer_s(plan, rank_memory(plan, r)) for r in range(lay.pp)]
+    common = {"rank_optimizer_s": opt, "dp_overlap": plan.job.engine != "megatron"}
+    if lay.dp == 1:
+        return common
+    if lay.zero_stage <= 1:
+        return {**common, "dp_mode": "all_reduce", "rank_grad_sync_s": [c[0].time_s for c in colls],
+                "rank_after_step_s": [sum(x.time_s for x in c[1:]) for c in colls]}
+    return {**common, "dp_mode": "sharded",
+            "rank_grad_sync_s": [c[0].time_each_s for c in colls],
+            "rank_gather_s": [c[1].time_each_s for c in colls],
+            "gathers_per_microbatch": 2 if lay.zero_stage == 3 else 1}
+
+
+class _Graph:
+    """Builds the event DAG: nodes carry rank, stream, kind, stage, mb, dur; edges carry `frac`,
+    the fraction of the predecessor that must have run (1 = done, 0 = started)."""
+
+    def __init__(self):
+        self.g = nx.DiGraph()
+        self.nodes, self.edges = [], []
+
+    def add(self, rank, stream, kind, stage, mb, dur, **extra) -> int:
+        self.nodes.append((len(self.nodes), {"rank": rank, "stream": stream, "kind": kind,
+                                             "stage": stage, "mb": mb, "dur": dur, **extra}))
+        return len(self.nodes) - 1
+
+    def dep(self, u: int, v: int, frac: float = 1.0) -> None:
+        self.edges.append((u, v, {"frac": frac}))
+
+    def finish(self) -> nx.DiGraph:
+        self.g.add_nodes_from(self.nodes)
+        self.g.add_edges_from(self.edges)
+        return self.g
+
+
+def _compute_events(gb: _Graph, c: SimCosts) -> tuple:
+    """Compute events per rank in schedule order, chained on the compute stream."""
+    actions = rank_actions(c.schedule, c.pp, c.virtual_stages, c.num_microbatches)
+    ids, seq = {}, [[] for _ in range(c.pp)]
+    for r, acts in enumerate(actions):
+        for kind, s, mb in acts:
+            if kind in "BI" and c.chunk_recompute_s[s] > 0:
+                ids["R", s, mb] = gb.add(r, "compute", "R", s, mb, c.chunk_recompute_s[s])
+                seq[r].append(ids["R", s, mb])
+            dur = {"F": c.chunk_fwd_s[s], "B": c.chunk_bwd_s[s], "W": c.chunk_wgrad_s[s],
+                   "I": c.chunk_bwd_s[s] - c.chunk_wgrad_s[s]}[kind]
+            ids[kind, s, mb] = gb.add(r, "compute", kind, s, mb, dur)
+            seq[r].append(ids[kind, s, mb])
+        for u, v in zip(seq[r], seq[r][1:]):
+            gb.dep(u, v)
+    return ids, seq
+
+
+def _pipeline_deps(gb: _Graph, c: SimCosts, ids: dict, seq: list) -> None:
+    """Activations flow forward, gradients backward, through a send when the ranks differ."""
+    pos = {e: (r, i) for r, events in enumerate(seq) for i, e in enumerate(events)}
+    last, bwd = c.pp * c.virtual_stages - 1, "I" if c.schedule in SPLIT_BACKWARD else "B"
+    for m in range(c.num_microbatches):
+        for s in range(last + 1):
+            entry = ids.get(("R", s, m), ids[bwd, s, m])
+            if s < last:
+                _link(gb, c, ids["F", s, m], ids["F", s + 1, m], pos, seq)
+            if s > 0:
+                _link(gb, c, ids[bwd, s, m], ids.get(("R", s - 1, m), ids[bwd, s - 1, m]), pos, seq)
+            if s == last:
+                gb.dep(ids["F", s, m], entry)
+            if bwd == "I":
+                gb.dep(ids["I", s, m], ids["W", s, m])
+
+
+def _link(gb: _Graph, c: SimCosts, u: int, v: int, pos: dict, seq: list) -> None:
+    (ru, i), (rv, _) = pos[u], pos[v]
+    if ru == rv:
+        gb.dep(u, v)
+        return
+    node = gb.nodes[u][1]
+    send = gb.add(ru, "comm", "send", node["stage"], node["mb"], c.p2p_s)
+    gb.dep(u, send)
+    gb.dep(send, v)
+    if c.blocking_p2p and i + 1 < len(seq[ru]):
+        gb.dep(send, seq[ru][i + 1])
+
+
+def _grad_events(gb: _Graph, c: SimCosts, r: int, seq: list) -> list:
+    """Gradient reduction of rank r: buckets released as each chunk's last backward runs
+    (all_reduce) or a reduce-scatter after every micro-batch's backward (sharded)."""
+    kinds = ("W",) if c.schedule in SPLIT_BACKWARD else ("B",)
+    grads = [e for e in seq if gb.nodes[e][1]["kind"] in kinds]
+    out = []
+    if c.dp_mode == "sharded":
+        for e in grads:
+            s = gb.nodes[e][1]["stage"]
+            out.append(gb.add(r, "comm", "grad_sync", s, gb.nodes[e][1]["mb"],
+                              c.rank_grad_sync_s[r] * c.chunk_param_share[s]))
+            gb.dep(e if c.dp_overlap else seq[-1], out[-1])
+        return out
+    for s in sorted({gb.nodes[e][1]["stage"] for e in grads}):
+        lastg = [e for e in grads if gb.nodes[e][1]["stage"] == s][-1]
+        k = c.chunk_buckets[s]
+        for b in range(k):
+            out.append(gb.add(r, "comm", "grad_sync", s, -1,
+                              c.rank_grad_sync_s[r] * c.chunk_param_share[s] / k))
+            gb.dep(lastg if c.dp_overlap else seq[-1], out[-1], (b + 1) / k if c.dp_overlap else 1)
+    return out
+
+
+def _gather_events(gb: _Graph, c: SimCosts, r: int, seq: list) -> None:
+    """ZeRO-2/3 parameter all-gathers before each forward (ZeRO-3: and each backward, counting
+    its recompute), issued when the previous compute event starts: one-ahead prefetch."""
+    prev_kind = None
+    for i, e in enumerate(seq):
+        node = gb.nodes[e][1]
+        kind = node["kind"]
+        backward = c.gathers_per_microbatch == 2 and (kind == "R" or kind in "BI" and prev_kind != "R")
+        if kind == "F" or backward:
+            g = gb.add(r, "comm", "gather", node["stage"], node["mb"],
+                       c.rank_gather_s[r] * c.chunk_param_share[node["stage"]])
+            gb.dep(g, e)
+            if i > 0:
+                gb.dep(seq[i - 1], g, 0.0)
+        prev_kind = kind
+
+
+def build_graph(costs: SimCosts) -> nx.DiGraph:
+    """The iteration's event DAG (node attributes: rank, stream, kind, stage, mb, dur)."""
+    gb = _Graph()
+    ids, seq = _compute_events(gb, costs)
+    _pipeline_deps(gb, costs, ids, seq)
+    for r in range(costs.pp):
+        if costs.dp_mode == "sharded" and costs.gathers_per_microbatch:
+            _gather_events(gb, costs, r, seq[r])
+        grads = _grad_events(gb, costs, r, seq[r]) if costs.dp_mode != "none" else []
+        opt = gb.add(r, "compute", "optimizer", -1, -1, costs.rank_optimizer_s[r])
+        for u in grads + seq[r][-1:]:
+            gb.dep(u, opt)
+        if costs.rank_after_step_s[r] > 0:
+            gb.dep(opt, gb.add(r, "comm", "param_sync", -1, -1, costs.rank_after_step_s[r]))
+    return gb.finish()
+
+
+def list_schedule(g: nx.DiGraph) -> tuple:
+    """(start times, binding predecessor) of every event: an event starts at the latest of its
+    dependencies (predecessor start + frac x duration) and its stream's free time; among ready
+    events of one stream the earliest-ready (then lowest priority number) goes first.  The
+    binding predecessor is the dependency or stream occupant that set the start time."""
+    n = g.number_of_nodes()
+    nodes = g.nodes
+    dur = [nodes[i]["dur"] for i in range(n)]
+    stream = [(nodes[i]["rank"], nodes[i]["stream"]) for i in range(n)]
+    prio = [COMM_PRIORITY.get(nodes[i]["kind"], 0) for i in range(n)]
+    waiting = [g.in_degree(i) for i in range(n)]
+    ready, bind, start = [0.0] * n, [-1] * n, [None] * n
+    free, occupant = {}, {}
+    heap = [(0.0, prio[i], i) for i in range(n) if waiting[i] == 0]
+    heapq.heapify(heap)
+    adj = g.adj
+    while heap:
+        t, pr, i = heapq.heappop(heap)
+        st = stream[i]
+        if t < free.get(st, 0.0):
+            heapq.heappush(heap, (free[st], pr, i))
+            continue
+        if t > ready[i]:
+            bind[i] = occupant[st]
+        start[i], free[st], occupant[st] = t, t + dur[i], i
+        for v, d in adj[i].items():
+            r = t + d["frac"] * dur[i]
+            if r >= ready[v]:
+                ready[v], bind[v] = r, i
+            waiting[v] -= 1
+            if waiting[v] == 0:
+                heapq.heappush(heap, (ready[v], prio[v], v))
+    if any(s is None for s in start):
+        raise AssertionError("schedule deadlocked: the action order is infeasible")
+    return start, bind
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Event:
+    id: int
+    rank: int
+    stream: str         # compute | comm
+    kind: str           # F B I W R optimizer | send grad_sync gather param_sync
+    stage: int          # model chunk (-1: whole rank)
+    mb: int             # micro-batch (-1: whole step)
+    start_s: float
+    end_s: float
+    critical: bool
+    tp_exposed_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommStat:
+    """One kind of communication summed over the pipeline ranks of one replica."""
+    total_s: float
+    exposed_s: float       # while the rank's compute stream is idle (or inside compute for tp)
+    overlapped_s: float    # hidden behind compute
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timeline:
+    schedule: str
+    pp: int
+    virtual_stages: int
+    num_microbatches: int
+    step_s: float                 # critical path: the last event's end
+    pipeline_s: float             # first to last forward/backward event
+    bubble_fraction: float        # 1 - busiest rank's F/B/W/R time / pipeline_s
+    utilisation: tuple            # per rank: compute-stream busy time / step_s
+    peak_inflight: tuple          # per rank: most chunk forwards awaiting their backward
+    comm: dict                    # tp | pp | dp_grad | dp_gather -> CommStat
+    critical_path_s: dict         # event kind -> seconds of it on the critical path
+    events: tuple = field(repr=False)
+
+    def to_dict(self, events: bool = True) -> dict:
+        d = {k: getattr(self, k) for k in ("schedule", "pp", "virtual_stages",
+                                          "num_microbatches", "step_s", "pipeline_s",
+                                          "bubble_fraction", "critical_path_s")}
+        d["utilisation"], d["peak_inflight"] = list(self.utilisation), list(self.peak_inflight)
+        d["comm"] = {k: {"total_s": v.total_s, "exposed_s": v.exposed_s,
+                         "overlapped_s": v.overlapped_s} for k, v in self.comm.items()}
+        if events:
+            d["events"] = [e.to_dict() for e in self.events]
+        return d
+
+
+def simulate(plan: Plan) -> Timeline:
+    """Simulate one iteration of `plan` with durations from the cost model."""
+    return simulate_costs(plan_costs(plan))
+
+
+def simulate_costs(costs: SimCosts) -> Timeline:
+    g = build_graph(costs)
+    start, bind = list_schedule(g)
+    nodes = g.nodes
+    end = [start[i] + nodes[i]["dur"] for i in range(len(start))]
+    last = max(range(len(end)), key=end.__getitem__)
+    critical = set()
+    while last >= 0:
+        critical.add(last)
+        last = bind[last]
+    events = tuple(Event(id=i, rank=a["rank"], stream=a["stream"], kind=a["kind"],
+                         stage=a["stage"], mb=a["mb"], start_s=start[i], end_s=end[i],
+                         critical=i in critical, tp_exposed_s=_tp_share(costs, a)[1])
+                   for i, a in nodes(data=True))
+    return _summarise(costs, events)
+
+
+def _tp_share(costs: SimCosts, node: dict) -> tuple:
+    """(total, exposed) TP collective seconds inside one compute event: forward, recompute and
+    backward passes each run an equal share (planner/cost/time.py)."""
+    kind, s = node["kind"], node["stage"]
+    if kind not in ("F", "B", "I", "R") or not costs.chunk_tp_s[s]:
+        return 0.0, 0.0
+    total, exposed = costs.chunk_tp_s[s], costs.chunk_tp_exposed_s[s]
+    per_pass = total / (3 if costs.chunk_recompute_s[s] and _full_recompute(costs, s) else 2)
+    if kind in ("F", "R"):
+        return per_pass, per_pass
+    return per_pass, exposed - per_pass * (total / per_pass - 1)
+
+
+def _full_recompute(costs: SimCosts, s: int) -> bool:
+    return costs.chunk_recompute_s[s] >= costs.chunk_fwd_s[s] * 0.5
