@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from planner.cli import main
+from planner.compare import compare
+from planner.cost.estimate import estimate
+from planner.cost.memory import rank_memory, rank_model_state
+from planner.hardware import load_cluster
+from planner.job import Job
+from planner.plan import Layout, Plan
+from planner.presets import MODEL_PRESETS
+
+
+def _plan():
+    return Plan(model=MODEL_PRESETS["tiny"], cluster=load_cluster("cpu", 1),
+                job=Job(global_batch=16, seq_len=128, precision="fp32"),
+                layout=Layout(dp=2, tp=2, pp=2, micro_batch=2, num_microbatches=4,
+                              zero_stage=1))
+
+
+def _measured_fixture(plan, activation_scale=1.0, step_s=0.5):
+    """A measured.json as the runtime writes it, with known values."""
+    ranks = []
+    for rank in range(8):
+        pp, dp, tp = rank // 4, (rank // 2) % 2, rank % 2
+        states = rank_model_state(plan, pp, dp, tp)
+        ranks.append({"rank": rank, "coords": {"pp": pp, "dp": dp, "tp": tp},
+                      "weights_bytes": states.weights_bytes,
+                      "gradients_bytes": states.gradients_bytes,
+                      "optimizer_bytes": states.optimizer_bytes,
+                      "activation_bytes_per_microbatch":
+                          activation_scale * rank_memory(plan, pp).activation_bytes_per_microbatch,
+                      "peak_allocated_bytes": None, "max_rss_bytes": 300e6})
+    return {"schema_version": 1, "plan": plan.to_dict(), "steps": [], "val_loss": 5.0,
+            "step_time_s": step_s, "tokens_per_s": 16 * 128 / step_s, "ranks": ranks}
+
+
+def test_compare_reports_relative_errors():
+    plan = _plan()
+    table = compare(plan, _measured_fixture(plan, activation_scale=1.05))
+    states = table[table.component.isin(["weights", "gradients", "optimizer"])]
+    assert len(states) == 24 and (states.error_pct.abs() < 1e-9).all()
+    acts = table[table.component == "activations per micro-batch"]
+    assert acts.error_pct.tolist() == pytest.approx([5.0] * 8)
+    step = table[table.component == "step time (s)"].iloc[0]
+    assert step.predicted == pytest.approx(estimate(plan).step_s)
+    assert step.error_pct == pytest.approx(100 * (0.5 / step.predicted - 1))
+
+
+def test_compare_cli_and_bad_measured(tmp_path, capsys):
+    plan = _plan()
+    plan.save(tmp_path / "plan.json")
+    (tmp_path / "m.json").write_text(json.dumps(_measured_fixture(plan)))
+    assert main(["compare", str(tmp_path / "plan.json"), str(tmp_path / "m.json")]) == 0
+    assert "activations per micro-batch" in capsys.readouterr().out
+    bad = _measured_fixture(plan)
+    del bad["ranks"][0]["coords"]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert main(["compare", str(tmp_path / "plan.json"), str(tmp_path / "bad.json")]) == 2
+    assert "rank entry missing key 'coords'" in capsys.readouterr().err
