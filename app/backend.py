@@ -1,0 +1,130 @@
+"""The page's calls into `planner`, cached.  Arguments are JSON strings of the inputs so that
+st.cache_data hashes them cheaply and exactly; results are plain data (dicts, DataFrames).
+
+Modules that other work streams deliver (search, export, simulate) are imported lazily: if one is
+missing the page says so instead of failing."""
+
+import importlib
+import json
+
+import pandas as pd
+import streamlit as st
+
+from planner.cost.estimate import estimate
+from planner.hardware import Cluster
+from planner.job import Job
+from planner.plan import Layout, Plan, layout_errors
+from planner.report import layout_summary
+from planner.spec import ModelSpec
+
+
+def optional_module(name: str):
+    """planner.<name>, or None when it is not there (yet)."""
+    try:
+        return importlib.import_module(f"planner.{name}")
+    except ImportError:
+        return None
+
+
+def inputs_key(model: ModelSpec, cluster: Cluster, job: Job) -> str:
+    return json.dumps({"model": model.to_dict(), "cluster": cluster.to_dict(),
+                       "job": job.to_dict()}, sort_keys=True)
+
+
+def inputs_from_key(key: str) -> tuple:
+    d = json.loads(key)
+    return (ModelSpec.from_dict(d["model"]), Cluster.from_dict(d["cluster"]),
+            Job.from_dict(d["job"]))
+
+
+def build_plan(key: str, layout: dict) -> Plan:
+    model, cluster, job = inputs_from_key(key)
+    return Plan(model=model, cluster=cluster, job=job, layout=Layout.from_dict(layout))
+
+
+def check_layout(key: str, layout: dict) -> str:
+    """'' if the layout is valid for these inputs, else its first one-line error."""
+    model, cluster, job = inputs_from_key(key)
+    try:
+        lay = Layout.from_dict(layout)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    errors = layout_errors(model, cluster, job, lay)
+    return errors[0] if errors else ""
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def estimate_dict(key: str, layout_json: str) -> dict:
+    """estimate(plan).to_dict() for one layout (which must be valid)."""
+    return estimate(build_plan(key, json.loads(layout_json))).to_dict()
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def timeline_events(key: str, layout_json: str):
+    """(events DataFrame, summary dict) of planner.simulate for one plan, or (None, reason)."""
+    sim = optional_module("simulate")
+    if sim is None or not hasattr(sim, "simulate"):
+        return None, "the simulator (planner/simulate.py) is not available in this checkout"
+    plan = build_plan(key, json.loads(layout_json))
+    try:
+        tl = sim.simulate(plan)
+    except (ValueError, NotImplementedError) as exc:
+        return None, f"the simulator cannot run this plan: {exc}"
+    d = tl.to_dict(events=True)
+    events = pd.DataFrame(d.pop("events"))
+    return events, d
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def exports(key: str, layout_json: str) -> dict:
+    """{file name: text} of planner.export for one plan ({} when export is not available)."""
+    exp = optional_module("export")
+    if exp is None:
+        return {}
+    plan = build_plan(key, json.loads(layout_json))
+    plan = plan.with_estimate(estimate(plan).to_dict())
+    return export_files(exp, plan)
+
+
+def export_files(exp, plan: Plan) -> dict:
+    """Adapts to planner.export's entry points: export_all(plan) -> {name: text}, or one
+    function per format."""
+    if hasattr(exp, "export_all"):
+        return dict(exp.export_all(plan))
+    files = {}
+    for fn_name, file_name in (("torchrun", "launch_torchrun.sh"), ("slurm", "job.slurm"),
+                               ("deepspeed", "ds_config.json"), ("megatron", "megatron_args.txt")):
+        fn = getattr(exp, fn_name, None) or getattr(exp, f"to_{fn_name}", None)
+        if callable(fn):
+            files[file_name] = fn(plan)
+    return files
+
+
+def plan_json(key: str, layout: dict) -> str:
+    """plan.json text (with its estimate), as `planner estimate --out` writes it."""
+    plan = build_plan(key, layout)
+    plan = plan.with_estimate(estimate_dict(key, json.dumps(layout, sort_keys=True)))
+    return json.dumps(plan.to_dict(), indent=1) + "\n"
+
+
+def label(layout: dict) -> str:
+    return layout_summary(Layout.from_dict(layout))
+
+
+def compare_table(plan: Plan, measured: dict) -> pd.DataFrame:
+    """Predicted vs measured: planner.compare when present, else step time and tokens/s only."""
+    cmp = optional_module("compare")
+    if cmp is not None and hasattr(cmp, "compare"):
+        try:
+            return cmp.compare(plan, measured)
+        except (TypeError, KeyError) as exc:
+            raise ValueError(f"unexpected measured.json content ({exc})") from None
+    est = estimate(plan)
+    rows = [("step time (s)", est.step_s, measured["step_time_s"]),
+            ("tokens/s", est.tokens_per_s, measured["tokens_per_s"])]
+    return pd.DataFrame([{"component": c, "rank": "all", "predicted": p, "measured": m}
+                         for c, p, m in rows])
+
+
+def plan_from_measured(measured: dict) -> Plan:
+    return Plan.from_dict({**measured["plan"], "estimate": None})

@@ -1,0 +1,105 @@
+"""Altair charts of planner results (presentation only: units converted, nothing computed)."""
+
+import altair as alt
+import pandas as pd
+
+from planner.report import MEMORY_ROWS, TIME_ROWS
+from planner.units import GIB
+
+MEMORY_LABELS = [label for _, label, _ in MEMORY_ROWS]
+TIME_LABELS = [label for _, label, _ in TIME_ROWS]
+
+
+def memory_frame(estimates: dict) -> pd.DataFrame:
+    """{plan label: estimate dict} -> long table (plan, component, GiB)."""
+    rows = []
+    for plan, est in estimates.items():
+        for key, label, note in MEMORY_ROWS:
+            rows.append({"plan": plan, "component": label, "GiB": est["memory"][key] / GIB,
+                         "note": note})
+    return pd.DataFrame(rows)
+
+
+def time_frame(estimates: dict) -> pd.DataFrame:
+    rows = []
+    for plan, est in estimates.items():
+        for key, label, note in TIME_ROWS:
+            rows.append({"plan": plan, "component": label, "ms": est["time"][key] * 1e3,
+                         "note": note})
+    return pd.DataFrame(rows)
+
+
+def memory_chart(estimates: dict, capacity_bytes: float, selected: str = "") -> alt.LayerChart:
+    """Stacked memory per plan with the GPU's memory as a red rule."""
+    df = memory_frame(estimates)
+    order = list(estimates)
+    bars = alt.Chart(df).mark_bar().encode(
+        y=alt.Y("plan:N", sort=order, title=None, axis=alt.Axis(labelLimit=420)),
+        x=alt.X("sum(GiB):Q", title="GiB on the most loaded GPU"),
+        color=alt.Color("component:N", sort=MEMORY_LABELS, title="memory"),
+        order=alt.Order("component_order:Q"),
+        opacity=_highlight(selected),
+        tooltip=["plan", "component", alt.Tooltip("GiB:Q", format=".2f"), "note"],
+    ).transform_calculate(component_order=_order_expr(MEMORY_LABELS))
+    line = alt.Chart(pd.DataFrame({"GiB": [capacity_bytes / GIB],
+                                   "label": ["GPU memory"]})).mark_rule(
+        color="red", strokeWidth=2, strokeDash=[6, 3]).encode(
+        x="GiB:Q", tooltip=["label", alt.Tooltip("GiB:Q", format=".1f")])
+    return (bars + line).properties(height=max(120, 38 * len(order)))
+
+
+def time_chart(estimates: dict, selected: str = "") -> alt.Chart:
+    df = time_frame(estimates)
+    order = list(estimates)
+    return alt.Chart(df).mark_bar().encode(
+        y=alt.Y("plan:N", sort=order, title=None, axis=alt.Axis(labelLimit=420)),
+        x=alt.X("sum(ms):Q", title="step time (ms)"),
+        color=alt.Color("component:N", sort=TIME_LABELS, title="time"),
+        order=alt.Order("component_order:Q"),
+        opacity=_highlight(selected),
+        tooltip=["plan", "component", alt.Tooltip("ms:Q", format=".1f"), "note"],
+    ).transform_calculate(component_order=_order_expr(TIME_LABELS)).properties(
+        height=max(120, 38 * len(order)))
+
+
+def scatter_chart(points: pd.DataFrame, selected: str = "") -> alt.LayerChart:
+    """Throughput vs memory of every feasible plan; the Pareto front as a line.
+    `points` has columns plan, memory_GiB, tokens_per_s, pareto (bool)."""
+    df = points.assign(selected=points["plan"] == selected)
+    base = alt.Chart(df).encode(
+        x=alt.X("memory_GiB:Q", title="memory on the most loaded GPU (GiB)"),
+        y=alt.Y("tokens_per_s:Q", title="tokens / s"))
+    dots = base.mark_circle(size=28, opacity=0.45).encode(
+        color=alt.Color("pareto:N", title="Pareto front",
+                        scale=alt.Scale(domain=[True, False], range=["#d62728", "#7f7f7f"])),
+        tooltip=["plan", alt.Tooltip("memory_GiB:Q", format=".2f"),
+                 alt.Tooltip("tokens_per_s:Q", format=",.0f")])
+    front = base.transform_filter("datum.pareto").mark_line(
+        color="#d62728", point=True, interpolate="step-after")
+    chosen = base.transform_filter("datum.selected").mark_point(
+        size=220, shape="diamond", color="black", filled=True)
+    return (dots + front + chosen).properties(height=320)
+
+
+def timeline_chart(events: pd.DataFrame) -> alt.Chart:
+    """Gantt chart of one simulated iteration: one row per pipeline rank and stream."""
+    df = events.assign(lane=events["rank"].map(lambda r: f"rank {r}") + " " + events["stream"],
+                       start_ms=events["start_s"] * 1e3, end_ms=events["end_s"] * 1e3)
+    return alt.Chart(df).mark_bar(stroke="white", strokeWidth=0.3).encode(
+        y=alt.Y("lane:N", title=None, sort=sorted(df["lane"].unique())),
+        x=alt.X("start_ms:Q", title="time in the step (ms)"), x2="end_ms:Q",
+        color=alt.Color("kind:N", title="event"),
+        opacity=alt.condition("datum.critical", alt.value(1.0), alt.value(0.55)),
+        tooltip=["rank", "stream", "kind", "stage", "mb", "critical",
+                 alt.Tooltip("start_ms:Q", format=".2f"), alt.Tooltip("end_ms:Q", format=".2f")],
+    ).properties(height=max(120, 28 * df["lane"].nunique()))
+
+
+def _highlight(selected: str):
+    if not selected:
+        return alt.value(1.0)
+    return alt.condition(alt.datum.plan == selected, alt.value(1.0), alt.value(0.45))
+
+
+def _order_expr(labels: list) -> str:
+    return "indexof(" + repr(labels).replace("'", '"') + ", datum.component)"

@@ -1,0 +1,95 @@
+"""Sidebar: model, cluster, job and constraints.  Returns planner objects, or raises ValueError
+with the one-line reason (the page shows it with st.error)."""
+
+from dataclasses import dataclass
+
+import streamlit as st
+
+from planner.hardware import Cluster, list_profiles, load_profile
+from planner.job import ATTENTION, ENGINES, PRECISIONS, Job
+from planner.presets import MODEL_PRESETS
+from app.uploads import MAX_UPLOAD_BYTES, model_from_upload, profile_from_upload
+
+UPLOAD = "upload a JSON file..."
+OBJECTIVES = {"throughput": "fastest step (tokens/s)", "memory": "least memory per GPU"}
+
+
+@dataclass(frozen=True)
+class Constraints:
+    max_tp: int
+    headroom: float     # fraction of GPU memory to leave free
+    objective: str
+
+
+def _model():
+    names = list(MODEL_PRESETS) + [UPLOAD]
+    choice = st.selectbox("Model", names, index=names.index("llama3-8b")
+                          if "llama3-8b" in names else 0, key="model",
+                          help="a preset, or your own spec JSON / Hugging Face config.json")
+    if choice != UPLOAD:
+        return MODEL_PRESETS[choice]
+    up = st.file_uploader("Model spec JSON or HF config.json", type=["json"], key="model_file",
+                          help=f"at most {MAX_UPLOAD_BYTES // 1000} kB")
+    if up is None:
+        raise ValueError("choose a model spec JSON or Hugging Face config.json to upload")
+    return model_from_upload(up.getvalue(), up.name)
+
+
+def _cluster() -> Cluster:
+    names = list_profiles() + [UPLOAD]
+    choice = st.selectbox("GPU profile", names, index=names.index("a100-80g")
+                          if "a100-80g" in names else 0, key="profile")
+    if choice == UPLOAD:
+        up = st.file_uploader("Hardware profile JSON", type=["json"], key="profile_file")
+        if up is None:
+            raise ValueError("choose a hardware profile JSON to upload")
+        profile = profile_from_upload(up.getvalue(), up.name)
+    else:
+        profile = load_profile(choice)
+    nodes = st.number_input("Nodes", min_value=1, max_value=4096, value=1, step=1, key="nodes",
+                            help=f"{profile.gpus_per_node} GPU(s) per node")
+    return Cluster(profile=profile, num_nodes=int(nodes))
+
+
+def _job() -> Job:
+    batch = st.number_input("Global batch (sequences)", min_value=1, value=512, step=1,
+                            key="global_batch")
+    seq = st.number_input("Sequence length", min_value=1, value=4096, step=128, key="seq_len")
+    precision = st.selectbox("Precision", PRECISIONS, key="precision")
+    with st.expander("Kernels and engine"):
+        attention = st.selectbox("Attention", ATTENTION, key="attention")
+        engine = st.selectbox("Engine", ENGINES, key="engine")
+    return Job(global_batch=int(batch), seq_len=int(seq), precision=precision,
+               attention=attention, engine=engine)
+
+
+def _constraints(gpus_per_node: int) -> Constraints:
+    tps = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= max(gpus_per_node, 1)] or [1]
+    max_tp = st.select_slider("Max TP", options=tps, value=tps[-1], key="max_tp")
+    headroom = st.slider("Memory headroom (%)", 0, 50, 10, step=1, key="headroom",
+                         help="keep this share of GPU memory free")
+    objective = st.radio("Objective", list(OBJECTIVES), format_func=OBJECTIVES.get,
+                         key="objective")
+    return Constraints(max_tp=int(max_tp), headroom=headroom / 100, objective=objective)
+
+
+def _section(title: str, fn, errors: list, *args):
+    st.header(title)
+    try:
+        return fn(*args)
+    except ValueError as exc:
+        errors.append(f"{title}: {exc}")
+        return None
+
+
+def sidebar() -> tuple:
+    """(model, cluster, job, constraints, errors): every section renders even when an earlier
+    one failed; a failed section gives None and a one-line message in `errors`."""
+    errors = []
+    with st.sidebar:
+        model = _section("Model", _model, errors)
+        cluster = _section("Cluster", _cluster, errors)
+        job = _section("Job", _job, errors)
+        gpn = cluster.profile.gpus_per_node if cluster else 8
+        constraints = _section("Constraints", _constraints, errors, gpn)
+    return model, cluster, job, constraints, errors

@@ -1,0 +1,42 @@
+"""What-if: set dp/tp/pp/ZeRO/micro-batch/recompute by hand.  The widgets only collect numbers;
+validity is decided by planner.plan.layout_errors (the page shows its one-line reason)."""
+
+import streamlit as st
+
+from planner.plan import RECOMPUTE, SCHEDULES
+
+FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "num_microbatches", "virtual_stages")
+
+
+def _seed(hint: dict) -> None:
+    """First time in this session: start the hand-set layout from the best ranked plan."""
+    if st.session_state.get("_hand_seeded"):
+        return
+    for f in FIELDS:
+        st.session_state[f"hand_{f}"] = int(hint.get(f, 1 if f != "zero_stage" else 0))
+    st.session_state["hand_sp"] = bool(hint.get("sequence_parallel", False))
+    st.session_state["hand_schedule"] = hint.get("schedule", "1f1b")
+    st.session_state["hand_recompute"] = hint.get("recompute", "none")
+    st.session_state["_hand_seeded"] = True
+
+
+def layout_by_hand(hint: dict) -> dict:
+    """A layout dict from the what-if widgets (not validated here)."""
+    _seed(hint)
+    c = st.columns(7)
+    dp = c[0].number_input("dp", min_value=1, step=1, key="hand_dp")
+    tp = c[1].number_input("tp", min_value=1, step=1, key="hand_tp")
+    pp = c[2].number_input("pp", min_value=1, step=1, key="hand_pp")
+    zero = c[3].selectbox("ZeRO", [0, 1, 2, 3], key="hand_zero_stage")
+    mb = c[4].number_input("micro-batch", min_value=1, step=1, key="hand_micro_batch")
+    m = c[5].number_input("micro-batches", min_value=1, step=1, key="hand_num_microbatches",
+                          help="per step per data-parallel replica: dp x micro-batch x this "
+                               "must equal the global batch")
+    rc = c[6].selectbox("recompute", RECOMPUTE, key="hand_recompute")
+    c2 = st.columns(3)
+    sched = c2[0].selectbox("schedule", SCHEDULES, key="hand_schedule")
+    v = c2[1].number_input("virtual stages", min_value=1, step=1, key="hand_virtual_stages")
+    sp = c2[2].checkbox("sequence parallel", key="hand_sp")
+    return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "sequence_parallel": bool(sp),
+            "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
+            "schedule": sched, "virtual_stages": int(v), "recompute": rc}
