@@ -1,0 +1,31 @@
+"""`planner ui`: start the Streamlit planning page (app/streamlit_app.py) in a subprocess."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+APP = Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py"
+
+
+def add_parser(sub):
+    p = sub.add_parser("ui", help="open the Streamlit planning UI in a browser")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.add_argument("--headless", action="store_true", help="do not open a browser")
+    return p
+
+
+def command(args) -> list:
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(args.port),
+           "--browser.gatherUsageStats", "false"]
+    if args.headless:
+        cmd += ["--server.headless", "true"]
+    return cmd
+
+
+def run(args) -> int:
+    if not APP.is_file():
+        raise ValueError(f"the app is not installed with this package: {APP} is missing")
+    try:
+        return subprocess.call(command(args))
+    except KeyboardInterrupt:
+        return 0
