@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from runtime.zero1 import ShardedAdamW
 
@@ -70,7 +71,9 @@ def build_sharded_adamw(named_params: list, dp_group, cfg: OptimConfig) -> Shard
 def _sharded_on(p, axis: str) -> bool:
     if not isinstance(p, DTensor) or axis not in (p.device_mesh.mesh_dim_names or ()):
         return False
-    return isinstance(p.placements[p.device_mesh.mesh_dim_names.index(axis)], Shard)
+    # FSDP2 over a TP parameter shards with _StridedShard, which is not a Shard subclass.
+    return isinstance(p.placements[p.device_mesh.mesh_dim_names.index(axis)],
+                      (Shard, _StridedShard))
 
 
 def replication(p, ctx) -> int:

@@ -1,0 +1,141 @@
+"""Measure this machine for `planner profile`: GEMM throughput over transformer-shaped
+matrices, copy bandwidth and all-reduce times among local ranks (gloo on CPU, NCCL on GPU).
+
+Run as `python -m runtime.hwprofile --out measurements.json --ranks N`; the planner turns the
+JSON into a profile (planner/profile_fit.py)."""
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# Datasheet dense peaks by device name, for GPUs; on CPU the best measured GEMM is the peak.
+GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, repeat: int) -> float:
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
+def _gemm_shapes(device) -> list:
+    hs = (1024, 2048, 4096, 8192) if device.type == "cuda" else (128, 256, 512)
+    tokens = 8192 if device.type == "cuda" else 512
+    return [(tokens, h, k * h) for h in hs for k in (1, 3, 4)] + \
+        [(tokens, 4 * h, h) for h in hs]
+
+
+def measure_gemms(device, dtype, share: float) -> list:
+    """[(m, n, k, FLOP/s)] for out[m, n] = a[m, k] @ b[k, n]; `share` scales a CPU rate to one
+    of several processes sharing the cores."""
+    rows = []
+    shapes = _gemm_shapes(device)
+    for i, (m, k, n) in enumerate(shapes):
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        # best of three timings: the least disturbed by other work on the machine
+        seconds = min(_timed(lambda: a @ b, device, 10 if device.type == "cuda" else 3)
+                      for _ in range(3))
+        rate = 2 * m * n * k / seconds * share
+        rows.append((m, n, k, rate))
+        _log(f"[gemm {i + 1}/{len(shapes)}] {m}x{k}x{n}: {rate / 1e12:.3f} TFLOP/s")
+    return rows
+
+
+def measure_copy(device, share: float) -> float:
+    x = torch.empty(2**26 if device.type == "cuda" else 2**23, device=device)
+    y = torch.empty_like(x)
+    seconds = _timed(lambda: y.copy_(x), device, 10)
+    rate = 2 * x.numel() * x.element_size() / seconds * share
+    _log(f"[copy] {rate / 1e9:.1f} GB/s (read + write)")
+    return rate
+
+
+def _allreduce_worker(rank, ranks, port, sizes, out_path):
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=ranks)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    times = []
+    for size in sizes:
+        t = torch.ones(size // 4, device=device)
+        dist.barrier()
+        times.append(min(_timed(lambda: dist.all_reduce(t), device, 3) for _ in range(3)))
+        if rank == 0:
+            _log(f"[all-reduce {ranks} ranks] {size / 2**20:.0f} MiB: {times[-1] * 1e3:.2f} ms")
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(times, f)
+    dist.destroy_process_group()
+
+
+def measure_allreduce(ranks: int, tmp_path: str) -> tuple:
+    sizes = [2**20, 2**22, 2**24]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_allreduce_worker, args=(ranks, port, sizes, tmp_path), nprocs=ranks,
+                       start_method="fork")
+    with open(tmp_path) as f:
+        return sizes, json.load(f)
+
+
+def measure(ranks: int, tmp_path: str) -> dict:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    share = 1.0
+    if not cuda:
+        torch.set_num_threads(os.cpu_count() or 1)
+        share = 1.0 / ranks  # the host's cores are shared by the ranks of a CPU run
+    name = torch.cuda.get_device_name() if cuda else f"cpu-process ({platform.processor()})"
+    peak = next((v for k, v in GPU_PEAKS.items() if k in name), None) if cuda else None
+    memory = torch.cuda.get_device_properties(0).total_memory if cuda else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
+    sizes, times = measure_allreduce(ranks, tmp_path)
+    return {"device_name": name, "host": socket.gethostname(), "ranks": ranks,
+            "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "peak_flops": peak,
+            "gemms": measure_gemms(device, dtype, share),
+            "copy_bytes_per_s": measure_copy(device, share), "memory_bytes": memory,
+            "allreduce_bytes": sizes, "allreduce_s": times}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.hwprofile")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ranks", type=int, required=True)
+    args = parser.parse_args(argv)
+    if args.ranks < 2:
+        print("hwprofile: error: --ranks must be >= 2 to measure collectives", file=sys.stderr)
+        return 2
+    result = measure(args.ranks, args.out + ".allreduce")
+    os.remove(args.out + ".allreduce")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
