@@ -1,0 +1,55 @@
+"""Turn `planner profile` measurements into a hardware profile (pure: no torch here).
+
+Measurements come from runtime/hwprofile.py: GEMM throughput over transformer-shaped matrices,
+copy bandwidth, and all-reduce times over local ranks at several sizes."""
+
+import dataclasses
+import datetime
+
+import numpy as np
+
+from planner.fit import fit_gemm_efficiency
+from planner.hardware import HardwareProfile
+
+
+def fit_alpha_beta(sizes_bytes: list, times_s: list, ranks: int) -> tuple:
+    """(bus bandwidth bytes/s, latency per hop s) of ring all-reduce times:
+    t = 2(n-1)/n * bytes / bw + 2(n-1) * latency (least squares on the two terms)."""
+    if len(sizes_bytes) < 2 or len(sizes_bytes) != len(times_s):
+        raise ValueError("need at least two all-reduce sizes with one time each")
+    factor = 2 * (ranks - 1) / ranks
+    a = np.column_stack([np.full(len(sizes_bytes), 2.0 * (ranks - 1)),
+                         factor * np.asarray(sizes_bytes, dtype=float)])
+    (latency, inv_bw), *_ = np.linalg.lstsq(a, np.asarray(times_s, dtype=float), rcond=None)
+    if inv_bw <= 0:
+        raise ValueError("all-reduce times do not grow with size; cannot fit a bandwidth")
+    return 1.0 / inv_bw, max(0.0, float(latency))
+
+
+def profile_from_measurements(base: HardwareProfile, m: dict, name: str) -> HardwareProfile:
+    """A copy of `base` with the measured GPU and intra-node terms replaced and cited."""
+    precision = m["precision"]
+    peak = m.get("peak_flops") or max(g[3] for g in m["gemms"])
+    e_max, half_dim, rms = fit_gemm_efficiency(m["gemms"], peak)
+    gpu = dataclasses.replace(
+        base.gpu, name=m["device_name"], peak_flops={**base.gpu.peak_flops, precision: peak},
+        gemm_efficiency_max=e_max, gemm_half_dim=half_dim,
+        hbm_bandwidth_bytes_per_s=m["copy_bytes_per_s"], memory_efficiency=1.0,
+        memory_bytes=int(m["memory_bytes"]))
+    bw, latency = fit_alpha_beta(m["allreduce_bytes"], m["allreduce_s"], m["ranks"])
+    intra = dataclasses.replace(base.intra_node, bandwidth_bytes_per_s=bw, latency_s=latency,
+                                efficiency=1.0)
+    when = datetime.date.today().isoformat()
+    note = f"measured by `planner profile` on {m['host']} ({m['ranks']} ranks, {when})"
+    sources = {**base.sources,
+               "gpu.peak_flops": f"{note}: peak = {peak:.3g} FLOP/s ({precision})",
+               "gpu.gemm_efficiency_max": f"{note}: fitted to {len(m['gemms'])} GEMMs, "
+                                          f"rms error {100 * rms:.1f}%",
+               "gpu.gemm_half_dim": f"{note}: fitted with gemm_efficiency_max",
+               "gpu.hbm_bandwidth_bytes_per_s": f"{note}: copy bandwidth (read + write)",
+               "gpu.memory_bytes": f"{note}",
+               "intra_node": f"{note}: all-reduce alpha-beta fit over "
+                             f"{len(m['allreduce_bytes'])} sizes"}
+    return dataclasses.replace(base, name=name, gpus_per_node=m["ranks"], gpu=gpu,
+                               intra_node=intra, sources=sources,
+                               description=f"{base.description} — {note}")

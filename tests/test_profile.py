@@ -1,0 +1,57 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from planner.fit import fit_gemm_efficiency
+from planner.hardware import load_profile
+from planner.profile_fit import fit_alpha_beta, profile_from_measurements
+
+
+def _synthetic_gemms(e_max, d0, peak):
+    shapes = [(m, n, k) for m in (256, 1024, 4096) for n in (128, 512, 2048) for k in (64, 1024)]
+    return [(m, n, k, peak * e_max * np.prod([d / (d + d0) for d in (m, n, k)]))
+            for m, n, k in shapes]
+
+
+def test_gemm_fit_recovers_a_known_curve():
+    e_max, d0, rms = fit_gemm_efficiency(_synthetic_gemms(0.7, 96.0, 1e14), 1e14)
+    assert e_max == pytest.approx(0.7, rel=0.01)
+    assert d0 == pytest.approx(96.0, rel=0.03)
+    assert rms < 0.01
+
+
+def test_alpha_beta_fit_recovers_bandwidth_and_latency():
+    sizes = [2**20, 2**22, 2**24, 2**26]
+    n, bw, lat = 8, 50e9, 20e-6
+    times = [2 * (n - 1) / n * s / bw + 2 * (n - 1) * lat for s in sizes]
+    got_bw, got_lat = fit_alpha_beta(sizes, times, n)
+    assert got_bw == pytest.approx(bw, rel=1e-6)
+    assert got_lat == pytest.approx(lat, rel=1e-6)
+
+
+def test_profile_from_synthetic_measurements_round_trips(tmp_path):
+    m = {"device_name": "test-gpu", "host": "h", "ranks": 4, "precision": "bf16",
+         "peak_flops": 1e14, "gemms": _synthetic_gemms(0.75, 128.0, 1e14),
+         "copy_bytes_per_s": 1e12, "memory_bytes": 16 * 2**30,
+         "allreduce_bytes": [2**20, 2**24], "allreduce_s": [1e-4, 1e-3]}
+    profile = profile_from_measurements(load_profile("a100-80g"), m, "ours")
+    assert profile.gpus_per_node == 4 and profile.gpu.gemm_efficiency_max == pytest.approx(0.75,
+                                                                                           rel=0.01)
+    path = tmp_path / "ours.json"
+    path.write_text(json.dumps(profile.to_dict()))
+    assert load_profile(str(path)) == profile
+    assert "planner profile" in profile.sources["gpu.gemm_efficiency_max"]
+
+
+@pytest.mark.slow
+def test_planner_profile_on_cpu_writes_a_loadable_profile(tmp_path):
+    out = tmp_path / "ours.json"
+    run = subprocess.run([sys.executable, "-m", "planner.cli", "profile", "--out", str(out),
+                          "--ranks", "2"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "[gemm" in run.stderr and "[all-reduce" in run.stderr  # progress was shown
+    profile = load_profile(str(out))
+    assert profile.gpus_per_node == 2 and profile.gpu.peak_flops["fp32"] > 0
