@@ -16,7 +16,7 @@ def add_parser(sub):
 
 def command(args) -> list:
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(args.port),
-           "--browser.gatherUsageStats", "false"]
+           "--browser.gatherUsageStats", "false", "--server.maxUploadSize", "1"]
     if args.headless:
         cmd += ["--server.headless", "true"]
     return cmd

@@ -1,0 +1,143 @@
+"""The Streamlit page, headless (streamlit.testing.v1.AppTest), and its upload parsing."""
+
+import importlib.util
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from app.uploads import (measured_from_upload, model_from_upload, parse_json_bytes,  # noqa: E402
+                         profile_from_upload)
+
+APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
+HAS_SEARCH = importlib.util.find_spec("planner.search") is not None
+needs_search = pytest.mark.skipif(not HAS_SEARCH, reason="planner/search.py not present")
+HF_LLAMA = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 256,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 688,
+            "vocab_size": 1000, "max_position_embeddings": 512}
+
+
+def _app(model="llama3-8b", nodes=1, batch=64, seq=2048) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.selectbox(key="model").set_value(model)
+    at.number_input(key="nodes").set_value(nodes)
+    at.number_input(key="global_batch").set_value(batch)
+    at.number_input(key="seq_len").set_value(seq)
+    return at.run()
+
+
+def _ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _charts(at: AppTest) -> list:
+    return [c.proto.spec for c in at.get("vega_lite_chart")]
+
+
+def _ranked(at: AppTest) -> list:
+    return [o for o in at.selectbox(key="pick").options if o.startswith("#")]
+
+
+def test_page_runs_without_exception():
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    _ok(at)
+    assert at.title[0].value == "Parallelism planner"
+    assert at.sidebar.number_input(key="nodes").value == 1
+
+
+@needs_search
+def test_node_count_reranks_plans():
+    at = _app(nodes=1)
+    _ok(at)
+    one_node = _ranked(at)
+    assert one_node and not at.error
+    at.number_input(key="nodes").set_value(4).run()
+    _ok(at)
+    four_nodes = _ranked(at)
+    assert four_nodes and four_nodes != one_node
+    assert "32 x" in at.caption[0].value
+
+
+@needs_search
+def test_selecting_a_plan_updates_charts():
+    at = _app()
+    ranked = _ranked(at)
+    assert len(ranked) >= 2 and len(_charts(at)) >= 3
+    before = _charts(at)
+    metrics_before = [m.value for m in at.metric]
+    at.selectbox(key="pick").set_value(ranked[1]).run()
+    _ok(at)
+    after = _charts(at)
+    assert after != before
+    assert any(ranked[1].split("  ", 1)[1] in spec for spec in after)
+    assert [m.value for m in at.metric] != metrics_before
+
+
+def test_hand_set_layout_gives_estimate_or_one_line_error():
+    at = _app(batch=64)
+    at.selectbox(key="pick").set_value("set by hand").run()
+    for k, v in {"hand_dp": 2, "hand_tp": 2, "hand_pp": 2, "hand_micro_batch": 1,
+                 "hand_num_microbatches": 32}.items():
+        at.number_input(key=k).set_value(v)
+    at.selectbox(key="hand_schedule").set_value("1f1b")
+    at.selectbox(key="hand_zero_stage").set_value(1)
+    at.run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    assert [m.label for m in at.metric][:3] == ["memory / GPU", "step time", "tokens / s"]
+    assert len(_charts(at)) >= 3                      # memory, time, timeline
+    assert at.get("download_button")
+    at.number_input(key="hand_tp").set_value(3).run()
+    _ok(at)
+    assert len(at.error) == 1 and "\n" not in at.error[0].value
+    assert "does not equal the cluster's 8 GPUs" in at.error[0].value
+
+
+@pytest.mark.parametrize("payload, phrase", [
+    (b"{not json", "not valid JSON"),
+    (pickle.dumps({"a": 1}), "not"),
+    (b"[1, 2]", "expected a JSON object"),
+    (json.dumps({"name": "x"}).encode(), "missing key"),
+    (json.dumps({**HF_LLAMA, "model_type": "t5"}).encode(), "unsupported model_type"),
+    (b" " * 1_000_001, "limit"),
+])
+def test_bad_model_upload_shows_error_not_traceback(payload, phrase):
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.selectbox(key="model").set_value("upload a JSON file...").run()
+    at.sidebar.file_uploader[0].set_value(("model.json", payload, "application/json")).run()
+    _ok(at)
+    assert at.error and phrase in at.error[0].value, [e.value for e in at.error]
+    assert "Traceback" not in at.error[0].value
+
+
+def test_bad_measured_upload_shows_error():
+    at = _app(model="gpt2-124m", batch=64, seq=1024)
+    at.selectbox(key="pick").set_value("set by hand").run()
+    at.number_input(key="hand_dp").set_value(8)
+    at.number_input(key="hand_num_microbatches").set_value(8)
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    at.file_uploader(key="measured_file").set_value(
+        ("measured.json", b'{"schema_version": 1, "step_time_s": "fast"}', "application/json"))
+    at.run()
+    _ok(at)
+    assert any("step_time_s must be a number" in e.value for e in at.error)
+
+
+def test_upload_parsing_is_strict():
+    assert model_from_upload(json.dumps(HF_LLAMA).encode(), "tiny-llama.json").num_layers == 4
+    with pytest.raises(ValueError, match="not a valid JSON number"):
+        parse_json_bytes(b'{"x": NaN}', "f")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        parse_json_bytes(b"\xff\xfe{}", "f")
+    with pytest.raises(ValueError, match="hardware profile"):
+        profile_from_upload(b'{"name": "x"}', "p.json")
+    with pytest.raises(ValueError, match="schema_version"):
+        measured_from_upload(b'{"schema_version": 2}', "m.json")
+    path = Path(__file__).resolve().parents[1] / "hardware_profiles" / "a100-80g.json"
+    assert profile_from_upload(path.read_bytes()).gpus_per_node == 8
