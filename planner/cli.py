@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # sub-command name -> module in planner.commands
-COMMANDS = ["estimate", "models", "profiles", "run", "compare", "profile", "ui"]
+COMMANDS = ["estimate", "models", "profiles", "run", "compare", "profile", "calibrate", "ui"]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -22,8 +22,9 @@ def _plan():
 def _measured_fixture(plan, activation_scale=1.0, step_s=0.5):
     """A measured.json as the runtime writes it, with known values."""
     ranks = []
-    for rank in range(8):
-        pp, dp, tp = rank // 4, (rank // 2) % 2, rank % 2
+    lay = plan.layout
+    for rank in range(lay.world_size):  # mesh order (pp, dp, tp), tp innermost
+        pp, dp, tp = rank // (lay.dp * lay.tp), (rank // lay.tp) % lay.dp, rank % lay.tp
         states = rank_model_state(plan, pp, dp, tp)
         ranks.append({"rank": rank, "coords": {"pp": pp, "dp": dp, "tp": tp},
                       "weights_bytes": states.weights_bytes,
@@ -59,3 +60,30 @@ def test_compare_cli_and_bad_measured(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     assert main(["compare", str(tmp_path / "plan.json"), str(tmp_path / "bad.json")]) == 2
     assert "rank entry missing key 'coords'" in capsys.readouterr().err
+
+
+def test_calibrate_recovers_a_slower_machine(tmp_path, capsys):
+    """Runs measured on a machine that reaches half the profile's efficiency: calibration finds
+    k ~ 0.5 and the step-time error drops."""
+    from planner.calibrate import _scaled, calibrate
+    from planner.hardware import load_profile
+    profile = load_profile("cpu")
+    slow = _scaled(profile, 0.5)
+    paths = []
+    for i, layout in enumerate((Layout(dp=8, micro_batch=2), Layout(dp=4, tp=2, micro_batch=4),
+                                Layout(dp=2, tp=2, pp=2, micro_batch=2, num_microbatches=4))):
+        plan = Plan(model=MODEL_PRESETS["tiny"], cluster=load_cluster("cpu", 1),
+                    job=Job(global_batch=16, seq_len=128, precision="fp32"), layout=layout)
+        true_plan = Plan(model=plan.model, cluster=type(plan.cluster)(profile=slow, num_nodes=1),
+                         job=plan.job, layout=layout)
+        measured = _measured_fixture(plan, step_s=estimate(true_plan).step_s)
+        paths.append(tmp_path / f"m{i}.json")
+        paths[-1].write_text(json.dumps(measured))
+    runs = [(Plan.from_dict(json.loads(p.read_text())["plan"]), json.loads(p.read_text()))
+            for p in paths]
+    _, k, before, after = calibrate(runs, profile)
+    assert k == pytest.approx(0.5, rel=0.05)
+    assert max(map(abs, after)) < 0.05 < min(map(abs, before))
+    out = tmp_path / "cal.json"
+    assert main(["calibrate", *map(str, paths), "--profile", "cpu", "--out", str(out)]) == 0
+    assert "mean |error|" in capsys.readouterr().out and out.exists()
