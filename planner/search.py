@@ -1,0 +1,303 @@
+"""`planner suggest`'s engine: enumerate every layout -> prune structurally -> memory verdict
+with headroom -> score -> rank by an objective, keeping every rejection under its reason.
+
+The space is held as numpy columns (planner/search_space.py) and scored by
+planner/search_vector.py, which calls the cost model once per unique sub-key.  The top plans are
+then re-scored with estimate() so that every number shown or written is exactly the estimate."""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from planner.cost.estimate import Estimate, estimate
+from planner.hardware import Cluster
+from planner.plan import Plan, layout_errors
+from planner.report import layout_summary
+from planner.search_space import (COLUMNS, concat, enumerate_space, structural_checks,
+                                  structural_reasons, take)
+from planner.search_vector import Scorer, layout_at
+
+OBJECTIVES = ("throughput", "min-gpus", "time-to-train")
+# Deterministic tie-break after the objective: less memory, fewer GPUs, then the simpler layout
+# (lower pp, tp, ZeRO, recompute, schedule index) - the column order below.
+TIE_COLUMNS = ("world", "pp", "tp", "zero", "rc", "sched", "v", "sp", "dp", "mb")
+
+LABELS = {
+    "tp_heads": "tp does not divide the attention heads",
+    "tp_ffn": "tp does not divide the MLP width",
+    "tp_node": "tp larger than a node",
+    "sp_seq": "sequence parallel: tp does not divide the sequence",
+    "precision": "precision not supported by the GPU",
+    "positions": "sequence longer than the learned positions",
+    "interleave_m": "interleaved: micro-batches not divisible by pp",
+    "chunks": "more pipeline chunks than layers",
+    "zb_ddp": "zero-bubble schedule with DDP/ZeRO-3 (wrong gradients in PyTorch)",
+    "ddp_microbatches": "DDP under pipelining needs more micro-batches than stages",
+    "batch": "dp does not divide the global batch",
+    "memory": "does not fit in memory",
+    "target": "below the target tokens/s",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    objective: str = "throughput"
+    top: int = 10
+    max_tp: int = 0                 # 0 = GPUs per node
+    headroom: float = 0.10          # keep total <= (1 - headroom) x GPU memory
+    allow_fewer_gpus: bool = False
+    target_tokens_per_s: float = 0.0
+    token_budget: float = 0.0       # tokens to train, for time-to-train
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, "
+                             f"got {self.objective!r}")
+        if not isinstance(self.top, int) or self.top < 1:
+            raise ValueError(f"--top must be a positive integer, got {self.top!r}")
+        if self.max_tp < 0:
+            raise ValueError(f"--max-tp must be positive, got {self.max_tp}")
+        if not 0 <= self.headroom < 1:
+            raise ValueError(f"--headroom must be in [0, 1), got {self.headroom}")
+        if self.target_tokens_per_s < 0:
+            raise ValueError(f"--target-tokens-per-s must be >= 0, got "
+                             f"{self.target_tokens_per_s}")
+        if self.objective == "time-to-train" and self.token_budget <= 0:
+            raise ValueError("objective time-to-train needs --token-budget (tokens to train), "
+                             f"got {self.token_budget}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """One ranked plan with its exact estimate."""
+    plan: Plan
+    estimate: Estimate
+
+    @property
+    def layout(self):
+        return self.plan.layout
+
+    @property
+    def total_bytes(self) -> float:
+        return self.estimate.memory.total_bytes
+
+    @property
+    def step_s(self) -> float:
+        return self.estimate.step_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.estimate.tokens_per_s
+
+    @property
+    def mfu(self) -> float:
+        return self.estimate.mfu
+
+    @property
+    def num_gpus(self) -> int:
+        return self.plan.cluster.world_size
+
+    def saved(self) -> Plan:
+        """The plan with its estimate attached, as written to plan.json."""
+        return self.plan.with_estimate(self.estimate.to_dict())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rejection:
+    key: str
+    label: str
+    count: int
+    example: str     # one rejected layout's first reason, as layout_errors or the estimate says
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchResult:
+    model: object
+    cluster: Cluster
+    job: object
+    options: SearchOptions
+    ranked: list            # Candidate, best first (at most options.top)
+    rejections: list        # Rejection, most frequent first
+    num_considered: int
+    num_fit: int
+    elapsed_s: float
+    closest: Candidate = None   # when nothing fits: the layout needing the least memory
+    fit_table: dict = field(default=None, repr=False)  # columns of every plan that fits
+
+    @property
+    def rejected(self) -> dict:
+        return {r.label: r.count for r in self.rejections}
+
+    @property
+    def best(self) -> Candidate:
+        return self.ranked[0] if self.ranked else None
+
+
+def gpu_counts(cluster: Cluster, allow_fewer: bool) -> list:
+    """GPU counts to search: all of them, or also every whole-node count below (and every
+    count up to one node when the cluster is a single node)."""
+    world, gpn = cluster.world_size, cluster.profile.gpus_per_node
+    if not allow_fewer:
+        return [world]
+    counts = {n * gpn for n in range(1, world // gpn + 1)} | {world}
+    if world <= gpn:
+        counts |= set(range(1, world + 1))
+    return sorted(counts)
+
+
+def cluster_for(cluster: Cluster, world: int) -> Cluster:
+    gpn = cluster.profile.gpus_per_node
+    nodes = -(-world // gpn)
+    return Cluster(profile=cluster.profile, num_nodes=nodes,
+                   num_gpus=0 if world == nodes * gpn else world)
+
+
+class _Search:
+    def __init__(self, model, cluster, job, options):
+        self.model, self.cluster, self.job, self.opt = model, cluster, job, options
+        self.max_tp = options.max_tp or cluster.profile.gpus_per_node
+        self._clusters = {}
+        self.scorer = Scorer(model, self.cluster_for_world, job)
+        self.rejects = {}   # key -> [count, example row cols or message]
+
+    def cluster_for_world(self, world: int) -> Cluster:
+        if world not in self._clusters:
+            self._clusters[world] = cluster_for(self.cluster, world) \
+                if world != self.cluster.world_size else self.cluster
+        return self._clusters[world]
+
+    def reject(self, key: str, count: int, example) -> None:
+        if count <= 0:
+            return
+        entry = self.rejects.setdefault(key, [0, example])
+        entry[0] += count
+
+    def space(self) -> dict:
+        spaces = []
+        for world in gpu_counts(self.cluster, self.opt.allow_fewer_gpus):
+            cols, bad_shapes = enumerate_space(self.model, self.job, world, self.max_tp)
+            if bad_shapes:
+                dp, tp, pp = bad_shapes[0]
+                self.reject("batch", len(bad_shapes),
+                            f"dp={dp} (tp={tp}, pp={pp} on {world} GPUs) does not divide "
+                            f"global batch {self.job.global_batch}")
+            spaces.append(cols)
+        return concat(spaces)
+
+    def structural(self, cols: dict) -> dict:
+        checks = structural_checks(self.model, self.cluster, self.job)
+        reason = structural_reasons(self.model, self.cluster, self.job, cols)
+        for i, (key, _, _) in enumerate(checks):
+            rows = np.flatnonzero(reason == i)
+            if rows.size:
+                self.reject(key, rows.size, self._errors(cols, int(rows[0]))[0])
+        return take(cols, reason < 0)
+
+    def _errors(self, cols: dict, i: int) -> list:
+        cluster = self.cluster_for_world(int(cols["world"][i]))
+        return layout_errors(self.model, cluster, self.job, layout_at(cols, i))
+
+    def plan_at(self, cols: dict, i: int) -> Plan:
+        return Plan(model=self.model, cluster=self.cluster_for_world(int(cols["world"][i])),
+                    job=self.job, layout=layout_at(cols, i))
+
+
+def _limit(cluster: Cluster, headroom: float) -> float:
+    return (1 - headroom) * cluster.profile.gpu.memory_bytes
+
+
+def _order(cols: dict, primary: list) -> np.ndarray:
+    """Row order: the primary keys (most important first), then the fixed tie-break."""
+    keys = [cols[c] for c in reversed(TIE_COLUMNS)] + list(reversed(primary))
+    return np.lexsort(keys)
+
+
+def _primary(opt: SearchOptions, cols: dict, mem: np.ndarray, tps: np.ndarray) -> list:
+    speed = -np.round(tps, 3)  # round away float noise so equal plans tie exactly
+    memory = np.round(mem / 2**20, 3)
+    if opt.objective == "min-gpus":
+        return [cols["world"], speed, memory]
+    return [speed, memory]  # time-to-train orders as throughput: budget / tokens_per_s
+
+
+def search(model, cluster: Cluster, job, options: SearchOptions = None, **kwargs) -> SearchResult:
+    """Every layout of the cluster (or fewer GPUs), ranked best first by the objective."""
+    opt = options or SearchOptions(**kwargs)
+    if opt.objective == "min-gpus" and not opt.allow_fewer_gpus:
+        opt = SearchOptions(**{**opt.__dict__, "allow_fewer_gpus": True})
+    t0 = time.perf_counter()
+    s = _Search(model, cluster, job, opt)
+    cols = s.space()
+    considered = int(cols["dp"].size) + s.rejects.get("batch", [0])[0]
+    valid = s.structural(cols)
+    mem = s.scorer.memory(valid)
+    fit = mem <= _limit(cluster, opt.headroom)
+    closest = None
+    if not fit.all():
+        bad = np.flatnonzero(~fit)
+        ex = int(bad[np.argmin(mem[bad])])
+        s.reject("memory", bad.size, f"{_gib(mem[ex])} GiB per GPU > {_gib(_limit(cluster, opt.headroom))}"
+                 f" GiB ({100 * (1 - opt.headroom):.0f}% of {_gib(cluster.profile.gpu.memory_bytes)}"
+                 f" GiB) for the smallest of them: {_summary(layout_at(valid, ex))}")
+    if valid["dp"].size and not fit.any():
+        closest = _candidate(s, valid, int(np.argmin(mem)))
+    fcols, fmem = take(valid, fit), mem[fit]
+    step = s.scorer.step_time(fcols)
+    tps, mfu = s.scorer.throughput(fcols, step)
+    keep = tps >= opt.target_tokens_per_s
+    if not keep.all():
+        miss = np.flatnonzero(~keep)
+        best = int(miss[np.argmax(tps[miss])])
+        s.reject("target", miss.size, f"the fastest of them reaches {tps[best]:,.0f} tokens/s "
+                 f"< {opt.target_tokens_per_s:,.0f}: {_summary(layout_at(fcols, best))}")
+    fcols, fmem, step, tps, mfu = take(fcols, keep), fmem[keep], step[keep], tps[keep], mfu[keep]
+    order = _order(fcols, _primary(opt, fcols, fmem, tps))
+    ranked = _rescore(s, fcols, order[:opt.top], opt)
+    table = {**fcols, "total_bytes": fmem, "step_s": step, "tokens_per_s": tps, "mfu": mfu,
+             "order": np.argsort(order)}
+    return SearchResult(model=model, cluster=cluster, job=job, options=opt, ranked=ranked,
+                        rejections=_rejections(s), num_considered=considered,
+                        num_fit=int(fcols["dp"].size), elapsed_s=time.perf_counter() - t0,
+                        closest=closest, fit_table=table)
+
+
+def _candidate(s: _Search, cols: dict, i: int) -> Candidate:
+    plan = s.plan_at(cols, i)
+    return Candidate(plan=plan, estimate=estimate(plan))
+
+
+def _rescore(s: _Search, cols: dict, rows, opt: SearchOptions) -> list:
+    """Exact estimates of the top rows, re-sorted by them (a stable sort keeps the order of
+    rows the estimate scores equal)."""
+    cands = [_candidate(s, cols, int(i)) for i in rows]
+    if opt.objective == "min-gpus":
+        key = lambda c: (c.num_gpus, -round(c.tokens_per_s, 3), round(c.total_bytes / 2**20, 3))  # noqa
+    else:
+        key = lambda c: (-round(c.tokens_per_s, 3), round(c.total_bytes / 2**20, 3))  # noqa
+    return sorted(cands, key=key)
+
+
+def _rejections(s: _Search) -> list:
+    out = [Rejection(key=k, label=LABELS[k], count=n, example=ex)
+           for k, (n, ex) in s.rejects.items()]
+    return sorted(out, key=lambda r: (-r.count, r.key))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _summary(layout) -> str:
+    return layout_summary(layout)
+
+
+def feasible_rows(result: SearchResult) -> list:
+    """Every plan that fits, as dicts (layout fields, total_bytes, step_s, tokens_per_s, mfu),
+    in rank order."""
+    t = result.fit_table
+    if not t or t["dp"].size == 0:
+        return []
+    rows = np.argsort(t["order"])
+    keys = list(COLUMNS) + ["total_bytes", "step_s", "tokens_per_s", "mfu"]
+    return [{k: t[k][i].item() for k in keys} for i in rows]
