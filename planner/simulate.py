@@ -6,7 +6,7 @@ schedules) and recompute R of every micro-batch on every model chunk, in the per
 the schedule (planner/schedules.py, PyTorch's order); point-to-point sends between stages; data
 parallel gradient reduction in buckets and ZeRO parameter gathers with one-ahead prefetch; the
 optimizer step.  TP/SP collectives live inside the layers: their exposed part is inside the
-compute events (attributes tp_s / tp_exposed_s).  An event starts when its dependencies are met
+compute events (Event.tp_exposed_s).  An event starts when its dependencies are met
 and its stream is free; the comm stream serves ready events in order of readiness (sends first).
 
 Durations and overlap rules come from the cost model (planner/cost/time.py docstring): forward
@@ -15,6 +15,9 @@ GEMM; pipeline sends block the sender until done; the `torch` engine's gradient 
 bucket by bucket during each chunk's last backward and FSDP (ZeRO-2/3) reduce-scatters every
 micro-batch; the `megatron` engine reduces gradients after the last backward."""
 
+import bisect
+import contextlib
+import gc
 import heapq
 from dataclasses import dataclass, field
 
@@ -55,8 +58,10 @@ class SimCosts:
     chunk_bwd_s: tuple                     # full backward, weight gradient included
     chunk_wgrad_s: tuple = ()
     chunk_recompute_s: tuple = ()
-    chunk_tp_s: tuple = ()                 # TP collectives per micro-batch (all passes)
-    chunk_tp_exposed_s: tuple = ()         # the part of chunk_tp_s inside the compute events
+    chunk_tp_fwd_s: tuple = ()             # TP collectives of the forward (all exposed)
+    chunk_tp_recompute_s: tuple = ()       # ... of a full recompute (all exposed)
+    chunk_tp_bwd_s: tuple = ()             # ... of the backward
+    chunk_tp_bwd_exposed_s: tuple = ()     # the part of chunk_tp_bwd_s not hidden by wgrad
     chunk_param_share: tuple = ()          # fraction of its rank's parameters in each chunk
     chunk_buckets: tuple = ()              # gradient buckets per chunk
     p2p_s: float = 0.0                     # one activation or gradient send between ranks
@@ -71,8 +76,9 @@ class SimCosts:
 
     def __post_init__(self):
         n, p = self.pp * self.virtual_stages, self.pp
-        defaults = {"chunk_wgrad_s": n, "chunk_recompute_s": n, "chunk_tp_s": n,
-                    "chunk_tp_exposed_s": n, "rank_grad_sync_s": p, "rank_gather_s": p,
+        defaults = {"chunk_wgrad_s": n, "chunk_recompute_s": n, "chunk_tp_fwd_s": n,
+                    "chunk_tp_recompute_s": n, "chunk_tp_bwd_s": n, "chunk_tp_bwd_exposed_s": n,
+                    "rank_grad_sync_s": p, "rank_gather_s": p,
                     "rank_after_step_s": p, "rank_optimizer_s": p}
         for name in ("chunk_fwd_s", "chunk_bwd_s", *defaults):
             value = getattr(self, name) or (0.0,) * defaults.get(name, 0)
@@ -100,8 +106,7 @@ def plan_costs(plan: Plan) -> SimCosts:
     gpu = plan.cluster.profile.gpu
     lt, ht = layer_times(gpu, spec, job, lay), head_times(gpu, spec, job, lay)
     passes = 3 if lay.recompute == "full" else 2
-    tp_layer = sum(c.time_s for c in tp_collectives_per_layer(plan))
-    tp_pass = tp_layer / passes
+    tp_pass = sum(c.time_s for c in tp_collectives_per_layer(plan)) / passes
     tp_exposed = _exposed_tp_per_layer(plan, lt.wgrad_s)
     tp_rec = tp_pass if lay.recompute == "full" else 0.0
     rec = {"none": 0.0, "selective": selective_recompute_s(lt), "full": lt.fwd_s}[lay.recompute]
@@ -117,7 +122,9 @@ def plan_costs(plan: Plan) -> SimCosts:
                      for n, h in zip(layers, head)],
         chunk_wgrad_s=[n * lt.wgrad_s + (h.wgrad_s if h else 0) for n, h in zip(layers, head)],
         chunk_recompute_s=[n * (rec + tp_rec) for n in layers],
-        chunk_tp_s=[n * tp_layer for n in layers], chunk_tp_exposed_s=[n * tp_exposed for n in layers],
+        chunk_tp_fwd_s=[n * tp_pass for n in layers], chunk_tp_recompute_s=[n * tp_rec for n in layers],
+        chunk_tp_bwd_s=[n * tp_pass for n in layers],
+        chunk_tp_bwd_exposed_s=[n * (tp_exposed - tp_pass - tp_rec) for n in layers],
         chunk_param_share=[n / per_rank[lay.chunk_rank(c)] for c, n in enumerate(layers)],
         chunk_buckets=[max(1, min(n, MAX_BUCKETS_PER_CHUNK)) for n in layers],
         p2p_s=p2p[0].time_each_s if p2p else 0.0, **_dp_costs(plan))
@@ -271,17 +278,21 @@ def list_schedule(g: nx.DiGraph) -> tuple:
     dependencies (predecessor start + frac x duration) and its stream's free time; among ready
     events of one stream the earliest-ready (then lowest priority number) goes first.  The
     binding predecessor is the dependency or stream occupant that set the start time."""
-    n = g.number_of_nodes()
-    nodes = g.nodes
-    dur = [nodes[i]["dur"] for i in range(n)]
-    stream = [(nodes[i]["rank"], nodes[i]["stream"]) for i in range(n)]
-    prio = [COMM_PRIORITY.get(nodes[i]["kind"], 0) for i in range(n)]
-    waiting = [g.in_degree(i) for i in range(n)]
+    attrs = [a for _, a in g.nodes(data=True)]
+    assert all(a is attrs[i] for i, a in g.nodes(data=True)), "nodes must be 0..n-1 in order"
+    succ = [[(v, d["frac"]) for v, d in nbrs.items()] for _, nbrs in g.adjacency()]
+    n = len(attrs)
+    dur = [a["dur"] for a in attrs]
+    stream = [(a["rank"], a["stream"]) for a in attrs]
+    prio = [COMM_PRIORITY.get(a["kind"], 0) for a in attrs]
+    waiting = [0] * n
+    for out in succ:
+        for v, _ in out:
+            waiting[v] += 1
     ready, bind, start = [0.0] * n, [-1] * n, [None] * n
     free, occupant = {}, {}
     heap = [(0.0, prio[i], i) for i in range(n) if waiting[i] == 0]
     heapq.heapify(heap)
-    adj = g.adj
     while heap:
         t, pr, i = heapq.heappop(heap)
         st = stream[i]
@@ -291,8 +302,8 @@ def list_schedule(g: nx.DiGraph) -> tuple:
         if t > ready[i]:
             bind[i] = occupant[st]
         start[i], free[st], occupant[st] = t, t + dur[i], i
-        for v, d in adj[i].items():
-            r = t + d["frac"] * dur[i]
+        for v, frac in succ[i]:
+            r = t + frac * dur[i]
             if r >= ready[v]:
                 ready[v], bind[v] = r, i
             waiting[v] -= 1
@@ -336,7 +347,7 @@ class Timeline:
     num_microbatches: int
     step_s: float                 # critical path: the last event's end
     pipeline_s: float             # first to last forward/backward event
-    bubble_fraction: float        # 1 - busiest rank's F/B/W/R time / pipeline_s
+    bubble_fraction: float        # (pipeline_s - busiest rank F/B/I/W/R time) / pipeline_s
     utilisation: tuple            # per rank: compute-stream busy time / step_s
     peak_inflight: tuple          # per rank: most chunk forwards awaiting their backward
     comm: dict                    # tp | pp | dp_grad | dp_gather -> CommStat
@@ -361,10 +372,26 @@ def simulate(plan: Plan) -> Timeline:
 
 
 def simulate_costs(costs: SimCosts) -> Timeline:
+    with _gc_paused():  # ~10^5 small dicts: generational GC passes would double the run time
+        return _simulate(costs)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _simulate(costs: SimCosts) -> Timeline:
     g = build_graph(costs)
     start, bind = list_schedule(g)
-    nodes = g.nodes
-    end = [start[i] + nodes[i]["dur"] for i in range(len(start))]
+    attrs = [a for _, a in g.nodes(data=True)]
+    end = [t + a["dur"] for t, a in zip(start, attrs)]
     last = max(range(len(end)), key=end.__getitem__)
     critical = set()
     while last >= 0:
@@ -372,23 +399,82 @@ def simulate_costs(costs: SimCosts) -> Timeline:
         last = bind[last]
     events = tuple(Event(id=i, rank=a["rank"], stream=a["stream"], kind=a["kind"],
                          stage=a["stage"], mb=a["mb"], start_s=start[i], end_s=end[i],
-                         critical=i in critical, tp_exposed_s=_tp_share(costs, a)[1])
-                   for i, a in nodes(data=True))
+                         critical=i in critical,
+                         tp_exposed_s=_tp_share(costs, a["kind"], a["stage"])[1])
+                   for i, a in enumerate(attrs))
     return _summarise(costs, events)
 
 
-def _tp_share(costs: SimCosts, node: dict) -> tuple:
-    """(total, exposed) TP collective seconds inside one compute event: forward, recompute and
-    backward passes each run an equal share (planner/cost/time.py)."""
-    kind, s = node["kind"], node["stage"]
-    if kind not in ("F", "B", "I", "R") or not costs.chunk_tp_s[s]:
-        return 0.0, 0.0
-    total, exposed = costs.chunk_tp_s[s], costs.chunk_tp_exposed_s[s]
-    per_pass = total / (3 if costs.chunk_recompute_s[s] and _full_recompute(costs, s) else 2)
-    if kind in ("F", "R"):
-        return per_pass, per_pass
-    return per_pass, exposed - per_pass * (total / per_pass - 1)
+def _tp_share(costs: SimCosts, kind: str, s: int) -> tuple:
+    """(total, exposed) seconds of TP collectives inside one compute event."""
+    if kind == "F":
+        return costs.chunk_tp_fwd_s[s], costs.chunk_tp_fwd_s[s]
+    if kind == "R":
+        return costs.chunk_tp_recompute_s[s], costs.chunk_tp_recompute_s[s]
+    if kind in ("B", "I"):
+        return costs.chunk_tp_bwd_s[s], costs.chunk_tp_bwd_exposed_s[s]
+    return 0.0, 0.0
 
 
-def _full_recompute(costs: SimCosts, s: int) -> bool:
-    return costs.chunk_recompute_s[s] >= costs.chunk_fwd_s[s] * 0.5
+def _summarise(costs: SimCosts, events: tuple) -> Timeline:
+    by_rank = [[] for _ in range(costs.pp)]
+    for e in events:
+        by_rank[e.rank].append(e)
+    pipe = [e for e in events if e.kind in PIPELINE_KINDS]
+    t0, t1 = min(e.start_s for e in pipe), max(e.end_s for e in pipe)
+    step = max(e.end_s for e in events)
+    busy = [sum(e.end_s - e.start_s for e in evs if e.kind in PIPELINE_KINDS) for evs in by_rank]
+    critical = {}
+    for e in events:
+        if e.critical:
+            critical[e.kind] = critical.get(e.kind, 0.0) + e.end_s - e.start_s
+    return Timeline(
+        schedule=costs.schedule, pp=costs.pp, virtual_stages=costs.virtual_stages,
+        num_microbatches=costs.num_microbatches, step_s=step, pipeline_s=t1 - t0,
+        bubble_fraction=(t1 - t0 - max(busy)) / (t1 - t0) if t1 > t0 else 0.0,
+        utilisation=tuple(b / step if step else 0.0 for b in busy),
+        peak_inflight=tuple(_peak_inflight(evs) for evs in by_rank),
+        comm=_comm_stats(costs, by_rank), critical_path_s=critical, events=events)
+
+
+def _peak_inflight(rank_events: list) -> int:
+    """Most forwards whose backward (B, or I for split backwards) has not finished: the
+    activations a rank holds (planner/cost/pipeline.inflight_chunks counts the same)."""
+    held = peak = 0
+    for e in sorted((e for e in rank_events if e.stream == "compute"), key=lambda e: e.start_s):
+        held += 1 if e.kind == "F" else -1 if e.kind in ("B", "I") else 0
+        peak = max(peak, held)
+    return peak
+
+
+def _comm_stats(costs: SimCosts, by_rank: list) -> dict:
+    """Exposed vs overlapped seconds per kind: a comm event is overlapped while its rank's
+    compute stream is busy; TP collectives are exposed as far as they sit inside compute."""
+    totals = {}
+    for evs in by_rank:
+        busy = sorted((e.start_s, e.end_s) for e in evs if e.stream == "compute")
+        for e in evs:
+            if e.stream == "compute":
+                tp_total, tp_exposed = _tp_share(costs, e.kind, e.stage)
+                if tp_total:
+                    _add(totals, "tp", tp_total, tp_total - tp_exposed)
+            else:
+                _add(totals, COMM_KINDS[e.kind], e.end_s - e.start_s,
+                     _overlap(busy, e.start_s, e.end_s))
+    return {k: CommStat(total_s=t, exposed_s=t - o, overlapped_s=o) for k, (t, o) in totals.items()}
+
+
+def _add(totals: dict, kind: str, total: float, overlapped: float) -> None:
+    t, o = totals.get(kind, (0.0, 0.0))
+    totals[kind] = (t + total, o + overlapped)
+
+
+def _overlap(intervals: list, a: float, b: float) -> float:
+    """Length of [a, b] covered by the sorted, disjoint `intervals`."""
+    i = bisect.bisect_right(intervals, (a, float("inf"))) - 1
+    covered = 0.0
+    for s, e in intervals[max(i, 0):]:
+        if s >= b:
+            break
+        covered += max(0.0, min(e, b) - max(s, a))
+    return covered
