@@ -6,7 +6,8 @@ import importlib
 import sys
 
 # sub-command name -> module in planner.commands
-COMMANDS = ["estimate", "models", "profiles", "run", "compare", "profile", "calibrate", "ui"]
+COMMANDS = ["estimate", "models", "profiles", "run", "compare", "profile", "calibrate", "ui",
+            "suggest"]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -1,0 +1,83 @@
+"""`planner suggest`: search every valid layout, rank, explain, write the chosen plan."""
+
+import sys
+
+from planner import nofit
+from planner.commands.common import add_inputs, build_inputs, print_json
+from planner.hardware import Cluster
+from planner.search import OBJECTIVES, SearchOptions, search
+from planner.search_explain import result_text
+
+
+def add_parser(sub):
+    p = sub.add_parser("suggest", help="search every layout and rank the ones that fit")
+    add_inputs(p)
+    p.add_argument("--gpus", type=int, default=0,
+                   help="use only this many GPUs of the nodes (default: all)")
+    p.add_argument("--top", type=int, default=10, help="plans to show (default 10)")
+    p.add_argument("--out", help="write the best plan (or --rank K) with its estimate here")
+    p.add_argument("--rank", type=int, default=1, help="which ranked plan --out writes")
+    p.add_argument("--objective", choices=OBJECTIVES, default="throughput",
+                   help="throughput (default); min-gpus: fewest GPUs reaching "
+                        "--target-tokens-per-s; time-to-train: for --token-budget tokens")
+    p.add_argument("--max-tp", type=int, default=0,
+                   help="largest TP degree to try (default: GPUs per node)")
+    p.add_argument("--headroom", type=float, default=0.10,
+                   help="memory fraction to keep free (default 0.10)")
+    p.add_argument("--allow-fewer-gpus", action="store_true",
+                   help="also try fewer GPUs (whole nodes; any count within one node)")
+    p.add_argument("--target-tokens-per-s", type=float, default=0.0,
+                   help="drop plans slower than this (min-gpus objective)")
+    p.add_argument("--token-budget", type=float, default=0.0,
+                   help="tokens to train, for time-to-train (e.g. 2e12)")
+    return p
+
+
+def _options(args) -> SearchOptions:
+    return SearchOptions(objective=args.objective, top=max(args.top, args.rank),
+                         max_tp=args.max_tp, headroom=args.headroom,
+                         allow_fewer_gpus=args.allow_fewer_gpus,
+                         target_tokens_per_s=args.target_tokens_per_s,
+                         token_budget=args.token_budget)
+
+
+def run(args) -> int:
+    model, cluster, job = build_inputs(args)
+    if args.gpus:
+        cluster = Cluster(profile=cluster.profile, num_nodes=cluster.num_nodes,
+                          num_gpus=args.gpus)
+    if args.rank < 1:
+        raise ValueError(f"--rank must be >= 1, got {args.rank}")
+    result = search(model, cluster, job, _options(args))
+    if not result.ranked:
+        return _nothing(result, args)
+    if args.rank > len(result.ranked):
+        raise ValueError(f"--rank {args.rank} but only {len(result.ranked)} plan(s) qualify")
+    chosen = result.ranked[args.rank - 1]
+    if args.out:
+        chosen.saved().save(args.out)
+    if args.json:
+        print_json([c.estimate.to_dict() for c in result.ranked[:args.top]])
+        return 0
+    print(result_text(result))
+    if args.out:
+        print(f"\nwrote plan #{args.rank} to {args.out}; next: planner export {args.out} "
+              f"--to torchrun (or planner run {args.out})")
+    return 0
+
+
+def _nothing(result, args) -> int:
+    if args.json:
+        print_json([])
+    target = [r for r in result.rejections if r.key == "target"]
+    if target:
+        raise ValueError(f"no plan reaches {args.target_tokens_per_s:,.0f} tokens/s: "
+                         f"{target[0].example}")
+    if result.closest is None:
+        raise ValueError(nofit.no_valid_layout(result))
+    lines = nofit.advice(result, search)
+    if not args.json:
+        print("\n".join(lines))
+    else:
+        print("\n".join(lines), file=sys.stderr)
+    raise ValueError(nofit.one_line(result, lines))

@@ -1,0 +1,123 @@
+"""When nothing fits, say what would - each line from a real re-run of the search or the
+estimate with one setting relaxed (more nodes, full recompute, smaller micro-batch, less
+headroom, a GPU with more memory), never from a guess."""
+
+import dataclasses
+
+from planner.cost.estimate import estimate
+from planner.hardware import Cluster, list_profiles, load_profile
+from planner.plan import Plan, layout_errors
+from planner.report import layout_summary
+
+NODE_FACTORS = (1, 2, 3)          # extra nodes tried first ...
+NODE_MULTIPLES = (2, 3, 4, 6, 8, 16)  # ... then multiples of the node count
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _limit(result) -> float:
+    return (1 - result.options.headroom) * result.cluster.profile.gpu.memory_bytes
+
+
+def node_counts(nodes: int) -> list:
+    return sorted({nodes + k for k in NODE_FACTORS} | {nodes * k for k in NODE_MULTIPLES})
+
+
+def more_nodes(result, search_fn):
+    """(nodes, best candidate) of the smallest node count tried where something fits."""
+    base = result.cluster
+    opts = dataclasses.replace(result.options, top=1, allow_fewer_gpus=False)
+    for nodes in node_counts(base.num_nodes):
+        bigger = Cluster(profile=base.profile, num_nodes=nodes)
+        found = search_fn(result.model, bigger, result.job, opts)
+        if found.ranked:
+            return nodes, found.ranked[0]
+    return None
+
+
+def _variant(result, cand, **changes):
+    lay = dataclasses.replace(cand.layout, **changes)
+    plan = cand.plan
+    if layout_errors(plan.model, plan.cluster, plan.job, lay):
+        return None
+    return estimate(Plan(model=plan.model, cluster=plan.cluster, job=plan.job, layout=lay))
+
+
+def bigger_gpus(result, search_fn) -> list:
+    """(profile name, best candidate) for profiles with more memory per GPU where it fits."""
+    here = result.cluster.profile
+    out = []
+    for name in list_profiles():
+        prof = load_profile(name)
+        if prof.gpu.memory_bytes <= here.gpu.memory_bytes or not prof.supports(
+                result.job.precision) or name == "cpu":
+            continue
+        cluster = Cluster(profile=prof, num_nodes=result.cluster.num_nodes)
+        found = search_fn(result.model, cluster, result.job,
+                          dataclasses.replace(result.options, top=1, allow_fewer_gpus=False))
+        if found.ranked:
+            out.append((name, found.ranked[0]))
+    return out
+
+
+def advice(result, search_fn) -> list:
+    """Lines saying that nothing fits and what would; result.closest must be set."""
+    c = result.closest
+    mem = c.estimate.memory
+    lines = [f"Nothing fits: every valid layout of {result.cluster.world_size} GPUs needs more "
+             f"than {_gib(_limit(result))} per GPU ({100 * (1 - result.options.headroom):.0f}% "
+             f"of {_gib(mem.capacity_bytes)}).",
+             f"  least memory: {layout_summary(c.layout)} needs {_gib(mem.total_bytes)} "
+             f"(weights {_gib(mem.weights_bytes)}, gradients {_gib(mem.gradients_bytes)}, "
+             f"optimizer {_gib(mem.optimizer_bytes)}, activations {_gib(mem.activations_bytes)})"]
+    lines += [f"  {x}" for x in relaxations(result, search_fn)]
+    return lines
+
+
+def relaxations(result, search_fn) -> list:
+    c = result.closest
+    mem = c.estimate.memory
+    out = []
+    if c.layout.zero_stage != 3 and c.layout.dp > 1:
+        est = _variant(result, c, zero_stage=3)
+        if est:
+            out.append(f"ZeRO-3 on that layout: {_gib(est.memory.total_bytes)} per GPU")
+    if c.layout.recompute != "full":
+        est = _variant(result, c, recompute="full")
+        if est:
+            out.append(f"recompute=full cuts activations from {_gib(mem.activations_bytes)} to "
+                       f"{_gib(est.memory.activations_bytes)} (total "
+                       f"{_gib(est.memory.total_bytes)})")
+    if mem.total_bytes <= mem.capacity_bytes:
+        need = 1 - mem.total_bytes / mem.capacity_bytes
+        out.append(f"it fits with less headroom: --headroom {int(need * 100) / 100:.2f} "
+                   f"({layout_summary(c.layout)})")
+    found = more_nodes(result, search_fn)
+    if found:
+        nodes, best = found
+        out.append(f"{nodes - result.cluster.num_nodes} more node(s) ({nodes} nodes, "
+                   f"{best.num_gpus} GPUs) fit: {layout_summary(best.layout)} at "
+                   f"{_gib(best.total_bytes)} per GPU, {best.tokens_per_s:,.0f} tokens/s")
+    else:
+        out.append(f"no node count up to {node_counts(result.cluster.num_nodes)[-1]} fits")
+    for name, best in bigger_gpus(result, search_fn):
+        out.append(f"on {name} ({result.cluster.num_nodes} node(s)): "
+                   f"{layout_summary(best.layout)} at {_gib(best.total_bytes)} per GPU, "
+                   f"{best.tokens_per_s:,.0f} tokens/s")
+    return out
+
+
+def one_line(result, lines: list) -> str:
+    """The error message: the least memory needed and the first relaxation that fits."""
+    c = result.closest
+    fix = next((x.strip() for x in lines[2:] if "fit" in x), "see the advice above")
+    return (f"nothing fits: the best of the valid layouts needs {_gib(c.total_bytes)} per GPU, "
+            f"{_gib(_limit(result))} allowed; {fix}")
+
+
+def no_valid_layout(result) -> str:
+    """One line for a request with no structurally valid layout at all."""
+    reasons = "; ".join(f"{r.example} ({r.count} layouts)" for r in result.rejections[:3])
+    return f"no valid layout for {result.cluster.world_size} GPUs: {reasons}"

@@ -1,0 +1,112 @@
+"""Words and tables for search results: why each ranked plan beats the next, the ranked table,
+and the rejected layouts grouped by reason (presentation only: every number comes from
+estimate() or the search)."""
+
+import pandas as pd
+
+from planner.units import fmt_seconds
+
+# TimeBreakdown fields a plan can win on, with the words for them
+TIME_PARTS = [("bubble_s", "pipeline bubble"), ("tp_comm_s", "TP communication"),
+              ("pp_comm_s", "pipeline sends"), ("dp_comm_exposed_s", "exposed DP communication"),
+              ("recompute_s", "recomputation"), ("compute_s", "compute time"),
+              ("optimizer_s", "optimizer time")]
+LAYOUT_FIELDS = [("dp", "dp"), ("tp", "tp"), ("pp", "pp"), ("sequence_parallel", "SP"),
+                 ("zero_stage", "ZeRO"), ("micro_batch", "micro-batch"), ("recompute", "recompute")]
+TIE = 5e-4  # relative tokens/s difference below which two plans count as equally fast
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def schedule_name(lay) -> str:
+    if lay.pp == 1:
+        return "-"
+    return lay.schedule + (f"(v={lay.virtual_stages})" if lay.virtual_stages > 1 else "")
+
+
+def layout_diff(a, b) -> str:
+    """What differs between two layouts, e.g. 'pp 2 vs 4, schedule zbv(v=2) vs 1f1b'."""
+    out = [f"{name} {getattr(a, f)} vs {getattr(b, f)}" for f, name in LAYOUT_FIELDS
+           if getattr(a, f) != getattr(b, f)]
+    if schedule_name(a) != schedule_name(b):
+        out.append(f"schedule {schedule_name(a)} vs {schedule_name(b)}")
+    if a.world_size != b.world_size:
+        out.insert(0, f"{a.world_size} vs {b.world_size} GPUs")
+    return ", ".join(out) or "same layout"
+
+
+def _part_phrase(key: str, label: str, ta, tb) -> str:
+    if key == "bubble_s":
+        return (f"less pipeline bubble ({100 * ta.bubble_fraction:.1f}% vs "
+                f"{100 * tb.bubble_fraction:.1f}% of the pipeline)")
+    return f"less {label} ({fmt_seconds(getattr(ta, key))} vs {fmt_seconds(getattr(tb, key))})"
+
+
+def why_better(a, b, objective: str = "throughput") -> str:
+    """One line: why candidate `a` ranks above candidate `b`."""
+    diff = f" [{layout_diff(a.layout, b.layout)}]"
+    if objective == "min-gpus" and a.num_gpus < b.num_gpus:
+        return f"fewer GPUs ({a.num_gpus} vs {b.num_gpus}){diff}"
+    gain = a.tokens_per_s / b.tokens_per_s - 1
+    if abs(gain) < TIE:
+        if round(a.total_bytes / 2**20) < round(b.total_bytes / 2**20):
+            return (f"as fast ({100 * gain:+.2f}% tokens/s), less memory "
+                    f"({_gib(a.total_bytes)} vs {_gib(b.total_bytes)}){diff}")
+        if round(a.tokens_per_s, 3) > round(b.tokens_per_s, 3):
+            return f"marginally faster ({100 * gain:+.2f}% tokens/s){diff}"
+        return f"as fast and as large; simpler layout first (fixed tie-break){diff}"
+    ta, tb = a.estimate.time, b.estimate.time
+    key, label = max(TIME_PARTS, key=lambda p: getattr(tb, p[0]) - getattr(ta, p[0]))
+    return f"{100 * gain:+.1f}% tokens/s: {_part_phrase(key, label, ta, tb)}{diff}"
+
+
+def ranked_table(result) -> pd.DataFrame:
+    """The top-k table: one row per ranked plan."""
+    rows = []
+    budget = result.options.token_budget
+    for i, c in enumerate(result.ranked, 1):
+        lay = c.layout
+        row = {"rank": i, "GPUs": c.num_gpus, "dp": lay.dp, "tp": lay.tp, "pp": lay.pp,
+               "SP": "y" if lay.sequence_parallel else "-", "ZeRO": lay.zero_stage,
+               "micro-batch": f"{lay.micro_batch}x{lay.num_microbatches}",
+               "schedule": schedule_name(lay), "recompute": lay.recompute,
+               "mem/GPU GiB": round(c.total_bytes / 2**30, 1), "step s": round(c.step_s, 3),
+               "tokens/s": round(c.tokens_per_s), "MFU %": round(100 * c.mfu, 1)}
+        if budget:
+            row["days"] = round(budget / c.tokens_per_s / 86400, 2)
+            row["GPU-hours"] = round(budget / c.tokens_per_s / 3600 * c.num_gpus)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("rank") if rows else pd.DataFrame()
+
+
+def reasons(result) -> list:
+    """'k > k+1: why' lines for the ranked plans."""
+    r = result.ranked
+    return [f"{i + 1} > {i + 2}: {why_better(r[i], r[i + 1], result.options.objective)}"
+            for i in range(len(r) - 1)]
+
+
+def rejected_table(result) -> pd.DataFrame:
+    rows = [{"reason": r.label, "layouts": r.count, "example": r.example}
+            for r in result.rejections]
+    return pd.DataFrame(rows, columns=["reason", "layouts", "example"])
+
+
+def result_text(result) -> str:
+    """Everything `planner suggest` prints for a search with at least one plan."""
+    with pd.option_context("display.width", 200, "display.max_columns", 30,
+                           "display.max_colwidth", 120):
+        lines = [f"{result.model.name} on {result.cluster.world_size} x "
+                 f"{result.cluster.profile.gpu.name}; batch {result.job.global_batch} x "
+                 f"{result.job.seq_len}; objective {result.options.objective}; "
+                 f"{result.num_considered:,} layouts considered, {result.num_fit:,} fit "
+                 f"(headroom {100 * result.options.headroom:.0f}%), "
+                 f"searched in {result.elapsed_s:.2f} s", "",
+                 ranked_table(result).to_string(), ""]
+        lines += ["Why each beats the next:"] + [f"  {x}" for x in reasons(result)]
+        if result.rejections:
+            lines += ["", "Rejected layouts by reason:",
+                      rejected_table(result).to_string(index=False)]
+    return "\n".join(lines)
