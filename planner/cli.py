@@ -7,7 +7,7 @@ import sys
 
 # sub-command name -> module in planner.commands
 COMMANDS = ["estimate", "models", "profiles", "run", "compare", "profile", "calibrate", "ui",
-            "suggest"]
+            "suggest", "simulate", "export"]
 
 
 class OneLineParser(argparse.ArgumentParser):

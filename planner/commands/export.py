@@ -1,0 +1,56 @@
+"""`planner export plan.json --to torchrun|slurm|deepspeed|megatron`: hand a plan to a launcher
+or to the engine a team already uses."""
+
+import sys
+
+from planner import export
+from planner.plan import Plan
+
+
+def add_parser(sub):
+    p = sub.add_parser("export", help="plan.json -> torchrun lines, sbatch script, DeepSpeed "
+                                      "config or Megatron-LM arguments")
+    p.add_argument("plan", help="plan.json from planner suggest --out")
+    p.add_argument("--to", required=True, choices=sorted(export.FORMATS))
+    p.add_argument("--out", help="write to this file instead of standard output")
+    p.add_argument("--steps", type=int, default=export.DEFAULT_STEPS,
+                   help=f"training steps for runtime.train (default {export.DEFAULT_STEPS})")
+    p.add_argument("--nodes-hostfile", help="one host per line; node 0 is the rendezvous host")
+    p.add_argument("--master-addr", help="rendezvous host (default: first hostfile entry)")
+    p.add_argument("--master-port", type=int, default=export.DEFAULT_PORT)
+    p.add_argument("--plan-path", help="path of plan.json as the nodes see it "
+                                       "(default: the given path)")
+    p.add_argument("--job-name", help="Slurm job name")
+    p.add_argument("--partition", help="Slurm partition")
+    p.add_argument("--time", default="24:00:00", help="Slurm time limit (default 24:00:00)")
+    return p
+
+
+def _text(plan: Plan, args) -> str:
+    plan_path = args.plan_path or args.plan
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.to == "torchrun":
+        hosts = export.read_hostfile(args.nodes_hostfile) if args.nodes_hostfile else None
+        return export.torchrun(plan, plan_path=plan_path, steps=args.steps, hosts=hosts,
+                               master_addr=args.master_addr, master_port=args.master_port)
+    if args.to == "slurm":
+        return export.slurm(plan, plan_path=plan_path, steps=args.steps, job_name=args.job_name,
+                            time_limit=args.time, partition=args.partition,
+                            master_port=args.master_port)
+    if args.to == "deepspeed":
+        text = export.deepspeed(plan)
+        print(f"note: {export.deepspeed_config(plan)['comment']}", file=sys.stderr)
+        return text
+    return export.megatron(plan)
+
+
+def run(args) -> int:
+    text = _text(Plan.load(args.plan), args)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.to} export to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0

@@ -1,0 +1,222 @@
+"""Plan -> what other launchers and engines read: torchrun command lines for this project's
+runtime (one per node), a Slurm sbatch script, a DeepSpeed config and Megatron-LM arguments.
+
+Each exporter refuses, with one line naming the value, a plan its engine cannot express, rather
+than silently running something else."""
+
+import json
+import shlex
+
+from planner.plan import Plan
+
+DEFAULT_PORT = 29500
+DEFAULT_STEPS = 50
+CLIP_NORM = 1.0  # gradient clipping the runtime applies (global L2 norm)
+
+
+def _nodes_and_procs(plan: Plan) -> tuple:
+    """(nodes, processes per node) the plan's world size occupies."""
+    world, gpn = plan.cluster.world_size, plan.cluster.profile.gpus_per_node
+    nodes = -(-world // gpn)
+    if world % nodes:
+        raise ValueError(f"plan uses {world} GPUs over {nodes} nodes; torchrun needs the same "
+                         f"number of processes on every node")
+    return nodes, world // nodes
+
+
+def read_hostfile(path: str) -> list:
+    """Host names, one per line (DeepSpeed/MPI style 'host slots=8' accepted; '#' comments)."""
+    hosts = []
+    with open(path) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                hosts.append(line.split()[0])
+    if not hosts:
+        raise ValueError(f"hostfile {path} lists no hosts")
+    return hosts
+
+
+def torchrun_lines(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEPS,
+                   hosts: list = None, master_addr: str = None,
+                   master_port: int = DEFAULT_PORT) -> list:
+    """One torchrun command per node (a single line for a one-node plan)."""
+    nodes, procs = _nodes_and_procs(plan)
+    train = ["-m", "runtime.train", "--plan", plan_path, "--steps", str(steps)]
+    if nodes == 1:
+        return [shlex.join(["torchrun", "--nproc-per-node", str(procs)] + train)]
+    if hosts is not None and len(hosts) < nodes:
+        raise ValueError(f"plan needs {nodes} nodes; the hostfile lists {len(hosts)}")
+    endpoint = f"{master_addr or (hosts[0] if hosts else '$MASTER_ADDR')}:{master_port}"
+    lines = []
+    for rank in range(nodes):
+        cmd = ["torchrun", "--nproc-per-node", str(procs), "--nnodes", str(nodes),
+               "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint]
+        where = f"# on {hosts[rank]}" if hosts else f"# on node {rank}"
+        lines.append(f"{where}\n{_join(cmd + train)}")
+    return lines
+
+
+def _join(args: list) -> str:
+    return " ".join(a if "$" in a else shlex.quote(a) for a in args)  # keep $VARS expandable
+
+
+def torchrun(plan: Plan, **kwargs) -> str:
+    return "\n".join(torchrun_lines(plan, **kwargs)) + "\n"
+
+
+def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEPS,
+          job_name: str = None, time_limit: str = "24:00:00", partition: str = None,
+          master_port: int = DEFAULT_PORT) -> str:
+    """An sbatch script: one task per node, each starting torchrun with c10d rendezvous."""
+    nodes, procs = _nodes_and_procs(plan)
+    name = job_name or f"{plan.model.name}-dp{plan.layout.dp}tp{plan.layout.tp}pp{plan.layout.pp}"
+    head = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={nodes}",
+            "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={procs}",
+            f"#SBATCH --time={time_limit}", "#SBATCH --exclusive"]
+    if partition:
+        head.append(f"#SBATCH --partition={partition}")
+    torch_cmd = (f"torchrun --nproc-per-node {procs} --nnodes {nodes} "
+                 f"--node-rank \\$SLURM_NODEID --rdzv-id \\$SLURM_JOB_ID --rdzv-backend c10d "
+                 f"--rdzv-endpoint $MASTER_ADDR:$MASTER_PORT -m runtime.train "
+                 f"--plan {shlex.quote(plan_path)} --steps {steps}")
+    body = ["set -euo pipefail",
+            'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+            f"MASTER_PORT={master_port}",
+            "export MASTER_ADDR MASTER_PORT",
+            f'srun --kill-on-bad-exit=1 bash -c "{torch_cmd}"']
+    return "\n".join(head + [""] + body) + "\n"
+
+
+def _refuse(engine: str, what: str) -> None:
+    raise ValueError(f"{engine} cannot express this plan: {what}")
+
+
+def deepspeed_config(plan: Plan) -> dict:
+    """DeepSpeed JSON config.  DeepSpeed's config has no tensor or pipeline degree (they come
+    from the model code / Megatron-DeepSpeed arguments); the 'comment' key says so."""
+    lay, job = plan.layout, plan.job
+    if lay.pp > 1 and lay.schedule != "1f1b":
+        _refuse("DeepSpeed", f"schedule {lay.schedule}; its pipeline engine runs 1F1B only")
+    if lay.pp > 1 and lay.zero_stage >= 2:
+        _refuse("DeepSpeed", f"ZeRO-{lay.zero_stage} with pp={lay.pp}; pipeline parallelism "
+                "supports ZeRO stages 0 and 1 only")
+    cfg = {"train_batch_size": job.global_batch,
+           "train_micro_batch_size_per_gpu": lay.micro_batch,
+           "gradient_accumulation_steps": lay.num_microbatches,
+           "gradient_clipping": CLIP_NORM,
+           "zero_optimization": {"stage": lay.zero_stage},
+           "bf16": {"enabled": job.precision == "bf16"},
+           "fp16": {"enabled": job.precision == "fp16"},
+           "steps_per_print": 10}
+    if lay.zero_stage >= 2:
+        cfg["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
+    if lay.recompute == "full":
+        cfg["activation_checkpointing"] = {"partition_activations": lay.sequence_parallel,
+                                           "contiguous_memory_optimization": False}
+    cfg["comment"] = _deepspeed_note(lay)
+    return cfg
+
+
+def _deepspeed_note(lay) -> str:
+    notes = [f"data parallel {lay.dp}: DeepSpeed derives it from the world size and the model's "
+             "parallel groups"]
+    if lay.tp > 1:
+        notes.append(f"tensor parallel {lay.tp}{' + sequence parallel' if lay.sequence_parallel else ''}"
+                     " is not a DeepSpeed config key: set it in Megatron-DeepSpeed "
+                     f"(--tensor-model-parallel-size {lay.tp}) or the model code")
+    if lay.pp > 1:
+        notes.append(f"pipeline parallel {lay.pp} is not a config key: build a "
+                     f"deepspeed.pipe.PipelineModule(num_stages={lay.pp})")
+    if lay.recompute == "selective":
+        notes.append("selective recompute is not a DeepSpeed config key: checkpoint the "
+                     "attention core in the model code")
+    return "; ".join(notes)
+
+
+def deepspeed(plan: Plan) -> str:
+    return json.dumps(deepspeed_config(plan), indent=1) + "\n"
+
+
+def megatron_args(plan: Plan) -> list:
+    """Megatron-LM pretrain_gpt.py arguments (flat list of strings)."""
+    lay, job, spec = plan.layout, plan.job, plan.model
+    if lay.schedule in ("gpipe", "interleaved_zb", "zbv") and lay.pp > 1:
+        _refuse("Megatron-LM", f"schedule {lay.schedule}; it runs 1F1B and interleaved 1F1B")
+    if lay.zero_stage >= 2:
+        _refuse("Megatron-LM", f"ZeRO-{lay.zero_stage}; its distributed optimizer shards the "
+                "optimizer states only (ZeRO-1)")
+    if spec.arch == "bert":
+        _refuse("Megatron-LM", "arch bert with pretrain_gpt.py (use pretrain_bert.py)")
+    args = ["--tensor-model-parallel-size", str(lay.tp),
+            "--pipeline-model-parallel-size", str(lay.pp)]
+    if lay.pp > 1 and lay.virtual_stages > 1:
+        chunks = lay.pp * lay.virtual_stages
+        if spec.num_layers % chunks:
+            _refuse("Megatron-LM", f"{spec.num_layers} layers over {chunks} virtual stages")
+        args += ["--num-layers-per-virtual-pipeline-stage", str(spec.num_layers // chunks)]
+    if lay.sequence_parallel:
+        args.append("--sequence-parallel")
+    if lay.recompute == "selective":
+        args += ["--recompute-granularity", "selective"]
+    elif lay.recompute == "full":
+        args += ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                 "--recompute-num-layers", "1"]
+    if lay.zero_stage == 1:
+        args.append("--use-distributed-optimizer")
+    args += ["--micro-batch-size", str(lay.micro_batch),
+             "--global-batch-size", str(job.global_batch), "--seq-length", str(job.seq_len)]
+    args += _model_args(spec, job)
+    return args
+
+
+def _model_args(spec, job) -> list:
+    args = ["--num-layers", str(spec.num_layers), "--hidden-size", str(spec.hidden_size),
+            "--num-attention-heads", str(spec.num_heads),
+            "--ffn-hidden-size", str(spec.ffn_hidden_size),
+            "--max-position-embeddings", str(spec.max_seq_len),
+            "--vocab-size", str(spec.vocab_size),
+            "--attention-dropout", str(spec.dropout), "--hidden-dropout", str(spec.dropout)]
+    if spec.arch == "llama":
+        args += ["--position-embedding-type", "rope", "--rotary-base", f"{spec.rope_theta:g}",
+                 "--normalization", "RMSNorm", "--norm-epsilon", f"{spec.norm_eps:g}",
+                 "--swiglu", "--untie-embeddings-and-output-weights"]
+        if spec.num_kv_heads != spec.num_heads:
+            args += ["--group-query-attention", "--num-query-groups", str(spec.num_kv_heads)]
+    if not spec.linear_bias:
+        args.append("--disable-bias-linear")
+    if job.precision in ("bf16", "fp16"):
+        args.append(f"--{job.precision}")
+    if job.flash_attention:
+        args.append("--use-flash-attn")
+    args += ["--clip-grad", str(CLIP_NORM)]
+    return args
+
+
+def megatron(plan: Plan) -> str:
+    """The argument list, one flag (and its value) per line, ready to paste after
+    `torchrun ... pretrain_gpt.py \\`."""
+    args, lines = megatron_args(plan), []
+    for a in args:
+        if a.startswith("--"):
+            lines.append(a)
+        else:
+            lines[-1] += f" {shlex.quote(a)}"
+    return " \\\n".join(lines) + "\n"
+
+
+FORMATS = {"torchrun": torchrun, "slurm": slurm, "deepspeed": deepspeed, "megatron": megatron}
+FILE_NAMES = {"torchrun": "launch_torchrun.sh", "slurm": "job.slurm",
+              "deepspeed": "ds_config.json", "megatron": "megatron_args.txt"}
+
+
+def export_all(plan: Plan) -> dict:
+    """{file name: text} of every format this plan can be expressed in; a format that refuses
+    the plan gives a file holding its one-line reason."""
+    out = {}
+    for name, fn in FORMATS.items():
+        try:
+            out[FILE_NAMES[name]] = fn(plan)
+        except ValueError as exc:
+            out[FILE_NAMES[name]] = f"# not exported: {exc}\n"
+    return out
