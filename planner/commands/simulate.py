@@ -1,0 +1,83 @@
+"""`planner simulate`: one iteration as a timeline; Gantt chart as PNG or HTML, events as JSON."""
+
+import json
+
+from planner.commands.common import add_inputs, add_layout, build_plan, print_json
+from planner.cost.estimate import estimate
+from planner.report import layout_summary
+from planner.simulate import simulate
+from planner.timeline_draw import timeline_html, timeline_png
+from planner.units import fmt_seconds
+
+COMM_NAMES = {"tp": "TP/SP collectives", "pp": "pipeline sends", "dp_grad": "DP gradient sync",
+              "dp_gather": "ZeRO parameter gathers"}
+
+
+def add_parser(sub):
+    p = sub.add_parser("simulate", help="simulate one iteration: timeline, bubble, critical path")
+    p.add_argument("plan_file", nargs="?", metavar="plan.json",
+                   help="plan to simulate (or give the model/cluster/layout flags)")
+    p.add_argument("--out", help="write the Gantt chart: .png, .html/.svg page, or .json events")
+    p.add_argument("--html", help="also write the chart as an HTML page with hover details")
+    add_inputs(p, required=False)
+    add_layout(p)
+    return p
+
+
+def run(args) -> int:
+    if args.plan_file:
+        if args.plan:
+            raise ValueError("give the plan either as plan.json or as --plan, not both")
+        args.plan = args.plan_file
+    outputs = [(path, _format(path, html)) for path, html in ((args.out, False), (args.html, True))
+               if path]
+    plan = build_plan(args)
+    t = simulate(plan)
+    for path, kind in outputs:
+        _write(path, kind, t)
+    if args.json:
+        print_json(t.to_dict())
+    else:
+        print(summary_text(plan, t, estimate(plan).time.step_s))
+    return 0
+
+
+def _format(path: str, html: bool) -> str:
+    kind = "html" if html else path.rsplit(".", 1)[-1].lower()
+    if kind not in ("png", "html", "htm", "svg", "json"):
+        raise ValueError(f"--out {path}: unknown format {kind!r}; use .png, .html or .json")
+    return kind
+
+
+def _write(path: str, kind: str, t) -> None:
+    if kind == "png":
+        mode, data = "wb", timeline_png(t)
+    elif kind == "json":
+        mode, data = "w", json.dumps(t.to_dict(), indent=1) + "\n"
+    else:
+        mode, data = "w", timeline_html(t)
+    try:
+        with open(path, mode) as f:
+            f.write(data)
+    except OSError as exc:
+        raise ValueError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def summary_text(plan, t, estimate_step_s: float) -> str:
+    lines = [f"{plan.model.name}: {layout_summary(plan.layout)}",
+             f"step time (critical path) {fmt_seconds(t.step_s)}; closed-form estimate "
+             f"{fmt_seconds(estimate_step_s)} ({100 * (t.step_s / estimate_step_s - 1):+.1f}%)",
+             f"pipeline bubble {100 * t.bubble_fraction:.1f}% of {fmt_seconds(t.pipeline_s)}",
+             "", "  stage  utilisation  peak in-flight chunks"]
+    for r, (u, k) in enumerate(zip(t.utilisation, t.peak_inflight)):
+        lines.append(f"  {r:>5}  {100 * u:10.1f}%  {k:>21}")
+    if t.comm:
+        lines += ["", f"  {'communication (all stages)':<28} {'total':>10} {'exposed':>10} "
+                      f"{'overlapped':>10}"]
+        for kind, c in t.comm.items():
+            lines.append(f"  {COMM_NAMES.get(kind, kind):<28} {fmt_seconds(c.total_s):>10} "
+                         f"{fmt_seconds(c.exposed_s):>10} {fmt_seconds(c.overlapped_s):>10}")
+    crit = ", ".join(f"{k} {fmt_seconds(v)}" for k, v in
+                     sorted(t.critical_path_s.items(), key=lambda kv: -kv[1]) if v > 0)
+    lines += ["", f"critical path: {crit}"]
+    return "\n".join(lines)
