@@ -3,7 +3,8 @@
 import altair as alt
 import pandas as pd
 
-from planner.report import MEMORY_ROWS, TIME_ROWS
+from planner.plan import Layout
+from planner.report import MEMORY_ROWS, TIME_ROWS, layout_summary
 from planner.units import GIB
 
 MEMORY_LABELS = [label for _, label, _ in MEMORY_ROWS]
@@ -15,8 +16,8 @@ def memory_frame(estimates: dict) -> pd.DataFrame:
     rows = []
     for plan, est in estimates.items():
         for key, label, note in MEMORY_ROWS:
-            rows.append({"plan": plan, "component": label, "GiB": est["memory"][key] / GIB,
-                         "note": note})
+            rows.append({"plan": plan, "layout": _layout(est), "component": label,
+                         "GiB": est["memory"][key] / GIB, "note": note})
     return pd.DataFrame(rows)
 
 
@@ -24,8 +25,8 @@ def time_frame(estimates: dict) -> pd.DataFrame:
     rows = []
     for plan, est in estimates.items():
         for key, label, note in TIME_ROWS:
-            rows.append({"plan": plan, "component": label, "ms": est["time"][key] * 1e3,
-                         "note": note})
+            rows.append({"plan": plan, "layout": _layout(est), "component": label,
+                         "ms": est["time"][key] * 1e3, "note": note})
     return pd.DataFrame(rows)
 
 
@@ -34,32 +35,32 @@ def memory_chart(estimates: dict, capacity_bytes: float, selected: str = "") -> 
     df = memory_frame(estimates)
     order = list(estimates)
     bars = alt.Chart(df).mark_bar().encode(
-        y=alt.Y("plan:N", sort=order, title=None, axis=alt.Axis(labelLimit=420)),
+        y=alt.Y("plan:N", sort=order, title=None, axis=alt.Axis(labelLimit=120)),
         x=alt.X("sum(GiB):Q", title="GiB on the most loaded GPU"),
         color=alt.Color("component:N", sort=MEMORY_LABELS, title="memory"),
         order=alt.Order("component_order:Q"),
         opacity=_highlight(selected),
-        tooltip=["plan", "component", alt.Tooltip("GiB:Q", format=".2f"), "note"],
+        tooltip=["plan", "layout", "component", alt.Tooltip("GiB:Q", format=".2f"), "note"],
     ).transform_calculate(component_order=_order_expr(MEMORY_LABELS))
     line = alt.Chart(pd.DataFrame({"GiB": [capacity_bytes / GIB],
                                    "label": ["GPU memory"]})).mark_rule(
         color="red", strokeWidth=2, strokeDash=[6, 3]).encode(
         x="GiB:Q", tooltip=["label", alt.Tooltip("GiB:Q", format=".1f")])
-    return (bars + line).properties(height=max(120, 38 * len(order)))
+    return (bars + line).properties(height=max(120, 30 * len(order)))
 
 
 def time_chart(estimates: dict, selected: str = "") -> alt.Chart:
     df = time_frame(estimates)
     order = list(estimates)
     return alt.Chart(df).mark_bar().encode(
-        y=alt.Y("plan:N", sort=order, title=None, axis=alt.Axis(labelLimit=420)),
+        y=alt.Y("plan:N", sort=order, title=None, axis=alt.Axis(labelLimit=120)),
         x=alt.X("sum(ms):Q", title="step time (ms)"),
         color=alt.Color("component:N", sort=TIME_LABELS, title="time"),
         order=alt.Order("component_order:Q"),
         opacity=_highlight(selected),
-        tooltip=["plan", "component", alt.Tooltip("ms:Q", format=".1f"), "note"],
+        tooltip=["plan", "layout", "component", alt.Tooltip("ms:Q", format=".1f"), "note"],
     ).transform_calculate(component_order=_order_expr(TIME_LABELS)).properties(
-        height=max(120, 38 * len(order)))
+        height=max(120, 30 * len(order)))
 
 
 def scatter_chart(points: pd.DataFrame, selected: str = "") -> alt.LayerChart:
@@ -67,7 +68,8 @@ def scatter_chart(points: pd.DataFrame, selected: str = "") -> alt.LayerChart:
     `points` has columns plan, memory_GiB, tokens_per_s, pareto (bool)."""
     df = points.assign(selected=points["plan"] == selected)
     base = alt.Chart(df).encode(
-        x=alt.X("memory_GiB:Q", title="memory on the most loaded GPU (GiB)"),
+        x=alt.X("memory_GiB:Q", title="memory on the most loaded GPU (GiB)",
+                scale=alt.Scale(zero=False)),
         y=alt.Y("tokens_per_s:Q", title="tokens / s"))
     dots = base.mark_circle(size=28, opacity=0.45).encode(
         color=alt.Color("pareto:N", title="Pareto front",
@@ -93,6 +95,10 @@ def timeline_chart(events: pd.DataFrame) -> alt.Chart:
         tooltip=["rank", "stream", "kind", "stage", "mb", "critical",
                  alt.Tooltip("start_ms:Q", format=".2f"), alt.Tooltip("end_ms:Q", format=".2f")],
     ).properties(height=max(120, 28 * df["lane"].nunique()))
+
+
+def _layout(est: dict) -> str:
+    return layout_summary(Layout.from_dict(est["plan"]["layout"]))
 
 
 def _highlight(selected: str):

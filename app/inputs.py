@@ -8,10 +8,12 @@ import streamlit as st
 from planner.hardware import Cluster, list_profiles, load_profile
 from planner.job import ATTENTION, ENGINES, PRECISIONS, Job
 from planner.presets import MODEL_PRESETS
+from app.searching import objectives
 from app.uploads import MAX_UPLOAD_BYTES, model_from_upload, profile_from_upload
 
 UPLOAD = "upload a JSON file..."
-OBJECTIVES = {"throughput": "fastest step (tokens/s)", "memory": "least memory per GPU"}
+OBJECTIVE_LABELS = {"throughput": "fastest (tokens/s)", "min-gpus": "fewest GPUs that fit",
+                    "time-to-train": "shortest time to train a token budget"}
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class Constraints:
     max_tp: int
     headroom: float     # fraction of GPU memory to leave free
     objective: str
+    token_budget: float = 0.0   # tokens to train (time-to-train objective)
 
 
 def _model():
@@ -68,9 +71,14 @@ def _constraints(gpus_per_node: int) -> Constraints:
     max_tp = st.select_slider("Max TP", options=tps, value=tps[-1], key="max_tp")
     headroom = st.slider("Memory headroom (%)", 0, 50, 10, step=1, key="headroom",
                          help="keep this share of GPU memory free")
-    objective = st.radio("Objective", list(OBJECTIVES), format_func=OBJECTIVES.get,
-                         key="objective")
-    return Constraints(max_tp=int(max_tp), headroom=headroom / 100, objective=objective)
+    objective = st.radio("Objective", list(objectives()),
+                         format_func=lambda o: OBJECTIVE_LABELS.get(o, o), key="objective")
+    budget = 0.0
+    if objective == "time-to-train":
+        budget = st.number_input("Token budget (billions)", min_value=0.001, value=1000.0,
+                                 key="token_budget") * 1e9
+    return Constraints(max_tp=int(max_tp), headroom=headroom / 100, objective=objective,
+                       token_budget=float(budget))
 
 
 def _section(title: str, fn, errors: list, *args):

@@ -17,54 +17,60 @@ TOP_N = 25  # rows in the ranked table
 
 
 @st.cache_data(max_entries=32, show_spinner="Searching layouts...")
-def search_results(key: str, max_tp: int, headroom: float, objective: str):
+def search_results(key: str, max_tp: int, headroom: float, objective: str,
+                   token_budget: float = 0.0):
     """(result dict, '') or (None, reason).  The result has 'plans' (ranked, best first),
-    'feasible' (every plan that fits: label, memory_GiB, tokens_per_s, pareto), 'rejected'
-    (reason, count), 'searched' (layouts considered) and 'elapsed_s'."""
+    'feasible' (every plan that fits: plan, memory_GiB, tokens_per_s, pareto), 'rejected'
+    (reason, plans, example), 'searched' (layouts considered), 'closest' (when nothing fits)
+    and 'elapsed_s'."""
     search = optional_module("search")
-    if search is None:
+    if search is None or not hasattr(search, "search"):
         return None, "the search (planner/search.py) is not available in this checkout yet"
     model, cluster, job = inputs_from_key(key)
     t0 = time.perf_counter()
-    result = search.search(model, cluster, job, max_tp=max_tp, headroom=headroom,
-                           objective=objective)
-    elapsed = time.perf_counter() - t0
-    return _tables(result, elapsed), ""
+    opts = search.SearchOptions(objective=objective, top=TOP_N, max_tp=max_tp,
+                                headroom=headroom, token_budget=token_budget)
+    result = search.search(model, cluster, job, opts)
+    out = _tables(result)
+    out["elapsed_s"] = time.perf_counter() - t0
+    return out, ""
 
 
-def _tables(result, elapsed: float) -> dict:
+def objectives() -> tuple:
+    search = optional_module("search")
+    return getattr(search, "OBJECTIVES", ("throughput",))
+
+
+def _tables(result) -> dict:
     ranked = [_plan_row(i + 1, c) for i, c in enumerate(result.ranked[:TOP_N])]
-    feasible = pd.DataFrame(_feasible_rows(result))
+    feasible = pd.DataFrame(_feasible_rows(result.fit_table),
+                            columns=["plan", "memory_GiB", "tokens_per_s"])
     if not feasible.empty:
         feasible["pareto"] = pareto_mask(feasible["memory_GiB"], feasible["tokens_per_s"])
-    rejected = pd.DataFrame(
-        [{"reason": r, "plans": n} for r, n in _rejections(result)],
-        columns=["reason", "plans"])
+    rejected = pd.DataFrame([{"reason": r.label, "plans": r.count, "example": r.example}
+                             for r in result.rejections], columns=["reason", "plans", "example"])
+    closest = _plan_row(0, result.closest) if result.closest is not None else None
     return {"plans": pd.DataFrame(ranked), "feasible": feasible, "rejected": rejected,
-            "searched": int(getattr(result, "num_considered", 0) or 0), "elapsed_s": elapsed}
+            "searched": int(result.num_considered), "num_fit": int(result.num_fit),
+            "closest": closest}
 
 
 def _plan_row(rank: int, cand) -> dict:
     lay = cand.layout
-    return {"rank": rank, "layout": layout_summary(lay), "dp": lay.dp, "tp": lay.tp,
-            "pp": lay.pp, "sp": lay.sequence_parallel, "zero": lay.zero_stage,
-            "micro_batch": lay.micro_batch, "microbatches": lay.num_microbatches,
-            "schedule": lay.schedule if lay.pp > 1 else "-", "recompute": lay.recompute,
+    return {"rank": rank, "layout": layout_summary(lay), "GPUs": cand.num_gpus,
             "memory_GiB": cand.total_bytes / GIB, "step_ms": cand.step_s * 1e3,
             "tokens_per_s": cand.tokens_per_s, "MFU_%": 100 * cand.mfu,
             "layout_json": json.dumps(lay.to_dict(), sort_keys=True)}
 
 
-def _feasible_rows(result):
-    for cand in getattr(result, "feasible", result.ranked):
-        yield {"plan": layout_summary(cand.layout), "memory_GiB": cand.total_bytes / GIB,
-               "tokens_per_s": cand.tokens_per_s}
-
-
-def _rejections(result):
-    rej = getattr(result, "rejected", {})
-    items = rej.items() if isinstance(rej, dict) else rej
-    return sorted(((str(r), int(n)) for r, n in items), key=lambda x: -x[1])
+def _feasible_rows(table):
+    if not table or table["dp"].size == 0:
+        return
+    from planner.search_vector import layout_at
+    for i in range(table["dp"].size):
+        yield {"plan": layout_summary(layout_at(table, i)),
+               "memory_GiB": float(table["total_bytes"][i]) / GIB,
+               "tokens_per_s": float(table["tokens_per_s"][i])}
 
 
 def pareto_mask(memory, throughput) -> list:

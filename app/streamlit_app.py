@@ -26,20 +26,23 @@ BY_HAND = "set by hand"
 def results_section(key: str, constraints) -> pd.DataFrame:
     """Ranked table, rejected reasons; returns the ranked plans ('' frame if no search)."""
     res, why = search_results(key, constraints.max_tp, constraints.headroom,
-                              constraints.objective)
+                              constraints.objective, constraints.token_budget)
     if res is None:
         st.warning(f"No ranked plans: {why}. Set a layout by hand below.")
         return pd.DataFrame()
     plans = res["plans"]
     st.subheader("Ranked plans")
-    st.caption(f"{res['searched']:,} layouts considered, {len(res['feasible']):,} fit; "
+    st.caption(f"{res['searched']:,} layouts considered, {res['num_fit']:,} fit; "
                f"search took {res['elapsed_s']:.2f} s (cached on repeat)")
     if plans.empty:
-        st.error("No layout fits: see the rejected plans below (try more nodes, a larger "
-                 "max TP, less headroom or a smaller batch).")
+        msg = ("No layout fits: see the rejected plans below (try more nodes, a larger "
+               "max TP, less headroom or a smaller batch).")
+        if res["closest"]:
+            msg += (f" Closest: {res['closest']['layout']} needs "
+                    f"{res['closest']['memory_GiB']:.1f} GiB per GPU.")
+        st.error(msg)
     else:
-        shown = plans.drop(columns=["layout_json", "dp", "tp", "pp", "sp", "zero",
-                                    "micro_batch", "microbatches", "schedule", "recompute"])
+        shown = plans.drop(columns=["layout_json"])
         st.dataframe(shown, hide_index=True, key="plan_table", on_select="rerun",
                      selection_mode="single-row", column_config=_column_config())
     st.session_state["_results"] = res
@@ -94,15 +97,15 @@ def estimate_section(key: str, layout: dict):
 
 def breakdown_charts(key: str, plans: pd.DataFrame, layout: dict, est: dict) -> None:
     """Memory and step-time bars of the top plans plus the selected one."""
-    selected = backend.label(layout)
-    ests = {}
+    ests, sel_label = {}, "selected"
     for row in plans.head(TOP_CHART).itertuples():
-        ests[f"#{row.rank} {row.layout}"] = backend.estimate_dict(key, row.layout_json)
-    sel_label = next((k for k in ests if k.split(" ", 1)[1] == selected), f"selected {selected}")
+        ests[f"#{row.rank}"] = backend.estimate_dict(key, row.layout_json)
+        if json.loads(row.layout_json) == layout:
+            sel_label = f"#{row.rank}"
     ests.setdefault(sel_label, est)
     left, right = st.columns(2)
     with left:
-        st.markdown("**Memory per GPU** (red line: GPU memory)")
+        st.markdown("**Memory per GPU** (red line: GPU memory; hover for layouts)")
         st.altair_chart(charts.memory_chart(ests, est["memory"]["capacity_bytes"], sel_label),
                         width="stretch")
     with right:

@@ -74,7 +74,8 @@ def test_selecting_a_plan_updates_charts():
     _ok(at)
     after = _charts(at)
     assert after != before
-    assert any(ranked[1].split("  ", 1)[1] in spec for spec in after)
+    assert "datum.plan === '#1'" in before[0] and "datum.plan === '#2'" in after[0]
+    assert "datum.plan === '#2'" in after[1]          # memory and time bars highlight #2
     assert [m.value for m in at.metric] != metrics_before
 
 
@@ -84,8 +85,10 @@ def test_hand_set_layout_gives_estimate_or_one_line_error():
     for k, v in {"hand_dp": 2, "hand_tp": 2, "hand_pp": 2, "hand_micro_batch": 1,
                  "hand_num_microbatches": 32}.items():
         at.number_input(key=k).set_value(v)
+    at.number_input(key="hand_virtual_stages").set_value(1)
     at.selectbox(key="hand_schedule").set_value("1f1b")
     at.selectbox(key="hand_zero_stage").set_value(1)
+    at.checkbox(key="hand_sp").uncheck()
     at.run()
     _ok(at)
     assert not at.error, [e.value for e in at.error]
@@ -118,8 +121,11 @@ def test_bad_model_upload_shows_error_not_traceback(payload, phrase):
 def test_bad_measured_upload_shows_error():
     at = _app(model="gpt2-124m", batch=64, seq=1024)
     at.selectbox(key="pick").set_value("set by hand").run()
-    at.number_input(key="hand_dp").set_value(8)
-    at.number_input(key="hand_num_microbatches").set_value(8)
+    for k, v in {"hand_dp": 8, "hand_tp": 1, "hand_pp": 1, "hand_micro_batch": 1,
+                 "hand_num_microbatches": 8, "hand_virtual_stages": 1}.items():
+        at.number_input(key=k).set_value(v)
+    at.selectbox(key="hand_schedule").set_value("1f1b")
+    at.checkbox(key="hand_sp").uncheck()
     at.run()
     assert not at.error, [e.value for e in at.error]
     at.file_uploader(key="measured_file").set_value(
