@@ -2,12 +2,14 @@
 and the training/validation step. train.py drives it; tests call it directly."""
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from runtime import measure
 from runtime.mesh import pair_group
 from runtime.model import canonical_name, materialize
 from runtime.optim import (OptimConfig, build_adamw, build_sharded_adamw, clip_grad_norm)
@@ -152,13 +154,25 @@ class Engine:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def train_step(self, inputs, labels) -> float:
-        """One optimizer step; a non-finite loss skips the update and is returned as is."""
-        loss = self.forward_backward(inputs, labels)
-        if loss != loss or loss in (float("inf"), float("-inf")):
+    def train_step(self, inputs, labels, record: dict = None) -> float:
+        """One optimizer step; a non-finite loss skips the update and is returned as is.
+        With `record` (a dict), fill it with this rank's measured memory by component."""
+        counter = measure.ActivationCounter(self.parts) if record is not None else None
+        with counter.hooks() if counter else contextlib.nullcontext():
+            loss = self.forward_backward(inputs, labels)
+        if not math.isfinite(loss):
             self.zero_grad()
             return loss
+        params = [p for _, p in self.named_parameters()]
+        grads_bytes = measure.gradients_bytes(params) if counter else 0
         self.optimizer_step()
+        if counter:
+            record.update(
+                weights_bytes=measure.weights_bytes(params), gradients_bytes=grads_bytes,
+                optimizer_bytes=measure.optimizer_bytes(self.optimizers),
+                activation_bytes_per_microbatch=counter.total_bytes
+                / self.plan.layout.num_microbatches,
+                activation_peak_bytes=counter.peak_bytes)
         return loss
 
     @torch.no_grad()

@@ -22,10 +22,51 @@ from planner.spec import BERT_TYPE_VOCAB, ModelSpec
 INIT_STD = 0.02  # GPT-2 / BERT initializer_range
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm (Zhang & Sennrich 2019) saving only its input and the fp32 1/rms per token, as
+    fused GPU kernels do; torch.rms_norm's CPU composite also keeps the normalised tensor."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x.float() * rstd * weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd
+        g = grad.float()
+        grad_w = (g * xhat).sum(dim=tuple(range(g.ndim - 1)))
+        gw = g * weight.float()
+        grad_x = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return _RMSNormFn.apply(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm in its input's dtype, also under autocast (which would otherwise save an fp32
+    copy of a 16-bit input), as with FSDP2's 16-bit parameters."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype),
+                                self.bias.to(x.dtype), self.eps)
+
+
 def _norm(spec: ModelSpec) -> nn.Module:
     if spec.norm == "rmsnorm":
-        return nn.RMSNorm(spec.hidden_size, eps=spec.norm_eps)
-    return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
+        return RMSNorm(spec.hidden_size, spec.norm_eps)
+    return LayerNorm(spec.hidden_size, eps=spec.norm_eps)
 
 
 def rope_tables(spec: ModelSpec, device) -> tuple:
@@ -141,6 +182,8 @@ class Embedding(nn.Module):
             x = x + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
         if self.wtt is not None:  # one segment: token type 0 everywhere
             x = x + self.wtt.weight[0]
+        if torch.is_autocast_enabled(x.device.type):  # a 16-bit residual stream, as under FSDP2
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if self.norm is not None:
             x = self.norm(x)
         return self.drop(x)
