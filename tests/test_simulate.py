@@ -253,3 +253,37 @@ def test_bad_costs_are_value_errors():
         SimCosts(schedule="1f1b", pp=1, num_microbatches=1, chunk_fwd_s=[1], chunk_bwd_s=[1],
                  dp_mode="ring")
     assert math.isfinite(simulate_costs(_uniform("1f1b", 1, 1)).step_s)
+
+
+# --- pictures and CLI -------------------------------------------------------------------------
+
+def test_png_is_a_valid_image_with_one_band_per_stage(tmp_path):
+    import struct
+    import zlib
+    from planner.timeline_draw import png_bytes, timeline_png
+    t = simulate_costs(_uniform("1f1b", 4, 8))
+    data = timeline_png(t)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 1000 and height > 4 * 40
+    tiny = png_bytes(__import__("numpy").zeros((2, 3, 3), dtype="uint8"))
+    idat = tiny[tiny.index(b"IDAT") + 4:tiny.index(b"IEND") - 8]
+    assert zlib.decompress(idat) == bytes(2 * (1 + 3 * 3))
+
+
+def test_cli_writes_png_html_and_json(tmp_path, capsys):
+    from planner.cli import main
+    plan = tmp_path / "plan.json"
+    _plan(pp=4, dp=2, num_microbatches=8).save(plan)
+    png, html, js = tmp_path / "t.png", tmp_path / "t.html", tmp_path / "t.json"
+    assert main(["simulate", str(plan), "--out", str(png), "--html", str(html)]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline bubble" in out and "critical path" in out
+    assert png.read_bytes()[:4] == b"\x89PNG" and "<svg" in html.read_text()
+    assert main(["simulate", str(plan), "--out", str(js)]) == 0
+    assert len(json.loads(js.read_text())["events"]) > 64
+    capsys.readouterr()
+    assert main(["simulate", str(plan), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pp"] == 4
+    assert main(["simulate", str(plan), "--out", str(tmp_path / "t.gif")]) == 2
+    assert "unknown format 'gif'" in capsys.readouterr().err
