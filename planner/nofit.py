@@ -113,8 +113,10 @@ def one_line(result, lines: list) -> str:
     """The error message: the least memory needed and the first relaxation that fits."""
     c = result.closest
     fix = next((x.strip() for x in lines[2:] if "fit" in x), "see the advice above")
-    return (f"nothing fits: the best of the valid layouts needs {_gib(c.total_bytes)} per GPU, "
-            f"{_gib(_limit(result))} allowed; {fix}")
+    structural = [r for r in result.rejections if r.key not in ("memory", "target")]
+    also = f" (also ruled out: {structural[0].example})" if structural else ""
+    return (f"nothing fits on {result.cluster.world_size} GPUs: the best valid layout needs "
+            f"{_gib(c.total_bytes)} per GPU, {_gib(_limit(result))} allowed{also}; {fix}")
 
 
 def no_valid_layout(result) -> str:
