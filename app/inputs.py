@@ -12,6 +12,7 @@ from app.searching import objectives
 from app.uploads import MAX_UPLOAD_BYTES, model_from_upload, profile_from_upload
 
 UPLOAD = "upload a JSON file..."
+DEFAULT_MODEL, DEFAULT_NODES = "llama3-70b", 4   # a case where pipelining matters
 OBJECTIVE_LABELS = {"throughput": "fastest (tokens/s)", "min-gpus": "fewest GPUs that fit",
                     "time-to-train": "shortest time to train a token budget"}
 
@@ -26,8 +27,8 @@ class Constraints:
 
 def _model():
     names = list(MODEL_PRESETS) + [UPLOAD]
-    choice = st.selectbox("Model", names, index=names.index("llama3-8b")
-                          if "llama3-8b" in names else 0, key="model",
+    choice = st.selectbox("Model", names, index=names.index(DEFAULT_MODEL)
+                          if DEFAULT_MODEL in names else 0, key="model",
                           help="a preset, or your own spec JSON / Hugging Face config.json")
     if choice != UPLOAD:
         return MODEL_PRESETS[choice]
@@ -49,13 +50,13 @@ def _cluster() -> Cluster:
         profile = profile_from_upload(up.getvalue(), up.name)
     else:
         profile = load_profile(choice)
-    nodes = st.number_input("Nodes", min_value=1, max_value=4096, value=1, step=1, key="nodes",
+    nodes = st.number_input("Nodes", min_value=1, max_value=4096, value=DEFAULT_NODES, step=1, key="nodes",
                             help=f"{profile.gpus_per_node} GPU(s) per node")
     return Cluster(profile=profile, num_nodes=int(nodes))
 
 
 def _job() -> Job:
-    batch = st.number_input("Global batch (sequences)", min_value=1, value=512, step=1,
+    batch = st.number_input("Global batch (sequences)", min_value=1, value=256, step=1,
                             key="global_batch")
     seq = st.number_input("Sequence length", min_value=1, value=4096, step=128, key="seq_len")
     precision = st.selectbox("Precision", PRECISIONS, key="precision")

@@ -17,7 +17,7 @@ from app.inputs import sidebar  # noqa: E402
 from app.searching import search_results  # noqa: E402
 from app.uploads import MAX_UPLOAD_BYTES, measured_from_upload  # noqa: E402
 from app.whatif import layout_by_hand  # noqa: E402
-from planner.units import GIB, fmt_bytes  # noqa: E402
+from planner.units import GIB, fmt_bytes, fmt_seconds  # noqa: E402
 
 TOP_CHART = 5  # plans in the memory and time bars
 BY_HAND = "set by hand"
@@ -85,7 +85,7 @@ def estimate_section(key: str, layout: dict):
     cols[0].metric("memory / GPU", fmt_bytes(mem["total_bytes"]),
                    f"{100 * mem['total_bytes'] / mem['capacity_bytes']:.0f}% of "
                    f"{fmt_bytes(mem['capacity_bytes'])}", delta_color="off")
-    cols[1].metric("step time", f"{t['step_s'] * 1e3:.1f} ms")
+    cols[1].metric("step time", fmt_seconds(t["step_s"]))
     cols[2].metric("tokens / s", f"{est['tokens_per_s']:,.0f}")
     cols[3].metric("MFU", f"{100 * est['mfu']:.1f}%")
     cols[4].metric("fits", "yes" if est["fits"] else "NO")
@@ -117,7 +117,7 @@ def scatter_and_rejected(layout: dict) -> None:
     res = st.session_state.get("_results")
     if not res:
         return
-    left, right = st.columns([3, 2])
+    left, right = st.columns([1, 1])
     with left:
         st.markdown("**Throughput vs memory** (all plans that fit; red: Pareto front)")
         if res["feasible"].empty:
@@ -127,7 +127,10 @@ def scatter_and_rejected(layout: dict) -> None:
                             width="stretch")
     with right:
         st.markdown("**Rejected plans by reason**")
-        st.dataframe(res["rejected"], hide_index=True, width="stretch")
+        st.dataframe(res["rejected"], hide_index=True, width="stretch",
+                     column_config={"reason": st.column_config.TextColumn(width="medium"),
+                                    "plans": st.column_config.NumberColumn(width="small"),
+                                    "example": st.column_config.TextColumn(width="large")})
 
 
 def timeline_section(key: str, layout: dict) -> None:

@@ -47,7 +47,8 @@ def test_page_runs_without_exception():
     at = AppTest.from_file(APP, default_timeout=60).run()
     _ok(at)
     assert at.title[0].value == "Parallelism planner"
-    assert at.sidebar.number_input(key="nodes").value == 1
+    assert at.sidebar.number_input(key="nodes").value == 4
+    assert not at.error and at.selectbox(key="pick").options[0].startswith("#1")
 
 
 @needs_search
@@ -147,3 +148,28 @@ def test_upload_parsing_is_strict():
         measured_from_upload(b'{"schema_version": 2}', "m.json")
     path = Path(__file__).resolve().parents[1] / "hardware_profiles" / "a100-80g.json"
     assert profile_from_upload(path.read_bytes()).gpus_per_node == 8
+
+
+def test_measured_upload_shows_predicted_vs_measured():
+    from planner.hardware import load_cluster
+    from planner.job import Job
+    from planner.plan import Layout, Plan
+    from planner.presets import load_model
+
+    plan = Plan(model=load_model("gpt2-124m"), cluster=load_cluster("a100-80g", 1),
+                job=Job(global_batch=64, seq_len=1024),
+                layout=Layout(dp=8, micro_batch=1, num_microbatches=8))
+    ranks = [{"rank": r, "coords": {"pp": 0, "dp": r, "tp": 0}, "weights_bytes": 2.5e8,
+              "gradients_bytes": 2.5e8, "optimizer_bytes": 1.5e9,
+              "activation_bytes_per_microbatch": 1e9, "peak_allocated_bytes": 6e9,
+              "max_rss_bytes": 1e9} for r in range(8)]
+    measured = {"schema_version": 1, "plan": plan.to_dict(), "steps": [], "val_loss": None,
+                "step_time_s": 0.5, "tokens_per_s": 131072.0, "ranks": ranks}
+    at = _app(model="gpt2-124m", batch=64, seq=1024)
+    at.file_uploader(key="measured_file").set_value(
+        ("measured.json", json.dumps(measured).encode(), "application/json")).run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    table = at.dataframe[-1].value
+    assert {"predicted", "measured"} <= set(table.columns)
+    assert (table["measured"] == 131072.0).any()
