@@ -24,16 +24,18 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_collectives_per_layer
-from planner.cost.compute import head_times, layer_times, selective_recompute_s
+from planner.cost.compute import LayerTimes, head_times, layer_times, selective_recompute_s
 from planner.cost.memory import rank_memory
 from planner.cost.time import _exposed_tp_per_layer, _optimizer_s
 from planner.plan import Plan
 from planner.schedules import SPLIT_BACKWARD, rank_actions
 
 PIPELINE_KINDS = ("F", "B", "I", "W", "R")
-COMM_KINDS = {"send": "pp", "grad_sync": "dp_grad", "gather": "dp_gather", "param_sync": "dp_gather"}
+COMM_KINDS = {"send": "pp", "grad_sync": "dp_grad", "gather": "dp_gather",
+              "param_sync": "dp_gather"}
 COMM_PRIORITY = {"send": 0, "gather": 1, "grad_sync": 2, "param_sync": 3}
 MAX_BUCKETS_PER_CHUNK = 8   # DDP gradient buckets per chunk: one per layer, at most this many
+_NO_HEAD = LayerTimes(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def _tuple_of(values, name: str, n: int) -> tuple:
@@ -111,18 +113,19 @@ def plan_costs(plan: Plan) -> SimCosts:
     tp_rec = tp_pass if lay.recompute == "full" else 0.0
     rec = {"none": 0.0, "selective": selective_recompute_s(lt), "full": lt.fwd_s}[lay.recompute]
     layers = lay.stage_layers(spec.num_layers)
-    head = [ht if c == len(layers) - 1 else None for c in range(len(layers))]
+    head = [ht if c == len(layers) - 1 else _NO_HEAD for c in range(len(layers))]
     per_rank = [sum(lay.rank_chunk_layers(spec.num_layers)[r]) for r in range(lay.pp)]
     p2p = pp_p2p_per_microbatch(plan)
     return SimCosts(
         schedule=lay.schedule, pp=lay.pp, virtual_stages=lay.virtual_stages,
         num_microbatches=lay.num_microbatches,
-        chunk_fwd_s=[n * (lt.fwd_s + tp_pass) + (h.fwd_s if h else 0) for n, h in zip(layers, head)],
-        chunk_bwd_s=[n * (lt.bwd_s + tp_exposed - tp_pass - tp_rec) + (h.bwd_s if h else 0)
+        chunk_fwd_s=[n * (lt.fwd_s + tp_pass) + h.fwd_s for n, h in zip(layers, head)],
+        chunk_bwd_s=[n * (lt.bwd_s + tp_exposed - tp_pass - tp_rec) + h.bwd_s
                      for n, h in zip(layers, head)],
-        chunk_wgrad_s=[n * lt.wgrad_s + (h.wgrad_s if h else 0) for n, h in zip(layers, head)],
+        chunk_wgrad_s=[n * lt.wgrad_s + h.wgrad_s for n, h in zip(layers, head)],
         chunk_recompute_s=[n * (rec + tp_rec) for n in layers],
-        chunk_tp_fwd_s=[n * tp_pass for n in layers], chunk_tp_recompute_s=[n * tp_rec for n in layers],
+        chunk_tp_fwd_s=[n * tp_pass for n in layers],
+        chunk_tp_recompute_s=[n * tp_rec for n in layers],
         chunk_tp_bwd_s=[n * tp_pass for n in layers],
         chunk_tp_bwd_exposed_s=[n * (tp_exposed - tp_pass - tp_rec) for n in layers],
         chunk_param_share=[n / per_rank[lay.chunk_rank(c)] for c, n in enumerate(layers)],
@@ -196,7 +199,8 @@ def _pipeline_deps(gb: _Graph, c: SimCosts, ids: dict, seq: list) -> None:
             if s < last:
                 _link(gb, c, ids["F", s, m], ids["F", s + 1, m], pos, seq)
             if s > 0:
-                _link(gb, c, ids[bwd, s, m], ids.get(("R", s - 1, m), ids[bwd, s - 1, m]), pos, seq)
+                upstream = ids.get(("R", s - 1, m), ids[bwd, s - 1, m])
+                _link(gb, c, ids[bwd, s, m], upstream, pos, seq)
             if s == last:
                 gb.dep(ids["F", s, m], entry)
             if bwd == "I":
@@ -246,7 +250,8 @@ def _gather_events(gb: _Graph, c: SimCosts, r: int, seq: list) -> None:
     for i, e in enumerate(seq):
         node = gb.nodes[e][1]
         kind = node["kind"]
-        backward = c.gathers_per_microbatch == 2 and (kind == "R" or kind in "BI" and prev_kind != "R")
+        backward = c.gathers_per_microbatch == 2 and (
+            kind == "R" or kind in ("B", "I") and prev_kind != "R")
         if kind == "F" or backward:
             g = gb.add(r, "comm", "gather", node["stage"], node["mb"],
                        c.rank_gather_s[r] * c.chunk_param_share[node["stage"]])
