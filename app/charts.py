@@ -84,17 +84,25 @@ def scatter_chart(points: pd.DataFrame, selected: str = "") -> alt.LayerChart:
 
 
 def timeline_chart(events: pd.DataFrame) -> alt.Chart:
-    """Gantt chart of one simulated iteration: one row per pipeline rank and stream."""
+    """Gantt chart of one simulated iteration: one row per pipeline rank and stream (drag or
+    scroll to zoom in time)."""
     df = events.assign(lane=events["rank"].map(lambda r: f"rank {r}") + " " + events["stream"],
                        start_ms=events["start_s"] * 1e3, end_ms=events["end_s"] * 1e3)
     return alt.Chart(df).mark_bar(stroke="white", strokeWidth=0.3).encode(
-        y=alt.Y("lane:N", title=None, sort=sorted(df["lane"].unique())),
+        y=alt.Y("lane:N", title=None, sort=_lanes(df), axis=alt.Axis(labelOverlap=False)),
         x=alt.X("start_ms:Q", title="time in the step (ms)"), x2="end_ms:Q",
         color=alt.Color("kind:N", title="event"),
         opacity=alt.condition("datum.critical", alt.value(1.0), alt.value(0.55)),
         tooltip=["rank", "stream", "kind", "stage", "mb", "critical",
                  alt.Tooltip("start_ms:Q", format=".2f"), alt.Tooltip("end_ms:Q", format=".2f")],
-    ).properties(height=max(120, 28 * df["lane"].nunique()))
+    ).properties(height=max(120, 26 * df["lane"].nunique())).interactive(bind_y=False)
+
+
+def _lanes(df: pd.DataFrame) -> list:
+    """rank 0 compute, rank 0 comm, rank 1 compute, ..."""
+    pairs = df[["rank", "stream", "lane"]].drop_duplicates()
+    pairs = pairs.assign(o=pairs["stream"].ne("compute")).sort_values(["rank", "o"])
+    return pairs["lane"].tolist()
 
 
 def _layout(est: dict) -> str:

@@ -141,7 +141,7 @@ def timeline_section(key: str, layout: dict) -> None:
         return
     st.caption(f"{info['schedule']}, pp={info['pp']}, {info['num_microbatches']} micro-batches:"
                f" step {info['step_s'] * 1e3:.1f} ms, bubble {100 * info['bubble_fraction']:.1f}%"
-               f" (opaque bars: critical path)")
+               f" (opaque bars: critical path; scroll to zoom)")
     st.altair_chart(charts.timeline_chart(events), width="stretch")
 
 
