@@ -10,6 +10,7 @@ What is enumerated (and what is not, because it would duplicate another row):
   full; with pp > 1 GPipe, 1F1B, and the interleaved schedules with every v >= 2 that splits
   the layers evenly over pp*v chunks (Megatron-LM's --num-layers-per-virtual-pipeline-stage
   needs that), ZBV with v = 2; with pp = 1 the schedule is moot and only '1f1b' is listed.
+  Engine 'megatron' lists only what Megatron-LM runs (MEGATRON_SCHEDULES, MEGATRON_ZERO).
 
 `structural_reasons` must agree with layout_errors (tests/test_search.py checks a sample)."""
 
@@ -26,7 +27,13 @@ def divisors(n: int) -> list:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _schedule_options(num_layers: int, pp: int) -> list:
+# What Megatron-LM runs (engine 'megatron'): 1F1B with or without interleaving (no GPipe, no
+# zero-bubble schedules) and ZeRO 0 or 1 (--use-distributed-optimizer shards optimizer states).
+MEGATRON_SCHEDULES = ("1f1b", "interleaved_1f1b")
+MEGATRON_ZERO = (0, 1)
+
+
+def _schedule_options(num_layers: int, pp: int, engine: str) -> list:
     """(schedule index, virtual stages) pairs for a pipeline of pp stages."""
     if pp == 1:
         return [(SCHED["1f1b"], 1)]
@@ -36,6 +43,8 @@ def _schedule_options(num_layers: int, pp: int) -> list:
         opts += [(SCHED[name], v) for v in vs]
     if num_layers % (2 * pp) == 0:
         opts.append((SCHED["zbv"], 2))
+    if engine == "megatron":
+        opts = [(s, v) for s, v in opts if SCHEDULES[s] in MEGATRON_SCHEDULES]
     return opts
 
 
@@ -43,9 +52,11 @@ def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int) -> np.ndarray
     """Every layout of one (dp, tp, pp) shape, as an int array with len(COLUMNS) columns."""
     per_replica = job.global_batch // dp
     mbs = divisors(per_replica)
-    scheds = _schedule_options(model.num_layers, pp)
+    scheds = _schedule_options(model.num_layers, pp, job.engine)
     sps = [0, 1] if tp > 1 else [0]
     zeros = [0, 1, 2, 3] if dp > 1 else [0]
+    if job.engine == "megatron":
+        zeros = [z for z in zeros if z in MEGATRON_ZERO]
     grid = np.array(np.meshgrid(np.arange(len(mbs)), np.arange(len(scheds)), sps, zeros,
                                 np.arange(len(RECOMPUTE)), indexing="ij")).reshape(5, -1)
     mb = np.array(mbs)[grid[0]]

@@ -1,0 +1,62 @@
+"""Search speed: wall time and layouts evaluated per second of `planner suggest`'s search for
+two large cases (issue 3's targets: under 1 s and under 3 s on a 2-core machine).
+
+  1T GPT (128 layers, hidden 25600, 160 heads, seq 2048, vocab 51200; Korthikanti et al. 2022,
+      Table 3) on 3072 A100-80GB (384 nodes), global batch 3072
+  Llama-3 405B (Dubey et al. 2024) on 16,384 H100-80GB (2048 nodes), 16M-token batches:
+      global batch 2048 x seq 8192
+
+Each run builds a fresh cluster so no cache from a previous run helps; the figure is the median
+of the runs (the first, cold, run is printed too).  Usage: python benchmarks/search_speed.py"""
+
+import statistics
+import sys
+import time
+
+from planner.hardware import load_cluster
+from planner.job import Job
+from planner.presets import load_model
+from planner.search import SearchOptions, search
+from planner.spec import ModelSpec
+
+GPT_1T = ModelSpec(name="gpt-1t", arch="gpt", num_layers=128, hidden_size=25600, num_heads=160,
+                   num_kv_heads=160, ffn_hidden_size=4 * 25600, vocab_size=51200,
+                   max_seq_len=2048, tie_embeddings=True, linear_bias=True, dropout=0.1)
+
+CASES = [  # name, model, profile, nodes, global batch, seq len, target seconds
+    ("1T GPT, 3072 x A100-80G", GPT_1T, "a100-80g", 384, 3072, 2048, 1.0),
+    ("Llama-3 405B, 16384 x H100", load_model("llama3-405b"), "h100-80g", 2048, 2048, 8192, 3.0),
+]
+
+
+def run_case(model, profile, nodes, gb, seq, engine, repeats) -> list:
+    out = []
+    for _ in range(repeats):
+        cluster = load_cluster(profile, nodes)
+        job = Job(global_batch=gb, seq_len=seq, engine=engine)
+        t0 = time.perf_counter()
+        res = search(model, cluster, job, SearchOptions(top=10))
+        out.append((time.perf_counter() - t0, res))
+    return out
+
+
+def main(repeats: int = 3) -> None:
+    print("| case | engine | layouts considered | fit | first run s | median s | layouts/s | "
+          "target | best plan | tokens/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---|---:|")
+    for name, model, profile, nodes, gb, seq, target in CASES:
+        for engine in ("torch", "megatron"):
+            runs = run_case(model, profile, nodes, gb, seq, engine, repeats)
+            times = [t for t, _ in runs]
+            res = runs[-1][1]
+            med = statistics.median(times)
+            best = res.best
+            from planner.report import layout_summary
+            print(f"| {name} | {engine} | {res.num_considered:,} | {res.num_fit:,} | "
+                  f"{times[0]:.2f} | {med:.2f} | {res.num_considered / med:,.0f} | "
+                  f"< {target:g} s | {layout_summary(best.layout) if best else '-'} | "
+                  f"{best.tokens_per_s:,.0f} |" if best else "")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
