@@ -220,45 +220,55 @@ def _link(gb: _Graph, c: SimCosts, u: int, v: int, pos: dict, seq: list) -> None
         gb.dep(send, seq[ru][i + 1])
 
 
+def _buckets(gb: _Graph, c: SimCosts, r: int, kind: str, e: int, total_s: float) -> list:
+    """Split one chunk's collective into its buckets (one per layer, FSDP2 / DDP style)."""
+    node = gb.nodes[e][1]
+    k = c.chunk_buckets[node["stage"]]
+    return [gb.add(r, "comm", kind, node["stage"], node["mb"], total_s / k) for _ in range(k)]
+
+
 def _grad_events(gb: _Graph, c: SimCosts, r: int, seq: list) -> list:
-    """Gradient reduction of rank r: buckets released as each chunk's last backward runs
-    (all_reduce) or a reduce-scatter after every micro-batch's backward (sharded)."""
+    """Gradient reduction of rank r in buckets released as the backward walks back through the
+    layers: of each chunk's last backward (all_reduce) or of every backward (sharded)."""
     kinds = ("W",) if c.schedule in SPLIT_BACKWARD else ("B",)
     grads = [e for e in seq if gb.nodes[e][1]["kind"] in kinds]
+    if c.dp_mode == "all_reduce":
+        last = {gb.nodes[e][1]["stage"]: e for e in grads}
+        grads = sorted(last.values())
     out = []
-    if c.dp_mode == "sharded":
-        for e in grads:
-            s = gb.nodes[e][1]["stage"]
-            out.append(gb.add(r, "comm", "grad_sync", s, gb.nodes[e][1]["mb"],
-                              c.rank_grad_sync_s[r] * c.chunk_param_share[s]))
-            gb.dep(e if c.dp_overlap else seq[-1], out[-1])
-        return out
-    for s in sorted({gb.nodes[e][1]["stage"] for e in grads}):
-        lastg = [e for e in grads if gb.nodes[e][1]["stage"] == s][-1]
-        k = c.chunk_buckets[s]
-        for b in range(k):
-            out.append(gb.add(r, "comm", "grad_sync", s, -1,
-                              c.rank_grad_sync_s[r] * c.chunk_param_share[s] / k))
-            gb.dep(lastg if c.dp_overlap else seq[-1], out[-1], (b + 1) / k if c.dp_overlap else 1)
+    for e in grads:
+        s = gb.nodes[e][1]["stage"]
+        pieces = _buckets(gb, c, r, "grad_sync", e, c.rank_grad_sync_s[r] * c.chunk_param_share[s])
+        for b, piece in enumerate(pieces):
+            if c.dp_overlap:
+                gb.dep(e, piece, (b + 1) / len(pieces))
+            else:
+                gb.dep(seq[-1], piece)
+        out += pieces
     return out
 
 
 def _gather_events(gb: _Graph, c: SimCosts, r: int, seq: list) -> None:
     """ZeRO-2/3 parameter all-gathers before each forward (ZeRO-3: and each backward, counting
-    its recompute), issued when the previous compute event starts: one-ahead prefetch."""
+    its recompute), issued when the previous compute event starts (one-ahead prefetch).  The
+    first layer's bucket gates the event, the rest must land before the next event starts."""
     prev_kind = None
     for i, e in enumerate(seq):
         node = gb.nodes[e][1]
         kind = node["kind"]
         backward = c.gathers_per_microbatch == 2 and (
             kind == "R" or kind in ("B", "I") and prev_kind != "R")
-        if kind == "F" or backward:
-            g = gb.add(r, "comm", "gather", node["stage"], node["mb"],
-                       c.rank_gather_s[r] * c.chunk_param_share[node["stage"]])
-            gb.dep(g, e)
-            if i > 0:
-                gb.dep(seq[i - 1], g, 0.0)
         prev_kind = kind
+        if kind != "F" and not backward:
+            continue
+        pieces = _buckets(gb, c, r, "gather", e,
+                          c.rank_gather_s[r] * c.chunk_param_share[node["stage"]])
+        gb.dep(pieces[0], e)
+        for piece in pieces:
+            if i > 0:
+                gb.dep(seq[i - 1], piece, 0.0)
+            if piece is not pieces[0] and i + 1 < len(seq):
+                gb.dep(piece, seq[i + 1])
 
 
 def build_graph(costs: SimCosts) -> nx.DiGraph:
