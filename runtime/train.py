@@ -1,0 +1,234 @@
+"""Train under a plan: `torchrun --nproc-per-node N -m runtime.train --plan plan.json --steps S`.
+
+Writes a per-step log line on rank 0 and, with --out, measured.json (step times, tokens/s and
+per-rank memory by component) for `planner compare`. Bad input (plan, world size, data,
+checkpoint) ends every rank with one line on stderr and exit code 2; a non-finite loss stops the
+run with exit code 3, keeping the last good checkpoint."""
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+from planner.plan import Plan
+
+log = logging.getLogger("runtime")
+EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
+VAL_BATCHES = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    steps: int
+    data: str = None
+    data_cap_bytes: int = 8 << 20
+    checkpoint_dir: str = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    out: str = None
+    seed: int = 0
+    val_batches: int = VAL_BATCHES
+    measure_step: int = 1  # the step whose memory is recorded (step 0 includes warm-up)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
+            raise ValueError("--checkpoint-every and --resume need --checkpoint-dir")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m runtime.train", description=__doc__.split("\n")[0])
+    p.add_argument("--plan", required=True, help="plan.json written by `planner suggest`")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps to run (in total)")
+    p.add_argument("--data", help="text file, directory of text files, or uint16 .bin tokens "
+                   "(default: this Python's standard-library sources)")
+    p.add_argument("--data-cap-mb", type=float, default=8.0, help="bytes of text to read (MiB)")
+    p.add_argument("--checkpoint-dir")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save every K steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--out", help="write measured.json here")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=0, help="warmup steps (0: a tenth of --steps)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=60.0, help="collective timeout (s)")
+    return p.parse_args(argv)
+
+
+def _setup_logging(rank: int) -> None:
+    if rank == 0 and not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / total)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _log_step(step, total, loss, lr, dt, tokens, mem_bytes) -> None:
+    log.info(f"{_bar(step + 1, total)} step {step + 1:>5}/{total}  loss {loss:8.4f}  "
+             f"lr {lr:.2e}  {dt * 1e3:8.1f} ms  {tokens / dt:10.0f} tok/s  "
+             f"mem {mem_bytes / 2**20:8.1f} MiB")
+
+
+class Trainer:
+    """Everything of one rank's run; `run()` returns the measured record (rank 0: full)."""
+
+    def __init__(self, plan: Plan, cfg: RunConfig, optim_cfg, ctx):
+        from runtime.data import TokenData, load_tokens
+        from runtime.engine import Engine
+        self.plan, self.cfg, self.ctx = plan, cfg, ctx
+        tokens = load_tokens(cfg.data, plan.model.vocab_size, cfg.data_cap_bytes)
+        self.data = TokenData(tokens, plan.job.seq_len, plan.layout, ctx.dp_rank,
+                              causal=plan.model.causal, vocab_size=plan.model.vocab_size,
+                              seed=cfg.seed)
+        self.engine = Engine(plan, ctx, optim_cfg, seed=cfg.seed)
+        self.optim_cfg = optim_cfg
+        self.steps, self.record = [], {}
+
+    def _start_step(self) -> int:
+        from runtime import checkpoint
+        if not self.cfg.resume:
+            return 0
+        path = checkpoint.latest(self.cfg.checkpoint_dir)
+        if path is None:
+            log.info(f"no checkpoint in {self.cfg.checkpoint_dir}; starting at step 0")
+            return 0
+        step = checkpoint.load(self.engine, path)
+        log.info(f"resumed from {path} at step {step}")
+        return step
+
+    def run(self) -> dict:
+        import torch
+        from runtime import checkpoint, measure
+        from runtime.optim import lr_at
+        cfg, total = self.cfg, self.cfg.steps
+        tokens_per_step = self.plan.job.global_batch * self.plan.job.seq_len
+        start = self._start_step()
+        for step in range(start, total):
+            lr = lr_at(step, total, self.optim_cfg)
+            self.engine.set_lr(lr)
+            inputs, labels = self.data.batch(step)
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step
+            record = {} if step == min(start + cfg.measure_step, total - 1) else None
+            t0 = time.perf_counter()
+            loss = self.engine.train_step(inputs.to(self.ctx.device),
+                                          labels.to(self.ctx.device), record)
+            _sync(self.ctx.device)
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(step, loss)
+            if record:
+                self.record = record
+            self.steps.append({"step": step, "loss": loss, "step_time_s": dt,
+                               "tokens_per_s": tokens_per_step / dt, "lr": lr})
+            _log_step(step, total, loss, lr, dt, tokens_per_step,
+                      measure.current_memory_bytes(self.ctx.device))
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                path = checkpoint.save(self.engine, cfg.checkpoint_dir, step + 1)
+                log.info(f"saved checkpoint {path}")
+        return self._measured()
+
+    def validation_loss(self) -> float:
+        losses = []
+        for i in range(self.cfg.val_batches):
+            x, y = self.data.val_batch(i)
+            losses.append(self.engine.eval_loss(x.to(self.ctx.device), y.to(self.ctx.device)))
+        return sum(losses) / len(losses)
+
+    def _measured(self) -> dict:
+        import torch.distributed as dist
+        from runtime import measure
+        val = self.validation_loss()
+        log.info(f"validation loss {val:.4f} ({self.cfg.val_batches} held-out batches)")
+        mine = {"rank": self.ctx.rank, "coords": dict(self.ctx.coords), **self.record,
+                "peak_allocated_bytes": measure.peak_allocated_bytes(self.ctx.device),
+                "max_rss_bytes": measure.max_rss_bytes()}
+        ranks = [None] * self.ctx.world_size
+        dist.all_gather_object(ranks, mine)
+        times = [s["step_time_s"] for s in self.steps]
+        median = statistics.median(times[1:] if len(times) > 1 else times) if times else None
+        tokens = self.plan.job.global_batch * self.plan.job.seq_len
+        return {"schema_version": 1, "plan": self.plan.to_dict(), "steps": self.steps,
+                "val_loss": val, "step_time_s": median,
+                "tokens_per_s": tokens / median if median else None, "ranks": ranks}
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step, loss):
+        super().__init__(f"loss is {loss} at step {step + 1}; stopping (the last saved "
+                         f"checkpoint, if any, is from before this step)")
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        import torch
+        torch.cuda.synchronize(device)
+
+
+def _fail(code: int, message: str) -> int:
+    rank = _rank_label()
+    sys.stderr.write(f"runtime.train{rank}: error: {message}\n")
+    sys.stderr.flush()
+    return code
+
+
+def _rank_label() -> str:
+    import os
+    return f" [rank {os.environ['RANK']}]" if "RANK" in os.environ else ""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = Plan.load(args.plan)
+        cfg = RunConfig(steps=args.steps, data=args.data,
+                        data_cap_bytes=int(args.data_cap_mb * 2**20),
+                        checkpoint_dir=args.checkpoint_dir,
+                        checkpoint_every=args.checkpoint_every, resume=args.resume,
+                        out=args.out, seed=args.seed)
+        from runtime.mesh import check_world_size
+        check_world_size(plan.layout)
+        return _run(plan, cfg, args)
+    except ValueError as exc:
+        return _fail(EXIT_BAD_INPUT, str(exc))
+    except NonFiniteLoss as exc:
+        return _fail(EXIT_NONFINITE, str(exc))
+
+
+def _run(plan: Plan, cfg: RunConfig, args) -> int:
+    import torch.distributed as dist
+    from runtime.mesh import init_distributed
+    from runtime.optim import OptimConfig
+    optim_cfg = OptimConfig(lr=args.lr, warmup_steps=args.warmup, grad_clip=args.grad_clip)
+    ctx = init_distributed(plan.layout, timeout_s=args.timeout)
+    _setup_logging(ctx.rank)
+    try:
+        lay = plan.layout
+        log.info(f"plan: {plan.model.name} dp={lay.dp} tp={lay.tp} pp={lay.pp} "
+                 f"zero={lay.zero_stage} schedule={lay.schedule} "
+                 f"micro_batch={lay.micro_batch}x{lay.num_microbatches} "
+                 f"seq={plan.job.seq_len} {plan.job.precision} on {ctx.device.type}")
+        measured = Trainer(plan, cfg, optim_cfg, ctx).run()
+        if ctx.rank == 0 and cfg.out:
+            with open(cfg.out, "w") as f:
+                json.dump(measured, f, indent=1)
+            log.info(f"wrote {cfg.out}")
+        return 0
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
