@@ -57,7 +57,8 @@ def _column_config() -> dict:
 
 
 def pick_plan(plans: pd.DataFrame, layout_hint: dict):
-    """The plan to inspect: a table row (select box or clicked row) or a hand-set layout."""
+    """The plan to inspect: a table row (select box or clicked row) or a hand-set layout, which
+    starts from the table plan inspected last."""
     options = [f"#{r.rank}  {r.layout}" for r in plans.itertuples()] + [BY_HAND]
     sel = st.session_state.get("plan_table")
     rows = sel.selection.rows if sel is not None and hasattr(sel, "selection") else []
@@ -68,9 +69,10 @@ def pick_plan(plans: pd.DataFrame, layout_hint: dict):
         st.session_state.pop("pick", None)
     choice = st.selectbox("Plan to inspect (or click a table row)", options, key="pick")
     if choice == BY_HAND:
-        return layout_by_hand(layout_hint)
-    row = plans.iloc[options.index(choice)]
-    return json.loads(row["layout_json"])
+        return layout_by_hand(st.session_state.get("_last_picked", layout_hint))
+    layout = json.loads(plans.iloc[options.index(choice)]["layout_json"])
+    st.session_state["_last_picked"] = layout
+    return layout
 
 
 def estimate_section(key: str, layout: dict):

@@ -9,15 +9,16 @@ FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "num_microbatches", "vi
 
 
 def _seed(hint: dict) -> None:
-    """First time in this session: start the hand-set layout from the best ranked plan."""
-    if st.session_state.get("_hand_seeded"):
+    """Start the hand-set layout from `hint` (the plan inspected last) whenever that changes,
+    so a user can pick a ranked plan and then tweak it."""
+    if st.session_state.get("_hand_seeded") == hint:
         return
     for f in FIELDS:
         st.session_state[f"hand_{f}"] = int(hint.get(f, 1 if f != "zero_stage" else 0))
     st.session_state["hand_sp"] = bool(hint.get("sequence_parallel", False))
     st.session_state["hand_schedule"] = hint.get("schedule", "1f1b")
     st.session_state["hand_recompute"] = hint.get("recompute", "none")
-    st.session_state["_hand_seeded"] = True
+    st.session_state["_hand_seeded"] = hint
 
 
 def layout_by_hand(hint: dict) -> dict:

@@ -173,3 +173,23 @@ def test_measured_upload_shows_predicted_vs_measured():
     table = at.dataframe[-1].value
     assert {"predicted", "measured"} <= set(table.columns)
     assert (table["measured"] == 131072.0).any()
+
+
+def test_by_hand_starts_from_the_inspected_plan():
+    at = _app()
+    second = _ranked(at)[1]
+    at.selectbox(key="pick").set_value(second).run()
+    metrics = [m.value for m in at.metric]
+    at.selectbox(key="pick").set_value("set by hand").run()
+    _ok(at)
+    assert [m.value for m in at.metric] == metrics   # same layout, now editable
+    assert f"dp={at.number_input(key='hand_dp').value} " in second
+
+
+def test_planner_ui_command():
+    import argparse
+
+    from planner.commands.ui import APP as UI_APP, command
+    cmd = command(argparse.Namespace(port=8999, headless=True))
+    assert UI_APP.is_file() and cmd[1:4] == ["-m", "streamlit", "run"]
+    assert "8999" in cmd and "--server.maxUploadSize" in cmd
