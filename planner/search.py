@@ -231,17 +231,19 @@ def search(model, cluster: Cluster, job, options: SearchOptions = None, **kwargs
     cols = s.space()
     considered = int(cols["dp"].size) + s.rejects.get("batch", [0])[0]
     valid = s.structural(cols)
-    mem = s.scorer.memory(valid)
-    fit = mem <= _limit(cluster, opt.headroom)
+    limit = _limit(cluster, opt.headroom)
+    mem = s.scorer.memory(valid, limit)
+    fit = mem <= limit
     closest = None
     if not fit.all():
         bad = np.flatnonzero(~fit)
-        ex = int(bad[np.argmin(mem[bad])])
-        s.reject("memory", bad.size, f"{_gib(mem[ex])} GiB per GPU > {_gib(_limit(cluster, opt.headroom))}"
-                 f" GiB ({100 * (1 - opt.headroom):.0f}% of {_gib(cluster.profile.gpu.memory_bytes)}"
-                 f" GiB) for the smallest of them: {_summary(layout_at(valid, ex))}")
+        ex = _candidate(s, valid, int(bad[np.argmin(mem[bad])]))
+        s.reject("memory", bad.size, f"e.g. {_summary(ex.layout)} needs "
+                 f"{_gib(ex.total_bytes)} GiB per GPU > {_gib(limit)} GiB "
+                 f"({100 * (1 - opt.headroom):.0f}% of {_gib(cluster.profile.gpu.memory_bytes)})")
     if valid["dp"].size and not fit.any():
-        closest = _candidate(s, valid, int(np.argmin(mem)))
+        exact = s.scorer.memory(valid)
+        closest = _candidate(s, valid, int(np.argmin(exact)))
     fcols, fmem = take(valid, fit), mem[fit]
     step = s.scorer.step_time(fcols)
     tps, mfu = s.scorer.throughput(fcols, step)

@@ -24,7 +24,7 @@ from planner.cost.compute import head_times, layer_times, selective_recompute_s
 from planner.cost.flops import model_flops_per_step
 from planner.cost.pipeline import head_inflight, inflight_chunks
 from planner.plan import RECOMPUTE, SCHEDULES, ZERO_BUBBLE, Layout
-from planner.search_space import SCHED
+from planner.search_space import SCHED, take
 
 
 @dataclass(frozen=True)
@@ -104,13 +104,24 @@ class Scorer:
         cluster = self.cluster_for_world(int(cols["world"][i]))
         return _View(model=self.model, cluster=cluster, job=self.job, layout=layout_at(cols, i))
 
-    def memory(self, cols: dict) -> np.ndarray:
-        """Bytes on the most loaded rank of every row (MemoryBreakdown.total_bytes)."""
-        if cols["dp"].size == 0:
-            return np.zeros(0)
-        pieces = self._memory_pieces(cols)
-        ranks = [self._rank_memory(cols, r, pieces) for r in self._slot_ranks(cols)]
-        return np.max(np.stack(ranks), axis=0)
+    def memory(self, cols: dict, limit: float = None) -> np.ndarray:
+        """Bytes on the most loaded rank of every row (MemoryBreakdown.total_bytes).
+
+        With a `limit`, a row stops being evaluated at the first rank found over it (its value
+        is then that rank's bytes, a lower bound above the limit): the verdict is the same and
+        the costly model-state calls are only made for rows still in the running."""
+        mem = np.zeros(cols["dp"].size)
+        alive = np.ones(mem.size, dtype=bool)
+        for r in self._slot_ranks(cols):
+            idx = np.flatnonzero(alive)
+            if idx.size == 0:
+                break
+            sub = take(cols, idx)
+            mem[idx] = np.maximum(mem[idx], self._rank_memory(sub, r[idx],
+                                                              self._memory_pieces(sub)))
+            if limit is not None:
+                alive[idx] = mem[idx] <= limit
+        return mem
 
     def step_time(self, cols: dict) -> np.ndarray:
         """Seconds per training step of every row (TimeBreakdown.step_s)."""
