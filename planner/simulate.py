@@ -27,7 +27,7 @@ from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_col
 from planner.cost.compute import LayerTimes, head_times, layer_times, selective_recompute_s
 from planner.cost.memory import rank_memory
 from planner.cost.time import _exposed_tp_per_layer, _optimizer_s
-from planner.plan import Plan
+from planner.plan import SCHEDULES, Plan
 from planner.schedules import SPLIT_BACKWARD, rank_actions
 
 PIPELINE_KINDS = ("F", "B", "I", "W", "R")
@@ -77,6 +77,7 @@ class SimCosts:
     blocking_p2p: bool = True
 
     def __post_init__(self):
+        _check_schedule(self.schedule, self.pp, self.virtual_stages, self.num_microbatches)
         n, p = self.pp * self.virtual_stages, self.pp
         defaults = {"chunk_wgrad_s": n, "chunk_recompute_s": n, "chunk_tp_fwd_s": n,
                     "chunk_tp_recompute_s": n, "chunk_tp_bwd_s": n, "chunk_tp_bwd_exposed_s": n,
@@ -96,10 +97,17 @@ class SimCosts:
         if any(w > b for w, b in zip(self.chunk_wgrad_s, self.chunk_bwd_s)):
             raise ValueError("chunk_wgrad_s must not exceed chunk_bwd_s")
 
-    def chunk_rank(self, chunk: int) -> int:
-        if self.schedule == "zbv":
-            return chunk if chunk < self.pp else 2 * self.pp - 1 - chunk
-        return chunk % self.pp
+
+def _check_schedule(schedule: str, pp: int, v: int, m: int) -> None:
+    for name, value in (("pp", pp), ("virtual_stages", v), ("num_microbatches", m)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+    if schedule in ("gpipe", "1f1b") and v != 1:
+        raise ValueError(f"schedule {schedule} runs one stage per rank; virtual_stages is {v}")
+    if schedule == "zbv" and v != 2:
+        raise ValueError(f"schedule zbv runs exactly 2 virtual stages per rank, got {v}")
 
 
 def plan_costs(plan: Plan) -> SimCosts:
@@ -157,9 +165,9 @@ class _Graph:
         self.g = nx.DiGraph()
         self.nodes, self.edges = [], []
 
-    def add(self, rank, stream, kind, stage, mb, dur, **extra) -> int:
+    def add(self, rank, stream, kind, stage, mb, dur) -> int:
         self.nodes.append((len(self.nodes), {"rank": rank, "stream": stream, "kind": kind,
-                                             "stage": stage, "mb": mb, "dur": dur, **extra}))
+                                             "stage": stage, "mb": mb, "dur": dur}))
         return len(self.nodes) - 1
 
     def dep(self, u: int, v: int, frac: float = 1.0) -> None:

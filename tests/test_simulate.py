@@ -273,6 +273,10 @@ def test_bad_costs_are_value_errors():
     with pytest.raises(ValueError, match="dp_mode"):
         SimCosts(schedule="1f1b", pp=1, num_microbatches=1, chunk_fwd_s=[1], chunk_bwd_s=[1],
                  dp_mode="ring")
+    with pytest.raises(ValueError, match="zbv runs exactly 2 virtual stages per rank, got 3"):
+        _uniform("zbv", 2, 4, 3)
+    with pytest.raises(ValueError, match="num_microbatches must be an integer >= 1, got 0"):
+        _uniform("1f1b", 2, 0)
     assert math.isfinite(simulate_costs(_uniform("1f1b", 1, 1)).step_s)
 
 
