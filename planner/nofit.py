@@ -121,5 +121,7 @@ def one_line(result, lines: list) -> str:
 
 def no_valid_layout(result) -> str:
     """One line for a request with no structurally valid layout at all."""
-    reasons = "; ".join(f"{r.example} ({r.count} layouts)" for r in result.rejections[:3])
+    # precision and sequence length rule out every layout: say them first
+    first = sorted(result.rejections, key=lambda r: r.key not in ("precision", "positions"))
+    reasons = "; ".join(f"{r.example} ({r.count:,} layouts)" for r in first[:3])
     return f"no valid layout for {result.cluster.world_size} GPUs: {reasons}"

@@ -107,6 +107,6 @@ def result_text(result) -> str:
                  ranked_table(result).to_string(), ""]
         lines += ["Why each beats the next:"] + [f"  {x}" for x in reasons(result)]
         if result.rejections:
-            lines += ["", "Rejected layouts by reason:",
-                      rejected_table(result).to_string(index=False)]
+            lines += ["", "Rejected layouts by reason (count, reason: example):"]
+            lines += [f"  {r.count:>9,}  {r.label}: {r.example}" for r in result.rejections]
     return "\n".join(lines)
