@@ -133,6 +133,22 @@ class SearchResult:
     def best(self) -> Candidate:
         return self.ranked[0] if self.ranked else None
 
+    @property
+    def feasible(self) -> list:
+        """Every plan that fits, in rank order, as FitRow (fast-scorer numbers)."""
+        return [FitRow(layout=layout_at(self.fit_table, i), **{
+            k: float(self.fit_table[k][i]) for k in ("total_bytes", "step_s", "tokens_per_s",
+                                                      "mfu")}) for i in _rank_order(self)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitRow:
+    layout: object
+    total_bytes: float
+    step_s: float
+    tokens_per_s: float
+    mfu: float
+
 
 def gpu_counts(cluster: Cluster, allow_fewer: bool) -> list:
     """GPU counts to search: all of them, or also every whole-node count below (and every
@@ -294,12 +310,14 @@ def _summary(layout) -> str:
     return layout_summary(layout)
 
 
+def _rank_order(result: SearchResult) -> np.ndarray:
+    t = result.fit_table
+    return np.argsort(t["order"]) if t and t["dp"].size else np.zeros(0, dtype=np.int64)
+
+
 def feasible_rows(result: SearchResult) -> list:
     """Every plan that fits, as dicts (layout fields, total_bytes, step_s, tokens_per_s, mfu),
     in rank order."""
     t = result.fit_table
-    if not t or t["dp"].size == 0:
-        return []
-    rows = np.argsort(t["order"])
     keys = list(COLUMNS) + ["total_bytes", "step_s", "tokens_per_s", "mfu"]
-    return [{k: t[k][i].item() for k in keys} for i in rows]
+    return [{k: t[k][i].item() for k in keys} for i in _rank_order(result)]

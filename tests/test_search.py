@@ -73,6 +73,17 @@ def test_fast_scorer_equals_estimate(space):
         assert (mem[k] <= cluster.profile.gpu.memory_bytes) == est.fits
 
 
+def test_memory_verdict_with_limit_is_exact(space):
+    """The early-stopping memory pass gives the same fits verdict as the full one."""
+    model, cluster, job, cols = space
+    valid = take(cols, structural_reasons(model, cluster, job, cols) < 0)
+    limit = 0.9 * cluster.profile.gpu.memory_bytes
+    full = Scorer(model, lambda w: cluster, job).memory(valid)
+    fast = Scorer(model, lambda w: cluster, job).memory(valid, limit)
+    assert np.array_equal(full <= limit, fast <= limit)
+    assert np.array_equal(full[full <= limit], fast[full <= limit])
+
+
 def _brute_force(model, cluster, job):
     """Every distinct valid layout by plain loops over the fields (the definition)."""
     world, L = cluster.world_size, model.num_layers
@@ -122,6 +133,8 @@ def test_top_plans_are_exact_estimates_in_order(result):
         assert c.total_bytes <= limit
         row = next(i for i in range(t["dp"].size) if layout_at(t, i) == c.layout)
         assert t["step_s"][row] == pytest.approx(c.step_s, rel=1e-9)
+    feasible = result.feasible
+    assert len(feasible) == result.num_fit and feasible[0].layout == result.ranked[0].layout
     speeds = [c.tokens_per_s for c in result.ranked]
     assert speeds == sorted(speeds, reverse=True)
     assert max(t["tokens_per_s"]) == pytest.approx(speeds[0], rel=1e-9)
