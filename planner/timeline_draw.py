@@ -6,6 +6,7 @@ the bars; a model chunk's second and later virtual stages are drawn lighter) ove
 communication row (sends, gradient reduction, parameter gathers).  A black line on top of a bar
 marks the critical path."""
 
+import functools
 import struct
 import zlib
 from html import escape
@@ -37,10 +38,13 @@ GLYPHS = {
 LABEL_W, ROW_H, COMM_H, GAP, TOP, PLOT_W = 96, 26, 12, 8, 34, 1400
 
 
-def _glyph(ch: str) -> np.ndarray:
+@functools.lru_cache(maxsize=None)
+def _glyph_pixels(ch: str, scale: int) -> tuple:
+    """(rows, cols) of the set pixels of one character at `scale`."""
     rows = GLYPHS.get(ch.upper(), GLYPHS[" "])
     bits = [int(rows[i:i + 2], 16) for i in range(0, 14, 2)]
-    return np.array([[(b >> (4 - k)) & 1 for k in range(5)] for b in bits], dtype=bool)
+    mask = np.array([[(b >> (4 - k)) & 1 for k in range(5)] for b in bits], dtype=bool)
+    return np.nonzero(np.kron(mask, np.ones((scale, scale), dtype=bool)))
 
 
 def text_width(s: str, scale: int = 1) -> int:
@@ -51,10 +55,8 @@ def draw_text(img: np.ndarray, x: int, y: int, s: str, color=(0, 0, 0), scale: i
     """Write `s` with its top-left corner at (x, y), clipped to the image."""
     h, w, _ = img.shape
     for i, ch in enumerate(s):
-        mask = np.kron(_glyph(ch), np.ones((scale, scale), dtype=bool))
-        x0 = x + 6 * scale * i
-        ys, xs = np.nonzero(mask)
-        ys, xs = ys + y, xs + x0
+        ys, xs = _glyph_pixels(ch, scale)
+        ys, xs = ys + y, xs + x + 6 * scale * i
         keep = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
         img[ys[keep], xs[keep]] = color
 
@@ -76,10 +78,13 @@ def _unit(step_s: float) -> tuple:
 
 
 def _color(e, pp: int) -> tuple:
-    base = np.array(COLORS[e.kind], dtype=float)
-    if e.stage >= pp and e.kind in ("F", "B", "I", "W", "R"):  # later virtual stage: lighter
-        base = base + (255 - base) * 0.45
-    return tuple(int(c) for c in base)
+    return _shade(e.kind, e.stage >= pp and e.kind in ("F", "B", "I", "W", "R"))
+
+
+@functools.lru_cache(maxsize=None)
+def _shade(kind: str, lighter: bool) -> tuple:
+    """The kind's colour; lighter for a rank's later virtual stages."""
+    return tuple(int(c + (255 - c) * 0.45) if lighter else c for c in COLORS[kind])
 
 
 def _row_y(rank: int, stream: str) -> tuple:
