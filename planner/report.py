@@ -57,7 +57,7 @@ def estimate_text(est) -> str:
         share = 100 * value / t.step_s if t.step_s else 0
         lines.append(f"  {label:<22} {fmt_seconds(value):>12} {share:5.1f}%   {note}")
     lines.append(f"  {'step':<22} {fmt_seconds(t.step_s):>12}")
-    lines += ["", f"Throughput: {est.tokens_per_s:,.0f} tokens/s, {est.tflops_per_gpu:.1f} "
+    lines += ["", f"Throughput: {est.tokens_per_s:,.0f} tokens/s, {est.tflops_per_gpu:.3g} "
               f"TFLOP/s per GPU, MFU {100 * est.mfu:.1f}%, HFU {100 * est.hfu:.1f}%"]
     if est.communication:
         lines += ["", "Communication per step (most loaded rank)"]

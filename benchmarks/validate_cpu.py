@@ -1,0 +1,107 @@
+"""Validation study on this machine: profile it, enumerate every feasible layout of a small model
+on 8 gloo processes, train each for a few steps with the runtime, and compare.
+
+Prints (markdown): Spearman rank correlation of predicted vs measured step time, mean and max
+step-time error, exact model-state matches and activation errors per rank.  Results and every
+measured.json go to runs/validate/.
+
+    python benchmarks/validate_cpu.py [--layouts 24] [--steps 6] [--skip-profile]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from planner.compare import compare
+from planner.cost.estimate import estimate
+from planner.hardware import Cluster, load_profile
+from planner.job import Job
+from planner.plan import Plan
+from planner.presets import MODEL_PRESETS
+from planner.search import SearchOptions, search
+from runtime.launch import torchrun_command
+
+OUT = Path("runs/validate")
+STATES = ("weights", "gradients", "optimizer")
+
+
+def _profile(skip: bool) -> Path:
+    path = OUT / "cpu_profile.json"
+    if not (skip and path.exists()):
+        subprocess.run([sys.executable, "-m", "planner.cli", "profile", "--out", str(path),
+                        "--ranks", "8"], check=True)
+    return path
+
+
+def _layouts(cluster: Cluster, job: Job, count: int) -> list:
+    """`count` feasible layouts spread evenly over the ranking (best to worst)."""
+    result = search(MODEL_PRESETS["tiny"], cluster, job, SearchOptions(top=1, headroom=0.1))
+    rows = result.feasible
+    step = max(1, len(rows) // count)
+    picked = rows[::step][:count]
+    print(f"{len(rows)} feasible layouts; running {len(picked)}", file=sys.stderr)
+    return [r.layout for r in picked]
+
+
+def _run(plan: Plan, index: int, steps: int) -> dict:
+    plan_path, measured_path = OUT / f"plan_{index:02d}.json", OUT / f"measured_{index:02d}.json"
+    plan.with_estimate(estimate(plan).to_dict()).save(plan_path)
+    cmd = torchrun_command(str(plan_path), steps, ["--out", str(measured_path)])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        print(f"layout {index} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(measured_path.read_text())
+
+
+def _summary(rows: list, tables: list) -> str:
+    df = pd.DataFrame(rows)
+    spearman = df["predicted_s"].corr(df["measured_s"], method="spearman")
+    err = 100 * (df["predicted_s"] / df["measured_s"] - 1)
+    cells = pd.concat(tables)
+    states = cells[cells.component.isin(STATES)]
+    acts = cells[cells.component == "activations per micro-batch"]
+    exact = int((states.predicted == states.measured).sum())
+    return "\n".join([
+        "| figure | value |", "|---|---:|",
+        f"| layouts run | {len(df)} |",
+        f"| Spearman rank correlation, step time | {spearman:.3f} |",
+        f"| mean / max step-time error | {err.abs().mean():.1f}% / {err.abs().max():.1f}% |",
+        f"| model-state cells exact (weights, grads, optimizer per rank) | {exact} / "
+        f"{len(states)} |",
+        f"| activation bytes per micro-batch, mean / max error per rank | "
+        f"{acts.error_pct.abs().mean():.1f}% / {acts.error_pct.abs().max():.1f}% |"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layouts", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--skip-profile", action="store_true")
+    args = parser.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    profile = load_profile(str(_profile(args.skip_profile)))
+    cluster = Cluster(profile=profile, num_nodes=1)
+    job = Job(global_batch=16, seq_len=128, precision="fp32")
+    rows, tables = [], []
+    for i, layout in enumerate(_layouts(cluster, job, args.layouts)):
+        plan = Plan(model=MODEL_PRESETS["tiny"], cluster=cluster, job=job, layout=layout)
+        measured = _run(plan, i, args.steps)
+        if measured is None:
+            continue
+        table = compare(plan, measured)
+        tables.append(table)
+        rows.append({"layout": i, "predicted_s": estimate(plan).step_s,
+                     "measured_s": measured["step_time_s"]})
+        print(f"[{i + 1}] {rows[-1]}", file=sys.stderr)
+    (OUT / "summary.json").write_text(json.dumps(rows, indent=1))
+    print(_summary(rows, tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
