@@ -25,8 +25,11 @@ BY_HAND = "set by hand"
 
 def results_section(key: str, constraints) -> pd.DataFrame:
     """Ranked table, rejected reasons; returns the ranked plans ('' frame if no search)."""
-    res, why = search_results(key, constraints.max_tp, constraints.headroom,
-                              constraints.objective, constraints.token_budget)
+    try:
+        res, why = search_results(key, constraints.max_tp, constraints.headroom,
+                                  constraints.objective, constraints.token_budget)
+    except ValueError as exc:
+        res, why = None, f"the search refused these inputs: {exc}"
     if res is None:
         st.warning(f"No ranked plans: {why}. Set a layout by hand below.")
         return pd.DataFrame()
@@ -81,7 +84,11 @@ def estimate_section(key: str, layout: dict):
     if error:
         st.error(f"Invalid layout: {error}")
         return None
-    est = backend.estimate_dict(key, json.dumps(layout, sort_keys=True))
+    try:
+        est = backend.estimate_dict(key, json.dumps(layout, sort_keys=True))
+    except ValueError as exc:
+        st.error(f"Cannot estimate this layout: {exc}")
+        return None
     mem, t = est["memory"], est["time"]
     cols = st.columns(5)
     cols[0].metric("memory / GPU", fmt_bytes(mem["total_bytes"]),
