@@ -51,6 +51,8 @@ class SearchOptions:
     token_budget: float = 0.0       # tokens to train, for time-to-train
 
     def __post_init__(self):
+        if self.max_tp is None:
+            object.__setattr__(self, "max_tp", 0)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, "
                              f"got {self.objective!r}")
