@@ -65,3 +65,13 @@ def estimate_text(est) -> str:
             lines.append(f"  {c.name:<22} {c.count:>6} x {fmt_bytes(c.bytes_each):>11} over "
                          f"{c.axis}({c.group_size}) {c.tier:<5} {fmt_seconds(c.time_s):>10}")
     return "\n".join(lines)
+
+
+def compare_text(table) -> str:
+    """The predicted-vs-measured table of planner.compare.compare, formatted."""
+    fmt = table.copy()
+    for col in ("predicted", "measured"):
+        fmt[col] = fmt[col].map(lambda v: "" if v is None or v != v else f"{v:,.4g}")
+    fmt["error_pct"] = fmt["error_pct"].map(
+        lambda v: "" if v is None or v != v else f"{v:+.1f}%")
+    return fmt.to_string(index=False)

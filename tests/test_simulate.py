@@ -89,14 +89,14 @@ def test_peak_inflight_matches_memory_model(schedule, v, p, m):
         assert t.peak_inflight[0] == p
 
 
-def test_interleaved_zb_holds_fewer_than_the_memory_model_assumes():
+def test_interleaved_zb_inflight_matches_the_memory_model():
     """ZB1P warms up one forward per hop, not two (PyTorch _get_warmup_ops multiply_factor=1):
-    rank r holds v*p - r chunks, where inflight_chunks assumes interleaved 1F1B's count."""
+    rank r holds v*p - r chunks, and so does inflight_chunks."""
     p, m, v = 4, 8, 2
     t = simulate_costs(_uniform("interleaved_zb", p, m, v))
     assert list(t.peak_inflight) == [v * p - r for r in range(p)]
     layout = Layout(pp=p, num_microbatches=m, schedule="interleaved_zb", virtual_stages=v)
-    assert t.peak_inflight[0] < inflight_chunks(layout, 0)
+    assert list(t.peak_inflight) == [inflight_chunks(layout, r) for r in range(p)]
 
 
 # --- must show: the event order is PyTorch's ---------------------------------------------------

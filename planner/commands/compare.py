@@ -3,6 +3,7 @@
 from planner.commands.common import print_json
 from planner.compare import compare
 from planner.plan import Plan
+from planner.report import compare_text
 from planner.schema import load_json_file
 
 
@@ -19,9 +20,5 @@ def run(args) -> int:
     if args.json:
         print_json(table.to_dict(orient="records"))
         return 0
-    fmt = table.copy()
-    for col in ("predicted", "measured"):
-        fmt[col] = fmt[col].map(lambda v: "" if v is None else f"{v:,.4g}")
-    fmt["error_pct"] = fmt["error_pct"].map(lambda v: "" if v != v or v is None else f"{v:+.1f}%")
-    print(fmt.to_string(index=False))
+    print(compare_text(table))
     return 0

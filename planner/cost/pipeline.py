@@ -21,6 +21,9 @@ def inflight_chunks(layout: Layout, pp_rank: int) -> int:
         return min(m, p - pp_rank)
     if layout.schedule == "zbv":
         return min(v * m, 2 * p)  # V placement balances memory: every rank as 1F1B's first stage
+    if layout.schedule == "interleaved_zb":
+        # PyTorch's ZB1P warms up one forward per hop, not two (its pipeline_order)
+        return min(v * m, (v - 1) * p + p - pp_rank)
     return min(v * m, 2 * (p - pp_rank - 1) + (v - 1) * p + 1)
 
 
