@@ -121,3 +121,26 @@ def test_page_renders_plan_table_in_chromium(server, browser):
     if HAS_SEARCH:
         assert "Ranked plans" in html
         assert "dp=" in html, "the ranked table's layout column did not render"
+
+
+@pytest.mark.skipif(not HAS_SEARCH, reason="planner/search.py not present")
+def test_clicking_a_table_row_selects_that_plan(server, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stDataFrame"]'):
+        browser.get(server)
+    wait = WebDriverWait(browser, 40)
+    grid = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="stDataFrame"]'))
+    pick = 'input[aria-label="Plan to inspect (or click a table row)"]'
+
+    def picked(d) -> str:
+        boxes = d.find_elements(By.CSS_SELECTOR, pick)
+        return (boxes[0].get_attribute("value") or "") if boxes else ""
+
+    wait.until(lambda d: picked(d).startswith("#1 "))
+    r = grid[0].rect  # glide grid: 35 px header, 35 px rows; the checkbox column is ~36 px wide
+    ActionChains(browser).move_to_element_with_offset(
+        grid[0], -r["width"] / 2 + 18, -r["height"] / 2 + 35 + 2 * 35 + 17).click().perform()
+    wait.until(lambda d: picked(d).startswith("#3 "))
