@@ -88,8 +88,8 @@ class Scorer:
         """Model states, gathered copies, framework bytes and optimizer time of rank r: they
         depend on dp, tp, ZeRO and what the rank holds (planner.cost.memory.rank_memory)."""
         layers, _, first, last = facts.T
-        key = [cols["world"], cols["dp"], cols["tp"], cols["pp"], cols["zero"], layers, first,
-               last]
+        # not the world size or pp: only what the rank holds and how dp/tp/ZeRO shard it
+        key = [cols["dp"], cols["tp"], cols["zero"], layers, first, last]
 
         def states(i):
             v = self.view(cols, i)

@@ -14,7 +14,7 @@ from planner.hardware import Cluster, load_cluster
 from planner.job import Job
 from planner.plan import INTERLEAVED, RECOMPUTE, SCHEDULES, Layout, Plan, layout_errors
 from planner.presets import load_model
-from planner.search import SearchOptions, search
+from planner.search import SearchOptions, cluster_for, search
 from planner.search_explain import reasons, why_better
 from planner.search_space import (enumerate_space, structural_checks, structural_reasons,
                                   take)
@@ -197,6 +197,21 @@ def test_min_gpus_objective_and_target():
     assert [c.num_gpus for c in res.ranked] == sorted(c.num_gpus for c in res.ranked)
     with pytest.raises(ValueError, match="token-budget"):
         SearchOptions(objective="time-to-train")
+
+
+def test_fewer_gpus_table_equals_estimate():
+    """With several GPU counts in one search (shared caches), sampled rows are still exact."""
+    model, cluster, job = _inputs("llama2-13b", "a100-80g", 3, 0, 48, 4096, "torch", "flash",
+                                  "bf16")
+    res = search(model, cluster, job, SearchOptions(allow_fewer_gpus=True))
+    t = res.fit_table
+    assert set(t["world"].tolist()) == {8, 16, 24}
+    for i in random.Random(3).sample(range(t["dp"].size), 30):
+        plan = Plan(model=model, cluster=cluster_for(cluster, int(t["world"][i])), job=job,
+                    layout=layout_at(t, i))
+        est = estimate(plan)
+        assert t["step_s"][i] == pytest.approx(est.step_s, rel=1e-9)
+        assert t["total_bytes"][i] == pytest.approx(est.memory.total_bytes, rel=1e-9)
 
 
 def test_suggest_cli_json_and_out(tmp_path, capsys):
