@@ -5,6 +5,7 @@ The space is held as numpy columns (planner/search_space.py) and scored by
 planner/search_vector.py, which calls the cost model once per unique sub-key.  The top plans are
 then re-scored with estimate() so that every number shown or written is exactly the estimate."""
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -201,7 +202,9 @@ class _Search:
                             f"dp={dp} (tp={tp}, pp={pp} on {world} GPUs) does not divide "
                             f"global batch {self.job.global_batch}")
             spaces.append(cols)
-        return concat(spaces)
+        out = concat(spaces)
+        self.considered = int(out["dp"].size) + self.rejects.get("batch", [0])[0]
+        return out
 
     def structural(self, cols: dict) -> dict:
         checks = structural_checks(self.model, self.cluster, self.job)
@@ -231,55 +234,68 @@ def _order(cols: dict, primary: list) -> np.ndarray:
     return np.lexsort(keys)
 
 
-def _primary(opt: SearchOptions, cols: dict, mem: np.ndarray, tps: np.ndarray) -> list:
-    speed = -np.round(tps, 3)  # round away float noise so equal plans tie exactly
-    memory = np.round(mem / 2**20, 3)
+def _primary(opt: SearchOptions, t: dict) -> list:
+    speed = -np.round(t["tokens_per_s"], 3)  # round away float noise so equal plans tie
+    memory = np.round(t["total_bytes"] / 2**20, 3)
     if opt.objective == "min-gpus":
-        return [cols["world"], speed, memory]
+        return [t["world"], speed, memory]
     return [speed, memory]  # time-to-train orders as throughput: budget / tokens_per_s
+
+
+def _options(options: SearchOptions, kwargs: dict) -> SearchOptions:
+    opt = options or SearchOptions(**kwargs)
+    if opt.objective == "min-gpus" and not opt.allow_fewer_gpus:
+        opt = dataclasses.replace(opt, allow_fewer_gpus=True)
+    return opt
 
 
 def search(model, cluster: Cluster, job, options: SearchOptions = None, **kwargs) -> SearchResult:
     """Every layout of the cluster (or fewer GPUs), ranked best first by the objective."""
-    opt = options or SearchOptions(**kwargs)
-    if opt.objective == "min-gpus" and not opt.allow_fewer_gpus:
-        opt = SearchOptions(**{**opt.__dict__, "allow_fewer_gpus": True})
+    opt = _options(options, kwargs)
     t0 = time.perf_counter()
     s = _Search(model, cluster, job, opt)
-    cols = s.space()
-    considered = int(cols["dp"].size) + s.rejects.get("batch", [0])[0]
-    valid = s.structural(cols)
-    limit = _limit(cluster, opt.headroom)
+    valid = s.structural(s.space())
+    fit, mem, closest = _memory_stage(s, valid)
+    table = _time_stage(s, take(valid, fit), mem[fit])
+    order = _order(table, _primary(opt, table))
+    ranked = _rescore(s, table, order[:opt.top], opt)
+    table["order"] = np.argsort(order)
+    return SearchResult(model=model, cluster=cluster, job=job, options=opt, ranked=ranked,
+                        rejections=_rejections(s), num_considered=s.considered,
+                        num_fit=int(table["dp"].size), elapsed_s=time.perf_counter() - t0,
+                        closest=closest, fit_table=table)
+
+
+def _memory_stage(s: "_Search", valid: dict) -> tuple:
+    """(fits mask, bytes, closest candidate when nothing fits); counts memory rejections."""
+    limit = _limit(s.cluster, s.opt.headroom)
     mem = s.scorer.memory(valid, limit)
     fit = mem <= limit
-    closest = None
     if not fit.all():
         bad = np.flatnonzero(~fit)
         ex = _candidate(s, valid, int(bad[np.argmin(mem[bad])]))
-        s.reject("memory", bad.size, f"e.g. {_summary(ex.layout)} needs "
+        capacity = s.cluster.profile.gpu.memory_bytes
+        s.reject("memory", bad.size, f"e.g. {layout_summary(ex.layout)} needs "
                  f"{_gib(ex.total_bytes)} GiB per GPU > {_gib(limit)} GiB "
-                 f"({100 * (1 - opt.headroom):.0f}% of {_gib(cluster.profile.gpu.memory_bytes)})")
+                 f"({100 * (1 - s.opt.headroom):.0f}% of {_gib(capacity)})")
+    closest = None
     if valid["dp"].size and not fit.any():
-        exact = s.scorer.memory(valid)
-        closest = _candidate(s, valid, int(np.argmin(exact)))
-    fcols, fmem = take(valid, fit), mem[fit]
-    step = s.scorer.step_time(fcols)
-    tps, mfu = s.scorer.throughput(fcols, step)
-    keep = tps >= opt.target_tokens_per_s
+        closest = _candidate(s, valid, int(np.argmin(s.scorer.memory(valid))))
+    return fit, mem, closest
+
+
+def _time_stage(s: "_Search", cols: dict, mem: np.ndarray) -> dict:
+    """Columns of the plans that fit and reach the target, with their scores."""
+    step = s.scorer.step_time(cols)
+    tps, mfu = s.scorer.throughput(cols, step)
+    keep = tps >= s.opt.target_tokens_per_s
     if not keep.all():
         miss = np.flatnonzero(~keep)
         best = int(miss[np.argmax(tps[miss])])
         s.reject("target", miss.size, f"the fastest of them reaches {tps[best]:,.0f} tokens/s "
-                 f"< {opt.target_tokens_per_s:,.0f}: {_summary(layout_at(fcols, best))}")
-    fcols, fmem, step, tps, mfu = take(fcols, keep), fmem[keep], step[keep], tps[keep], mfu[keep]
-    order = _order(fcols, _primary(opt, fcols, fmem, tps))
-    ranked = _rescore(s, fcols, order[:opt.top], opt)
-    table = {**fcols, "total_bytes": fmem, "step_s": step, "tokens_per_s": tps, "mfu": mfu,
-             "order": np.argsort(order)}
-    return SearchResult(model=model, cluster=cluster, job=job, options=opt, ranked=ranked,
-                        rejections=_rejections(s), num_considered=considered,
-                        num_fit=int(fcols["dp"].size), elapsed_s=time.perf_counter() - t0,
-                        closest=closest, fit_table=table)
+                 f"< {s.opt.target_tokens_per_s:,.0f}: {layout_summary(layout_at(cols, best))}")
+    scores = {"total_bytes": mem, "step_s": step, "tokens_per_s": tps, "mfu": mfu}
+    return take({**cols, **scores}, keep)
 
 
 def _candidate(s: _Search, cols: dict, i: int) -> Candidate:
@@ -306,10 +322,6 @@ def _rejections(s: _Search) -> list:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
-
-
-def _summary(layout) -> str:
-    return layout_summary(layout)
 
 
 def _rank_order(result: SearchResult) -> np.ndarray:
