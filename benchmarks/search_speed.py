@@ -8,7 +8,8 @@ two large cases (issue 3's targets: under 1 s and under 3 s on a 2-core machine)
 
 Each run builds a fresh cluster so no cache from a previous run helps; the figure is the median
 of the runs (the first, cold, run is printed too), with the process CPU time beside the wall time
-(on a shared machine the wall time also counts other processes' turns on the cores).  Usage: python benchmarks/search_speed.py"""
+(on a shared machine the wall time also counts other processes' turns on the cores).
+Usage: python benchmarks/search_speed.py [repeats]"""
 
 import statistics
 import sys

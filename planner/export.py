@@ -122,8 +122,9 @@ def _deepspeed_note(lay) -> str:
     notes = [f"data parallel {lay.dp}: DeepSpeed derives it from the world size and the model's "
              "parallel groups"]
     if lay.tp > 1:
-        notes.append(f"tensor parallel {lay.tp}{' + sequence parallel' if lay.sequence_parallel else ''}"
-                     " is not a DeepSpeed config key: set it in Megatron-DeepSpeed "
+        sp = " + sequence parallel" if lay.sequence_parallel else ""
+        notes.append(f"tensor parallel {lay.tp}{sp} is not a DeepSpeed config key: set it in "
+                     "Megatron-DeepSpeed "
                      f"(--tensor-model-parallel-size {lay.tp}) or the model code")
     if lay.pp > 1:
         notes.append(f"pipeline parallel {lay.pp} is not a config key: build a "

@@ -307,11 +307,9 @@ def _rescore(s: _Search, cols: dict, rows, opt: SearchOptions) -> list:
     """Exact estimates of the top rows, re-sorted by them (a stable sort keeps the order of
     rows the estimate scores equal)."""
     cands = [_candidate(s, cols, int(i)) for i in rows]
-    if opt.objective == "min-gpus":
-        key = lambda c: (c.num_gpus, -round(c.tokens_per_s, 3), round(c.total_bytes / 2**20, 3))  # noqa
-    else:
-        key = lambda c: (-round(c.tokens_per_s, 3), round(c.total_bytes / 2**20, 3))  # noqa
-    return sorted(cands, key=key)
+    gpus = opt.objective == "min-gpus"
+    return sorted(cands, key=lambda c: (c.num_gpus if gpus else 0, -round(c.tokens_per_s, 3),
+                                        round(c.total_bytes / 2**20, 3)))
 
 
 def _rejections(s: _Search) -> list:

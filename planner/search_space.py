@@ -95,31 +95,41 @@ def _in(values: np.ndarray, names) -> np.ndarray:
     return np.isin(values, [SCHED[n] for n in names])
 
 
-# (key, phrase found in layout_errors' message, mask function), in layout_errors' order, so the
-# first failing check of a row is the first message layout_errors gives for it.
+def _everywhere(c: dict, flag: bool) -> np.ndarray:
+    return np.full(c["tp"].size, flag)
+
+
+def _zero_bubble_ddp(c: dict) -> np.ndarray:
+    """Zero-bubble schedules with DDP (ZeRO 0/1 over dp > 1) or with ZeRO-3 (runtime notes)."""
+    zb = _in(c["sched"], ZERO_BUBBLE) & (c["pp"] > 1)
+    return zb & (((c["dp"] > 1) & (c["zero"] <= 1)) | (c["zero"] == 3))
+
+
+def _ddp_microbatches(c: dict) -> np.ndarray:
+    return (c["pp"] > 1) & (c["dp"] > 1) & (c["zero"] <= 1) & (c["m"] <= c["pp"])
+
+
 def structural_checks(model, cluster, job) -> list:
-    gpn = cluster.profile.gpus_per_node
-    precision_ok = cluster.profile.supports(job.precision)
-    positions_ok = not (model.learned_positions and job.seq_len > model.max_seq_len)
-    heads = lambda c: (model.num_heads % c["tp"] != 0) | (model.num_kv_heads % c["tp"] != 0)  # noqa
-    ilv = lambda c: _in(c["sched"], INTERLEAVED)  # noqa: E731
-    zb = lambda c: _in(c["sched"], ZERO_BUBBLE)  # noqa: E731
-    torch_pp = job.engine == "torch"
+    """(key, phrase found in layout_errors' message, mask function), in layout_errors' order,
+    so the first failing check of a row is the first message layout_errors gives for it."""
+    gpn, seq = cluster.profile.gpus_per_node, job.seq_len
+    torch_engine = job.engine == "torch"
+    long_seq = model.learned_positions and seq > model.max_seq_len
     return [
-        ("tp_heads", "must divide num_heads", heads),
-        ("tp_ffn", "must divide ffn_hidden_size", lambda c: model.ffn_hidden_size % c["tp"] != 0),
+        ("tp_heads", "must divide num_heads",
+         lambda c: (model.num_heads % c["tp"] != 0) | (model.num_kv_heads % c["tp"] != 0)),
+        ("tp_ffn", "must divide ffn_hidden_size",
+         lambda c: model.ffn_hidden_size % c["tp"] != 0),
         ("tp_node", "GPUs per node", lambda c: c["tp"] > gpn),
-        ("sp_seq", "sequence parallel: tp=", lambda c: (c["sp"] == 1) & (job.seq_len % c["tp"] != 0)),
-        ("precision", "is not supported by profile", lambda c: np.full(c["tp"].size, not precision_ok)),
-        ("positions", "learned positions", lambda c: np.full(c["tp"].size, not positions_ok)),
-        ("interleave_m", "divisible by pp", lambda c: ilv(c) & (c["pp"] > 1) & (c["m"] % c["pp"] != 0)),
+        ("sp_seq", "sequence parallel: tp=", lambda c: (c["sp"] == 1) & (seq % c["tp"] != 0)),
+        ("precision", "is not supported by profile",
+         lambda c: _everywhere(c, not cluster.profile.supports(job.precision))),
+        ("positions", "learned positions", lambda c: _everywhere(c, long_seq)),
+        ("interleave_m", "divisible by pp",
+         lambda c: _in(c["sched"], INTERLEAVED) & (c["pp"] > 1) & (c["m"] % c["pp"] != 0)),
         ("chunks", "model chunks exceed", lambda c: c["pp"] * c["v"] > model.num_layers),
-        ("zb_ddp", "gives wrong gradients in PyTorch",
-         lambda c: torch_pp & (c["pp"] > 1) & zb(c) & (((c["dp"] > 1) & (c["zero"] <= 1))
-                                                         | (c["zero"] == 3))),
-        ("ddp_microbatches", "DDP under pipelining",
-         lambda c: torch_pp & (c["pp"] > 1) & (c["dp"] > 1) & (c["zero"] <= 1)
-         & (c["m"] <= c["pp"])),
+        ("zb_ddp", "gives wrong gradients in PyTorch", lambda c: torch_engine & _zero_bubble_ddp(c)),
+        ("ddp_microbatches", "DDP under pipelining", lambda c: torch_engine & _ddp_microbatches(c)),
     ]
 
 
