@@ -128,8 +128,10 @@ def structural_checks(model, cluster, job) -> list:
         ("interleave_m", "divisible by pp",
          lambda c: _in(c["sched"], INTERLEAVED) & (c["pp"] > 1) & (c["m"] % c["pp"] != 0)),
         ("chunks", "model chunks exceed", lambda c: c["pp"] * c["v"] > model.num_layers),
-        ("zb_ddp", "gives wrong gradients in PyTorch", lambda c: torch_engine & _zero_bubble_ddp(c)),
-        ("ddp_microbatches", "DDP under pipelining", lambda c: torch_engine & _ddp_microbatches(c)),
+        ("zb_ddp", "gives wrong gradients in PyTorch",
+         lambda c: torch_engine & _zero_bubble_ddp(c)),
+        ("ddp_microbatches", "DDP under pipelining",
+         lambda c: torch_engine & _ddp_microbatches(c)),
     ]
 
 
