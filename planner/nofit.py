@@ -90,6 +90,14 @@ def relaxations(result, search_fn) -> list:
             out.append(f"recompute=full cuts activations from {_gib(mem.activations_bytes)} to "
                        f"{_gib(est.memory.activations_bytes)} (total "
                        f"{_gib(est.memory.total_bytes)})")
+    if c.layout.micro_batch > 1:
+        lay = c.layout
+        est = _variant(result, c, micro_batch=1,
+                       num_microbatches=lay.micro_batch * lay.num_microbatches)
+        if est:
+            out.append(f"micro-batch 1 instead of {lay.micro_batch}: activations "
+                       f"{_gib(mem.activations_bytes)} -> {_gib(est.memory.activations_bytes)} "
+                       f"(total {_gib(est.memory.total_bytes)})")
     if mem.total_bytes <= mem.capacity_bytes:
         need = 1 - mem.total_bytes / mem.capacity_bytes
         out.append(f"it fits with less headroom: --headroom {int(need * 100) / 100:.2f} "
@@ -113,7 +121,9 @@ def one_line(result, lines: list) -> str:
     """The error message: the least memory needed and the first relaxation that fits."""
     c = result.closest
     fix = next((x.strip() for x in lines[2:] if "fit" in x), "see the advice above")
-    structural = [r for r in result.rejections if r.key not in ("memory", "target")]
+    # shape-level reasons (why tp or dp cannot take the obvious value), not schedule details
+    structural = [r for r in result.rejections if r.key in ("tp_heads", "tp_ffn", "tp_node",
+                                                            "batch")]
     also = f" (also ruled out: {structural[0].example})" if structural else ""
     return (f"nothing fits on {result.cluster.world_size} GPUs: the best valid layout needs "
             f"{_gib(c.total_bytes)} per GPU, {_gib(_limit(result))} allowed{also}; {fix}")
