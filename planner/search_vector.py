@@ -27,7 +27,7 @@ from planner.plan import RECOMPUTE, SCHEDULES, ZERO_BUBBLE, Layout
 from planner.search_space import SCHED, take
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _View:
     """Plan-shaped object (model, cluster, job, layout) the cost functions read; unvalidated."""
     model: object
