@@ -7,11 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from golden_helpers import KORTHIKANTI, korthikanti_plan, megatron_gpt  # noqa: E402
+from golden_helpers import KORTHIKANTI, korthikanti_plan, v100_baseline_plan  # noqa: E402
 from planner.cost.estimate import estimate  # noqa: E402
-from planner.hardware import load_cluster  # noqa: E402
-from planner.job import Job  # noqa: E402
-from planner.plan import Layout, Plan  # noqa: E402
 
 
 def _row(label, predicted, published, unit, extra=""):
@@ -32,12 +29,7 @@ def main():
     est = estimate(korthikanti_plan(KORTHIKANTI[2], dp=8))
     print(_row("530B, 8-way DP (2240 GPUs)", est.step_s, 39.15, "s",
                f"exposed DP all-reduce {est.time.dp_comm_exposed_s:.2f} s"))
-    spec = megatron_gpt("1.2B", 16, 1536, 40)
-    job = Job(global_batch=8, seq_len=1024, precision="fp16", attention="eager",
-              engine="megatron")
-    plan = Plan(model=spec, cluster=load_cluster("v100-32g", 1, num_gpus=1), job=job,
-                layout=Layout(micro_batch=8, recompute="full"))
-    est = estimate(plan)
+    est = estimate(v100_baseline_plan())
     print(_row("GPT-2 1.2B on one V100 (Megatron-LM 2019)", est.hfu * 125, 39, "TFLOP/s",
                "hardware FLOPs incl. recompute"))
 

@@ -31,3 +31,14 @@ def korthikanti_plan(row, sp=True, recompute="selective", dp=1) -> Plan:
                     schedule="interleaved_1f1b" if v > 1 else "1f1b", virtual_stages=v)
     return Plan(model=megatron_gpt(name, heads, hidden, layers),
                 cluster=load_cluster("a100-80g", gpus * dp // 8), job=job, layout=layout)
+
+
+def v100_baseline_plan() -> Plan:
+    """Shoeybi et al. 2019: GPT-2 1.2B (hidden 1536, 16 heads, 40 layers, seq 1024) on one
+    V100 at batch 8 with activation checkpointing; its code ran attention as separate scale,
+    mask, softmax and dropout kernels (attention="eager")."""
+    job = Job(global_batch=8, seq_len=1024, precision="fp16", attention="eager",
+              engine="megatron")
+    return Plan(model=megatron_gpt("1.2B", 16, 1536, 40),
+                cluster=load_cluster("v100-32g", 1, num_gpus=1), job=job,
+                layout=Layout(micro_batch=8, recompute="full"))

@@ -5,14 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from golden_helpers import KORTHIKANTI, korthikanti_plan, megatron_gpt
+from golden_helpers import KORTHIKANTI, korthikanti_plan, megatron_gpt, v100_baseline_plan
 from planner.cost import activations as act
 from planner.cost.estimate import estimate
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.memory import zero_model_state_bytes
-from planner.hardware import load_cluster
 from planner.job import Job
-from planner.plan import Layout, Plan
+from planner.plan import Layout
 from planner.units import GB
 
 ANCHORS = Path(__file__).parent / "anchors"
@@ -95,11 +94,6 @@ def test_v100_megatron_2019_baseline():
     """Shoeybi et al. 2019: GPT-2 1.2B on one V100 sustains 39 TFLOP/s (hardware FLOPs, with
     activation checkpointing) for the whole training process; target within 15%.  Its code ran
     attention as separate scale, mask, softmax and dropout kernels (attention="eager")."""
-    spec = megatron_gpt("1.2B", 16, 1536, 40)
-    job = Job(global_batch=8, seq_len=1024, precision="fp16", attention="eager",
-              engine="megatron")
-    plan = Plan(model=spec, cluster=load_cluster("v100-32g", 1, num_gpus=1), job=job,
-                layout=Layout(micro_batch=8, recompute="full"))
-    est = estimate(plan)
+    est = estimate(v100_baseline_plan())
     achieved = est.hfu * 125e12 / 1e12
     assert abs(achieved / 39 - 1) < 0.15, achieved
