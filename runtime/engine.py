@@ -14,7 +14,7 @@ from runtime.mesh import pair_group
 from runtime.model import canonical_name, materialize
 from runtime.optim import (OptimConfig, build_adamw, build_sharded_adamw, clip_grad_norm)
 from runtime.parallelize import apply_ddp, parallelize
-from runtime.pipeline import build_chunks, build_schedule, lm_loss
+from runtime.pipeline import build_chunks, build_schedule, lm_loss_sum
 
 
 def _local(t):
@@ -33,7 +33,8 @@ class Engine:
             materialize(part, ctx.device, seed)
         self.ddp = wraps == {"ddp"}
         self.modules = [apply_ddp(p, ctx.group("dp")) if self.ddp else p for p in self.parts]
-        self.schedule = (build_schedule(self.modules, self.chunk_ids, lay, ctx)
+        self.loss_scale = 1.0
+        self.schedule = (build_schedule(self.modules, self.chunk_ids, lay, ctx, self.loss_fn)
                          if lay.pp > 1 else None)
         self.has_first = 0 in self.chunk_ids
         self.has_last = lay.num_chunks - 1 in self.chunk_ids
@@ -92,16 +93,30 @@ class Engine:
     def _loss_ctx(self):
         return loss_parallel() if self.plan.layout.tp > 1 else contextlib.nullcontext()
 
-    def _accumulate(self, inputs, labels) -> torch.Tensor:
+    def set_loss_scale(self, labels) -> None:
+        """Normalise by the global batch's label count, so every layout computes the same mean
+        (BERT's masked positions differ per micro-batch). Schedules divide gradients by the
+        micro-batch count and data parallelism averages over dp, hence nmb * dp / count."""
+        count = (labels != -100).sum().double()
+        lay = self.plan.layout
+        if lay.dp > 1:
+            dist.all_reduce(count, group=self.ctx.group("dp"))
+        self.loss_scale = lay.num_microbatches * lay.dp / max(1.0, float(count))
+
+    def loss_fn(self, logits, labels):
+        return lm_loss_sum(logits, labels) * self.loss_scale
+
+    def _accumulate(self, inputs, labels, train: bool = True) -> torch.Tensor:
         """pp == 1: gradient accumulation over the plan's micro-batches."""
         nmb, module = self.plan.layout.num_microbatches, self.modules[0]
         total = torch.zeros((), device=self.ctx.device)
         for m, (x, y) in enumerate(zip(inputs.chunk(nmb), labels.chunk(nmb))):
             skip_sync = self.ddp and m < nmb - 1
-            with (module.no_sync() if skip_sync else contextlib.nullcontext()), \
+            with (module.no_sync() if skip_sync and train else contextlib.nullcontext()), \
                     self._loss_ctx():
-                loss = lm_loss(module(x), y)
-                (loss / nmb).backward()
+                loss = self.loss_fn(module(x), y)
+                if train:
+                    (loss / nmb).backward()
             total += _local(loss.detach())
         return total / nmb
 
@@ -126,6 +141,7 @@ class Engine:
         return float(value) / (self.plan.layout.dp * self.plan.layout.tp)
 
     def forward_backward(self, inputs, labels) -> float:
+        self.set_loss_scale(labels)
         if self.schedule is not None:
             local_loss = self._pipeline(inputs, labels)
         else:
@@ -179,12 +195,12 @@ class Engine:
     def eval_loss(self, inputs, labels) -> float:
         for m in self.modules:
             m.eval()
+        self.set_loss_scale(labels)
         try:
             if self.schedule is not None:
                 local_loss = self._pipeline(inputs, labels, train=False)
             else:
-                with self._loss_ctx():
-                    local_loss = _local(lm_loss(self.modules[0](inputs), labels))
+                local_loss = self._accumulate(inputs, labels, train=False)
         finally:
             for m in self.modules:
                 m.train()

@@ -58,14 +58,14 @@ def _states(opt):
 
 
 def _param_derived(t: torch.Tensor, depth: int = 6) -> bool:
-    if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
+    if isinstance(t, nn.Parameter):
         return True
     fn = t.grad_fn
     for _ in range(depth):
         if fn is None:
             return False
-        if type(fn).__name__ == "AccumulateGrad":
-            return True
+        if type(fn).__name__ == "AccumulateGrad":  # a leaf: a parameter or a stage input
+            return isinstance(fn.variable, nn.Parameter)
         if type(fn).__name__ not in _PASS_THROUGH or not fn.next_functions:
             return False
         fn = fn.next_functions[0][0]

@@ -17,10 +17,10 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
 MULTI_STAGE = ("interleaved_1f1b", "interleaved_zb", "zbv")
 
 
-def lm_loss(logits, labels):
-    """Mean token cross-entropy in fp32; labels -100 are ignored (BERT's unmasked tokens)."""
+def lm_loss_sum(logits, labels):
+    """Summed token cross-entropy in fp32; labels -100 are ignored (BERT's unmasked tokens)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1),
-                           ignore_index=-100)
+                           ignore_index=-100, reduction="sum")
 
 
 def chunk_layer_ids(layout, num_layers: int) -> list:
@@ -44,12 +44,12 @@ def build_chunks(spec, layout, pp_rank: int) -> list:
             for c in local_chunks(layout, pp_rank)]
 
 
-def build_schedule(modules: list, chunks: list, layout, ctx):
+def build_schedule(modules: list, chunks: list, layout, ctx, loss_fn):
     """PipelineStages for this rank's chunks and the plan's schedule over them."""
     group = ctx.group("pp")
     stages = [PipelineStage(m, stage_index=c, num_stages=layout.num_chunks, device=ctx.device,
                             group=group) for m, c in zip(modules, chunks)]
     cls = SCHEDULES[layout.schedule]
     if layout.schedule in MULTI_STAGE:
-        return cls(stages, n_microbatches=layout.num_microbatches, loss_fn=lm_loss)
-    return cls(stages[0], n_microbatches=layout.num_microbatches, loss_fn=lm_loss)
+        return cls(stages, n_microbatches=layout.num_microbatches, loss_fn=loss_fn)
+    return cls(stages[0], n_microbatches=layout.num_microbatches, loss_fn=loss_fn)

@@ -49,3 +49,90 @@ def run_world(world: int, fn, *args, timeout_s: float = WORLD_TIMEOUT_S) -> list
                 raise TimeoutError(f"{world}-rank world did not finish in {timeout_s} s")
         return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False)
                 for r in range(world)]
+
+
+# --- shared pieces of the runtime tests --------------------------------------------------------
+
+from planner.hardware import load_cluster  # noqa: E402
+from planner.job import Job  # noqa: E402
+from planner.plan import Layout, Plan  # noqa: E402
+from planner.spec import ModelSpec  # noqa: E402
+
+# Small enough for 8 CPU ranks on 2 cores, large enough for pp=4 x 2 virtual stages and tp=4.
+SPEC = ModelSpec(name="test-llama", arch="llama", num_layers=8, hidden_size=64, num_heads=8,
+                 num_kv_heads=4, ffn_hidden_size=128, vocab_size=256, max_seq_len=32,
+                 tie_embeddings=False, linear_bias=False)
+SEQ_LEN = 32
+_TOKENS = []
+
+
+def corpus_tokens():
+    """Real text (the stdlib's sources), loaded once in the parent before ranks fork."""
+    if not _TOKENS:
+        from runtime.data import load_tokens
+        _TOKENS.append(load_tokens(cap_bytes=1 << 20))
+    return _TOKENS[0]
+
+
+def make_plan(layout: Layout, spec: ModelSpec = SPEC, precision: str = "fp32") -> Plan:
+    job = Job(global_batch=layout.micro_batch * layout.num_microbatches * layout.dp,
+              seq_len=SEQ_LEN, precision=precision)
+    cluster = load_cluster("cpu", 1, num_gpus=layout.world_size)
+    return Plan(model=spec, cluster=cluster, job=job, layout=layout)
+
+
+def _train_rank(plan: Plan, steps: int, tokens, measure_step: int) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from runtime.data import TokenData
+    from runtime.engine import Engine
+    from runtime.mesh import init_distributed
+    from runtime.model import canonical_name
+    ctx = init_distributed(plan.layout, timeout_s=60)
+    engine = Engine(plan, ctx)
+    data = TokenData(tokens, SEQ_LEN, plan.layout, ctx.dp_rank, causal=plan.model.causal)
+    losses, record = [], {}
+    for step in range(steps):
+        inputs, labels = data.batch(step)
+        torch.manual_seed(step)
+        losses.append(engine.train_step(inputs, labels, record if step == measure_step else None))
+    params = {}
+    for module in engine.modules:
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+        params.update({canonical_name(plan.model, k): v for k, v in full.items()})
+    keep = ctx.dp_rank == 0 and ctx.tp_rank == 0
+    return {"coords": dict(ctx.coords), "losses": losses, "record": record,
+            "params": params if keep else None}
+
+
+def _train_many(plans: list, steps: int, tokens, measure_step: int) -> list:
+    """Several plans one after another in one world (shared start-up and DTensor caches)."""
+    return [_train_rank(plan, steps, tokens, measure_step) for plan in plans]
+
+
+def _merge(ranks: list) -> dict:
+    params = {}
+    for r in ranks:
+        params.update(r["params"] or {})
+    return {"losses": ranks[0]["losses"], "params": params,
+            "ranks": [(r["coords"], r["record"]) for r in ranks]}
+
+
+def train_world(plan: Plan, steps: int = 3, measure_step: int = 1) -> dict:
+    """Train `steps` steps under the plan on forked ranks: losses (all ranks agree), the whole
+    model's final parameters, and each rank's memory record."""
+    return train_worlds({"plan": plan}, steps, measure_step)["plan"]
+
+
+def train_worlds(plans: dict, steps: int = 3, measure_step: int = 1) -> dict:
+    """train_world for many plans {name: plan}: one forked world per world size."""
+    by_world = {}
+    for name, plan in plans.items():
+        by_world.setdefault(plan.layout.world_size, []).append((name, plan))
+    out = {}
+    for world, items in sorted(by_world.items()):
+        ranks = run_world(world, _train_many, [p for _, p in items], steps, corpus_tokens(),
+                          measure_step)
+        for i, (name, _) in enumerate(items):
+            out[name] = _merge([r[i] for r in ranks])
+    return out

@@ -1,0 +1,145 @@
+"""Every parallel layout trains exactly like one process (CPU, gloo, fp32, same seed, dropout 0),
+and its per-rank parameter, gradient and optimizer bytes equal the planner's prediction;
+activation bytes per micro-batch are within 10% of it."""
+
+import dataclasses
+import functools
+
+import pytest
+
+from planner.cost.memory import rank_memory, rank_model_state
+from runtime_dist import SPEC, Layout, make_plan, train_worlds
+
+STEPS = 3
+LOSS_TOL = 2e-5    # observed <= 5e-7
+PARAM_TOL = 1e-4   # observed <= 1.2e-5 after 3 AdamW steps (RUNTIME_NOTES: ~3e-4 possible)
+ACT_TOL = 0.10
+
+GPT = dataclasses.replace(SPEC, name="test-gpt", arch="gpt", num_kv_heads=8,
+                          tie_embeddings=True, linear_bias=True)
+BERT = dataclasses.replace(GPT, name="test-bert", arch="bert")
+
+
+def L(**kw):  # noqa: N802  (a layout with global batch 8)
+    return Layout(**kw)
+
+
+CASES = {
+    "dp4": L(dp=4, micro_batch=2),
+    "zero1-dp4": L(dp=4, micro_batch=1, num_microbatches=2, zero_stage=1),
+    "zero2-dp4": L(dp=4, micro_batch=2, zero_stage=2),
+    "zero3-dp4": L(dp=4, micro_batch=2, zero_stage=3),
+    "tp2": L(tp=2, micro_batch=8),
+    "tp2-sp": L(tp=2, micro_batch=4, num_microbatches=2, sequence_parallel=True),
+    "tp4": L(tp=4, micro_batch=8),
+    "tp4-sp": L(tp=4, micro_batch=8, sequence_parallel=True),
+    "pp2-gpipe": L(pp=2, micro_batch=2, num_microbatches=4, schedule="gpipe"),
+    "pp2-1f1b": L(pp=2, micro_batch=2, num_microbatches=4, schedule="1f1b"),
+    "pp2-interleaved": L(pp=2, micro_batch=2, num_microbatches=4, schedule="interleaved_1f1b",
+                         virtual_stages=2),
+    "pp2-zbv": L(pp=2, micro_batch=2, num_microbatches=4, schedule="zbv", virtual_stages=2),
+    "pp4-gpipe": L(pp=4, micro_batch=2, num_microbatches=4, schedule="gpipe"),
+    "pp4-1f1b": L(pp=4, micro_batch=1, num_microbatches=8, schedule="1f1b"),
+    "pp4-interleaved": L(pp=4, micro_batch=2, num_microbatches=4,
+                         schedule="interleaved_1f1b", virtual_stages=2),
+    "pp4-interleaved-zb": L(pp=4, micro_batch=2, num_microbatches=4, schedule="interleaved_zb",
+                            virtual_stages=2),
+    "tp2xdp2": L(dp=2, tp=2, micro_batch=4),
+    "tp2xdp2-zero1": L(dp=2, tp=2, micro_batch=2, num_microbatches=2, zero_stage=1,
+                       sequence_parallel=True),
+    "pp2xtp2": L(pp=2, tp=2, micro_batch=2, num_microbatches=4, sequence_parallel=True),
+    "pp2xdp2-ddp": L(pp=2, dp=2, micro_batch=1, num_microbatches=4),
+    "pp2xdp2xtp2-zero1": L(pp=2, dp=2, tp=2, micro_batch=1, num_microbatches=4, zero_stage=1,
+                           sequence_parallel=True),
+    "pp2xdp2xtp2-zero2-interleaved": L(pp=2, dp=2, tp=2, micro_batch=2, num_microbatches=2,
+                                       zero_stage=2, schedule="interleaved_1f1b",
+                                       virtual_stages=2, sequence_parallel=True),
+    "pp2xdp2xtp2-zero3": L(pp=2, dp=2, tp=2, micro_batch=2, num_microbatches=2, zero_stage=3),
+    "recompute-selective": L(dp=2, micro_batch=2, num_microbatches=2, recompute="selective"),
+    "recompute-full-zero3": L(dp=2, micro_batch=2, num_microbatches=2, recompute="full",
+                              zero_stage=3),
+    "recompute-full-tp2-sp": L(tp=2, micro_batch=8, recompute="full", sequence_parallel=True),
+}
+GPT_CASES = {
+    "gpt-tied-pp2": L(pp=2, micro_batch=2, num_microbatches=4),
+    "gpt-tied-zbv-zero2": L(pp=2, dp=2, micro_batch=2, num_microbatches=2, zero_stage=2,
+                            schedule="zbv", virtual_stages=2),
+    "gpt-tied-pp2xtp2": L(pp=2, tp=2, micro_batch=2, num_microbatches=4,
+                          sequence_parallel=True),
+}
+BERT_CASES = {"bert-pp2": L(pp=2, micro_batch=2, num_microbatches=4),
+              "bert-tp2-sp": L(tp=2, micro_batch=8, sequence_parallel=True)}
+
+
+# Known differences between the planner's memory model and what the runtime holds.
+PLANNER_GAPS = {
+    ("gpt", "gpt-tied-zbv-zero2"):
+        "ZB-V runs the first and last chunk on pp rank 0; the runtime keeps the tied output "
+        "copy in the last chunk (a separate module), the planner counts none when first and "
+        "last chunk share a rank",
+}
+SPECS = {"llama": SPEC, "gpt": GPT, "bert": BERT}
+ALL = {**{("llama", k): v for k, v in CASES.items()}, **{("gpt", k): v for k, v in GPT_CASES.items()},
+       **{("bert", k): v for k, v in BERT_CASES.items()}}
+REFERENCE = Layout(micro_batch=2, num_microbatches=4)  # one process: 4 micro-batches of 2
+
+
+@functools.lru_cache(maxsize=None)
+def results(world: int) -> dict:
+    """Every case of this world size (and the references), trained in one forked world."""
+    plans = {key: make_plan(lay, SPECS[key[0]]) for key, lay in ALL.items()
+             if lay.world_size == world}
+    if world == 1:
+        plans = {(arch, "reference"): make_plan(REFERENCE, spec) for arch, spec in SPECS.items()}
+    return train_worlds(plans, STEPS)
+
+
+def _max_param_diff(got: dict, want: dict) -> float:
+    assert set(got) == set(want)
+    # k's bias has a true gradient of 0 (softmax is shift invariant); AdamW turns float noise
+    # on it into lr-sized steps that change nothing downstream (RUNTIME_NOTES item 9).
+    return max(float((got[k] - want[k]).abs().max()) for k in want if not k.endswith("k.bias"))
+
+
+def check_memory(plan, ranks) -> None:
+    for coords, record in ranks:
+        states = rank_model_state(plan, coords["pp"], coords["dp"], coords["tp"])
+        for key in ("weights_bytes", "gradients_bytes", "optimizer_bytes"):
+            assert record[key] == getattr(states, key), (coords, key)
+        predicted = rank_memory(plan, coords["pp"]).activation_bytes_per_microbatch
+        got = record["activation_bytes_per_microbatch"]
+        assert abs(got - predicted) <= ACT_TOL * predicted, (coords, got, predicted)
+
+
+def run_case(arch: str, name: str) -> None:
+    layout = ALL[(arch, name)]
+    plan = make_plan(layout, SPECS[arch])
+    got = results(layout.world_size)[(arch, name)]
+    want = results(1)[(arch, "reference")]
+    loss_diff = max(abs(a - b) for a, b in zip(got["losses"], want["losses"]))
+    param_diff = _max_param_diff(got["params"], want["params"])
+    print(f"{arch} {name}: max |loss diff| {loss_diff:.2e}  max |param diff| {param_diff:.2e}")
+    assert loss_diff <= LOSS_TOL
+    assert param_diff <= PARAM_TOL
+    assert got["losses"][-1] < got["losses"][0]
+    try:
+        check_memory(plan, got["ranks"])
+    except AssertionError:
+        if (arch, name) in PLANNER_GAPS:
+            pytest.xfail(PLANNER_GAPS[(arch, name)])
+        raise
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_llama_parity(name):
+    run_case("llama", name)
+
+
+@pytest.mark.parametrize("name", GPT_CASES)
+def test_gpt_tied_parity(name):
+    run_case("gpt", name)
+
+
+@pytest.mark.parametrize("name", BERT_CASES)
+def test_bert_parity(name):
+    run_case("bert", name)
