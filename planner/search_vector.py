@@ -96,7 +96,7 @@ class Scorer:
             mem = cost_memory.rank_memory(v, int(r[i]))
             return (mem.weights_bytes, mem.gradients_bytes, mem.optimizer_bytes,
                     mem.gathered_params_bytes, mem.framework_bytes,
-                    cost_time._optimizer_s(v, mem))
+                    cost_time.optimizer_step_s(v, mem))
 
         return self._unique("states", key, states)
 
@@ -158,7 +158,7 @@ class Scorer:
                     act.head_bytes(spec, job, lay))
 
         def comm_buffers(i):
-            return cost_memory._comm_buffers(self.view(cols, i))
+            return cost_memory.comm_buffers(self.view(cols, i))
 
         return {"act": self._unique("acts", [c["tp"], c["sp"], c["mb"], c["rc"]], acts),
                 "comm": self._unique("comm", [c["tp"], c["mb"], c["zero"]], comm_buffers)[:, 0]}
@@ -178,7 +178,7 @@ class Scorer:
             return ht.fwd_s, ht.bwd_s, ht.wgrad_s
 
         def tp_exposed(i):
-            return cost_time._exposed_tp_per_layer(self.view(cols, i), lt[i, 2])
+            return cost_time.exposed_tp_per_layer(self.view(cols, i), lt[i, 2])
 
         def pp_comm(i):
             return sum(c.time_s for c in pp_p2p_per_microbatch(self.view(cols, i)))
@@ -268,7 +268,7 @@ class Scorer:
         pick = lambda key: np.stack([rk[key] for rk in ranks], axis=1)[np.arange(n), slow]  # noqa
         fwd, bwd, rec, wgrad, tp = (pick(k) for k in ("fwd", "bwd", "rec", "wgrad", "tp"))
         L, lt, ht = self.model.num_layers, layer["lt"], layer["ht"]
-        pp, m, v = c["pp"], c["m"], c["v"]
+        pp, m = c["pp"], c["m"]
         ppc = layer["ppc"]
         rank_sum = (L * lt[:, 0] + ht[:, 0] + L * lt[:, 1] + ht[:, 1] + L * layer["recompute"]
                     + L * layer["tpx"] + pp * ppc)

@@ -26,7 +26,7 @@ import networkx as nx
 from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_collectives_per_layer
 from planner.cost.compute import LayerTimes, head_times, layer_times, selective_recompute_s
 from planner.cost.memory import rank_memory
-from planner.cost.time import _exposed_tp_per_layer, _optimizer_s
+from planner.cost.time import exposed_tp_per_layer, optimizer_step_s
 from planner.plan import SCHEDULES, Plan
 from planner.schedules import SPLIT_BACKWARD, rank_actions
 
@@ -117,7 +117,7 @@ def plan_costs(plan: Plan) -> SimCosts:
     lt, ht = layer_times(gpu, spec, job, lay), head_times(gpu, spec, job, lay)
     passes = 3 if lay.recompute == "full" else 2
     tp_pass = sum(c.time_s for c in tp_collectives_per_layer(plan)) / passes
-    tp_exposed = _exposed_tp_per_layer(plan, lt.wgrad_s)
+    tp_exposed = exposed_tp_per_layer(plan, lt.wgrad_s)
     tp_rec = tp_pass if lay.recompute == "full" else 0.0
     rec = {"none": 0.0, "selective": selective_recompute_s(lt), "full": lt.fwd_s}[lay.recompute]
     layers = lay.stage_layers(spec.num_layers)
@@ -144,7 +144,7 @@ def plan_costs(plan: Plan) -> SimCosts:
 def _dp_costs(plan: Plan) -> dict:
     lay = plan.layout
     colls = [dp_collectives(plan, r) for r in range(lay.pp)]
-    opt = [_optimizer_s(plan, rank_memory(plan, r)) for r in range(lay.pp)]
+    opt = [optimizer_step_s(plan, rank_memory(plan, r)) for r in range(lay.pp)]
     common = {"rank_optimizer_s": opt, "dp_overlap": plan.job.engine != "megatron"}
     if lay.dp == 1:
         return common

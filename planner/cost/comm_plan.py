@@ -1,10 +1,8 @@
 """Every collective of one training step for the most loaded rank: what, how big, how often,
 over which link (tensor, pipeline and data parallel)."""
 
-import math
-
 from planner.cost.comm import make_collective
-from planner.cost.params import rank_param_tensors
+from planner.cost.params import rank_local_numel
 from planner.plan import Plan
 from planner.topology import axis_link, pipeline_p2p_link
 from planner.units import dtype_bytes
@@ -40,12 +38,6 @@ def pp_p2p_per_microbatch(plan: Plan) -> list:
             make_collective("pp_send_gradient", "p2p", link, lay.virtual_stages, nbytes)]
 
 
-def _rank_numel(plan: Plan, pp_rank: int) -> int:
-    lay = plan.layout
-    return sum(math.prod(t.local_shape(lay.tp))
-               for t in rank_param_tensors(plan.model, lay, pp_rank))
-
-
 def dp_collectives(plan: Plan, pp_rank: int) -> list:
     """Gradient synchronisation and parameter gathers of one step on one pipeline rank.
 
@@ -58,7 +50,7 @@ def dp_collectives(plan: Plan, pp_rank: int) -> list:
     if lay.dp == 1:
         return []
     link = axis_link(plan.cluster.profile, lay, "dp")
-    numel = _rank_numel(plan, pp_rank)
+    numel = rank_local_numel(plan.model, lay, pp_rank)
     a, m = dtype_bytes(job.precision), lay.num_microbatches
     grad_bytes = 2 * numel if job.engine == "megatron" and job.precision == "fp16" else 4 * numel
     if lay.zero_stage == 0:

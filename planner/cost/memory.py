@@ -12,9 +12,11 @@ dp equal pieces, as runtime/zero1.py does)."""
 
 import math
 from dataclasses import dataclass, fields
+from functools import lru_cache
 
 from planner.cost import activations as act
-from planner.cost.params import block_params_local, chunk_size, rank_param_tensors
+from planner.cost.params import (block_params_local, chunk_size, pieces_tensors,
+                                 rank_local_numel, rank_pieces)
 from planner.cost.pipeline import head_inflight, inflight_chunks
 from planner.plan import Plan
 from planner.units import (ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED, dtype_bytes)
@@ -109,15 +111,22 @@ def torch_model_state_bytes(tensors: list, tp: int, dp: int, zero_stage: int,
     return ModelStateBytes(4 * numel, 4 * numel, state * opt_numel + ADAM_STEP_BYTES * opt_count)
 
 
+@lru_cache(maxsize=65536)
+def _torch_rank_states(spec, pieces: tuple, tp: int, dp: int, zero_stage: int, dp_rank: int,
+                       tp_rank: int) -> ModelStateBytes:
+    return torch_model_state_bytes(pieces_tensors(spec, *pieces), tp, dp, zero_stage, dp_rank,
+                                   tp_rank)
+
+
 def rank_model_state(plan: Plan, pp_rank: int, dp_rank: int = 0,
                      tp_rank: int = 0) -> ModelStateBytes:
     """Model-state bytes of one rank (dp rank 0 / tp rank 0 hold the largest shards)."""
     lay, spec = plan.layout, plan.model
-    tensors = rank_param_tensors(spec, lay, pp_rank)
     if plan.job.engine == "torch":
-        return torch_model_state_bytes(tensors, lay.tp, lay.dp, lay.zero_stage, dp_rank, tp_rank)
-    numel = sum(math.prod(t.local_shape(lay.tp)) for t in tensors)
-    return zero_model_state_bytes(numel, lay.dp, lay.zero_stage, plan.job.precision)
+        return _torch_rank_states(spec, rank_pieces(spec, lay, pp_rank), lay.tp, lay.dp,
+                                  lay.zero_stage, dp_rank, tp_rank)
+    return zero_model_state_bytes(rank_local_numel(spec, lay, pp_rank), lay.dp, lay.zero_stage,
+                                  plan.job.precision)
 
 
 def _rank_activations(plan: Plan, pp_rank: int) -> tuple:
@@ -142,20 +151,16 @@ def _rank_activations(plan: Plan, pp_rank: int) -> tuple:
 def _gathered_params(plan: Plan, pp_rank: int) -> float:
     """16-bit parameter copies that exist only during compute."""
     lay, job = plan.layout, plan.job
-    if job.precision == "fp32" and lay.zero_stage < 2:
-        return 0.0
     a = dtype_bytes(job.precision)
-    block = block_params_local(plan.model, lay.tp)
     if lay.zero_stage == 3:
-        return FSDP_PREFETCH_LAYERS * a * block
-    local = sum(math.prod(t.local_shape(lay.tp))
-                for t in rank_param_tensors(plan.model, lay, pp_rank))
-    if job.engine == "megatron":
-        return 0.0  # the 16-bit weights are the model states themselves
-    return a * local  # FSDP2 reshard_after_forward=False, or autocast's cast-weight cache
+        return FSDP_PREFETCH_LAYERS * a * block_params_local(plan.model, lay.tp)
+    if job.engine == "megatron" or (job.precision == "fp32" and lay.zero_stage < 2):
+        return 0.0  # the 16-bit (or fp32) weights are the model states themselves
+    # FSDP2 reshard_after_forward=False, or autocast's cast-weight cache
+    return a * rank_local_numel(plan.model, lay, pp_rank)
 
 
-def _comm_buffers(plan: Plan) -> float:
+def comm_buffers(plan: Plan) -> float:
     """Transient collective outputs: the TP all-gathered layer input, or the block's gradients
     staged for a ZeRO-2/3 reduce-scatter in fp32."""
     lay, job = plan.layout, plan.job
@@ -173,7 +178,7 @@ def rank_memory(plan: Plan, pp_rank: int) -> MemoryBreakdown:
         pp_rank=pp_rank, weights_bytes=states.weights_bytes,
         gradients_bytes=states.gradients_bytes, optimizer_bytes=states.optimizer_bytes,
         activations_bytes=peak, gathered_params_bytes=_gathered_params(plan, pp_rank),
-        comm_buffers_bytes=_comm_buffers(plan), framework_bytes=gpu.framework_overhead_bytes,
+        comm_buffers_bytes=comm_buffers(plan), framework_bytes=gpu.framework_overhead_bytes,
         activation_bytes_per_microbatch=one_mb,
         inflight_microbatches=peak / one_mb if one_mb else 0.0,
         capacity_bytes=gpu.memory_bytes)

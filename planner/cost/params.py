@@ -9,6 +9,7 @@ output layer Shard(0) (Shoeybi et al. 2019, Sec. 3)."""
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from planner.spec import BERT_TYPE_VOCAB, ModelSpec
 
@@ -104,16 +105,38 @@ def count_parameters(spec: ModelSpec) -> int:
             + sum(t.numel for t in head_tensors(spec)))
 
 
-def rank_param_tensors(spec: ModelSpec, layout, pp_rank: int) -> list:
-    """Every parameter tensor pipeline rank `pp_rank` holds (blocks repeated per layer)."""
+def rank_pieces(spec: ModelSpec, layout, pp_rank: int) -> tuple:
+    """(layers, holds the embedding, holds the head, head keeps a tied copy) of a pp rank."""
     first, last = layout.chunk_rank(0), layout.chunk_rank(layout.num_chunks - 1)
     layers = sum(layout.rank_chunk_layers(spec.num_layers)[pp_rank])
+    return layers, pp_rank == first, pp_rank == last, first != last
+
+
+def pieces_tensors(spec: ModelSpec, layers: int, embedding: bool, head: bool,
+                   tied_copy: bool) -> list:
     tensors = block_tensors(spec) * layers
-    if pp_rank == first:
+    if embedding:
         tensors = embedding_tensors(spec) + tensors
-    if pp_rank == last:
-        tensors = tensors + head_tensors(spec, holds_tied_copy=first != last)
+    if head:
+        tensors = tensors + head_tensors(spec, holds_tied_copy=tied_copy)
     return tensors
+
+
+def rank_param_tensors(spec: ModelSpec, layout, pp_rank: int) -> list:
+    """Every parameter tensor pipeline rank `pp_rank` holds (blocks repeated per layer)."""
+    return pieces_tensors(spec, *rank_pieces(spec, layout, pp_rank))
+
+
+@lru_cache(maxsize=65536)
+def _local_numel(spec: ModelSpec, tp: int, layers: int, embedding: bool, head: bool,
+                 tied_copy: bool) -> int:
+    return sum(math.prod(t.local_shape(tp))
+               for t in pieces_tensors(spec, layers, embedding, head, tied_copy))
+
+
+def rank_local_numel(spec: ModelSpec, layout, pp_rank: int) -> int:
+    """Parameters pipeline rank `pp_rank` holds on TP rank 0 (cached: the search asks often)."""
+    return _local_numel(spec, layout.tp, *rank_pieces(spec, layout, pp_rank))
 
 
 def block_params_local(spec: ModelSpec, tp: int) -> int:

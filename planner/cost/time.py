@@ -75,12 +75,12 @@ def rank_microbatch(plan: Plan, pp_rank: int) -> RankMicrobatch:
         fwd, bwd, wgrad = fwd + ht.fwd_s, bwd + ht.bwd_s, wgrad + ht.wgrad_s
     recompute = {"none": 0.0, "selective": selective_recompute_s(lt),
                  "full": lt.fwd_s}[lay.recompute] * layers
-    tp = layers * _exposed_tp_per_layer(plan, lt.wgrad_s)
+    tp = layers * exposed_tp_per_layer(plan, lt.wgrad_s)
     pp = sum(c.time_s for c in pp_p2p_per_microbatch(plan))
     return RankMicrobatch(fwd, bwd, recompute, tp, pp, wgrad)
 
 
-def _exposed_tp_per_layer(plan: Plan, wgrad_s: float) -> float:
+def exposed_tp_per_layer(plan: Plan, wgrad_s: float) -> float:
     """TP communication per layer and micro-batch left on the critical path."""
     total = sum(c.time_s for c in tp_collectives_per_layer(plan))
     if plan.job.engine != "megatron":
@@ -107,7 +107,7 @@ def _dp_exposed(plan: Plan, pp_rank: int, mb: RankMicrobatch) -> tuple:
     return max(0.0, grad_sync - mb.compute_bwd_s - mb.recompute_s) + after_step, total
 
 
-def _optimizer_s(plan: Plan, memory: MemoryBreakdown) -> float:
+def optimizer_step_s(plan: Plan, memory: MemoryBreakdown) -> float:
     k = ADAM_STATE_BYTES_FP32 if plan.job.engine == "torch" or plan.job.precision == "fp32" \
         else ADAM_STATE_BYTES_MIXED
     numel = memory.optimizer_bytes / k
@@ -126,12 +126,13 @@ def time_breakdown(plan: Plan, rank_memories: list) -> TimeBreakdown:
     tails = []
     for r in range(lay.pp):
         exposed, total = _dp_exposed(plan, r, mbs[r])
-        tails.append((exposed + _optimizer_s(plan, rank_memories[r]), exposed, total, r))
-    _, dp_exposed, dp_total, tail_rank = max(tails)
+        optimizer = optimizer_step_s(plan, rank_memories[r])
+        tails.append((exposed + optimizer, exposed, total, optimizer))
+    _, dp_exposed, dp_total, optimizer = max(tails)
     m = lay.num_microbatches
     return TimeBreakdown(
         compute_s=m * (s.compute_fwd_s + s.compute_bwd_s), recompute_s=m * s.recompute_s,
         tp_comm_s=m * s.tp_comm_s, pp_comm_s=m * s.pp_comm_s, bubble_s=bubble,
-        dp_comm_exposed_s=dp_exposed, optimizer_s=_optimizer_s(plan, rank_memories[tail_rank]),
+        dp_comm_exposed_s=dp_exposed, optimizer_s=optimizer,
         dp_comm_total_s=dp_total, bubble_fraction=bubble / pipe_s if pipe_s else 0.0,
         slowest_pp_rank=slow)
