@@ -118,6 +118,15 @@ def _group_bandwidth(profile: HardwareProfile, group: np.ndarray) -> tuple:
 _LINK_CACHE = {}
 
 
+def _distinct_groups(groups: np.ndarray, gpn: int) -> np.ndarray:
+    """Index of one group per distinct (local GPU ids, nodes spanned) pattern: groups with the
+    same pattern see the same links."""
+    nodes = np.sort(groups // gpn, axis=1)
+    spans = 1 + (np.diff(nodes, axis=1) != 0).sum(axis=1)
+    keys = np.column_stack([groups % gpn, spans])
+    return np.unique(keys, axis=0, return_index=True)[1]
+
+
 def _axis_link_cached(profile: HardwareProfile, mesh_order: tuple, dp: int, tp: int, pp: int,
                       axis: str) -> GroupLink:
     sizes = {"dp": dp, "tp": tp, "pp": pp}
@@ -125,18 +134,9 @@ def _axis_link_cached(profile: HardwareProfile, mesh_order: tuple, dp: int, tp: 
     if n == 1:
         return GroupLink(axis, 1, 1, 1, "none", float("inf"), 0.0)
     groups = axis_groups(mesh_order, sizes, axis)
-    worst = None
-    seen = set()
-    for group in groups:
-        key = tuple(int(r) % profile.gpus_per_node for r in group), \
-            len(set(int(r) // profile.gpus_per_node for r in group))
-        if key in seen:
-            continue
-        seen.add(key)
-        found = _group_bandwidth(profile, group)
-        if worst is None or found[2] < worst[2]:
-            worst = found
-    num_nodes, per_node, bw = worst
+    num_nodes, per_node, bw = min((_group_bandwidth(profile, groups[i])
+                                   for i in _distinct_groups(groups, profile.gpus_per_node)),
+                                  key=lambda found: found[2])
     tier = "intra" if num_nodes == 1 else "inter"
     latency = profile.intra_node.latency_s if tier == "intra" else profile.inter_node.latency_s
     return GroupLink(axis, n, num_nodes, per_node, tier, bw, latency)
