@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
                                                      set_model_state_dict,
@@ -109,14 +110,19 @@ def load(engine, path) -> int:
         state = {"model": model, "optim": optim, "train": {"step": step}}
         try:
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as exc:  # DCP wraps every reader error in CheckpointException
-            raise ValueError(f"checkpoint {path} is unreadable: "
-                             f"{str(exc).strip().splitlines()[-1][:200]}") from None
+        except (Exception, CheckpointException) as exc:  # the latter is a BaseException
+            raise ValueError(f"checkpoint {path} is unreadable: {_reason(exc)}") from None
         step = state["train"]["step"]
         set_model_state_dict(engine.modules[i], _local_names(engine.parts[i], state["model"]))
         loaded_optim[i] = state["optim"]
     _set_optimizers(engine, loaded_optim)
     return int(step)
+
+
+def _reason(exc) -> str:
+    """The last line of DCP's per-rank traceback text: the actual error, shortened."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:160]
 
 
 def _local_names(part, canonical: dict) -> dict:
