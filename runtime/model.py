@@ -28,17 +28,18 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        acc = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
+        rstd = torch.rsqrt(x.to(acc).pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (x.float() * rstd * weight.float()).to(x.dtype)
+        return (x.to(acc) * rstd * weight.to(acc)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.float() * rstd
-        g = grad.float()
+        xhat = x.to(rstd.dtype) * rstd
+        g = grad.to(rstd.dtype)
         grad_w = (g * xhat).sum(dim=tuple(range(g.ndim - 1)))
-        gw = g * weight.float()
+        gw = g * weight.to(rstd.dtype)
         grad_x = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
         return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
 

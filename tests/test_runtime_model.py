@@ -61,3 +61,36 @@ def test_chunked_forward_equals_whole():
         materialize(m, "cpu", seed=1)
     tokens = torch.randint(0, 256, (2, 16))
     torch.testing.assert_close(whole(tokens), last(first(tokens)), rtol=0, atol=0)
+
+
+def test_rms_norm_matches_torch_and_saves_input_and_rstd_only():
+    from runtime.model import RMSNorm
+    norm = RMSNorm(16, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16) + 0.5)
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    norm = norm.double()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        y = norm(x)
+    want = torch.nn.functional.rms_norm(x, (16,), norm.weight, 1e-5)
+    torch.testing.assert_close(y, want)
+    assert sorted(saved) == sorted([(2, 3, 16), (16,), (2, 3, 1)])
+    assert torch.autograd.gradcheck(lambda a, w: RMSNorm.forward(_with(norm, w), a), (x, norm.weight))
+
+
+def _with(norm, weight):
+    class View:
+        eps = norm.eps
+    view = View()
+    view.weight = weight
+    return view
+
+
+def test_tied_weights_stay_tied_after_materialize():
+    spec = _small("gpt")
+    with torch.device("meta"):
+        model = Transformer(spec)
+    materialize(model, "cpu")
+    assert model.head.output.weight is model.embed.wte.weight
