@@ -143,3 +143,23 @@ def test_gpt_tied_parity(name):
 @pytest.mark.parametrize("name", BERT_CASES)
 def test_bert_parity(name):
     run_case("bert", name)
+
+
+MIXED = {"bf16-fsdp-zero2": L(dp=2, micro_batch=2, num_microbatches=2, zero_stage=2),
+         "bf16-autocast-ddp": L(dp=2, micro_batch=2, num_microbatches=2),
+         "bf16-replicate-tp2xdp2": L(dp=2, tp=2, micro_batch=2, num_microbatches=2)}
+
+
+@functools.lru_cache(maxsize=None)
+def mixed_results() -> dict:
+    return train_worlds({k: make_plan(v, SPEC, "bf16") for k, v in MIXED.items()}, STEPS)
+
+
+@pytest.mark.parametrize("name", MIXED)
+def test_bf16_tracks_fp32_with_fp32_master_state(name):
+    """bf16 compute (FSDP2 MixedPrecisionPolicy, autocast, or replicate's policy) keeps fp32
+    parameters, gradients and AdamW state: the planner's torch-engine bytes, exactly."""
+    got, want = mixed_results()[name], results(1)[("llama", "reference")]
+    assert max(abs(a - b) for a, b in zip(got["losses"], want["losses"])) < 0.05
+    assert all(v.dtype == want["params"][k].dtype for k, v in got["params"].items())
+    check_memory(make_plan(MIXED[name], SPEC, "bf16"), got["ranks"])
