@@ -58,9 +58,12 @@ def build_adamw(module, cfg: OptimConfig) -> torch.optim.AdamW:
     groups = {}
     for p in module.parameters():
         groups.setdefault(_group_key(p), []).append(p)
-    kws = _group_kw(cfg)
+    kws, kw = _group_kw(cfg), _adamw_kw(cfg)
+    params = [p for ps in groups.values() for p in ps]
+    if all(p.is_cuda and not isinstance(p, DTensor) for p in params):
+        kw = {**kw, "foreach": False, "fused": True}  # plain CUDA tensors only (one GPU, DDP)
     return torch.optim.AdamW([{"params": ps, **kws[g]} for g, ps in sorted(groups.items())],
-                             **_adamw_kw(cfg))
+                             **kw)
 
 
 def build_sharded_adamw(named_params: list, dp_group, cfg: OptimConfig) -> ShardedAdamW:
@@ -92,15 +95,16 @@ def clip_grad_norm(entries: list, max_norm: float, ctx) -> float:
     entries: [(parameter, copies)] where copies > 1 for a weight held twice (a tied embedding
     copy). Local squared norms are divided by how often the values are replicated, then summed
     over the whole world (RUNTIME_NOTES item 7: one norm over TP, PP and ZeRO shards)."""
-    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    grads = []
+    grads, weights = [], []
     for p, copies in entries:
-        if p.grad is None:
-            continue
-        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        grads.append(g)
-        total += (torch.linalg.vector_norm(g, dtype=torch.float64).pow(2)
-                  / (replication(p, ctx) * copies))
+        if p.grad is not None:
+            grads.append(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
+            weights.append(1.0 / (replication(p, ctx) * copies))
+    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    if grads:
+        norms = torch.stack(torch._foreach_norm(grads)).double()
+        total += (norms.pow(2) * torch.tensor(weights, dtype=torch.float64,
+                                              device=norms.device)).sum()
     dist.all_reduce(total)
     norm = float(total.sqrt())
     if max_norm > 0 and grads:

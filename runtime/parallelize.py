@@ -110,12 +110,15 @@ def apply_ddp(part: nn.Module, dp_group) -> nn.Module:
                                    gradient_as_bucket_view=True)
 
 
-def parallelize(part: Transformer, layout, precision: str, ctx) -> str:
-    """TP, recompute and FSDP on a meta-device part. Returns the data-parallel wrapper still
-    to apply after materialisation: 'ddp', 'replicate' (already applied) or 'none'."""
+def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=False) -> str:
+    """TP, recompute, (torch.compile per block) and FSDP on a meta-device part. Returns the
+    data-parallel wrapper still to apply after materialisation: 'ddp' or 'none'."""
     if layout.tp > 1:
         apply_tp(part, ctx.mesh["tp"], layout.sequence_parallel)
     set_recompute(part, layout.recompute)
+    if compile_blocks:
+        for block in part.layers.values():
+            block.compile()  # in place: parameter names are unchanged
     if layout.dp > 1 and layout.zero_stage >= 2:
         apply_fsdp(part, ctx.mesh["dp"], layout.zero_stage, precision)
         return "none"

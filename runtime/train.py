@@ -33,6 +33,7 @@ class RunConfig:
     seed: int = 0
     val_batches: int = VAL_BATCHES
     measure_step: int = 1  # the step whose memory is recorded (step 0 includes warm-up)
+    compile: bool = False  # torch.compile each transformer block
 
     def __post_init__(self):
         if self.steps < 1:
@@ -58,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=0, help="warmup steps (0: a tenth of --steps)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip (0: off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--timeout", type=float, default=60.0, help="collective timeout (s)")
     return p.parse_args(argv)
 
@@ -93,7 +95,7 @@ class Trainer:
         self.data = TokenData(tokens, plan.job.seq_len, plan.layout, ctx.dp_rank,
                               causal=plan.model.causal, vocab_size=plan.model.vocab_size,
                               seed=cfg.seed)
-        self.engine = Engine(plan, ctx, optim_cfg, seed=cfg.seed)
+        self.engine = Engine(plan, ctx, optim_cfg, seed=cfg.seed, compile_blocks=cfg.compile)
         self.optim_cfg = optim_cfg
         self.steps, self.record = [], {}
 
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
                         data_cap_bytes=int(args.data_cap_mb * 2**20),
                         checkpoint_dir=args.checkpoint_dir,
                         checkpoint_every=args.checkpoint_every, resume=args.resume,
-                        out=args.out, seed=args.seed)
+                        out=args.out, seed=args.seed, compile=args.compile)
         from runtime.mesh import check_world_size
         check_world_size(plan.layout)
         return _run(plan, cfg, args)
