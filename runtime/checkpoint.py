@@ -79,8 +79,8 @@ def save(engine, root, step: int) -> Path:
     for m, o in _part_states(engine):
         model.update(m)
         optim.update(o)
-    dcp.save({"model": model, "optim": optim, "train": {"step": torch.tensor(step)}},
-             checkpoint_id=str(tmp))
+    train = {"step": torch.tensor(step), **engine.scaler.state()}
+    dcp.save({"model": model, "optim": optim, "train": train}, checkpoint_id=str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
         engine.plan.save(tmp / "plan.json")
@@ -104,19 +104,19 @@ def load(engine, path) -> int:
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise ValueError(f"checkpoint {path} is incomplete or unreadable (no .metadata)")
-    spec, step = engine.plan.model, torch.tensor(0)
+    train = {"step": torch.tensor(0), **engine.scaler.state()}
     loaded_optim = {}
     for i, (model, optim) in enumerate(_part_states(engine)):
-        state = {"model": model, "optim": optim, "train": {"step": step}}
+        state = {"model": model, "optim": optim, "train": train}
         try:
             dcp.load(state, checkpoint_id=str(path))
         except (Exception, CheckpointException) as exc:  # the latter is a BaseException
             raise ValueError(f"checkpoint {path} is unreadable: {_reason(exc)}") from None
-        step = state["train"]["step"]
         set_model_state_dict(engine.modules[i], _local_names(engine.parts[i], state["model"]))
         loaded_optim[i] = state["optim"]
     _set_optimizers(engine, loaded_optim)
-    return int(step)
+    engine.scaler.load(train)
+    return int(train["step"])
 
 
 def _reason(exc) -> str:

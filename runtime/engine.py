@@ -10,6 +10,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from runtime import measure
+from runtime.amp import LossScaler
 from runtime.mesh import pair_group
 from runtime.model import canonical_name, materialize
 from runtime.optim import (OptimConfig, build_adamw, build_sharded_adamw, clip_grad_norm)
@@ -36,6 +37,8 @@ class Engine:
         self.ddp = wraps == {"ddp"}
         self.modules = [apply_ddp(p, ctx.group("dp")) if self.ddp else p for p in self.parts]
         self.loss_scale = 1.0
+        self.scaler = LossScaler(plan.job.precision == "fp16")
+        self.skipped_steps = 0
         self.schedule = (build_schedule(self.modules, self.chunk_ids, lay, ctx, self.loss_fn)
                          if lay.pp > 1 else None)
         self.has_first = 0 in self.chunk_ids
@@ -106,7 +109,7 @@ class Engine:
         self.loss_scale = lay.num_microbatches * lay.dp / max(1.0, float(count))
 
     def loss_fn(self, logits, labels):
-        return lm_loss_sum(logits, labels) * self.loss_scale
+        return lm_loss_sum(logits, labels) * (self.loss_scale * self.scaler.scale)
 
     def _accumulate(self, inputs, labels, train: bool = True) -> torch.Tensor:
         """pp == 1: gradient accumulation over the plan's micro-batches."""
@@ -140,7 +143,7 @@ class Engine:
         value = local_loss.detach().double() if self.has_last else torch.zeros(
             (), dtype=torch.float64, device=self.ctx.device)
         dist.all_reduce(value)
-        return float(value) / (self.plan.layout.dp * self.plan.layout.tp)
+        return float(value) / (self.plan.layout.dp * self.plan.layout.tp * self.scaler.scale)
 
     def forward_backward(self, inputs, labels) -> float:
         self.set_loss_scale(labels)
@@ -161,8 +164,16 @@ class Engine:
                 p.grad = g.redistribute(p.device_mesh, p.placements)
 
     def optimizer_step(self) -> float:
-        """Clip by the global norm, step, clear gradients; returns the norm before clipping."""
-        norm = clip_grad_norm(self.clip_entries(), self.cfg.grad_clip, self.ctx)
+        """Clip by the global norm, step, clear gradients; returns the norm before clipping
+        (None when fp16 gradients overflowed and the step was skipped)."""
+        entries = self.clip_entries()
+        overflow = self.scaler.unscale([p for p, _ in entries], self.ctx.device)
+        self.scaler.update(overflow)
+        if overflow:
+            self.skipped_steps += 1
+            self.zero_grad()
+            return None
+        norm = clip_grad_norm(entries, self.cfg.grad_clip, self.ctx)
         for opt in self.optimizers:
             opt.step()
         self.zero_grad()

@@ -163,3 +163,23 @@ def test_bf16_tracks_fp32_with_fp32_master_state(name):
     assert max(abs(a - b) for a, b in zip(got["losses"], want["losses"])) < 0.05
     assert all(v.dtype == want["params"][k].dtype for k, v in got["params"].items())
     check_memory(make_plan(MIXED[name], SPEC, "bf16"), got["ranks"])
+
+
+FP16 = {"fp16-fsdp-zero2": L(dp=2, micro_batch=2, num_microbatches=2, zero_stage=2),
+        "fp16-autocast-ddp": L(dp=2, micro_batch=2, num_microbatches=2)}
+
+
+def _fp16_plan(layout):
+    from planner.hardware import load_cluster
+    plan = make_plan(layout, SPEC)  # the cpu profile has no fp16; the runtime does not care
+    job = dataclasses.replace(plan.job, precision="fp16")
+    return dataclasses.replace(plan, job=job,
+                               cluster=load_cluster("v100-32g", 1, num_gpus=layout.world_size))
+
+
+@pytest.mark.parametrize("name", FP16)
+def test_fp16_with_dynamic_loss_scaling(name):
+    got = train_worlds({name: _fp16_plan(FP16[name])}, STEPS)[name]
+    want = results(1)[("llama", "reference")]
+    assert max(abs(a - b) for a, b in zip(got["losses"], want["losses"])) < 0.05
+    check_memory(_fp16_plan(FP16[name]), got["ranks"])

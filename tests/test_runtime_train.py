@@ -149,3 +149,23 @@ def _check_measured(measured: dict) -> None:
     table = compare(Plan.from_dict(measured["plan"]), measured)
     states = table[table.component.isin(["weights", "gradients", "optimizer"])]
     assert (states.error_pct.abs() < 1e-9).all()
+
+
+def _scaler_rank():
+    import torch
+    from runtime.amp import INIT_SCALE, LossScaler
+    from runtime.mesh import init_distributed
+    ctx = init_distributed(Layout())
+    p = torch.nn.Parameter(torch.ones(3))
+    scaler = LossScaler(True)
+    p.grad = torch.full((3,), INIT_SCALE)
+    clean = scaler.unscale([p], ctx.device)
+    scaler.update(clean)
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    overflow = scaler.unscale([p], ctx.device)
+    scaler.update(overflow)
+    return clean, overflow, scaler.scale / INIT_SCALE
+
+
+def test_fp16_loss_scaler_skips_overflow_and_backs_off():
+    assert run_world(1, _scaler_rank)[0] == (False, True, 0.5)
