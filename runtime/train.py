@@ -154,7 +154,9 @@ class Trainer:
         from runtime import measure
         val = self.validation_loss()
         log.info(f"validation loss {val:.4f} ({self.cfg.val_batches} held-out batches)")
-        mine = {"rank": self.ctx.rank, "coords": dict(self.ctx.coords), **self.record,
+        empty = dict.fromkeys(("weights_bytes", "gradients_bytes", "optimizer_bytes",
+                               "activation_bytes_per_microbatch", "activation_peak_bytes"))
+        mine = {"rank": self.ctx.rank, "coords": dict(self.ctx.coords), **empty, **self.record,
                 "peak_allocated_bytes": measure.peak_allocated_bytes(self.ctx.device),
                 "max_rss_bytes": measure.max_rss_bytes()}
         ranks = [None] * self.ctx.world_size
