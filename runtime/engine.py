@@ -210,7 +210,13 @@ class Engine:
             m.eval()
         self.set_loss_scale(labels)
         try:
-            if self.schedule is not None:
+            if self.schedule is not None and self.plan.layout.schedule == "zbv":
+                # PyTorch 2.13's ZB-V runtime asserts in eval(): run a training step's
+                # forward/backward and drop the gradients.
+                with torch.enable_grad():
+                    local_loss = self._pipeline(inputs, labels, train=True)
+                self.zero_grad()
+            elif self.schedule is not None:
                 local_loss = self._pipeline(inputs, labels, train=False)
             else:
                 local_loss = self._accumulate(inputs, labels, train=False)

@@ -96,12 +96,13 @@ def _train_rank(plan: Plan, steps: int, tokens, measure_step: int) -> dict:
         inputs, labels = data.batch(step)
         torch.manual_seed(step)
         losses.append(engine.train_step(inputs, labels, record if step == measure_step else None))
+    val_loss = engine.eval_loss(*data.val_batch(0))
     params = {}
     for module in engine.modules:
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
         params.update({canonical_name(plan.model, k): v for k, v in full.items()})
     keep = ctx.dp_rank == 0 and ctx.tp_rank == 0
-    return {"coords": dict(ctx.coords), "losses": losses, "record": record,
+    return {"coords": dict(ctx.coords), "losses": losses, "record": record, "val": val_loss,
             "params": params if keep else None}
 
 
@@ -114,7 +115,7 @@ def _merge(ranks: list) -> dict:
     params = {}
     for r in ranks:
         params.update(r["params"] or {})
-    return {"losses": ranks[0]["losses"], "params": params,
+    return {"losses": ranks[0]["losses"], "params": params, "val_loss": ranks[0]["val"],
             "ranks": [(r["coords"], r["record"]) for r in ranks]}
 
 

@@ -124,6 +124,7 @@ def run_case(arch: str, name: str) -> None:
     print(f"{arch} {name}: max |loss diff| {loss_diff:.2e}  max |param diff| {param_diff:.2e}")
     assert loss_diff <= LOSS_TOL
     assert param_diff <= PARAM_TOL
+    assert abs(got["val_loss"] - want["val_loss"]) <= LOSS_TOL  # the schedule's eval path
     assert got["losses"][-1] < got["losses"][0]
     try:
         check_memory(plan, got["ranks"])
