@@ -13,7 +13,7 @@ from runtime import measure
 from runtime.amp import LossScaler
 from runtime.mesh import pair_group
 from runtime.model import canonical_name, materialize
-from runtime.optim import (OptimConfig, build_adamw, build_sharded_adamw, clip_grad_norm)
+from runtime.optim import OptimConfig, build_adamw, build_sharded_adamw, clip_grad_norm
 from runtime.parallelize import apply_ddp, parallelize
 from runtime.pipeline import build_chunks, build_schedule, lm_loss_sum
 

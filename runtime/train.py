@@ -113,6 +113,7 @@ class Trainer:
 
     def run(self) -> dict:
         import torch
+
         from runtime import checkpoint, measure
         from runtime.optim import lr_at
         cfg, total = self.cfg, self.cfg.steps
@@ -151,6 +152,7 @@ class Trainer:
 
     def _measured(self) -> dict:
         import torch.distributed as dist
+
         from runtime import measure
         val = self.validation_loss()
         log.info(f"validation loss {val:.4f} ({self.cfg.val_batches} held-out batches)")
@@ -213,6 +215,7 @@ def main(argv=None) -> int:
 
 def _run(plan: Plan, cfg: RunConfig, args) -> int:
     import torch.distributed as dist
+
     from runtime.mesh import init_distributed
     from runtime.optim import OptimConfig
     optim_cfg = OptimConfig(lr=args.lr, warmup_steps=args.warmup, grad_clip=args.grad_clip)

@@ -91,7 +91,8 @@ class ShardedAdamW:
         out = {}
         for key in ("exp_avg", "exp_avg_sq"):
             full = [torch.zeros_like(local(p)) for p in self.params]
-            self._all_gather(lambda i: full[i], [self._state(v, key) for v in self.views])
+            self._all_gather(lambda i, full=full: full[i],
+                             [self._state(v, key) for v in self.views])
             for name, p, t in zip(self.names, self.params, full):
                 out[f"state.{name}.{key}"] = _like_param(t, p)
         step = self._step_value()

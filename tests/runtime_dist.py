@@ -8,11 +8,17 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint  # noqa: F401  (imported before fork: fast rank start)
-import torch.distributed.fsdp  # noqa: F401
-import torch.distributed.pipelining  # noqa: F401
-import torch.distributed.tensor.parallel  # noqa: F401
+# Imported in the parent before forking, so ranks start in a fraction of a second.
+import torch.distributed.checkpoint
+import torch.distributed.fsdp
+import torch.distributed.pipelining
+import torch.distributed.tensor.parallel
 import torch.multiprocessing as mp
+
+from planner.hardware import load_cluster
+from planner.job import Job
+from planner.plan import Layout, Plan
+from planner.spec import ModelSpec
 
 WORLD_TIMEOUT_S = 240
 
@@ -52,12 +58,6 @@ def run_world(world: int, fn, *args, timeout_s: float = WORLD_TIMEOUT_S) -> list
 
 
 # --- shared pieces of the runtime tests --------------------------------------------------------
-
-from planner.hardware import load_cluster  # noqa: E402
-from planner.job import Job  # noqa: E402
-from planner.plan import Layout, Plan  # noqa: E402
-from planner.spec import ModelSpec  # noqa: E402
-
 # Small enough for 8 CPU ranks on 2 cores, large enough for pp=4 x 2 virtual stages and tp=4.
 SPEC = ModelSpec(name="test-llama", arch="llama", num_layers=8, hidden_size=64, num_heads=8,
                  num_kv_heads=4, ffn_hidden_size=128, vocab_size=256, max_seq_len=32,
@@ -82,7 +82,10 @@ def make_plan(layout: Layout, spec: ModelSpec = SPEC, precision: str = "fp32") -
 
 
 def _train_rank(plan: Plan, steps: int, tokens, measure_step: int) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     from runtime.data import TokenData
     from runtime.engine import Engine

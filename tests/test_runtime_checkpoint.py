@@ -4,7 +4,6 @@ incomplete checkpoints are never picked."""
 import functools
 
 import pytest
-
 from runtime_dist import Layout, make_plan, run_world
 
 STEPS, EVERY, CRASH_AT = 6, 3, 4

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from runtime_dist import SPEC, Layout
+
 from planner.cost.memory import rank_memory, rank_model_state
 from planner.hardware import load_cluster
 from planner.job import Job

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from runtime_dist import Layout, make_plan
 
 

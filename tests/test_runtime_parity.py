@@ -6,9 +6,9 @@ import dataclasses
 import functools
 
 import pytest
+from runtime_dist import SPEC, Layout, make_plan, train_worlds
 
 from planner.cost.memory import rank_memory, rank_model_state
-from runtime_dist import SPEC, Layout, make_plan, train_worlds
 
 STEPS = 3
 LOSS_TOL = 2e-5    # observed <= 5e-7
@@ -20,7 +20,7 @@ GPT = dataclasses.replace(SPEC, name="test-gpt", arch="gpt", num_kv_heads=8,
 BERT = dataclasses.replace(GPT, name="test-bert", arch="bert")
 
 
-def L(**kw):  # noqa: N802  (a layout with global batch 8)
+def L(**kw):
     return Layout(**kw)
 
 

@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from runtime_dist import Layout, make_plan, run_world
 
 PLAN2 = Layout(dp=2, micro_batch=2, num_microbatches=2, zero_stage=2)
@@ -153,6 +151,7 @@ def _check_measured(measured: dict) -> None:
 
 def _scaler_rank():
     import torch
+
     from runtime.amp import INIT_SCALE, LossScaler
     from runtime.mesh import init_distributed
     ctx = init_distributed(Layout())
