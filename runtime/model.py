@@ -256,16 +256,18 @@ def canonical_name(spec: ModelSpec, fqn: str) -> str:
     return fqn
 
 
-def _init_full(spec: ModelSpec, name: str, shape, seed: int) -> torch.Tensor:
+def _init_full(spec: ModelSpec, name: str, shape, seed: int, device) -> torch.Tensor:
     """The full (unsharded) initial value of parameter `name`, identical on every rank."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    # Drawn on the target device type (fast for GPU-sized models); every rank of one device
+    # type draws the same values.
+    gen = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "bias" or ("norm" in name and leaf == "weight" and len(shape) == 1):
-        return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+        return (torch.ones if leaf == "weight" else torch.zeros)(shape, device=device)
     std = INIT_STD
     if name.endswith(("attn.o.weight", "mlp.proj.weight", "mlp.down.weight")):
         std /= math.sqrt(2 * spec.num_layers)  # GPT-2 residual-projection scaling
-    return torch.randn(shape, generator=gen) * std
+    return torch.randn(shape, generator=gen, device=device) * std
 
 
 @torch.no_grad()
@@ -275,8 +277,8 @@ def materialize(model: Transformer, device, seed: int = 0) -> None:
     model.to_empty(device=device)
     model.retie()  # to_empty gives each name its own tensor
     for name, param in model.named_parameters():
-        full = _init_full(model.spec, canonical_name(model.spec, name), param.shape, seed)
-        full = full.to(device=device, dtype=param.dtype)
+        full = _init_full(model.spec, canonical_name(model.spec, name), param.shape, seed,
+                          device).to(param.dtype)
         if isinstance(param, DTensor):
             # Every rank draws the same full tensor, so no source rank is needed.
             local = distribute_tensor(full, param.device_mesh, param.placements,
