@@ -30,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    args.passthrough = argv[cut + 1:]  # `planner run plan.json -- <runtime.train flags>`
+    if args.passthrough and args.command != "run":
+        parser.error(f"arguments after -- are only for `planner run`: {args.passthrough}")
     try:
         return args.run(args) or 0
     except ValueError as exc:

@@ -63,3 +63,22 @@ def test_models_and_profiles_list(capsys):
     assert main(["profiles", "--json"]) == 0
     names = {p["name"] for p in json.loads(capsys.readouterr().out)}
     assert {"a100-80g", "v100-16g", "cpu"} <= names
+
+
+def test_run_passes_flags_after_double_dash(monkeypatch, tmp_path):
+    import runtime.launch
+    seen = {}
+    monkeypatch.setattr(runtime.launch, "run_plan",
+                        lambda plan, steps, extra: seen.update(steps=steps, extra=extra) or 0)
+    plan_path = tmp_path / "plan.json"
+    assert main(ESTIMATE + ["--out", str(plan_path)]) == 0
+    measured = str(tmp_path / "m.json")
+    assert main(["run", str(plan_path), "--steps", "3", "--measured", measured, "--",
+                 "--data", "x.txt"]) == 0
+    assert seen == {"steps": 3, "extra": ["--out", measured, "--data", "x.txt"]}
+
+
+def test_double_dash_is_refused_outside_run():
+    out = subprocess.run([sys.executable, "-m", "planner.cli", "models", "--", "--x"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "only for `planner run`" in out.stderr

@@ -74,13 +74,6 @@ BERT_CASES = {"bert-pp2": L(pp=2, micro_batch=2, num_microbatches=4),
               "bert-tp2-sp": L(tp=2, micro_batch=8, sequence_parallel=True)}
 
 
-# Known differences between the planner's memory model and what the runtime holds.
-PLANNER_GAPS = {
-    ("gpt", "gpt-tied-zbv-zero2"):
-        "ZB-V runs the first and last chunk on pp rank 0; the runtime keeps the tied output "
-        "copy in the last chunk (a separate module), the planner counts none when first and "
-        "last chunk share a rank",
-}
 SPECS = {"llama": SPEC, "gpt": GPT, "bert": BERT}
 ALL = {**{("llama", k): v for k, v in CASES.items()}, **{("gpt", k): v for k, v in GPT_CASES.items()},
        **{("bert", k): v for k, v in BERT_CASES.items()}}
@@ -126,12 +119,7 @@ def run_case(arch: str, name: str) -> None:
     assert param_diff <= PARAM_TOL
     assert abs(got["val_loss"] - want["val_loss"]) <= LOSS_TOL  # the schedule's eval path
     assert got["losses"][-1] < got["losses"][0]
-    try:
-        check_memory(plan, got["ranks"])
-    except AssertionError:
-        if (arch, name) in PLANNER_GAPS:
-            pytest.xfail(PLANNER_GAPS[(arch, name)])
-        raise
+    check_memory(plan, got["ranks"])
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -15,8 +15,7 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=50, help="training steps (default 50)")
     p.add_argument("--measured", default="measured.json",
                    help="where the run writes its measurements (default measured.json)")
-    p.add_argument("runtime_args", nargs="*",
-                   help="extra runtime.train flags after --, e.g. -- --data corpus.txt")
+    p.epilog = "flags after -- go to runtime.train, e.g. -- --data corpus.txt --lr 1e-3"
     return p
 
 
@@ -24,7 +23,7 @@ def run(args) -> int:
     plan = Plan.load(args.plan)  # a bad plan is a one-line error before anything starts
     # imported here: the runtime pulls in torch, which `planner` must not load at start-up
     from runtime.launch import run_plan
-    code = run_plan(args.plan, args.steps, ["--out", args.measured, *args.runtime_args])
+    code = run_plan(args.plan, args.steps, ["--out", args.measured, *args.passthrough])
     if code == 0 and Path(args.measured).is_file():
         print("\nPredicted vs measured (planner compare):")
         print(compare_text(compare(plan, load_json_file(args.measured, "measured"))))

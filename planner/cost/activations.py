@@ -33,17 +33,25 @@ class LayerActivations:
         return self.norms_bytes + self.attention_bytes + self.mlp_bytes + self.dropout_mask_bytes
 
 
-def _attention_core(spec: ModelSpec, job: Job, b: int, s: int, t: int, a: int) -> float:
-    """Tensors saved by the attention core itself (not its input/output projections)."""
+def _attention_bytes(spec: ModelSpec, job: Job, layout: Layout, selective: bool) -> float:
+    """The attention core's saved tensors and the output projection's input.
+
+    The core keeps q, k, v (the checkpoint's inputs under selective recompute). Without
+    recompute a flash kernel also keeps its output and fp32 log-sum-exp; the output projection
+    reads that output through a view, so it is one tensor.  Unfused attention keeps the softmax,
+    dropout mask and dropped probabilities (5as^2b/t with dropout) and the projection its own
+    input (the re-laid-out context, 2sbh/t)."""
+    b, s, t, a = layout.micro_batch, job.seq_len, layout.tp, dtype_bytes(job.precision)
     heads = spec.num_heads // t
-    q = a * b * s * spec.hidden_size / t
-    kv = 2 * a * b * s * spec.kv_hidden_size / t
+    out = a * b * s * spec.hidden_size / t
+    qkv = out + 2 * a * b * s * spec.kv_hidden_size / t
+    if selective:
+        return qkv + out
     if job.flash_attention:
-        return q + kv + q + FP32 * b * heads * s  # q, k, v, output, log-sum-exp
+        return qkv + out + FP32 * b * heads * s
     scores = b * heads * s * s
-    mask = DROPOUT_MASK_BYTES * scores if spec.dropout > 0 else 0
-    probs_dropped = a * scores if spec.dropout > 0 else 0
-    return q + kv + a * scores + mask + probs_dropped  # q, k (scores), v, softmax, dropout
+    dropout = (DROPOUT_MASK_BYTES + a) * scores if spec.dropout > 0 else 0
+    return qkv + a * scores + dropout + out
 
 
 def _norm_bytes(spec: ModelSpec, tokens: float, a: int) -> float:
@@ -52,8 +60,9 @@ def _norm_bytes(spec: ModelSpec, tokens: float, a: int) -> float:
     return a * tokens * spec.hidden_size + FP32 * stats * tokens
 
 
-def layer_activations(spec: ModelSpec, job: Job, layout: Layout) -> LayerActivations:
-    """Saved bytes of one layer and one micro-batch without recomputation."""
+def layer_activations(spec: ModelSpec, job: Job, layout: Layout,
+                      selective: bool = False) -> LayerActivations:
+    """Saved bytes of one layer and one micro-batch (no recompute, or selective)."""
     b, s, t, a = layout.micro_batch, job.seq_len, layout.tp, dtype_bytes(job.precision)
     h, f = spec.hidden_size, spec.ffn_hidden_size
     tokens = b * s
@@ -61,7 +70,7 @@ def layer_activations(spec: ModelSpec, job: Job, layout: Layout) -> LayerActivat
     # input of the column-parallel GEMMs (norm output), replicated across TP ranks
     gathered_div = sp if job.engine == "megatron" else 1
     gemm_in = a * tokens * h / gathered_div
-    attention = gemm_in + _attention_core(spec, job, b, s, t, a) + a * tokens * h / t
+    attention = gemm_in + _attention_bytes(spec, job, layout, selective)
     if spec.mlp == "swiglu":
         mlp = gemm_in + 4 * a * tokens * f / t  # gate (silu in), up, silu out, down in
     else:
@@ -78,22 +87,12 @@ def checkpointed_layer_bytes(spec: ModelSpec, job: Job, layout: Layout) -> float
     return dtype_bytes(job.precision) * layout.micro_batch * job.seq_len * spec.hidden_size / sp
 
 
-def selective_saving(spec: ModelSpec, job: Job, layout: Layout) -> float:
-    """Bytes selective recompute frees per layer: the attention core's saved tensors, except its
-    inputs q, k, v which the checkpoint keeps (Korthikanti Sec. 5)."""
-    b, s, t, a = layout.micro_batch, job.seq_len, layout.tp, dtype_bytes(job.precision)
-    kept = a * b * s * (spec.hidden_size + 2 * spec.kv_hidden_size) / t
-    return _attention_core(spec, job, b, s, t, a) - kept
-
-
 def layer_bytes(spec: ModelSpec, job: Job, layout: Layout) -> float:
-    """Saved bytes per layer and micro-batch under the plan's recompute policy."""
+    """Saved bytes per layer and micro-batch under the plan's recompute policy (selective:
+    the attention core is recomputed, Korthikanti Sec. 5; full: Table 2)."""
     if layout.recompute == "full":
         return checkpointed_layer_bytes(spec, job, layout)
-    full = layer_activations(spec, job, layout).total_bytes
-    if layout.recompute == "selective":
-        return full - selective_saving(spec, job, layout)
-    return full
+    return layer_activations(spec, job, layout, layout.recompute == "selective").total_bytes
 
 
 def head_bytes(spec: ModelSpec, job: Job, layout: Layout) -> float:
@@ -103,12 +102,16 @@ def head_bytes(spec: ModelSpec, job: Job, layout: Layout) -> float:
     tokens = b * s
     sp = t if layout.sequence_parallel else 1
     norm = _norm_bytes(spec, tokens / sp, a) if spec.arch != "bert" else 0
-    return norm + a * tokens * spec.hidden_size + FP32 * tokens * -(-spec.vocab_size // t)
+    labels = 8 * tokens  # int64 targets kept by the cross-entropy
+    return norm + a * tokens * spec.hidden_size + FP32 * tokens * -(-spec.vocab_size // t) + \
+        labels
 
 
 def embedding_bytes(spec: ModelSpec, job: Job, layout: Layout) -> float:
-    """First stage, one micro-batch: token ids (int64) and the embedding dropout mask."""
+    """First stage, one micro-batch: token ids (int64), position ids for learned positions and
+    the embedding dropout mask."""
     tokens = layout.micro_batch * job.seq_len
     sp = layout.tp if layout.sequence_parallel else 1
     mask = DROPOUT_MASK_BYTES * tokens * spec.hidden_size / sp if spec.dropout > 0 else 0
-    return 8 * tokens + mask
+    positions = 8 * job.seq_len if spec.learned_positions else 0
+    return 8 * tokens + positions + mask

@@ -85,8 +85,9 @@ def embedding_tensors(spec: ModelSpec) -> list:
 def head_tensors(spec: ModelSpec, holds_tied_copy: bool = False) -> list:
     """Final norm and output layer; BERT's MLM transform (dense + norm) and decoder bias.
 
-    A tied output layer shares the word embedding; when the first and last pipeline chunks live
-    on different ranks, the last one keeps its own copy (Narayanan et al. 2021, Sec. 4.1)."""
+    A tied output layer shares the word embedding; when the model is split into pipeline chunks,
+    the last chunk keeps its own copy (Narayanan et al. 2021, Sec. 4.1), also under ZB-V where
+    the first and last chunks share a rank."""
     h, v = spec.hidden_size, spec.vocab_size
     if spec.arch == "bert":
         tensors = _linear("head.transform", h, h, True, "none") + _norm("head.norm", spec)
@@ -109,7 +110,8 @@ def rank_pieces(spec: ModelSpec, layout, pp_rank: int) -> tuple:
     """(layers, holds the embedding, holds the head, head keeps a tied copy) of a pp rank."""
     first, last = layout.chunk_rank(0), layout.chunk_rank(layout.num_chunks - 1)
     layers = sum(layout.rank_chunk_layers(spec.num_layers)[pp_rank])
-    return layers, pp_rank == first, pp_rank == last, first != last
+    # separate chunk modules: the last keeps its own tied copy even on the first chunk's rank
+    return layers, pp_rank == first, pp_rank == last, layout.num_chunks > 1
 
 
 def pieces_tensors(spec: ModelSpec, layers: int, embedding: bool, head: bool,
