@@ -36,11 +36,14 @@ def profile_from_measurements(base: HardwareProfile, m: dict, name: str) -> Hard
         gemm_efficiency_max=e_max, gemm_half_dim=half_dim,
         hbm_bandwidth_bytes_per_s=m["copy_bytes_per_s"], memory_efficiency=1.0,
         memory_bytes=int(m["memory_bytes"]))
-    bw, latency = fit_alpha_beta(m["allreduce_bytes"], m["allreduce_s"], m["ranks"])
-    intra = dataclasses.replace(base.intra_node, bandwidth_bytes_per_s=bw, latency_s=latency,
-                                efficiency=1.0)
     when = datetime.date.today().isoformat()
     note = f"measured by `planner profile` on {m['host']} ({m['ranks']} ranks, {when})"
+    intra, intra_source = base.intra_node, base.sources.get("intra_node", "")
+    if m["ranks"] > 1:  # one rank measures no collectives: the base fabric stays
+        bw, latency = fit_alpha_beta(m["allreduce_bytes"], m["allreduce_s"], m["ranks"])
+        intra = dataclasses.replace(intra, bandwidth_bytes_per_s=bw, latency_s=latency,
+                                    efficiency=1.0)
+        intra_source = f"{note}: all-reduce alpha-beta fit over {len(m['allreduce_bytes'])} sizes"
     sources = {**base.sources,
                "gpu.peak_flops": f"{note}: peak = {peak:.3g} FLOP/s ({precision})",
                "gpu.gemm_efficiency_max": f"{note}: fitted to {len(m['gemms'])} GEMMs, "
@@ -48,8 +51,8 @@ def profile_from_measurements(base: HardwareProfile, m: dict, name: str) -> Hard
                "gpu.gemm_half_dim": f"{note}: fitted with gemm_efficiency_max",
                "gpu.hbm_bandwidth_bytes_per_s": f"{note}: copy bandwidth (read + write)",
                "gpu.memory_bytes": f"{note}",
-               "intra_node": f"{note}: all-reduce alpha-beta fit over "
-                             f"{len(m['allreduce_bytes'])} sizes"}
-    return dataclasses.replace(base, name=name, gpus_per_node=m["ranks"], gpu=gpu,
+               "intra_node": intra_source}
+    gpn = m["ranks"] if m["ranks"] > 1 else base.gpus_per_node
+    return dataclasses.replace(base, name=name, gpus_per_node=gpn, gpu=gpu,
                                intra_node=intra, sources=sources,
                                description=f"{base.description} — {note}")

@@ -114,7 +114,7 @@ def measure(ranks: int, tmp_path: str) -> dict:
     peak = next((v for k, v in GPU_PEAKS.items() if k in name), None) if cuda else None
     memory = torch.cuda.get_device_properties(0).total_memory if cuda else \
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
-    sizes, times = measure_allreduce(ranks, tmp_path)
+    sizes, times = measure_allreduce(ranks, tmp_path) if ranks > 1 else ([], [])
     return {"device_name": name, "host": socket.gethostname(), "ranks": ranks,
             "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "peak_flops": peak,
             "gemms": measure_gemms(device, dtype, share),
@@ -127,11 +127,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--ranks", type=int, required=True)
     args = parser.parse_args(argv)
-    if args.ranks < 2:
-        print("hwprofile: error: --ranks must be >= 2 to measure collectives", file=sys.stderr)
+    if args.ranks < 1:
+        print(f"hwprofile: error: --ranks must be >= 1, got {args.ranks}", file=sys.stderr)
         return 2
     result = measure(args.ranks, args.out + ".allreduce")
-    os.remove(args.out + ".allreduce")
+    if os.path.exists(args.out + ".allreduce"):
+        os.remove(args.out + ".allreduce")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0

@@ -55,3 +55,14 @@ def test_planner_profile_on_cpu_writes_a_loadable_profile(tmp_path):
     assert "[gemm" in run.stderr and "[all-reduce" in run.stderr  # progress was shown
     profile = load_profile(str(out))
     assert profile.gpus_per_node == 2 and profile.gpu.peak_flops["fp32"] > 0
+
+
+def test_single_rank_profile_keeps_the_base_fabric():
+    m = {"device_name": "one-gpu", "host": "h", "ranks": 1, "precision": "bf16",
+         "peak_flops": 1e14, "gemms": _synthetic_gemms(0.6, 64.0, 1e14),
+         "copy_bytes_per_s": 2e12, "memory_bytes": 80 * 2**30,
+         "allreduce_bytes": [], "allreduce_s": []}
+    base = load_profile("h100-80g")
+    profile = profile_from_measurements(base, m, "one")
+    assert profile.intra_node == base.intra_node and profile.gpus_per_node == 8
+    assert profile.gpu.gemm_efficiency_max == pytest.approx(0.6, rel=0.01)

@@ -13,7 +13,8 @@ from planner.profile_fit import profile_from_measurements
 def add_parser(sub):
     p = sub.add_parser("profile", help="measure local GPUs (or CPU processes) into a profile")
     p.add_argument("--out", default="my_cluster.json", help="profile JSON to write")
-    p.add_argument("--ranks", type=int, default=8, help="local ranks for collectives (default 8)")
+    p.add_argument("--ranks", type=int, default=8,
+                   help="local ranks for collectives (default 8; 1 measures no collectives)")
     p.add_argument("--base", default="cpu",
                    help="profile whose unmeasured terms (network, overheads) are kept")
     p.add_argument("--name", default=None, help="profile name (default: the --out file stem)")
