@@ -63,17 +63,23 @@ def test_compare_cli_and_bad_measured(tmp_path, capsys):
 
 
 def test_calibrate_recovers_a_slower_machine(tmp_path, capsys):
-    """Runs measured on a machine that reaches half the profile's efficiency: calibration finds
-    k ~ 0.5 and the step-time error drops."""
+    """Runs measured on a machine that reaches half the profile's efficiency and pays 5x the
+    kernel overhead: calibration finds both factors and the step-time error drops."""
     from planner.calibrate import _scaled, calibrate
     from planner.hardware import load_profile
     profile = load_profile("cpu")
-    slow = _scaled(profile, 0.5)
+    slow = _scaled(profile, efficiency=0.5, overhead=5.0)
     paths = []
-    for i, layout in enumerate((Layout(dp=8, micro_batch=2), Layout(dp=4, tp=2, micro_batch=4),
-                                Layout(dp=2, tp=2, pp=2, micro_batch=2, num_microbatches=4))):
+    # runs that differ in work per kernel and in communication, so the factors are separable
+    layouts = [(16, Layout(dp=8, micro_batch=2)), (16, Layout(dp=4, tp=2, micro_batch=4)),
+               (16, Layout(dp=2, tp=2, pp=2, micro_batch=2, num_microbatches=4)),
+               (8, Layout(dp=8, micro_batch=1)), (64, Layout(dp=8, micro_batch=8)),
+               (64, Layout(dp=2, pp=4, micro_batch=1, num_microbatches=32))]
+    for i, (seq, layout) in enumerate(layouts):
+        batch = layout.dp * layout.micro_batch * layout.num_microbatches
         plan = Plan(model=MODEL_PRESETS["tiny"], cluster=load_cluster("cpu", 1),
-                    job=Job(global_batch=16, seq_len=128, precision="fp32"), layout=layout)
+                    job=Job(global_batch=batch, seq_len=seq * 2, precision="fp32"),
+                    layout=layout)
         true_plan = Plan(model=plan.model, cluster=type(plan.cluster)(profile=slow, num_nodes=1),
                          job=plan.job, layout=layout)
         measured = _measured_fixture(plan, step_s=estimate(true_plan).step_s)
@@ -81,9 +87,10 @@ def test_calibrate_recovers_a_slower_machine(tmp_path, capsys):
         paths[-1].write_text(json.dumps(measured))
     runs = [(Plan.from_dict(json.loads(p.read_text())["plan"]), json.loads(p.read_text()))
             for p in paths]
-    _, k, before, after = calibrate(runs, profile)
-    assert k == pytest.approx(0.5, rel=0.05)
-    assert max(map(abs, after)) < 0.05 < min(map(abs, before))
+    _, factors, before, after = calibrate(runs, profile)
+    assert factors["efficiency"] == pytest.approx(0.5, rel=0.1)
+    assert factors["overhead"] == pytest.approx(5.0, rel=0.2)
+    assert max(map(abs, after)) < 0.02 < min(map(abs, before))
     out = tmp_path / "cal.json"
     assert main(["calibrate", *map(str, paths), "--profile", "cpu", "--out", str(out)]) == 0
     assert "mean |error|" in capsys.readouterr().out and out.exists()

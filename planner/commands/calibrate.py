@@ -23,11 +23,11 @@ def run(args) -> int:
         if not isinstance(data, dict) or "plan" not in data:
             raise ValueError(f"{path}: not a measured.json (no 'plan' key)")
         runs.append((Plan.from_dict(data["plan"]), data))
-    profile, k, before, after = calibrate(runs, load_profile(args.profile))
+    profile, factors, before, after = calibrate(runs, load_profile(args.profile))
     with open(args.out, "w") as f:
         json.dump(profile.to_dict(), f, indent=1)
         f.write("\n")
-    print(f"efficiency factor k = {k:.3f}")
+    print("fitted factors: " + ", ".join(f"{k} x{v:.3g}" for k, v in factors.items()))
     print(f"{'run':<40} {'error before':>13} {'error after':>12}")
     for path, b, a in zip(args.measured, before, after):
         print(f"{path[-40:]:<40} {100 * b:>12.1f}% {100 * a:>11.1f}%")
