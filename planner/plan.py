@@ -167,6 +167,9 @@ def _engine_errors(job: Job, lay: Layout):
     if lay.dp > 1 and lay.zero_stage in (0, 1) and lay.num_microbatches <= lay.pp:
         yield (f"DDP under pipelining needs more micro-batches ({lay.num_microbatches}) "
                f"than stages (pp={lay.pp})")
+    if lay.schedule == "1f1b" and lay.num_microbatches < lay.pp:
+        yield (f"PyTorch's 1F1B schedule needs at least as many micro-batches "
+               f"({lay.num_microbatches}) as stages (pp={lay.pp})")
 
 
 def layout_errors(model: ModelSpec, cluster: Cluster, job: Job, layout: Layout) -> list:

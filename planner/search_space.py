@@ -132,6 +132,9 @@ def structural_checks(model, cluster, job) -> list:
          lambda c: torch_engine & _zero_bubble_ddp(c)),
         ("ddp_microbatches", "DDP under pipelining",
          lambda c: torch_engine & _ddp_microbatches(c)),
+        ("1f1b_microbatches", "1F1B schedule needs at least as many micro-batches",
+         lambda c: torch_engine & _in(c["sched"], ("1f1b",)) & (c["pp"] > 1)
+         & (c["m"] < c["pp"])),
     ]
 
 

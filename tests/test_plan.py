@@ -70,3 +70,11 @@ def test_plan_rejects_unknown_keys_and_versions(tmp_path):
     bad = dict(data, layout={**data["layout"], "zero_stage": 5})
     with pytest.raises(ValueError, match="zero_stage must be 0, 1, 2 or 3, got 5"):
         Plan.from_dict(bad)
+
+
+def test_pytorch_1f1b_needs_as_many_microbatches_as_stages():
+    """torch.distributed.pipelining.Schedule1F1B refuses n_microbatches < pp."""
+    with pytest.raises(ValueError, match="1F1B schedule needs at least as many micro-batches "
+                                         "\\(2\\) as stages \\(pp=4\\)"):
+        _plan(pp=4, dp=2, zero_stage=3, micro_batch=8, num_microbatches=2)
+    _plan(pp=4, dp=2, zero_stage=3, micro_batch=8, num_microbatches=2, schedule="gpipe")
