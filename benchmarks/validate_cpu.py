@@ -48,6 +48,19 @@ def _layouts(cluster: Cluster, job: Job, count: int) -> list:
     return [r.layout for r in picked]
 
 
+def _saved_plan(path: Path):
+    try:
+        return Plan.from_dict({**json.loads(path.read_text()), "estimate": None})
+    except ValueError as exc:  # refused since it was run (e.g. a rule learnt from the run)
+        print(f"{path.name}: {exc}", file=sys.stderr)
+        return None
+
+
+def _saved_plans() -> list:
+    """The plans of an earlier run, in its order (for --reuse); None where now refused."""
+    return [_saved_plan(p) for p in sorted(OUT.glob("plan_*.json"))]
+
+
 def _run(plan: Plan, index: int, steps: int) -> dict:
     plan_path, measured_path = OUT / f"plan_{index:02d}.json", OUT / f"measured_{index:02d}.json"
     plan.with_estimate(estimate(plan).to_dict()).save(plan_path)
@@ -113,9 +126,13 @@ def main(argv=None) -> int:
     cluster = Cluster(profile=profile, num_nodes=1)
     job = Job(global_batch=16, seq_len=128, precision="fp32")
     rows, tables, runs = [], [], []
-    for i, layout in enumerate(_layouts(cluster, job, args.layouts)):
-        plan = Plan(model=MODEL_PRESETS["tiny"], cluster=cluster, job=job, layout=layout)
+    plans = _saved_plans() if args.reuse else [
+        Plan(model=MODEL_PRESETS["tiny"], cluster=cluster, job=job, layout=layout)
+        for layout in _layouts(cluster, job, args.layouts)]
+    for i, plan in enumerate(plans):
         done = OUT / f"measured_{i:02d}.json"
+        if plan is None:
+            continue
         measured = (json.loads(done.read_text()) if done.exists() else None) if args.reuse \
             else _run(plan, i, args.steps)
         if measured is None:
