@@ -25,6 +25,7 @@ class Collective:
     count: int           # how many times per step
     bytes_each: float    # full buffer size of one call
     time_each_s: float
+    group_size: int      # ranks in the group
 
     @property
     def volume_bytes(self) -> float:
@@ -34,8 +35,6 @@ class Collective:
     @property
     def time_s(self) -> float:
         return self.count * self.time_each_s
-
-    group_size: int = 1
 
 
 def collective_time(kind: str, nbytes: float, link: GroupLink) -> float:

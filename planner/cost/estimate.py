@@ -1,6 +1,6 @@
 """estimate(plan) -> Estimate: memory, time, communication and throughput of one plan."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_collectives_per_layer
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
@@ -69,10 +69,8 @@ def _step_collectives(plan: Plan, pp_rank: int) -> list:
     lay = plan.layout
     layers = sum(lay.rank_chunk_layers(plan.model.num_layers)[pp_rank])
     m = lay.num_microbatches
-    scaled = []
-    for c, times in [(c, layers * m) for c in tp_collectives_per_layer(plan)] + \
-                    [(c, m) for c in pp_p2p_per_microbatch(plan)]:
-        scaled.append(type(c)(**{**c.__dict__, "count": c.count * times}))
+    scaled = [replace(c, count=c.count * layers * m) for c in tp_collectives_per_layer(plan)]
+    scaled += [replace(c, count=c.count * m) for c in pp_p2p_per_microbatch(plan)]
     return scaled + dp_collectives(plan, pp_rank)
 
 
