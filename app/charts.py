@@ -30,18 +30,25 @@ def time_frame(estimates: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def memory_chart(estimates: dict, capacity_bytes: float, selected: str = "") -> alt.LayerChart:
-    """Stacked memory per plan with the GPU's memory as a red rule."""
-    df = memory_frame(estimates)
-    order = list(estimates)
-    bars = alt.Chart(df).mark_bar().encode(
+def _stacked_bars(df: pd.DataFrame, order: list, value: str, axis_title: str, labels: list,
+                  legend: str, fmt: str, selected: str) -> alt.Chart:
+    """One horizontal bar per plan, stacked by component in `labels` order."""
+    return alt.Chart(df).mark_bar().encode(
         y=alt.Y("plan:N", sort=order, title=None, axis=alt.Axis(labelLimit=120)),
-        x=alt.X("sum(GiB):Q", title="GiB on the most loaded GPU"),
-        color=alt.Color("component:N", sort=MEMORY_LABELS, title="memory"),
+        x=alt.X(f"sum({value}):Q", title=axis_title),
+        color=alt.Color("component:N", sort=labels, title=legend),
         order=alt.Order("component_order:Q"),
         opacity=_highlight(selected),
-        tooltip=["plan", "layout", "component", alt.Tooltip("GiB:Q", format=".2f"), "note"],
-    ).transform_calculate(component_order=_order_expr(MEMORY_LABELS))
+        tooltip=["plan", "layout", "component", alt.Tooltip(f"{value}:Q", format=fmt), "note"],
+    ).transform_calculate(component_order=_order_expr(labels)).properties(
+        height=max(120, 30 * len(order)))
+
+
+def memory_chart(estimates: dict, capacity_bytes: float, selected: str = "") -> alt.LayerChart:
+    """Stacked memory per plan with the GPU's memory as a red rule."""
+    order = list(estimates)
+    bars = _stacked_bars(memory_frame(estimates), order, "GiB", "GiB on the most loaded GPU",
+                         MEMORY_LABELS, "memory", ".2f", selected)
     line = alt.Chart(pd.DataFrame({"GiB": [capacity_bytes / GIB],
                                    "label": ["GPU memory"]})).mark_rule(
         color="red", strokeWidth=2, strokeDash=[6, 3]).encode(
@@ -50,17 +57,8 @@ def memory_chart(estimates: dict, capacity_bytes: float, selected: str = "") -> 
 
 
 def time_chart(estimates: dict, selected: str = "") -> alt.Chart:
-    df = time_frame(estimates)
-    order = list(estimates)
-    return alt.Chart(df).mark_bar().encode(
-        y=alt.Y("plan:N", sort=order, title=None, axis=alt.Axis(labelLimit=120)),
-        x=alt.X("sum(ms):Q", title="step time (ms)"),
-        color=alt.Color("component:N", sort=TIME_LABELS, title="time"),
-        order=alt.Order("component_order:Q"),
-        opacity=_highlight(selected),
-        tooltip=["plan", "layout", "component", alt.Tooltip("ms:Q", format=".1f"), "note"],
-    ).transform_calculate(component_order=_order_expr(TIME_LABELS)).properties(
-        height=max(120, 30 * len(order)))
+    return _stacked_bars(time_frame(estimates), list(estimates), "ms", "step time (ms)",
+                         TIME_LABELS, "time", ".1f", selected)
 
 
 def scatter_chart(points: pd.DataFrame, selected: str = "") -> alt.LayerChart:

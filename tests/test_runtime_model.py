@@ -39,24 +39,23 @@ def test_forward_shapes_and_deterministic_init(arch):
     assert torch.equal(out, models[1](tokens))
 
 
+def _whole_and_two_chunks(spec):
+    """The whole 2-layer model and its two pipeline chunks, on the meta device."""
+    with torch.device("meta"):
+        return (Transformer(spec), Transformer(spec, layer_ids=[0], has_head=False),
+                Transformer(spec, layer_ids=[1], has_embed=False))
+
+
 def test_pipeline_chunks_partition_the_model():
     """Chunks keep global layer names; the tied copy is the only extra tensor."""
-    spec = _small("gpt")
-    with torch.device("meta"):
-        whole = Transformer(spec)
-        first = Transformer(spec, layer_ids=[0], has_head=False)
-        last = Transformer(spec, layer_ids=[1], has_embed=False)
+    whole, first, last = _whole_and_two_chunks(_small("gpt"))
     names = {n for n, _ in first.named_parameters()} | {n for n, _ in last.named_parameters()}
     assert names == {n for n, _ in whole.named_parameters()} | {"head.output.weight"}
     assert "layers.1.attn.q.weight" in dict(last.named_parameters())
 
 
 def test_chunked_forward_equals_whole():
-    spec = _small("llama")
-    with torch.device("meta"):
-        whole = Transformer(spec)
-        first = Transformer(spec, layer_ids=[0], has_head=False)
-        last = Transformer(spec, layer_ids=[1], has_embed=False)
+    whole, first, last = _whole_and_two_chunks(_small("llama"))
     for m in (whole, first, last):
         materialize(m, "cpu", seed=1)
     tokens = torch.randint(0, 256, (2, 16))
