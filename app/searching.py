@@ -11,6 +11,7 @@ import streamlit as st
 
 from app.backend import inputs_from_key, optional_module
 from planner.report import layout_summary
+from planner.search_explain import rejected_table
 from planner.units import GIB
 
 TOP_N = 25  # rows in the ranked table
@@ -43,12 +44,12 @@ def objectives() -> tuple:
 
 def _tables(result) -> dict:
     ranked = [_plan_row(i + 1, c) for i, c in enumerate(result.ranked[:TOP_N])]
-    feasible = pd.DataFrame(_feasible_rows(result.fit_table),
+    feasible = pd.DataFrame([{"plan": layout_summary(r.layout), "memory_GiB": r.total_bytes / GIB,
+                              "tokens_per_s": r.tokens_per_s} for r in result.feasible],
                             columns=["plan", "memory_GiB", "tokens_per_s"])
     if not feasible.empty:
         feasible["pareto"] = pareto_mask(feasible["memory_GiB"], feasible["tokens_per_s"])
-    rejected = pd.DataFrame([{"reason": r.label, "plans": r.count, "example": r.example}
-                             for r in result.rejections], columns=["reason", "plans", "example"])
+    rejected = rejected_table(result)
     closest = _plan_row(0, result.closest) if result.closest is not None else None
     return {"plans": pd.DataFrame(ranked), "feasible": feasible, "rejected": rejected,
             "searched": int(result.num_considered), "num_fit": int(result.num_fit),
@@ -61,16 +62,6 @@ def _plan_row(rank: int, cand) -> dict:
             "memory_GiB": cand.total_bytes / GIB, "step_ms": cand.step_s * 1e3,
             "tokens_per_s": cand.tokens_per_s, "MFU_%": 100 * cand.mfu,
             "layout_json": json.dumps(lay.to_dict(), sort_keys=True)}
-
-
-def _feasible_rows(table):
-    if not table or table["dp"].size == 0:
-        return
-    from planner.search_vector import layout_at
-    for i in range(table["dp"].size):
-        yield {"plan": layout_summary(layout_at(table, i)),
-               "memory_GiB": float(table["total_bytes"][i]) / GIB,
-               "tokens_per_s": float(table["tokens_per_s"][i])}
 
 
 def pareto_mask(memory, throughput) -> list:

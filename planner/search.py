@@ -15,7 +15,7 @@ from planner.cost.estimate import Estimate, estimate
 from planner.hardware import Cluster
 from planner.plan import Plan, layout_errors
 from planner.report import layout_summary
-from planner.search_space import (COLUMNS, concat, enumerate_space, structural_checks,
+from planner.search_space import (concat, enumerate_space, structural_checks,
                                   structural_reasons, take)
 from planner.search_vector import Scorer, layout_at
 
@@ -327,10 +327,3 @@ def _rank_order(result: SearchResult) -> np.ndarray:
     t = result.fit_table
     return np.argsort(t["order"]) if t and t["dp"].size else np.zeros(0, dtype=np.int64)
 
-
-def feasible_rows(result: SearchResult) -> list:
-    """Every plan that fits, as dicts (layout fields, total_bytes, step_s, tokens_per_s, mfu),
-    in rank order."""
-    t = result.fit_table
-    keys = list(COLUMNS) + ["total_bytes", "step_s", "tokens_per_s", "mfu"]
-    return [{k: t[k][i].item() for k in keys} for i in _rank_order(result)]
