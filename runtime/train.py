@@ -232,6 +232,9 @@ def _run(plan: Plan, cfg: RunConfig, args) -> int:
             with open(cfg.out, "w") as f:
                 json.dump(measured, f, indent=1)
             log.info(f"wrote {cfg.out}")
+        # tear down together: a rank destroying gloo while a peer still writes its output can
+        # abort at exit ("terminate called without an active exception")
+        dist.barrier()
         return 0
     finally:
         dist.destroy_process_group()
