@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_collectives_per_layer
+from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds
 from planner.cost.compute import LayerTimes, head_times, layer_times, selective_recompute_s
 from planner.cost.memory import rank_memory
 from planner.cost.time import exposed_tp_per_layer, optimizer_step_s
@@ -115,8 +115,7 @@ def plan_costs(plan: Plan) -> SimCosts:
     spec, job, lay = plan.model, plan.job, plan.layout
     gpu = plan.cluster.profile.gpu
     lt, ht = layer_times(gpu, spec, job, lay), head_times(gpu, spec, job, lay)
-    passes = 3 if lay.recompute == "full" else 2
-    tp_pass = sum(c.time_s for c in tp_collectives_per_layer(plan)) / passes
+    tp_pass, tp_bwd = tp_pass_seconds(plan)
     tp_exposed = exposed_tp_per_layer(plan, lt.wgrad_s)
     tp_rec = tp_pass if lay.recompute == "full" else 0.0
     rec = {"none": 0.0, "selective": selective_recompute_s(lt), "full": lt.fwd_s}[lay.recompute]
@@ -134,7 +133,7 @@ def plan_costs(plan: Plan) -> SimCosts:
         chunk_recompute_s=[n * (rec + tp_rec) for n in layers],
         chunk_tp_fwd_s=[n * tp_pass for n in layers],
         chunk_tp_recompute_s=[n * tp_rec for n in layers],
-        chunk_tp_bwd_s=[n * tp_pass for n in layers],
+        chunk_tp_bwd_s=[n * tp_bwd for n in layers],
         chunk_tp_bwd_exposed_s=[n * (tp_exposed - tp_pass - tp_rec) for n in layers],
         chunk_param_share=[n / per_rank[lay.chunk_rank(c)] for c, n in enumerate(layers)],
         chunk_buckets=[max(1, min(n, MAX_BUCKETS_PER_CHUNK)) for n in layers],

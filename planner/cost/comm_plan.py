@@ -8,20 +8,52 @@ from planner.topology import axis_link, pipeline_p2p_link
 from planner.units import dtype_bytes
 
 
-def tp_collectives_per_layer(plan: Plan) -> list:
-    """Per layer and micro-batch, forward + backward (Shoeybi et al. 2019, Fig. 4: two
-    all-reduces in forward and two in backward; Korthikanti et al. 2022, Sec. 4.2.2: with
-    sequence parallelism each becomes an all-gather plus a reduce-scatter of the same volume)."""
+def tp_pattern(plan: Plan) -> tuple:
+    """(forward, backward) collectives of one layer as [(kind, count)], each over one
+    [micro-batch, sequence, hidden] activation.
+
+    Megatron-LM: two all-reduces in forward and two in backward (Shoeybi et al. 2019, Fig. 4);
+    with sequence parallelism each becomes an all-gather plus a reduce-scatter of the same volume,
+    mirrored in backward (Korthikanti et al. 2022, Sec. 4.2.2).  PyTorch DTensor (the `torch`
+    engine) forwards the same way but in backward all-reduces the input gradient of every
+    column-parallel projection on its own (q, k, v and the MLP's first projections) and, under
+    sequence parallelism, re-gathers the two row-parallel output gradients; counted on the
+    runtime by tests/test_tp_census.py."""
+    sp = plan.layout.sequence_parallel
+    forward = [("all_gather", 2), ("reduce_scatter", 2)] if sp else [("all_reduce", 2)]
+    if plan.job.engine == "megatron":
+        return forward, forward
+    colwise = 3 + (2 if plan.model.mlp == "swiglu" else 1)
+    return forward, ([("all_gather", 2)] if sp else []) + [("all_reduce", colwise)]
+
+
+def _tp_collectives(plan: Plan, pattern: list, repeat: int = 1) -> list:
+    link = axis_link(plan.cluster.profile, plan.layout, "tp")
     lay, job = plan.layout, plan.job
-    if lay.tp == 1:
-        return []
-    link = axis_link(plan.cluster.profile, lay, "tp")
     nbytes = dtype_bytes(job.precision) * lay.micro_batch * job.seq_len * plan.model.hidden_size
-    passes = 2 + (1 if lay.recompute == "full" else 0)  # full recompute repeats the forward
-    if lay.sequence_parallel:
-        return [make_collective("tp_all_gather", "all_gather", link, 2 * passes, nbytes),
-                make_collective("tp_reduce_scatter", "reduce_scatter", link, 2 * passes, nbytes)]
-    return [make_collective("tp_all_reduce", "all_reduce", link, 2 * passes, nbytes)]
+    return [make_collective(f"tp_{kind}", kind, link, repeat * count, nbytes)
+            for kind, count in pattern]
+
+
+def tp_pass_seconds(plan: Plan) -> tuple:
+    """(forward, backward) seconds of one layer's TP collectives for one micro-batch."""
+    if plan.layout.tp == 1:
+        return 0.0, 0.0
+    return tuple(sum(c.time_s for c in _tp_collectives(plan, pattern))
+                 for pattern in tp_pattern(plan))
+
+
+def tp_collectives_per_layer(plan: Plan) -> list:
+    """Per layer and micro-batch, forward + backward; full recompute repeats the forward's."""
+    if plan.layout.tp == 1:
+        return []
+    forward, backward = tp_pattern(plan)
+    counts = {}
+    for kind, count in forward:
+        counts[kind] = counts.get(kind, 0) + count * (2 if plan.layout.recompute == "full" else 1)
+    for kind, count in backward:
+        counts[kind] = counts.get(kind, 0) + count
+    return _tp_collectives(plan, list(counts.items()))
 
 
 def pp_p2p_per_microbatch(plan: Plan) -> list:

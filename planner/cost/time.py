@@ -12,7 +12,7 @@ all-reduce is not overlapped (Korthikanti et al. 2022, Sec. 6.3)."""
 
 from dataclasses import dataclass, fields
 
-from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_collectives_per_layer
+from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds
 from planner.cost.compute import head_times, layer_times, selective_recompute_s
 from planner.cost.memory import MemoryBreakdown
 from planner.cost.pipeline import pipeline_time
@@ -82,12 +82,12 @@ def rank_microbatch(plan: Plan, pp_rank: int) -> RankMicrobatch:
 
 def exposed_tp_per_layer(plan: Plan, wgrad_s: float) -> float:
     """TP communication per layer and micro-batch left on the critical path."""
-    total = sum(c.time_s for c in tp_collectives_per_layer(plan))
+    forward, backward = tp_pass_seconds(plan)
+    if plan.layout.recompute == "full":
+        forward *= 2
     if plan.job.engine != "megatron":
-        return total
-    passes = 3 if plan.layout.recompute == "full" else 2
-    backward = total / passes
-    return total - backward + max(0.0, backward - wgrad_s)
+        return forward + backward
+    return forward + max(0.0, backward - wgrad_s)
 
 
 def _dp_exposed(plan: Plan, pp_rank: int, mb: RankMicrobatch) -> tuple:
