@@ -48,17 +48,19 @@ def _layouts(cluster: Cluster, job: Job, count: int) -> list:
     return [r.layout for r in picked]
 
 
-def _saved_plan(path: Path):
+def _saved_plan(path: Path, cluster: Cluster):
+    """An earlier run's plan on `cluster` (the profile just loaded, not the one it ran with)."""
     try:
-        return Plan.from_dict({**json.loads(path.read_text()), "estimate": None})
+        saved = json.loads(path.read_text())
+        return Plan.from_dict({**saved, "cluster": cluster.to_dict(), "estimate": None})
     except ValueError as exc:  # refused since it was run (e.g. a rule learnt from the run)
         print(f"{path.name}: {exc}", file=sys.stderr)
         return None
 
 
-def _saved_plans() -> list:
+def _saved_plans(cluster: Cluster) -> list:
     """The plans of an earlier run, in its order (for --reuse); None where now refused."""
-    return [_saved_plan(p) for p in sorted(OUT.glob("plan_*.json"))]
+    return [_saved_plan(p, cluster) for p in sorted(OUT.glob("plan_*.json"))]
 
 
 def _run(plan: Plan, index: int, steps: int) -> dict:
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     cluster = Cluster(profile=profile, num_nodes=1)
     job = Job(global_batch=16, seq_len=128, precision="fp32")
     rows, tables, runs = [], [], []
-    plans = _saved_plans() if args.reuse else [
+    plans = _saved_plans(cluster) if args.reuse else [
         Plan(model=MODEL_PRESETS["tiny"], cluster=cluster, job=job, layout=layout)
         for layout in _layouts(cluster, job, args.layouts)]
     for i, plan in enumerate(plans):

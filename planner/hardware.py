@@ -4,8 +4,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planner.schema import (check_keys, load_json_file, require_choice, require_int,
-                            require_number, require_str)
+from planner.schema import (check_keys, load_json_file, require_bool, require_choice,
+                            require_int, require_number, require_str)
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
 SCHEMA_VERSION = 1
@@ -25,6 +25,13 @@ class GpuSpec:
     memory_efficiency: float    # fraction of HBM bandwidth that elementwise kernels reach
     kernel_overhead_s: float    # launch + tail cost per kernel
     framework_overhead_bytes: int  # CUDA context, allocator reserve, workspace
+    # Host (Python + framework dispatch) seconds per transformer layer and micro-batch of the
+    # torch engine, by tensor-parallel degree: {"1": [forward_s, backward_s], "2": [...]};
+    # measured by `planner profile`.  {} = not measured (no host term).
+    host_layer_overhead_s: dict = field(default_factory=dict)
+    # True where one processor is both host and device (CPU ranks): host time adds to kernel
+    # time.  False on GPUs: the host queues kernels ahead, so a layer takes the longer of the two.
+    host_is_device: bool = False
 
     def __post_init__(self):
         require_str(self.name, "gpu.name")
@@ -43,6 +50,30 @@ class GpuSpec:
         require_number(self.gemm_half_dim, "gpu.gemm_half_dim")
         require_number(self.kernel_overhead_s, "gpu.kernel_overhead_s")
         require_int(self.framework_overhead_bytes, "gpu.framework_overhead_bytes", minimum=0)
+        require_bool(self.host_is_device, "gpu.host_is_device")
+        _check_host_table(self.host_layer_overhead_s)
+
+    def host_layer_s(self, tp: int) -> tuple:
+        """(forward, backward) host seconds of one layer at TP degree `tp`: the entry for `tp`,
+        else the largest measured degree below it; (0, 0) when nothing was measured."""
+        known = [int(k) for k in self.host_layer_overhead_s if int(k) <= tp]
+        if not known:
+            return 0.0, 0.0
+        return tuple(self.host_layer_overhead_s[str(max(known))])
+
+
+def _check_host_table(table) -> None:
+    name = "gpu.host_layer_overhead_s"
+    if not isinstance(table, dict):
+        raise ValueError(f"{name} must be an object of TP degree -> [forward_s, backward_s], "
+                         f"got {table!r}")
+    for key, value in table.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) >= 1):
+            raise ValueError(f"{name} key must be a TP degree such as \"2\", got {key!r}")
+        if not isinstance(value, list) or len(value) != 2:
+            raise ValueError(f"{name}[{key!r}] must be [forward_s, backward_s], got {value!r}")
+        for v in value:
+            require_number(v, f"{name}[{key!r}]")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,5 +1,6 @@
 """Measure this machine for `planner profile`: GEMM throughput over transformer-shaped
-matrices, copy bandwidth and all-reduce times among local ranks (gloo on CPU, NCCL on GPU).
+matrices, copy bandwidth, all-reduce times among local ranks (gloo on CPU, NCCL on GPU) and the
+host time of one small transformer layer, plain and under each tensor-parallel degree.
 
 Run as `python -m runtime.hwprofile --out measurements.json --ranks N`; the planner turns the
 JSON into a profile (planner/profile_fit.py)."""
@@ -72,7 +73,62 @@ def measure_copy(device, share: float) -> float:
     return rate
 
 
-def _allreduce_worker(rank, ranks, port, sizes, out_path):
+# One small llama layer: its FLOPs and bytes are negligible, so its time is host work.
+PROBE = dict(name="host-probe", arch="llama", num_layers=1, hidden_size=64, num_heads=8,
+             num_kv_heads=8, ffn_hidden_size=128, vocab_size=256, max_seq_len=16,
+             tie_embeddings=False, linear_bias=False)
+PROBE_REPEAT = 10
+PROBE_SECONDS = 2.0
+
+
+def _probe_block(tp: int, device):
+    """(block, input) of the probe layer; under TP (DTensor, sequence parallel) when tp > 1."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from planner.spec import ModelSpec
+    from runtime.model import Block, rope_tables
+    from runtime.parallelize import block_plan
+    spec = ModelSpec(**PROBE)
+    torch.manual_seed(0)
+    block = Block(spec).to(device)
+    if tp > 1:
+        world = dist.get_world_size()
+        mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("rest", "tp"))
+        parallelize_module(block, mesh["tp"], block_plan(block, True))
+    x = torch.randn(1, spec.max_seq_len // tp, spec.hidden_size, device=device,
+                    requires_grad=True)
+    return block, x, rope_tables(spec, device)
+
+
+def measure_layer_host(tp: int, device) -> list:
+    """[forward_s, backward_s] of the probe layer with every rank busy: the mean over at least
+    PROBE_SECONDS of passes, so that the time a rank waits for a core (CPU ranks share the
+    host's cores, and a scheduler slice is milliseconds long) counts."""
+    block, x, (cos, sin) = _probe_block(tp, device)
+    fwd, bwd = [], []
+    for _ in range(3):  # warm-up passes fill the dispatch caches
+        block(x, cos, sin).sum().backward()
+    _sync(device)
+    begin = time.perf_counter()
+    while len(fwd) < PROBE_REPEAT or time.perf_counter() - begin < PROBE_SECONDS:
+        start = time.perf_counter()
+        y = block(x, cos, sin).sum()
+        _sync(device)
+        mid = time.perf_counter()
+        y.backward()
+        _sync(device)
+        fwd.append(mid - start)
+        bwd.append(time.perf_counter() - mid)
+    return [sum(fwd) / len(fwd), sum(bwd) / len(bwd)]
+
+
+def probe_degrees(ranks: int) -> list:
+    heads = PROBE["num_heads"]
+    return [d for d in range(1, ranks + 1) if ranks % d == 0 and heads % d == 0 and d & (d - 1) == 0]
+
+
+def _ranks_worker(rank, ranks, port, sizes, out_path):
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     torch.set_num_threads(1)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -85,21 +141,31 @@ def _allreduce_worker(rank, ranks, port, sizes, out_path):
         times.append(min(_timed(lambda: dist.all_reduce(t), device, 3) for _ in range(3)))
         if rank == 0:
             _log(f"[all-reduce {ranks} ranks] {size / 2**20:.0f} MiB: {times[-1] * 1e3:.2f} ms")
+    host = {}
+    for tp in probe_degrees(ranks):
+        dist.barrier()
+        host[str(tp)] = measure_layer_host(tp, device)
+        if rank == 0:
+            _log(f"[host, layer at tp={tp}] forward {host[str(tp)][0] * 1e3:.1f} ms, "
+                 f"backward {host[str(tp)][1] * 1e3:.1f} ms")
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump(times, f)
+            json.dump({"allreduce_s": times, "layer_host_s": host}, f)
     dist.destroy_process_group()
 
 
-def measure_allreduce(ranks: int, tmp_path: str) -> tuple:
+def measure_ranks(ranks: int, tmp_path: str) -> tuple:
+    """All-reduce times at several sizes and the probe layer's host time at each TP degree,
+    with all `ranks` processes running at once."""
     sizes = [2**20, 2**22, 2**24]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_allreduce_worker, args=(ranks, port, sizes, tmp_path), nprocs=ranks,
+    mp.start_processes(_ranks_worker, args=(ranks, port, sizes, tmp_path), nprocs=ranks,
                        start_method="fork")
     with open(tmp_path) as f:
-        return sizes, json.load(f)
+        result = json.load(f)
+    return sizes, result["allreduce_s"], result["layer_host_s"]
 
 
 def measure(ranks: int, tmp_path: str) -> dict:
@@ -114,12 +180,18 @@ def measure(ranks: int, tmp_path: str) -> dict:
     peak = next((v for k, v in GPU_PEAKS.items() if k in name), None) if cuda else None
     memory = torch.cuda.get_device_properties(0).total_memory if cuda else \
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
-    sizes, times = measure_allreduce(ranks, tmp_path) if ranks > 1 else ([], [])
+    if ranks > 1:
+        sizes, times, host = measure_ranks(ranks, tmp_path)
+    else:
+        torch.set_num_threads(1)
+        sizes, times, host = [], [], {"1": measure_layer_host(1, device)}
+        torch.set_num_threads(os.cpu_count() or 1)
     return {"device_name": name, "host": socket.gethostname(), "ranks": ranks,
             "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "peak_flops": peak,
             "gemms": measure_gemms(device, dtype, share),
             "copy_bytes_per_s": measure_copy(device, share), "memory_bytes": memory,
-            "allreduce_bytes": sizes, "allreduce_s": times}
+            "allreduce_bytes": sizes, "allreduce_s": times,
+            "layer_host_s": host, "host_is_device": not cuda}
 
 
 def main(argv=None) -> int:

@@ -53,8 +53,14 @@ def test_planner_profile_on_cpu_writes_a_loadable_profile(tmp_path):
                           "--ranks", "2"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "[gemm" in run.stderr and "[all-reduce" in run.stderr  # progress was shown
+    assert "[host, layer at tp=2]" in run.stderr
     profile = load_profile(str(out))
     assert profile.gpus_per_node == 2 and profile.gpu.peak_flops["fp32"] > 0
+    gpu = profile.gpu
+    assert gpu.host_is_device and gpu.kernel_overhead_s == 0
+    assert set(gpu.host_layer_overhead_s) == {"1", "2"}
+    # a DTensor layer costs the host more than a plain one
+    assert sum(gpu.host_layer_s(2)) > sum(gpu.host_layer_s(1)) > 0
 
 
 def test_single_rank_profile_keeps_the_base_fabric():

@@ -42,9 +42,14 @@ def collective_time(kind: str, nbytes: float, link: GroupLink) -> float:
     n = link.size
     if n == 1 or nbytes == 0:
         return 0.0
-    hops = min(n - 1, 2 * math.ceil(math.log2(n))) if kind != "p2p" else 1
     return FACTORS[kind](n) * nbytes / link.bandwidth_bytes_per_s + \
-        PHASES[kind] * hops * link.latency_s
+        collective_latency(kind, n, link.latency_s)
+
+
+def collective_latency(kind: str, n: int, latency_s: float) -> float:
+    """The size-independent part of one collective among n ranks: latency x hops x phases."""
+    hops = min(n - 1, 2 * math.ceil(math.log2(n))) if kind != "p2p" else 1
+    return PHASES[kind] * hops * latency_s
 
 
 def make_collective(name: str, kind: str, link: GroupLink, count: int,

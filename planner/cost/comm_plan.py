@@ -19,11 +19,14 @@ def tp_pattern(plan: Plan) -> tuple:
     column-parallel projection on its own (q, k, v and the MLP's first projections) and, under
     sequence parallelism, re-gathers the two row-parallel output gradients; counted on the
     runtime by tests/test_tp_census.py."""
-    sp = plan.layout.sequence_parallel
+    return tp_pattern_for(plan.model.mlp, plan.layout.sequence_parallel, plan.job.engine)
+
+
+def tp_pattern_for(mlp: str, sp: bool, engine: str) -> tuple:
     forward = [("all_gather", 2), ("reduce_scatter", 2)] if sp else [("all_reduce", 2)]
-    if plan.job.engine == "megatron":
+    if engine == "megatron":
         return forward, forward
-    colwise = 3 + (2 if plan.model.mlp == "swiglu" else 1)
+    colwise = 3 + (2 if mlp == "swiglu" else 1)
     return forward, ([("all_gather", 2)] if sp else []) + [("all_reduce", colwise)]
 
 

@@ -5,7 +5,12 @@ roofline-style saturation for tile quantisation on small dimensions, fitted per 
 (planner/fit.py fits it to measured matmuls).  Memory-bound kernels (norms, activations,
 residual adds, dropout, softmax) move their bytes at HBM bandwidth x memory_efficiency.
 Every kernel pays kernel_overhead_s.  A backward pass runs two GEMMs per forward GEMM (input and
-weight gradients) and moves twice the elementwise bytes."""
+weight gradients) and moves twice the elementwise bytes.
+
+The `torch` engine's host work per layer (Python, autograd and DTensor dispatch, and on CPU ranks
+the waits of each small TP collective) is the profile's measured host_layer_overhead_s.  A GPU's
+host queues kernels ahead of the device, so a layer takes the longer of host and device time;
+where host and device are one processor (CPU ranks) the two add."""
 
 from dataclasses import dataclass
 
@@ -32,14 +37,22 @@ class LayerTimes:
     gemm_bwd_s: float
     attention_bwd_s: float
     elementwise_bwd_s: float
+    host_fwd_s: float = 0.0
+    host_bwd_s: float = 0.0
+    host_is_device: bool = False
+
+    def _with_host(self, device_s: float, host_s: float) -> float:
+        return device_s + host_s if self.host_is_device else max(device_s, host_s)
 
     @property
     def fwd_s(self) -> float:
-        return self.gemm_fwd_s + self.attention_fwd_s + self.elementwise_fwd_s
+        return self._with_host(self.gemm_fwd_s + self.attention_fwd_s + self.elementwise_fwd_s,
+                               self.host_fwd_s)
 
     @property
     def bwd_s(self) -> float:
-        return self.gemm_bwd_s + self.attention_bwd_s + self.elementwise_bwd_s
+        return self._with_host(self.gemm_bwd_s + self.attention_bwd_s + self.elementwise_bwd_s,
+                               self.host_bwd_s)
 
     @property
     def wgrad_s(self) -> float:
@@ -109,7 +122,9 @@ def layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, layout: Layout) -> Laye
     attn_fwd, attn_bwd = _attention_times(gpu, spec, job, layout)
     elem_fwd = _memory_time(gpu, _elementwise_bytes(spec, job, layout),
                             ELEMENTWISE_KERNELS_PER_LAYER)
-    return LayerTimes(gemm_fwd, attn_fwd, elem_fwd, 2 * gemm_fwd, attn_bwd, 2 * elem_fwd)
+    host_fwd, host_bwd = gpu.host_layer_s(layout.tp) if job.engine == "torch" else (0.0, 0.0)
+    return LayerTimes(gemm_fwd, attn_fwd, elem_fwd, 2 * gemm_fwd, attn_bwd, 2 * elem_fwd,
+                      host_fwd, host_bwd, gpu.host_is_device)
 
 
 def head_times(gpu: GpuSpec, spec: ModelSpec, job: Job, layout: Layout) -> LayerTimes:
