@@ -167,9 +167,23 @@ def _engine_errors(job: Job, lay: Layout):
     if lay.dp > 1 and lay.zero_stage in (0, 1) and lay.num_microbatches <= lay.pp:
         yield (f"DDP under pipelining needs more micro-batches ({lay.num_microbatches}) "
                f"than stages (pp={lay.pp})")
+    yield from _ddp_pipeline_errors(lay)
     if lay.schedule == "1f1b" and lay.num_microbatches < lay.pp:
         yield (f"PyTorch's 1F1B schedule needs at least as many micro-batches "
                f"({lay.num_microbatches}) as stages (pp={lay.pp})")
+
+
+def _ddp_pipeline_errors(lay: Layout):
+    """DDP proper (ZeRO-0/1 without TP; with TP the runtime uses FSDP2's replicate) under
+    PyTorch 2.13's pipeline schedules: checked on 4 gloo ranks (dp=2, pp=2)."""
+    if not (lay.dp > 1 and lay.zero_stage in (0, 1) and lay.tp == 1):
+        return
+    if lay.schedule == "gpipe":
+        yield (f"schedule gpipe with DDP (ZeRO-{lay.zero_stage}, dp={lay.dp}) fails in PyTorch "
+               f"(DDP reducer assert at the second step); use 1f1b or ZeRO-2")
+    elif lay.virtual_stages > 1 and lay.num_microbatches <= lay.num_chunks:
+        yield (f"DDP under an interleaved schedule needs more micro-batches "
+               f"({lay.num_microbatches}) than chunks (pp x virtual_stages = {lay.num_chunks})")
 
 
 def layout_errors(model: ModelSpec, cluster: Cluster, job: Job, layout: Layout) -> list:

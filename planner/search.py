@@ -35,6 +35,8 @@ LABELS = {
     "chunks": "more pipeline chunks than layers",
     "zb_ddp": "zero-bubble schedule with DDP/ZeRO-3 (wrong gradients in PyTorch)",
     "ddp_microbatches": "DDP under pipelining needs more micro-batches than stages",
+    "ddp_gpipe": "GPipe with DDP (fails in PyTorch)",
+    "ddp_chunks": "interleaved DDP needs more micro-batches than chunks",
     "1f1b_microbatches": "1F1B (PyTorch) needs at least as many micro-batches as stages",
     "batch": "dp does not divide the global batch",
     "memory": "does not fit in memory",

@@ -109,6 +109,11 @@ def _ddp_microbatches(c: dict) -> np.ndarray:
     return (c["pp"] > 1) & (c["dp"] > 1) & (c["zero"] <= 1) & (c["m"] <= c["pp"])
 
 
+def _ddp_proper(c: dict) -> np.ndarray:
+    """DDP itself (ZeRO 0/1, no TP) under pipelining: planner.plan._ddp_pipeline_errors."""
+    return (c["pp"] > 1) & (c["dp"] > 1) & (c["zero"] <= 1) & (c["tp"] == 1)
+
+
 def structural_checks(model, cluster, job) -> list:
     """(key, phrase found in layout_errors' message, mask function), in layout_errors' order,
     so the first failing check of a row is the first message layout_errors gives for it."""
@@ -132,6 +137,10 @@ def structural_checks(model, cluster, job) -> list:
          lambda c: torch_engine & _zero_bubble_ddp(c)),
         ("ddp_microbatches", "DDP under pipelining",
          lambda c: torch_engine & _ddp_microbatches(c)),
+        ("ddp_gpipe", "schedule gpipe with DDP",
+         lambda c: torch_engine & _ddp_proper(c) & _in(c["sched"], ("gpipe",))),
+        ("ddp_chunks", "DDP under an interleaved schedule",
+         lambda c: torch_engine & _ddp_proper(c) & (c["v"] > 1) & (c["m"] <= c["pp"] * c["v"])),
         ("1f1b_microbatches", "1F1B schedule needs at least as many micro-batches",
          lambda c: torch_engine & _in(c["sched"], ("1f1b",)) & (c["pp"] > 1)
          & (c["m"] < c["pp"])),

@@ -124,8 +124,10 @@ def measure_layer_host(tp: int, device) -> list:
 
 
 def probe_degrees(ranks: int) -> list:
+    """Powers of two that divide the ranks and the probe's heads."""
     heads = PROBE["num_heads"]
-    return [d for d in range(1, ranks + 1) if ranks % d == 0 and heads % d == 0 and d & (d - 1) == 0]
+    return [d for d in range(1, ranks + 1)
+            if ranks % d == 0 and heads % d == 0 and d & (d - 1) == 0]
 
 
 def _ranks_worker(rank, ranks, port, sizes, out_path):

@@ -78,3 +78,18 @@ def test_pytorch_1f1b_needs_as_many_microbatches_as_stages():
                                          "\\(2\\) as stages \\(pp=4\\)"):
         _plan(pp=4, dp=2, zero_stage=3, micro_batch=8, num_microbatches=2)
     _plan(pp=4, dp=2, zero_stage=3, micro_batch=8, num_microbatches=2, schedule="gpipe")
+
+
+def test_ddp_under_gpipe_or_short_interleaving_is_refused():
+    """DDP (ZeRO-0/1, no TP) crashes under PyTorch's GPipe schedule and under an interleaved one
+    with no more micro-batches than chunks; FSDP2 (ZeRO-2) and TP's replicate run them."""
+    with pytest.raises(ValueError, match="schedule gpipe with DDP \\(ZeRO-0, dp=2\\)"):
+        _plan(pp=4, dp=2, micro_batch=2, num_microbatches=8, schedule="gpipe")
+    with pytest.raises(ValueError, match="more micro-batches \\(8\\) than chunks "
+                                         "\\(pp x virtual_stages = 8\\)"):
+        _plan(pp=4, dp=2, zero_stage=1, micro_batch=2, num_microbatches=8,
+              schedule="interleaved_1f1b", virtual_stages=2)
+    _plan(pp=4, dp=2, zero_stage=2, micro_batch=2, num_microbatches=8, schedule="gpipe")
+    _plan(pp=4, dp=2, micro_batch=1, num_microbatches=16, schedule="interleaved_1f1b",
+          virtual_stages=2)
+    _plan(pp=2, dp=2, tp=2, micro_batch=2, num_microbatches=8, schedule="gpipe")
