@@ -69,7 +69,10 @@ def _run(plan: Plan, index: int, steps: int) -> dict:
     cmd = torchrun_command(str(plan_path), steps, ["--out", str(measured_path)])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        print(f"layout {index} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        log = OUT / f"failed_{index:02d}.log"
+        log.write_text(done.stdout + done.stderr)
+        errors = [line for line in done.stderr.splitlines() if "Error" in line]
+        print(f"layout {index} failed ({log}): {errors[:1]}", file=sys.stderr)
         return None
     return json.loads(measured_path.read_text())
 

@@ -2,8 +2,9 @@
 
 Three physical terms are fitted, each as a factor on the profile's value: the kernel efficiency
 this machine really reaches (GEMM, attention and memory-bound efficiencies scaled together,
-capped at 1), the fixed cost of every kernel launch (`kernel_overhead_s`: framework dispatch
-dominates small models), and the latency of every collective hop (intra- and inter-node).
+capped at 1), the fixed costs that do not grow with the work (`kernel_overhead_s` per kernel and
+the host time per layer `host_layer_overhead_s`, scaled together: framework dispatch dominates
+small models), and the latency of every collective hop (intra- and inter-node).
 They minimise the squared log error of predicted vs measured step time over all runs:
 coordinate descent over log-spaced grids that contain the profile's own value (factor 1), then
 Nelder-Mead in log space."""
@@ -29,7 +30,9 @@ def _scaled(profile: HardwareProfile, efficiency: float = 1.0, overhead: float =
         g, gemm_efficiency_max=min(1.0, g.gemm_efficiency_max * efficiency),
         attention_efficiency=min(1.0, g.attention_efficiency * efficiency),
         memory_efficiency=min(1.0, g.memory_efficiency * efficiency),
-        kernel_overhead_s=g.kernel_overhead_s * overhead)
+        kernel_overhead_s=g.kernel_overhead_s * overhead,
+        host_layer_overhead_s={tp: [t * overhead for t in pair]
+                               for tp, pair in g.host_layer_overhead_s.items()})
     intra = dataclasses.replace(profile.intra_node,
                                 latency_s=profile.intra_node.latency_s * latency)
     inter = dataclasses.replace(profile.inter_node,
@@ -118,7 +121,7 @@ def calibrate(runs: list, profile: HardwareProfile) -> tuple:
     _check_runs(runs)
     factors = fit_factors(runs, profile)
     note = (f"calibrated on {len(runs)} measured runs (planner calibrate): efficiency x"
-            f"{factors['efficiency']:.3g}, kernel overhead x{factors['overhead']:.3g}, "
+            f"{factors['efficiency']:.3g}, kernel and host overheads x{factors['overhead']:.3g}, "
             f"collective latency x{factors['latency']:.3g}")
     calibrated = dataclasses.replace(_scaled(profile, **factors),
                                      sources={**profile.sources, "calibration": note})

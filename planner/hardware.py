@@ -32,6 +32,9 @@ class GpuSpec:
     # True where one processor is both host and device (CPU ranks): host time adds to kernel
     # time.  False on GPUs: the host queues kernels ahead, so a layer takes the longer of the two.
     host_is_device: bool = False
+    # CPU ranks: the cores all ranks of a node share (their rates above are each rank's share
+    # with every rank busy).  0: every rank has a device of its own (GPUs).
+    shared_cores: int = 0
 
     def __post_init__(self):
         require_str(self.name, "gpu.name")
@@ -51,6 +54,7 @@ class GpuSpec:
         require_number(self.kernel_overhead_s, "gpu.kernel_overhead_s")
         require_int(self.framework_overhead_bytes, "gpu.framework_overhead_bytes", minimum=0)
         require_bool(self.host_is_device, "gpu.host_is_device")
+        require_int(self.shared_cores, "gpu.shared_cores", minimum=0)
         _check_host_table(self.host_layer_overhead_s)
 
     def host_layer_s(self, tp: int) -> tuple:

@@ -65,6 +65,7 @@ def profile_from_measurements(base: HardwareProfile, m: dict, name: str) -> Hard
         gemm_efficiency_max=e_max, gemm_half_dim=half_dim,
         hbm_bandwidth_bytes_per_s=m["copy_bytes_per_s"], memory_efficiency=1.0,
         memory_bytes=int(m["memory_bytes"]), host_is_device=on_host,
+        shared_cores=m.get("shared_cores", 0),
         host_layer_overhead_s=host_table(m.get("layer_host_s", {}), on_host, intra.latency_s),
         # on CPU ranks each kernel's dispatch is part of the measured host time per layer
         kernel_overhead_s=0.0 if on_host and m.get("layer_host_s") else base.gpu.kernel_overhead_s)
@@ -80,6 +81,8 @@ def profile_from_measurements(base: HardwareProfile, m: dict, name: str) -> Hard
                                             + (", TP collective latency taken out" if on_host
                                                else ""),
                "intra_node": intra_source}
+    if gpu.shared_cores:
+        sources["gpu.shared_cores"] = f"{note}: cores this process may run on"
     if gpu.kernel_overhead_s != base.gpu.kernel_overhead_s:
         sources["gpu.kernel_overhead_s"] = "0: on CPU ranks it is part of host_layer_overhead_s"
     gpn = m["ranks"] if m["ranks"] > 1 else base.gpus_per_node

@@ -13,7 +13,7 @@ MEMORY_ROWS = [
 ]
 
 TIME_ROWS = [
-    ("compute_s", "compute", "forward + backward kernels, all micro-batches"),
+    ("compute_s", "compute", "forward + backward kernels (+ host time), all micro-batches"),
     ("recompute_s", "recompute", "activation recomputation"),
     ("tp_comm_s", "TP/SP communication", "exposed tensor-parallel collectives"),
     ("pp_comm_s", "PP communication", "stage-boundary sends"),

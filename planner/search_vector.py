@@ -275,7 +275,21 @@ class Scorer:
         mean = rank_sum / pp
         bubble = self._bubble_chunks(c, fwd, bwd + rec, wgrad) * mean
         dp_exposed, opt = self._dp_tail(c, ranks)
-        return (m * (fwd + bwd) + m * rec + m * tp + m * ppc + bubble + dp_exposed + opt)
+        busy = m * (fwd + bwd) + m * rec + m * tp + m * ppc
+        bubble = self._shared_core_bubble(c, busy + bubble + dp_exposed + opt, bubble)
+        return busy + bubble + dp_exposed + opt
+
+    def _shared_core_bubble(self, c: dict, step: np.ndarray, bubble: np.ndarray) -> np.ndarray:
+        """planner.cost.time.shared_core_bubble."""
+        if not c["world"].size:
+            return bubble
+        profile = self.cluster_for_world(int(c["world"][0])).profile  # one profile, any world
+        cores = profile.gpu.shared_cores
+        ranks = np.minimum(c["world"], profile.gpus_per_node)
+        if not cores:
+            return bubble
+        shrunk = np.maximum(0.0, np.minimum(bubble, step * cores / ranks - (step - bubble)))
+        return np.where(ranks > cores, shrunk, bubble)
 
     @staticmethod
     def _bubble_chunks(c, fwd, bwd, wgrad) -> np.ndarray:

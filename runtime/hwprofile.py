@@ -193,7 +193,8 @@ def measure(ranks: int, tmp_path: str) -> dict:
             "gemms": measure_gemms(device, dtype, share),
             "copy_bytes_per_s": measure_copy(device, share), "memory_bytes": memory,
             "allreduce_bytes": sizes, "allreduce_s": times,
-            "layer_host_s": host, "host_is_device": not cuda}
+            "layer_host_s": host, "host_is_device": not cuda,
+            "shared_cores": 0 if cuda else len(os.sched_getaffinity(0))}
 
 
 def main(argv=None) -> int:

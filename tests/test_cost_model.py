@@ -92,3 +92,41 @@ def test_inter_node_dp_is_slower_than_intra_node():
     dp_inter = [c for c in inter.communication if c.axis == "dp"][0]
     assert dp_intra.tier == "intra" and dp_inter.tier == "inter"
     assert dp_inter.time_each_s / dp_inter.bytes_each > dp_intra.time_each_s / dp_intra.bytes_each
+
+
+def _cpu_plan(layout, shared_cores):
+    import dataclasses
+
+    from planner.hardware import Cluster
+    cluster = load_cluster("cpu", 1)
+    gpu = dataclasses.replace(cluster.profile.gpu, shared_cores=shared_cores)
+    profile = dataclasses.replace(cluster.profile, gpu=gpu)
+    batch = layout.dp * layout.micro_batch * layout.num_microbatches
+    return Plan(model=MODEL_PRESETS["tiny"], cluster=Cluster(profile=profile, num_nodes=1),
+                job=Job(global_batch=batch, seq_len=128, precision="fp32"), layout=layout)
+
+
+def test_shared_cores_reclaim_the_bubble():
+    """8 CPU ranks on 2 cores: a rank idle in the bubble lends its cores to the busy ones."""
+    layout = Layout(dp=2, pp=4, zero_stage=2, micro_batch=1, num_microbatches=4)
+    own = estimate(_cpu_plan(layout, shared_cores=0)).time
+    shared = estimate(_cpu_plan(layout, shared_cores=2)).time
+    assert own.bubble_s > 0 and shared.bubble_s == 0
+    assert shared.step_s == pytest.approx(own.step_s - own.bubble_s)
+    # with a core per rank nothing is lent; with 7 cores of 8 the step cannot drop below 7/8
+    assert estimate(_cpu_plan(layout, shared_cores=8)).time.bubble_s == own.bubble_s
+    almost = estimate(_cpu_plan(layout, shared_cores=7)).time
+    assert almost.step_s == pytest.approx(own.step_s * 7 / 8)
+
+
+def test_fsdp2_gathers_and_reduces_each_block_on_its_own():
+    from planner.cost.comm_plan import dp_collectives
+    plan = _cpu_plan(Layout(dp=2, pp=4, zero_stage=3, micro_batch=1, num_microbatches=4), 0)
+    first, middle = dp_collectives(plan, 0), dp_collectives(plan, 1)
+    # 8 layers over 4 stages: 2 blocks each, plus the root group (embedding) on stage 0
+    assert [c.count for c in first] == [4 * 3, 2 * 4 * 3]
+    assert [c.count for c in middle] == [4 * 2, 2 * 4 * 2]
+    megatron = Plan(model=MODEL_PRESETS["llama2-7b"], cluster=load_cluster("a100-80g", 1),
+                    job=Job(global_batch=64, seq_len=4096, engine="megatron"),
+                    layout=Layout(dp=8, zero_stage=1, micro_batch=1, num_microbatches=8))
+    assert [c.count for c in dp_collectives(megatron, 0)] == [1, 1]

@@ -80,7 +80,8 @@ def dp_collectives(plan: Plan, pp_rank: int) -> list:
     parameters (torch: the sharded AdamW all-gathers its fp32 shards; Megatron's distributed
     optimizer reduce-scatters gradients and all-gathers 16-bit parameters); ZeRO-2/3 (FSDP2):
     per micro-batch a reduce-scatter of fp32 gradients and one (ZeRO-2) or two (ZeRO-3, forward
-    and backward) all-gathers of the 16-bit parameters (Rajbhandari et al. 2020, Sec. 7)."""
+    and backward) all-gathers of the 16-bit parameters (Rajbhandari et al. 2020, Sec. 7), for
+    each FSDP2 group on its own (the torch engine)."""
     lay, job = plan.layout, plan.job
     if lay.dp == 1:
         return []
@@ -97,5 +98,17 @@ def dp_collectives(plan: Plan, pp_rank: int) -> list:
         return [make_collective("dp_all_reduce", "all_reduce", link, 1, grad_bytes),
                 make_collective("dp_param_broadcast", "all_gather", link, 1, 4 * numel)]
     gathers = 2 if lay.zero_stage == 3 else 1
-    return [make_collective("dp_reduce_scatter", "reduce_scatter", link, m, 4 * numel),
-            make_collective("dp_param_all_gather", "all_gather", link, gathers * m, a * numel)]
+    groups = 1 if job.engine == "megatron" else fsdp_groups(plan, pp_rank)
+    return [make_collective("dp_reduce_scatter", "reduce_scatter", link, m * groups,
+                            4 * numel / groups),
+            make_collective("dp_param_all_gather", "all_gather", link, gathers * m * groups,
+                            a * numel / groups)]
+
+
+def fsdp_groups(plan: Plan, pp_rank: int) -> int:
+    """FSDP2 groups of one pipeline rank: every block is its own group (each gathered and
+    reduced on its own), plus the root group holding the embedding or the output layer."""
+    lay = plan.layout
+    layers = sum(lay.rank_chunk_layers(plan.model.num_layers)[pp_rank])
+    ends = {lay.chunk_rank(0), lay.chunk_rank(lay.num_chunks - 1)}
+    return layers + (1 if pp_rank in ends else 0)

@@ -116,6 +116,18 @@ def optimizer_step_s(plan: Plan, memory: MemoryBreakdown) -> float:
                                                  gpu.memory_efficiency)
 
 
+def shared_core_bubble(plan: Plan, step_s: float, bubble_s: float) -> float:
+    """The bubble left where the ranks of a node share its cores (CPU ranks): a rank idle in the
+    bubble lends its share of the cores to the busy ones, so the step shrinks towards its busy
+    time, but no further than the whole step run with every rank on a core of its own."""
+    profile = plan.cluster.profile
+    cores = profile.gpu.shared_cores
+    ranks = min(plan.cluster.world_size, profile.gpus_per_node)
+    if not cores or ranks <= cores or not bubble_s:
+        return bubble_s
+    return max(0.0, min(bubble_s, step_s * cores / ranks - (step_s - bubble_s)))
+
+
 def time_breakdown(plan: Plan, rank_memories: list) -> TimeBreakdown:
     lay = plan.layout
     mbs = [rank_microbatch(plan, r) for r in range(lay.pp)]
@@ -128,11 +140,13 @@ def time_breakdown(plan: Plan, rank_memories: list) -> TimeBreakdown:
         exposed, total = _dp_exposed(plan, r, mbs[r])
         optimizer = optimizer_step_s(plan, rank_memories[r])
         tails.append((exposed + optimizer, exposed, total, optimizer))
-    _, dp_exposed, dp_total, optimizer = max(tails)
+    tail, dp_exposed, dp_total, optimizer = max(tails)
     m = lay.num_microbatches
+    busy = m * s.total_s
+    bubble = shared_core_bubble(plan, busy + bubble + tail, bubble)
     return TimeBreakdown(
         compute_s=m * (s.compute_fwd_s + s.compute_bwd_s), recompute_s=m * s.recompute_s,
         tp_comm_s=m * s.tp_comm_s, pp_comm_s=m * s.pp_comm_s, bubble_s=bubble,
         dp_comm_exposed_s=dp_exposed, optimizer_s=optimizer,
-        dp_comm_total_s=dp_total, bubble_fraction=bubble / pipe_s if pipe_s else 0.0,
+        dp_comm_total_s=dp_total, bubble_fraction=bubble / (busy + bubble) if busy else 0.0,
         slowest_pp_rank=slow)
