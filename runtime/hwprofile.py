@@ -7,6 +7,7 @@ JSON into a profile (planner/profile_fit.py)."""
 
 import argparse
 import json
+import math
 import os
 import platform
 import socket
@@ -101,26 +102,38 @@ def _probe_block(tp: int, device):
     return block, x, rope_tables(spec, device)
 
 
+def _agreed_passes(seconds_per_pass: float, device) -> int:
+    """Passes enough for PROBE_SECONDS on the slowest rank: every rank of a TP group must run
+    the same number of passes (their collectives pair up), so the ranks agree on the largest."""
+    n = torch.tensor([max(PROBE_REPEAT, math.ceil(PROBE_SECONDS / seconds_per_pass))],
+                     device=device)
+    if dist.is_initialized():
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return int(n.item())
+
+
 def measure_layer_host(tp: int, device) -> list:
     """[forward_s, backward_s] of the probe layer with every rank busy: the mean over at least
     PROBE_SECONDS of passes, so that the time a rank waits for a core (CPU ranks share the
     host's cores, and a scheduler slice is milliseconds long) counts."""
     block, x, (cos, sin) = _probe_block(tp, device)
-    fwd, bwd = [], []
     for _ in range(3):  # warm-up passes fill the dispatch caches
         block(x, cos, sin).sum().backward()
     _sync(device)
-    begin = time.perf_counter()
-    while len(fwd) < PROBE_REPEAT or time.perf_counter() - begin < PROBE_SECONDS:
+    start = time.perf_counter()
+    block(x, cos, sin).sum().backward()
+    _sync(device)
+    passes = _agreed_passes(time.perf_counter() - start, device)
+    fwd = bwd = 0.0
+    for _ in range(passes):
         start = time.perf_counter()
         y = block(x, cos, sin).sum()
         _sync(device)
         mid = time.perf_counter()
         y.backward()
         _sync(device)
-        fwd.append(mid - start)
-        bwd.append(time.perf_counter() - mid)
-    return [sum(fwd) / len(fwd), sum(bwd) / len(bwd)]
+        fwd, bwd = fwd + mid - start, bwd + time.perf_counter() - mid
+    return [fwd / passes, bwd / passes]
 
 
 def probe_degrees(ranks: int) -> list:
