@@ -108,7 +108,12 @@ def plan_json(key: str, layout: dict) -> str:
 
 
 def label(layout: dict) -> str:
-    return layout_summary(Layout.from_dict(layout))
+    """The layout's one-line summary; '' for a hand-set layout that is not a valid Layout (the
+    page shows its error instead)."""
+    try:
+        return layout_summary(Layout.from_dict(layout))
+    except (ValueError, TypeError):
+        return ""
 
 
 def compare_table(plan: Plan, measured: dict) -> pd.DataFrame:

@@ -44,16 +44,23 @@ def _stacked_bars(df: pd.DataFrame, order: list, value: str, axis_title: str, la
         height=max(120, 30 * len(order)))
 
 
-def memory_chart(estimates: dict, capacity_bytes: float, selected: str = "") -> alt.LayerChart:
-    """Stacked memory per plan with the GPU's memory as a red rule."""
+def memory_chart(estimates: dict, capacity_bytes: float, selected: str = "",
+                 headroom: float = 0.0) -> alt.LayerChart:
+    """Stacked memory per plan with the GPU's memory as a red rule and, with a headroom, the
+    limit the search keeps plans under as an orange one."""
     order = list(estimates)
     bars = _stacked_bars(memory_frame(estimates), order, "GiB", "GiB on the most loaded GPU",
                          MEMORY_LABELS, "memory", ".2f", selected)
-    line = alt.Chart(pd.DataFrame({"GiB": [capacity_bytes / GIB],
-                                   "label": ["GPU memory"]})).mark_rule(
-        color="red", strokeWidth=2, strokeDash=[6, 3]).encode(
-        x="GiB:Q", tooltip=["label", alt.Tooltip("GiB:Q", format=".1f")])
-    return (bars + line).properties(height=max(120, 30 * len(order)))
+    limits = [("GPU memory", capacity_bytes, "red")]
+    if headroom:
+        limits.append((f"search limit ({100 * headroom:.0f}% headroom)",
+                       capacity_bytes * (1 - headroom), "orange"))
+    rules = alt.Chart(pd.DataFrame([{"label": label, "GiB": value / GIB, "color": color}
+                                    for label, value, color in limits])).mark_rule(
+        strokeWidth=2, strokeDash=[6, 3]).encode(
+        x="GiB:Q", color=alt.Color("color:N", scale=None),
+        tooltip=["label", alt.Tooltip("GiB:Q", format=".1f")])
+    return (bars + rules).properties(height=max(120, 30 * len(order)))
 
 
 def time_chart(estimates: dict, selected: str = "") -> alt.Chart:

@@ -104,7 +104,8 @@ def estimate_section(key: str, layout: dict):
     return est
 
 
-def breakdown_charts(key: str, plans: pd.DataFrame, layout: dict, est: dict) -> None:
+def breakdown_charts(key: str, plans: pd.DataFrame, layout: dict, est: dict,
+                     headroom: float) -> None:
     """Memory and step-time bars of the top plans plus the selected one."""
     ests, sel_label = {}, "selected"
     for row in plans.head(TOP_CHART).itertuples():
@@ -114,9 +115,10 @@ def breakdown_charts(key: str, plans: pd.DataFrame, layout: dict, est: dict) -> 
     ests.setdefault(sel_label, est)
     left, right = st.columns(2)
     with left:
-        st.markdown("**Memory per GPU** (red line: GPU memory; hover for layouts)")
-        st.altair_chart(charts.memory_chart(ests, est["memory"]["capacity_bytes"], sel_label),
-                        width="stretch")
+        st.markdown("**Memory per GPU** (red line: GPU memory; orange: the search's limit "
+                    "after headroom; hover for layouts)")
+        st.altair_chart(charts.memory_chart(ests, est["memory"]["capacity_bytes"], sel_label,
+                                            headroom), width="stretch")
     with right:
         st.markdown("**Step time breakdown**")
         st.altair_chart(charts.time_chart(ests, sel_label), width="stretch")
@@ -202,7 +204,7 @@ def main() -> None:
     layout = pick_plan(plans, hint)
     est = estimate_section(key, layout) if layout else None
     if est:
-        breakdown_charts(key, plans, layout, est)
+        breakdown_charts(key, plans, layout, est, constraints.headroom)
     if layout:
         scatter_and_rejected(layout)
     if est:

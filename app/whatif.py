@@ -1,9 +1,14 @@
-"""What-if: set dp/tp/pp/ZeRO/micro-batch/recompute by hand.  The widgets only collect numbers;
-validity is decided by planner.plan.layout_errors (the page shows its one-line reason)."""
+"""What-if: set dp/tp/pp/ZeRO/micro-batch/recompute, the schedule, the mesh order and the layers
+of each pipeline stage by hand.  The widgets only collect values; validity is decided by
+planner.plan (the page shows its one-line reason)."""
+
+import itertools
 
 import streamlit as st
 
-from planner.plan import RECOMPUTE, SCHEDULES
+from planner.plan import AXES, RECOMPUTE, SCHEDULES
+
+MESH_ORDERS = [",".join(p) for p in itertools.permutations(AXES)]
 
 FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "num_microbatches", "virtual_stages")
 
@@ -18,6 +23,8 @@ def _seed(hint: dict) -> None:
     st.session_state["hand_sp"] = bool(hint.get("sequence_parallel", False))
     st.session_state["hand_schedule"] = hint.get("schedule", "1f1b")
     st.session_state["hand_recompute"] = hint.get("recompute", "none")
+    st.session_state["hand_mesh_order"] = ",".join(hint.get("mesh_order", AXES))
+    st.session_state["hand_layers"] = ",".join(map(str, hint.get("layers_per_stage", [])))
     st.session_state["_hand_seeded"] = hint
 
 
@@ -34,10 +41,21 @@ def layout_by_hand(hint: dict) -> dict:
                           help="per step per data-parallel replica: dp x micro-batch x this "
                                "must equal the global batch")
     rc = c[6].selectbox("recompute", RECOMPUTE, key="hand_recompute")
-    c2 = st.columns(3)
+    c2 = st.columns(5)
     sched = c2[0].selectbox("schedule", SCHEDULES, key="hand_schedule")
     v = c2[1].number_input("virtual stages", min_value=1, step=1, key="hand_virtual_stages")
     sp = c2[2].checkbox("sequence parallel", key="hand_sp")
+    order = c2[3].selectbox("mesh order (outer→inner)", MESH_ORDERS, key="hand_mesh_order")
+    layers = c2[4].text_input("layers per stage", key="hand_layers",
+                              help="comma-separated, one per (virtual) stage; empty = even split")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "sequence_parallel": bool(sp),
             "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
-            "schedule": sched, "virtual_stages": int(v), "recompute": rc}
+            "schedule": sched, "virtual_stages": int(v), "recompute": rc,
+            "mesh_order": order.split(","), "layers_per_stage": parse_layers(layers)}
+
+
+def parse_layers(text: str):
+    """'9,8,8,7' -> [9, 8, 8, 7]; '' -> []; anything else is passed on as typed, so that the
+    plan's validation names it."""
+    pieces = [p.strip() for p in text.split(",")] if text.strip() else []
+    return [int(p) for p in pieces] if all(p.isdigit() for p in pieces) else text

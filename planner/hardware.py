@@ -60,10 +60,8 @@ class GpuSpec:
     def host_layer_s(self, tp: int) -> tuple:
         """(forward, backward) host seconds of one layer at TP degree `tp`: the entry for `tp`,
         else the largest measured degree below it; (0, 0) when nothing was measured."""
-        known = [int(k) for k in self.host_layer_overhead_s if int(k) <= tp]
-        if not known:
-            return 0.0, 0.0
-        return tuple(self.host_layer_overhead_s[str(max(known))])
+        known = {int(k): v for k, v in self.host_layer_overhead_s.items() if int(k) <= tp}
+        return tuple(known[max(known)]) if known else (0.0, 0.0)
 
 
 def _check_host_table(table) -> None:

@@ -83,7 +83,8 @@ PROBE_SECONDS = 2.0
 
 
 def _probe_block(tp: int, device):
-    """(block, input) of the probe layer; under TP (DTensor, sequence parallel) when tp > 1."""
+    """(block, input, rope tables) of the probe layer; under TP (DTensor, sequence parallel)
+    when tp > 1."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 

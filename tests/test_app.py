@@ -100,6 +100,20 @@ def test_hand_set_layout_gives_estimate_or_one_line_error():
     _ok(at)
     assert len(at.error) == 1 and "\n" not in at.error[0].value
     assert "does not equal the cluster's 8 GPUs" in at.error[0].value
+    at.number_input(key="hand_tp").set_value(2)
+    at.selectbox(key="hand_mesh_order").set_value("tp,pp,dp")
+    at.text_input(key="hand_layers").set_value("3,x").run()
+    _ok(at)
+    assert len(at.error) == 1 and "layers_per_stage must be a list" in at.error[0].value
+    steps = []
+    for layers in ("", "4,28"):  # llama3-8b: 32 layers over pp=2
+        at.text_input(key="hand_layers").set_value(layers).run()
+        _ok(at)
+        assert not at.error, [e.value for e in at.error]
+        steps.append(at.metric[1].value)
+    assert steps[0] != steps[1]                       # an uneven split moves the step time
+    at.text_input(key="hand_layers").set_value("1,2").run()
+    assert "layers_per_stage sums to 3" in at.error[0].value
 
 
 BAD_MODEL_UPLOADS = [
@@ -200,3 +214,25 @@ def test_planner_ui_command():
     cmd = command(argparse.Namespace(port=8999, headless=True))
     assert UI_APP.is_file() and cmd[1:4] == ["-m", "streamlit", "run"]
     assert "8999" in cmd and "--server.maxUploadSize" in cmd
+
+
+def test_memory_chart_draws_the_search_limit_after_headroom():
+    from app.charts import memory_chart
+    from planner.cost.estimate import estimate
+    from planner.hardware import load_cluster
+    from planner.job import Job
+    from planner.plan import Layout, Plan
+    from planner.presets import MODEL_PRESETS
+    plan = Plan(model=MODEL_PRESETS["llama2-7b"], cluster=load_cluster("a100-80g", 1),
+                job=Job(global_batch=64, seq_len=4096),
+                layout=Layout(dp=8, zero_stage=1, micro_batch=1, num_microbatches=8))
+    est = estimate(plan).to_dict()
+    capacity = est["memory"]["capacity_bytes"]
+
+    def rules(chart) -> dict:
+        spec = chart.to_dict()
+        rows = [r for data in spec["datasets"].values() for r in data if "label" in r]
+        return {r["label"]: r["GiB"] for r in rows}
+    limits = rules(memory_chart({"#1": est}, capacity, "#1", headroom=0.1))
+    assert limits["search limit (10% headroom)"] == pytest.approx(0.9 * limits["GPU memory"])
+    assert list(rules(memory_chart({"#1": est}, capacity, "#1"))) == ["GPU memory"]

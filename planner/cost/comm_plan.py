@@ -30,11 +30,11 @@ def tp_pattern_for(mlp: str, sp: bool, engine: str) -> tuple:
     return forward, ([("all_gather", 2)] if sp else []) + [("all_reduce", colwise)]
 
 
-def _tp_collectives(plan: Plan, pattern: list, repeat: int = 1) -> list:
+def _tp_collectives(plan: Plan, pattern: list) -> list:
     link = axis_link(plan.cluster.profile, plan.layout, "tp")
     lay, job = plan.layout, plan.job
     nbytes = dtype_bytes(job.precision) * lay.micro_batch * job.seq_len * plan.model.hidden_size
-    return [make_collective(f"tp_{kind}", kind, link, repeat * count, nbytes)
+    return [make_collective(f"tp_{kind}", kind, link, count, nbytes)
             for kind, count in pattern]
 
 

@@ -1,0 +1,133 @@
+"""What the simulator schedules: SimCosts, the duration of every kind of event, built from a plan
+by the cost model (planner/cost/*) so that simulator and estimate share one source of truth, or
+by hand (tests use uniform stages without communication)."""
+
+from dataclasses import dataclass
+
+from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds
+from planner.cost.compute import LayerTimes, head_times, layer_times, selective_recompute_s
+from planner.cost.memory import rank_memory
+from planner.cost.time import exposed_tp_per_layer, optimizer_step_s
+from planner.plan import SCHEDULES, Plan
+
+MAX_BUCKETS_PER_CHUNK = 8   # DDP gradient buckets per chunk: one per layer, at most this many
+_NO_HEAD = LayerTimes(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def _tuple_of(values, name: str, n: int) -> tuple:
+    values = tuple(float(x) for x in values)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries; expected {n}")
+    if any(x < 0 for x in values):
+        raise ValueError(f"{name} must be >= 0, got {min(values)}")
+    return values
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimCosts:
+    """Everything the simulator schedules, in seconds.  chunk_* are per model chunk in pipeline
+    order and per micro-batch; rank_* per pipeline rank.  Build with `plan_costs(plan)` or by
+    hand (tests use uniform stages without communication)."""
+    schedule: str
+    pp: int
+    virtual_stages: int = 1
+    num_microbatches: int
+    chunk_fwd_s: tuple
+    chunk_bwd_s: tuple                     # full backward, weight gradient included
+    chunk_wgrad_s: tuple = ()
+    chunk_recompute_s: tuple = ()
+    chunk_tp_fwd_s: tuple = ()             # TP collectives of the forward (all exposed)
+    chunk_tp_recompute_s: tuple = ()       # ... of a full recompute (all exposed)
+    chunk_tp_bwd_s: tuple = ()             # ... of the backward
+    chunk_tp_bwd_exposed_s: tuple = ()     # the part of chunk_tp_bwd_s not hidden by wgrad
+    chunk_param_share: tuple = ()          # fraction of its rank's parameters in each chunk
+    chunk_buckets: tuple = ()              # gradient buckets per chunk
+    p2p_s: float = 0.0                     # one activation or gradient send between ranks
+    dp_mode: str = "none"                  # none | all_reduce | sharded
+    dp_overlap: bool = True
+    rank_grad_sync_s: tuple = ()           # all_reduce: per step; sharded: per micro-batch
+    rank_gather_s: tuple = ()              # sharded: one gather of the rank's parameters
+    gathers_per_microbatch: int = 0        # ZeRO-2: 1 (before F), ZeRO-3: 2 (also before B)
+    rank_after_step_s: tuple = ()          # ZeRO-1 parameter broadcast after the step
+    rank_optimizer_s: tuple = ()
+    blocking_p2p: bool = True
+
+    def __post_init__(self):
+        _check_schedule(self.schedule, self.pp, self.virtual_stages, self.num_microbatches)
+        n, p = self.pp * self.virtual_stages, self.pp
+        defaults = {"chunk_wgrad_s": n, "chunk_recompute_s": n, "chunk_tp_fwd_s": n,
+                    "chunk_tp_recompute_s": n, "chunk_tp_bwd_s": n, "chunk_tp_bwd_exposed_s": n,
+                    "rank_grad_sync_s": p, "rank_gather_s": p,
+                    "rank_after_step_s": p, "rank_optimizer_s": p}
+        for name in ("chunk_fwd_s", "chunk_bwd_s", *defaults):
+            value = getattr(self, name) or (0.0,) * defaults.get(name, 0)
+            object.__setattr__(self, name, _tuple_of(value, name, defaults.get(name, n)))
+        share = self.chunk_param_share or [1.0 / self.virtual_stages] * n
+        object.__setattr__(self, "chunk_param_share", _tuple_of(share, "chunk_param_share", n))
+        buckets = tuple(self.chunk_buckets or (1,) * n)
+        if len(buckets) != n or any(not isinstance(k, int) or k < 1 for k in buckets):
+            raise ValueError(f"chunk_buckets must be {n} integers >= 1, got {list(buckets)}")
+        object.__setattr__(self, "chunk_buckets", buckets)
+        if self.dp_mode not in ("none", "all_reduce", "sharded"):
+            raise ValueError(f"dp_mode must be none, all_reduce or sharded, got {self.dp_mode!r}")
+        if any(w > b for w, b in zip(self.chunk_wgrad_s, self.chunk_bwd_s)):
+            raise ValueError("chunk_wgrad_s must not exceed chunk_bwd_s")
+
+
+def _check_schedule(schedule: str, pp: int, v: int, m: int) -> None:
+    for name, value in (("pp", pp), ("virtual_stages", v), ("num_microbatches", m)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+    if schedule in ("gpipe", "1f1b") and v != 1:
+        raise ValueError(f"schedule {schedule} runs one stage per rank; virtual_stages is {v}")
+    if schedule == "zbv" and v != 2:
+        raise ValueError(f"schedule zbv runs exactly 2 virtual stages per rank, got {v}")
+
+
+def plan_costs(plan: Plan) -> SimCosts:
+    """Durations of every event of `plan`, from the cost model (planner/cost/*)."""
+    spec, job, lay = plan.model, plan.job, plan.layout
+    gpu = plan.cluster.profile.gpu
+    lt, ht = layer_times(gpu, spec, job, lay), head_times(gpu, spec, job, lay)
+    tp_pass, tp_bwd = tp_pass_seconds(plan)
+    tp_exposed = exposed_tp_per_layer(plan, lt.wgrad_s)
+    tp_rec = tp_pass if lay.recompute == "full" else 0.0
+    rec = {"none": 0.0, "selective": selective_recompute_s(lt), "full": lt.fwd_s}[lay.recompute]
+    layers = lay.stage_layers(spec.num_layers)
+    head = [ht if c == len(layers) - 1 else _NO_HEAD for c in range(len(layers))]
+    per_rank = [sum(lay.rank_chunk_layers(spec.num_layers)[r]) for r in range(lay.pp)]
+    p2p = pp_p2p_per_microbatch(plan)
+    return SimCosts(
+        schedule=lay.schedule, pp=lay.pp, virtual_stages=lay.virtual_stages,
+        num_microbatches=lay.num_microbatches,
+        chunk_fwd_s=[n * (lt.fwd_s + tp_pass) + h.fwd_s for n, h in zip(layers, head)],
+        chunk_bwd_s=[n * (lt.bwd_s + tp_exposed - tp_pass - tp_rec) + h.bwd_s
+                     for n, h in zip(layers, head)],
+        chunk_wgrad_s=[n * lt.wgrad_s + h.wgrad_s for n, h in zip(layers, head)],
+        chunk_recompute_s=[n * (rec + tp_rec) for n in layers],
+        chunk_tp_fwd_s=[n * tp_pass for n in layers],
+        chunk_tp_recompute_s=[n * tp_rec for n in layers],
+        chunk_tp_bwd_s=[n * tp_bwd for n in layers],
+        chunk_tp_bwd_exposed_s=[n * (tp_exposed - tp_pass - tp_rec) for n in layers],
+        chunk_param_share=[n / per_rank[lay.chunk_rank(c)] for c, n in enumerate(layers)],
+        chunk_buckets=[max(1, min(n, MAX_BUCKETS_PER_CHUNK)) for n in layers],
+        p2p_s=p2p[0].time_each_s if p2p else 0.0, **_dp_costs(plan))
+
+
+def _dp_costs(plan: Plan) -> dict:
+    lay = plan.layout
+    colls = [dp_collectives(plan, r) for r in range(lay.pp)]
+    opt = [optimizer_step_s(plan, rank_memory(plan, r)) for r in range(lay.pp)]
+    common = {"rank_optimizer_s": opt, "dp_overlap": plan.job.engine != "megatron"}
+    if lay.dp == 1:
+        return common
+    if lay.zero_stage <= 1:
+        return {**common, "dp_mode": "all_reduce", "rank_grad_sync_s": [c[0].time_s for c in colls],
+                "rank_after_step_s": [sum(x.time_s for x in c[1:]) for c in colls]}
+    return {**common, "dp_mode": "sharded",
+            "rank_grad_sync_s": [c[0].time_each_s for c in colls],
+            "rank_gather_s": [c[1].time_each_s for c in colls],
+            "gathers_per_microbatch": 2 if lay.zero_stage == 3 else 1}
+
