@@ -201,6 +201,8 @@ def measure(ranks: int, tmp_path: str) -> dict:
     else:
         torch.set_num_threads(1)
         sizes, times, host = [], [], {"1": measure_layer_host(1, device)}
+        _log(f"[host, layer] forward {host['1'][0] * 1e3:.1f} ms, "
+             f"backward {host['1'][1] * 1e3:.1f} ms")
         torch.set_num_threads(os.cpu_count() or 1)
     return {"device_name": name, "host": socket.gethostname(), "ranks": ranks,
             "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "peak_flops": peak,
