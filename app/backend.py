@@ -4,26 +4,20 @@ st.cache_data hashes them cheaply and exactly; results are plain data (dicts, Da
 Modules that other work streams deliver (search, export, simulate) are imported lazily: if one is
 missing the page says so instead of failing."""
 
-import importlib
 import json
 
 import pandas as pd
 import streamlit as st
 
+from planner import export
+from planner.calibration.compare import compare
 from planner.cost.estimate import estimate
 from planner.hardware import Cluster
 from planner.job import Job
 from planner.plan import Layout, Plan, layout_errors
 from planner.report import layout_summary
+from planner.sim.timeline import simulate
 from planner.spec import ModelSpec
-
-
-def optional_module(name: str):
-    """planner.<name>, or None when it is not there (yet)."""
-    try:
-        return importlib.import_module(f"planner.{name}")
-    except ImportError:
-        return None
 
 
 def inputs_key(model: ModelSpec, cluster: Cluster, job: Job) -> str:
@@ -61,13 +55,11 @@ def estimate_dict(key: str, layout_json: str) -> dict:
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def timeline_events(key: str, layout_json: str):
-    """(events DataFrame, summary dict) of planner.simulate for one plan, or (None, reason)."""
-    sim = optional_module("simulate")
-    if sim is None or not hasattr(sim, "simulate"):
-        return None, "the simulator (planner/simulate.py) is not available in this checkout"
+    """(events DataFrame, summary dict) of the simulated iteration of one plan, or (None,
+    reason) when the simulator refuses the plan."""
     plan = build_plan(key, json.loads(layout_json))
     try:
-        tl = sim.simulate(plan)
+        tl = simulate(plan)
     except (ValueError, NotImplementedError) as exc:
         return None, f"the simulator cannot run this plan: {exc}"
     d = tl.to_dict(events=True)
@@ -77,27 +69,9 @@ def timeline_events(key: str, layout_json: str):
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def exports(key: str, layout_json: str) -> dict:
-    """{file name: text} of planner.export for one plan ({} when export is not available)."""
-    exp = optional_module("export")
-    if exp is None:
-        return {}
+    """{file name: text} of every export of one plan (planner.export.export_all)."""
     plan = build_plan(key, json.loads(layout_json))
-    plan = plan.with_estimate(estimate(plan).to_dict())
-    return export_files(exp, plan)
-
-
-def export_files(exp, plan: Plan) -> dict:
-    """Adapts to planner.export's entry points: export_all(plan) -> {name: text}, or one
-    function per format."""
-    if hasattr(exp, "export_all"):
-        return dict(exp.export_all(plan))
-    files = {}
-    for fn_name, file_name in (("torchrun", "launch_torchrun.sh"), ("slurm", "job.slurm"),
-                               ("deepspeed", "ds_config.json"), ("megatron", "megatron_args.txt")):
-        fn = getattr(exp, fn_name, None) or getattr(exp, f"to_{fn_name}", None)
-        if callable(fn):
-            files[file_name] = fn(plan)
-    return files
+    return dict(export.export_all(plan.with_estimate(estimate(plan).to_dict())))
 
 
 def plan_json(key: str, layout: dict) -> str:
@@ -117,18 +91,11 @@ def label(layout: dict) -> str:
 
 
 def compare_table(plan: Plan, measured: dict) -> pd.DataFrame:
-    """Predicted vs measured: planner.compare when present, else step time and tokens/s only."""
-    cmp = optional_module("compare")
-    if cmp is not None and hasattr(cmp, "compare"):
-        try:
-            return cmp.compare(plan, measured)
-        except (TypeError, KeyError) as exc:
-            raise ValueError(f"unexpected measured.json content ({exc})") from None
-    est = estimate(plan)
-    rows = [("step time (s)", est.step_s, measured["step_time_s"]),
-            ("tokens/s", est.tokens_per_s, measured["tokens_per_s"])]
-    return pd.DataFrame([{"component": c, "rank": "all", "predicted": p, "measured": m}
-                         for c, p, m in rows])
+    """Predicted vs measured (planner.calibration.compare)."""
+    try:
+        return compare(plan, measured)
+    except (TypeError, KeyError) as exc:
+        raise ValueError(f"unexpected measured.json content ({exc})") from None
 
 
 def plan_from_measured(measured: dict) -> Plan:

@@ -5,11 +5,11 @@ from dataclasses import dataclass
 
 import streamlit as st
 
+from app.searching import objectives
+from app.uploads import MAX_UPLOAD_BYTES, model_from_upload, profile_from_upload
 from planner.hardware import Cluster, list_profiles, load_profile
 from planner.job import ATTENTION, ENGINES, PRECISIONS, Job
 from planner.presets import MODEL_PRESETS
-from app.searching import objectives
-from app.uploads import MAX_UPLOAD_BYTES, model_from_upload, profile_from_upload
 
 UPLOAD = "upload a JSON file..."
 DEFAULT_MODEL, DEFAULT_NODES = "llama3-70b", 4   # a case where pipelining matters

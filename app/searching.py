@@ -1,7 +1,4 @@
-"""The search behind `planner suggest`, run for the page and turned into plain tables.
-
-planner/search.py is written in another work stream; `search_results` adapts to its result and
-returns None with a reason when the module is not there."""
+"""The search behind `planner suggest`, run for the page and turned into plain tables."""
 
 import json
 import time
@@ -9,9 +6,10 @@ import time
 import pandas as pd
 import streamlit as st
 
-from app.backend import inputs_from_key, optional_module
+from app.backend import inputs_from_key
 from planner.report import layout_summary
-from planner.search_explain import rejected_table
+from planner.search.explain import rejected_table
+from planner.search.ranking import OBJECTIVES, SearchOptions, search
 from planner.units import GIB
 
 TOP_N = 25  # rows in the ranked table
@@ -24,22 +22,18 @@ def search_results(key: str, max_tp: int, headroom: float, objective: str,
     'feasible' (every plan that fits: plan, memory_GiB, tokens_per_s, pareto), 'rejected'
     (reason, plans, example), 'searched' (layouts considered), 'closest' (when nothing fits)
     and 'elapsed_s'."""
-    search = optional_module("search")
-    if search is None or not hasattr(search, "search"):
-        return None, "the search (planner/search.py) is not available in this checkout yet"
     model, cluster, job = inputs_from_key(key)
     t0 = time.perf_counter()
-    opts = search.SearchOptions(objective=objective, top=TOP_N, max_tp=max_tp,
+    opts = SearchOptions(objective=objective, top=TOP_N, max_tp=max_tp,
                                 headroom=headroom, token_budget=token_budget)
-    result = search.search(model, cluster, job, opts)
+    result = search(model, cluster, job, opts)
     out = _tables(result)
     out["elapsed_s"] = time.perf_counter() - t0
     return out, ""
 
 
 def objectives() -> tuple:
-    search = optional_module("search")
-    return getattr(search, "OBJECTIVES", ("throughput",))
+    return OBJECTIVES
 
 
 def _tables(result) -> dict:

@@ -162,8 +162,6 @@ def handoff_section(key: str, layout: dict) -> None:
     cols[0].download_button("plan.json", backend.plan_json(key, layout), "plan.json",
                             mime="application/json")
     files = backend.exports(key, json.dumps(layout, sort_keys=True))
-    if not files:
-        st.caption("Launcher exports appear here once planner/export.py is available.")
     for i, (name, text) in enumerate(files.items()):
         cols[1 + i % 4].download_button(name, text, name, key=f"dl_{name}")
     up = st.file_uploader("Compare with a run: upload its measured.json", type=["json"],

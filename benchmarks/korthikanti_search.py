@@ -12,8 +12,8 @@ from planner.hardware import load_cluster
 from planner.job import Job
 from planner.plan import Layout, Plan
 from planner.report import layout_summary
-from planner.search import Candidate, SearchOptions, search
-from planner.search_explain import why_better
+from planner.search.explain import why_better
+from planner.search.ranking import Candidate, SearchOptions, search
 from planner.spec import ModelSpec
 
 # name, heads, hidden, layers, TP, PP, GPUs, global batch, micro batch, virtual stages

@@ -19,7 +19,7 @@ from planner.hardware import load_cluster
 from planner.job import Job
 from planner.presets import load_model
 from planner.report import layout_summary
-from planner.search import SearchOptions, search
+from planner.search.ranking import SearchOptions, search
 from planner.spec import ModelSpec
 
 GPT_1T = ModelSpec(name="gpt-1t", arch="gpt", num_layers=128, hidden_size=25600, num_heads=160,

@@ -9,7 +9,6 @@ duration depends on m); m = 64 and 128 are valid plans simulated end to end with
 Prints one line per case: best of 3 runs, events, step time."""
 
 import dataclasses
-
 import sys
 import time
 from pathlib import Path
@@ -17,11 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from golden_helpers import megatron_gpt  # noqa: E402
+
 from planner.cost.estimate import estimate  # noqa: E402
 from planner.hardware import load_cluster  # noqa: E402
 from planner.job import Job  # noqa: E402
 from planner.plan import Layout, Plan  # noqa: E402
-from planner.simulate import plan_costs, simulate, simulate_costs  # noqa: E402
+from planner.sim.timeline import plan_costs, simulate, simulate_costs  # noqa: E402
 
 
 def one_t_plan(m: int) -> Plan:

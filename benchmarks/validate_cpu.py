@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from planner.calibrate import calibrate, step_time_errors
-from planner.compare import compare
+from planner.calibration.calibrate import calibrate, step_time_errors
+from planner.calibration.compare import compare
 from planner.cost.estimate import estimate
 from planner.hardware import Cluster, load_profile
 from planner.job import Job
 from planner.plan import Plan
 from planner.presets import MODEL_PRESETS
-from planner.search import SearchOptions, search
+from planner.search.ranking import SearchOptions, search
 from runtime.launch import torchrun_command
 
 OUT = Path("runs/validate")

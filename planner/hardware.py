@@ -1,13 +1,26 @@
 """Hardware profiles (one JSON per profile in hardware_profiles/) and clusters (profile x nodes)."""
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.schema import (check_keys, load_json_file, require_bool, require_choice,
                             require_int, require_number, require_str)
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
+
+
+def _profile_dir() -> Path:
+    """hardware_profiles/ of the source tree, else the copy installed as package data
+    (pyproject.toml maps it to planner.hardware_profiles)."""
+    source = Path(__file__).resolve().parent.parent / "hardware_profiles"
+    if source.is_dir():
+        return source
+    installed = importlib.util.find_spec("planner.hardware_profiles")
+    return Path(list(installed.submodule_search_locations)[0]) if installed else source
+
+
+PROFILE_DIR = _profile_dir()
 SCHEMA_VERSION = 1
 INTRA_KINDS = ("nvswitch", "nvlink_mesh", "pcie", "shm")
 

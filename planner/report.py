@@ -68,7 +68,7 @@ def estimate_text(est) -> str:
 
 
 def compare_text(table) -> str:
-    """The predicted-vs-measured table of planner.compare.compare, formatted."""
+    """The predicted-vs-measured table of planner.calibration.compare.compare, formatted."""
     fmt = table.copy()
     for col in ("predicted", "measured"):
         fmt[col] = fmt[col].map(lambda v: "" if v is None or v != v else f"{v:,.4g}")

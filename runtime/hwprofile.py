@@ -3,7 +3,7 @@ matrices, copy bandwidth, all-reduce times among local ranks (gloo on CPU, NCCL 
 host time of one small transformer layer, plain and under each tensor-parallel degree.
 
 Run as `python -m runtime.hwprofile --out measurements.json --ranks N`; the planner turns the
-JSON into a profile (planner/profile_fit.py)."""
+JSON into a profile (planner/calibration/profile_fit.py)."""
 
 import argparse
 import json

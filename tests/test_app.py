@@ -1,6 +1,5 @@
 """The Streamlit page, headless (streamlit.testing.v1.AppTest), and its upload parsing."""
 
-import importlib.util
 import json
 import pickle
 from pathlib import Path
@@ -10,12 +9,14 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from app.uploads import (measured_from_upload, model_from_upload, parse_json_bytes,  # noqa: E402
-                         profile_from_upload)
+from app.uploads import (  # noqa: E402
+    measured_from_upload,
+    model_from_upload,
+    parse_json_bytes,
+    profile_from_upload,
+)
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
-HAS_SEARCH = importlib.util.find_spec("planner.search") is not None
-needs_search = pytest.mark.skipif(not HAS_SEARCH, reason="planner/search.py not present")
 HF_LLAMA = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 256,
             "num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 688,
             "vocab_size": 1000, "max_position_embeddings": 512}
@@ -51,7 +52,6 @@ def test_page_runs_without_exception():
     assert not at.error and at.selectbox(key="pick").options[0].startswith("#1")
 
 
-@needs_search
 def test_node_count_reranks_plans():
     at = _app(nodes=1)
     _ok(at)
@@ -64,7 +64,6 @@ def test_node_count_reranks_plans():
     assert "32 x" in at.caption[0].value
 
 
-@needs_search
 def test_selecting_a_plan_updates_charts():
     at = _app()
     ranked = _ranked(at)
@@ -210,7 +209,8 @@ def test_by_hand_starts_from_the_inspected_plan():
 def test_planner_ui_command():
     import argparse
 
-    from planner.commands.ui import APP as UI_APP, command
+    from planner.cli.ui import APP as UI_APP
+    from planner.cli.ui import command
     cmd = command(argparse.Namespace(port=8999, headless=True))
     assert UI_APP.is_file() and cmd[1:4] == ["-m", "streamlit", "run"]
     assert "8999" in cmd and "--server.maxUploadSize" in cmd

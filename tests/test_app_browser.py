@@ -21,7 +21,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-HAS_SEARCH = importlib.util.find_spec("planner.search") is not None
 
 pytestmark = [
     pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="chromium/chromedriver not installed"),
@@ -104,9 +103,7 @@ def test_page_renders_plan_table_in_chromium(server, browser):
 
     browser.get(server)
     wait = WebDriverWait(browser, 40)
-    targets = (['[data-testid="stDataFrame"]', '[data-testid="stVegaLiteChart"]'] if HAS_SEARCH
-               else ['[data-testid="stAlert"]'])  # without a search: the "no ranked plans" note
-    for css in targets:
+    for css in ('[data-testid="stDataFrame"]', '[data-testid="stVegaLiteChart"]'):
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
     wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'))
     time.sleep(1.5)  # let vega finish drawing
@@ -118,12 +115,10 @@ def test_page_renders_plan_table_in_chromium(server, browser):
     html = browser.page_source
     assert "Parallelism planner" in html
     assert "Traceback" not in html and 'data-testid="stException"' not in html
-    if HAS_SEARCH:
-        assert "Ranked plans" in html
-        assert "dp=" in html, "the ranked table's layout column did not render"
+    assert "Ranked plans" in html
+    assert "dp=" in html, "the ranked table's layout column did not render"
 
 
-@pytest.mark.skipif(not HAS_SEARCH, reason="planner/search.py not present")
 def test_clicking_a_table_row_selects_that_plan(server, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from planner.calibration.compare import compare
 from planner.cli import main
-from planner.compare import compare
 from planner.cost.estimate import estimate
 from planner.cost.memory import rank_memory, rank_model_state
 from planner.hardware import load_cluster
@@ -65,7 +65,7 @@ def test_compare_cli_and_bad_measured(tmp_path, capsys):
 def test_calibrate_recovers_a_slower_machine(tmp_path, capsys):
     """Runs measured on a machine that reaches half the profile's efficiency and pays 5x the
     kernel overhead: calibration finds both factors and the step-time error drops."""
-    from planner.calibrate import _scaled, calibrate
+    from planner.calibration.calibrate import _scaled, calibrate
     from planner.hardware import load_profile
     profile = load_profile("cpu")
     slow = _scaled(profile, efficiency=0.5, overhead=5.0)

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
+from planner.calibration.profile_fit import host_table
 from planner.cost.comm import collective_latency
 from planner.cost.compute import layer_times
 from planner.hardware import HardwareProfile, load_profile
 from planner.job import Job
 from planner.plan import Layout
 from planner.presets import MODEL_PRESETS
-from planner.profile_fit import host_table
 
 TABLE = {"1": [0.001, 0.002], "2": [0.04, 0.06], "4": [0.05, 0.09]}
 

@@ -4,7 +4,7 @@ import sys
 
 def test_import_planner_does_not_import_torch_or_streamlit():
     code = ("import sys, planner, planner.cli, planner.cost.estimate, planner.report;"
-            "import planner.commands.estimate;"
+            "import planner.cli.estimate;"
             "print(' '.join(m for m in ('torch', 'streamlit') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -5,9 +5,9 @@ import sys
 import numpy as np
 import pytest
 
-from planner.fit import fit_gemm_efficiency
+from planner.calibration.gemm_fit import fit_gemm_efficiency
+from planner.calibration.profile_fit import fit_alpha_beta, profile_from_measurements
 from planner.hardware import load_profile
-from planner.profile_fit import fit_alpha_beta, profile_from_measurements
 
 
 def _synthetic_gemms(e_max, d0, peak):

@@ -142,7 +142,7 @@ def _check_measured(measured: dict) -> None:
                              "optimizer_bytes", "activation_bytes_per_microbatch",
                              "peak_allocated_bytes", "max_rss_bytes"}
         assert rank["peak_allocated_bytes"] is None and rank["max_rss_bytes"] > 0
-    from planner.compare import compare
+    from planner.calibration.compare import compare
     from planner.plan import Plan
     table = compare(Plan.from_dict(measured["plan"]), measured)
     states = table[table.component.isin(["weights", "gradients", "optimizer"])]

@@ -14,11 +14,15 @@ from planner.hardware import Cluster, load_cluster
 from planner.job import Job
 from planner.plan import INTERLEAVED, RECOMPUTE, SCHEDULES, Layout, Plan, layout_errors
 from planner.presets import load_model
-from planner.search import SearchOptions, cluster_for, search
-from planner.search_explain import reasons, why_better
-from planner.search_space import (enumerate_space, structural_checks, structural_reasons,
-                                  take)
-from planner.search_vector import Scorer, layout_at
+from planner.search.explain import reasons, why_better
+from planner.search.ranking import SearchOptions, cluster_for, search
+from planner.search.scorer import Scorer, layout_at
+from planner.search.space import (
+    enumerate_space,
+    structural_checks,
+    structural_reasons,
+    take,
+)
 
 # (model, profile, nodes, gpus, global batch, seq, engine, flash): spaces that exercise GQA,
 # uneven pipeline splits, the DGX-1 cube mesh, fp16, megatron overlap and unfused attention

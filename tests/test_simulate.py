@@ -14,8 +14,14 @@ from planner.hardware import load_cluster
 from planner.job import Job
 from planner.plan import Layout, Plan
 from planner.presets import MODEL_PRESETS
-from planner.schedules import rank_actions
-from planner.simulate import SimCosts, build_graph, plan_costs, simulate, simulate_costs
+from planner.sim.schedules import rank_actions
+from planner.sim.timeline import (
+    SimCosts,
+    build_graph,
+    plan_costs,
+    simulate,
+    simulate_costs,
+)
 
 SPLIT = ("interleaved_zb", "zbv")
 
@@ -285,7 +291,8 @@ def test_bad_costs_are_value_errors():
 def test_png_is_a_valid_image_with_one_band_per_stage(tmp_path):
     import struct
     import zlib
-    from planner.timeline_draw import png_bytes, timeline_png
+
+    from planner.sim.draw import png_bytes, timeline_png
     t = simulate_costs(_uniform("1f1b", 4, 8))
     data = timeline_png(t)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

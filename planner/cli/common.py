@@ -4,8 +4,8 @@ import json
 import sys
 
 from planner.hardware import load_cluster
-from planner.job import ATTENTION, Job, PRECISIONS
-from planner.plan import Layout, Plan, RECOMPUTE, SCHEDULES
+from planner.job import ATTENTION, PRECISIONS, Job
+from planner.plan import RECOMPUTE, SCHEDULES, Layout, Plan
 from planner.presets import load_model
 
 

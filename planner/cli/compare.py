@@ -1,7 +1,7 @@
 """`planner compare plan.json measured.json`: predicted vs measured, with relative errors."""
 
-from planner.commands.common import print_json
-from planner.compare import compare
+from planner.calibration.compare import compare
+from planner.cli.common import print_json
 from planner.plan import Plan
 from planner.report import compare_text
 from planner.schema import load_json_file

@@ -6,8 +6,8 @@ import heapq
 
 import networkx as nx
 
-from planner.schedules import SPLIT_BACKWARD, rank_actions
-from planner.sim_costs import SimCosts
+from planner.sim.costs import SimCosts
+from planner.sim.schedules import SPLIT_BACKWARD, rank_actions
 
 COMM_PRIORITY = {"send": 0, "gather": 1, "grad_sync": 2, "param_sync": 3}
 

@@ -1,8 +1,8 @@
 """`planner suggest`'s engine: enumerate every layout -> prune structurally -> memory verdict
 with headroom -> score -> rank by an objective, keeping every rejection under its reason.
 
-The space is held as numpy columns (planner/search_space.py) and scored by
-planner/search_vector.py, which calls the cost model once per unique sub-key.  The top plans are
+The space is held as numpy columns (planner/search/space.py) and scored by
+planner/search/scorer.py, which calls the cost model once per unique sub-key.  The top plans are
 then re-scored with estimate() so that every number shown or written is exactly the estimate."""
 
 import dataclasses
@@ -15,9 +15,14 @@ from planner.cost.estimate import Estimate, estimate
 from planner.hardware import Cluster
 from planner.plan import Plan, layout_errors
 from planner.report import layout_summary
-from planner.search_space import (concat, enumerate_space, structural_checks,
-                                  structural_reasons, take)
-from planner.search_vector import Scorer, layout_at
+from planner.search.scorer import Scorer, layout_at
+from planner.search.space import (
+    concat,
+    enumerate_space,
+    structural_checks,
+    structural_reasons,
+    take,
+)
 
 OBJECTIVES = ("throughput", "min-gpus", "time-to-train")
 # Deterministic tie-break after the objective: less memory, fewer GPUs, then the simpler layout

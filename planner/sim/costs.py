@@ -4,8 +4,17 @@ by hand (tests use uniform stages without communication)."""
 
 from dataclasses import dataclass
 
-from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds
-from planner.cost.compute import LayerTimes, head_times, layer_times, selective_recompute_s
+from planner.cost.comm_plan import (
+    dp_collectives,
+    pp_p2p_per_microbatch,
+    tp_pass_seconds,
+)
+from planner.cost.compute import (
+    LayerTimes,
+    head_times,
+    layer_times,
+    selective_recompute_s,
+)
 from planner.cost.memory import rank_memory
 from planner.cost.time import exposed_tp_per_layer, optimizer_step_s
 from planner.plan import SCHEDULES, Plan

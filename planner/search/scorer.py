@@ -24,7 +24,7 @@ from planner.cost.compute import head_times, layer_times, selective_recompute_s
 from planner.cost.flops import model_flops_per_step
 from planner.cost.pipeline import head_inflight, inflight_chunks
 from planner.plan import RECOMPUTE, SCHEDULES, ZERO_BUBBLE, Layout
-from planner.search_space import SCHED, take
+from planner.search.space import SCHED, take
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,7 @@ print predicted vs measured."""
 
 from pathlib import Path
 
-from planner.compare import compare
+from planner.calibration.compare import compare
 from planner.plan import Plan
 from planner.report import compare_text
 from planner.schema import load_json_file

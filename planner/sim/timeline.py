@@ -3,7 +3,7 @@ compute and one communication stream per pipeline rank (data-parallel replicas a
 
 Events: forward F, backward B (or input-gradient I and weight-gradient W for zero-bubble
 schedules) and recompute R of every micro-batch on every model chunk, in the per-rank order of
-the schedule (planner/schedules.py, PyTorch's order); point-to-point sends between stages; data
+the schedule (planner/sim/schedules.py, PyTorch's order); point-to-point sends between stages; data
 parallel gradient reduction in buckets and ZeRO parameter gathers with one-ahead prefetch; the
 optimizer step.  TP/SP collectives live inside the layers: their exposed part is inside the
 compute events (Event.tp_exposed_s).  An event starts when its dependencies are met
@@ -20,8 +20,8 @@ import gc
 from dataclasses import dataclass, field
 
 from planner.plan import Plan
-from planner.sim_costs import SimCosts, plan_costs
-from planner.sim_graph import build_graph, list_schedule
+from planner.sim.costs import SimCosts, plan_costs
+from planner.sim.graph import build_graph, list_schedule
 
 __all__ = ["CommStat", "Event", "SimCosts", "Timeline", "build_graph", "list_schedule",
            "plan_costs", "simulate", "simulate_costs"]

@@ -2,11 +2,11 @@
 
 import sys
 
-from planner import nofit
-from planner.commands.common import add_inputs, build_inputs, print_json
+from planner.cli.common import add_inputs, build_inputs, print_json
 from planner.hardware import Cluster
-from planner.search import OBJECTIVES, SearchOptions, search
-from planner.search_explain import result_text
+from planner.search import nofit
+from planner.search.explain import result_text
+from planner.search.ranking import OBJECTIVES, SearchOptions, search
 
 
 def add_parser(sub):

@@ -2,11 +2,11 @@
 
 import json
 
-from planner.commands.common import add_inputs, add_layout, build_plan, print_json
+from planner.cli.common import add_inputs, add_layout, build_plan, print_json
 from planner.cost.estimate import estimate
 from planner.report import layout_summary
-from planner.simulate import simulate
-from planner.timeline_draw import timeline_html, timeline_png
+from planner.sim.draw import timeline_html, timeline_png
+from planner.sim.timeline import simulate
 from planner.units import fmt_seconds
 
 COMM_NAMES = {"tp": "TP/SP collectives", "pp": "pipeline sends", "dp_grad": "DP gradient sync",

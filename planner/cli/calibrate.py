@@ -2,7 +2,7 @@
 
 import json
 
-from planner.calibrate import calibrate
+from planner.calibration.calibrate import calibrate
 from planner.hardware import load_profile
 from planner.plan import Plan
 from planner.schema import load_json_file

@@ -9,9 +9,9 @@ import datetime
 
 import numpy as np
 
+from planner.calibration.gemm_fit import fit_gemm_efficiency
 from planner.cost.comm import collective_latency
 from planner.cost.comm_plan import tp_pattern_for
-from planner.fit import fit_gemm_efficiency
 from planner.hardware import HardwareProfile
 
 

@@ -1,6 +1,6 @@
 """`planner models`: the model presets."""
 
-from planner.commands.common import print_json
+from planner.cli.common import print_json
 from planner.cost.params import count_parameters
 from planner.presets import MODEL_PRESETS
 

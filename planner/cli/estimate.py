@@ -1,6 +1,6 @@
 """`planner estimate`: memory, time and throughput of one plan."""
 
-from planner.commands.common import add_inputs, add_layout, build_plan, print_json
+from planner.cli.common import add_inputs, add_layout, build_plan, print_json
 from planner.cost.estimate import estimate
 from planner.report import estimate_text
 

@@ -6,8 +6,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from planner.calibration.profile_fit import profile_from_measurements
 from planner.hardware import load_profile
-from planner.profile_fit import profile_from_measurements
 
 
 def add_parser(sub):

@@ -1,6 +1,6 @@
 """`planner profiles`: the hardware profiles."""
 
-from planner.commands.common import print_json
+from planner.cli.common import print_json
 from planner.hardware import list_profiles, load_profile
 
 

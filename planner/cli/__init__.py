@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-# sub-command name -> module in planner.commands
+# sub-command name -> module in planner.cli
 COMMANDS = ["estimate", "models", "profiles", "run", "compare", "profile", "calibrate", "ui",
             "suggest", "simulate", "export"]
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="planner", description="Plan, simulate and run parallel transformer training.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        module = importlib.import_module(f"planner.commands.{name}")
+        module = importlib.import_module(f"planner.cli.{name}")
         module.add_parser(sub).set_defaults(run=module.run)
     return parser
 
@@ -45,5 +45,3 @@ def main(argv=None) -> int:
         return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,1 +1,0 @@
-"""One module per `planner` sub-command: add_parser(subparsers) and run(args) -> exit code."""
