@@ -4,7 +4,10 @@ runtime (one per node), a Slurm sbatch script, a DeepSpeed config and Megatron-L
 Each exporter refuses, with one line naming the value, a plan its engine cannot express, rather
 than silently running something else."""
 
+import ipaddress
 import json
+import operator
+import re
 import shlex
 
 from planner.plan import Plan
@@ -12,6 +15,92 @@ from planner.plan import Plan
 DEFAULT_PORT = 29500
 DEFAULT_STEPS = 50
 CLIP_NORM = 1.0  # gradient clipping the runtime applies (global L2 norm)
+
+# Values written into scheduler directives (#SBATCH lines are read by sbatch, not by a shell, so
+# they cannot be quoted) and host names must match these; anything else is refused.
+NAME_CHARS = "A-Za-z0-9._-"
+_NAME = re.compile(rf"[{NAME_CHARS}]+")
+_PARTITION = re.compile(rf"[{NAME_CHARS}]+(,[{NAME_CHARS}]+)*")  # sbatch takes a list
+# Slurm's --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or unlimited
+_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|unlimited|INFINITE|infinite")
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
+JOB_NAME_MAX = 128
+
+
+def _check(value, pattern, what: str, allowed: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not allowed: use {allowed}")
+    return value
+
+
+def check_job_name(name) -> str:
+    if isinstance(name, str) and len(name) > JOB_NAME_MAX:
+        raise ValueError(f"job name {name!r} is longer than {JOB_NAME_MAX} characters")
+    return _check(name, _NAME, "job name", f"only the characters {NAME_CHARS}")
+
+
+def check_partition(partition) -> str:
+    return _check(partition, _PARTITION, "partition",
+                  f"names of the characters {NAME_CHARS}, comma-separated")
+
+
+def check_time(time_limit) -> str:
+    return _check(time_limit, _TIME, "time limit",
+                  "Slurm's M, M:S, H:M:S, D-H, D-H:M, D-H:M:S or UNLIMITED")
+
+
+def check_host(host) -> str:
+    """A host name or IPv4/IPv6 address (IPv6 returned without brackets); anything else,
+    such as a shell expansion or a name starting with '-', is refused."""
+    if isinstance(host, str) and _HOST.fullmatch(host):
+        return host
+    try:
+        return str(ipaddress.IPv6Address(str(host).removeprefix("[").removesuffix("]")))
+    except ValueError:
+        raise ValueError(f"host {host!r} is not a host name or IP address (allowed: letters, "
+                         f"digits and '.-_', or an IPv6 address)") from None
+
+
+def _endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _integer(value):
+    """`value` as an int if it is an integer type (not bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_port(port) -> int:
+    n = _integer(port)
+    if n is None or not 0 < n < 65536:
+        raise ValueError(f"port {port!r} is not a port number (1-65535)")
+    return n
+
+
+def _check_steps(steps) -> int:
+    n = _integer(steps)
+    if n is None or n < 1:
+        raise ValueError(f"steps {steps!r} must be an integer >= 1")
+    return n
+
+
+def _check_path(path) -> str:
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ValueError(f"plan path {path!r} must be a non-empty string without NUL")
+    return path
+
+
+def default_job_name(plan: Plan) -> str:
+    """'<model>-dp<d>tp<t>pp<p>', every character of the model name outside NAME_CHARS
+    replaced by '-' (a model name is free text; a job name goes into an #SBATCH line)."""
+    lay = plan.layout
+    model = re.sub(rf"[^{NAME_CHARS}]+", "-", plan.model.name).strip("-")[:64] or "plan"
+    return f"{model}-dp{lay.dp}tp{lay.tp}pp{lay.pp}"
 
 
 def _nodes_and_procs(plan: Plan) -> tuple:
@@ -24,30 +113,59 @@ def _nodes_and_procs(plan: Plan) -> tuple:
     return nodes, world // nodes
 
 
+_SETTING = re.compile(r"[A-Za-z_]+=[A-Za-z0-9_]+")  # 'slots=8' after the host
+
+
 def read_hostfile(path: str) -> list:
-    """Host names, one per line (DeepSpeed/MPI style 'host slots=8' accepted; '#' comments)."""
+    """Host names, one per line (DeepSpeed/MPI style 'host slots=8' accepted; '#' comments).
+    A line whose host is not a host name or IP address, or whose other words are not
+    'key=value' settings, is refused with its line number."""
     hosts = []
     with open(path) as f:
-        for line in f:
-            line = line.split("#", 1)[0].strip()
-            if line:
-                hosts.append(line.split()[0])
+        for number, line in enumerate(f, 1):
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            try:
+                hosts.append(check_host(words[0]))
+                for word in words[1:]:
+                    if not _SETTING.fullmatch(word):
+                        raise ValueError(f"{word!r} after host {words[0]!r} is not a "
+                                         f"'key=value' setting such as slots=8")
+            except ValueError as exc:
+                raise ValueError(f"hostfile {path} line {number}: {exc}") from None
     if not hosts:
         raise ValueError(f"hostfile {path} lists no hosts")
     return hosts
 
 
+class _Shell(str):
+    """A shell word this module writes itself (a $VARIABLE reference): emitted as is, where
+    every other value is quoted."""
+
+
+def _join(args: list) -> str:
+    return " ".join(a if isinstance(a, _Shell) else shlex.quote(a) for a in args)
+
+
 def torchrun_lines(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEPS,
                    hosts: list = None, master_addr: str = None,
                    master_port: int = DEFAULT_PORT) -> list:
-    """One torchrun command per node (a single line for a one-node plan)."""
+    """One torchrun command per node (a single line for a one-node plan).  Every value is
+    quoted for the shell; host names must be host names or IP addresses."""
     nodes, procs = _nodes_and_procs(plan)
-    train = ["-m", "runtime.train", "--plan", plan_path, "--steps", str(steps)]
+    train = ["-m", "runtime.train", "--plan", _check_path(plan_path),
+             "--steps", str(_check_steps(steps))]
+    master_port = _check_port(master_port)
+    hosts = None if hosts is None else [check_host(h) for h in hosts]
+    master_addr = None if master_addr is None else check_host(master_addr)
     if nodes == 1:
-        return [shlex.join(["torchrun", "--nproc-per-node", str(procs)] + train)]
+        return [_join(["torchrun", "--nproc-per-node", str(procs)] + train)]
     if hosts is not None and len(hosts) < nodes:
         raise ValueError(f"plan needs {nodes} nodes; the hostfile lists {len(hosts)}")
-    endpoint = f"{master_addr or (hosts[0] if hosts else '$MASTER_ADDR')}:{master_port}"
+    host = master_addr or (hosts[0] if hosts else None)
+    endpoint = (_Shell(f'"$MASTER_ADDR":{master_port}') if host is None
+                else _endpoint(host, master_port))
     lines = []
     for rank in range(nodes):
         cmd = ["torchrun", "--nproc-per-node", str(procs), "--nnodes", str(nodes),
@@ -57,10 +175,6 @@ def torchrun_lines(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEF
     return lines
 
 
-def _join(args: list) -> str:
-    return " ".join(a if "$" in a else shlex.quote(a) for a in args)  # keep $VARS expandable
-
-
 def torchrun(plan: Plan, **kwargs) -> str:
     return "\n".join(torchrun_lines(plan, **kwargs)) + "\n"
 
@@ -68,23 +182,34 @@ def torchrun(plan: Plan, **kwargs) -> str:
 def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEPS,
           job_name: str = None, time_limit: str = "24:00:00", partition: str = None,
           master_port: int = DEFAULT_PORT) -> str:
-    """An sbatch script: one task per node, each starting torchrun with c10d rendezvous."""
+    """An sbatch script: one task per node, each starting torchrun with c10d rendezvous.
+
+    The #SBATCH values (job name, partition, time) must match NAME_CHARS / Slurm's time
+    formats; the default job name is default_job_name(plan).  The per-node command is a fixed
+    `bash -c` script (it only reads $SLURM_NODEID / $SLURM_JOB_ID on the node); every value is
+    passed to it as a quoted argument, never spliced into its text."""
     nodes, procs = _nodes_and_procs(plan)
-    name = job_name or f"{plan.model.name}-dp{plan.layout.dp}tp{plan.layout.tp}pp{plan.layout.pp}"
+    name = default_job_name(plan) if job_name is None else check_job_name(job_name)
     head = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={nodes}",
             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={procs}",
-            f"#SBATCH --time={time_limit}", "#SBATCH --exclusive"]
-    if partition:
-        head.append(f"#SBATCH --partition={partition}")
-    torch_cmd = (f"torchrun --nproc-per-node {procs} --nnodes {nodes} "
-                 f"--node-rank \\$SLURM_NODEID --rdzv-id \\$SLURM_JOB_ID --rdzv-backend c10d "
-                 f"--rdzv-endpoint $MASTER_ADDR:$MASTER_PORT -m runtime.train "
-                 f"--plan {shlex.quote(plan_path)} --steps {steps}")
+            f"#SBATCH --time={check_time(time_limit)}", "#SBATCH --exclusive"]
+    if partition is not None:
+        head.append(f"#SBATCH --partition={check_partition(partition)}")
+    per_node = 'exec torchrun --node-rank "$SLURM_NODEID" --rdzv-id "$SLURM_JOB_ID" "$@"'
+    torch_args = ["--nproc-per-node", str(procs), "--nnodes", str(nodes),
+                  "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                  _Shell('"$MASTER_ADDR:$MASTER_PORT"'), "-m", "runtime.train",
+                  "--plan", _check_path(plan_path), "--steps", str(_check_steps(steps))]
     body = ["set -euo pipefail",
-            'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-            f"MASTER_PORT={master_port}",
+            # sed reads the whole list: `head -n 1` can end scontrol with SIGPIPE, which
+            # pipefail turns into a failed job
+            'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
+            f"MASTER_PORT={_check_port(master_port)}",
             "export MASTER_ADDR MASTER_PORT",
-            f'srun --kill-on-bad-exit=1 bash -c "{torch_cmd}"']
+            "# each node's task expands its own $SLURM_NODEID inside the single quotes",
+            "# shellcheck disable=SC2016",
+            "srun --kill-on-bad-exit=1 " + _join(["bash", "-c", per_node, "torchrun"])
+            + " \\\n    " + _join(torch_args)]
     return "\n".join(head + [""] + body) + "\n"
 
 

@@ -65,8 +65,10 @@ def test_slurm_script():
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
                  "#SBATCH --ntasks-per-node=1"):
         assert line in text.splitlines()
-    srun = next(x for x in text.splitlines() if x.startswith("srun "))
-    assert "--nnodes 2" in srun and "--steps 5" in srun and "-m runtime.train" in srun
+    srun = next(x for x in text.replace("\\\n", " ").splitlines() if x.startswith("srun "))
+    f = _flags(shlex.split(srun)[6:])
+    assert f["--nnodes"] == "2" and f["--steps"] == "5" and f["--plan"] == "plan.json"
+    assert f["--rdzv-endpoint"] == "$MASTER_ADDR:$MASTER_PORT" and "-m runtime.train" in srun
 
 
 def test_deepspeed_config_matches_plan():

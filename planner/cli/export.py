@@ -15,14 +15,20 @@ def add_parser(sub):
     p.add_argument("--out", help="write to this file instead of standard output")
     p.add_argument("--steps", type=int, default=export.DEFAULT_STEPS,
                    help=f"training steps for runtime.train (default {export.DEFAULT_STEPS})")
-    p.add_argument("--nodes-hostfile", help="one host per line; node 0 is the rendezvous host")
-    p.add_argument("--master-addr", help="rendezvous host (default: first hostfile entry)")
+    p.add_argument("--nodes-hostfile", help="one host per line ('host slots=8' accepted); "
+                                            "node 0 is the rendezvous host")
+    p.add_argument("--master-addr", help="rendezvous host name or IP address "
+                                         "(default: first hostfile entry)")
     p.add_argument("--master-port", type=int, default=export.DEFAULT_PORT)
     p.add_argument("--plan-path", help="path of plan.json as the nodes see it "
                                        "(default: the given path)")
-    p.add_argument("--job-name", help="Slurm job name")
-    p.add_argument("--partition", help="Slurm partition")
-    p.add_argument("--time", default="24:00:00", help="Slurm time limit (default 24:00:00)")
+    p.add_argument("--job-name", help="Slurm job name, of the characters A-Za-z0-9._- "
+                                      "(default: model name with other characters as '-', "
+                                      "plus the layout)")
+    p.add_argument("--partition", help="Slurm partition(s), comma-separated, of A-Za-z0-9._-")
+    p.add_argument("--time", default="24:00:00",
+                   help="Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S or UNLIMITED "
+                        "(default 24:00:00)")
     return p
 
 
