@@ -1,0 +1,102 @@
+"""Physical and enumeration bounds that every loader enforces (model spec, job, hardware profile,
+cluster, command-line flags), in one place.
+
+A number outside its range is a user error: a ValueError naming the key, the value and the range.
+It is either physically impossible (zero bandwidth, an efficiency above 1, a GPU with 1 byte of
+memory) or so large that the planner's enumeration or arithmetic would not finish (10^9 layers,
+2^31 GPUs per node).  Every bound is generous: at least an order of magnitude beyond the largest
+published system or model, so no real input is refused."""
+
+import math
+
+# --- cluster --------------------------------------------------------------------------------
+# Largest announced training clusters hold ~10^5 GPUs (Meta 2024: 2 x 24,576 H100; xAI Colossus
+# 2024: 100,000 H100).  2^20 also bounds the search's dp x tp x pp enumeration.
+MAX_GPUS = 2**20
+MAX_NODES = MAX_GPUS
+# GPUs on one intra-node fabric: 8 (DGX), 72 (GB200 NVL72), 576 (NVIDIA's NVL576 roadmap).
+MAX_GPUS_PER_NODE = 1024
+# Parallel degrees and virtual pipeline stages cannot exceed the GPUs / the layers.
+MAX_DEGREE = MAX_GPUS
+
+# --- model shape ----------------------------------------------------------------------------
+# Largest published: 126 layers, hidden 16,384, 128 heads, FFN 53,248 (Llama 3 405B, Dubey et al.
+# 2024, Table 3); hidden 18,432 and FFN 73,728 (PaLM 540B, Chowdhery et al. 2022, Table 1);
+# vocabulary 256k (PaLM; Gemma 2024).
+MAX_LAYERS = 10_000
+MAX_HIDDEN_SIZE = 2**20
+MAX_FFN_HIDDEN_SIZE = 2**22
+MAX_HEADS = 2**16
+MAX_VOCAB_SIZE = 2**24
+# Context: 10M tokens (Gemini 1.5, Reid et al. 2024); 2^24 = 16.8M.
+MAX_SEQ_LEN = 2**24
+MAX_ROPE_THETA = 1e12       # Llama 3: 5e5; long-context variants use up to ~1e9
+
+# --- job ------------------------------------------------------------------------------------
+# Sequences per step: GPT-3 1,536 (Brown et al. 2020, Table 2.1); BERT with LAMB 65,536 (You et
+# al. 2020).  2^24 leaves two orders of magnitude.
+MAX_GLOBAL_BATCH = 2**24
+MAX_TOKEN_BUDGET = 1e18         # tokens to train: Llama 3 used 1.5e13 (Dubey et al. 2024)
+MAX_TOKENS_PER_S = 1e15         # a whole cluster's training throughput target
+
+# --- hardware profile -----------------------------------------------------------------------
+# Bytes/s of any link or memory: HBM3e ~8e12 (B200), NVLink 5 1.8e12 per GPU; 1e15 (1 PB/s) is
+# far above both.  1e3 (1 kB/s) is far below any real link and keeps divisions finite.
+MIN_BANDWIDTH = 1e3
+MAX_BANDWIDTH = 1e15
+# Seconds of a link's latency or a kernel's fixed cost: 0 (folded elsewhere) .. 10 s.
+MAX_LATENCY_S = 10.0
+# Host seconds per layer and micro-batch (planner profile on CPU ranks measures ~0.05 s).
+MAX_HOST_LAYER_S = 1e3
+# Memory per device: 1 MiB .. 16 TiB.  GPUs: 288 GB at most (B300); CPU ranks of `planner
+# profile --ranks 1` see the host's RAM (8-socket servers reach ~16 TiB).
+MIN_MEMORY_BYTES = 2**20
+MAX_MEMORY_BYTES = 2**44
+# Dense FLOP/s of one device: 1e6 .. 1e18 (B200 dense FP4 ~9e15).
+MIN_FLOPS = 1e6
+MAX_FLOPS = 1e18
+# GEMM efficiency half dimension d in d / (d + half_dim): 128 on A100/H100; 0..1e6.
+MAX_GEMM_HALF_DIM = 1e6
+MAX_SHARED_CORES = 2**16
+
+# --- input files ----------------------------------------------------------------------------
+# A plan, spec, profile or measured.json is a few kB to a few MB; deeper than 64 levels of
+# nesting is never one of ours (and Python's recursion stops near 1,000).
+MAX_JSON_BYTES = 64 * 2**20
+MAX_JSON_DEPTH = 64
+
+
+def _show(value) -> str:
+    """A number as it can be printed in one short line (huge integers by their size)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**18:
+        return f"about 10^{int(value.bit_length() * math.log10(2))}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value)
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def check_range(value, key: str, lo, hi, lo_open: bool = False):
+    """`value` as given when it is a finite number in [lo, hi] ((lo, hi] with lo_open), else a
+    ValueError naming key, value and the allowed range.  Booleans and strings are refused."""
+    if not _is_number(value) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"{key} must be a finite number in {_range(lo, hi, lo_open)}, "
+                         f"got {_show(value)}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        raise ValueError(f"{key} must be in {_range(lo, hi, lo_open)}, got {_show(value)}")
+    return value
+
+
+def check_int(value, key: str, lo: int, hi: int) -> int:
+    """`value` when it is an integer (not a bool) in [lo, hi], else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer in {_range(lo, hi, False)}, "
+                         f"got {_show(value)}")
+    return check_range(value, key, lo, hi)
+
+
+def _range(lo, hi, lo_open: bool) -> str:
+    return f"{'(' if lo_open else '['}{_show(lo)}, {_show(hi)}]"
