@@ -6,17 +6,14 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from planner import rules
+from planner.engines import INTERLEAVED, RECOMPUTE, SCHEDULES, ZERO_BUBBLE  # noqa: F401
 from planner.hardware import Cluster
 from planner.job import Job
-from planner.schema import (check_keys, load_json_file, require_bool, require_choice,
-                            require_int)
+from planner.schema import check_keys, load_json_file, require_bool, require_choice, require_int
 from planner.spec import ModelSpec
 
 SCHEMA_VERSION = 1
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
-INTERLEAVED = ("interleaved_1f1b", "interleaved_zb", "zbv")
-ZERO_BUBBLE = ("interleaved_zb", "zbv")
-RECOMPUTE = ("none", "selective", "full")
 AXES = ("pp", "dp", "tp")
 
 
@@ -96,98 +93,10 @@ class Layout:
         return cls(**data)
 
 
-def _structure_errors(model: ModelSpec, cluster: Cluster, job: Job, lay: Layout):
-    """Yield every reason this layout cannot run this job on this cluster."""
-    world = cluster.world_size
-    if lay.world_size != world:
-        yield (f"dp*tp*pp = {lay.dp}*{lay.tp}*{lay.pp} = {lay.world_size} does not equal the "
-               f"cluster's {world} GPUs")
-    if model.num_heads % lay.tp or model.num_kv_heads % lay.tp:
-        yield (f"tp={lay.tp} must divide num_heads {model.num_heads} and "
-               f"num_kv_heads {model.num_kv_heads}")
-    if model.ffn_hidden_size % lay.tp:
-        yield f"tp={lay.tp} must divide ffn_hidden_size {model.ffn_hidden_size}"
-    gpn = cluster.profile.gpus_per_node
-    if lay.tp > gpn:
-        yield f"TP={lay.tp} needs {lay.tp} GPUs per node; a node has {gpn}"
-    if lay.sequence_parallel and lay.tp == 1:
-        yield "sequence_parallel needs tp > 1"
-    if lay.sequence_parallel and job.seq_len % lay.tp:
-        yield f"sequence parallel: tp={lay.tp} must divide seq len {job.seq_len}"
-    if lay.zero_stage and lay.dp == 1:
-        yield f"ZeRO-{lay.zero_stage} shards over data parallel ranks; it needs dp > 1 (dp = 1)"
-    samples = lay.micro_batch * lay.num_microbatches * lay.dp
-    if samples != job.global_batch:
-        yield (f"global batch {job.global_batch} != micro batch {lay.micro_batch} x "
-               f"{lay.num_microbatches} micro-batches x dp {lay.dp} = {samples}")
-    if not cluster.profile.supports(job.precision):
-        yield (f"precision {job.precision} is not supported by profile "
-               f"{cluster.profile.name} ({cluster.profile.gpu.name} supports "
-               f"{', '.join(sorted(cluster.profile.gpu.peak_flops))})")
-    if model.learned_positions and job.seq_len > model.max_seq_len:
-        yield (f"seq len {job.seq_len} exceeds {model.name}'s {model.max_seq_len} "
-               f"learned positions")
-    yield from _pipeline_errors(model, job, lay)
-
-
-def _pipeline_errors(model: ModelSpec, job: Job, lay: Layout):
-    v, pp, m = lay.virtual_stages, lay.pp, lay.num_microbatches
-    if lay.schedule in INTERLEAVED and pp == 1:
-        yield f"schedule {lay.schedule} needs pp > 1"
-    if lay.schedule == "zbv" and v != 2:
-        yield f"schedule zbv runs exactly 2 virtual stages per rank, got {v}"
-    elif lay.schedule in INTERLEAVED and pp > 1 and v < 2:
-        yield f"schedule {lay.schedule} needs virtual_stages >= 2, got {v}"
-    if lay.schedule not in INTERLEAVED and v != 1:
-        yield f"schedule {lay.schedule} runs one stage per rank; virtual_stages is {v}"
-    if lay.schedule in INTERLEAVED and pp > 1 and m % pp:
-        yield (f"interleaved schedule needs micro-batches ({m}) divisible by pp ({pp})")
-    if lay.num_chunks > model.num_layers:
-        yield (f"pp*virtual_stages = {lay.num_chunks} model chunks exceed "
-               f"{model.num_layers} layers")
-    if lay.layers_per_stage:
-        n = len(lay.layers_per_stage)
-        if n != lay.num_chunks:
-            yield f"layers_per_stage has {n} entries; pp*virtual_stages is {lay.num_chunks}"
-        elif sum(lay.layers_per_stage) != model.num_layers:
-            yield (f"layers_per_stage sums to {sum(lay.layers_per_stage)}; the model has "
-                   f"{model.num_layers} layers")
-    yield from _engine_errors(job, lay)
-
-
-def _engine_errors(job: Job, lay: Layout):
-    """Combinations PyTorch 2.13's building blocks refuse or get wrong (runtime notes 1-3)."""
-    if job.engine != "torch" or lay.pp == 1:
-        return
-    if lay.schedule in ZERO_BUBBLE and lay.dp > 1 and lay.zero_stage in (0, 1):
-        yield (f"schedule {lay.schedule} with DDP (ZeRO-{lay.zero_stage}, dp={lay.dp}) gives "
-               f"wrong gradients in PyTorch; use ZeRO-2")
-    if lay.schedule in ZERO_BUBBLE and lay.zero_stage == 3:
-        yield f"schedule {lay.schedule} with ZeRO-3 gives wrong gradients in PyTorch; use ZeRO-2"
-    if lay.dp > 1 and lay.zero_stage in (0, 1) and lay.num_microbatches <= lay.pp:
-        yield (f"DDP under pipelining needs more micro-batches ({lay.num_microbatches}) "
-               f"than stages (pp={lay.pp})")
-    yield from _ddp_pipeline_errors(lay)
-    if lay.schedule == "1f1b" and lay.num_microbatches < lay.pp:
-        yield (f"PyTorch's 1F1B schedule needs at least as many micro-batches "
-               f"({lay.num_microbatches}) as stages (pp={lay.pp})")
-
-
-def _ddp_pipeline_errors(lay: Layout):
-    """DDP proper (ZeRO-0/1 without TP; with TP the runtime uses FSDP2's replicate) under
-    PyTorch 2.13's pipeline schedules: checked on 4 gloo ranks (dp=2, pp=2)."""
-    if not (lay.dp > 1 and lay.zero_stage in (0, 1) and lay.tp == 1):
-        return
-    if lay.schedule == "gpipe":
-        yield (f"schedule gpipe with DDP (ZeRO-{lay.zero_stage}, dp={lay.dp}) fails in PyTorch "
-               f"(DDP reducer assert at the second step); use 1f1b or ZeRO-2")
-    elif lay.virtual_stages > 1 and lay.num_microbatches <= lay.num_chunks:
-        yield (f"DDP under an interleaved schedule needs more micro-batches "
-               f"({lay.num_microbatches}) than chunks (pp x virtual_stages = {lay.num_chunks})")
-
-
 def layout_errors(model: ModelSpec, cluster: Cluster, job: Job, layout: Layout) -> list:
-    return list(_structure_errors(model, cluster, job, layout))
+    """Every reason this layout cannot run this job on this cluster (planner.rules)."""
+    ctx = rules.Context(model=model, profile=cluster.profile, job=job)
+    return rules.messages(ctx, rules.layout_columns(layout, cluster.world_size))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from planner import rules
 from planner.cli import main
 from planner.cost.estimate import estimate
 from planner.hardware import Cluster, load_cluster
@@ -17,12 +18,7 @@ from planner.presets import load_model
 from planner.search.explain import reasons, why_better
 from planner.search.ranking import SearchOptions, cluster_for, search
 from planner.search.scorer import Scorer, layout_at
-from planner.search.space import (
-    enumerate_space,
-    structural_checks,
-    structural_reasons,
-    take,
-)
+from planner.search.space import divisors, enumerate_space, take
 
 # (model, profile, nodes, gpus, global batch, seq, engine, flash): spaces that exercise GQA,
 # uneven pipeline splits, the DGX-1 cube mesh, fp16, megatron overlap and unfused attention
@@ -51,21 +47,33 @@ def space(request):
     return model, cluster, job, cols
 
 
+def _reasons(model, cluster, job, cols):
+    ctx = rules.Context(model=model, profile=cluster.profile, job=job)
+    return rules.first_broken(ctx, cols)
+
+
 def test_structural_verdict_and_reason_match_layout_errors(space):
+    """The column verdict of the rule table equals Plan validation of each row's Layout."""
     model, cluster, job, cols = space
-    reason = structural_reasons(model, cluster, job, cols)
-    checks = structural_checks(model, cluster, job)
+    reason = _reasons(model, cluster, job, cols)
+    ctx = rules.Context(model=model, profile=cluster.profile, job=job)
     for i in random.Random(1).sample(range(reason.size), min(150, reason.size)):
         errors = layout_errors(model, cluster, job, layout_at(cols, i))
         assert (reason[i] < 0) == (not errors)
         if errors:
-            assert checks[reason[i]][1] in errors[0]
+            assert rules.RULES[reason[i]].message(ctx, rules.row_at(cols, i)) == errors[0]
+
+
+def test_divisors_from_the_factorisation():
+    for n in (1, 2, 12, 97, 360, 1024, 3072):
+        assert divisors(n) == [d for d in range(1, n + 1) if n % d == 0]
+    assert len(divisors(10**9)) == 100 and divisors(2**31 - 1) == [1, 2**31 - 1]
 
 
 def test_fast_scorer_equals_estimate(space):
     """Step time, most-loaded-rank memory and the fits verdict, on a random sample."""
     model, cluster, job, cols = space
-    valid = take(cols, structural_reasons(model, cluster, job, cols) < 0)
+    valid = take(cols, _reasons(model, cluster, job, cols) < 0)
     rows = random.Random(2).sample(range(valid["dp"].size), min(40, valid["dp"].size))
     sample = take(valid, np.array(rows))
     scorer = Scorer(model, lambda w: cluster, job)
@@ -80,7 +88,7 @@ def test_fast_scorer_equals_estimate(space):
 def test_memory_verdict_with_limit_is_exact(space):
     """The early-stopping memory pass gives the same fits verdict as the full one."""
     model, cluster, job, cols = space
-    valid = take(cols, structural_reasons(model, cluster, job, cols) < 0)
+    valid = take(cols, _reasons(model, cluster, job, cols) < 0)
     limit = 0.9 * cluster.profile.gpu.memory_bytes
     full = Scorer(model, lambda w: cluster, job).memory(valid)
     fast = Scorer(model, lambda w: cluster, job).memory(valid, limit)
@@ -114,7 +122,7 @@ def _brute_force(model, cluster, job):
 def test_enumeration_is_complete():
     model, cluster, job = _inputs("tiny-gpt", "cpu", 1, 4, 4, 256, "torch", "flash", "bf16")
     cols, _ = enumerate_space(model, job, cluster.world_size, cluster.profile.gpus_per_node)
-    valid = take(cols, structural_reasons(model, cluster, job, cols) < 0)
+    valid = take(cols, _reasons(model, cluster, job, cols) < 0)
     ours = {layout_at(valid, i) for i in range(valid["dp"].size)}
     assert len(ours) == valid["dp"].size  # no duplicates
     assert ours == _brute_force(model, cluster, job)

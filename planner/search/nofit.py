@@ -4,6 +4,7 @@ headroom, a GPU with more memory), never from a guess."""
 
 import dataclasses
 
+from planner import rules
 from planner.cost.estimate import estimate
 from planner.hardware import Cluster, list_profiles, load_profile
 from planner.plan import Plan, layout_errors
@@ -122,8 +123,7 @@ def one_line(result, lines: list) -> str:
     c = result.closest
     fix = next((x.strip() for x in lines[2:] if "fit" in x), "see the advice above")
     # shape-level reasons (why tp or dp cannot take the obvious value), not schedule details
-    structural = [r for r in result.rejections if r.key in ("tp_heads", "tp_ffn", "tp_node",
-                                                            "batch")]
+    structural = [r for r in result.rejections if r.key in rules.SHAPE_KEYS]
     also = f" (also ruled out: {structural[0].example})" if structural else ""
     return (f"nothing fits on {result.cluster.world_size} GPUs: the best valid layout needs "
             f"{_gib(c.total_bytes)} per GPU, {_gib(_limit(result))} allowed{also}; {fix}")
@@ -132,6 +132,6 @@ def one_line(result, lines: list) -> str:
 def no_valid_layout(result) -> str:
     """One line for a request with no structurally valid layout at all."""
     # precision and sequence length rule out every layout: say them first
-    first = sorted(result.rejections, key=lambda r: r.key not in ("precision", "positions"))
+    first = sorted(result.rejections, key=lambda r: r.key not in rules.REQUEST_KEYS)
     reasons = "; ".join(f"{r.example} ({r.count:,} layouts)" for r in first[:3])
     return f"no valid layout for {result.cluster.world_size} GPUs: {reasons}"

@@ -11,42 +11,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from planner import rules
 from planner.cost.estimate import Estimate, estimate
 from planner.hardware import Cluster
-from planner.plan import Plan, layout_errors
+from planner.plan import Plan
 from planner.report import layout_summary
 from planner.search.scorer import Scorer, layout_at
-from planner.search.space import (
-    concat,
-    enumerate_space,
-    structural_checks,
-    structural_reasons,
-    take,
-)
+from planner.search.space import concat, enumerate_space, take
 
 OBJECTIVES = ("throughput", "min-gpus", "time-to-train")
 # Deterministic tie-break after the objective: less memory, fewer GPUs, then the simpler layout
 # (lower pp, tp, ZeRO, recompute, schedule index) - the column order below.
 TIE_COLUMNS = ("world", "pp", "tp", "zero", "rc", "sched", "v", "sp", "dp", "mb")
-
-LABELS = {
-    "tp_heads": "tp does not divide the attention heads",
-    "tp_ffn": "tp does not divide the MLP width",
-    "tp_node": "tp larger than a node",
-    "sp_seq": "sequence parallel: tp does not divide the sequence",
-    "precision": "precision not supported by the GPU",
-    "positions": "sequence longer than the learned positions",
-    "interleave_m": "interleaved: micro-batches not divisible by pp",
-    "chunks": "more pipeline chunks than layers",
-    "zb_ddp": "zero-bubble schedule with DDP/ZeRO-3 (wrong gradients in PyTorch)",
-    "ddp_microbatches": "DDP under pipelining needs more micro-batches than stages",
-    "ddp_gpipe": "GPipe with DDP (fails in PyTorch)",
-    "ddp_chunks": "interleaved DDP needs more micro-batches than chunks",
-    "1f1b_microbatches": "1F1B (PyTorch) needs at least as many micro-batches as stages",
-    "batch": "dp does not divide the global batch",
-    "memory": "does not fit in memory",
-    "target": "below the target tokens/s",
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,17 +191,15 @@ class _Search:
         return out
 
     def structural(self, cols: dict) -> dict:
-        checks = structural_checks(self.model, self.cluster, self.job)
-        reason = structural_reasons(self.model, self.cluster, self.job, cols)
-        for i, (key, _, _) in enumerate(checks):
+        """The layouts no rule breaks; the others counted under their first broken rule, with
+        that rule's message for the first of them as the example."""
+        ctx = rules.Context(model=self.model, profile=self.cluster.profile, job=self.job)
+        reason = rules.first_broken(ctx, cols)
+        for i, rule in enumerate(rules.RULES):
             rows = np.flatnonzero(reason == i)
             if rows.size:
-                self.reject(key, rows.size, self._errors(cols, int(rows[0]))[0])
+                self.reject(rule.key, rows.size, rule.message(ctx, rules.row_at(cols, rows[0])))
         return take(cols, reason < 0)
-
-    def _errors(self, cols: dict, i: int) -> list:
-        cluster = self.cluster_for_world(int(cols["world"][i]))
-        return layout_errors(self.model, cluster, self.job, layout_at(cols, i))
 
     def plan_at(self, cols: dict, i: int) -> Plan:
         return Plan(model=self.model, cluster=self.cluster_for_world(int(cols["world"][i])),
@@ -321,7 +295,7 @@ def _rescore(s: _Search, cols: dict, rows, opt: SearchOptions) -> list:
 
 
 def _rejections(s: _Search) -> list:
-    out = [Rejection(key=k, label=LABELS[k], count=n, example=ex)
+    out = [Rejection(key=k, label=rules.label(k), count=n, example=ex)
            for k, (n, ex) in s.rejects.items()]
     return sorted(out, key=lambda r: (-r.count, r.key))
 

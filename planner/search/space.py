@@ -1,8 +1,7 @@
-"""The search space as numpy columns: every layout of N GPUs, and the structural checks of
-planner.plan.layout_errors evaluated on whole columns at once.
+"""The search space as numpy columns: every layout of N GPUs.
 
-One row is one layout.  Columns: world, dp, tp, pp, sp (0/1), zero, mb, m (micro-batches),
-sched (index into SCHEDULES), v (virtual stages), rc (index into RECOMPUTE).
+One row is one layout, with the columns of planner.rules (world, dp, tp, pp, sp, zero, mb, m,
+sched, v, rc; lps_n = lps_sum = 0: the search splits layers evenly).
 
 What is enumerated (and what is not, because it would duplicate another row):
   dp*tp*pp = N with tp <= max_tp; micro-batch sizes dividing the per-replica batch; sequence
@@ -10,42 +9,55 @@ What is enumerated (and what is not, because it would duplicate another row):
   full; with pp > 1 GPipe, 1F1B, and the interleaved schedules with every v >= 2 that splits
   the layers evenly over pp*v chunks (Megatron-LM's --num-layers-per-virtual-pipeline-stage
   needs that), ZBV with v = 2; with pp = 1 the schedule is moot and only '1f1b' is listed.
-  Engine 'megatron' lists only what Megatron-LM runs (MEGATRON_SCHEDULES, MEGATRON_ZERO).
+  Only the schedules and ZeRO stages the engine runs are listed (planner.engines).
 
-`structural_reasons` must agree with layout_errors (tests/test_search.py checks a sample)."""
+The structural rules themselves are planner/rules.py, evaluated here on whole columns."""
 
 import numpy as np
 
-from planner.plan import INTERLEAVED, RECOMPUTE, SCHEDULES, ZERO_BUBBLE
-
-COLUMNS = ("world", "dp", "tp", "pp", "sp", "zero", "mb", "m", "sched", "v", "rc")
-SCHED = {name: i for i, name in enumerate(SCHEDULES)}
-RC = {name: i for i, name in enumerate(RECOMPUTE)}
+from planner.engines import RECOMPUTE, engine
+from planner.rules import COLUMNS, SCHED
 
 
 def divisors(n: int) -> list:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Every divisor of n, ascending, from its prime factorisation (trial division up to
+    sqrt(n), so 10^9 takes milliseconds rather than a billion trials)."""
+    return _divisors_of_factors(_factorise(n))
 
 
-# What Megatron-LM runs (engine 'megatron'): 1F1B with or without interleaving (no GPipe, no
-# zero-bubble schedules) and ZeRO 0 or 1 (--use-distributed-optimizer shards optimizer states).
-MEGATRON_SCHEDULES = ("1f1b", "interleaved_1f1b")
-MEGATRON_ZERO = (0, 1)
+def _factorise(n: int) -> dict:
+    """{prime: exponent} of n >= 1."""
+    factors, p = {}, 2
+    while p * p <= n:
+        while n % p == 0:
+            factors[p] = factors.get(p, 0) + 1
+            n //= p
+        p += 1 if p == 2 else 2
+    if n > 1:
+        factors[n] = factors.get(n, 0) + 1
+    return factors
 
 
-def _schedule_options(num_layers: int, pp: int, engine: str) -> list:
+def _divisors_of_factors(factors: dict) -> list:
+    out = [1]
+    for prime, exp in factors.items():
+        out = [d * prime**k for d in out for k in range(exp + 1)]
+    return sorted(out)
+
+
+def _schedule_options(num_layers: int, pp: int, engine_name: str) -> list:
     """(schedule index, virtual stages) pairs for a pipeline of pp stages."""
     if pp == 1:
         return [(SCHED["1f1b"], 1)]
     opts = [(SCHED["gpipe"], 1), (SCHED["1f1b"], 1)]
-    vs = [v for v in range(2, num_layers // pp + 1) if num_layers % (pp * v) == 0]
+    # every v >= 2 with pp * v dividing the layers
+    vs = [v for v in divisors(num_layers // pp) if v >= 2] if num_layers % pp == 0 else []
     for name in ("interleaved_1f1b", "interleaved_zb"):
         opts += [(SCHED[name], v) for v in vs]
     if num_layers % (2 * pp) == 0:
         opts.append((SCHED["zbv"], 2))
-    if engine == "megatron":
-        opts = [(s, v) for s, v in opts if SCHEDULES[s] in MEGATRON_SCHEDULES]
-    return opts
+    runs = {SCHED[name] for name in engine(engine_name).schedules}
+    return [(s, v) for s, v in opts if s in runs]
 
 
 def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int) -> np.ndarray:
@@ -54,9 +66,7 @@ def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int) -> np.ndarray
     mbs = divisors(per_replica)
     scheds = _schedule_options(model.num_layers, pp, job.engine)
     sps = [0, 1] if tp > 1 else [0]
-    zeros = [0, 1, 2, 3] if dp > 1 else [0]
-    if job.engine == "megatron":
-        zeros = [z for z in zeros if z in MEGATRON_ZERO]
+    zeros = [z for z in engine(job.engine).zero_stages if dp > 1 or z == 0]
     grid = np.array(np.meshgrid(np.arange(len(mbs)), np.arange(len(scheds)), sps, zeros,
                                 np.arange(len(RECOMPUTE)), indexing="ij")).reshape(5, -1)
     mb = np.array(mbs)[grid[0]]
@@ -65,7 +75,7 @@ def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int) -> np.ndarray
     n = mb.size
     const = lambda x: np.full(n, x)  # noqa: E731
     return np.stack([const(world), const(dp), const(tp), const(pp), grid[2], grid[3], mb,
-                     per_replica // mb, sched, v, grid[4]], axis=1)
+                     per_replica // mb, sched, v, grid[4], const(0), const(0)], axis=1)
 
 
 def enumerate_space(model, job, world: int, max_tp: int) -> tuple:
@@ -89,68 +99,3 @@ def concat(spaces: list) -> dict:
 
 def take(cols: dict, idx) -> dict:
     return {k: v[idx] for k, v in cols.items()}
-
-
-def _in(values: np.ndarray, names) -> np.ndarray:
-    return np.isin(values, [SCHED[n] for n in names])
-
-
-def _everywhere(c: dict, flag: bool) -> np.ndarray:
-    return np.full(c["tp"].size, flag)
-
-
-def _zero_bubble_ddp(c: dict) -> np.ndarray:
-    """Zero-bubble schedules with DDP (ZeRO 0/1 over dp > 1) or with ZeRO-3 (runtime notes)."""
-    zb = _in(c["sched"], ZERO_BUBBLE) & (c["pp"] > 1)
-    return zb & (((c["dp"] > 1) & (c["zero"] <= 1)) | (c["zero"] == 3))
-
-
-def _ddp_microbatches(c: dict) -> np.ndarray:
-    return (c["pp"] > 1) & (c["dp"] > 1) & (c["zero"] <= 1) & (c["m"] <= c["pp"])
-
-
-def _ddp_proper(c: dict) -> np.ndarray:
-    """DDP itself (ZeRO 0/1, no TP) under pipelining: planner.plan._ddp_pipeline_errors."""
-    return (c["pp"] > 1) & (c["dp"] > 1) & (c["zero"] <= 1) & (c["tp"] == 1)
-
-
-def structural_checks(model, cluster, job) -> list:
-    """(key, phrase found in layout_errors' message, mask function), in layout_errors' order,
-    so the first failing check of a row is the first message layout_errors gives for it."""
-    gpn, seq = cluster.profile.gpus_per_node, job.seq_len
-    torch_engine = job.engine == "torch"
-    long_seq = model.learned_positions and seq > model.max_seq_len
-    return [
-        ("tp_heads", "must divide num_heads",
-         lambda c: (model.num_heads % c["tp"] != 0) | (model.num_kv_heads % c["tp"] != 0)),
-        ("tp_ffn", "must divide ffn_hidden_size",
-         lambda c: model.ffn_hidden_size % c["tp"] != 0),
-        ("tp_node", "GPUs per node", lambda c: c["tp"] > gpn),
-        ("sp_seq", "sequence parallel: tp=", lambda c: (c["sp"] == 1) & (seq % c["tp"] != 0)),
-        ("precision", "is not supported by profile",
-         lambda c: _everywhere(c, not cluster.profile.supports(job.precision))),
-        ("positions", "learned positions", lambda c: _everywhere(c, long_seq)),
-        ("interleave_m", "divisible by pp",
-         lambda c: _in(c["sched"], INTERLEAVED) & (c["pp"] > 1) & (c["m"] % c["pp"] != 0)),
-        ("chunks", "model chunks exceed", lambda c: c["pp"] * c["v"] > model.num_layers),
-        ("zb_ddp", "gives wrong gradients in PyTorch",
-         lambda c: torch_engine & _zero_bubble_ddp(c)),
-        ("ddp_microbatches", "DDP under pipelining",
-         lambda c: torch_engine & _ddp_microbatches(c)),
-        ("ddp_gpipe", "schedule gpipe with DDP",
-         lambda c: torch_engine & _ddp_proper(c) & _in(c["sched"], ("gpipe",))),
-        ("ddp_chunks", "DDP under an interleaved schedule",
-         lambda c: torch_engine & _ddp_proper(c) & (c["v"] > 1) & (c["m"] <= c["pp"] * c["v"])),
-        ("1f1b_microbatches", "1F1B schedule needs at least as many micro-batches",
-         lambda c: torch_engine & _in(c["sched"], ("1f1b",)) & (c["pp"] > 1)
-         & (c["m"] < c["pp"])),
-    ]
-
-
-def structural_reasons(model, cluster, job, cols: dict) -> np.ndarray:
-    """Index into structural_checks() of each row's first failing check; -1 = valid."""
-    reason = np.full(cols["tp"].size, -1, dtype=np.int64)
-    for i, (_, _, mask_fn) in enumerate(structural_checks(model, cluster, job)):
-        hit = mask_fn(cols) & (reason < 0)
-        reason[hit] = i
-    return reason

@@ -1,0 +1,68 @@
+"""What each engine does, in one place: the cost model, the rules and the search ask these traits
+and never compare engine names.
+
+`torch` is this project's runtime (PyTorch DTensor TP/SP, FSDP2, torch.distributed.pipelining,
+torch.optim.AdamW); `megatron` is Megatron-LM (Korthikanti et al. 2022; Shoeybi et al. 2019)."""
+
+from dataclasses import dataclass
+
+from planner.units import ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
+INTERLEAVED = ("interleaved_1f1b", "interleaved_zb", "zbv")   # several chunks per rank
+ZERO_BUBBLE = ("interleaved_zb", "zbv")                       # backward split into I and W
+RECOMPUTE = ("none", "selective", "full")
+ZERO_STAGES = (0, 1, 2, 3)
+DDP_STAGES = (0, 1)          # gradients all-reduced (DDP or FSDP2's replicate under TP)
+SHARDED_GRAD_STAGES = (2, 3)  # FSDP2: reduce-scatter per micro-batch
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    schedules: tuple                 # pipeline schedules it runs (the search lists only these)
+    zero_stages: tuple               # ZeRO stages it runs
+    fp32_master_params: bool         # parameters are fp32, computed in 16 bits (FSDP2/autocast)
+    sp_saves_sharded_gemm_input: bool  # SP keeps the sequence-sharded GEMM input (re-gathers)
+    sp_shards_checkpoint: bool       # full recompute keeps the sequence-sharded block input
+    tp_bwd_overlaps_wgrad: bool      # backward TP collectives hidden behind weight gradients
+    tp_bwd_all_reduces_each_colwise: bool  # DTensor: one all-reduce per column-parallel input
+    dp_overlaps_compute: bool        # DDP bucket / FSDP2 prefetch overlap data-parallel comm
+    fsdp_groups_per_block: bool      # ZeRO-2/3 gather and reduce every block on its own
+    fp16_grads_reduced_in_fp16: bool  # gradient all-reduce in the 16-bit dtype under fp16
+    zero1_gathers_16bit_params: bool  # ZeRO-1 all-gathers 16-bit params (else fp32 shards)
+    zero1_reduce_scatters: bool      # ZeRO-1 reduce-scatters gradients (else all-reduces)
+    host_overhead_per_layer: bool    # profile's measured host time per layer applies
+    pytorch_pipelining_limits: bool  # PyTorch 2.13's pipelining restrictions apply (rules.py)
+
+    def optimizer_state_bytes(self, precision: str) -> int:
+        """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
+        fp32 master copy (4) where the weights are 16-bit (Rajbhandari et al. 2020, Sec. 3.1)."""
+        if self.fp32_master_params or precision == "fp32":
+            return ADAM_STATE_BYTES_FP32
+        return ADAM_STATE_BYTES_MIXED
+
+
+TORCH = Engine(
+    name="torch", schedules=SCHEDULES, zero_stages=ZERO_STAGES, fp32_master_params=True,
+    sp_saves_sharded_gemm_input=False, sp_shards_checkpoint=True, tp_bwd_overlaps_wgrad=False,
+    tp_bwd_all_reduces_each_colwise=True, dp_overlaps_compute=True, fsdp_groups_per_block=True,
+    fp16_grads_reduced_in_fp16=False, zero1_gathers_16bit_params=False,
+    zero1_reduce_scatters=False, host_overhead_per_layer=True, pytorch_pipelining_limits=True)
+
+# Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
+# ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped
+# (Korthikanti et al. 2022, Sec. 6.3); LinearWithGradAccumulationAndAsyncCommunication overlaps
+# backward TP communication with the weight-gradient GEMM (Sec. 4.2.2).
+MEGATRON = Engine(
+    name="megatron", schedules=("1f1b", "interleaved_1f1b"), zero_stages=(0, 1),
+    fp32_master_params=False, sp_saves_sharded_gemm_input=True, sp_shards_checkpoint=False,
+    tp_bwd_overlaps_wgrad=True, tp_bwd_all_reduces_each_colwise=False, dp_overlaps_compute=False,
+    fsdp_groups_per_block=False, fp16_grads_reduced_in_fp16=True, zero1_gathers_16bit_params=True,
+    zero1_reduce_scatters=True, host_overhead_per_layer=False, pytorch_pipelining_limits=False)
+
+ENGINES = {e.name: e for e in (TORCH, MEGATRON)}
+
+
+def engine(name: str) -> Engine:
+    return ENGINES[name]

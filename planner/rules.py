@@ -1,0 +1,253 @@
+"""Every structural rule of a layout, once: what makes a layout impossible for a model, cluster
+and job, with the short label the rejected-plans summary shows and the message that names the
+numbers.  Plan validation (planner.plan.layout_errors), the search's pruning (whole numpy columns
+at once), the rejected-plans table, the UI and the nothing-fits advice all read this table.
+
+A rule's `broken(ctx, c)` takes columns `c` - numpy arrays, one entry per layout, or arrays of
+one entry for a single Layout (layout_columns) - and returns a boolean mask; `message(ctx, r)`
+takes one row `r` (plain ints) and says why it is broken.  Columns: world (GPUs), dp, tp, pp,
+sp (0/1), zero, mb (micro-batch), m (micro-batches), sched (index into SCHEDULES), v (virtual
+stages), rc (index into RECOMPUTE), lps_n / lps_sum (entries and sum of layers_per_stage; 0 when
+the split is even).  Rules are listed in the order their messages are given."""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from planner.engines import (
+    DDP_STAGES,
+    INTERLEAVED,
+    RECOMPUTE,
+    SCHEDULES,
+    ZERO_BUBBLE,
+    Engine,
+    engine,
+)
+
+COLUMNS = ("world", "dp", "tp", "pp", "sp", "zero", "mb", "m", "sched", "v", "rc", "lps_n",
+           "lps_sum")
+SCHED = {name: i for i, name in enumerate(SCHEDULES)}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the rules read besides the layout."""
+    model: object
+    profile: object
+    job: object
+
+    @property
+    def engine(self) -> Engine:
+        return engine(self.job.engine)
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    label: str
+    broken: Callable       # (Context, columns) -> bool mask
+    message: Callable      # (Context, row) -> str
+
+
+def layout_columns(layout, world: int) -> dict:
+    """One-entry columns of a Layout on `world` GPUs."""
+    values = {"world": world, "dp": layout.dp, "tp": layout.tp, "pp": layout.pp,
+              "sp": int(layout.sequence_parallel), "zero": layout.zero_stage,
+              "mb": layout.micro_batch, "m": layout.num_microbatches,
+              "sched": SCHED[layout.schedule], "v": layout.virtual_stages,
+              "rc": RECOMPUTE.index(layout.recompute), "lps_n": len(layout.layers_per_stage),
+              "lps_sum": sum(layout.layers_per_stage)}
+    return {k: np.array([v], dtype=np.int64) for k, v in values.items()}
+
+
+def row_at(cols: dict, i: int) -> dict:
+    return {k: int(cols[k][i]) for k in COLUMNS if k in cols}
+
+
+def _in(sched, names) -> np.ndarray:
+    return np.isin(sched, [SCHED[n] for n in names])
+
+
+def _name(r: dict) -> str:
+    return SCHEDULES[r["sched"]]
+
+
+def _pipelining(ctx: Context, c: dict) -> np.ndarray:
+    """PyTorch's pipelining restrictions apply (torch engine, pp > 1)."""
+    return np.asarray(ctx.engine.pytorch_pipelining_limits) & (c["pp"] > 1)
+
+
+def _ddp(c: dict) -> np.ndarray:
+    return (c["dp"] > 1) & np.isin(c["zero"], DDP_STAGES)
+
+
+def _ddp_proper(c: dict) -> np.ndarray:
+    """DDP itself (ZeRO 0/1 without TP; with TP the runtime uses FSDP2's replicate)."""
+    return _ddp(c) & (c["tp"] == 1)
+
+
+def _zb_broken(ctx, c):
+    zb = _pipelining(ctx, c) & _in(c["sched"], ZERO_BUBBLE)
+    return zb & (_ddp(c) | (c["zero"] == 3))
+
+
+def _zb_message(ctx, r):
+    if r["zero"] == 3:
+        return f"schedule {_name(r)} with ZeRO-3 gives wrong gradients in PyTorch; use ZeRO-2"
+    return (f"schedule {_name(r)} with DDP (ZeRO-{r['zero']}, dp={r['dp']}) gives wrong "
+            f"gradients in PyTorch; use ZeRO-2")
+
+
+def _precision_message(ctx, r):
+    p = ctx.profile
+    return (f"precision {ctx.job.precision} is not supported by profile {p.name} "
+            f"({p.gpu.name} supports {', '.join(sorted(p.gpu.peak_flops))})")
+
+
+def _everywhere(c: dict, flag: bool) -> np.ndarray:
+    return np.full(c["tp"].shape, bool(flag))
+
+
+def _long_sequence(ctx) -> bool:
+    return ctx.model.learned_positions and ctx.job.seq_len > ctx.model.max_seq_len
+
+
+def _shape_rules() -> list:
+    return [
+        Rule("world", "dp x tp x pp differs from the GPU count",
+             lambda ctx, c: c["dp"] * c["tp"] * c["pp"] != c["world"],
+             lambda ctx, r: f"dp*tp*pp = {r['dp']}*{r['tp']}*{r['pp']} = "
+                            f"{r['dp'] * r['tp'] * r['pp']} does not equal the cluster's "
+                            f"{r['world']} GPUs"),
+        Rule("tp_heads", "tp does not divide the attention heads",
+             lambda ctx, c: (ctx.model.num_heads % c["tp"] != 0)
+             | (ctx.model.num_kv_heads % c["tp"] != 0),
+             lambda ctx, r: f"tp={r['tp']} must divide num_heads {ctx.model.num_heads} and "
+                            f"num_kv_heads {ctx.model.num_kv_heads}"),
+        Rule("tp_ffn", "tp does not divide the MLP width",
+             lambda ctx, c: ctx.model.ffn_hidden_size % c["tp"] != 0,
+             lambda ctx, r: f"tp={r['tp']} must divide ffn_hidden_size "
+                            f"{ctx.model.ffn_hidden_size}"),
+        Rule("tp_node", "tp larger than a node",
+             lambda ctx, c: c["tp"] > ctx.profile.gpus_per_node,
+             lambda ctx, r: f"TP={r['tp']} needs {r['tp']} GPUs per node; a node has "
+                            f"{ctx.profile.gpus_per_node}"),
+        Rule("sp_tp", "sequence parallel without tp",
+             lambda ctx, c: (c["sp"] == 1) & (c["tp"] == 1),
+             lambda ctx, r: "sequence_parallel needs tp > 1"),
+        Rule("sp_seq", "sequence parallel: tp does not divide the sequence",
+             lambda ctx, c: (c["sp"] == 1) & (ctx.job.seq_len % c["tp"] != 0),
+             lambda ctx, r: f"sequence parallel: tp={r['tp']} must divide seq len "
+                            f"{ctx.job.seq_len}"),
+        Rule("zero_dp", "ZeRO without data parallelism",
+             lambda ctx, c: (c["zero"] > 0) & (c["dp"] == 1),
+             lambda ctx, r: f"ZeRO-{r['zero']} shards over data parallel ranks; it needs dp > 1 "
+                            f"(dp = {r['dp']})"),
+        Rule("global_batch", "micro-batches x dp differ from the global batch",
+             lambda ctx, c: c["mb"] * c["m"] * c["dp"] != ctx.job.global_batch,
+             lambda ctx, r: f"global batch {ctx.job.global_batch} != micro batch {r['mb']} x "
+                            f"{r['m']} micro-batches x dp {r['dp']} = "
+                            f"{r['mb'] * r['m'] * r['dp']}"),
+        Rule("precision", "precision not supported by the GPU",
+             lambda ctx, c: _everywhere(c, not ctx.profile.supports(ctx.job.precision)),
+             _precision_message),
+        Rule("positions", "sequence longer than the learned positions",
+             lambda ctx, c: _everywhere(c, _long_sequence(ctx)),
+             lambda ctx, r: f"seq len {ctx.job.seq_len} exceeds {ctx.model.name}'s "
+                            f"{ctx.model.max_seq_len} learned positions"),
+    ]
+
+
+def _schedule_rules() -> list:
+    interleaved = lambda c: _in(c["sched"], INTERLEAVED)  # noqa: E731
+    zbv = lambda c: _in(c["sched"], ("zbv",))  # noqa: E731
+    return [
+        Rule("interleave_pp", "interleaved schedule without a pipeline",
+             lambda ctx, c: interleaved(c) & (c["pp"] == 1),
+             lambda ctx, r: f"schedule {_name(r)} needs pp > 1"),
+        Rule("zbv_v", "zbv runs exactly 2 virtual stages",
+             lambda ctx, c: zbv(c) & (c["v"] != 2),
+             lambda ctx, r: f"schedule zbv runs exactly 2 virtual stages per rank, got {r['v']}"),
+        Rule("interleave_v", "interleaved schedule with one stage per rank",
+             lambda ctx, c: interleaved(c) & ~zbv(c) & (c["pp"] > 1) & (c["v"] < 2),
+             lambda ctx, r: f"schedule {_name(r)} needs virtual_stages >= 2, got {r['v']}"),
+        Rule("single_v", "virtual stages under a one-stage schedule",
+             lambda ctx, c: ~interleaved(c) & (c["v"] != 1),
+             lambda ctx, r: f"schedule {_name(r)} runs one stage per rank; virtual_stages is "
+                            f"{r['v']}"),
+        Rule("interleave_m", "interleaved: micro-batches not divisible by pp",
+             lambda ctx, c: interleaved(c) & (c["pp"] > 1) & (c["m"] % c["pp"] != 0),
+             lambda ctx, r: f"interleaved schedule needs micro-batches ({r['m']}) divisible by "
+                            f"pp ({r['pp']})"),
+        Rule("chunks", "more pipeline chunks than layers",
+             lambda ctx, c: c["pp"] * c["v"] > ctx.model.num_layers,
+             lambda ctx, r: f"pp*virtual_stages = {r['pp'] * r['v']} model chunks exceed "
+                            f"{ctx.model.num_layers} layers"),
+        Rule("split_entries", "layers_per_stage does not match the chunks",
+             lambda ctx, c: (c["lps_n"] > 0) & (c["lps_n"] != c["pp"] * c["v"]),
+             lambda ctx, r: f"layers_per_stage has {r['lps_n']} entries; pp*virtual_stages is "
+                            f"{r['pp'] * r['v']}"),
+        Rule("split_sum", "layers_per_stage does not add up to the layers",
+             lambda ctx, c: (c["lps_n"] > 0) & (c["lps_n"] == c["pp"] * c["v"])
+             & (c["lps_sum"] != ctx.model.num_layers),
+             lambda ctx, r: f"layers_per_stage sums to {r['lps_sum']}; the model has "
+                            f"{ctx.model.num_layers} layers"),
+    ]
+
+
+def _pytorch_rules() -> list:
+    """Combinations PyTorch 2.13's building blocks refuse or get wrong (runtime notes 1-3, and
+    the DDP cases checked on 4 gloo ranks, dp=2 x pp=2)."""
+    return [
+        Rule("zb_ddp", "zero-bubble schedule with DDP/ZeRO-3 (wrong gradients in PyTorch)",
+             _zb_broken, _zb_message),
+        Rule("ddp_microbatches", "DDP under pipelining needs more micro-batches than stages",
+             lambda ctx, c: _pipelining(ctx, c) & _ddp(c) & (c["m"] <= c["pp"]),
+             lambda ctx, r: f"DDP under pipelining needs more micro-batches ({r['m']}) than "
+                            f"stages (pp={r['pp']})"),
+        Rule("ddp_gpipe", "GPipe with DDP (fails in PyTorch)",
+             lambda ctx, c: _pipelining(ctx, c) & _ddp_proper(c) & _in(c["sched"], ("gpipe",)),
+             lambda ctx, r: f"schedule gpipe with DDP (ZeRO-{r['zero']}, dp={r['dp']}) fails in "
+                            f"PyTorch (DDP reducer assert at the second step); use 1f1b or "
+                            f"ZeRO-2"),
+        Rule("ddp_chunks", "interleaved DDP needs more micro-batches than chunks",
+             lambda ctx, c: _pipelining(ctx, c) & _ddp_proper(c) & ~_in(c["sched"], ("gpipe",))
+             & (c["v"] > 1) & (c["m"] <= c["pp"] * c["v"]),
+             lambda ctx, r: f"DDP under an interleaved schedule needs more micro-batches "
+                            f"({r['m']}) than chunks (pp x virtual_stages = {r['pp'] * r['v']})"),
+        Rule("1f1b_microbatches", "1F1B (PyTorch) needs at least as many micro-batches as stages",
+             lambda ctx, c: _pipelining(ctx, c) & _in(c["sched"], ("1f1b",))
+             & (c["m"] < c["pp"]),
+             lambda ctx, r: f"PyTorch's 1F1B schedule needs at least as many micro-batches "
+                            f"({r['m']}) as stages (pp={r['pp']})"),
+    ]
+
+
+RULES = _shape_rules() + _schedule_rules() + _pytorch_rules()
+BY_KEY = {rule.key: rule for rule in RULES}
+# labels of the search's own rejections (not layout rules)
+SEARCH_LABELS = {"batch": "dp does not divide the global batch",
+                 "memory": "does not fit in memory", "target": "below the target tokens/s"}
+# shape-level reasons (why tp or dp cannot take the obvious value) the nothing-fits line cites
+SHAPE_KEYS = ("tp_heads", "tp_ffn", "tp_node", "batch")
+# reasons that rule out every layout of a request: said first when nothing is valid
+REQUEST_KEYS = ("precision", "positions")
+
+
+def label(key: str) -> str:
+    return BY_KEY[key].label if key in BY_KEY else SEARCH_LABELS[key]
+
+
+def first_broken(ctx: Context, cols: dict) -> np.ndarray:
+    """Index into RULES of each layout's first broken rule; -1 where none is."""
+    reason = np.full(cols["tp"].shape, -1, dtype=np.int64)
+    for i, rule in enumerate(RULES):
+        reason[rule.broken(ctx, cols) & (reason < 0)] = i
+    return reason
+
+
+def messages(ctx: Context, cols: dict, i: int = 0) -> list:
+    """Every broken rule's message for layout i of the columns, in table order."""
+    row = row_at(cols, i)
+    return [rule.message(ctx, row) for rule in RULES if bool(rule.broken(ctx, cols)[i])]
