@@ -100,18 +100,29 @@ class Trainer:
         self.steps, self.record = [], {}
 
     def _start_step(self) -> int:
+        import os
+
         from runtime import checkpoint
-        if not self.cfg.resume:
+        root = self.cfg.checkpoint_dir
+        if self.cfg.resume:
+            path = checkpoint.resume_path(root)  # ValueError: nothing to resume
+        elif root and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            path = checkpoint.latest(root)  # a torchrun restart continues where it can
+        else:
             return 0
-        path = checkpoint.latest(self.cfg.checkpoint_dir)
         if path is None:
-            log.info(f"no checkpoint in {self.cfg.checkpoint_dir}; starting at step 0")
+            log.info(f"no checkpoint in {root} yet; starting at step 0")
             return 0
         step = checkpoint.load(self.engine, path)
         log.info(f"resumed from {path} at step {step}")
         return step
 
     def run(self) -> dict:
+        from runtime import checkpoint
+        with checkpoint.exclusive(self.cfg.checkpoint_dir):  # one run per checkpoint directory
+            return self._run()
+
+    def _run(self) -> dict:
         import torch
 
         from runtime import checkpoint, measure

@@ -1,7 +1,11 @@
 """Checkpoints: resume after a crash continues exactly; a checkpoint loads under another plan;
-incomplete checkpoints are never picked."""
+incomplete checkpoints are never picked; --resume with nothing to resume fails; one run per
+directory (an flock that a crashed run does not leave held)."""
 
 import functools
+import os
+import signal
+import time
 
 import pytest
 from runtime_dist import Layout, make_plan, run_world
@@ -55,7 +59,7 @@ def _scenario(tmp: str) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def scenario(tmp: str) -> dict:
     return run_world(4, _scenario, tmp)[0]
 
@@ -94,12 +98,77 @@ def test_resume_under_another_plan(runs, ref, cross):
     assert max(abs(a - b) for (_, a), b in zip(steps, want)) < 1e-5
 
 
+def _step_dir(root, name, manifest=True):
+    path = root / name
+    path.mkdir(parents=True)
+    (path / ".metadata").write_bytes(b"x")
+    if manifest:
+        (path / "manifest.json").write_text("{}")
+    return path
+
+
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
     from runtime.checkpoint import latest
     assert latest(tmp_path / "missing") is None
-    (tmp_path / "step_00000002").mkdir()
-    (tmp_path / "step_00000002" / ".metadata").write_bytes(b"x")
-    (tmp_path / "step_00000004").mkdir()            # a crash before DCP wrote .metadata
-    (tmp_path / ".tmp-step_00000006").mkdir()       # a crash before the rename
-    (tmp_path / ".tmp-step_00000006" / ".metadata").write_bytes(b"x")
+    _step_dir(tmp_path, "step_00000002")
+    _step_dir(tmp_path, "step_00000004", manifest=False)  # a crash before the manifest
+    _step_dir(tmp_path, ".tmp-step_00000006")             # a crash before the rename
+    _step_dir(tmp_path, ".old-step_00000008")             # a crash while replacing a step
     assert latest(tmp_path).name == "step_00000002"
+
+
+def test_resume_fails_loudly_when_there_is_nothing_to_resume(tmp_path):
+    from runtime.checkpoint import resume_path
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "empty").mkdir()
+    _step_dir(tmp_path / "nomanifest", "step_00000003", manifest=False)
+    _step_dir(tmp_path / "tmponly", ".tmp-step_00000003")
+    cases = {"missing": "does not exist", "file": "is not a directory",
+             "empty": "no step_N directory", "tmponly": "no step_N directory",
+             "nomanifest": "step_00000003 is unreadable: no manifest.json"}
+    for name, why in cases.items():
+        with pytest.raises(ValueError, match=why) as err:
+            resume_path(tmp_path / name)
+        assert "\n" not in str(err.value) and str(tmp_path / name) in str(err.value)
+    _step_dir(tmp_path / "nomanifest", "step_00000001")   # an older complete one is used
+    assert resume_path(tmp_path / "nomanifest").name == "step_00000001"
+
+
+def _one_run(root) -> None:
+    from runtime.checkpoint import exclusive
+    with exclusive(root):
+        pass
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
+    from runtime.checkpoint import exclusive
+    busy = r"is in use by another run \(pid \d+ on "
+    with exclusive(tmp_path / "ck"), pytest.raises(ValueError, match=busy):
+        _one_run(tmp_path / "ck")
+    _one_run(tmp_path / "ck")                             # released at the end of the run
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match="is not a directory"):
+        _one_run(tmp_path / "f")
+
+
+def test_a_killed_runs_lock_does_not_block(tmp_path):
+    """flock dies with its process: a SIGKILLed holder leaves .lock behind, but not locked."""
+    from runtime.checkpoint import _lock
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                          # the "run" that gets killed
+        try:
+            _lock(tmp_path)
+            os.write(write, b"1")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
+    with pytest.raises(ValueError, match=f"pid {pid} "):
+        _one_run(tmp_path)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert (tmp_path / ".lock").read_text().startswith(f"pid {pid} ")   # stale file
+    _one_run(tmp_path)
