@@ -4,6 +4,7 @@ st.cache_data hashes them cheaply and exactly; results are plain data (dicts, Da
 Modules that other work streams deliver (search, export, simulate) are imported lazily: if one is
 missing the page says so instead of failing."""
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -14,6 +15,7 @@ from planner.calibration.compare import compare
 from planner.cost.estimate import estimate
 from planner.hardware import Cluster
 from planner.job import Job
+from planner.measured import Measured
 from planner.plan import Layout, Plan, layout_errors
 from planner.report import layout_summary
 from planner.sim.timeline import simulate
@@ -90,13 +92,17 @@ def label(layout: dict) -> str:
         return ""
 
 
-def compare_table(plan: Plan, measured: dict) -> pd.DataFrame:
-    """Predicted vs measured (planner.calibration.compare)."""
-    try:
-        return compare(plan, measured)
-    except (TypeError, KeyError) as exc:
-        raise ValueError(f"unexpected measured.json content ({exc})") from None
+def _measured(measured) -> Measured:
+    """A Measured from measured_from_upload's dict (a Measured passes as it is)."""
+    return measured if isinstance(measured, Measured) else Measured.from_dict(measured)
 
 
-def plan_from_measured(measured: dict) -> Plan:
-    return Plan.from_dict({**measured["plan"], "estimate": None})
+def compare_table(plan: Plan, measured) -> pd.DataFrame:
+    """Predicted vs measured (planner.calibration.compare); a ValueError when the measured
+    run is not of `plan` (the first difference is named)."""
+    return compare(plan, _measured(measured))
+
+
+def plan_from_measured(measured) -> Plan:
+    """The plan the run used (its recorded estimate dropped: the page estimates afresh)."""
+    return dataclasses.replace(_measured(measured).plan, estimate=None)

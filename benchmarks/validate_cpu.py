@@ -9,6 +9,7 @@ measured.json go to runs/validate/.
 """
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from planner.calibration.compare import compare
 from planner.cost.estimate import estimate
 from planner.hardware import Cluster, load_profile
 from planner.job import Job
+from planner.measured import Measured
 from planner.plan import Plan
 from planner.presets import MODEL_PRESETS
 from planner.search.ranking import SearchOptions, search
@@ -63,7 +65,7 @@ def _saved_plans(cluster: Cluster) -> list:
     return [_saved_plan(p, cluster) for p in sorted(OUT.glob("plan_*.json"))]
 
 
-def _run(plan: Plan, index: int, steps: int) -> dict:
+def _run(plan: Plan, index: int, steps: int) -> Measured:
     plan_path, measured_path = OUT / f"plan_{index:02d}.json", OUT / f"measured_{index:02d}.json"
     plan.with_estimate(estimate(plan).to_dict()).save(plan_path)
     cmd = torchrun_command(str(plan_path), steps, ["--out", str(measured_path)])
@@ -74,7 +76,7 @@ def _run(plan: Plan, index: int, steps: int) -> dict:
         errors = [line for line in done.stderr.splitlines() if "Error" in line]
         print(f"layout {index} failed ({log}): {errors[:1]}", file=sys.stderr)
         return None
-    return json.loads(measured_path.read_text())
+    return Measured.load(measured_path)
 
 
 def _cross_validated(runs: list, profile) -> list:
@@ -86,7 +88,7 @@ def _cross_validated(runs: list, profile) -> list:
         calibrated = calibrate(train, profile)[0]
         for i in range(fold, len(runs), 2):
             predicted[i] = (1 + step_time_errors([runs[i]], calibrated)[0]) * \
-                runs[i][1]["step_time_s"]
+                runs[i].step_time_s
     return predicted
 
 
@@ -100,8 +102,8 @@ def _timing_rows(label: str, predicted: list, measured: list) -> list:
 
 
 def _summary(runs: list, tables: list, profile) -> str:
-    measured = [m["step_time_s"] for _, m in runs]
-    before = [estimate(plan).step_s for plan, _ in runs]
+    measured = [m.step_time_s for m in runs]
+    before = [estimate(m.plan).step_s for m in runs]
     cells = pd.concat(tables)
     states = cells[cells.component.isin(STATES)]
     acts = cells[cells.component == "activations per micro-batch"]
@@ -138,14 +140,17 @@ def main(argv=None) -> int:
         done = OUT / f"measured_{i:02d}.json"
         if plan is None:
             continue
-        measured = (json.loads(done.read_text()) if done.exists() else None) if args.reuse \
+        measured = (Measured.load(done) if done.exists() else None) if args.reuse \
             else _run(plan, i, args.steps)
         if measured is None:
             continue
+        # with --reuse, the run is judged on the profile just loaded: re-targeted explicitly
+        # (compare refuses a measured.json of another plan)
+        measured = dataclasses.replace(measured, plan=plan)
         tables.append(compare(plan, measured))
-        runs.append((plan, measured))
+        runs.append(measured)
         rows.append({"layout": i, "predicted_s": estimate(plan).step_s,
-                     "measured_s": measured["step_time_s"]})
+                     "measured_s": measured.step_time_s})
         print(f"[{i + 1}] {rows[-1]}", file=sys.stderr)
     (OUT / "summary.json").write_text(json.dumps(rows, indent=1))
     print(_summary(runs, tables, profile))

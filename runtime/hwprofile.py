@@ -3,7 +3,7 @@ matrices, copy bandwidth, all-reduce times among local ranks (gloo on CPU, NCCL 
 host time of one small transformer layer, plain and under each tensor-parallel degree.
 
 Run as `python -m runtime.hwprofile --out measurements.json --ranks N`; the planner turns the
-JSON into a profile (planner/calibration/profile_fit.py)."""
+JSON (planner.measured.ProfileMeasurements) into a profile (planner/calibration/profile_fit.py)."""
 
 import argparse
 import json
@@ -17,6 +17,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from planner.measured import PROFILE_SCHEMA_VERSION, ProfileMeasurements
 
 # Datasheet dense peaks by device name, for GPUs; on CPU the best measured GEMM is the peak.
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12}
@@ -204,7 +206,8 @@ def measure(ranks: int, tmp_path: str) -> dict:
         _log(f"[host, layer] forward {host['1'][0] * 1e3:.1f} ms, "
              f"backward {host['1'][1] * 1e3:.1f} ms")
         torch.set_num_threads(os.cpu_count() or 1)
-    return {"device_name": name, "host": socket.gethostname(), "ranks": ranks,
+    return {"schema_version": PROFILE_SCHEMA_VERSION, "device_name": name,
+            "host": socket.gethostname(), "ranks": ranks,
             "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "peak_flops": peak,
             "gemms": measure_gemms(device, dtype, share),
             "copy_bytes_per_s": measure_copy(device, share), "memory_bytes": memory,
@@ -224,8 +227,8 @@ def main(argv=None) -> int:
     result = measure(args.ranks, args.out + ".allreduce")
     if os.path.exists(args.out + ".allreduce"):
         os.remove(args.out + ".allreduce")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    # the typed file planner/calibration/profile_fit.py reads: checked here, where it is made
+    ProfileMeasurements.from_dict(result).save(args.out)
     return 0
 
 

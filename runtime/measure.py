@@ -131,7 +131,9 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def peak_allocated_bytes(device) -> int:
+def peak_allocated_bytes(device) -> int | None:
+    """torch.cuda.max_memory_allocated; None on CPU (null in measured.json, see
+    planner.measured.RankMeasurement)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None

@@ -149,11 +149,14 @@ def test_bad_measured_upload_shows_error():
     at.checkbox(key="hand_sp").uncheck()
     at.run()
     assert not at.error, [e.value for e in at.error]
+    measured = json.loads((Path(__file__).parent / "fixtures" / "measured_cpu_dp2.json")
+                          .read_text())  # a real CPU run's measured.json (tests/test_measured.py)
     at.file_uploader(key="measured_file").set_value(
-        ("measured.json", b'{"schema_version": 1, "step_time_s": "fast"}', "application/json"))
+        ("measured.json", json.dumps({**measured, "step_time_s": "fast"}).encode(),
+         "application/json"))
     at.run()
     _ok(at)
-    assert any("step_time_s must be a number" in e.value for e in at.error)
+    assert any("step_time_s must be a" in e.value and "'fast'" in e.value for e in at.error)
 
 
 def test_upload_parsing_is_strict():
@@ -181,9 +184,9 @@ def test_measured_upload_shows_predicted_vs_measured():
                 layout=Layout(dp=8, micro_batch=1, num_microbatches=8))
     ranks = [{"rank": r, "coords": {"pp": 0, "dp": r, "tp": 0}, "weights_bytes": 2.5e8,
               "gradients_bytes": 2.5e8, "optimizer_bytes": 1.5e9,
-              "activation_bytes_per_microbatch": 1e9, "peak_allocated_bytes": 6e9,
-              "max_rss_bytes": 1e9} for r in range(8)]
-    measured = {"schema_version": 1, "plan": plan.to_dict(), "steps": [], "val_loss": None,
+              "activation_bytes_per_microbatch": 1e9, "activation_peak_bytes": 1e9,
+              "peak_allocated_bytes": 6e9, "max_rss_bytes": 1e9} for r in range(8)]
+    measured = {"schema_version": 1, "plan": plan.to_dict(), "steps": [], "val_loss": 3.0,
                 "step_time_s": 0.5, "tokens_per_s": 131072.0, "ranks": ranks}
     at = _app(model="gpt2-124m", batch=64, seq=1024)
     at.file_uploader(key="measured_file").set_value(

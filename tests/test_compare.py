@@ -8,6 +8,7 @@ from planner.cost.estimate import estimate
 from planner.cost.memory import rank_memory, rank_model_state
 from planner.hardware import load_cluster
 from planner.job import Job
+from planner.measured import Measured
 from planner.plan import Layout, Plan
 from planner.presets import MODEL_PRESETS
 
@@ -32,7 +33,8 @@ def _measured_fixture(plan, activation_scale=1.0, step_s=0.5):
                       "optimizer_bytes": states.optimizer_bytes,
                       "activation_bytes_per_microbatch":
                           activation_scale * rank_memory(plan, pp).activation_bytes_per_microbatch,
-                      "peak_allocated_bytes": None, "max_rss_bytes": 300e6})
+                      "activation_peak_bytes": 1e6, "peak_allocated_bytes": None,
+                      "max_rss_bytes": 300e6})
     return {"schema_version": 1, "plan": plan.to_dict(), "steps": [], "val_loss": 5.0,
             "step_time_s": step_s, "tokens_per_s": 16 * 128 / step_s, "ranks": ranks}
 
@@ -59,7 +61,7 @@ def test_compare_cli_and_bad_measured(tmp_path, capsys):
     del bad["ranks"][0]["coords"]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     assert main(["compare", str(tmp_path / "plan.json"), str(tmp_path / "bad.json")]) == 2
-    assert "rank entry missing key 'coords'" in capsys.readouterr().err
+    assert "ranks[0]: missing key 'coords'" in capsys.readouterr().err
 
 
 def test_calibrate_recovers_a_slower_machine(tmp_path, capsys):
@@ -85,8 +87,7 @@ def test_calibrate_recovers_a_slower_machine(tmp_path, capsys):
         measured = _measured_fixture(plan, step_s=estimate(true_plan).step_s)
         paths.append(tmp_path / f"m{i}.json")
         paths[-1].write_text(json.dumps(measured))
-    runs = [(Plan.from_dict(json.loads(p.read_text())["plan"]), json.loads(p.read_text()))
-            for p in paths]
+    runs = [Measured.load(p) for p in paths]
     _, factors, before, after = calibrate(runs, profile)
     assert factors["efficiency"] == pytest.approx(0.5, rel=0.1)
     assert factors["overhead"] == pytest.approx(5.0, rel=0.2)

@@ -8,6 +8,7 @@ import pytest
 from planner.calibration.gemm_fit import fit_gemm_efficiency
 from planner.calibration.profile_fit import fit_alpha_beta, profile_from_measurements
 from planner.hardware import load_profile
+from planner.measured import ProfileMeasurements
 
 
 def _synthetic_gemms(e_max, d0, peak):
@@ -32,11 +33,21 @@ def test_alpha_beta_fit_recovers_bandwidth_and_latency():
     assert got_lat == pytest.approx(lat, rel=1e-6)
 
 
-def test_profile_from_synthetic_measurements_round_trips(tmp_path):
-    m = {"device_name": "test-gpu", "host": "h", "ranks": 4, "precision": "bf16",
-         "peak_flops": 1e14, "gemms": _synthetic_gemms(0.75, 128.0, 1e14),
+def _measurements(**changes) -> dict:
+    """Measurements as runtime/hwprofile.py writes them, of a 4-GPU machine."""
+    m = {"schema_version": 1, "device_name": "test-gpu", "host": "h", "ranks": 4,
+         "precision": "bf16", "peak_flops": 1e14,
+         "gemms": [list(g) for g in _synthetic_gemms(0.75, 128.0, 1e14)],
          "copy_bytes_per_s": 1e12, "memory_bytes": 16 * 2**30,
-         "allreduce_bytes": [2**20, 2**24], "allreduce_s": [1e-4, 1e-3]}
+         "allreduce_bytes": [2**20, 2**24], "allreduce_s": [1e-4, 1e-3],
+         "layer_host_s": {"1": [1e-4, 2e-4], "2": [2e-4, 4e-4]}, "host_is_device": False,
+         "shared_cores": 0}
+    return {**m, **changes}
+
+
+def test_profile_from_synthetic_measurements_round_trips(tmp_path):
+    m = ProfileMeasurements.from_dict(_measurements())
+    assert ProfileMeasurements.from_dict(json.loads(json.dumps(m.to_dict()))) == m
     profile = profile_from_measurements(load_profile("a100-80g"), m, "ours")
     assert profile.gpus_per_node == 4 and profile.gpu.gemm_efficiency_max == pytest.approx(0.75,
                                                                                            rel=0.01)
@@ -64,11 +75,67 @@ def test_planner_profile_on_cpu_writes_a_loadable_profile(tmp_path):
 
 
 def test_single_rank_profile_keeps_the_base_fabric():
-    m = {"device_name": "one-gpu", "host": "h", "ranks": 1, "precision": "bf16",
-         "peak_flops": 1e14, "gemms": _synthetic_gemms(0.6, 64.0, 1e14),
-         "copy_bytes_per_s": 2e12, "memory_bytes": 80 * 2**30,
-         "allreduce_bytes": [], "allreduce_s": []}
+    m = ProfileMeasurements.from_dict(_measurements(
+        device_name="one-gpu", ranks=1, gemms=_synthetic_gemms(0.6, 64.0, 1e14),
+        copy_bytes_per_s=2e12, memory_bytes=80 * 2**30, allreduce_bytes=[], allreduce_s=[],
+        layer_host_s={"1": [1e-4, 2e-4]}))
     base = load_profile("h100-80g")
     profile = profile_from_measurements(base, m, "one")
     assert profile.intra_node == base.intra_node and profile.gpus_per_node == 8
     assert profile.gpu.gemm_efficiency_max == pytest.approx(0.6, rel=0.01)
+
+
+def test_cpu_measurements_take_the_best_gemm_as_peak():
+    m = ProfileMeasurements.from_dict(_measurements(peak_flops=None, host_is_device=True,
+                                                    shared_cores=2))  # null: CPU ranks
+    profile = profile_from_measurements(load_profile("cpu"), m, "cpu-ours")
+    assert profile.gpu.peak_flops["bf16"] == max(g[3] for g in m.gemms)
+    assert profile.gpu.kernel_overhead_s == 0 and profile.gpu.shared_cores == 2
+
+
+BAD_MEASUREMENTS = [
+    ({"peak_flops": True}, "peak_flops"), ({"peak_flops": 0}, "peak_flops must be > 0"),
+    ({"copy_bytes_per_s": float("nan")}, "copy_bytes_per_s"),
+    ({"copy_bytes_per_s": float("inf")}, "copy_bytes_per_s"),
+    ({"copy_bytes_per_s": None}, "copy_bytes_per_s"),
+    ({"memory_bytes": 1.5e9}, "memory_bytes must be an integer"),
+    ({"ranks": 0}, "ranks must be >= 1"), ({"ranks": True}, "ranks must be an integer"),
+    ({"precision": "fp64"}, "precision"), ({"device_name": ""}, "device_name"),
+    ({"host_is_device": 1}, "host_is_device must be true or false"),
+    ({"shared_cores": -1}, "shared_cores"),
+    ({"gemms": [[256, 128, 64, 1e12]]}, "at least 2 GEMM"),
+    ({"gemms": [[256, 128, 64, 1e12], [256, 128, 64, -1.0]]}, r"gemms\[1\] FLOP/s"),
+    ({"gemms": [[256, 128, 64, 1e12], [256, 128, True, 1e12]]}, r"gemms\[1\].k"),
+    ({"gemms": [[256, 128, 64, 1e12], [256, 128, 1e12]]}, "must have 4 entries"),
+    ({"gemms": "fast"}, "gemms must be a list"),
+    ({"allreduce_s": [1e-4]}, "2 sizes but allreduce_s 1 times"),
+    ({"allreduce_s": [1e-4, float("nan")]}, r"allreduce_s\[1\]"),
+    ({"allreduce_bytes": [2**20, -1]}, r"allreduce_bytes\[1\]"),
+    ({"allreduce_bytes": [2**20], "allreduce_s": [1e-4]}, "at 2 sizes or more"),
+    ({"ranks": 1}, "one rank measures no all-reduce"),
+    ({"layer_host_s": {}}, "layer_host_s must be a non-empty object"),
+    ({"layer_host_s": {"two": [1e-4, 1e-4]}}, "must be a TP degree"),
+    ({"layer_host_s": {"1": [1e-4, None]}}, "backward_s"),
+    ({"layer_host_s": {"1": [1e-4]}}, "must have 2 entries"),
+    ({"schema_version": 2}, "schema_version must be 1"),
+    ({"extra": 1}, "unknown key 'extra'"),
+]
+
+
+@pytest.mark.parametrize("changes,phrase", BAD_MEASUREMENTS)
+def test_bad_measurements_are_refused(changes, phrase):
+    with pytest.raises(ValueError, match=phrase) as err:
+        ProfileMeasurements.from_dict(_measurements(**changes))
+    assert "\n" not in str(err.value)
+
+
+def test_missing_measurement_keys_are_refused(tmp_path):
+    for key in ("layer_host_s", "host_is_device", "schema_version", "peak_flops"):
+        m = _measurements()
+        del m[key]
+        with pytest.raises(ValueError, match=f"missing key '{key}'"):
+            ProfileMeasurements.from_dict(m)
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(_measurements(gemms=[])))
+    with pytest.raises(ValueError, match="at least 2 GEMM"):
+        ProfileMeasurements.load(path)

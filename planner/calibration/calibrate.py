@@ -1,4 +1,5 @@
-"""Calibrate a profile from runtime measurements (measured.json files).
+"""Calibrate a profile from runtime measurements (measured.json files, read as
+planner.measured.Measured: each carries the plan it ran).
 
 Three physical terms are fitted, each as a factor on the profile's value: the kernel efficiency
 this machine really reaches (GEMM, attention and memory-bound efficiencies scaled together,
@@ -16,6 +17,7 @@ import numpy as np
 
 from planner.cost.estimate import estimate
 from planner.hardware import Cluster, HardwareProfile
+from planner.measured import Measured
 from planner.plan import Plan
 
 GRIDS = {"efficiency": np.geomspace(0.05, 4.0, 60), "overhead": np.geomspace(0.1, 1000.0, 60),
@@ -47,8 +49,8 @@ def _predict(plan: Plan, profile: HardwareProfile) -> float:
 
 
 def step_time_errors(runs: list, profile: HardwareProfile) -> list:
-    """Relative error (predicted / measured - 1) of each (plan, measured) run."""
-    return [_predict(plan, profile) / m["step_time_s"] - 1 for plan, m in runs]
+    """Relative error (predicted / measured - 1) of each run (a planner.measured.Measured)."""
+    return [_predict(m.plan, profile) / m.step_time_s - 1 for m in runs]
 
 
 def _loss(runs: list, profile: HardwareProfile, factors: dict) -> float:
@@ -108,16 +110,17 @@ def fit_factors(runs: list, profile: HardwareProfile) -> dict:
 
 
 def _check_runs(runs: list) -> None:
+    """Measured runs only: their step times were checked (finite, > 0) when they were read."""
     if not runs:
         raise ValueError("calibrate needs at least one measured.json")
-    for _, m in runs:
-        if not isinstance(m.get("step_time_s"), (int, float)) or m["step_time_s"] <= 0:
-            raise ValueError(f"measured step_time_s must be a positive number, "
-                             f"got {m.get('step_time_s')!r}")
+    for m in runs:
+        if not isinstance(m, Measured):
+            raise ValueError(f"calibrate takes Measured runs (planner.measured), got "
+                             f"{type(m).__name__}")
 
 
 def calibrate(runs: list, profile: HardwareProfile) -> tuple:
-    """(calibrated profile, fitted factors, errors before, errors after)."""
+    """(calibrated profile, fitted factors, errors before, errors after) of Measured runs."""
     _check_runs(runs)
     factors = fit_factors(runs, profile)
     note = (f"calibrated on {len(runs)} measured runs (planner calibrate): efficiency x"

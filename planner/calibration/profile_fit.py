@@ -1,8 +1,9 @@
 """Turn `planner profile` measurements into a hardware profile (pure: no torch here).
 
-Measurements come from runtime/hwprofile.py: GEMM throughput over transformer-shaped matrices,
-copy bandwidth, all-reduce times over local ranks at several sizes, and the host time of one
-small layer (negligible FLOPs) plain and at each TP degree."""
+Measurements come from runtime/hwprofile.py, read as planner.measured.ProfileMeasurements: GEMM
+throughput over transformer-shaped matrices, copy bandwidth, all-reduce times over local ranks at
+several sizes, and the host time of one small layer (negligible FLOPs) plain and at each TP
+degree."""
 
 import dataclasses
 import datetime
@@ -13,6 +14,7 @@ from planner.calibration.gemm_fit import fit_gemm_efficiency
 from planner.cost.comm import collective_latency
 from planner.cost.comm_plan import tp_pattern_for
 from planner.hardware import HardwareProfile
+from planner.measured import ProfileMeasurements
 
 
 def fit_alpha_beta(sizes_bytes: list, times_s: list, ranks: int) -> tuple:
@@ -46,32 +48,32 @@ def host_table(layer_host_s: dict, host_is_device: bool, latency_s: float) -> di
     return table
 
 
-def profile_from_measurements(base: HardwareProfile, m: dict, name: str) -> HardwareProfile:
+def profile_from_measurements(base: HardwareProfile, m: ProfileMeasurements,
+                              name: str) -> HardwareProfile:
     """A copy of `base` with the measured GPU and intra-node terms replaced and cited."""
-    precision = m["precision"]
-    peak = m.get("peak_flops") or max(g[3] for g in m["gemms"])
-    e_max, half_dim, rms = fit_gemm_efficiency(m["gemms"], peak)
+    precision = m.precision
+    peak = m.peak_flops or max(g[3] for g in m.gemms)
+    e_max, half_dim, rms = fit_gemm_efficiency(list(m.gemms), peak)
     when = datetime.date.today().isoformat()
-    note = f"measured by `planner profile` on {m['host']} ({m['ranks']} ranks, {when})"
+    note = f"measured by `planner profile` on {m.host} ({m.ranks} ranks, {when})"
     intra, intra_source = base.intra_node, base.sources.get("intra_node", "")
-    if m["ranks"] > 1:  # one rank measures no collectives: the base fabric stays
-        bw, latency = fit_alpha_beta(m["allreduce_bytes"], m["allreduce_s"], m["ranks"])
+    if m.ranks > 1:  # one rank measures no collectives: the base fabric stays
+        bw, latency = fit_alpha_beta(list(m.allreduce_bytes), list(m.allreduce_s), m.ranks)
         intra = dataclasses.replace(intra, bandwidth_bytes_per_s=bw, latency_s=latency,
                                     efficiency=1.0)
-        intra_source = f"{note}: all-reduce alpha-beta fit over {len(m['allreduce_bytes'])} sizes"
-    on_host = m.get("host_is_device", False)  # absent from measurements of older versions
+        intra_source = f"{note}: all-reduce alpha-beta fit over {len(m.allreduce_bytes)} sizes"
+    on_host = m.host_is_device
     gpu = dataclasses.replace(
-        base.gpu, name=m["device_name"], peak_flops={**base.gpu.peak_flops, precision: peak},
+        base.gpu, name=m.device_name, peak_flops={**base.gpu.peak_flops, precision: peak},
         gemm_efficiency_max=e_max, gemm_half_dim=half_dim,
-        hbm_bandwidth_bytes_per_s=m["copy_bytes_per_s"], memory_efficiency=1.0,
-        memory_bytes=int(m["memory_bytes"]), host_is_device=on_host,
-        shared_cores=m.get("shared_cores", 0),
-        host_layer_overhead_s=host_table(m.get("layer_host_s", {}), on_host, intra.latency_s),
+        hbm_bandwidth_bytes_per_s=m.copy_bytes_per_s, memory_efficiency=1.0,
+        memory_bytes=m.memory_bytes, host_is_device=on_host, shared_cores=m.shared_cores,
+        host_layer_overhead_s=host_table(m.layer_host_s, on_host, intra.latency_s),
         # on CPU ranks each kernel's dispatch is part of the measured host time per layer
-        kernel_overhead_s=0.0 if on_host and m.get("layer_host_s") else base.gpu.kernel_overhead_s)
+        kernel_overhead_s=0.0 if on_host else base.gpu.kernel_overhead_s)
     sources = {**base.sources,
                "gpu.peak_flops": f"{note}: peak = {peak:.3g} FLOP/s ({precision})",
-               "gpu.gemm_efficiency_max": f"{note}: fitted to {len(m['gemms'])} GEMMs, "
+               "gpu.gemm_efficiency_max": f"{note}: fitted to {len(m.gemms)} GEMMs, "
                                           f"rms error {100 * rms:.1f}%",
                "gpu.gemm_half_dim": f"{note}: fitted with gemm_efficiency_max",
                "gpu.hbm_bandwidth_bytes_per_s": f"{note}: copy bandwidth (read + write)",
@@ -85,7 +87,7 @@ def profile_from_measurements(base: HardwareProfile, m: dict, name: str) -> Hard
         sources["gpu.shared_cores"] = f"{note}: cores this process may run on"
     if gpu.kernel_overhead_s != base.gpu.kernel_overhead_s:
         sources["gpu.kernel_overhead_s"] = "0: on CPU ranks it is part of host_layer_overhead_s"
-    gpn = m["ranks"] if m["ranks"] > 1 else base.gpus_per_node
+    gpn = m.ranks if m.ranks > 1 else base.gpus_per_node
     return dataclasses.replace(base, name=name, gpus_per_node=gpn, gpu=gpu,
                                intra_node=intra, sources=sources,
                                description=f"{base.description} — {note}")

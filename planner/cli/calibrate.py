@@ -2,10 +2,7 @@
 
 import json
 
-from planner.calibration.calibrate import calibrate
 from planner.hardware import load_profile
-from planner.plan import Plan
-from planner.schema import load_json_file
 
 
 def add_parser(sub):
@@ -17,12 +14,9 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    runs = []
-    for path in args.measured:
-        data = load_json_file(path, "measured")
-        if not isinstance(data, dict) or "plan" not in data:
-            raise ValueError(f"{path}: not a measured.json (no 'plan' key)")
-        runs.append((Plan.from_dict(data["plan"]), data))
+    from planner.calibration.calibrate import calibrate  # the cost model: only here
+    from planner.measured import Measured
+    runs = [Measured.load(path) for path in args.measured]  # each with the plan it ran
     profile, factors, before, after = calibrate(runs, load_profile(args.profile))
     with open(args.out, "w") as f:
         json.dump(profile.to_dict(), f, indent=1)

@@ -1,10 +1,7 @@
 """`planner compare plan.json measured.json`: predicted vs measured, with relative errors."""
 
-from planner.calibration.compare import compare
 from planner.cli.common import print_json
-from planner.plan import Plan
 from planner.report import compare_text
-from planner.schema import load_json_file
 
 
 def add_parser(sub):
@@ -16,7 +13,11 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    table = compare(Plan.load(args.plan), load_json_file(args.measured, "measured"))
+    from planner.calibration.compare import compare  # the cost model and pandas: only here
+    from planner.measured import Measured
+    from planner.plan import Plan
+    # refused when the run used another plan: the first difference is named
+    table = compare(Plan.load(args.plan), Measured.load(args.measured))
     if args.json:
         print_json(table.to_dict(orient="records"))
         return 0

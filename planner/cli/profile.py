@@ -6,7 +6,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from planner.calibration.profile_fit import profile_from_measurements
 from planner.hardware import load_profile
 
 
@@ -22,6 +21,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from planner.calibration.profile_fit import profile_from_measurements  # the cost model
+    from planner.measured import ProfileMeasurements
     base = load_profile(args.base)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "measurements.json"
@@ -31,12 +32,12 @@ def run(args) -> int:
         code = subprocess.run(cmd).returncode
         if code:
             raise ValueError(f"measurement failed (exit code {code})")
-        measurements = json.loads(raw.read_text())
+        measurements = ProfileMeasurements.load(raw)
     profile = profile_from_measurements(base, measurements, args.name or Path(args.out).stem)
     with open(args.out, "w") as f:
         json.dump(profile.to_dict(), f, indent=1)
         f.write("\n")
-    peak = profile.gpu.peak_flops[measurements["precision"]]
+    peak = profile.gpu.peak_flops[measurements.precision]
     print(f"wrote {args.out}: {profile.gpu.name}, GEMM e_max {profile.gpu.gemm_efficiency_max:.2f}"
           f" of {peak / 1e9:.1f} GFLOP/s, "
           f"all-reduce {profile.intra_node.bandwidth_bytes_per_s / 1e9:.2f} GB/s")
