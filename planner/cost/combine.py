@@ -132,7 +132,7 @@ def step_parts(*, ranks: list, mean_total_s, pp, virtual_stages, zero_bubble, nu
                            fwd_s=s.compute_fwd_s, bwd_s=s.compute_bwd_s + s.recompute_s,
                            wgrad_s=s.wgrad_s) * mean_total_s
     exposed = [dp_exposed(dp_total_s=total, grad_sync_s=sync, num_microbatches=m,
-                          pace_s=r.total_s, rank_bwd_s=r.compute_bwd_s,
+                          pace_s=s.total_s, rank_bwd_s=r.compute_bwd_s,
                           rank_recompute_s=r.recompute_s, sharded=sharded, overlapped=overlapped,
                           first_gather_layers=first_gather_layers)
                for r, total, sync in zip(ranks, dp_total_s, grad_sync_s)]
