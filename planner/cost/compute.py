@@ -2,8 +2,9 @@
 
 GEMMs run at peak x gemm_efficiency_max x q(m) q(n) q(k), q(d) = d / (d + gemm_half_dim): a
 roofline-style saturation for tile quantisation on small dimensions, fitted per GPU
-(planner/calibration/gemm_fit.py fits it to measured matmuls).  Memory-bound kernels (norms, activations,
-residual adds, dropout, softmax) move their bytes at HBM bandwidth x memory_efficiency.
+(planner/calibration/gemm_fit.py fits it to measured matmuls).  Memory-bound kernels (norms,
+activations, residual adds, dropout, softmax) move their bytes at HBM bandwidth x
+memory_efficiency.
 Every kernel pays kernel_overhead_s.  A backward pass runs two GEMMs per forward GEMM (input and
 weight gradients) and moves twice the elementwise bytes.
 

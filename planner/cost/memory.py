@@ -19,7 +19,7 @@ from planner.cost.combine import activation_peak, rank_total_bytes
 from planner.cost.fields import call, evaluate_one, plan_fields, rank_facts_of, unpack, with_rank
 from planner.cost.params import _local_numel, block_params_local, chunk_size, pieces_tensors
 from planner.cost.pipeline import head_inflight, inflight_chunks
-from planner.engines import engine
+from planner.engines import SHARDED_GRAD_STAGES, engine
 from planner.units import ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED, dtype_bytes
 
 ADAM_STEP_BYTES = 4        # torch.optim.AdamW keeps a float32 `step` tensor per parameter
@@ -100,7 +100,7 @@ def torch_model_state_bytes(tensors: list, tp: int, dp: int, zero_stage: int,
     """fp32 parameters, fp32 gradients, AdamW exp_avg + exp_avg_sq + step, as PyTorch shards."""
     state = ADAM_STATE_BYTES_FP32
     shapes = [t.local_shape(tp, tp_rank) for t in tensors]
-    if zero_stage >= 2:
+    if zero_stage in SHARDED_GRAD_STAGES:  # FSDP2 shards parameters and gradients
         numel = sum(_fsdp_numel(s, dp, dp_rank) for s in shapes)
         return ModelStateBytes(4 * numel, 4 * numel, state * numel + ADAM_STEP_BYTES * len(shapes))
     local = [math.prod(s) for s in shapes]
@@ -150,7 +150,7 @@ def comm_buffers(spec, job, *, tp, micro_batch, zero_stage) -> float:
     staged for a ZeRO-2/3 reduce-scatter in fp32."""
     tp_gather = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size \
         if tp > 1 else 0.0
-    rs = 4 * block_params_local(spec, tp) if zero_stage >= 2 else 0.0
+    rs = 4 * block_params_local(spec, tp) if zero_stage in SHARDED_GRAD_STAGES else 0.0
     return tp_gather + rs
 
 
