@@ -30,8 +30,8 @@ class Engine:
     dp_overlaps_compute: bool        # DDP bucket / FSDP2 prefetch overlap data-parallel comm
     fsdp_groups_per_block: bool      # ZeRO-2/3 gather and reduce every block on its own
     fp16_grads_reduced_in_fp16: bool  # gradient all-reduce in the 16-bit dtype under fp16
-    zero1_gathers_16bit_params: bool  # ZeRO-1 all-gathers 16-bit params (else fp32 shards)
-    zero1_reduce_scatters: bool      # ZeRO-1 reduce-scatters gradients (else all-reduces)
+    zero1_reduce_scatters: bool      # ZeRO-1 reduce-scatters gradients and all-gathers 16-bit
+                                     # params (else all-reduce, then gather fp32 shards)
     host_overhead_per_layer: bool    # profile's measured host time per layer applies
     pytorch_pipelining_limits: bool  # PyTorch 2.13's pipelining restrictions apply (rules.py)
 
@@ -47,8 +47,8 @@ TORCH = Engine(
     name="torch", schedules=SCHEDULES, zero_stages=ZERO_STAGES, fp32_master_params=True,
     sp_saves_sharded_gemm_input=False, sp_shards_checkpoint=True, tp_bwd_overlaps_wgrad=False,
     tp_bwd_all_reduces_each_colwise=True, dp_overlaps_compute=True, fsdp_groups_per_block=True,
-    fp16_grads_reduced_in_fp16=False, zero1_gathers_16bit_params=False,
-    zero1_reduce_scatters=False, host_overhead_per_layer=True, pytorch_pipelining_limits=True)
+    fp16_grads_reduced_in_fp16=False, zero1_reduce_scatters=False, host_overhead_per_layer=True,
+    pytorch_pipelining_limits=True)
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped
@@ -58,8 +58,8 @@ MEGATRON = Engine(
     name="megatron", schedules=("1f1b", "interleaved_1f1b"), zero_stages=(0, 1),
     fp32_master_params=False, sp_saves_sharded_gemm_input=True, sp_shards_checkpoint=False,
     tp_bwd_overlaps_wgrad=True, tp_bwd_all_reduces_each_colwise=False, dp_overlaps_compute=False,
-    fsdp_groups_per_block=False, fp16_grads_reduced_in_fp16=True, zero1_gathers_16bit_params=True,
-    zero1_reduce_scatters=True, host_overhead_per_layer=False, pytorch_pipelining_limits=False)
+    fsdp_groups_per_block=False, fp16_grads_reduced_in_fp16=True, zero1_reduce_scatters=True,
+    host_overhead_per_layer=False, pytorch_pipelining_limits=False)
 
 ENGINES = {e.name: e for e in (TORCH, MEGATRON)}
 

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 
 from planner import rules
+from planner.cost import pipeline
 from planner.engines import INTERLEAVED, RECOMPUTE, SCHEDULES, ZERO_BUBBLE  # noqa: F401
 from planner.hardware import Cluster
 from planner.job import Job
@@ -15,6 +16,15 @@ from planner.spec import ModelSpec
 
 SCHEMA_VERSION = 1
 AXES = ("pp", "dp", "tp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mesh:
+    """The device mesh: axis sizes and their order, outermost first (what the topology reads)."""
+    mesh_order: tuple
+    dp: int
+    tp: int
+    pp: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,25 +71,25 @@ class Layout:
         """Model chunks in the pipeline: pp stages times virtual stages per rank."""
         return self.pp * self.virtual_stages
 
+    @property
+    def mesh(self) -> "Mesh":
+        return Mesh(mesh_order=self.mesh_order, dp=self.dp, tp=self.tp, pp=self.pp)
+
     def stage_layers(self, num_layers: int) -> tuple:
         """Layers of each model chunk, in pipeline order (chunk c lives on rank c % pp)."""
-        if self.layers_per_stage:
-            return self.layers_per_stage
-        base, extra = divmod(num_layers, self.num_chunks)
-        return tuple(base + (1 if c < extra else 0) for c in range(self.num_chunks))
+        return pipeline.stage_layers(num_layers, pp=self.pp, virtual_stages=self.virtual_stages,
+                                     layers_per_stage=self.layers_per_stage)
 
     def chunk_rank(self, chunk: int) -> int:
         """Pipeline rank that runs model chunk `chunk` (looped placement; V shape for zbv)."""
-        if self.schedule == "zbv":
-            return chunk if chunk < self.pp else 2 * self.pp - 1 - chunk
-        return chunk % self.pp
+        return pipeline.chunk_rank(chunk, pp=self.pp, schedule=self.schedule)
 
     def rank_chunk_layers(self, num_layers: int) -> list:
         """For each pipeline rank, the layer counts of the chunks it runs."""
-        per_rank = [[] for _ in range(self.pp)]
-        for chunk, n in enumerate(self.stage_layers(num_layers)):
-            per_rank[self.chunk_rank(chunk)].append(n)
-        return per_rank
+        return pipeline.rank_chunk_layers(num_layers, pp=self.pp,
+                                          virtual_stages=self.virtual_stages,
+                                          schedule=self.schedule,
+                                          layers_per_stage=self.layers_per_stage)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -5,13 +5,13 @@ at once), the rejected-plans table, the UI and the nothing-fits advice all read 
 
 A rule's `broken(ctx, c)` takes columns `c` - numpy arrays, one entry per layout, or arrays of
 one entry for a single Layout (layout_columns) - and returns a boolean mask; `message(ctx, r)`
-takes one row `r` (plain ints) and says why it is broken.  Columns: world (GPUs), dp, tp, pp,
-sp (0/1), zero, mb (micro-batch), m (micro-batches), sched (index into SCHEDULES), v (virtual
-stages), rc (index into RECOMPUTE), lps_n / lps_sum (entries and sum of layers_per_stage; 0 when
+takes one row `r` (plain ints) and says why it is broken.  Columns are named as the Layout
+fields they hold (sequence_parallel 0/1; schedule and recompute as indices into SCHEDULES and
+RECOMPUTE), plus world (GPUs) and lps_n / lps_sum (entries and sum of layers_per_stage; 0 when
 the split is even).  Rules are listed in the order their messages are given."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -25,8 +25,8 @@ from planner.engines import (
     engine,
 )
 
-COLUMNS = ("world", "dp", "tp", "pp", "sp", "zero", "mb", "m", "sched", "v", "rc", "lps_n",
-           "lps_sum")
+COLUMNS = ("world", "dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
+           "num_microbatches", "schedule", "virtual_stages", "recompute", "lps_n", "lps_sum")
 SCHED = {name: i for i, name in enumerate(SCHEDULES)}
 
 
@@ -53,11 +53,12 @@ class Rule:
 def layout_columns(layout, world: int) -> dict:
     """One-entry columns of a Layout on `world` GPUs."""
     values = {"world": world, "dp": layout.dp, "tp": layout.tp, "pp": layout.pp,
-              "sp": int(layout.sequence_parallel), "zero": layout.zero_stage,
-              "mb": layout.micro_batch, "m": layout.num_microbatches,
-              "sched": SCHED[layout.schedule], "v": layout.virtual_stages,
-              "rc": RECOMPUTE.index(layout.recompute), "lps_n": len(layout.layers_per_stage),
-              "lps_sum": sum(layout.layers_per_stage)}
+              "sequence_parallel": int(layout.sequence_parallel),
+              "zero_stage": layout.zero_stage, "micro_batch": layout.micro_batch,
+              "num_microbatches": layout.num_microbatches,
+              "schedule": SCHED[layout.schedule], "virtual_stages": layout.virtual_stages,
+              "recompute": RECOMPUTE.index(layout.recompute),
+              "lps_n": len(layout.layers_per_stage), "lps_sum": sum(layout.layers_per_stage)}
     return {k: np.array([v], dtype=np.int64) for k, v in values.items()}
 
 
@@ -65,12 +66,20 @@ def row_at(cols: dict, i: int) -> dict:
     return {k: int(cols[k][i]) for k in COLUMNS if k in cols}
 
 
+def _chunks(c):
+    return c["pp"] * c["virtual_stages"]
+
+
+def _samples(c):
+    return c["micro_batch"] * c["num_microbatches"] * c["dp"]
+
+
 def _in(sched, names) -> np.ndarray:
     return np.isin(sched, [SCHED[n] for n in names])
 
 
 def _name(r: dict) -> str:
-    return SCHEDULES[r["sched"]]
+    return SCHEDULES[r["schedule"]]
 
 
 def _pipelining(ctx: Context, c: dict) -> np.ndarray:
@@ -79,7 +88,7 @@ def _pipelining(ctx: Context, c: dict) -> np.ndarray:
 
 
 def _ddp(c: dict) -> np.ndarray:
-    return (c["dp"] > 1) & np.isin(c["zero"], DDP_STAGES)
+    return (c["dp"] > 1) & np.isin(c["zero_stage"], DDP_STAGES)
 
 
 def _ddp_proper(c: dict) -> np.ndarray:
@@ -88,14 +97,14 @@ def _ddp_proper(c: dict) -> np.ndarray:
 
 
 def _zb_broken(ctx, c):
-    zb = _pipelining(ctx, c) & _in(c["sched"], ZERO_BUBBLE)
-    return zb & (_ddp(c) | (c["zero"] == 3))
+    zb = _pipelining(ctx, c) & _in(c["schedule"], ZERO_BUBBLE)
+    return zb & (_ddp(c) | (c["zero_stage"] == 3))
 
 
 def _zb_message(ctx, r):
-    if r["zero"] == 3:
+    if r["zero_stage"] == 3:
         return f"schedule {_name(r)} with ZeRO-3 gives wrong gradients in PyTorch; use ZeRO-2"
-    return (f"schedule {_name(r)} with DDP (ZeRO-{r['zero']}, dp={r['dp']}) gives wrong "
+    return (f"schedule {_name(r)} with DDP (ZeRO-{r['zero_stage']}, dp={r['dp']}) gives wrong "
             f"gradients in PyTorch; use ZeRO-2")
 
 
@@ -134,21 +143,21 @@ def _shape_rules() -> list:
              lambda ctx, r: f"TP={r['tp']} needs {r['tp']} GPUs per node; a node has "
                             f"{ctx.profile.gpus_per_node}"),
         Rule("sp_tp", "sequence parallel without tp",
-             lambda ctx, c: (c["sp"] == 1) & (c["tp"] == 1),
+             lambda ctx, c: (c["sequence_parallel"] == 1) & (c["tp"] == 1),
              lambda ctx, r: "sequence_parallel needs tp > 1"),
         Rule("sp_seq", "sequence parallel: tp does not divide the sequence",
-             lambda ctx, c: (c["sp"] == 1) & (ctx.job.seq_len % c["tp"] != 0),
+             lambda ctx, c: (c["sequence_parallel"] == 1) & (ctx.job.seq_len % c["tp"] != 0),
              lambda ctx, r: f"sequence parallel: tp={r['tp']} must divide seq len "
                             f"{ctx.job.seq_len}"),
         Rule("zero_dp", "ZeRO without data parallelism",
-             lambda ctx, c: (c["zero"] > 0) & (c["dp"] == 1),
-             lambda ctx, r: f"ZeRO-{r['zero']} shards over data parallel ranks; it needs dp > 1 "
-                            f"(dp = {r['dp']})"),
+             lambda ctx, c: (c["zero_stage"] > 0) & (c["dp"] == 1),
+             lambda ctx, r: f"ZeRO-{r['zero_stage']} shards over data parallel ranks; it needs "
+                            f"dp > 1 (dp = {r['dp']})"),
         Rule("global_batch", "micro-batches x dp differ from the global batch",
-             lambda ctx, c: c["mb"] * c["m"] * c["dp"] != ctx.job.global_batch,
-             lambda ctx, r: f"global batch {ctx.job.global_batch} != micro batch {r['mb']} x "
-                            f"{r['m']} micro-batches x dp {r['dp']} = "
-                            f"{r['mb'] * r['m'] * r['dp']}"),
+             lambda ctx, c: _samples(c) != ctx.job.global_batch,
+             lambda ctx, r: f"global batch {ctx.job.global_batch} != micro batch "
+                            f"{r['micro_batch']} x {r['num_microbatches']} micro-batches x dp "
+                            f"{r['dp']} = {_samples(r)}"),
         Rule("precision", "precision not supported by the GPU",
              lambda ctx, c: _everywhere(c, not ctx.profile.supports(ctx.job.precision)),
              _precision_message),
@@ -160,36 +169,39 @@ def _shape_rules() -> list:
 
 
 def _schedule_rules() -> list:
-    interleaved = lambda c: _in(c["sched"], INTERLEAVED)  # noqa: E731
-    zbv = lambda c: _in(c["sched"], ("zbv",))  # noqa: E731
+    interleaved = lambda c: _in(c["schedule"], INTERLEAVED)
+    zbv = lambda c: _in(c["schedule"], ("zbv",))
     return [
         Rule("interleave_pp", "interleaved schedule without a pipeline",
              lambda ctx, c: interleaved(c) & (c["pp"] == 1),
              lambda ctx, r: f"schedule {_name(r)} needs pp > 1"),
         Rule("zbv_v", "zbv runs exactly 2 virtual stages",
-             lambda ctx, c: zbv(c) & (c["v"] != 2),
-             lambda ctx, r: f"schedule zbv runs exactly 2 virtual stages per rank, got {r['v']}"),
+             lambda ctx, c: zbv(c) & (c["virtual_stages"] != 2),
+             lambda ctx, r: f"schedule zbv runs exactly 2 virtual stages per rank, got "
+                            f"{r['virtual_stages']}"),
         Rule("interleave_v", "interleaved schedule with one stage per rank",
-             lambda ctx, c: interleaved(c) & ~zbv(c) & (c["pp"] > 1) & (c["v"] < 2),
-             lambda ctx, r: f"schedule {_name(r)} needs virtual_stages >= 2, got {r['v']}"),
+             lambda ctx, c: interleaved(c) & ~zbv(c) & (c["pp"] > 1) & (c["virtual_stages"] < 2),
+             lambda ctx, r: f"schedule {_name(r)} needs virtual_stages >= 2, got "
+                            f"{r['virtual_stages']}"),
         Rule("single_v", "virtual stages under a one-stage schedule",
-             lambda ctx, c: ~interleaved(c) & (c["v"] != 1),
+             lambda ctx, c: ~interleaved(c) & (c["virtual_stages"] != 1),
              lambda ctx, r: f"schedule {_name(r)} runs one stage per rank; virtual_stages is "
-                            f"{r['v']}"),
+                            f"{r['virtual_stages']}"),
         Rule("interleave_m", "interleaved: micro-batches not divisible by pp",
-             lambda ctx, c: interleaved(c) & (c["pp"] > 1) & (c["m"] % c["pp"] != 0),
-             lambda ctx, r: f"interleaved schedule needs micro-batches ({r['m']}) divisible by "
-                            f"pp ({r['pp']})"),
+             lambda ctx, c: interleaved(c) & (c["pp"] > 1)
+             & (c["num_microbatches"] % c["pp"] != 0),
+             lambda ctx, r: f"interleaved schedule needs micro-batches ({r['num_microbatches']}) "
+                            f"divisible by pp ({r['pp']})"),
         Rule("chunks", "more pipeline chunks than layers",
-             lambda ctx, c: c["pp"] * c["v"] > ctx.model.num_layers,
-             lambda ctx, r: f"pp*virtual_stages = {r['pp'] * r['v']} model chunks exceed "
+             lambda ctx, c: _chunks(c) > ctx.model.num_layers,
+             lambda ctx, r: f"pp*virtual_stages = {_chunks(r)} model chunks exceed "
                             f"{ctx.model.num_layers} layers"),
         Rule("split_entries", "layers_per_stage does not match the chunks",
-             lambda ctx, c: (c["lps_n"] > 0) & (c["lps_n"] != c["pp"] * c["v"]),
+             lambda ctx, c: (c["lps_n"] > 0) & (c["lps_n"] != _chunks(c)),
              lambda ctx, r: f"layers_per_stage has {r['lps_n']} entries; pp*virtual_stages is "
-                            f"{r['pp'] * r['v']}"),
+                            f"{_chunks(r)}"),
         Rule("split_sum", "layers_per_stage does not add up to the layers",
-             lambda ctx, c: (c["lps_n"] > 0) & (c["lps_n"] == c["pp"] * c["v"])
+             lambda ctx, c: (c["lps_n"] > 0) & (c["lps_n"] == _chunks(c))
              & (c["lps_sum"] != ctx.model.num_layers),
              lambda ctx, r: f"layers_per_stage sums to {r['lps_sum']}; the model has "
                             f"{ctx.model.num_layers} layers"),
@@ -203,24 +215,26 @@ def _pytorch_rules() -> list:
         Rule("zb_ddp", "zero-bubble schedule with DDP/ZeRO-3 (wrong gradients in PyTorch)",
              _zb_broken, _zb_message),
         Rule("ddp_microbatches", "DDP under pipelining needs more micro-batches than stages",
-             lambda ctx, c: _pipelining(ctx, c) & _ddp(c) & (c["m"] <= c["pp"]),
-             lambda ctx, r: f"DDP under pipelining needs more micro-batches ({r['m']}) than "
-                            f"stages (pp={r['pp']})"),
+             lambda ctx, c: _pipelining(ctx, c) & _ddp(c) & (c["num_microbatches"] <= c["pp"]),
+             lambda ctx, r: f"DDP under pipelining needs more micro-batches "
+                            f"({r['num_microbatches']}) than stages (pp={r['pp']})"),
         Rule("ddp_gpipe", "GPipe with DDP (fails in PyTorch)",
-             lambda ctx, c: _pipelining(ctx, c) & _ddp_proper(c) & _in(c["sched"], ("gpipe",)),
-             lambda ctx, r: f"schedule gpipe with DDP (ZeRO-{r['zero']}, dp={r['dp']}) fails in "
-                            f"PyTorch (DDP reducer assert at the second step); use 1f1b or "
-                            f"ZeRO-2"),
+             lambda ctx, c: _pipelining(ctx, c) & _ddp_proper(c) & _in(c["schedule"], ("gpipe",)),
+             lambda ctx, r: f"schedule gpipe with DDP (ZeRO-{r['zero_stage']}, dp={r['dp']}) "
+                            f"fails in PyTorch (DDP reducer assert at the second step); use 1f1b "
+                            f"or ZeRO-2"),
         Rule("ddp_chunks", "interleaved DDP needs more micro-batches than chunks",
-             lambda ctx, c: _pipelining(ctx, c) & _ddp_proper(c) & ~_in(c["sched"], ("gpipe",))
-             & (c["v"] > 1) & (c["m"] <= c["pp"] * c["v"]),
+             lambda ctx, c: _pipelining(ctx, c) & _ddp_proper(c)
+             & ~_in(c["schedule"], ("gpipe",)) & (c["virtual_stages"] > 1)
+             & (c["num_microbatches"] <= _chunks(c)),
              lambda ctx, r: f"DDP under an interleaved schedule needs more micro-batches "
-                            f"({r['m']}) than chunks (pp x virtual_stages = {r['pp'] * r['v']})"),
+                            f"({r['num_microbatches']}) than chunks (pp x virtual_stages = "
+                            f"{_chunks(r)})"),
         Rule("1f1b_microbatches", "1F1B (PyTorch) needs at least as many micro-batches as stages",
-             lambda ctx, c: _pipelining(ctx, c) & _in(c["sched"], ("1f1b",))
-             & (c["m"] < c["pp"]),
+             lambda ctx, c: _pipelining(ctx, c) & _in(c["schedule"], ("1f1b",))
+             & (c["num_microbatches"] < c["pp"]),
              lambda ctx, r: f"PyTorch's 1F1B schedule needs at least as many micro-batches "
-                            f"({r['m']}) as stages (pp={r['pp']})"),
+                            f"({r['num_microbatches']}) as stages (pp={r['pp']})"),
     ]
 
 

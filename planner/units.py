@@ -2,7 +2,6 @@
 
 GB = 1e9  # decimal gigabyte, as in ZeRO Table 1 (Rajbhandari et al. 2020)
 GIB = 2**30
-TFLOP = 1e12
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 

@@ -38,7 +38,6 @@ class Engine:
         self.modules = [apply_ddp(p, ctx.group("dp")) if self.ddp else p for p in self.parts]
         self.loss_scale = 1.0
         self.scaler = LossScaler(plan.job.precision == "fp16")
-        self.skipped_steps = 0
         self.schedule = (build_schedule(self.modules, self.chunk_ids, lay, ctx, self.loss_fn)
                          if lay.pp > 1 else None)
         self.has_first = 0 in self.chunk_ids
@@ -170,7 +169,6 @@ class Engine:
         overflow = self.scaler.unscale([p for p, _ in entries], self.ctx.device)
         self.scaler.update(overflow)
         if overflow:
-            self.skipped_steps += 1
             self.zero_grad()
             return None
         norm = clip_grad_norm(entries, self.cfg.grad_clip, self.ctx)

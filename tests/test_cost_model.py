@@ -2,9 +2,12 @@
 
 import pytest
 
+from planner.cost.combine import bubble_chunks
+from planner.cost.comm_plan import dp_collectives
 from planner.cost.estimate import estimate
-from planner.cost.memory import memory_breakdown, rank_memory
-from planner.cost.pipeline import inflight_chunks, pipeline_time
+from planner.cost.fields import call, plan_fields, with_rank
+from planner.cost.memory import rank_memory
+from planner.cost.pipeline import inflight_chunks
 from planner.hardware import load_cluster
 from planner.job import Job
 from planner.plan import Layout, Plan
@@ -14,6 +17,19 @@ from planner.presets import MODEL_PRESETS
 def _plan(layout, model="llama2-7b", nodes=1, batch=64, seq=4096, **job):
     return Plan(model=MODEL_PRESETS[model], cluster=load_cluster("a100-80g", nodes),
                 job=Job(global_batch=batch, seq_len=seq, **job), layout=layout)
+
+
+def memory_breakdown(plan):
+    return estimate(plan).memory
+
+
+def _inflight(lay, rank):
+    return inflight_chunks(pp=lay.pp, num_microbatches=lay.num_microbatches,
+                           virtual_stages=lay.virtual_stages, schedule=lay.schedule, rank=rank)
+
+
+def _dp_collectives(plan, rank):
+    return call(dp_collectives, with_rank(plan_fields(plan), rank))
 
 
 def test_zero_stages_shrink_model_states():
@@ -45,11 +61,11 @@ def test_recompute_costs_time():
 def test_pipeline_inflight_microbatches():
     gpipe = Layout(pp=4, num_microbatches=8, schedule="gpipe")
     one_f_one_b = Layout(pp=4, num_microbatches=8, schedule="1f1b")
-    assert [inflight_chunks(gpipe, r) for r in range(4)] == [8, 8, 8, 8]
-    assert [inflight_chunks(one_f_one_b, r) for r in range(4)] == [4, 3, 2, 1]
+    assert [_inflight(gpipe, r) for r in range(4)] == [8, 8, 8, 8]
+    assert [_inflight(one_f_one_b, r) for r in range(4)] == [4, 3, 2, 1]
     # Korthikanti Sec. 4.2.3: interleaving holds (1 + (p-1)/(p v)) times 1F1B's first stage
     inter = Layout(pp=4, num_microbatches=8, schedule="interleaved_1f1b", virtual_stages=2)
-    assert inflight_chunks(inter, 0) / 2 == pytest.approx(4 * (1 + 3 / 8))
+    assert _inflight(inter, 0) / 2 == pytest.approx(4 * (1 + 3 / 8))
 
 
 def test_most_loaded_rank_is_reported():
@@ -72,7 +88,9 @@ def test_uniform_pipeline_closed_form():
     for layout, bubble in ((Layout(pp=8, num_microbatches=64), 7 / 71),
                            (Layout(pp=8, num_microbatches=64, schedule="interleaved_1f1b",
                                    virtual_stages=4), 7 / (4 * 64 + 7))):
-        total, idle = pipeline_time(layout, [2.0] * 8, 1.0, 1.0, 0.5)
+        idle = 2.0 * bubble_chunks(pp=layout.pp, virtual_stages=layout.virtual_stages,
+                                   zero_bubble=False, fwd_s=1.0, bwd_s=1.0, wgrad_s=0.5)
+        total = layout.num_microbatches * 2.0 + idle
         assert idle / total == pytest.approx(bubble, rel=1e-12)
 
 
@@ -120,13 +138,12 @@ def test_shared_cores_reclaim_the_bubble():
 
 
 def test_fsdp2_gathers_and_reduces_each_block_on_its_own():
-    from planner.cost.comm_plan import dp_collectives
     plan = _cpu_plan(Layout(dp=2, pp=4, zero_stage=3, micro_batch=1, num_microbatches=4), 0)
-    first, middle = dp_collectives(plan, 0), dp_collectives(plan, 1)
+    first, middle = _dp_collectives(plan, 0), _dp_collectives(plan, 1)
     # 8 layers over 4 stages: 2 blocks each, plus the root group (embedding) on stage 0
     assert [c.count for c in first] == [4 * 3, 2 * 4 * 3]
     assert [c.count for c in middle] == [4 * 2, 2 * 4 * 2]
     megatron = Plan(model=MODEL_PRESETS["llama2-7b"], cluster=load_cluster("a100-80g", 1),
                     job=Job(global_batch=64, seq_len=4096, engine="megatron"),
                     layout=Layout(dp=8, zero_stage=1, micro_batch=1, num_microbatches=8))
-    assert [c.count for c in dp_collectives(megatron, 0)] == [1, 1]
+    assert [c.count for c in _dp_collectives(megatron, 0)] == [1, 1]

@@ -11,7 +11,6 @@ from planner.cost.estimate import estimate
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.memory import zero_model_state_bytes
 from planner.job import Job
-from planner.plan import Layout
 from planner.units import GB
 
 ANCHORS = Path(__file__).parent / "anchors"
@@ -43,8 +42,8 @@ S, B, H, A, T = 2048, 4, 6144, 64, 8  # the 22B model of Korthikanti Table 3
 def _per_layer(sp, tp, recompute):
     spec = megatron_gpt("22B", A, H, 48)
     job = Job(global_batch=B, seq_len=S, attention="fused", engine="megatron")
-    layout = Layout(tp=tp, sequence_parallel=sp, micro_batch=B, recompute=recompute)
-    return act.layer_bytes(spec, job, layout)
+    return act.layer_bytes(spec, job, tp=tp, sequence_parallel=sp, micro_batch=B,
+                           recompute=recompute)
 
 
 @pytest.mark.parametrize("sp, tp, recompute, formula", [

@@ -11,7 +11,6 @@ from planner.cost.comm import collective_latency
 from planner.cost.compute import layer_times
 from planner.hardware import HardwareProfile, load_profile
 from planner.job import Job
-from planner.plan import Layout
 from planner.presets import MODEL_PRESETS
 
 TABLE = {"1": [0.001, 0.002], "2": [0.04, 0.06], "4": [0.05, 0.09]}
@@ -60,7 +59,8 @@ def test_fit_takes_the_tp_collective_waits_out_on_cpu_ranks_only():
 
 def _layer(gpu, tp=2, engine="torch"):
     job = Job(global_batch=8, seq_len=128, precision="fp32", engine=engine)
-    return layer_times(gpu, MODEL_PRESETS["tiny"], job, Layout(tp=tp, micro_batch=1))
+    return layer_times(gpu, MODEL_PRESETS["tiny"], job, tp=tp, sequence_parallel=False,
+                       micro_batch=1)
 
 
 def test_host_time_adds_on_cpu_ranks_and_hides_behind_gpu_kernels():

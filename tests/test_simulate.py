@@ -26,6 +26,12 @@ from planner.sim.timeline import (
 SPLIT = ("interleaved_zb", "zbv")
 
 
+def _inflight(layout, rank):
+    return inflight_chunks(pp=layout.pp, num_microbatches=layout.num_microbatches,
+                           virtual_stages=layout.virtual_stages, schedule=layout.schedule,
+                           rank=rank)
+
+
 def _uniform(schedule, p, m, v=1, fwd=1.0, bwd=2.0, wgrad=1.0):
     """p*v equal chunks of one rank's F=fwd, B=bwd (W=wgrad), no communication at all."""
     n = p * v
@@ -88,7 +94,7 @@ def test_every_schedule_completes_and_keeps_every_rank_busy_for_its_share(schedu
 def test_peak_inflight_matches_memory_model(schedule, v, p, m):
     t = simulate_costs(_uniform(schedule, p, m, v))
     layout = Layout(pp=p, num_microbatches=m, schedule=schedule, virtual_stages=v)
-    assert list(t.peak_inflight) == [inflight_chunks(layout, r) for r in range(p)]
+    assert list(t.peak_inflight) == [_inflight(layout, r) for r in range(p)]
     if schedule == "gpipe":
         assert t.peak_inflight[0] == m
     if schedule == "1f1b":
@@ -102,7 +108,7 @@ def test_interleaved_zb_inflight_matches_the_memory_model():
     t = simulate_costs(_uniform("interleaved_zb", p, m, v))
     assert list(t.peak_inflight) == [v * p - r for r in range(p)]
     layout = Layout(pp=p, num_microbatches=m, schedule="interleaved_zb", virtual_stages=v)
-    assert list(t.peak_inflight) == [inflight_chunks(layout, r) for r in range(p)]
+    assert list(t.peak_inflight) == [_inflight(layout, r) for r in range(p)]
 
 
 # --- must show: the event order is PyTorch's ---------------------------------------------------

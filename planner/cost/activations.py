@@ -12,8 +12,8 @@ input of the column-parallel GEMMs and all-gathers it again in backward, while P
 
 from dataclasses import dataclass
 
+from planner.engines import engine
 from planner.job import Job
-from planner.plan import Layout
 from planner.spec import ModelSpec
 from planner.units import DROPOUT_MASK_BYTES, dtype_bytes
 
@@ -33,15 +33,15 @@ class LayerActivations:
         return self.norms_bytes + self.attention_bytes + self.mlp_bytes + self.dropout_mask_bytes
 
 
-def _attention_bytes(spec: ModelSpec, job: Job, layout: Layout, selective: bool) -> float:
+def _attention_bytes(spec: ModelSpec, job: Job, b: int, t: int, selective: bool) -> float:
     """The attention core's saved tensors and the output projection's input.
 
     The core keeps q, k, v (the checkpoint's inputs under selective recompute). Without
     recompute a flash kernel also keeps its output and fp32 log-sum-exp; the output projection
     reads that output through a view, so it is one tensor.  Unfused attention keeps the softmax,
     dropout mask and dropped probabilities (5as^2b/t with dropout) and the projection its own
-    input (the re-laid-out context, 2sbh/t)."""
-    b, s, t, a = layout.micro_batch, job.seq_len, layout.tp, dtype_bytes(job.precision)
+    input (the re-laid-out context, 2sbh/t).  b: micro-batch, t: tp."""
+    s, a = job.seq_len, dtype_bytes(job.precision)
     heads = spec.num_heads // t
     out = a * b * s * spec.hidden_size / t
     qkv = out + 2 * a * b * s * spec.kv_hidden_size / t
@@ -60,17 +60,18 @@ def _norm_bytes(spec: ModelSpec, tokens: float, a: int) -> float:
     return a * tokens * spec.hidden_size + FP32 * stats * tokens
 
 
-def layer_activations(spec: ModelSpec, job: Job, layout: Layout,
-                      selective: bool = False) -> LayerActivations:
+def layer_activations(spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
+                      micro_batch: int, selective: bool = False) -> LayerActivations:
     """Saved bytes of one layer and one micro-batch (no recompute, or selective)."""
-    b, s, t, a = layout.micro_batch, job.seq_len, layout.tp, dtype_bytes(job.precision)
+    s, t, a = job.seq_len, tp, dtype_bytes(job.precision)
     h, f = spec.hidden_size, spec.ffn_hidden_size
-    tokens = b * s
-    sp = t if layout.sequence_parallel else 1
-    # input of the column-parallel GEMMs (norm output), replicated across TP ranks
-    gathered_div = sp if job.engine == "megatron" else 1
+    tokens = micro_batch * s
+    sp = t if sequence_parallel else 1
+    # input of the column-parallel GEMMs (norm output), replicated across TP ranks unless the
+    # engine keeps it sequence-sharded and re-gathers it in backward
+    gathered_div = sp if engine(job.engine).sp_saves_sharded_gemm_input else 1
     gemm_in = a * tokens * h / gathered_div
-    attention = gemm_in + _attention_bytes(spec, job, layout, selective)
+    attention = gemm_in + _attention_bytes(spec, job, micro_batch, t, selective)
     if spec.mlp == "swiglu":
         mlp = gemm_in + 4 * a * tokens * f / t  # gate (silu in), up, silu out, down in
     else:
@@ -80,38 +81,43 @@ def layer_activations(spec: ModelSpec, job: Job, layout: Layout,
     return LayerActivations(norms, attention, mlp, masks)
 
 
-def checkpointed_layer_bytes(spec: ModelSpec, job: Job, layout: Layout) -> float:
+def checkpointed_layer_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
+                             micro_batch: int) -> float:
     """Full recompute keeps only the block input (Korthikanti Table 2: 2sbh; sequence-sharded
     under PyTorch SP since the residual stream is sharded there)."""
-    sp = layout.tp if layout.sequence_parallel and job.engine == "torch" else 1
-    return dtype_bytes(job.precision) * layout.micro_batch * job.seq_len * spec.hidden_size / sp
+    sp = tp if sequence_parallel and engine(job.engine).sp_shards_checkpoint else 1
+    return dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size / sp
 
 
-def layer_bytes(spec: ModelSpec, job: Job, layout: Layout) -> float:
+def layer_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
+                micro_batch: int, recompute: str) -> float:
     """Saved bytes per layer and micro-batch under the plan's recompute policy (selective:
     the attention core is recomputed, Korthikanti Sec. 5; full: Table 2)."""
-    if layout.recompute == "full":
-        return checkpointed_layer_bytes(spec, job, layout)
-    return layer_activations(spec, job, layout, layout.recompute == "selective").total_bytes
+    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    if recompute == "full":
+        return checkpointed_layer_bytes(spec, job, **shape)
+    return layer_activations(spec, job, **shape, selective=recompute == "selective").total_bytes
 
 
-def head_bytes(spec: ModelSpec, job: Job, layout: Layout) -> float:
+def head_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
+               micro_batch: int) -> float:
     """Output layer, one micro-batch: final-norm input, the logits GEMM input and fp32 logits
     kept for the cross-entropy backward (Korthikanti Sec. 4.3: 4sbv/t)."""
-    b, s, t, a = layout.micro_batch, job.seq_len, layout.tp, dtype_bytes(job.precision)
-    tokens = b * s
-    sp = t if layout.sequence_parallel else 1
+    s, t, a = job.seq_len, tp, dtype_bytes(job.precision)
+    tokens = micro_batch * s
+    sp = t if sequence_parallel else 1
     norm = _norm_bytes(spec, tokens / sp, a) if spec.arch != "bert" else 0
     labels = 8 * tokens  # int64 targets kept by the cross-entropy
     return norm + a * tokens * spec.hidden_size + FP32 * tokens * -(-spec.vocab_size // t) + \
         labels
 
 
-def embedding_bytes(spec: ModelSpec, job: Job, layout: Layout) -> float:
+def embedding_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
+                    micro_batch: int) -> float:
     """First stage, one micro-batch: token ids (int64), position ids for learned positions and
     the embedding dropout mask."""
-    tokens = layout.micro_batch * job.seq_len
-    sp = layout.tp if layout.sequence_parallel else 1
+    tokens = micro_batch * job.seq_len
+    sp = tp if sequence_parallel else 1
     mask = DROPOUT_MASK_BYTES * tokens * spec.hidden_size / sp if spec.dropout > 0 else 0
     positions = 8 * job.seq_len if spec.learned_positions else 0
     return 8 * tokens + positions + mask

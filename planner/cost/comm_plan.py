@@ -1,14 +1,21 @@
-"""Every collective of one training step for the most loaded rank: what, how big, how often,
-over which link (tensor, pipeline and data parallel)."""
+"""Every collective of one training step for one rank: what, how big, how often, over which
+link (tensor, pipeline and data parallel).  Keyword parameters are named as in
+planner/cost/fields.py."""
 
 from planner.cost.comm import make_collective
-from planner.cost.params import rank_local_numel
-from planner.plan import Plan
+from planner.cost.params import _local_numel
+from planner.engines import engine
+from planner.plan import Mesh
 from planner.topology import axis_link, pipeline_p2p_link
 from planner.units import dtype_bytes
 
 
-def tp_pattern(plan: Plan) -> tuple:
+def tp_pattern(plan) -> tuple:
+    """(forward, backward) collectives of one layer as [(kind, count)] for a plan."""
+    return tp_pattern_for(plan.model.mlp, plan.layout.sequence_parallel, plan.job.engine)
+
+
+def tp_pattern_for(mlp: str, sp: bool, engine_name: str) -> tuple:
     """(forward, backward) collectives of one layer as [(kind, count)], each over one
     [micro-batch, sequence, hidden] activation.
 
@@ -19,61 +26,63 @@ def tp_pattern(plan: Plan) -> tuple:
     column-parallel projection on its own (q, k, v and the MLP's first projections) and, under
     sequence parallelism, re-gathers the two row-parallel output gradients; counted on the
     runtime by tests/test_tp_census.py."""
-    return tp_pattern_for(plan.model.mlp, plan.layout.sequence_parallel, plan.job.engine)
-
-
-def tp_pattern_for(mlp: str, sp: bool, engine: str) -> tuple:
     forward = [("all_gather", 2), ("reduce_scatter", 2)] if sp else [("all_reduce", 2)]
-    if engine == "megatron":
+    if not engine(engine_name).tp_bwd_all_reduces_each_colwise:
         return forward, forward
     colwise = 3 + (2 if mlp == "swiglu" else 1)
     return forward, ([("all_gather", 2)] if sp else []) + [("all_reduce", colwise)]
 
 
-def _tp_collectives(plan: Plan, pattern: list) -> list:
-    link = axis_link(plan.cluster.profile, plan.layout, "tp")
-    lay, job = plan.layout, plan.job
-    nbytes = dtype_bytes(job.precision) * lay.micro_batch * job.seq_len * plan.model.hidden_size
-    return [make_collective(f"tp_{kind}", kind, link, count, nbytes)
-            for kind, count in pattern]
+def _mesh(mesh_order, dp, tp, pp) -> Mesh:
+    return Mesh(mesh_order=tuple(mesh_order), dp=dp, tp=tp, pp=pp)
 
 
-def tp_pass_seconds(plan: Plan) -> tuple:
+def _tp_collectives(profile, spec, job, mesh: Mesh, micro_batch: int, pattern: list) -> list:
+    link = axis_link(profile, mesh, "tp")
+    nbytes = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size
+    return [make_collective(f"tp_{kind}", kind, link, count, nbytes) for kind, count in pattern]
+
+
+def tp_pass_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
+                    micro_batch) -> tuple:
     """(forward, backward) seconds of one layer's TP collectives for one micro-batch."""
-    if plan.layout.tp == 1:
+    if tp == 1:
         return 0.0, 0.0
-    return tuple(sum(c.time_s for c in _tp_collectives(plan, pattern))
-                 for pattern in tp_pattern(plan))
+    mesh = _mesh(mesh_order, dp, tp, pp)
+    return tuple(sum(c.time_s for c in _tp_collectives(profile, spec, job, mesh, micro_batch, p))
+                 for p in tp_pattern_for(spec.mlp, sequence_parallel, job.engine))
 
 
-def tp_collectives_per_layer(plan: Plan) -> list:
+def tp_collectives_per_layer(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
+                             micro_batch, recompute) -> list:
     """Per layer and micro-batch, forward + backward; full recompute repeats the forward's."""
-    if plan.layout.tp == 1:
+    if tp == 1:
         return []
-    forward, backward = tp_pattern(plan)
+    forward, backward = tp_pattern_for(spec.mlp, sequence_parallel, job.engine)
     counts = {}
     for kind, count in forward:
-        counts[kind] = counts.get(kind, 0) + count * (2 if plan.layout.recompute == "full" else 1)
+        counts[kind] = counts.get(kind, 0) + count * (2 if recompute == "full" else 1)
     for kind, count in backward:
         counts[kind] = counts.get(kind, 0) + count
-    return _tp_collectives(plan, list(counts.items()))
+    return _tp_collectives(profile, spec, job, _mesh(mesh_order, dp, tp, pp), micro_batch,
+                           list(counts.items()))
 
 
-def pp_p2p_per_microbatch(plan: Plan) -> list:
+def pp_p2p_per_microbatch(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
+                          micro_batch, virtual_stages) -> list:
     """Activation sent forward and its gradient sent backward at each chunk boundary (the
     sequence-parallel activation is sharded, so 1/t of it crosses; Korthikanti Sec. 4.2.3)."""
-    lay, job = plan.layout, plan.job
-    if lay.pp == 1:
+    if pp == 1:
         return []
-    link = pipeline_p2p_link(plan.cluster.profile, lay)
-    div = lay.tp if lay.sequence_parallel else 1
-    nbytes = dtype_bytes(job.precision) * lay.micro_batch * job.seq_len * \
-        plan.model.hidden_size / div
-    return [make_collective("pp_send_activation", "p2p", link, lay.virtual_stages, nbytes),
-            make_collective("pp_send_gradient", "p2p", link, lay.virtual_stages, nbytes)]
+    link = pipeline_p2p_link(profile, _mesh(mesh_order, dp, tp, pp))
+    div = tp if sequence_parallel else 1
+    nbytes = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size / div
+    return [make_collective("pp_send_activation", "p2p", link, virtual_stages, nbytes),
+            make_collective("pp_send_gradient", "p2p", link, virtual_stages, nbytes)]
 
 
-def dp_collectives(plan: Plan, pp_rank: int) -> list:
+def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_microbatches,
+                   rank_layers, holds_embedding, holds_head, tied_copy) -> list:
     """Gradient synchronisation and parameter gathers of one step on one pipeline rank.
 
     ZeRO-0: all-reduce of the gradients; ZeRO-1: the same plus an all-gather of the updated
@@ -81,34 +90,29 @@ def dp_collectives(plan: Plan, pp_rank: int) -> list:
     optimizer reduce-scatters gradients and all-gathers 16-bit parameters); ZeRO-2/3 (FSDP2):
     per micro-batch a reduce-scatter of fp32 gradients and one (ZeRO-2) or two (ZeRO-3, forward
     and backward) all-gathers of the 16-bit parameters (Rajbhandari et al. 2020, Sec. 7), for
-    each FSDP2 group on its own (the torch engine)."""
-    lay, job = plan.layout, plan.job
-    if lay.dp == 1:
+    each FSDP2 group on its own (the torch engine: every block, plus the root group holding the
+    embedding or the output layer)."""
+    if dp == 1:
         return []
-    link = axis_link(plan.cluster.profile, lay, "dp")
-    numel = rank_local_numel(plan.model, lay, pp_rank)
-    a, m = dtype_bytes(job.precision), lay.num_microbatches
-    grad_bytes = 2 * numel if job.engine == "megatron" and job.precision == "fp16" else 4 * numel
-    if lay.zero_stage == 0:
+    eng = engine(job.engine)
+    link = axis_link(profile, _mesh(mesh_order, dp, tp, pp), "dp")
+    numel = _local_numel(spec, tp, rank_layers, holds_embedding, holds_head, tied_copy)
+    a, m = dtype_bytes(job.precision), num_microbatches
+    grad_bytes = 2 * numel if eng.fp16_grads_reduced_in_fp16 and job.precision == "fp16" \
+        else 4 * numel
+    if zero_stage == 0:
         return [make_collective("dp_all_reduce", "all_reduce", link, 1, grad_bytes)]
-    if lay.zero_stage == 1:
-        if job.engine == "megatron":
+    if zero_stage == 1:
+        if eng.zero1_reduce_scatters:
             return [make_collective("dp_reduce_scatter", "reduce_scatter", link, 1, grad_bytes),
                     make_collective("dp_param_all_gather", "all_gather", link, 1, a * numel)]
         return [make_collective("dp_all_reduce", "all_reduce", link, 1, grad_bytes),
                 make_collective("dp_param_broadcast", "all_gather", link, 1, 4 * numel)]
-    gathers = 2 if lay.zero_stage == 3 else 1
-    groups = 1 if job.engine == "megatron" else fsdp_groups(plan, pp_rank)
+    gathers = 2 if zero_stage == 3 else 1
+    groups = 1
+    if eng.fsdp_groups_per_block:
+        groups = rank_layers + (1 if holds_embedding or holds_head else 0)
     return [make_collective("dp_reduce_scatter", "reduce_scatter", link, m * groups,
                             4 * numel / groups),
             make_collective("dp_param_all_gather", "all_gather", link, gathers * m * groups,
                             a * numel / groups)]
-
-
-def fsdp_groups(plan: Plan, pp_rank: int) -> int:
-    """FSDP2 groups of one pipeline rank: every block is its own group (each gathered and
-    reduced on its own), plus the root group holding the embedding or the output layer."""
-    lay = plan.layout
-    layers = sum(lay.rank_chunk_layers(plan.model.num_layers)[pp_rank])
-    ends = {lay.chunk_rank(0), lay.chunk_rank(lay.num_chunks - 1)}
-    return layers + (1 if pp_rank in ends else 0)

@@ -2,8 +2,9 @@
 
 GEMMs run at peak x gemm_efficiency_max x q(m) q(n) q(k), q(d) = d / (d + gemm_half_dim): a
 roofline-style saturation for tile quantisation on small dimensions, fitted per GPU
-(planner/calibration/gemm_fit.py fits it to measured matmuls).  Memory-bound kernels (norms, activations,
-residual adds, dropout, softmax) move their bytes at HBM bandwidth x memory_efficiency.
+(planner/calibration/gemm_fit.py fits it to measured matmuls).  Memory-bound kernels (norms,
+activations, residual adds, dropout, softmax) move their bytes at HBM bandwidth x
+memory_efficiency.
 Every kernel pays kernel_overhead_s.  A backward pass runs two GEMMs per forward GEMM (input and
 weight gradients) and moves twice the elementwise bytes.
 
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 
 from planner.cost.flops import Gemm, attention_core_flops, head_extra_gemms, head_gemm, layer_gemms
 from planner.hardware import GpuSpec
+from planner.engines import engine
 from planner.job import Job
-from planner.plan import Layout
 from planner.spec import ModelSpec
 from planner.units import DROPOUT_MASK_BYTES, dtype_bytes
 
@@ -75,11 +76,12 @@ def _memory_time(gpu: GpuSpec, nbytes: float, kernels: int) -> float:
         kernels * gpu.kernel_overhead_s
 
 
-def _elementwise_bytes(spec: ModelSpec, job: Job, layout: Layout) -> float:
-    """Bytes the memory-bound kernels of one layer's forward read and write."""
-    a, t = dtype_bytes(job.precision), layout.tp
-    tokens = layout.micro_batch * job.seq_len
-    sp = t if layout.sequence_parallel else 1
+def _elementwise_bytes(spec: ModelSpec, job: Job, t: int, sequence_parallel: bool,
+                       micro_batch: int) -> float:
+    """Bytes the memory-bound kernels of one layer's forward read and write (t: tp)."""
+    a = dtype_bytes(job.precision)
+    tokens = micro_batch * job.seq_len
+    sp = t if sequence_parallel else 1
     hidden = a * tokens * spec.hidden_size / sp
     # two norms (read + write), two residual adds (2 reads + 1 write)
     total = 2 * 2 * hidden + 2 * 3 * hidden
@@ -92,9 +94,9 @@ def _elementwise_bytes(spec: ModelSpec, job: Job, layout: Layout) -> float:
     return total
 
 
-def _attention_times(gpu: GpuSpec, spec: ModelSpec, job: Job, layout: Layout) -> tuple:
-    """(forward, backward) seconds of the attention core."""
-    b, s, t = layout.micro_batch, job.seq_len, layout.tp
+def _attention_times(gpu: GpuSpec, spec: ModelSpec, job: Job, b: int, t: int) -> tuple:
+    """(forward, backward) seconds of the attention core (b: micro-batch, t: tp)."""
+    s = job.seq_len
     flops = attention_core_flops(spec, b, s, t)
     peak = gpu.peak_flops[job.precision]
     if job.flash_attention:
@@ -115,24 +117,26 @@ def _attention_times(gpu: GpuSpec, spec: ModelSpec, job: Job, layout: Layout) ->
     return gemm_fwd + elem, 2 * gemm_fwd + 2 * elem
 
 
-def layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, layout: Layout) -> LayerTimes:
-    tokens = layout.micro_batch * job.seq_len
-    gemm_fwd = sum(gemm_time(gpu, g, job.precision)
-                   for g in layer_gemms(spec, tokens, layout.tp))
-    attn_fwd, attn_bwd = _attention_times(gpu, spec, job, layout)
-    elem_fwd = _memory_time(gpu, _elementwise_bytes(spec, job, layout),
-                            ELEMENTWISE_KERNELS_PER_LAYER)
-    host_fwd, host_bwd = gpu.host_layer_s(layout.tp) if job.engine == "torch" else (0.0, 0.0)
+def layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
+                micro_batch: int) -> LayerTimes:
+    tokens = micro_batch * job.seq_len
+    gemm_fwd = sum(gemm_time(gpu, g, job.precision) for g in layer_gemms(spec, tokens, tp))
+    attn_fwd, attn_bwd = _attention_times(gpu, spec, job, micro_batch, tp)
+    elem_fwd = _memory_time(gpu, _elementwise_bytes(spec, job, tp, sequence_parallel,
+                                                    micro_batch), ELEMENTWISE_KERNELS_PER_LAYER)
+    host = engine(job.engine).host_overhead_per_layer
+    host_fwd, host_bwd = gpu.host_layer_s(tp) if host else (0.0, 0.0)
     return LayerTimes(gemm_fwd, attn_fwd, elem_fwd, 2 * gemm_fwd, attn_bwd, 2 * elem_fwd,
                       host_fwd, host_bwd, gpu.host_is_device)
 
 
-def head_times(gpu: GpuSpec, spec: ModelSpec, job: Job, layout: Layout) -> LayerTimes:
+def head_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int,
+               micro_batch: int) -> LayerTimes:
     """Output layer: logits GEMM (vocab-parallel) and the fp32 softmax cross-entropy."""
-    tokens = layout.micro_batch * job.seq_len
-    gemms = [head_gemm(spec, tokens, layout.tp)] + head_extra_gemms(spec, tokens)
+    tokens = micro_batch * job.seq_len
+    gemms = [head_gemm(spec, tokens, tp)] + head_extra_gemms(spec, tokens)
     gemm_fwd = sum(gemm_time(gpu, g, job.precision) for g in gemms)
-    logits = tokens * -(-spec.vocab_size // layout.tp)
+    logits = tokens * -(-spec.vocab_size // tp)
     # cast to fp32 and log-softmax (read 16-bit, write fp32, read + write for the softmax)
     elem_fwd = _memory_time(gpu, logits * (dtype_bytes(job.precision) + 3 * 4), 3)
     return LayerTimes(gemm_fwd, 0.0, elem_fwd, 2 * gemm_fwd, 0.0, 2 * elem_fwd)

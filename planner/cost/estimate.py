@@ -3,6 +3,7 @@
 from dataclasses import dataclass, replace
 
 from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_collectives_per_layer
+from planner.cost.fields import call, plan_fields, with_rank
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.memory import MemoryBreakdown, rank_memory
 from planner.cost.time import TimeBreakdown, time_breakdown
@@ -66,12 +67,12 @@ def _collective_dict(c) -> dict:
 
 def _step_collectives(plan: Plan, pp_rank: int) -> list:
     """Per-step collectives of one rank, counts scaled from per-layer / per-micro-batch."""
-    lay = plan.layout
-    layers = sum(lay.rank_chunk_layers(plan.model.num_layers)[pp_rank])
-    m = lay.num_microbatches
-    scaled = [replace(c, count=c.count * layers * m) for c in tp_collectives_per_layer(plan)]
-    scaled += [replace(c, count=c.count * m) for c in pp_p2p_per_microbatch(plan)]
-    return scaled + dp_collectives(plan, pp_rank)
+    named = with_rank(plan_fields(plan), pp_rank)
+    layers, m = named["rank_layers"], plan.layout.num_microbatches
+    scaled = [replace(c, count=c.count * layers * m)
+              for c in call(tp_collectives_per_layer, named)]
+    scaled += [replace(c, count=c.count * m) for c in call(pp_p2p_per_microbatch, named)]
+    return scaled + call(dp_collectives, named)
 
 
 def estimate(plan: Plan) -> Estimate:

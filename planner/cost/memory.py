@@ -15,11 +15,12 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 
 from planner.cost import activations as act
-from planner.cost.params import (block_params_local, chunk_size, pieces_tensors,
-                                 rank_local_numel, rank_pieces)
+from planner.cost.combine import activation_peak, rank_total_bytes
+from planner.cost.fields import call, evaluate_one, plan_fields, rank_facts_of, unpack, with_rank
+from planner.cost.params import _local_numel, block_params_local, chunk_size, pieces_tensors
 from planner.cost.pipeline import head_inflight, inflight_chunks
-from planner.plan import Plan
-from planner.units import (ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED, dtype_bytes)
+from planner.engines import SHARDED_GRAD_STAGES, engine
+from planner.units import ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED, dtype_bytes
 
 ADAM_STEP_BYTES = 4        # torch.optim.AdamW keeps a float32 `step` tensor per parameter
 FSDP_PREFETCH_LAYERS = 2   # FSDP2 implicit prefetch: the running block and the next one
@@ -99,7 +100,7 @@ def torch_model_state_bytes(tensors: list, tp: int, dp: int, zero_stage: int,
     """fp32 parameters, fp32 gradients, AdamW exp_avg + exp_avg_sq + step, as PyTorch shards."""
     state = ADAM_STATE_BYTES_FP32
     shapes = [t.local_shape(tp, tp_rank) for t in tensors]
-    if zero_stage >= 2:
+    if zero_stage in SHARDED_GRAD_STAGES:  # FSDP2 shards parameters and gradients
         numel = sum(_fsdp_numel(s, dp, dp_rank) for s in shapes)
         return ModelStateBytes(4 * numel, 4 * numel, state * numel + ADAM_STEP_BYTES * len(shapes))
     local = [math.prod(s) for s in shapes]
@@ -118,73 +119,93 @@ def _torch_rank_states(spec, pieces: tuple, tp: int, dp: int, zero_stage: int, d
                                    tp_rank)
 
 
-def rank_model_state(plan: Plan, pp_rank: int, dp_rank: int = 0,
-                     tp_rank: int = 0) -> ModelStateBytes:
-    """Model-state bytes of one rank (dp rank 0 / tp rank 0 hold the largest shards)."""
-    lay, spec = plan.layout, plan.model
-    if plan.job.engine == "torch":
-        return _torch_rank_states(spec, rank_pieces(spec, lay, pp_rank), lay.tp, lay.dp,
-                                  lay.zero_stage, dp_rank, tp_rank)
-    return zero_model_state_bytes(rank_local_numel(spec, lay, pp_rank), lay.dp, lay.zero_stage,
-                                  plan.job.precision)
+def model_states(spec, job, *, tp, dp, zero_stage, rank_layers, holds_embedding, holds_head,
+                 tied_copy, dp_rank=0, tp_rank=0) -> tuple:
+    """(weights, gradients, optimizer) bytes of one rank (dp rank 0 / tp rank 0 hold the
+    largest shards)."""
+    pieces = (int(rank_layers), bool(holds_embedding), bool(holds_head), bool(tied_copy))
+    if engine(job.engine).fp32_master_params:
+        states = _torch_rank_states(spec, pieces, tp, dp, zero_stage, dp_rank, tp_rank)
+    else:
+        states = zero_model_state_bytes(_local_numel(spec, tp, *pieces), dp, zero_stage,
+                                        job.precision)
+    return states.weights_bytes, states.gradients_bytes, states.optimizer_bytes
 
 
-def _rank_activations(plan: Plan, pp_rank: int) -> tuple:
-    """(peak activation bytes, bytes of one micro-batch through all this rank's chunks)."""
-    spec, job, lay = plan.model, plan.job, plan.layout
-    chunks = lay.rank_chunk_layers(spec.num_layers)[pp_rank]
-    per_layer = act.layer_bytes(spec, job, lay)
-    mean_chunk_layers = sum(chunks) / len(chunks)
-    peak = inflight_chunks(lay, pp_rank) * mean_chunk_layers * per_layer
-    one_mb = sum(chunks) * per_layer
-    if pp_rank == lay.chunk_rank(0):
-        emb = act.embedding_bytes(spec, job, lay)
-        peak += inflight_chunks(lay, pp_rank) / len(chunks) * emb
-        one_mb += emb
-    if pp_rank == lay.chunk_rank(lay.num_chunks - 1):
-        head = act.head_bytes(spec, job, lay)
-        peak += head_inflight(lay) * head
-        one_mb += head
-    return peak, one_mb
-
-
-def _gathered_params(plan: Plan, pp_rank: int) -> float:
+def gathered_params(spec, job, *, tp, zero_stage, rank_layers, holds_embedding, holds_head,
+                    tied_copy) -> float:
     """16-bit parameter copies that exist only during compute."""
-    lay, job = plan.layout, plan.job
     a = dtype_bytes(job.precision)
-    if lay.zero_stage == 3:
-        return FSDP_PREFETCH_LAYERS * a * block_params_local(plan.model, lay.tp)
-    if job.engine == "megatron" or (job.precision == "fp32" and lay.zero_stage < 2):
+    if zero_stage == 3:
+        return FSDP_PREFETCH_LAYERS * a * block_params_local(spec, tp)
+    if not engine(job.engine).fp32_master_params or (job.precision == "fp32" and zero_stage < 2):
         return 0.0  # the 16-bit (or fp32) weights are the model states themselves
     # FSDP2 reshard_after_forward=False, or autocast's cast-weight cache
-    return a * rank_local_numel(plan.model, lay, pp_rank)
+    return a * _local_numel(spec, tp, int(rank_layers), bool(holds_embedding), bool(holds_head),
+                            bool(tied_copy))
 
 
-def comm_buffers(plan: Plan) -> float:
+def comm_buffers(spec, job, *, tp, micro_batch, zero_stage) -> float:
     """Transient collective outputs: the TP all-gathered layer input, or the block's gradients
     staged for a ZeRO-2/3 reduce-scatter in fp32."""
-    lay, job = plan.layout, plan.job
-    tp_gather = dtype_bytes(job.precision) * lay.micro_batch * job.seq_len * \
-        plan.model.hidden_size if lay.tp > 1 else 0.0
-    rs = 4 * block_params_local(plan.model, lay.tp) if lay.zero_stage >= 2 else 0.0
+    tp_gather = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size \
+        if tp > 1 else 0.0
+    rs = 4 * block_params_local(spec, tp) if zero_stage in SHARDED_GRAD_STAGES else 0.0
     return tp_gather + rs
 
 
-def rank_memory(plan: Plan, pp_rank: int) -> MemoryBreakdown:
-    states = rank_model_state(plan, pp_rank)
-    peak, one_mb = _rank_activations(plan, pp_rank)
-    gpu = plan.cluster.profile.gpu
+def activation_pieces(spec, job, *, tp, sequence_parallel, micro_batch, recompute) -> tuple:
+    """(per layer, embedding, output layer) activation bytes of one micro-batch."""
+    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    return (act.layer_bytes(spec, job, **shape, recompute=recompute),
+            act.embedding_bytes(spec, job, **shape), act.head_bytes(spec, job, **shape))
+
+
+def inflight(*, pp, num_microbatches, virtual_stages, schedule, rank) -> tuple:
+    """(chunk passes, output-layer micro-batches) rank `rank` holds at its peak."""
+    return (inflight_chunks(pp=pp, num_microbatches=num_microbatches,
+                            virtual_stages=virtual_stages, schedule=schedule, rank=rank),
+            head_inflight(pp=pp, num_microbatches=num_microbatches, schedule=schedule))
+
+
+def rank_memory_parts(evaluate) -> dict:
+    """One rank's bytes by component (scalars, or one entry per layout), from its pieces:
+    `evaluate(fn)` is fn's result for the rank (planner/cost/fields.py)."""
+    weights, gradients, optimizer = unpack(evaluate(model_states), 3)
+    per_layer, emb, head = unpack(evaluate(activation_pieces), 3)
+    chunks, head_mbs = unpack(evaluate(inflight), 2)
+    layers, nchunks, first, last = unpack(evaluate(rank_facts_of), 4)
+    facts = {"rank_layers": layers, "holds_embedding": first == 1, "holds_head": last == 1,
+             "layer_bytes": per_layer, "embedding_bytes": emb, "head_bytes": head}
+    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
+             "activations": activation_peak(inflight=chunks, rank_chunks=nchunks,
+                                            head_inflight=head_mbs, **facts),
+             "gathered": evaluate(gathered_params), "comm_buffers": evaluate(comm_buffers),
+             "framework": evaluate(framework_bytes)}
+    parts["total"] = rank_total_bytes(**parts)
+    parts["one_microbatch"] = activation_peak(inflight=1, rank_chunks=1, head_inflight=1,
+                                              **facts)
+    return parts
+
+
+def framework_bytes(gpu) -> float:
+    return gpu.framework_overhead_bytes
+
+
+def rank_memory(plan, pp_rank: int) -> MemoryBreakdown:
+    """The memory of pipeline rank `pp_rank` (dp rank 0, tp rank 0)."""
+    named = with_rank(plan_fields(plan), pp_rank)
+    p = {k: float(v) for k, v in rank_memory_parts(lambda fn: evaluate_one(fn, named)).items()}
     return MemoryBreakdown(
-        pp_rank=pp_rank, weights_bytes=states.weights_bytes,
-        gradients_bytes=states.gradients_bytes, optimizer_bytes=states.optimizer_bytes,
-        activations_bytes=peak, gathered_params_bytes=_gathered_params(plan, pp_rank),
-        comm_buffers_bytes=comm_buffers(plan), framework_bytes=gpu.framework_overhead_bytes,
-        activation_bytes_per_microbatch=one_mb,
-        inflight_microbatches=peak / one_mb if one_mb else 0.0,
-        capacity_bytes=gpu.memory_bytes)
+        pp_rank=pp_rank, weights_bytes=p["weights"], gradients_bytes=p["gradients"],
+        optimizer_bytes=p["optimizer"], activations_bytes=p["activations"],
+        gathered_params_bytes=p["gathered"], comm_buffers_bytes=p["comm_buffers"],
+        framework_bytes=p["framework"], activation_bytes_per_microbatch=p["one_microbatch"],
+        inflight_microbatches=p["activations"] / p["one_microbatch"]
+        if p["one_microbatch"] else 0.0, capacity_bytes=plan.cluster.profile.gpu.memory_bytes)
 
 
-def memory_breakdown(plan: Plan) -> MemoryBreakdown:
-    """The most loaded rank's memory (ties go to the earliest pipeline rank)."""
-    ranks = [rank_memory(plan, r) for r in range(plan.layout.pp)]
-    return max(ranks, key=lambda m: (m.total_bytes, -m.pp_rank))
+def rank_model_state(plan, pp_rank: int, dp_rank: int = 0, tp_rank: int = 0) -> ModelStateBytes:
+    """Model-state bytes of one rank of a plan."""
+    named = with_rank(plan_fields(plan), pp_rank)
+    return ModelStateBytes(*call(model_states, {**named, "dp_rank": dp_rank, "tp_rank": tp_rank}))

@@ -12,32 +12,17 @@ all-reduce is not overlapped (Korthikanti et al. 2022, Sec. 6.3)."""
 
 from dataclasses import dataclass, fields
 
+import numpy as np
+
+from planner.cost.combine import RankMicrobatch, rank_microbatch, step_parts
 from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds
 from planner.cost.compute import head_times, layer_times, selective_recompute_s
-from planner.cost.memory import MemoryBreakdown
-from planner.cost.pipeline import pipeline_time
-from planner.plan import Plan
-from planner.units import ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED
+from planner.cost.fields import call, evaluate_one, plan_fields, rank_facts_of, unpack, with_rank
+from planner.engines import SHARDED_GRAD_STAGES, ZERO_BUBBLE, engine
 
 # AdamW update per parameter: read+write fp32 weight, momentum and variance, read the gradient,
 # plus the gradient-norm pass for clipping (read the gradient again).
 OPTIMIZER_BYTES_PER_PARAM = 8 + 8 + 8 + 4 + 4
-
-
-@dataclass(frozen=True)
-class RankMicrobatch:
-    """One micro-batch through all chunks of one pipeline rank, in seconds."""
-    compute_fwd_s: float
-    compute_bwd_s: float
-    recompute_s: float
-    tp_comm_s: float
-    pp_comm_s: float
-    wgrad_s: float
-
-    @property
-    def total_s(self) -> float:
-        return (self.compute_fwd_s + self.compute_bwd_s + self.recompute_s + self.tp_comm_s
-                + self.pp_comm_s)
 
 
 @dataclass(frozen=True)
@@ -63,90 +48,142 @@ class TimeBreakdown:
         d["step_s"] = self.step_s
         return d
 
-
-def rank_microbatch(plan: Plan, pp_rank: int) -> RankMicrobatch:
-    spec, job, lay = plan.model, plan.job, plan.layout
-    gpu = plan.cluster.profile.gpu
-    layers = sum(lay.rank_chunk_layers(spec.num_layers)[pp_rank])
-    lt = layer_times(gpu, spec, job, lay)
-    fwd, bwd, wgrad = layers * lt.fwd_s, layers * lt.bwd_s, layers * lt.wgrad_s
-    if pp_rank == lay.chunk_rank(lay.num_chunks - 1):
-        ht = head_times(gpu, spec, job, lay)
-        fwd, bwd, wgrad = fwd + ht.fwd_s, bwd + ht.bwd_s, wgrad + ht.wgrad_s
-    recompute = {"none": 0.0, "selective": selective_recompute_s(lt),
-                 "full": lt.fwd_s}[lay.recompute] * layers
-    tp = layers * exposed_tp_per_layer(plan, lt.wgrad_s)
-    pp = sum(c.time_s for c in pp_p2p_per_microbatch(plan))
-    return RankMicrobatch(fwd, bwd, recompute, tp, pp, wgrad)
+    @classmethod
+    def of(cls, parts) -> "TimeBreakdown":
+        """From one layout's planner.cost.combine.StepParts."""
+        busy = parts.compute_s + parts.recompute_s + parts.tp_comm_s + parts.pp_comm_s
+        bubble = float(parts.bubble_s)
+        return cls(compute_s=float(parts.compute_s), recompute_s=float(parts.recompute_s),
+                   tp_comm_s=float(parts.tp_comm_s), pp_comm_s=float(parts.pp_comm_s),
+                   bubble_s=bubble, dp_comm_exposed_s=float(parts.dp_comm_exposed_s),
+                   optimizer_s=float(parts.optimizer_s),
+                   dp_comm_total_s=float(parts.dp_comm_total_s),
+                   bubble_fraction=bubble / (busy + bubble) if busy else 0.0,
+                   slowest_pp_rank=int(parts.slowest))
 
 
-def exposed_tp_per_layer(plan: Plan, wgrad_s: float) -> float:
+def layer_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch) -> tuple:
+    """(forward, backward, weight-gradient) seconds of one layer and micro-batch."""
+    lt = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
+                     micro_batch=micro_batch)
+    return lt.fwd_s, lt.bwd_s, lt.wgrad_s
+
+
+def head_seconds(gpu, spec, job, *, tp, micro_batch) -> tuple:
+    """(forward, backward, weight-gradient) seconds of the output layer and one micro-batch."""
+    ht = head_times(gpu, spec, job, tp=tp, micro_batch=micro_batch)
+    return ht.fwd_s, ht.bwd_s, ht.wgrad_s
+
+
+def recompute_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch, recompute) -> float:
+    """Recompute per layer and micro-batch: the attention core (selective) or the forward."""
+    if recompute == "none":
+        return 0.0
+    lt = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
+                     micro_batch=micro_batch)
+    return selective_recompute_s(lt) if recompute == "selective" else lt.fwd_s
+
+
+def tp_exposed_seconds(gpu, profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
+                       micro_batch, recompute) -> float:
     """TP communication per layer and micro-batch left on the critical path."""
-    forward, backward = tp_pass_seconds(plan)
-    if plan.layout.recompute == "full":
-        forward *= 2
-    if plan.job.engine != "megatron":
-        return forward + backward
-    return forward + max(0.0, backward - wgrad_s)
+    fwd, bwd = tp_pass_seconds(profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
+                               sequence_parallel=sequence_parallel, micro_batch=micro_batch)
+    wgrad = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
+                        micro_batch=micro_batch).wgrad_s
+    return exposed_tp(job, fwd, bwd, recompute, wgrad)
 
 
-def _dp_exposed(plan: Plan, pp_rank: int, mb: RankMicrobatch) -> tuple:
-    """(exposed, total) seconds of data-parallel communication on one pipeline rank."""
-    lay = plan.layout
-    colls = dp_collectives(plan, pp_rank)
-    total = sum(c.time_s for c in colls)
-    if not colls or plan.job.engine == "megatron":
-        return total, total
-    if lay.zero_stage >= 2:
-        per_mb = total / lay.num_microbatches
-        exposed = max(0.0, per_mb - mb.total_s) * lay.num_microbatches
-        first_gather = per_mb / max(1, plan.model.num_layers // lay.pp)
-        return exposed + first_gather, total
-    grad_sync = colls[0].time_s
-    after_step = total - grad_sync  # ZeRO-1 parameter broadcast follows the optimizer step
-    return max(0.0, grad_sync - mb.compute_bwd_s - mb.recompute_s) + after_step, total
+def exposed_tp(job, forward_s: float, backward_s: float, recompute: str,
+               wgrad_s: float) -> float:
+    """The forward's TP seconds (twice under full recompute), and the backward's unless the
+    engine hides them behind the weight-gradient GEMMs."""
+    if recompute == "full":
+        forward_s *= 2
+    if not engine(job.engine).tp_bwd_overlaps_wgrad:
+        return forward_s + backward_s
+    return forward_s + max(0.0, backward_s - wgrad_s)
 
 
-def optimizer_step_s(plan: Plan, memory: MemoryBreakdown) -> float:
-    k = ADAM_STATE_BYTES_FP32 if plan.job.engine == "torch" or plan.job.precision == "fp32" \
-        else ADAM_STATE_BYTES_MIXED
-    numel = memory.optimizer_bytes / k
-    gpu = plan.cluster.profile.gpu
+def pp_comm_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
+                    micro_batch, virtual_stages) -> float:
+    """Pipeline sends of one micro-batch on one rank (blocking)."""
+    return sum(c.time_s for c in pp_p2p_per_microbatch(
+        profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
+        sequence_parallel=sequence_parallel, micro_batch=micro_batch,
+        virtual_stages=virtual_stages))
+
+
+def dp_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_microbatches,
+               rank_layers, holds_embedding, holds_head, tied_copy) -> tuple:
+    """(all data-parallel seconds of the step, the gradient sync's) on one pipeline rank."""
+    colls = dp_collectives(profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
+                           zero_stage=zero_stage, num_microbatches=num_microbatches,
+                           rank_layers=int(rank_layers), holds_embedding=bool(holds_embedding),
+                           holds_head=bool(holds_head), tied_copy=bool(tied_copy))
+    return sum(c.time_s for c in colls), colls[0].time_s if colls else 0.0
+
+
+def optimizer_seconds(gpu, job, *, optimizer_bytes) -> float:
+    """AdamW's update of the rank's parameters, memory-bound."""
+    numel = optimizer_bytes / engine(job.engine).optimizer_state_bytes(job.precision)
     return numel * OPTIMIZER_BYTES_PER_PARAM / (gpu.hbm_bandwidth_bytes_per_s *
                                                  gpu.memory_efficiency)
 
 
-def shared_core_bubble(plan: Plan, step_s: float, bubble_s: float) -> float:
-    """The bubble left where the ranks of a node share its cores (CPU ranks): a rank idle in the
-    bubble lends its share of the cores to the busy ones, so the step shrinks towards its busy
-    time, but no further than the whole step run with every rank on a core of its own."""
-    profile = plan.cluster.profile
-    cores = profile.gpu.shared_cores
-    ranks = min(plan.cluster.world_size, profile.gpus_per_node)
-    if not cores or ranks <= cores or not bubble_s:
-        return bubble_s
-    return max(0.0, min(bubble_s, step_s * cores / ranks - (step_s - bubble_s)))
+def step_inputs(spec, job, profile, *, world, pp, virtual_stages, schedule, zero_stage,
+                dp, num_microbatches) -> dict:
+    """What the step combination needs besides the ranks (planner.cost.combine.step_parts);
+    scalars, or numpy columns (schedule and zero_stage then hold names and stages)."""
+    return {"pp": pp, "virtual_stages": virtual_stages, "num_microbatches": num_microbatches,
+            "zero_bubble": np.isin(schedule, ZERO_BUBBLE),
+            "sharded": np.isin(zero_stage, SHARDED_GRAD_STAGES),
+            "overlapped": engine(job.engine).dp_overlaps_compute & (dp > 1),
+            "first_gather_layers": spec.num_layers // pp, "cores": profile.gpu.shared_cores,
+            "ranks_per_node": np.minimum(world, profile.gpus_per_node)}
 
 
-def time_breakdown(plan: Plan, rank_memories: list) -> TimeBreakdown:
-    lay = plan.layout
-    mbs = [rank_microbatch(plan, r) for r in range(lay.pp)]
-    slow = max(range(lay.pp), key=lambda r: mbs[r].total_s)
-    s = mbs[slow]
-    pipe_s, bubble = pipeline_time(lay, [mb.total_s for mb in mbs], s.compute_fwd_s,
-                                   s.compute_bwd_s + s.recompute_s, s.wgrad_s)
-    tails = []
-    for r in range(lay.pp):
-        exposed, total = _dp_exposed(plan, r, mbs[r])
-        optimizer = optimizer_step_s(plan, rank_memories[r])
-        tails.append((exposed + optimizer, exposed, total, optimizer))
-    tail, dp_exposed, dp_total, optimizer = max(tails)
-    m = lay.num_microbatches
-    busy = m * s.total_s
-    bubble = shared_core_bubble(plan, busy + bubble + tail, bubble)
-    return TimeBreakdown(
-        compute_s=m * (s.compute_fwd_s + s.compute_bwd_s), recompute_s=m * s.recompute_s,
-        tp_comm_s=m * s.tp_comm_s, pp_comm_s=m * s.pp_comm_s, bubble_s=bubble,
-        dp_comm_exposed_s=dp_exposed, optimizer_s=optimizer,
-        dp_comm_total_s=dp_total, bubble_fraction=bubble / (busy + bubble) if busy else 0.0,
-        slowest_pp_rank=slow)
+def _microbatch(evaluate, layers, holds_head, sends=1) -> RankMicrobatch:
+    """A micro-batch through `layers` layers (and the output layer where holds_head), with
+    `sends` times one rank's pipeline sends."""
+    layer, head = unpack(evaluate(layer_seconds), 3), unpack(evaluate(head_seconds), 3)
+    return rank_microbatch(
+        rank_layers=layers, holds_head=holds_head, layer_fwd_s=layer[0], layer_bwd_s=layer[1],
+        layer_wgrad_s=layer[2], head_fwd_s=head[0], head_bwd_s=head[1], head_wgrad_s=head[2],
+        recompute_per_layer_s=evaluate(recompute_seconds),
+        tp_exposed_per_layer_s=evaluate(tp_exposed_seconds),
+        pp_comm_s=sends * evaluate(pp_comm_seconds))
+
+
+def rank_time_parts(evaluate, optimizer_bytes) -> tuple:
+    """(RankMicrobatch, all DP seconds, gradient-sync seconds, optimizer seconds) of one rank,
+    from its pieces: `evaluate(fn)` is fn's result for the rank (planner/cost/fields.py)."""
+    layers, _, _, last = unpack(evaluate(rank_facts_of), 4)
+    total, sync = unpack(evaluate(dp_seconds), 2)
+    opt = optimizer_bytes * evaluate(optimizer_seconds_per_byte)
+    return _microbatch(evaluate, layers, last == 1), total, sync, opt
+
+
+def mean_rank_s(evaluate, num_layers: int, pp) -> object:
+    """The mean over all pipeline ranks of their micro-batch time: every layer, the output
+    layer and every rank's sends, over pp."""
+    return _microbatch(evaluate, num_layers, True, sends=pp).total_s / pp
+
+
+def optimizer_seconds_per_byte(gpu, job) -> float:
+    return optimizer_seconds(gpu, job, optimizer_bytes=1.0)
+
+
+def step_of(ranks: list, step: dict, mean_rank_total_s):
+    """planner.cost.combine.step_parts from rank_time_parts of each rank."""
+    return step_parts(ranks=[r[0] for r in ranks], mean_total_s=mean_rank_total_s,
+                      dp_total_s=[r[1] for r in ranks], grad_sync_s=[r[2] for r in ranks],
+                      optimizer_s=[r[3] for r in ranks], **step)
+
+
+def time_breakdown(plan, rank_memories: list) -> TimeBreakdown:
+    named, pp = plan_fields(plan), plan.layout.pp
+    evaluators = [lambda fn, r=r: evaluate_one(fn, with_rank(named, r)) for r in range(pp)]
+    ranks = [rank_time_parts(ev, mem.optimizer_bytes) for ev, mem in zip(evaluators, rank_memories)]
+    mean = mean_rank_s(evaluators[0], plan.model.num_layers, pp)
+    return TimeBreakdown.of(step_of(ranks, call(step_inputs, named), mean))

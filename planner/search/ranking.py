@@ -22,7 +22,8 @@ from planner.search.space import concat, enumerate_space, take
 OBJECTIVES = ("throughput", "min-gpus", "time-to-train")
 # Deterministic tie-break after the objective: less memory, fewer GPUs, then the simpler layout
 # (lower pp, tp, ZeRO, recompute, schedule index) - the column order below.
-TIE_COLUMNS = ("world", "pp", "tp", "zero", "rc", "sched", "v", "sp", "dp", "mb")
+TIE_COLUMNS = ("world", "pp", "tp", "zero_stage", "recompute", "schedule", "virtual_stages",
+               "sequence_parallel", "dp", "micro_batch")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,20 +4,13 @@ by hand (tests use uniform stages without communication)."""
 
 from dataclasses import dataclass
 
-from planner.cost.comm_plan import (
-    dp_collectives,
-    pp_p2p_per_microbatch,
-    tp_pass_seconds,
-)
-from planner.cost.compute import (
-    LayerTimes,
-    head_times,
-    layer_times,
-    selective_recompute_s,
-)
+from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds
+from planner.cost.compute import LayerTimes, head_times, layer_times, selective_recompute_s
+from planner.cost.fields import call, plan_fields, with_rank
 from planner.cost.memory import rank_memory
-from planner.cost.time import exposed_tp_per_layer, optimizer_step_s
-from planner.plan import SCHEDULES, Plan
+from planner.cost.time import exposed_tp, optimizer_seconds
+from planner.engines import DDP_STAGES, SCHEDULES, engine
+from planner.plan import Plan
 
 MAX_BUCKETS_PER_CHUNK = 8   # DDP gradient buckets per chunk: one per layer, at most this many
 _NO_HEAD = LayerTimes(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -97,17 +90,17 @@ def _check_schedule(schedule: str, pp: int, v: int, m: int) -> None:
 
 def plan_costs(plan: Plan) -> SimCosts:
     """Durations of every event of `plan`, from the cost model (planner/cost/*)."""
-    spec, job, lay = plan.model, plan.job, plan.layout
-    gpu = plan.cluster.profile.gpu
-    lt, ht = layer_times(gpu, spec, job, lay), head_times(gpu, spec, job, lay)
-    tp_pass, tp_bwd = tp_pass_seconds(plan)
-    tp_exposed = exposed_tp_per_layer(plan, lt.wgrad_s)
+    spec, lay, named = plan.model, plan.layout, plan_fields(plan)
+    lt = call(layer_times, named)
+    ht = head_times(named["gpu"], spec, plan.job, tp=lay.tp, micro_batch=lay.micro_batch)
+    tp_pass, tp_bwd = call(tp_pass_seconds, named)
+    tp_exposed = exposed_tp(plan.job, tp_pass, tp_bwd, lay.recompute, lt.wgrad_s)
     tp_rec = tp_pass if lay.recompute == "full" else 0.0
     rec = {"none": 0.0, "selective": selective_recompute_s(lt), "full": lt.fwd_s}[lay.recompute]
     layers = lay.stage_layers(spec.num_layers)
     head = [ht if c == len(layers) - 1 else _NO_HEAD for c in range(len(layers))]
     per_rank = [sum(lay.rank_chunk_layers(spec.num_layers)[r]) for r in range(lay.pp)]
-    p2p = pp_p2p_per_microbatch(plan)
+    p2p = call(pp_p2p_per_microbatch, named)
     return SimCosts(
         schedule=lay.schedule, pp=lay.pp, virtual_stages=lay.virtual_stages,
         num_microbatches=lay.num_microbatches,
@@ -122,21 +115,24 @@ def plan_costs(plan: Plan) -> SimCosts:
         chunk_tp_bwd_exposed_s=[n * (tp_exposed - tp_pass - tp_rec) for n in layers],
         chunk_param_share=[n / per_rank[lay.chunk_rank(c)] for c, n in enumerate(layers)],
         chunk_buckets=[max(1, min(n, MAX_BUCKETS_PER_CHUNK)) for n in layers],
-        p2p_s=p2p[0].time_each_s if p2p else 0.0, **_dp_costs(plan))
+        p2p_s=p2p[0].time_each_s if p2p else 0.0, **_dp_costs(plan, named))
 
 
-def _dp_costs(plan: Plan) -> dict:
+def _dp_costs(plan: Plan, named: dict) -> dict:
     lay = plan.layout
-    colls = [dp_collectives(plan, r) for r in range(lay.pp)]
-    opt = [optimizer_step_s(plan, rank_memory(plan, r)) for r in range(lay.pp)]
-    common = {"rank_optimizer_s": opt, "dp_overlap": plan.job.engine != "megatron"}
+    ranks = [with_rank(named, r) for r in range(lay.pp)]
+    colls = [call(dp_collectives, r) for r in ranks]
+    opt = [optimizer_seconds(named["gpu"], plan.job,
+                            optimizer_bytes=rank_memory(plan, r).optimizer_bytes)
+           for r in range(lay.pp)]
+    common = {"rank_optimizer_s": opt,
+              "dp_overlap": engine(plan.job.engine).dp_overlaps_compute}
     if lay.dp == 1:
         return common
-    if lay.zero_stage <= 1:
+    if lay.zero_stage in DDP_STAGES:
         return {**common, "dp_mode": "all_reduce", "rank_grad_sync_s": [c[0].time_s for c in colls],
                 "rank_after_step_s": [sum(x.time_s for x in c[1:]) for c in colls]}
     return {**common, "dp_mode": "sharded",
             "rank_grad_sync_s": [c[0].time_each_s for c in colls],
             "rank_gather_s": [c[1].time_each_s for c in colls],
             "gathers_per_microbatch": 2 if lay.zero_stage == 3 else 1}
-

@@ -1,0 +1,63 @@
+"""The named inputs of the cost functions.  A cost function's keyword parameters are named after
+what it reads - Layout fields (dp, tp, micro_batch, schedule, ...), a pipeline rank's facts
+(rank, rank_layers, rank_chunks, holds_embedding, holds_head, tied_copy) and the fixed inputs
+(profile, gpu, spec, job) - so its signature says what it reads and is the search's memo key
+(planner/search/scorer.py).  estimate() fills the same names from one plan."""
+
+import inspect
+from functools import lru_cache
+
+import numpy as np
+
+from planner.cost.pipeline import rank_facts
+
+LAYOUT_FIELDS = ("dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
+                 "num_microbatches", "schedule", "virtual_stages", "recompute", "mesh_order",
+                 "layers_per_stage")
+
+
+@lru_cache(maxsize=None)
+def parameters(fn) -> tuple:
+    """(name, has a default) of each of fn's parameters, in order."""
+    return tuple((name, p.default is not p.empty)
+                 for name, p in inspect.signature(fn).parameters.items())
+
+
+def call(fn, named: dict):
+    """fn with each parameter it declares taken from `named` by name (a parameter with a
+    default may be left out)."""
+    return fn(**{k: named[k] for k, optional in parameters(fn) if not optional or k in named})
+
+
+def evaluate_one(fn, named: dict):
+    """fn's result for one plan and rank, as a numpy value (a tuple becomes a 1-d array)."""
+    return np.asarray(call(fn, named), dtype=float)
+
+
+def unpack(values, n: int) -> list:
+    """The n outputs of an evaluated function (scalars, or one column each)."""
+    return [values[..., i] for i in range(n)]
+
+
+def rank_facts_of(spec, *, pp, virtual_stages, schedule, rank, layers_per_stage=()) -> tuple:
+    """(layers, chunks, holds the first chunk, holds the last chunk) of pipeline rank `rank`."""
+    return rank_facts(spec.num_layers, pp=pp, virtual_stages=virtual_stages, schedule=schedule,
+                      rank=rank, layers_per_stage=layers_per_stage)
+
+
+def plan_fields(plan) -> dict:
+    """The fixed inputs and the layout fields of a plan."""
+    lay = plan.layout
+    return {"profile": plan.cluster.profile, "gpu": plan.cluster.profile.gpu,
+            "spec": plan.model, "job": plan.job, "world": plan.cluster.world_size,
+            **{k: getattr(lay, k) for k in LAYOUT_FIELDS}}
+
+
+def with_rank(named: dict, rank: int) -> dict:
+    """`named` plus pipeline rank `rank`'s facts."""
+    layers, chunks, first, last = rank_facts(
+        named["spec"].num_layers, pp=named["pp"], virtual_stages=named["virtual_stages"],
+        schedule=named["schedule"], rank=rank, layers_per_stage=named["layers_per_stage"])
+    return {**named, "rank": rank, "rank_layers": layers, "rank_chunks": chunks,
+            "holds_embedding": first, "holds_head": last,
+            "tied_copy": named["pp"] * named["virtual_stages"] > 1}
