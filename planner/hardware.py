@@ -5,9 +5,10 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from planner import limits
+from planner.limits import check_int, check_range
 from planner.schema import (check_keys, load_json_file, require_bool, require_choice,
-                            require_int, require_number, require_str)
-
+                            require_number, require_str, short_repr, show_path)
 
 
 def _profile_dir() -> Path:
@@ -21,8 +22,13 @@ def _profile_dir() -> Path:
 
 
 PROFILE_DIR = _profile_dir()
-SCHEMA_VERSION = 1
+# 2: every key is present (1 lacked the gpu keys below, which then meant {}, false and 0).
+SCHEMA_VERSION = 2
+V1_OPTIONAL_GPU_KEYS = {"host_layer_overhead_s": {}, "host_is_device": False, "shared_cores": 0}
 INTRA_KINDS = ("nvswitch", "nvlink_mesh", "pcie", "shm")
+# Keys only an nvlink_mesh fabric needs; documented as optional for the other kinds.
+MESH_KEYS = ("link_bandwidth_bytes_per_s", "links", "fallback_bandwidth_bytes_per_s")
+MAX_NAME_LEN = 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,24 +56,23 @@ class GpuSpec:
     shared_cores: int = 0
 
     def __post_init__(self):
-        require_str(self.name, "gpu.name")
-        require_int(self.memory_bytes, "gpu.memory_bytes")
+        require_str(self.name, "gpu.name", MAX_NAME_LEN)
+        check_int(self.memory_bytes, "gpu.memory_bytes", limits.MIN_MEMORY_BYTES,
+                  limits.MAX_MEMORY_BYTES)
         if not isinstance(self.peak_flops, dict) or not self.peak_flops:
             raise ValueError("gpu.peak_flops must be a non-empty object of dtype -> FLOP/s")
         for dtype, value in self.peak_flops.items():
             require_choice(dtype, "gpu.peak_flops key", ("fp32", "bf16", "fp16", "fp8"))
-            require_number(value, f"gpu.peak_flops.{dtype}", strict=True)
-        require_number(self.hbm_bandwidth_bytes_per_s, "gpu.hbm_bandwidth_bytes_per_s", strict=True)
+            check_range(value, f"gpu.peak_flops.{dtype}", limits.MIN_FLOPS, limits.MAX_FLOPS)
+        _check_bandwidth(self.hbm_bandwidth_bytes_per_s, "gpu.hbm_bandwidth_bytes_per_s")
         for key in ("gemm_efficiency_max", "memory_efficiency", "attention_efficiency"):
-            value = getattr(self, key)
-            require_number(value, f"gpu.{key}", strict=True)
-            if value > 1:
-                raise ValueError(f"gpu.{key} must be <= 1, got {value}")
-        require_number(self.gemm_half_dim, "gpu.gemm_half_dim")
-        require_number(self.kernel_overhead_s, "gpu.kernel_overhead_s")
-        require_int(self.framework_overhead_bytes, "gpu.framework_overhead_bytes", minimum=0)
+            _check_efficiency(getattr(self, key), f"gpu.{key}")
+        check_range(self.gemm_half_dim, "gpu.gemm_half_dim", 0, limits.MAX_GEMM_HALF_DIM)
+        check_range(self.kernel_overhead_s, "gpu.kernel_overhead_s", 0, limits.MAX_LATENCY_S)
+        check_int(self.framework_overhead_bytes, "gpu.framework_overhead_bytes", 0,
+                  limits.MAX_MEMORY_BYTES)
         require_bool(self.host_is_device, "gpu.host_is_device")
-        require_int(self.shared_cores, "gpu.shared_cores", minimum=0)
+        check_int(self.shared_cores, "gpu.shared_cores", 0, limits.MAX_SHARED_CORES)
         _check_host_table(self.host_layer_overhead_s)
 
     def host_layer_s(self, tp: int) -> tuple:
@@ -83,12 +88,45 @@ def _check_host_table(table) -> None:
         raise ValueError(f"{name} must be an object of TP degree -> [forward_s, backward_s], "
                          f"got {table!r}")
     for key, value in table.items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) >= 1):
-            raise ValueError(f"{name} key must be a TP degree such as \"2\", got {key!r}")
+        if not (isinstance(key, str) and 0 < len(key) <= 8 and key.isascii() and key.isdigit()
+                and 1 <= int(key) <= limits.MAX_GPUS_PER_NODE):
+            raise ValueError(f"{name} key must be a TP degree such as \"2\", "
+                             f"got {short_repr(key)}")
         if not isinstance(value, list) or len(value) != 2:
-            raise ValueError(f"{name}[{key!r}] must be [forward_s, backward_s], got {value!r}")
+            raise ValueError(f"{name}[{key!r}] must be [forward_s, backward_s], "
+                             f"got {short_repr(value)}")
         for v in value:
-            require_number(v, f"{name}[{key!r}]")
+            require_number(v, f"{name}[{key!r}]")  # finite and >= 0
+            check_range(v, f"{name}[{key!r}]", 0, limits.MAX_HOST_LAYER_S)
+
+
+def _check_bandwidth(value, name: str) -> None:
+    check_range(value, name, limits.MIN_BANDWIDTH, limits.MAX_BANDWIDTH)
+
+
+def _check_efficiency(value, name: str) -> None:
+    check_range(value, name, 0.0, 1.0, lo_open=True)
+
+
+def _check_links(links) -> None:
+    """[gpu_a, gpu_b, num_links] triples of distinct GPUs; a GPU's links are bounded (18 per
+    H100, the most of any NVLink generation), which also bounds the ring search."""
+    if not isinstance(links, list) or not links:
+        raise ValueError("intra_node.links must list [gpu_a, gpu_b, num_links] triples")
+    per_gpu = {}
+    for link in links:
+        if (not isinstance(link, list) or len(link) != 3
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in link)
+                or min(link[:2]) < 0 or link[0] == link[1]
+                or not 1 <= link[2] <= limits.MAX_NVLINKS_PER_GPU):
+            raise ValueError(f"intra_node.links entry {short_repr(link)} is not [gpu_a, gpu_b, "
+                             f"num_links] with gpu_a != gpu_b and 1 <= num_links <= "
+                             f"{limits.MAX_NVLINKS_PER_GPU}")
+        for gpu in link[:2]:
+            per_gpu[gpu] = per_gpu.get(gpu, 0) + link[2]
+            if per_gpu[gpu] > limits.MAX_NVLINKS_PER_GPU:
+                raise ValueError(f"intra_node.links give GPU {gpu} {per_gpu[gpu]} links; at "
+                                 f"most {limits.MAX_NVLINKS_PER_GPU}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,21 +142,20 @@ class IntraNode:
 
     def __post_init__(self):
         require_choice(self.kind, "intra_node.kind", INTRA_KINDS)
-        require_number(self.bandwidth_bytes_per_s, "intra_node.bandwidth_bytes_per_s", strict=True)
-        require_number(self.latency_s, "intra_node.latency_s")
-        require_number(self.efficiency, "intra_node.efficiency", strict=True)
+        _check_bandwidth(self.bandwidth_bytes_per_s, "intra_node.bandwidth_bytes_per_s")
+        check_range(self.latency_s, "intra_node.latency_s", 0, limits.MAX_LATENCY_S)
+        _check_efficiency(self.efficiency, "intra_node.efficiency")
         if self.kind == "nvlink_mesh":
-            require_number(self.link_bandwidth_bytes_per_s,
-                           "intra_node.link_bandwidth_bytes_per_s", strict=True)
-            require_number(self.fallback_bandwidth_bytes_per_s,
-                           "intra_node.fallback_bandwidth_bytes_per_s", strict=True)
-            if not isinstance(self.links, list) or not self.links:
-                raise ValueError("intra_node.links must list [gpu_a, gpu_b, num_links] triples")
-            for link in self.links:
-                if (not isinstance(link, list) or len(link) != 3
-                        or not all(isinstance(x, int) and x >= 0 for x in link)):
-                    raise ValueError(f"intra_node.links entry {link!r} is not "
-                                     f"[gpu_a, gpu_b, num_links]")
+            _check_bandwidth(self.link_bandwidth_bytes_per_s,
+                             "intra_node.link_bandwidth_bytes_per_s")
+            _check_bandwidth(self.fallback_bandwidth_bytes_per_s,
+                             "intra_node.fallback_bandwidth_bytes_per_s")
+            _check_links(self.links)
+        else:  # unused by the other kinds, but a file must still hold numbers and a list
+            for key in ("link_bandwidth_bytes_per_s", "fallback_bandwidth_bytes_per_s"):
+                check_range(getattr(self, key), f"intra_node.{key}", 0, limits.MAX_BANDWIDTH)
+            if not isinstance(self.links, list):
+                raise ValueError(f"intra_node.links must be a list, got {short_repr(self.links)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,9 +166,9 @@ class InterNode:
     efficiency: float
 
     def __post_init__(self):
-        require_number(self.bandwidth_bytes_per_s, "inter_node.bandwidth_bytes_per_s")
-        require_number(self.latency_s, "inter_node.latency_s")
-        require_number(self.efficiency, "inter_node.efficiency", strict=True)
+        _check_bandwidth(self.bandwidth_bytes_per_s, "inter_node.bandwidth_bytes_per_s")
+        check_range(self.latency_s, "inter_node.latency_s", 0, limits.MAX_LATENCY_S)
+        _check_efficiency(self.efficiency, "inter_node.efficiency")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,10 +186,21 @@ class HardwareProfile:
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(f"profile schema_version {self.schema_version!r} is not supported "
                              f"(expected {SCHEMA_VERSION})")
-        require_str(self.name, "profile name")
-        require_int(self.gpus_per_node, "gpus_per_node")
-        if not isinstance(self.sources, dict):
+        require_str(self.name, "profile name", MAX_NAME_LEN)
+        if not isinstance(self.description, str):
+            raise ValueError(f"profile description must be a string, "
+                             f"got {short_repr(self.description)}")
+        check_int(self.gpus_per_node, "gpus_per_node", 1, limits.MAX_GPUS_PER_NODE)
+        if not isinstance(self.sources, dict) or not all(
+                isinstance(v, str) for v in self.sources.values()):
             raise ValueError("profile sources must be an object of field -> citation")
+        for part, cls in (("gpu", GpuSpec), ("intra_node", IntraNode),
+                          ("inter_node", InterNode)):
+            if not isinstance(getattr(self, part), cls):
+                raise ValueError(f"profile {part} must be an object")
+        if self.intra_node.kind == "nvlink_mesh":
+            check_int(self.gpus_per_node, "gpus_per_node of an nvlink_mesh profile", 1,
+                      limits.MAX_MESH_GPUS)
         for link in self.intra_node.links:
             if max(link[0], link[1]) >= self.gpus_per_node:
                 raise ValueError(f"intra_node.links entry {link} names a GPU beyond "
@@ -166,13 +214,24 @@ class HardwareProfile:
 
     @classmethod
     def from_dict(cls, data: dict) -> "HardwareProfile":
+        """Every key is required, except: the nvlink_mesh keys of intra_node for other fabrics,
+        and in a schema_version 1 file the gpu keys it lacked (read as {}, false and 0).  A
+        version 1 profile loads as the current version."""
         check_keys(data, cls, "hardware profile")
-        parts = {}
-        for key, part_cls in (("gpu", GpuSpec), ("intra_node", IntraNode),
-                              ("inter_node", InterNode)):
-            check_keys(data[key], part_cls, f"hardware profile {key}")
-            parts[key] = part_cls(**data[key])
-        return cls(**{**data, **parts})
+        version = data["schema_version"]
+        if isinstance(version, bool) or version not in (1, SCHEMA_VERSION):
+            raise ValueError(f"profile schema_version {short_repr(version)} is not supported "
+                             f"(expected 1 or {SCHEMA_VERSION})")
+        gpu = check_keys(data["gpu"], GpuSpec, "hardware profile gpu",
+                         tuple(V1_OPTIONAL_GPU_KEYS) if version == 1 else ())
+        if version == 1:
+            gpu = {**V1_OPTIONAL_GPU_KEYS, **gpu}
+        intra = data["intra_node"]
+        mesh = isinstance(intra, dict) and intra.get("kind") == "nvlink_mesh"
+        check_keys(intra, IntraNode, "hardware profile intra_node", () if mesh else MESH_KEYS)
+        inter = check_keys(data["inter_node"], InterNode, "hardware profile inter_node")
+        return cls(**{**data, "schema_version": SCHEMA_VERSION, "gpu": GpuSpec(**gpu),
+                      "intra_node": IntraNode(**intra), "inter_node": InterNode(**inter)})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,8 +242,12 @@ class Cluster:
     num_gpus: int = 0  # 0 means all GPUs of all nodes
 
     def __post_init__(self):
-        require_int(self.num_nodes, "nodes")
-        require_int(self.num_gpus, "num_gpus", minimum=0)
+        check_int(self.num_nodes, "nodes", 1, limits.MAX_NODES)
+        check_int(self.num_gpus, "num_gpus", 0, limits.MAX_GPUS)
+        if self.num_nodes * self.profile.gpus_per_node > limits.MAX_GPUS:
+            raise ValueError(f"{self.num_nodes} node(s) x {self.profile.gpus_per_node} GPUs = "
+                             f"{self.num_nodes * self.profile.gpus_per_node:,} GPUs; at most "
+                             f"{limits.MAX_GPUS:,} are planned for")
         if self.num_gpus > self.num_nodes * self.profile.gpus_per_node:
             raise ValueError(f"num_gpus {self.num_gpus} exceeds {self.num_nodes} node(s) x "
                              f"{self.profile.gpus_per_node} GPUs")
@@ -201,7 +264,7 @@ class Cluster:
     def from_dict(cls, data: dict) -> "Cluster":
         check_keys(data, cls, "cluster")
         return cls(profile=HardwareProfile.from_dict(data["profile"]),
-                   num_nodes=data["num_nodes"], num_gpus=data.get("num_gpus", 0))
+                   num_nodes=data["num_nodes"], num_gpus=data["num_gpus"])
 
 
 def list_profiles() -> list:
@@ -210,16 +273,25 @@ def list_profiles() -> list:
 
 def load_profile(source: str) -> HardwareProfile:
     """A profile name from hardware_profiles/ or a path to a profile JSON."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"cluster profile must be a name or a path, got {short_repr(source)}")
     path = PROFILE_DIR / f"{source}.json"
-    if not path.is_file():
+    if not _is_file(path):
         if not source.endswith(".json"):
-            raise ValueError(f"unknown cluster profile {source!r}; known: "
+            raise ValueError(f"unknown cluster profile {short_repr(source)}; known: "
                              f"{', '.join(list_profiles())} (or a path to a profile JSON)")
         path = Path(source)
     try:
         return HardwareProfile.from_dict(load_json_file(path, "hardware profile"))
     except TypeError as exc:
-        raise ValueError(f"hardware profile {source}: {exc}") from None
+        raise ValueError(f"hardware profile {show_path(source)}: {exc}") from None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
 
 
 def load_cluster(source: str, nodes: int, num_gpus: int = 0) -> Cluster:

@@ -3,7 +3,8 @@
 import dataclasses
 from dataclasses import dataclass
 
-from planner.schema import check_keys, require_choice, require_int
+from planner.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, check_int
+from planner.schema import check_keys, require_choice
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw",)
@@ -27,8 +28,8 @@ class Job:
     engine: str = "torch"
 
     def __post_init__(self):
-        require_int(self.global_batch, "global batch")
-        require_int(self.seq_len, "seq len")
+        check_int(self.global_batch, "global batch", 1, MAX_GLOBAL_BATCH)
+        check_int(self.seq_len, "seq len", 1, MAX_SEQ_LEN)
         require_choice(self.precision, "precision", PRECISIONS)
         require_choice(self.optimizer, "optimizer", OPTIMIZERS)
         require_choice(self.attention, "attention", ATTENTION)
@@ -46,6 +47,7 @@ class Job:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Job":
-        check_keys(data, cls, "job")
-        return cls(**data)
+    def from_dict(cls, data: dict, optional=()) -> "Job":
+        """Every key is required (a dropped `precision` must not become bf16); `optional` names
+        keys an older plan schema_version lacked, for the plan loader to allow explicitly."""
+        return cls(**check_keys(data, cls, "job", optional))

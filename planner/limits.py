@@ -18,6 +18,11 @@ MAX_NODES = MAX_GPUS
 MAX_GPUS_PER_NODE = 1024
 # Parallel degrees and virtual pipeline stages cannot exceed the GPUs / the layers.
 MAX_DEGREE = MAX_GPUS
+# A hybrid cube-mesh NVLink node (DGX-1: 8 V100, 6 links each) is searched for NCCL rings by
+# enumerating Hamiltonian cycles, (n-1)!/2 of them: 8 GPUs = 2,520.  Larger NVLink nodes use
+# NVSwitch.  18 links per GPU is the most of any NVLink generation (H100, NVLink 4).
+MAX_MESH_GPUS = 8
+MAX_NVLINKS_PER_GPU = 18
 
 # --- model shape ----------------------------------------------------------------------------
 # Largest published: 126 layers, hidden 16,384, 128 heads, FFN 53,248 (Llama 3 405B, Dubey et al.
@@ -38,6 +43,7 @@ MAX_ROPE_THETA = 1e12       # Llama 3: 5e5; long-context variants use up to ~1e9
 MAX_GLOBAL_BATCH = 2**24
 MAX_TOKEN_BUDGET = 1e18         # tokens to train: Llama 3 used 1.5e13 (Dubey et al. 2024)
 MAX_TOKENS_PER_S = 1e15         # a whole cluster's training throughput target
+MAX_RANKED_PLANS = 1000         # `suggest --top/--rank`: each ranked plan is estimated again
 
 # --- hardware profile -----------------------------------------------------------------------
 # Bytes/s of any link or memory: HBM3e ~8e12 (B200), NVLink 5 1.8e12 per GPU; 1e15 (1 PB/s) is
@@ -59,6 +65,12 @@ MAX_FLOPS = 1e18
 MAX_GEMM_HALF_DIM = 1e6
 MAX_SHARED_CORES = 2**16
 
+# --- simulation -----------------------------------------------------------------------------
+# `planner simulate` builds about 4 events per micro-batch and model chunk (forward, backward,
+# sends); 2^14 micro-batch x chunk passes is ~60k events, a few seconds on one core.  Larger
+# iterations are estimated (closed form) but not drawn.
+MAX_SIM_PASSES = 2**14
+
 # --- input files ----------------------------------------------------------------------------
 # A plan, spec, profile or measured.json is a few kB to a few MB; deeper than 64 levels of
 # nesting is never one of ours (and Python's recursion stops near 1,000).
@@ -71,8 +83,10 @@ def _show(value) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**18:
         return f"about 10^{int(value.bit_length() * math.log10(2))}"
     if isinstance(value, float):
-        return f"{value:g}"
-    return repr(value)
+        text = f"{value:g}"
+        return text if any(c in text for c in ".en") else text + ".0"  # 2.0, not 2
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _is_number(value) -> bool:

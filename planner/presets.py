@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from planner.schema import load_json_file
+from planner.schema import load_json_file, short_repr
 from planner.spec import ModelSpec, from_hf_config
 
 
@@ -65,12 +65,21 @@ MODEL_PRESETS = {spec.name: spec for spec in _PRESETS}
 
 def load_model(source: str) -> ModelSpec:
     """A preset name, a path to our own spec JSON, or a path to a Hugging Face config.json."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"model must be a preset name or a path, got {short_repr(source)}")
     if source in MODEL_PRESETS:
         return MODEL_PRESETS[source]
-    if not source.endswith(".json") and not Path(source).exists():
-        raise ValueError(f"unknown model {source!r}: not a preset ({', '.join(MODEL_PRESETS)}) "
-                         f"and not a JSON file")
+    if not source.endswith(".json") and not _exists(source):
+        raise ValueError(f"unknown model {short_repr(source)}: not a preset "
+                         f"({', '.join(MODEL_PRESETS)}) and not a JSON file")
     data = load_json_file(source, "model")
     if isinstance(data, dict) and "model_type" in data:
         return from_hf_config(data, name=Path(source).stem)
     return ModelSpec.from_dict(data)
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False

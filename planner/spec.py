@@ -9,11 +9,18 @@ Three families:
 import dataclasses
 from dataclasses import dataclass
 
-from planner.schema import (check_keys, require_bool, require_choice, require_int,
-                            require_number, require_str)
+from planner import limits
+from planner.limits import check_int, check_range
+from planner.schema import check_keys, require_bool, require_choice, require_str, short_repr
 
 ARCHES = ("gpt", "llama", "bert")
 BERT_TYPE_VOCAB = 2  # segment A/B embeddings (Devlin et al. 2019, Sec. 3)
+MAX_NAME_LEN = 256
+# Upper bound of each integer shape field (planner/limits.py).
+SHAPE_LIMITS = {"num_layers": limits.MAX_LAYERS, "hidden_size": limits.MAX_HIDDEN_SIZE,
+                "num_heads": limits.MAX_HEADS, "num_kv_heads": limits.MAX_HEADS,
+                "ffn_hidden_size": limits.MAX_FFN_HIDDEN_SIZE,
+                "vocab_size": limits.MAX_VOCAB_SIZE, "max_seq_len": limits.MAX_SEQ_LEN}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,18 +41,17 @@ class ModelSpec:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        require_str(self.name, "model name")
+        require_str(self.name, "model name", MAX_NAME_LEN)
         require_choice(self.arch, "model arch", ARCHES)
-        for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
-                    "ffn_hidden_size", "vocab_size", "max_seq_len"):
-            require_int(getattr(self, key), key)
+        for key, hi in SHAPE_LIMITS.items():
+            check_int(getattr(self, key), key, 1, hi)
         require_bool(self.tie_embeddings, "tie_embeddings")
         require_bool(self.linear_bias, "linear_bias")
-        require_number(self.dropout, "dropout")
-        if self.dropout >= 1:
+        check_range(self.dropout, "dropout", 0.0, 1.0)
+        if self.dropout == 1:
             raise ValueError(f"dropout must be < 1, got {self.dropout}")
-        require_number(self.norm_eps, "norm_eps", strict=True)
-        require_number(self.rope_theta, "rope_theta", strict=True)
+        check_range(self.norm_eps, "norm_eps", 0.0, 1.0, lo_open=True)
+        check_range(self.rope_theta, "rope_theta", 0.0, limits.MAX_ROPE_THETA, lo_open=True)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_heads {self.num_heads}")
@@ -86,8 +92,9 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
-        check_keys(data, cls, "model spec")
-        return cls(**data)
+        """Every key is required (dropout, norm_eps and rope_theta too: a dropped key must not
+        silently become a default)."""
+        return cls(**check_keys(data, cls, "model spec"))
 
 
 def _hf_get(cfg: dict, key: str, default=None):
@@ -149,12 +156,13 @@ def from_hf_config(cfg: dict, name: str = "hf-model") -> ModelSpec:
         raise ValueError("Hugging Face config: expected a JSON object")
     model_type = cfg.get("model_type")
     if not isinstance(model_type, str) or model_type not in _HF_IMPORTERS:
-        raise ValueError(f"Hugging Face config: unsupported model_type {model_type!r}; "
+        raise ValueError(f"Hugging Face config: unsupported model_type {short_repr(model_type)}; "
                          f"expected one of {sorted(_HF_IMPORTERS)}")
     if model_type == "bert" and cfg.get("type_vocab_size", BERT_TYPE_VOCAB) != BERT_TYPE_VOCAB:
-        raise ValueError(f"Hugging Face config: type_vocab_size {cfg['type_vocab_size']} "
-                         f"is not supported (only {BERT_TYPE_VOCAB})")
+        raise ValueError(f"Hugging Face config: type_vocab_size "
+                         f"{short_repr(cfg['type_vocab_size'])} is not supported "
+                         f"(only {BERT_TYPE_VOCAB})")
     try:
         return _HF_IMPORTERS[model_type](cfg, name)
-    except (TypeError, KeyError, AttributeError) as exc:
-        raise ValueError(f"Hugging Face config: bad value ({exc})") from None
+    except (TypeError, KeyError, AttributeError, OverflowError) as exc:
+        raise ValueError(f"Hugging Face config: bad value ({short_repr(str(exc), 200)})") from None

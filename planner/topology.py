@@ -7,7 +7,6 @@ rank per second, already multiplied by the fabric's collective efficiency."""
 import itertools
 from dataclasses import dataclass
 
-import networkx as nx
 import numpy as np
 
 from planner.hardware import HardwareProfile, IntraNode
@@ -37,12 +36,25 @@ def axis_groups(mesh_order: tuple, sizes: dict, axis: str) -> np.ndarray:
     return moved.reshape(-1, sizes[axis])
 
 
+_RING_CACHE = {}
+
+
 def mesh_ring_bandwidth(intra: IntraNode, local_ids: tuple) -> float:
+    """Cached _mesh_ring_bandwidth (the search asks for the same GPU sets many times)."""
+    key = (tuple(map(tuple, intra.links)), intra.link_bandwidth_bytes_per_s,
+           intra.fallback_bandwidth_bytes_per_s, tuple(sorted(set(local_ids))))
+    if key not in _RING_CACHE:
+        _RING_CACHE[key] = _mesh_ring_bandwidth(intra, local_ids)
+    return _RING_CACHE[key]
+
+
+def _mesh_ring_bandwidth(intra: IntraNode, local_ids: tuple) -> float:
     """Per-rank ring bandwidth among GPUs `local_ids` of an NVLink mesh (e.g. DGX-1 cube mesh).
 
     NCCL runs one ring per direction of each edge-disjoint Hamiltonian cycle it finds over the
     NVLink graph, so a rank sends on 2 links per cycle; with no NVLink cycle the ring falls back
     to PCIe/QPI.  Two GPUs use every link between them."""
+    import networkx as nx  # here, not at the top: only NVLink-mesh profiles need the graph
     graph = nx.Graph()
     for a, b, n in intra.links:
         graph.add_edge(a, b, links=n)
@@ -71,20 +83,42 @@ def _hamiltonian_cycles(ids: list, capacity: dict) -> list:
     return found
 
 
-def _max_disjoint_cycles(cycles: list, capacity: dict, start: int = 0) -> int:
-    """Most cycles that fit in the link multiplicities together (depth-first, small graphs)."""
+# Cycles examined by the disjoint-cycle search below: DGX-1's cube mesh needs a few dozen; a
+# fully connected 8-GPU mesh (2,520 cycles) would need billions, so the search stops here with
+# the best packing found so far (a lower bound: the modelled bandwidth errs on the slow side).
+CYCLE_SEARCH_STEPS = 200_000
+
+
+def _max_disjoint_cycles(cycles: list, capacity: dict, start: int = 0, steps=None,
+                         chosen: int = 0) -> int:
+    """Most cycles that fit in the link multiplicities together (depth-first, small graphs,
+    at most CYCLE_SEARCH_STEPS cycles examined)."""
+    steps = [CYCLE_SEARCH_STEPS, _cycle_bound(capacity)] if steps is None else steps
     best = 0
     for i in range(start, len(cycles)):
+        steps[0] -= 1
+        if steps[0] < 0:
+            break
         edges = cycles[i]
         if all(capacity[e] >= 1 for e in edges):
             for e in edges:
                 capacity[e] -= 1
-            best = max(best, 1 + _max_disjoint_cycles(cycles, capacity, i))
+            best = max(best, 1 + _max_disjoint_cycles(cycles, capacity, i, steps, chosen + 1))
             for e in edges:
                 capacity[e] += 1
-            if best * len(edges) * 2 >= sum(capacity.values()) * 2:
-                break  # no link left unused: cannot do better
+            if best * len(edges) * 2 >= sum(capacity.values()) * 2 or chosen + best >= steps[1]:
+                break  # no link left unused, or a GPU's links all used: cannot do better
     return best
+
+
+def _cycle_bound(capacity: dict) -> int:
+    """Each cycle takes two link ends of every GPU: no more cycles than the GPU with the fewest
+    links can carry."""
+    ends = {}
+    for edge, n in capacity.items():
+        for gpu in edge:
+            ends[gpu] = ends.get(gpu, 0) + n
+    return min(ends.values()) // 2 if ends else 0
 
 
 def _intra_bandwidth(profile: HardwareProfile, local_ids: tuple) -> float:
