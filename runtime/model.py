@@ -4,8 +4,9 @@ Module names are the checkpoint's fully-qualified names and do not depend on how
 split: `embed.*`, `layers.<global index>.*`, `head.*`. A pipeline chunk is the same class built
 with a subset of layers (the ModuleDict keeps global indices) and with or without embed/head.
 
-Shapes follow planner/cost/params.py exactly (GPT-2: Radford et al. 2019 / HF GPT2Model;
-Llama: Touvron et al. 2023 / HF LlamaModel; BERT: HF BertForMaskedLM). Build on the meta device,
+Names, order, shapes and TP shard dimensions are those planner/cost/params.py lists, tensor by
+tensor (tests/test_param_names.py). GPT-2: Radford et al. 2019 / HF GPT2Model; Llama: Touvron
+et al. 2023 / HF LlamaModel; BERT: HF BertForMaskedLM. Build on the meta device,
 parallelise, then `materialize(model, device, seed)`: every tensor is drawn from a generator
 seeded by its canonical name, so any layout starts from the same weights."""
 

@@ -5,7 +5,11 @@ Layer definitions: GPT-2 (Radford et al. 2019; HF GPT2Model), Llama (Touvron et 
 LlamaModel), BERT (HF BertForMaskedLM).  `count_parameters` equals `sum(p.numel())` of
 runtime/model.py for every preset.  TP placements are PyTorch's: column-parallel weights and
 biases Shard(0), row-parallel weights Shard(1) with replicated bias, vocab-parallel embedding and
-output layer Shard(0) (Shoeybi et al. 2019, Sec. 3)."""
+output layer Shard(0) (Shoeybi et al. 2019, Sec. 3).
+
+Names and order are the runtime's `named_parameters()` (its state-dict and checkpoint keys):
+`embed.*` and `head.*` as listed; block tensor `<name>` of layer i (global index) is
+`layers.{i}.<name>` (`layer_tensor_name`)."""
 
 import math
 from dataclasses import dataclass
@@ -56,8 +60,13 @@ def _linear(name: str, d_in: int, d_out: int, bias: bool, parallel: str) -> list
     return tensors
 
 
+def layer_tensor_name(layer: int, name: str) -> str:
+    """Full name of block tensor `name` (from `block_tensors`) in layer `layer` (global index)."""
+    return f"layers.{layer}.{name}"
+
+
 def block_tensors(spec: ModelSpec) -> list:
-    """One transformer block (names are per-block; the runtime prefixes the layer index)."""
+    """One transformer block; names are per-block, `layer_tensor_name` gives the full name."""
     h, kv, f, b = spec.hidden_size, spec.kv_hidden_size, spec.ffn_hidden_size, spec.linear_bias
     tensors = _norm("attn_norm", spec)
     tensors += _linear("attn.q", h, h, b, "col") + _linear("attn.k", h, kv, b, "col")
@@ -73,11 +82,11 @@ def block_tensors(spec: ModelSpec) -> list:
 
 def embedding_tensors(spec: ModelSpec) -> list:
     h = spec.hidden_size
-    tensors = [ParamTensor("embed.tokens.weight", (spec.vocab_size, h), 0)]
+    tensors = [ParamTensor("embed.wte.weight", (spec.vocab_size, h), 0)]
     if spec.learned_positions:
-        tensors.append(ParamTensor("embed.positions.weight", (spec.max_seq_len, h)))
+        tensors.append(ParamTensor("embed.wpe.weight", (spec.max_seq_len, h)))
     if spec.arch == "bert":
-        tensors.append(ParamTensor("embed.token_types.weight", (BERT_TYPE_VOCAB, h)))
+        tensors.append(ParamTensor("embed.wtt.weight", (BERT_TYPE_VOCAB, h)))
         tensors += _norm("embed.norm", spec)
     return tensors
 
@@ -87,15 +96,18 @@ def head_tensors(spec: ModelSpec, holds_tied_copy: bool = False) -> list:
 
     A tied output layer shares the word embedding; when the model is split into pipeline chunks,
     the last chunk keeps its own copy (Narayanan et al. 2021, Sec. 4.1), also under ZB-V where
-    the first and last chunks share a rank."""
+    the first and last chunks share a rank; that copy is `head.output.weight` (the shared
+    tensor is `embed.wte.weight`).  BERT's decoder bias is the output layer's bias."""
     h, v = spec.hidden_size, spec.vocab_size
     if spec.arch == "bert":
-        tensors = _linear("head.transform", h, h, True, "none") + _norm("head.norm", spec)
-        tensors.append(ParamTensor("head.decoder.bias", (v,), 0))
+        tensors = _linear("head.dense", h, h, True, "none")
     else:
-        tensors = _norm("final_norm", spec)
+        tensors = []
+    tensors += _norm("head.norm", spec)
     if not spec.tie_embeddings or holds_tied_copy:
         tensors.append(ParamTensor("head.output.weight", (v, h), 0))
+    if spec.arch == "bert":
+        tensors.append(ParamTensor("head.output.bias", (v,), 0))
     return tensors
 
 
