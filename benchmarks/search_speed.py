@@ -9,18 +9,29 @@ two large cases (issue 3's targets: under 1 s and under 3 s on a 2-core machine)
 Each run builds a fresh cluster so no cache from a previous run helps; the figure is the median
 of the runs (the first, cold, run is printed too), with the process CPU time beside the wall time
 (on a shared machine the wall time also counts other processes' turns on the cores).
-Usage: python benchmarks/search_speed.py [repeats]"""
 
+With --against CHECKOUT the same cases also run, in fresh processes taking turns, on the planner
+of another checkout (e.g. a git worktree of an older commit), and the ratio of median CPU times
+is printed: the same machine, the same run.
+Usage: python benchmarks/search_speed.py [repeats] [--against CHECKOUT]"""
+
+import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 from planner.hardware import load_cluster
 from planner.job import Job
 from planner.presets import load_model
 from planner.report import layout_summary
-from planner.search.ranking import SearchOptions, search
 from planner.spec import ModelSpec
+
+try:
+    from planner.search.ranking import SearchOptions, search
+except ImportError:  # a checkout from before the planner's sub-packages
+    from planner.search import SearchOptions, search
 
 GPT_1T = ModelSpec(name="gpt-1t", arch="gpt", num_layers=128, hidden_size=25600, num_heads=160,
                    num_kv_heads=160, ffn_hidden_size=4 * 25600, vocab_size=51200,
@@ -59,5 +70,42 @@ def main(repeats: int = 3) -> None:
                   f"< {target:g} s | {layout_summary(best.layout)} | {best.tokens_per_s:,.0f} |")
 
 
+def _child_cpu_s(checkout: Path, case: int, engine: str) -> float:
+    """CPU seconds of one cold search in a fresh process on `checkout`'s planner."""
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    out = subprocess.run([sys.executable, __file__, "--child", str(case), engine], env=env,
+                         capture_output=True, text=True, check=True, cwd=checkout)
+    return float(out.stdout.split()[-1])
+
+
+def against(other: Path, repeats: int) -> None:
+    here = Path(__file__).resolve().parents[1]
+    print(f"\n| case | engine | CPU s here | CPU s {other} | ratio here / there |")
+    print("|---|---|---:|---:|---:|")
+    for i, (name, *_rest) in enumerate(CASES):
+        for engine in ("torch", "megatron"):
+            mine, theirs = [], []
+            for _ in range(repeats):  # taking turns, so both see the same load
+                mine.append(_child_cpu_s(here, i, engine))
+                theirs.append(_child_cpu_s(other, i, engine))
+            a, b = statistics.median(mine), statistics.median(theirs)
+            print(f"| {name} | {engine} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
+
+
+def _child(case: int, engine: str) -> None:
+    _, model, profile, nodes, gb, seq, _ = CASES[case]
+    (_, cpu, _), = run_case(model, profile, nodes, gb, seq, engine, 1)
+    print(cpu)
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
+    args = sys.argv[1:]
+    if args[:1] == ["--child"]:
+        _child(int(args[1]), args[2])
+        sys.exit(0)
+    other = Path(args[args.index("--against") + 1]).resolve() if "--against" in args else None
+    numbers = [a for a in args if a.isdigit()]
+    reps = int(numbers[0]) if numbers else 3
+    main(reps)
+    if other:
+        against(other, reps)

@@ -14,7 +14,8 @@ from planner.job import Job
 from planner.schema import check_keys, load_json_file, require_bool, require_choice, require_int
 from planner.spec import ModelSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: the attached estimate no longer repeats the plan (1 still loads)
+READABLE_VERSIONS = (1, 2)
 AXES = ("pp", "dp", "tp")
 
 
@@ -100,7 +101,16 @@ class Layout:
     @classmethod
     def from_dict(cls, data: dict) -> "Layout":
         check_keys(data, cls, "layout")
+        require_every_key(data, cls, "layout")
         return cls(**data)
+
+
+def require_every_key(data: dict, cls, what: str) -> None:
+    """Plan files always carry every key (to_dict writes them all): a missing one is an error,
+    never a default."""
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            raise ValueError(f"{what}: missing key {f.name!r}")
 
 
 def layout_errors(model: ModelSpec, cluster: Cluster, job: Job, layout: Layout) -> list:
@@ -127,6 +137,10 @@ class Plan:
             raise ValueError(errors[0])
 
     def with_estimate(self, estimate: dict) -> "Plan":
+        """The plan with an estimate attached (Estimate.to_dict(); its copy of the plan is
+        dropped: the plan is the file)."""
+        if estimate is not None:
+            estimate = {k: v for k, v in estimate.items() if k != "plan"}
         return dataclasses.replace(self, estimate=estimate)
 
     def to_dict(self) -> dict:
@@ -136,13 +150,19 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
+        """Every key is required; a version-1 file's estimate loses its copy of the plan."""
         check_keys(data, cls, "plan")
-        if data.get("estimate") is not None and not isinstance(data["estimate"], dict):
+        require_every_key(data, cls, "plan")
+        version = data["schema_version"]
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise ValueError(f"plan schema_version {version!r} is not supported "
+                             f"(this planner reads {', '.join(map(str, READABLE_VERSIONS))})")
+        if data["estimate"] is not None and not isinstance(data["estimate"], dict):
             raise ValueError("plan estimate must be an object or null")
-        return cls(schema_version=data.get("schema_version", SCHEMA_VERSION),
-                   model=ModelSpec.from_dict(data["model"]),
+        plan = cls(model=ModelSpec.from_dict(data["model"]),
                    cluster=Cluster.from_dict(data["cluster"]), job=Job.from_dict(data["job"]),
-                   layout=Layout.from_dict(data["layout"]), estimate=data.get("estimate"))
+                   layout=Layout.from_dict(data["layout"]))
+        return plan.with_estimate(data["estimate"])
 
     def save(self, path) -> None:
         with open(path, "w") as f:

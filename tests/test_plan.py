@@ -58,7 +58,30 @@ def test_plan_json_round_trip_with_estimate(tmp_path):
     plan.save(path)
     loaded = Plan.load(path)
     assert loaded == plan
-    assert json.loads(path.read_text())["schema_version"] == 1
+    saved = json.loads(path.read_text())
+    assert saved["schema_version"] == 2 and "plan" not in saved["estimate"]
+    assert saved["estimate"]["time"]["step_s"] == estimate(plan).step_s
+
+
+def test_version_1_plans_still_load_and_lose_the_estimates_plan_copy():
+    plan = _plan(dp=8, num_microbatches=4)
+    old = {**plan.to_dict(), "schema_version": 1, "estimate": estimate(plan).to_dict()}
+    assert "plan" in old["estimate"]
+    loaded = Plan.from_dict(old)
+    assert loaded.schema_version == 2 and "plan" not in loaded.estimate
+    assert loaded.estimate["time"] == old["estimate"]["time"]
+
+
+@pytest.mark.parametrize("part", ["", "layout", "job"])
+def test_every_key_of_a_plan_is_required(part):
+    """Dropping layout.zero_stage or job.precision must not turn the plan into another one."""
+    data = _plan(dp=8, num_microbatches=4, zero_stage=1).to_dict()
+    section = data[part] if part else data
+    for key in list(section):
+        broken = json.loads(json.dumps(data))
+        del (broken[part] if part else broken)[key]
+        with pytest.raises(ValueError, match=f"missing key '{key}'"):
+            Plan.from_dict(broken)
 
 
 def test_plan_rejects_unknown_keys_and_versions(tmp_path):

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, replace
 
 from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_collectives_per_layer
-from planner.cost.fields import call, plan_fields, with_rank
+from planner.cost.fields import PlanEvaluations, call, plan_fields, with_rank
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.memory import MemoryBreakdown, rank_memory
 from planner.cost.time import TimeBreakdown, time_breakdown
@@ -77,9 +77,10 @@ def _step_collectives(plan: Plan, pp_rank: int) -> list:
 
 def estimate(plan: Plan) -> Estimate:
     spec, job, lay = plan.model, plan.job, plan.layout
-    memories = [rank_memory(plan, r) for r in range(lay.pp)]
+    evaluations = PlanEvaluations(plan_fields(plan))
+    memories = [rank_memory(plan, r, evaluations) for r in range(lay.pp)]
     memory = max(memories, key=lambda mem: (mem.total_bytes, -mem.pp_rank))
-    time = time_breakdown(plan, memories)
+    time = time_breakdown(plan, memories, evaluations)
     return Estimate(
         plan=plan, memory=memory, time=time,
         communication=_step_collectives(plan, memory.pp_rank),

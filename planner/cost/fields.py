@@ -29,9 +29,27 @@ def call(fn, named: dict):
     return fn(**{k: named[k] for k, optional in parameters(fn) if not optional or k in named})
 
 
-def evaluate_one(fn, named: dict):
-    """fn's result for one plan and rank, as a numpy value (a tuple becomes a 1-d array)."""
-    return np.asarray(call(fn, named), dtype=float)
+FIXED = ("profile", "gpu", "spec", "job")  # the same for every rank of a plan
+
+
+class PlanEvaluations:
+    """Evaluators for the ranks of one plan: fn's result as a numpy value (a tuple becomes a
+    1-d array), computed once per distinct input (a layer's times are the same on every rank)."""
+
+    def __init__(self, named: dict):
+        self.named = named
+        self._memo = {}
+
+    def evaluator(self, rank: int = None):
+        named = self.named if rank is None else with_rank(self.named, rank)
+        return lambda fn: self.value(fn, named)
+
+    def value(self, fn, named: dict):
+        args = {k: named[k] for k, optional in parameters(fn) if not optional or k in named}
+        key = (fn, tuple(v for k, v in args.items() if k not in FIXED))
+        if key not in self._memo:
+            self._memo[key] = np.asarray(fn(**args), dtype=float)
+        return self._memo[key]
 
 
 def unpack(values, n: int) -> list:

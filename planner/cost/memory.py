@@ -16,7 +16,8 @@ from functools import lru_cache
 
 from planner.cost import activations as act
 from planner.cost.combine import activation_peak, rank_total_bytes
-from planner.cost.fields import call, evaluate_one, plan_fields, rank_facts_of, unpack, with_rank
+from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of, unpack,
+                                 with_rank)
 from planner.cost.params import _local_numel, block_params_local, chunk_size, pieces_tensors
 from planner.cost.pipeline import head_inflight, inflight_chunks
 from planner.engines import SHARDED_GRAD_STAGES, engine
@@ -192,10 +193,12 @@ def framework_bytes(gpu) -> float:
     return gpu.framework_overhead_bytes
 
 
-def rank_memory(plan, pp_rank: int) -> MemoryBreakdown:
-    """The memory of pipeline rank `pp_rank` (dp rank 0, tp rank 0)."""
-    named = with_rank(plan_fields(plan), pp_rank)
-    p = {k: float(v) for k, v in rank_memory_parts(lambda fn: evaluate_one(fn, named)).items()}
+def rank_memory(plan, pp_rank: int, evaluations: PlanEvaluations = None) -> MemoryBreakdown:
+    """The memory of pipeline rank `pp_rank` (dp rank 0, tp rank 0); `evaluations` shares
+    the plan's rank-independent pieces between calls."""
+    evaluations = evaluations or PlanEvaluations(plan_fields(plan))
+    parts = rank_memory_parts(evaluations.evaluator(pp_rank))
+    p = {k: float(v) for k, v in parts.items()}
     return MemoryBreakdown(
         pp_rank=pp_rank, weights_bytes=p["weights"], gradients_bytes=p["gradients"],
         optimizer_bytes=p["optimizer"], activations_bytes=p["activations"],

@@ -7,6 +7,8 @@ Sec. 2.2) holds p - r on rank r; interleaved 1F1B warms up 2(p-r-1) + (v-1)p chu
 x (1 + (p-1)/(pv)) (Korthikanti et al. 2022, Sec. 4.2.3); zero-bubble schedules (Qi et al. 2023)
 split the backward into input-gradient B and weight-gradient W and fill the bubble with W."""
 
+from functools import lru_cache
+
 def inflight_chunks(*, pp, num_microbatches, virtual_stages, schedule, rank) -> int:
     """Chunk forward passes whose activations pipeline rank `rank` holds at its peak."""
     p, m, v = pp, num_microbatches, virtual_stages
@@ -46,17 +48,20 @@ def stage_layers(num_layers: int, *, pp: int, virtual_stages: int,
     return tuple(base + (1 if c < extra else 0) for c in range(chunks))
 
 
+@lru_cache(maxsize=4096)
 def rank_chunk_layers(num_layers: int, *, pp: int, virtual_stages: int, schedule: str,
-                      layers_per_stage: tuple = ()) -> list:
-    """For each pipeline rank, the layer counts of the chunks it runs."""
+                      layers_per_stage: tuple = ()) -> tuple:
+    """For each pipeline rank, the layer counts of the chunks it runs (cached: the search and
+    the estimate ask for the same pipelines often)."""
     per_rank = [[] for _ in range(pp)]
     layers = stage_layers(num_layers, pp=pp, virtual_stages=virtual_stages,
                           layers_per_stage=layers_per_stage)
     for chunk, n in enumerate(layers):
         per_rank[chunk_rank(chunk, pp=pp, schedule=schedule)].append(n)
-    return per_rank
+    return tuple(tuple(chunks) for chunks in per_rank)
 
 
+@lru_cache(maxsize=65536)
 def rank_facts(num_layers: int, *, pp: int, virtual_stages: int, schedule: str, rank: int,
                layers_per_stage: tuple = ()) -> tuple:
     """(layers, chunks, holds the first chunk, holds the last chunk) of pipeline rank `rank`."""

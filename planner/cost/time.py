@@ -17,7 +17,7 @@ import numpy as np
 from planner.cost.combine import RankMicrobatch, rank_microbatch, step_parts
 from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds
 from planner.cost.compute import head_times, layer_times, selective_recompute_s
-from planner.cost.fields import call, evaluate_one, plan_fields, rank_facts_of, unpack, with_rank
+from planner.cost.fields import PlanEvaluations, call, plan_fields, rank_facts_of, unpack
 from planner.engines import SHARDED_GRAD_STAGES, ZERO_BUBBLE, engine
 
 # AdamW update per parameter: read+write fp32 weight, momentum and variance, read the gradient,
@@ -181,9 +181,11 @@ def step_of(ranks: list, step: dict, mean_rank_total_s):
                       optimizer_s=[r[3] for r in ranks], **step)
 
 
-def time_breakdown(plan, rank_memories: list) -> TimeBreakdown:
+def time_breakdown(plan, rank_memories: list,
+                   evaluations: PlanEvaluations = None) -> TimeBreakdown:
     named, pp = plan_fields(plan), plan.layout.pp
-    evaluators = [lambda fn, r=r: evaluate_one(fn, with_rank(named, r)) for r in range(pp)]
+    evaluations = evaluations or PlanEvaluations(named)
+    evaluators = [evaluations.evaluator(r) for r in range(pp)]
     ranks = [rank_time_parts(ev, mem.optimizer_bytes) for ev, mem in zip(evaluators, rank_memories)]
     mean = mean_rank_s(evaluators[0], plan.model.num_layers, pp)
     return TimeBreakdown.of(step_of(ranks, call(step_inputs, named), mean))
