@@ -4,8 +4,13 @@ Default corpus: this Python's own standard-library sources (always present, no d
 in sorted path order up to a byte cap, tokenised byte-level (ids 0-255, valid for any vocabulary
 of at least 256). `--data PATH` takes a text file, a directory of text files, or a uint16 `.bin`
 of token ids (the nanoGPT format). Sample k of the run is window perm_e[k mod W] of the training
-split, e = k div W, with a seeded permutation per epoch; so the data position is the step."""
+split, e = k div W, with a seeded permutation per epoch; so the data position is the step.
 
+Only regular files are read (a FIFO, a device such as /dev/zero or a socket is refused, never
+opened for reading), and never more than the byte cap of each."""
+
+import os
+import stat
 import sysconfig
 from pathlib import Path
 
@@ -13,6 +18,7 @@ import numpy as np
 import torch
 
 DEFAULT_CAP_BYTES = 8 << 20
+BIN_CHUNK_TOKENS = 8 << 20  # tokens per read when checking a .bin file's ids
 VAL_FRACTION = 0.05
 MLM_PROBABILITY = 0.15  # Devlin et al. 2019, Sec. 3.1
 
@@ -23,42 +29,112 @@ def stdlib_files() -> list:
                   if not {"site-packages", "dist-packages"} & set(p.parts))
 
 
+def check_data_path(path) -> Path:
+    """`path` if it is a regular file or a directory (symlinks followed); else ValueError."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise ValueError(f"data path not found: {path}") from None
+    except OSError as exc:
+        raise ValueError(f"data path {path} is unreadable: {exc.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ValueError(f"data path {path} is not a regular file or a directory "
+                         f"({_kind(mode)})")
+    return p
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def read_prefix(path, limit: int) -> bytes:
+    """At most `limit` bytes from the start of a regular file. Opened non-blocking and checked
+    on the open descriptor, so a FIFO or device swapped in after a check is refused too."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"data path {path} is not a regular file ({_kind(st.st_mode)})")
+        want = min(limit, st.st_size)
+        chunks, got = [], 0
+        while got < want:
+            chunk = os.read(fd, min(want - got, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _read_files(files, cap_bytes: int) -> np.ndarray:
     chunks, size = [], 0
     for path in files:
-        try:
-            data = path.read_bytes()[:cap_bytes - size]
-        except OSError:
-            continue
-        chunks.append(np.frombuffer(data, dtype=np.uint8))
-        size += len(data)
         if size >= cap_bytes:
             break
+        try:
+            data = read_prefix(path, cap_bytes - size)
+        except (OSError, ValueError):
+            continue  # unreadable or special files inside a directory are skipped
+        chunks.append(np.frombuffer(data, dtype=np.uint8))
+        size += len(data)
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
 
 
 def load_tokens(path=None, vocab_size: int = 256, cap_bytes: int = DEFAULT_CAP_BYTES):
     """Token ids as a numpy array (uint8 for bytes, uint16 for a .bin file)."""
+    top = None
     if path is None:
         tokens = _read_files(stdlib_files(), cap_bytes)
         source = "the Python standard library"
     else:
-        p = Path(path)
-        if not p.exists():
-            raise ValueError(f"data path not found: {path}")
-        if p.suffix == ".bin":
-            tokens = np.memmap(p, dtype=np.uint16, mode="r")
-        elif p.is_dir():
-            tokens = _read_files(sorted(f for f in p.rglob("*") if f.is_file()), cap_bytes)
-        else:
-            tokens = _read_files([p], cap_bytes)
+        p = check_data_path(path)
+        try:
+            if p.is_dir():
+                tokens = _read_files(sorted(f for f in p.rglob("*") if f.is_file()), cap_bytes)
+            elif p.suffix == ".bin":
+                tokens, top = _read_bin(p)
+            else:
+                tokens = np.frombuffer(read_prefix(p, cap_bytes), dtype=np.uint8)
+        except OSError as exc:
+            raise ValueError(f"data path {path} is unreadable: {exc.strerror or exc}") from None
         source = str(path)
     if vocab_size < 256 and tokens.dtype == np.uint8:
         raise ValueError(f"byte-level tokens need vocab_size >= 256, the model has {vocab_size}")
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        raise ValueError(f"data {source} has token id {int(tokens.max())} >= the model's "
+    if top is None:
+        top = int(tokens.max()) if len(tokens) else -1
+    if top >= vocab_size:
+        raise ValueError(f"data {source} has token id {top} >= the model's "
                          f"vocab_size {vocab_size}")
     return tokens
+
+
+def _read_bin(p: Path) -> tuple:
+    """(uint16 token ids memory-mapped, the largest id). The largest id is found with plain
+    reads of bounded chunks, so checking a big file does not map all of it into the process."""
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"data path {p} is not a regular file ({_kind(st.st_mode)})")
+        count, top = st.st_size // 2, -1
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            for start in range(0, count, BIN_CHUNK_TOKENS):
+                chunk = np.frombuffer(f.read(2 * min(BIN_CHUNK_TOKENS, count - start)),
+                                      dtype=np.uint16)
+                if len(chunk):
+                    top = max(top, int(chunk.max()))
+    finally:
+        os.close(fd)
+    if count == 0:
+        return np.zeros(0, dtype=np.uint16), top
+    return np.memmap(p, dtype=np.uint16, mode="r", shape=(count,)), top
 
 
 class TokenData:

@@ -1,9 +1,10 @@
 """Train under a plan: `torchrun --nproc-per-node N -m runtime.train --plan plan.json --steps S`.
 
 Writes a per-step log line on rank 0 and, with --out, measured.json (step times, tokens/s and
-per-rank memory by component) for `planner compare`. Bad input (plan, world size, data,
-checkpoint) ends every rank with one line on stderr and exit code 2; a non-finite loss stops the
-run with exit code 3, keeping the last good checkpoint."""
+per-rank memory by component) for `planner compare`. Every fault ends the rank with one line on
+stderr and an exit code of runtime/faults.py: 2 bad input (flags, checked before any process
+group; plan, world size, data, checkpoint), 3 non-finite loss (the last good checkpoint is kept),
+4 a peer lost or a collective timed out, 1 anything else; --debug adds the traceback."""
 
 import argparse
 import json
@@ -15,9 +16,13 @@ import time
 from dataclasses import dataclass
 
 from planner.plan import Plan
+from runtime import faults
 
 log = logging.getLogger("runtime")
-EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
+PROG = "runtime.train"
+EXIT_BAD_INPUT, EXIT_NONFINITE = faults.EXIT_BAD_INPUT, faults.EXIT_DIVERGED
+MAX_TIMEOUT_S = 7 * 24 * 3600
+MAX_SEED = 2**32
 VAL_BATCHES = 4
 
 
@@ -44,8 +49,15 @@ class RunConfig:
             raise ValueError("--checkpoint-every and --resume need --checkpoint-dir")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as a ValueError (one line, exit code 2), not argparse's usage dump."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m runtime.train", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m runtime.train", description=__doc__.split("\n")[0])
     p.add_argument("--plan", required=True, help="plan.json written by `planner suggest`")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps to run (in total)")
     p.add_argument("--data", help="text file, directory of text files, or uint16 .bin tokens "
@@ -61,7 +73,41 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--timeout", type=float, default=60.0, help="collective timeout (s)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     return p.parse_args(argv)
+
+
+def _need(ok: bool, flag: str, value, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{flag} must be {what}, got {value!r}")
+
+
+def check_args(args) -> None:
+    """Every flag's value, before any process group exists (ValueError naming flag and value)."""
+    from pathlib import Path
+    finite = math.isfinite
+    _need(args.steps >= 1, "--steps", args.steps, ">= 1")
+    _need(finite(args.data_cap_mb) and args.data_cap_mb > 0, "--data-cap-mb", args.data_cap_mb,
+          "a finite number > 0")
+    _need(args.checkpoint_every >= 0, "--checkpoint-every", args.checkpoint_every, ">= 0")
+    _need(finite(args.lr) and args.lr > 0, "--lr", args.lr, "a finite number > 0")
+    _need(args.warmup >= 0, "--warmup", args.warmup, ">= 0")
+    _need(finite(args.grad_clip) and args.grad_clip >= 0, "--grad-clip", args.grad_clip,
+          "a finite number >= 0 (0: off)")
+    _need(0 <= args.seed < MAX_SEED, "--seed", args.seed, f"in [0, {MAX_SEED})")
+    _need(finite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S, "--timeout", args.timeout,
+          f"a number of seconds in (0, {MAX_TIMEOUT_S}]")
+    if args.data is not None:
+        from runtime.data import check_data_path
+        check_data_path(args.data)
+    if args.out is not None:
+        out = Path(args.out)
+        _need(not out.is_dir(), "--out", args.out, "a file path, not a directory")
+        _need(out.parent.is_dir(), "--out", args.out, "in an existing directory")
+    if args.checkpoint_dir is not None:
+        ck = Path(args.checkpoint_dir)
+        _need(ck.is_dir() or not ck.exists(), "--checkpoint-dir", args.checkpoint_dir,
+              "a directory")
 
 
 def _setup_logging(rank: int) -> None:
@@ -87,14 +133,12 @@ def _log_step(step, total, loss, lr, dt, tokens, mem_bytes) -> None:
 class Trainer:
     """Everything of one rank's run; `run()` returns the measured record (rank 0: full)."""
 
-    def __init__(self, plan: Plan, cfg: RunConfig, optim_cfg, ctx):
-        from runtime.data import TokenData, load_tokens
+    def __init__(self, plan: Plan, cfg: RunConfig, optim_cfg, ctx, tokens=None):
         from runtime.engine import Engine
         self.plan, self.cfg, self.ctx = plan, cfg, ctx
-        tokens = load_tokens(cfg.data, plan.model.vocab_size, cfg.data_cap_bytes)
-        self.data = TokenData(tokens, plan.job.seq_len, plan.layout, ctx.dp_rank,
-                              causal=plan.model.causal, vocab_size=plan.model.vocab_size,
-                              seed=cfg.seed)
+        if tokens is None:
+            tokens = load_data(plan, cfg)
+        self.data = _token_data(plan, cfg, tokens, ctx.dp_rank)
         self.engine = Engine(plan, ctx, optim_cfg, seed=cfg.seed, compile_blocks=cfg.compile)
         self.optim_cfg = optim_cfg
         self.steps, self.record = [], {}
@@ -182,7 +226,21 @@ class Trainer:
                 "tokens_per_s": tokens / median if median else None, "ranks": ranks}
 
 
-class NonFiniteLoss(Exception):
+def load_data(plan: Plan, cfg: RunConfig):
+    """The run's tokens (ValueError if unusable: missing, special file, ids >= vocab, too few)."""
+    from runtime.data import load_tokens
+    tokens = load_tokens(cfg.data, plan.model.vocab_size, cfg.data_cap_bytes)
+    _token_data(plan, cfg, tokens, 0)  # too few tokens for the sequence length: refuse now
+    return tokens
+
+
+def _token_data(plan: Plan, cfg: RunConfig, tokens, dp_rank: int):
+    from runtime.data import TokenData
+    return TokenData(tokens, plan.job.seq_len, plan.layout, dp_rank, causal=plan.model.causal,
+                     vocab_size=plan.model.vocab_size, seed=cfg.seed)
+
+
+class NonFiniteLoss(faults.Diverged):
     def __init__(self, step, loss):
         super().__init__(f"loss is {loss} at step {step + 1}; stopping (the last saved "
                          f"checkpoint, if any, is from before this step)")
@@ -194,21 +252,17 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _fail(code: int, message: str) -> int:
-    rank = _rank_label()
-    sys.stderr.write(f"runtime.train{rank}: error: {message}\n")
-    sys.stderr.flush()
-    return code
-
-
-def _rank_label() -> str:
-    import os
-    return f" [rank {os.environ['RANK']}]" if "RANK" in os.environ else ""
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """Run one rank; returns its exit code (faults.EXIT_*), having printed one line on failure.
+
+    On failure the process group is left as it is (no barrier with a peer that may be dead, no
+    teardown that can abort): the caller exits at once (`faults.hard_exit`, see __main__)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug, timeout_s = "--debug" in argv, None
     try:
+        args = parse_args(argv)
+        timeout_s = args.timeout
+        check_args(args)
         plan = Plan.load(args.plan)
         cfg = RunConfig(steps=args.steps, data=args.data,
                         data_cap_bytes=int(args.data_cap_mb * 2**20),
@@ -216,40 +270,41 @@ def main(argv=None) -> int:
                         checkpoint_every=args.checkpoint_every, resume=args.resume,
                         out=args.out, seed=args.seed, compile=args.compile)
         from runtime.mesh import check_world_size
+        from runtime.optim import OptimConfig
         check_world_size(plan.layout)
-        return _run(plan, cfg, args)
-    except ValueError as exc:
-        return _fail(EXIT_BAD_INPUT, str(exc))
-    except NonFiniteLoss as exc:
-        return _fail(EXIT_NONFINITE, str(exc))
+        optim_cfg = OptimConfig(lr=args.lr, warmup_steps=args.warmup, grad_clip=args.grad_clip)
+        tokens = load_data(plan, cfg)  # data faults too come before any process group
+        return _run(plan, cfg, optim_cfg, tokens, args)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every fault: a line, a code
+        return faults.report_exception(PROG, exc, debug=debug, timeout_s=timeout_s)
 
 
-def _run(plan: Plan, cfg: RunConfig, args) -> int:
+def _run(plan: Plan, cfg: RunConfig, optim_cfg, tokens, args) -> int:
     import torch.distributed as dist
 
     from runtime.mesh import init_distributed
-    from runtime.optim import OptimConfig
-    optim_cfg = OptimConfig(lr=args.lr, warmup_steps=args.warmup, grad_clip=args.grad_clip)
     ctx = init_distributed(plan.layout, timeout_s=args.timeout)
     _setup_logging(ctx.rank)
-    try:
-        lay = plan.layout
-        log.info(f"plan: {plan.model.name} dp={lay.dp} tp={lay.tp} pp={lay.pp} "
-                 f"zero={lay.zero_stage} schedule={lay.schedule} "
-                 f"micro_batch={lay.micro_batch}x{lay.num_microbatches} "
-                 f"seq={plan.job.seq_len} {plan.job.precision} on {ctx.device.type}")
-        measured = Trainer(plan, cfg, optim_cfg, ctx).run()
-        if ctx.rank == 0 and cfg.out:
-            with open(cfg.out, "w") as f:
-                json.dump(measured, f, indent=1)
-            log.info(f"wrote {cfg.out}")
-        # tear down together: a rank destroying gloo while a peer still writes its output can
-        # abort at exit ("terminate called without an active exception")
-        dist.barrier()
-        return 0
-    finally:
-        dist.destroy_process_group()
+    lay = plan.layout
+    log.info(f"plan: {plan.model.name} dp={lay.dp} tp={lay.tp} pp={lay.pp} "
+             f"zero={lay.zero_stage} schedule={lay.schedule} "
+             f"micro_batch={lay.micro_batch}x{lay.num_microbatches} "
+             f"seq={plan.job.seq_len} {plan.job.precision} on {ctx.device.type}")
+    measured = Trainer(plan, cfg, optim_cfg, ctx, tokens).run()
+    if ctx.rank == 0 and cfg.out:
+        with open(cfg.out, "w") as f:
+            json.dump(measured, f, indent=1)
+        log.info(f"wrote {cfg.out}")
+    # tear down together: a rank destroying gloo while a peer still writes its output can
+    # abort at exit ("terminate called without an active exception"). Only on success: on
+    # a fault the peers may be dead or elsewhere, and main() reports and exits instead.
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:
+        faults.hard_exit(code)
+    sys.exit(0)

@@ -1,4 +1,7 @@
-"""Real-text data: the stdlib corpus, user files, .bin tokens, sharding and the held-out split."""
+"""Real-text data: the stdlib corpus, user files, .bin tokens, sharding and the held-out split;
+special files refused, reads bounded by the cap."""
+
+import os
 
 import numpy as np
 import pytest
@@ -67,3 +70,75 @@ def test_masked_lm_batches_for_bert():
     masked = y != -100
     assert masked.any(dim=1).all()
     assert (x[masked] == 255).all() and (x[~masked] != 255).all()
+
+
+def _refused_in_time(path, match: str) -> None:
+    """load_tokens(path) refuses with `match`; a FIFO must not block it (a reader blocks until
+    a writer opens the FIFO, so a regression would hang: the writer side unblocks it)."""
+    import threading
+    result = {}
+
+    def load():
+        try:
+            load_tokens(path)
+        except ValueError as exc:
+            result["error"] = str(exc)
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():
+        with open(path, "wb"):
+            pass
+        worker.join(10)
+        pytest.fail(f"load_tokens({path}) blocked")
+    assert match in result.get("error", ""), result
+
+
+def test_special_files_are_refused_not_read(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    _refused_in_time(fifo, f"data path {fifo} is not a regular file or a directory (a FIFO)")
+    _refused_in_time("/dev/zero", "is not a regular file or a directory (a character device)")
+    link = tmp_path / "zero.bin"
+    link.symlink_to("/dev/zero")
+    _refused_in_time(link, "(a character device)")
+
+
+def test_special_files_inside_a_directory_are_skipped(tmp_path):
+    (tmp_path / "a.txt").write_text("text " * 100)
+    os.mkfifo(tmp_path / "b.fifo")
+    (tmp_path / "c.txt").symlink_to("/dev/zero")
+    assert bytes(load_tokens(tmp_path)) == b"text " * 100
+
+
+def test_reading_stops_at_the_cap(tmp_path):
+    """A 3 GiB (sparse) text file with a 1 MiB cap: 1 MiB read, a few MiB allocated at most."""
+    import tracemalloc
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.write(b"hello ")
+        f.truncate(3 << 30)
+    tracemalloc.start()
+    try:
+        tokens = load_tokens(big, cap_bytes=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(tokens) == 1 << 20 and bytes(tokens[:6]) == b"hello "
+    assert peak < 4 << 20, peak
+    # a directory: the cap is over all its files together
+    (tmp_path / "small.txt").write_text("x" * 1000)
+    assert len(load_tokens(tmp_path, cap_bytes=1500)) == 1500
+
+
+def test_bin_ids_checked_in_chunks(tmp_path, monkeypatch):
+    import runtime.data
+    monkeypatch.setattr(runtime.data, "BIN_CHUNK_TOKENS", 7)
+    ids = np.zeros(50, dtype=np.uint16)
+    ids[49] = 300  # in the last, partial chunk
+    ids.tofile(tmp_path / "tok.bin")
+    with pytest.raises(ValueError, match="token id 300 >= the model's vocab_size 256"):
+        load_tokens(tmp_path / "tok.bin", vocab_size=256)
+    assert np.array_equal(load_tokens(tmp_path / "tok.bin", vocab_size=301), ids)
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert len(load_tokens(tmp_path / "empty.bin")) == 0

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from runtime_dist import Layout, make_plan, run_world
 
 PLAN2 = Layout(dp=2, micro_batch=2, num_microbatches=2, zero_stage=2)
@@ -97,6 +98,17 @@ def _kill_tree(pid: int) -> None:
     for p in found:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
+    # gone (or a zombie: its files, and so the checkpoint directory's flock, are released)
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in found) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _reference_losses(plan: Path, steps: int, out: Path) -> list:
@@ -168,3 +180,71 @@ def _scaler_rank():
 
 def test_fp16_loss_scaler_skips_overflow_and_backs_off():
     assert run_world(1, _scaler_rank)[0] == (False, True, 0.5)
+
+
+BAD_FLAGS = [("--lr", "inf"), ("--lr", "nan"), ("--lr", "0"), ("--timeout", "-1"),
+             ("--timeout", "inf"), ("--timeout", "nan"), ("--grad-clip", "nan"),
+             ("--grad-clip", "-1"), ("--data-cap-mb", "nan"), ("--data-cap-mb", "0"),
+             ("--seed", "-1"), ("--steps", "0"), ("--warmup", "-2"), ("--lr", "fast"),
+             ("--checkpoint-every", "-1")]
+
+
+@pytest.mark.parametrize("flag, value", BAD_FLAGS)
+def test_bad_flag_is_one_line_before_any_process_group(tmp_path, monkeypatch, flag, value):
+    import torch.distributed as dist
+    monkeypatch.delenv("RANK", raising=False)
+    make_plan(PLAN2).save(tmp_path / "plan.json")
+    argv = ["--plan", str(tmp_path / "plan.json"), "--steps", "2", flag, value]
+    code, err, _ = _main_rank(argv)
+    assert code == 2 and not dist.is_initialized()
+    assert err.count("\n") == 1 and err.startswith("runtime.train: error: ")
+    assert flag in err and value in err, err
+
+
+def test_debug_adds_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    code, err, _ = _main_rank(["--plan", str(tmp_path / "none.json"), "--steps", "1",
+                               "--debug"])
+    assert code == 2 and "Traceback" in err
+    assert err.splitlines()[-1] == f"runtime.train: error: plan file not found: {tmp_path}/none.json"
+
+
+def test_fifo_as_data_is_refused_at_once(tmp_path):
+    """Not opened (a FIFO blocks the reader until a writer comes): one line, exit 2."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    plan = tmp_path / "plan.json"
+    make_plan(Layout(micro_batch=2, num_microbatches=2)).save(plan)
+    done = subprocess.run([sys.executable, "-m", "runtime.train", "--plan", str(plan),
+                           "--steps", "1", "--data", str(fifo)],
+                          check=False, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == f"runtime.train: error: data path {fifo} is not a regular file or a " \
+                          f"directory (a FIFO)\n"
+
+
+def _stalling_rank(argv: list) -> tuple:
+    """Rank 1 stops answering at its second step for longer than the collective timeout."""
+    from runtime import engine
+    if os.environ["RANK"] == "1":
+        step, calls = engine.Engine.train_step, []
+
+        def stalled(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                time.sleep(6)
+            return step(self, *args, **kwargs)
+        engine.Engine.train_step = stalled
+    return _main_rank(argv)
+
+
+def test_silent_peer_is_a_collective_timeout_exit_4(tmp_path):
+    make_plan(PLAN2).save(tmp_path / "plan.json")
+    argv = ["--plan", str(tmp_path / "plan.json"), "--steps", "3", "--data-cap-mb", "1",
+            "--timeout", "2"]
+    (code0, err0, _), (code1, err1, _) = run_world(2, _stalling_rank, argv, timeout_s=120)
+    assert code0 == 4 and err0.count("\n") == 1, err0
+    assert err0.startswith("runtime.train [rank 0]: error: lost a peer or a collective timed "
+                           "out (--timeout 2 s): ")
+    assert code1 == 4 and err1.count("\n") == 1, err1  # it finds rank 0 gone
