@@ -1,0 +1,1 @@
+"""The Streamlit planning UI: thin shells over the planner's library calls."""

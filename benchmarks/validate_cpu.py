@@ -19,6 +19,7 @@ import pandas as pd
 
 from planner.calibration.calibrate import calibrate, step_time_errors
 from planner.calibration.compare import compare
+from planner.cli.run import launch_command
 from planner.cost.estimate import estimate
 from planner.hardware import Cluster, load_profile
 from planner.job import Job
@@ -26,7 +27,6 @@ from planner.measured import Measured
 from planner.plan import Plan
 from planner.presets import MODEL_PRESETS
 from planner.search.ranking import SearchOptions, search
-from runtime.launch import torchrun_command
 
 OUT = Path("runs/validate")
 STATES = ("weights", "gradients", "optimizer")
@@ -68,12 +68,12 @@ def _saved_plans(cluster: Cluster) -> list:
 def _run(plan: Plan, index: int, steps: int) -> Measured:
     plan_path, measured_path = OUT / f"plan_{index:02d}.json", OUT / f"measured_{index:02d}.json"
     plan.with_estimate(estimate(plan).to_dict()).save(plan_path)
-    cmd = torchrun_command(str(plan_path), steps, ["--out", str(measured_path)])
+    cmd = launch_command(plan, plan_path, steps, ["--out", str(measured_path)])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         log = OUT / f"failed_{index:02d}.log"
         log.write_text(done.stdout + done.stderr)
-        errors = [line for line in done.stderr.splitlines() if "Error" in line]
+        errors = [line for line in done.stderr.splitlines() if ": error: " in line]
         print(f"layout {index} failed ({log}): {errors[:1]}", file=sys.stderr)
         return None
     return Measured.load(measured_path)

@@ -1,5 +1,6 @@
-"""Pipeline schedules: in-flight micro-batches per rank (activation memory) and step time with
-the bubble.  Chunk = the layers of one virtual stage on one rank.
+"""Pipeline schedules: which rank runs which model chunk, and the in-flight micro-batches per
+rank (activation memory); the bubble is planner.cost.combine.bubble_chunks.  Chunk = the layers
+of one virtual stage on one rank.
 
 Sources: GPipe (Huang et al. 2019) holds all m micro-batches; 1F1B (Narayanan et al. 2021,
 Sec. 2.2) holds p - r on rank r; interleaved 1F1B warms up 2(p-r-1) + (v-1)p chunks

@@ -1,0 +1,1 @@
+"""Measurements against predictions: predicted vs measured, profile fitting and calibration."""

@@ -1,0 +1,2 @@
+"""The search behind `planner suggest`: the layout space, its scoring, the ranking and the
+words that explain it."""

@@ -1,0 +1,1 @@
+"""The simulator: one training iteration as a timeline of compute and communication events."""
