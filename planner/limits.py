@@ -65,6 +65,13 @@ MAX_FLOPS = 1e18
 MAX_GEMM_HALF_DIM = 1e6
 MAX_SHARED_CORES = 2**16
 
+# --- search ---------------------------------------------------------------------------------
+# The 1T-parameter GPT on 3,072 GPUs enumerates 81,468 layouts in ~0.3 s (benchmarks/
+# search_speed.py); 10^6 is 12 times that (a few seconds, ~100 MB of columns).  --allow-fewer-gpus
+# searches every whole-node count: 256 of them covers 2,048 GPUs of DGX nodes.
+MAX_SEARCH_LAYOUTS = 1_000_000
+MAX_GPU_COUNTS = 256
+
 # --- simulation -----------------------------------------------------------------------------
 # `planner simulate` builds about 4 events per micro-batch and model chunk (forward, backward,
 # sends); 2^14 micro-batch x chunk passes is ~60k events, a few seconds on one core.  Larger

@@ -268,3 +268,15 @@ def test_nothing_fits_says_what_would(capsys):
     out = capsys.readouterr().out
     assert "Nothing fits" in out and "least memory" in out
     assert "more node(s)" in out and "tokens/s" in out
+
+
+def test_searches_that_would_not_finish_are_refused():
+    """Every whole-node count of 4,096 nodes, or a space of over 10^6 layouts: one line, at
+    once, instead of minutes of enumeration."""
+    model, job = load_model("llama3-8b"), Job(global_batch=2**20, seq_len=2048)
+    with pytest.raises(ValueError, match="would search 4,096 GPU counts"):
+        search(model, load_cluster("a100-80g", 4096), job,
+               SearchOptions(top=1, allow_fewer_gpus=True))
+    with pytest.raises(ValueError, match="would enumerate more than"):
+        search(model, load_cluster("a100-80g", 200), job,
+               SearchOptions(top=1, allow_fewer_gpus=True))

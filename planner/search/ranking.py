@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner import rules
+from planner.limits import MAX_GPU_COUNTS, MAX_SEARCH_LAYOUTS
 from planner.cost.estimate import Estimate, estimate
 from planner.hardware import Cluster
 from planner.plan import Plan
@@ -144,7 +145,12 @@ def gpu_counts(cluster: Cluster, allow_fewer: bool) -> list:
     world, gpn = cluster.world_size, cluster.profile.gpus_per_node
     if not allow_fewer:
         return [world]
-    counts = {n * gpn for n in range(1, world // gpn + 1)} | {world}
+    nodes = world // gpn
+    if nodes > MAX_GPU_COUNTS:
+        raise ValueError(f"--allow-fewer-gpus would search {nodes:,} GPU counts (every node count "
+                         f"up to {nodes:,}); at most {MAX_GPU_COUNTS}: search fewer --nodes, or "
+                         f"each node count on its own")
+    counts = {n * gpn for n in range(1, nodes + 1)} | {world}
     if world <= gpn:
         counts |= set(range(1, world + 1))
     return sorted(counts)
@@ -187,9 +193,16 @@ class _Search:
                             f"dp={dp} (tp={tp}, pp={pp} on {world} GPUs) does not divide "
                             f"global batch {self.job.global_batch}")
             spaces.append(cols)
+            self._check_size(sum(c["dp"].size for c in spaces))
         out = concat(spaces)
         self.considered = int(out["dp"].size) + self.rejects.get("batch", [0])[0]
         return out
+
+    def _check_size(self, layouts: int) -> None:
+        if layouts > MAX_SEARCH_LAYOUTS:
+            raise ValueError(f"the search would enumerate more than {layouts:,} layouts (at most "
+                             f"{MAX_SEARCH_LAYOUTS:,}): use fewer GPUs or a smaller --max-tp, or "
+                             f"estimate a chosen layout with planner estimate")
 
     def structural(self, cols: dict) -> dict:
         """The layouts no rule breaks; the others counted under their first broken rule, with
