@@ -4,13 +4,17 @@ runtime (one per node), a Slurm sbatch script, a DeepSpeed config and Megatron-L
 Each exporter refuses, with one line naming the value, a plan its engine cannot express, rather
 than silently running something else."""
 
+from __future__ import annotations
+
 import ipaddress
 import json
 import operator
 import re
 import shlex
+from typing import TYPE_CHECKING
 
-from planner.plan import Plan
+if TYPE_CHECKING:  # annotations only: `planner --help` reads FORMATS without loading planner.plan
+    from planner.plan import Plan
 
 DEFAULT_PORT = 29500
 DEFAULT_STEPS = 50

@@ -294,22 +294,102 @@ def test_bad_costs_are_value_errors():
 
 # --- pictures and CLI -------------------------------------------------------------------------
 
-def test_png_is_a_valid_image_with_one_band_per_stage(tmp_path):
+def _timeline_chart(t):
+    from planner import charts
+    return charts.timeline_chart(t.events, title=charts.timeline_title(t),
+                                 width=charts.TIMELINE_WIDTH)
+
+
+def test_png_is_a_valid_image_of_plausible_size():
     import struct
     import zlib
 
-    from planner.sim.draw import png_bytes, timeline_png
+    pytest.importorskip("vl_convert")
+    from planner.charts import render
     t = simulate_costs(_uniform("1f1b", 4, 8))
-    data = timeline_png(t)
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    data = render(_timeline_chart(t), "png")
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
-    assert width > 1000 and height > 4 * 40
-    tiny = png_bytes(__import__("numpy").zeros((2, 3, 3), dtype="uint8"))
-    idat = tiny[tiny.index(b"IDAT") + 4:tiny.index(b"IEND") - 8]
-    assert zlib.decompress(idat) == bytes(2 * (1 + 3 * 3))
+    assert 1000 < width < 6000 and 8 * 22 < height < 2000  # 4 stages x 2 rows, title, legend
+    assert zlib.crc32(data[12:29]) == struct.unpack(">I", data[29:33])[0]  # IHDR's CRC
+    assert data.endswith(b"IEND\xaeB`\x82") and len(data) > 10_000
 
 
-def test_cli_writes_png_html_and_json(tmp_path, capsys):
+def test_svg_has_the_stage_labels_and_micro_batches_as_text():
+    import re
+
+    pytest.importorskip("vl_convert")
+    from planner.charts import render
+    t = simulate_costs(_uniform("1f1b", 4, 8))
+    svg = render(_timeline_chart(t), "svg")
+    assert svg.lstrip().startswith("<svg")
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+    for r in range(4):
+        assert f"stage {r} compute" in texts and f"stage {r} comm" in texts
+    assert {"0", "7", "forward", "backward"} <= set(texts)
+    assert "1f1b pp=4 v=1 m=8: step 33 s, bubble 27.3%" in texts  # (m + p - 1)(F + B), (p-1)/11
+
+
+def test_html_is_one_page_embedding_the_spec():
+    pytest.importorskip("vl_convert")
+    from planner.charts import render, spec
+    t = simulate_costs(_uniform("1f1b", 2, 4))
+    chart = _timeline_chart(t)
+    html = render(chart, "html")
+    assert "vegaEmbed(" in html
+    embedded = json.JSONDecoder().raw_decode(html, html.index("const spec = ") + 13)[0]
+    assert embedded == spec(chart)  # the whole spec, data included
+    (events,) = embedded["datasets"].values()
+    assert len(events) == sum(e.end_s > e.start_s for e in t.events)  # zero-length: not drawn
+    assert "<script src=" not in html  # Vega's JavaScript is inlined: it opens offline
+
+
+def test_ui_and_cli_draw_the_timeline_with_the_same_function(tmp_path, monkeypatch):
+    pytest.importorskip("vl_convert")
+    pd = pytest.importorskip("pandas")
+    import app.charts
+    import planner.charts
+    from planner.cli import main
+    assert app.charts.timeline_chart is planner.charts.timeline_chart
+    assert app.charts.memory_chart is planner.charts.memory_chart
+    assert app.charts.time_chart is planner.charts.time_chart
+    t = simulate_costs(_uniform("interleaved_1f1b", 2, 4, v=2))
+    # the page hands over a DataFrame of the events, the CLI the Event objects: one spec
+    frame = pd.DataFrame([e.to_dict() for e in t.events])
+    assert planner.charts.timeline_chart(frame).to_dict() == \
+        planner.charts.timeline_chart(t.events).to_dict()
+    calls = []
+    real = planner.charts.timeline_chart
+    monkeypatch.setattr(planner.charts, "timeline_chart",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    plan = tmp_path / "plan.json"
+    _plan(pp=2, dp=4, num_microbatches=4).save(plan)
+    assert main(["simulate", str(plan), "--out", str(tmp_path / "t.svg")]) == 0
+    assert len(calls) == 1 and len(calls[0][0]) == len(simulate(Plan.load(plan)).events)
+
+
+def test_a_missing_renderer_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from planner.charts import EXTRA, render
+    from planner.cli import main
+    assert EXTRA == 'pip install "parallel-planner[charts]"'
+    plan = tmp_path / "plan.json"
+    _plan(pp=2, dp=4, num_microbatches=4).save(plan)
+    monkeypatch.setitem(sys.modules, "vl_convert", None)  # as if not installed
+    for fmt in ("png", "svg", "html"):
+        assert main(["simulate", str(plan), "--out", str(tmp_path / f"t.{fmt}")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and EXTRA in err and "vl-convert-python" in err
+        assert not (tmp_path / f"t.{fmt}").exists()
+    with pytest.raises(ValueError, match="parallel-planner"):
+        render(None, "png")
+    monkeypatch.setitem(sys.modules, "altair", None)
+    assert main(["simulate", str(plan), "--out", str(tmp_path / "t.json")]) == 0  # no chart
+
+
+def test_cli_writes_png_svg_html_and_json(tmp_path, capsys):
+    pytest.importorskip("vl_convert")
     from planner.cli import main
     plan = tmp_path / "plan.json"
     _plan(pp=4, dp=2, num_microbatches=8).save(plan)
@@ -317,7 +397,9 @@ def test_cli_writes_png_html_and_json(tmp_path, capsys):
     assert main(["simulate", str(plan), "--out", str(png), "--html", str(html)]) == 0
     out = capsys.readouterr().out
     assert "pipeline bubble" in out and "critical path" in out
-    assert png.read_bytes()[:4] == b"\x89PNG" and "<svg" in html.read_text()
+    assert png.read_bytes()[:4] == b"\x89PNG" and "vegaEmbed(" in html.read_text()
+    assert main(["simulate", str(plan), "--out", str(tmp_path / "t.svg")]) == 0
+    assert "stage 3 compute" in (tmp_path / "t.svg").read_text()
     assert main(["simulate", str(plan), "--out", str(js)]) == 0
     assert len(json.loads(js.read_text())["events"]) > 64
     capsys.readouterr()

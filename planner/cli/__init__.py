@@ -5,7 +5,10 @@ import argparse
 import importlib
 import sys
 
-# sub-command name -> module in planner.cli
+from planner import __version__
+
+# sub-command name -> module in planner.cli; each imports what its command needs (pandas, the
+# cost model, the simulator, ...) inside its run(), so building the parser stays cheap
 COMMANDS = ["estimate", "models", "profiles", "run", "compare", "profile", "calibrate", "ui",
             "suggest", "simulate", "export"]
 
@@ -21,6 +24,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="planner", description="Plan, simulate and run parallel transformer training.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         module = importlib.import_module(f"planner.cli.{name}")

@@ -1,12 +1,18 @@
 """Flags shared by sub-commands: model, cluster, job and layout; turning them into inputs."""
 
+from __future__ import annotations
+
 import json
 import sys
+from typing import TYPE_CHECKING
 
+from planner.engines import RECOMPUTE, SCHEDULES
 from planner.hardware import load_cluster
 from planner.job import ATTENTION, PRECISIONS, Job
-from planner.plan import RECOMPUTE, SCHEDULES, Layout, Plan
 from planner.presets import load_model
+
+if TYPE_CHECKING:  # planner.plan loads numpy (planner.rules): imported when a plan is built
+    from planner.plan import Plan
 
 
 def add_inputs(parser, required: bool = True) -> None:
@@ -52,6 +58,7 @@ def build_inputs(args) -> tuple:
 
 def build_plan(args) -> Plan:
     """A validated Plan from --plan or from the model/cluster/job/layout flags."""
+    from planner.plan import Layout, Plan
     if args.plan:
         return Plan.load(args.plan)
     missing = [f for f in ("model", "cluster", "global_batch", "seq_len")

@@ -1,8 +1,6 @@
 """`planner estimate`: memory, time and throughput of one plan."""
 
 from planner.cli.common import add_inputs, add_layout, build_plan, print_json
-from planner.cost.estimate import estimate
-from planner.report import estimate_text
 
 
 def add_parser(sub):
@@ -14,6 +12,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from planner.cost.estimate import estimate  # the cost model: only when estimating
+    from planner.report import estimate_text
     est = estimate(build_plan(args))
     if args.out:
         est.plan.with_estimate(est.to_dict()).save(args.out)

@@ -1,10 +1,15 @@
 """`planner export plan.json --to torchrun|slurm|deepspeed|megatron`: hand a plan to a launcher
 or to the engine a team already uses."""
 
+from __future__ import annotations
+
 import sys
+from typing import TYPE_CHECKING
 
 from planner import export
-from planner.plan import Plan
+
+if TYPE_CHECKING:  # planner.plan loads numpy: imported in run()
+    from planner.plan import Plan
 
 
 def add_parser(sub):
@@ -52,6 +57,7 @@ def _text(plan: Plan, args) -> str:
 
 
 def run(args) -> int:
+    from planner.plan import Plan
     text = _text(Plan.load(args.plan), args)
     if args.out:
         with open(args.out, "w") as f:

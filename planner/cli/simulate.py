@@ -1,12 +1,9 @@
-"""`planner simulate`: one iteration as a timeline; Gantt chart as PNG or HTML, events as JSON."""
+"""`planner simulate`: one iteration as a timeline; Gantt chart as PNG, SVG or an HTML page
+(planner/charts.py, the chart the UI shows), events as JSON."""
 
 import json
 
 from planner.cli.common import add_inputs, add_layout, build_plan, print_json
-from planner.cost.estimate import estimate
-from planner.report import layout_summary
-from planner.sim.draw import timeline_html, timeline_png
-from planner.sim.timeline import simulate
 from planner.units import fmt_seconds
 
 COMM_NAMES = {"tp": "TP/SP collectives", "pp": "pipeline sends", "dp_grad": "DP gradient sync",
@@ -17,14 +14,17 @@ def add_parser(sub):
     p = sub.add_parser("simulate", help="simulate one iteration: timeline, bubble, critical path")
     p.add_argument("plan_file", nargs="?", metavar="plan.json",
                    help="plan to simulate (or give the model/cluster/layout flags)")
-    p.add_argument("--out", help="write the Gantt chart: .png, .html/.svg page, or .json events")
-    p.add_argument("--html", help="also write the chart as an HTML page with hover details")
+    p.add_argument("--out", help="write the Gantt chart (.png, .svg, or .html: a page with "
+                                 "hover details and zoom) or the events (.json)")
+    p.add_argument("--html", help="also write the chart as an HTML page")
     add_inputs(p, required=False)
     add_layout(p)
     return p
 
 
 def run(args) -> int:
+    from planner.cost.estimate import estimate  # the simulator and cost model: only here
+    from planner.sim.timeline import simulate
     if args.plan_file:
         if args.plan:
             raise ValueError("give the plan either as plan.json or as --plan, not both")
@@ -43,19 +43,26 @@ def run(args) -> int:
 
 
 def _format(path: str, html: bool) -> str:
+    """The output kind of `path`; a chart format whose renderer is missing is refused here,
+    before the simulation runs."""
     kind = "html" if html else path.rsplit(".", 1)[-1].lower()
-    if kind not in ("png", "html", "htm", "svg", "json"):
-        raise ValueError(f"--out {path}: unknown format {kind!r}; use .png, .html or .json")
+    kind = "html" if kind == "htm" else kind
+    if kind not in ("png", "svg", "html", "json"):
+        raise ValueError(f"--out {path}: unknown format {kind!r}; use .png, .svg, .html or .json")
+    if kind != "json":
+        from planner import charts
+        charts.renderer(kind)
     return kind
 
 
 def _write(path: str, kind: str, t) -> None:
-    if kind == "png":
-        mode, data = "wb", timeline_png(t)
-    elif kind == "json":
+    if kind == "json":
         mode, data = "w", json.dumps(t.to_dict(), indent=1) + "\n"
     else:
-        mode, data = "w", timeline_html(t)
+        from planner import charts
+        chart = charts.timeline_chart(t.events, title=charts.timeline_title(t),
+                                      width=charts.TIMELINE_WIDTH)
+        mode, data = ("wb" if kind == "png" else "w"), charts.render(chart, kind)
     try:
         with open(path, mode) as f:
             f.write(data)
@@ -64,6 +71,7 @@ def _write(path: str, kind: str, t) -> None:
 
 
 def summary_text(plan, t, estimate_step_s: float) -> str:
+    from planner.report import layout_summary
     lines = [f"{plan.model.name}: {layout_summary(plan.layout)}",
              f"step time (critical path) {fmt_seconds(t.step_s)}; closed-form estimate "
              f"{fmt_seconds(estimate_step_s)} ({100 * (t.step_s / estimate_step_s - 1):+.1f}%)",

@@ -4,9 +4,10 @@ import sys
 
 from planner.cli.common import add_inputs, build_inputs, print_json
 from planner.hardware import Cluster
-from planner.search import nofit
-from planner.search.explain import result_text
-from planner.search.ranking import OBJECTIVES, SearchOptions, search
+
+# = planner.search.ranking.OBJECTIVES (tests/test_imports.py checks); not imported from there:
+# that module loads the search and the cost model, which building the parser must not
+OBJECTIVES = ("throughput", "min-gpus", "time-to-train")
 
 
 def add_parser(sub):
@@ -33,7 +34,8 @@ def add_parser(sub):
     return p
 
 
-def _options(args) -> SearchOptions:
+def _options(args):
+    from planner.search.ranking import SearchOptions
     return SearchOptions(objective=args.objective, top=max(args.top, args.rank),
                          max_tp=args.max_tp, headroom=args.headroom,
                          allow_fewer_gpus=args.allow_fewer_gpus,
@@ -42,6 +44,7 @@ def _options(args) -> SearchOptions:
 
 
 def run(args) -> int:
+    from planner.search.ranking import search  # the search and the cost model: only here
     model, cluster, job = build_inputs(args)
     if args.gpus:
         cluster = Cluster(profile=cluster.profile, num_nodes=cluster.num_nodes,
@@ -59,6 +62,7 @@ def run(args) -> int:
     if args.json:
         print_json([c.estimate.to_dict() for c in result.ranked[:args.top]])
         return 0
+    from planner.search.explain import result_text  # pandas lays out the table
     print(result_text(result))
     if args.out:
         print(f"\nwrote plan #{args.rank} to {args.out}; next: planner export {args.out} "
@@ -67,6 +71,8 @@ def run(args) -> int:
 
 
 def _nothing(result, args) -> int:
+    from planner.search import nofit
+    from planner.search.ranking import search
     if args.json:
         print_json([])
     target = [r for r in result.rejections if r.key == "target"]
