@@ -158,7 +158,15 @@ def _distinct_groups(groups: np.ndarray, gpn: int) -> np.ndarray:
     nodes = np.sort(groups // gpn, axis=1)
     spans = 1 + (np.diff(nodes, axis=1) != 0).sum(axis=1)
     keys = np.column_stack([groups % gpn, spans])
-    return np.unique(keys, axis=0, return_index=True)[1]
+    if keys.shape[1] <= 64:
+        return np.unique(keys, axis=0, return_index=True)[1]
+    # Long rows (a group of thousands of ranks): np.unique(axis=0) compares them as structured
+    # records with one field per rank, which takes seconds; few rows, so a dict is quick.
+    # Same result: first index of each distinct row, in the rows' lexicographic order.
+    first = {}
+    for i, row in enumerate(keys):
+        first.setdefault(row.tobytes(), i)
+    return np.array(sorted(first.values(), key=lambda i: tuple(keys[i].tolist())))
 
 
 def _axis_link_cached(profile: HardwareProfile, mesh_order: tuple, dp: int, tp: int, pp: int,

@@ -70,3 +70,112 @@ def test_cluster_is_profile_times_nodes():
 def test_unknown_profile_is_a_one_line_error():
     with pytest.raises(ValueError, match="unknown cluster profile 'tpu-v9'"):
         load_profile("tpu-v9")
+
+
+def _profile(**changes) -> dict:
+    """The a100-80g profile as a dict, with dotted keys replaced ("gpu.memory_bytes": 1)."""
+    data = json.loads(json.dumps(load_profile("a100-80g").to_dict()))
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        part = data
+        for p in parents:
+            part = part[p]
+        part[key] = value
+    return data
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("inter_node.bandwidth_bytes_per_s", 0, r"inter_node.bandwidth_bytes_per_s must be in"),
+    ("intra_node.bandwidth_bytes_per_s", 0.0, "intra_node.bandwidth_bytes_per_s must be in"),
+    ("gpu.hbm_bandwidth_bytes_per_s", 1e30, "gpu.hbm_bandwidth_bytes_per_s must be in"),
+    ("intra_node.efficiency", 1.5, r"intra_node.efficiency must be in \(0.0, 1.0\], got 1.5"),
+    ("inter_node.efficiency", 0, r"inter_node.efficiency must be in \(0.0, 1.0\], got 0"),
+    ("gpu.gemm_efficiency_max", 2, "gpu.gemm_efficiency_max must be in"),
+    ("gpu.memory_bytes", 1, r"gpu.memory_bytes must be in \[1048576, 17592186044416\], got 1"),
+    ("gpu.memory_bytes", 10**30, "gpu.memory_bytes must be in"),
+    ("gpu.memory_bytes", 8e10, "gpu.memory_bytes must be an integer"),
+    ("inter_node.latency_s", 1e300, r"inter_node.latency_s must be in \[0, 10.0\]"),
+    ("gpu.kernel_overhead_s", -1e-6, "gpu.kernel_overhead_s must be in"),
+    ("gpu.peak_flops.bf16", 1e30, "gpu.peak_flops.bf16 must be in"),
+    ("gpus_per_node", 2**31, r"gpus_per_node must be in \[1, 1024\]"),
+    ("gpu.framework_overhead_bytes", -1, "gpu.framework_overhead_bytes must be in"),
+    ("name", "a\nb", "printable"),
+    ("description", 3, "description must be a string"),
+    ("sources", {"gpu": 1}, "sources must be an object"),
+    ("gpu", [], "hardware profile gpu: expected a JSON object"),
+])
+def test_physically_impossible_profiles_are_refused(key, value, message):
+    with pytest.raises(ValueError, match=message) as err:
+        HardwareProfile.from_dict(_profile(**{key: value}))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("links, message", [
+    ([[0, 1, "2"]], "is not \\[gpu_a, gpu_b, num_links\\]"),
+    ([[0, 0, 1]], "gpu_a != gpu_b"),
+    ([[0, 1, 100]], "1 <= num_links <= 18"),
+    ([[0, 1, True]], "is not"),
+    ([[0, 1, 10], [0, 2, 10]], "give GPU 0 20 links"),
+    ([[0, 9, 1]], "names a GPU beyond gpus_per_node 8"),
+    ("0-1", "must list"),
+])
+def test_nvlink_mesh_links_are_checked(links, message):
+    data = json.loads(json.dumps(load_profile("v100-16g").to_dict()))
+    data["intra_node"]["links"] = links
+    with pytest.raises(ValueError, match=message):
+        HardwareProfile.from_dict(data)
+
+
+def test_nvlink_mesh_nodes_are_small_enough_to_search():
+    data = json.loads(json.dumps(load_profile("v100-16g").to_dict()))
+    data["gpus_per_node"] = 16
+    with pytest.raises(ValueError, match=r"gpus_per_node of an nvlink_mesh profile must be in"):
+        HardwareProfile.from_dict(data)
+
+
+def test_every_profile_key_is_required_in_schema_2():
+    data = _profile()
+    assert data["schema_version"] == 2
+    for part in ("gpu", "intra_node", "inter_node"):
+        for key in list(data[part]):
+            if part == "intra_node" and key in ("links", "link_bandwidth_bytes_per_s",
+                                                "fallback_bandwidth_bytes_per_s"):
+                continue  # documented: only an nvlink_mesh fabric needs them
+            broken = _profile()
+            del broken[part][key]
+            with pytest.raises(ValueError, match=f"{part}: missing key '{key}'"):
+                HardwareProfile.from_dict(broken)
+    for key in list(data):
+        broken = {k: v for k, v in data.items() if k != key}
+        with pytest.raises(ValueError, match=f"missing key '{key}'"):
+            HardwareProfile.from_dict(broken)
+    mesh = json.loads(json.dumps(load_profile("v100-16g").to_dict()))
+    del mesh["intra_node"]["links"]
+    with pytest.raises(ValueError, match="intra_node: missing key 'links'"):
+        HardwareProfile.from_dict(mesh)
+
+
+def test_schema_1_profiles_still_load_as_schema_2():
+    current = load_profile("cpu")
+    old = json.loads(json.dumps(current.to_dict()))
+    old["schema_version"] = 1
+    assert HardwareProfile.from_dict(old) == current  # v1 files may carry the keys too
+    for key, default in (("host_layer_overhead_s", {}), ("host_is_device", False),
+                         ("shared_cores", 0)):
+        del old["gpu"][key]
+    loaded = HardwareProfile.from_dict(old)
+    assert loaded.schema_version == 2 and loaded.gpu.host_layer_overhead_s == {}
+    assert not loaded.gpu.host_is_device and loaded.gpu.shared_cores == 0
+    with pytest.raises(ValueError, match="schema_version 3 is not supported"):
+        HardwareProfile.from_dict({**current.to_dict(), "schema_version": 3})
+
+
+def test_a_dense_nvlink_mesh_is_searched_quickly():
+    import dataclasses
+    import time
+    intra = load_profile("v100-16g").intra_node
+    dense = dataclasses.replace(intra, links=[[a, b, 2] for a in range(8)
+                                              for b in range(a + 1, 8)])
+    start = time.process_time()
+    assert mesh_ring_bandwidth(dense, tuple(range(8))) > 0
+    assert time.process_time() - start < 5  # was an exhaustive search of 2,520 cycles

@@ -77,3 +77,43 @@ def test_pipeline_ranks_partition_the_parameters():
     layout = Layout(pp=2, num_microbatches=2)
     total = sum(t.numel for r in range(2) for t in rank_param_tensors(gpt, layout, r))
     assert total == count_parameters(gpt) + gpt.vocab_size * gpt.hidden_size
+
+
+def test_every_spec_key_is_required():
+    data = MODEL_PRESETS["llama2-7b"].to_dict()
+    for key in data:  # dropout, norm_eps and rope_theta too: no silent default
+        with pytest.raises(ValueError, match=f"model spec: missing key '{key}'"):
+            ModelSpec.from_dict({k: v for k, v in data.items() if k != key})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_layers", 10**9, r"num_layers must be in \[1, 10000\]"),
+    ("num_layers", 2**63, "num_layers must be in"),
+    ("hidden_size", 10**400, "about 10\\^400"),
+    ("vocab_size", 2**40, "vocab_size must be in"),
+    ("max_seq_len", 1.5, "max_seq_len must be an integer"),
+    ("dropout", 1.0, "dropout must be < 1"),
+    ("dropout", float("nan"), "dropout must be a finite number"),
+    ("norm_eps", 0.0, r"norm_eps must be in \(0.0, 1.0\]"),
+    ("rope_theta", float("inf"), "rope_theta must be a finite number"),
+    ("name", "x" * 300, "at most 256 printable characters"),
+    ("name", "two\nlines", "printable"),
+])
+def test_absurd_shapes_are_refused(key, value, message):
+    data = MODEL_PRESETS["tiny"].to_dict()
+    with pytest.raises(ValueError, match=message) as err:
+        ModelSpec.from_dict({**data, key: value})
+    assert "\n" not in str(err.value)
+
+
+def test_hf_config_with_overflowing_numbers_is_one_line(tmp_path):
+    base = json.loads((FIXTURES / "hf_llama2_7b.json").read_text())
+    for key, raw in (("rope_theta", "1e999"), ("rms_norm_eps", "Infinity"),
+                     ("num_hidden_layers", "1" + "0" * 30)):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({**base, key: "@"}).replace('"@"', raw))
+        with pytest.raises(ValueError) as err:
+            load_model(str(path))
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="bad value"):
+        from_hf_config({**base, "attention_dropout": 10**400})

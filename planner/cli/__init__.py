@@ -17,7 +17,7 @@ class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (no usage dump), exit code 2."""
 
     def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(one_line(f"{self.prog}: error: {message}"), file=sys.stderr)
         sys.exit(2)
 
 
@@ -33,19 +33,92 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    """Run one sub-command.  Exit codes: 0 success, 2 a user error or any failure (one line on
+    stderr naming the command; `--debug` adds the traceback), 130 interrupted (Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:cut]  # accepted anywhere before `--`
+    if debug:
+        argv = [a for a in argv[:cut] if a != "--debug"] + argv[cut:]
+        cut = argv.index("--") if "--" in argv else len(argv)
+    command = next((a for a in argv[:cut] if a in COMMANDS), None)
+    try:
+        return _dispatch(argv, cut)
+    except KeyboardInterrupt:
+        return 130  # quietly, as a shell expects of Ctrl-C
+    except BrokenPipeError:  # the reader of standard output went away (`| head`)
+        _silence_stdout()
+        return 0
+    except ValueError as exc:
+        return _fail(command, str(exc), debug)
+    except OSError as exc:  # the system's answer (disk full, permission denied): one line
+        return _fail(command, describe(exc), debug)
+    except Exception as exc:  # a failure no check caught: still one line, still exit code 2
+        return _fail(command, describe(exc), debug, hint=True)
+
+
+def _dispatch(argv: list, cut: int) -> int:
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a failure (accepted anywhere)")
     args = parser.parse_args(argv[:cut])
     args.passthrough = argv[cut + 1:]  # `planner run plan.json -- <runtime.train flags>`
     if args.passthrough and args.command != "run":
         parser.error(f"arguments after -- are only for `planner run`: {args.passthrough}")
+    _check_outputs(args)
+    return args.run(args) or 0
+
+
+# Flags naming a file a command writes: checked before the command does any work.
+OUTPUT_FLAGS = {"out": "--out", "html": "--html"}
+COMMAND_OUTPUT_FLAGS = {"run": {"measured": "--measured"}}
+
+
+def _check_outputs(args) -> None:
+    from planner.cli.common import check_output
+    flags = {**OUTPUT_FLAGS, **COMMAND_OUTPUT_FLAGS.get(args.command, {})}
+    for dest, flag in flags.items():
+        path = getattr(args, dest, None)
+        if isinstance(path, str):
+            check_output(path, flag)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an exception that is not a ValueError (those are the user errors)."""
+    if isinstance(exc, OSError):
+        from planner.schema import show_path
+        where = f": {show_path(exc.filename)}" if exc.filename else ""
+        return f"{exc.strerror or type(exc).__name__}{where}"
+    if isinstance(exc, RecursionError):
+        return "an input is nested too deeply"
+    if isinstance(exc, MemoryError):
+        return "out of memory (an input is too large)"
+    if isinstance(exc, (OverflowError, ZeroDivisionError)):
+        return f"a number is out of range ({type(exc).__name__}: {exc})"
+    return f"internal error ({type(exc).__name__}: {exc})"
+
+
+def one_line(text: str, limit: int = 2000) -> str:
+    """`text` as one line: control characters escaped, cut at `limit` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _fail(command, message: str, debug: bool, hint: bool = False) -> int:
+    if debug:
+        import traceback
+        traceback.print_exc()
+    name = f"planner {command}" if command else "planner"
+    more = " (--debug shows the traceback)" if hint and not debug else ""
+    print(one_line(f"{name}: error: {message}") + more, file=sys.stderr)
+    return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush cannot fail again."""
+    import os
     try:
-        return args.run(args) or 0
-    except ValueError as exc:
-        print(f"planner {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        return 0
-
-
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # an in-process stdout without a descriptor
+        pass

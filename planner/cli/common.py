@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import os
+import stat
 import sys
 from typing import TYPE_CHECKING
 
+from planner import limits
 from planner.engines import RECOMPUTE, SCHEDULES
 from planner.hardware import load_cluster
 from planner.job import ATTENTION, PRECISIONS, Job
 from planner.presets import load_model
+from planner.schema import show_path
 
 if TYPE_CHECKING:  # planner.plan loads numpy (planner.rules): imported when a plan is built
     from planner.plan import Plan
@@ -21,9 +27,12 @@ def add_inputs(parser, required: bool = True) -> None:
                         help="preset name (planner models), spec JSON or HF config.json")
     parser.add_argument("--cluster", required=required,
                         help="profile name (planner profiles) or profile JSON path")
-    parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
-    parser.add_argument("--global-batch", type=int, required=required, help="sequences per step")
-    parser.add_argument("--seq-len", type=int, required=required, help="tokens per sequence")
+    parser.add_argument("--nodes", type=bounded_int(1, limits.MAX_NODES), default=1,
+                        help="number of nodes (default 1)")
+    parser.add_argument("--global-batch", type=bounded_int(1, limits.MAX_GLOBAL_BATCH),
+                        required=required, help="sequences per step")
+    parser.add_argument("--seq-len", type=bounded_int(1, limits.MAX_SEQ_LEN),
+                        required=required, help="tokens per sequence")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--engine", choices=("torch", "megatron"), default="torch",
                         help="whose activation/overlap behaviour to model (default torch)")
@@ -33,14 +42,15 @@ def add_inputs(parser, required: bool = True) -> None:
 
 
 def add_layout(parser) -> None:
-    parser.add_argument("--dp", type=int, default=1)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--micro-batch", type=int, default=1)
+    degree = bounded_int(1, limits.MAX_DEGREE)
+    parser.add_argument("--dp", type=degree, default=1)
+    parser.add_argument("--tp", type=degree, default=1)
+    parser.add_argument("--pp", type=degree, default=1)
+    parser.add_argument("--micro-batch", type=bounded_int(1, limits.MAX_GLOBAL_BATCH), default=1)
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs tp > 1)")
-    parser.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3")
+    parser.add_argument("--zero", type=bounded_int(0, 3), default=0, help="ZeRO stage 0-3")
     parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
-    parser.add_argument("--virtual-stages", type=int, default=1)
+    parser.add_argument("--virtual-stages", type=bounded_int(1, limits.MAX_LAYERS), default=1)
     parser.add_argument("--recompute", choices=RECOMPUTE, default="none")
     parser.add_argument("--mesh-order", default="pp,dp,tp",
                         help="mesh axes outermost to innermost (default pp,dp,tp)")
@@ -78,6 +88,134 @@ def build_plan(args) -> Plan:
     return Plan(model=model, cluster=cluster, job=job, layout=layout)
 
 
+def bounded_int(lo: int, hi: int):
+    """argparse type: a decimal integer in [lo, hi] (planner/limits.py), so that 0, -1, 1e309
+    or 10^9 nodes are usage errors before anything runs."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo:,}, {hi:,}], got "
+                                             f"{_shown(text)}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo:,}, {hi:,}], got {_shown(text)}")
+        return value
+    return integer
+
+
+def bounded_float(lo: float, hi: float, hi_open: bool = False):
+    """argparse type: a finite number in [lo, hi] ([lo, hi) with hi_open); no nan or inf."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or not lo <= value <= hi or (hi_open and value == hi):
+            raise argparse.ArgumentTypeError(f"expected a finite number in [{lo:g}, {hi:g}"
+                                             f"{')' if hi_open else ']'}, got {_shown(text)}")
+        return value
+    return number
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+
+
+def check_output(path: str, flag: str = "--out") -> None:
+    """Refuse, before any work is done, an output path that cannot become a regular file: a
+    missing or unwritable directory, a directory, a FIFO or a device (/dev/full), a name the file
+    system refuses."""
+    shown = show_path(path)
+    if not path:
+        raise ValueError(f"{flag}: empty path")
+    try:
+        real = os.path.realpath(path)
+        info = os.stat(path)
+    except FileNotFoundError:
+        info = None
+    except (OSError, ValueError) as exc:  # too long, a loop of links, a NUL byte
+        raise ValueError(f"{flag} {shown}: {getattr(exc, 'strerror', None) or exc}") from None
+    if real.startswith(("/proc/", "/sys/", "/dev/")):  # devices and kernel files: never output
+        raise ValueError(f"{flag} {shown} is not a regular file")
+    if info is not None:
+        if stat.S_ISDIR(info.st_mode):
+            raise ValueError(f"{flag} {shown} is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{flag} {shown} is not a regular file")
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{flag} {shown} is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {shown}: directory {show_path(parent)} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {shown}: directory {show_path(parent)} is not writable")
+    if len(os.path.basename(path).encode(errors="surrogateescape")) > 255:
+        raise ValueError(f"{flag} {shown}: File name too long")
+
+
+def write_output(path: str, data, flag: str = "--out") -> None:
+    """Write text or bytes to `path` through a temporary file in its directory and a rename: a
+    full disk or a failed write leaves the old file (or none), never half a file."""
+    import tempfile  # only when writing
+    target = os.path.realpath(path)
+    fd, tmp = None, None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target),
+                                   prefix=f".{os.path.basename(target)[:200]}.")
+        with os.fdopen(fd, "wb") as f:
+            fd = None
+            f.write(data.encode() if isinstance(data, str) else data)
+        mode = (os.stat(target).st_mode if os.path.exists(target)
+                else 0o666 & ~_umask())
+        os.chmod(tmp, stat.S_IMODE(mode))
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as exc:
+        raise ValueError(f"cannot write {flag} {show_path(path)}: "
+                         f"{exc.strerror or exc}") from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def strict_json(obj) -> str:
+    """`obj` as strict JSON text (indent 1, final newline); a NaN or infinity anywhere is a
+    ValueError naming where, never an `Infinity` token that JSON parsers refuse."""
+    try:
+        return json.dumps(obj, indent=1, allow_nan=False) + "\n"
+    except ValueError:
+        where, value = _first_non_finite(obj)
+        raise ValueError(f"the result holds a non-finite number ({value}) at {where}; "
+                         f"refusing to write invalid JSON") from None
+
+
+def _first_non_finite(obj) -> tuple:
+    stack = [("$", obj)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            return where, node
+        if isinstance(node, dict):
+            stack.extend((f"{where}.{k}", v) for k, v in reversed(list(node.items())))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(node))))
+    return "$", "?"
+
+
+def save_plan(plan: Plan, path: str, flag: str = "--out") -> None:
+    """The file Plan.save writes (indent 1, final newline), as strict JSON, atomically."""
+    write_output(path, strict_json(plan.to_dict()), flag)
+
+
 def print_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=1)
-    sys.stdout.write("\n")
+    """Strict JSON on standard output (no NaN/Infinity tokens: a ValueError instead)."""
+    sys.stdout.write(strict_json(obj))

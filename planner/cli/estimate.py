@@ -1,6 +1,7 @@
 """`planner estimate`: memory, time and throughput of one plan."""
 
-from planner.cli.common import add_inputs, add_layout, build_plan, print_json
+from planner.cli.common import (add_inputs, add_layout, build_plan, check_output, print_json,
+                                save_plan)
 
 
 def add_parser(sub):
@@ -14,9 +15,11 @@ def add_parser(sub):
 def run(args) -> int:
     from planner.cost.estimate import estimate  # the cost model: only when estimating
     from planner.report import estimate_text
+    if args.out:
+        check_output(args.out)  # before the work, not after it
     est = estimate(build_plan(args))
     if args.out:
-        est.plan.with_estimate(est.to_dict()).save(args.out)
+        save_plan(est.plan.with_estimate(est.to_dict()), args.out)
     if args.json:
         print_json(est.to_dict())
     else:

@@ -1,9 +1,10 @@
 """`planner simulate`: one iteration as a timeline; Gantt chart as PNG, SVG or an HTML page
 (planner/charts.py, the chart the UI shows), events as JSON."""
 
-import json
-
-from planner.cli.common import add_inputs, add_layout, build_plan, print_json
+from planner import limits
+from planner.cli.common import (add_inputs, add_layout, build_plan, check_output, print_json,
+                                strict_json, write_output)
+from planner.schema import short_repr, show_path
 from planner.units import fmt_seconds
 
 COMM_NAMES = {"tp": "TP/SP collectives", "pp": "pipeline sends", "dp_grad": "DP gradient sync",
@@ -31,7 +32,11 @@ def run(args) -> int:
         args.plan = args.plan_file
     outputs = [(path, _format(path, html)) for path, html in ((args.out, False), (args.html, True))
                if path]
+    for path, html in ((args.out, False), (args.html, True)):
+        if path is not None:
+            check_output(path, "--html" if html else "--out")  # before the simulation
     plan = build_plan(args)
+    _check_size(plan.layout)
     t = simulate(plan)
     for path, kind in outputs:
         _write(path, kind, t)
@@ -42,13 +47,23 @@ def run(args) -> int:
     return 0
 
 
+def _check_size(layout) -> None:
+    passes = layout.num_microbatches * layout.num_chunks
+    if passes > limits.MAX_SIM_PASSES:
+        raise ValueError(f"{layout.num_microbatches} micro-batches x {layout.num_chunks} model "
+                         f"chunk(s) = {passes:,} passes to simulate; at most "
+                         f"{limits.MAX_SIM_PASSES:,} are drawn (planner estimate gives the "
+                         f"step time of larger iterations)")
+
+
 def _format(path: str, html: bool) -> str:
     """The output kind of `path`; a chart format whose renderer is missing is refused here,
     before the simulation runs."""
     kind = "html" if html else path.rsplit(".", 1)[-1].lower()
     kind = "html" if kind == "htm" else kind
     if kind not in ("png", "svg", "html", "json"):
-        raise ValueError(f"--out {path}: unknown format {kind!r}; use .png, .svg, .html or .json")
+        raise ValueError(f"--out {show_path(path)}: unknown format {short_repr(kind)}; use "
+                         f".png, .svg, .html or .json")
     if kind != "json":
         from planner import charts
         charts.renderer(kind)
@@ -57,17 +72,13 @@ def _format(path: str, html: bool) -> str:
 
 def _write(path: str, kind: str, t) -> None:
     if kind == "json":
-        mode, data = "w", json.dumps(t.to_dict(), indent=1) + "\n"
+        data = strict_json(t.to_dict())
     else:
         from planner import charts
         chart = charts.timeline_chart(t.events, title=charts.timeline_title(t),
                                       width=charts.TIMELINE_WIDTH)
-        mode, data = ("wb" if kind == "png" else "w"), charts.render(chart, kind)
-    try:
-        with open(path, mode) as f:
-            f.write(data)
-    except OSError as exc:
-        raise ValueError(f"cannot write {path}: {exc.strerror}") from None
+        data = charts.render(chart, kind)  # bytes for png, text otherwise
+    write_output(path, data, "output")
 
 
 def summary_text(plan, t, estimate_step_s: float) -> str:

@@ -1,8 +1,8 @@
 """`planner suggest`: search every valid layout, rank, explain, write the chosen plan."""
 
-import sys
-
-from planner.cli.common import add_inputs, build_inputs, print_json
+from planner import limits
+from planner.cli.common import (add_inputs, bounded_float, bounded_int, build_inputs,
+                                check_output, print_json, save_plan)
 from planner.hardware import Cluster
 
 # = planner.search.ranking.OBJECTIVES (tests/test_imports.py checks); not imported from there:
@@ -13,24 +13,25 @@ OBJECTIVES = ("throughput", "min-gpus", "time-to-train")
 def add_parser(sub):
     p = sub.add_parser("suggest", help="search every layout and rank the ones that fit")
     add_inputs(p)
-    p.add_argument("--gpus", type=int, default=0,
+    plans = bounded_int(1, limits.MAX_RANKED_PLANS)
+    p.add_argument("--gpus", type=bounded_int(0, limits.MAX_GPUS), default=0,
                    help="use only this many GPUs of the nodes (default: all)")
-    p.add_argument("--top", type=int, default=10, help="plans to show (default 10)")
+    p.add_argument("--top", type=plans, default=10, help="plans to show (default 10)")
     p.add_argument("--out", help="write the best plan (or --rank K) with its estimate here")
-    p.add_argument("--rank", type=int, default=1, help="which ranked plan --out writes")
+    p.add_argument("--rank", type=plans, default=1, help="which ranked plan --out writes")
     p.add_argument("--objective", choices=OBJECTIVES, default="throughput",
                    help="throughput (default); min-gpus: fewest GPUs reaching "
                         "--target-tokens-per-s; time-to-train: for --token-budget tokens")
-    p.add_argument("--max-tp", type=int, default=0,
+    p.add_argument("--max-tp", type=bounded_int(0, limits.MAX_GPUS_PER_NODE), default=0,
                    help="largest TP degree to try (default: GPUs per node)")
-    p.add_argument("--headroom", type=float, default=0.10,
+    p.add_argument("--headroom", type=bounded_float(0.0, 1.0, hi_open=True), default=0.10,
                    help="memory fraction to keep free (default 0.10)")
     p.add_argument("--allow-fewer-gpus", action="store_true",
                    help="also try fewer GPUs (whole nodes; any count within one node)")
-    p.add_argument("--target-tokens-per-s", type=float, default=0.0,
-                   help="drop plans slower than this (min-gpus objective)")
-    p.add_argument("--token-budget", type=float, default=0.0,
-                   help="tokens to train, for time-to-train (e.g. 2e12)")
+    p.add_argument("--target-tokens-per-s", type=bounded_float(0.0, limits.MAX_TOKENS_PER_S),
+                   default=0.0, help="drop plans slower than this (min-gpus objective)")
+    p.add_argument("--token-budget", type=bounded_float(0.0, limits.MAX_TOKEN_BUDGET),
+                   default=0.0, help="tokens to train, for time-to-train (e.g. 2e12)")
     return p
 
 
@@ -45,6 +46,8 @@ def _options(args):
 
 def run(args) -> int:
     from planner.search.ranking import search  # the search and the cost model: only here
+    if args.out:
+        check_output(args.out)  # before the search, not after it
     model, cluster, job = build_inputs(args)
     if args.gpus:
         cluster = Cluster(profile=cluster.profile, num_nodes=cluster.num_nodes,
@@ -58,7 +61,7 @@ def run(args) -> int:
         raise ValueError(f"--rank {args.rank} but only {len(result.ranked)} plan(s) qualify")
     chosen = result.ranked[args.rank - 1]
     if args.out:
-        chosen.saved().save(args.out)
+        save_plan(chosen.saved(), args.out)
     if args.json:
         print_json([c.estimate.to_dict() for c in result.ranked[:args.top]])
         return 0
@@ -82,8 +85,6 @@ def _nothing(result, args) -> int:
     if result.closest is None:
         raise ValueError(nofit.no_valid_layout(result))
     lines = nofit.advice(result, search)
-    if not args.json:
+    if not args.json:  # with --json: standard output stays JSON, the error line summarises
         print("\n".join(lines))
-    else:
-        print("\n".join(lines), file=sys.stderr)
     raise ValueError(nofit.one_line(result, lines))
