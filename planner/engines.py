@@ -6,6 +6,8 @@ torch.optim.AdamW); `megatron` is Megatron-LM (Korthikanti et al. 2022; Shoeybi 
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from planner.units import ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
@@ -34,6 +36,8 @@ class Engine:
                                      # params (else all-reduce, then gather fp32 shards)
     host_overhead_per_layer: bool    # profile's measured host time per layer applies
     pytorch_pipelining_limits: bool  # PyTorch 2.13's pipelining restrictions apply (rules.py)
+    pipelined_fsdp_defers_sync: bool  # under pipelining, ZeRO-2/3 keep parameters unsharded and
+                                     # gradients unreduced until the step's last backward
 
     def optimizer_state_bytes(self, precision: str) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -48,7 +52,7 @@ TORCH = Engine(
     sp_saves_sharded_gemm_input=False, sp_shards_checkpoint=True, tp_bwd_overlaps_wgrad=False,
     tp_bwd_all_reduces_each_colwise=True, dp_overlaps_compute=True, fsdp_groups_per_block=True,
     fp16_grads_reduced_in_fp16=False, zero1_reduce_scatters=False, host_overhead_per_layer=True,
-    pytorch_pipelining_limits=True)
+    pytorch_pipelining_limits=True, pipelined_fsdp_defers_sync=True)
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped
@@ -59,10 +63,22 @@ MEGATRON = Engine(
     fp32_master_params=False, sp_saves_sharded_gemm_input=True, sp_shards_checkpoint=False,
     tp_bwd_overlaps_wgrad=True, tp_bwd_all_reduces_each_colwise=False, dp_overlaps_compute=False,
     fsdp_groups_per_block=False, fp16_grads_reduced_in_fp16=True, zero1_reduce_scatters=True,
-    host_overhead_per_layer=False, pytorch_pipelining_limits=False)
+    host_overhead_per_layer=False, pytorch_pipelining_limits=False,
+    pipelined_fsdp_defers_sync=False)
 
 ENGINES = {e.name: e for e in (TORCH, MEGATRON)}
 
 
 def engine(name: str) -> Engine:
     return ENGINES[name]
+
+
+def deferred_fsdp(engine_name: str, zero_stage, pp):
+    """ZeRO-2/3 under pipelining in PyTorch 2.13: torch.distributed.pipelining (stage.py,
+    backward_maybe_with_nosync) turns off FSDP2's reshard-after-backward and gradient sync for
+    every backward, and perform_reduce_grad reduce-scatters once per step after the last one.
+    So a stage holds its parameters unsharded and its fp32 gradients unreduced (measured on 4
+    gloo ranks, dp=2 x pp=2: the whole stage's parameters and gradients, unsharded); works on
+    scalars and numpy columns."""
+    return (np.asarray(engine(engine_name).pipelined_fsdp_defers_sync)
+            & np.isin(zero_stage, SHARDED_GRAD_STAGES) & (np.asarray(pp) > 1))

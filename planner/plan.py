@@ -4,16 +4,24 @@ Validation happens once, at construction, with messages that name the offending 
 
 import dataclasses
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 
-from planner import rules
+from planner import limits, rules
 from planner.cost import pipeline
 from planner.engines import INTERLEAVED, RECOMPUTE, SCHEDULES, ZERO_BUBBLE  # noqa: F401
 from planner.hardware import Cluster
 from planner.job import Job
+from planner.limits import check_int
 from planner.schema import check_keys, load_json_file, require_bool, require_choice, require_int
 from planner.spec import ModelSpec
 
+# the largest value of each layout field (planner/limits.py gives the sources)
+LAYOUT_BOUNDS = {"dp": limits.MAX_DEGREE, "tp": limits.MAX_DEGREE, "pp": limits.MAX_DEGREE,
+                 "micro_batch": limits.MAX_GLOBAL_BATCH,
+                 "num_microbatches": limits.MAX_GLOBAL_BATCH,
+                 "virtual_stages": limits.MAX_LAYERS}
 SCHEMA_VERSION = 2   # 2: the attached estimate no longer repeats the plan (1 still loads)
 READABLE_VERSIONS = (1, 2)
 AXES = ("pp", "dp", "tp")
@@ -46,6 +54,7 @@ class Layout:
     def __post_init__(self):
         for key in ("dp", "tp", "pp", "micro_batch", "num_microbatches", "virtual_stages"):
             require_int(getattr(self, key), key)
+            check_int(getattr(self, key), key, 1, LAYOUT_BOUNDS[key])
         require_bool(self.sequence_parallel, "sequence_parallel")
         require_int(self.zero_stage, "zero_stage", minimum=0)
         if self.zero_stage > 3:
@@ -58,8 +67,12 @@ class Layout:
         if sorted(map(str, self.mesh_order)) != sorted(AXES):
             raise ValueError(f"mesh_order must be a permutation of {list(AXES)}, "
                              f"got {list(self.mesh_order)}")
+        if len(self.layers_per_stage) > limits.MAX_LAYERS:
+            raise ValueError(f"layers_per_stage has {len(self.layers_per_stage):,} entries; at "
+                             f"most {limits.MAX_LAYERS:,}")
         for n in self.layers_per_stage:
             require_int(n, "layers_per_stage entry")
+            check_int(n, "layers_per_stage entry", 1, limits.MAX_LAYERS)
         object.__setattr__(self, "mesh_order", tuple(self.mesh_order))
         object.__setattr__(self, "layers_per_stage", tuple(self.layers_per_stage))
 
@@ -165,9 +178,19 @@ class Plan:
         return plan.with_estimate(data["estimate"])
 
     def save(self, path) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
+        """Strict JSON (no NaN/Infinity), written to a temporary file and renamed into place:
+        a failed write never leaves half a plan."""
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+        target = os.path.realpath(path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".plan.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def load(cls, path) -> "Plan":

@@ -4,7 +4,7 @@ from planner.units import fmt_bytes, fmt_seconds
 
 MEMORY_ROWS = [
     ("weights_bytes", "weights", "parameters held by this rank (ZeRO-3/FSDP: its shard)"),
-    ("gradients_bytes", "gradients", "gradient buffers (ZeRO-2/3: sharded)"),
+    ("gradients_bytes", "gradients", "gradient buffers (ZeRO-2/3: sharded; with pp: whole)"),
     ("optimizer_bytes", "optimizer states", "AdamW moments (+ fp32 master for 16-bit weights)"),
     ("activations_bytes", "activations", "saved for backward x in-flight micro-batches"),
     ("gathered_params_bytes", "16-bit compute copies", "FSDP gathers / autocast weight cache"),

@@ -240,9 +240,6 @@ def generate(files: Files, per_base: dict, seed: int = SEED):
 # file and the fix, and the fuzz still counts its cases.  Remove an entry once its count is 0.
 # (label, reason, does it match this (argv, stderr, files)?, run it at all?)
 OPEN_FINDINGS = [
-    ("layout-int64", "planner/plan.py: Layout counts have no upper bound (planner/limits.py); "
-                     "2**63 overflows numpy int64 in planner/rules.py",
-     lambda argv, err, files: "too large to convert to C" in err, True),
     ("hostfile-device", "planner/export.py read_hostfile reads any file whole: a FIFO blocks, "
                         "/dev/zero never ends (use planner.schema.read_input_file)",
      lambda argv, err, files: "--nodes-hostfile" in argv

@@ -140,9 +140,14 @@ def test_shared_cores_reclaim_the_bubble():
 def test_fsdp2_gathers_and_reduces_each_block_on_its_own():
     plan = _cpu_plan(Layout(dp=2, pp=4, zero_stage=3, micro_batch=1, num_microbatches=4), 0)
     first, middle = _dp_collectives(plan, 0), _dp_collectives(plan, 1)
-    # 8 layers over 4 stages: 2 blocks each, plus the root group (embedding) on stage 0
-    assert [c.count for c in first] == [4 * 3, 2 * 4 * 3]
-    assert [c.count for c in middle] == [4 * 2, 2 * 4 * 2]
+    # 8 layers over 4 stages: 2 blocks each, plus the root group (embedding) on stage 0; under
+    # pipelining one reduce-scatter per group and step, m + 1 ZeRO-3 gathers
+    # (tests/test_runtime_fsdp_pipeline.py counts them on the runtime)
+    assert [c.count for c in first] == [3, (4 + 1) * 3]
+    assert [c.count for c in middle] == [2, (4 + 1) * 2]
+    flat = _dp_collectives(_cpu_plan(Layout(dp=8, zero_stage=3, micro_batch=1,
+                                            num_microbatches=4), 0), 0)
+    assert [c.count for c in flat] == [4 * 9, 2 * 4 * 9]  # per micro-batch, 8 blocks + root
     megatron = Plan(model=MODEL_PRESETS["llama2-7b"], cluster=load_cluster("a100-80g", 1),
                     job=Job(global_batch=64, seq_len=4096, engine="megatron"),
                     layout=Layout(dp=8, zero_stage=1, micro_batch=1, num_microbatches=8))

@@ -136,7 +136,7 @@ def result():
 
 
 def test_top_plans_are_exact_estimates_in_order(result):
-    assert len(result.ranked) == 8
+    assert len(result.ranked) == min(8, result.num_fit) and result.num_fit >= 3
     t = result.fit_table
     limit = 0.9 * result.cluster.profile.gpu.memory_bytes
     for c in result.ranked:

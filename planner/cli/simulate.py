@@ -1,7 +1,6 @@
 """`planner simulate`: one iteration as a timeline; Gantt chart as PNG, SVG or an HTML page
 (planner/charts.py, the chart the UI shows), events as JSON."""
 
-from planner import limits
 from planner.cli.common import (add_inputs, add_layout, build_plan, check_output, print_json,
                                 strict_json, write_output)
 from planner.schema import short_repr, show_path
@@ -36,8 +35,7 @@ def run(args) -> int:
         if path is not None:
             check_output(path, "--html" if html else "--out")  # before the simulation
     plan = build_plan(args)
-    _check_size(plan.layout)
-    t = simulate(plan)
+    t = simulate(plan)  # refuses an iteration too large to simulate, before any work
     for path, kind in outputs:
         _write(path, kind, t)
     if args.json:
@@ -45,15 +43,6 @@ def run(args) -> int:
     else:
         print(summary_text(plan, t, estimate(plan).time.step_s))
     return 0
-
-
-def _check_size(layout) -> None:
-    passes = layout.num_microbatches * layout.num_chunks
-    if passes > limits.MAX_SIM_PASSES:
-        raise ValueError(f"{layout.num_microbatches} micro-batches x {layout.num_chunks} model "
-                         f"chunk(s) = {passes:,} passes to simulate; at most "
-                         f"{limits.MAX_SIM_PASSES:,} are drawn (planner estimate gives the "
-                         f"step time of larger iterations)")
 
 
 def _format(path: str, html: bool) -> str:

@@ -64,7 +64,8 @@ def bubble_chunks(*, pp, virtual_stages, zero_bubble, fwd_s, bwd_s, wgrad_s):
 
 
 def dp_exposed(*, dp_total_s, grad_sync_s, num_microbatches, pace_s, rank_bwd_s,
-               rank_recompute_s, sharded, overlapped, first_gather_layers):
+               rank_recompute_s, sharded, deferred, overlapped, first_gather_layers,
+               first_gather_s):
     """Data-parallel seconds one rank leaves on the critical path.
 
     Not overlapped (or a group of one): all of it.  DDP (ZeRO-0/1): the gradient all-reduce
@@ -72,13 +73,18 @@ def dp_exposed(*, dp_total_s, grad_sync_s, num_microbatches, pace_s, rank_bwd_s,
     parameter gather) is exposed.  FSDP2 (ZeRO-2/3): each micro-batch's gathers and
     reduce-scatters overlap the pipeline's pace - the slowest rank's micro-batch time, which
     every rank's micro-batch slot lasts in the steady state - plus the first block's gather
-    before the first forward."""
+    before the first forward.  FSDP2 under pipelining (`deferred`, engines.deferred_fsdp): the
+    step's one reduce-scatter follows the last backward and is exposed; the first gather is
+    exposed, the other gathers overlap the step's micro-batches."""
     m = num_microbatches
     per_mb = dp_total_s / m
     first_gather = per_mb / np.maximum(1, first_gather_layers)
     fsdp = np.maximum(0.0, per_mb - pace_s) * m + first_gather
+    gathers = dp_total_s - grad_sync_s
+    late = grad_sync_s + first_gather_s + np.maximum(0.0, gathers - first_gather_s - m * pace_s)
     ddp = np.maximum(0.0, grad_sync_s - rank_bwd_s - rank_recompute_s) + dp_total_s - grad_sync_s
-    return np.where(overlapped, np.where(sharded, fsdp, ddp), dp_total_s)
+    sharded_s = np.where(deferred, late, fsdp)
+    return np.where(overlapped, np.where(sharded, sharded_s, ddp), dp_total_s)
 
 
 def shared_core_bubble(*, cores, ranks_per_node, step_s, bubble_s):
@@ -118,8 +124,9 @@ class StepParts:
 
 
 def step_parts(*, ranks: list, mean_total_s, pp, virtual_stages, zero_bubble, num_microbatches,
-               dp_total_s: list, grad_sync_s: list, optimizer_s: list, sharded, overlapped,
-               first_gather_layers, cores, ranks_per_node) -> StepParts:
+               dp_total_s: list, grad_sync_s: list, optimizer_s: list, first_gather_s: list,
+               sharded, deferred, overlapped, first_gather_layers, cores,
+               ranks_per_node) -> StepParts:
     """The step from the ranks' micro-batch times (RankMicrobatch), their data-parallel
     collective times and optimizer times.  The slowest rank sets the pipeline's pace; the fill
     and drain cost the bubble multiple of the mean rank time (Narayanan et al. 2021, Eq. 1); the
@@ -133,9 +140,10 @@ def step_parts(*, ranks: list, mean_total_s, pp, virtual_stages, zero_bubble, nu
                            wgrad_s=s.wgrad_s) * mean_total_s
     exposed = [dp_exposed(dp_total_s=total, grad_sync_s=sync, num_microbatches=m,
                           pace_s=s.total_s, rank_bwd_s=r.compute_bwd_s,
-                          rank_recompute_s=r.recompute_s, sharded=sharded, overlapped=overlapped,
-                          first_gather_layers=first_gather_layers)
-               for r, total, sync in zip(ranks, dp_total_s, grad_sync_s)]
+                          rank_recompute_s=r.recompute_s, sharded=sharded, deferred=deferred,
+                          overlapped=overlapped, first_gather_layers=first_gather_layers,
+                          first_gather_s=gather)
+               for r, total, sync, gather in zip(ranks, dp_total_s, grad_sync_s, first_gather_s)]
     tail = np.argmax(np.stack(np.broadcast_arrays(*[e + o for e, o in zip(exposed, optimizer_s)]),
                               axis=-1), axis=-1)
     dp_exp, opt = _pick(exposed, tail), _pick(optimizer_s, tail)

@@ -4,7 +4,7 @@ planner/cost/fields.py."""
 
 from planner.cost.comm import make_collective
 from planner.cost.params import _local_numel
-from planner.engines import engine
+from planner.engines import deferred_fsdp, engine
 from planner.plan import Mesh
 from planner.topology import axis_link, pipeline_p2p_link
 from planner.units import dtype_bytes
@@ -108,11 +108,23 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
                     make_collective("dp_param_all_gather", "all_gather", link, 1, a * numel)]
         return [make_collective("dp_all_reduce", "all_reduce", link, 1, grad_bytes),
                 make_collective("dp_param_broadcast", "all_gather", link, 1, 4 * numel)]
-    gathers = 2 if zero_stage == 3 else 1
     groups = 1
     if eng.fsdp_groups_per_block:
         groups = rank_layers + (1 if holds_embedding or holds_head else 0)
-    return [make_collective("dp_reduce_scatter", "reduce_scatter", link, m * groups,
+    reduces, gathers = fsdp_rounds(job.engine, zero_stage, pp, m)
+    return [make_collective("dp_reduce_scatter", "reduce_scatter", link, reduces * groups,
                             4 * numel / groups),
-            make_collective("dp_param_all_gather", "all_gather", link, gathers * m * groups,
+            make_collective("dp_param_all_gather", "all_gather", link, gathers * groups,
                             a * numel / groups)]
+
+
+def fsdp_rounds(engine_name: str, zero_stage: int, pp: int, m: int) -> tuple:
+    """(reduce-scatters, all-gathers) of each FSDP2 group per step.  Without pipelining: per
+    micro-batch one reduce-scatter and one (ZeRO-2) or two (ZeRO-3) gathers.  Under pipelining
+    (engines.deferred_fsdp) one reduce-scatter per step; ZeRO-2 gathers once; ZeRO-3 reshards
+    after each forward but not after a backward, so it gathers for the first forward, for each
+    forward that follows a forward and for each backward that follows a forward: m + 1 in GPipe
+    and 1F1B (counted on 4 gloo ranks, dp=2 x pp=2, m=4: 5 per group)."""
+    if deferred_fsdp(engine_name, zero_stage, pp):
+        return 1, (m + 1 if zero_stage == 3 else 1)
+    return m, (2 * m if zero_stage == 3 else m)

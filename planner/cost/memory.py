@@ -20,7 +20,7 @@ from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_
                                  with_rank)
 from planner.cost.params import _local_numel, block_params_local, chunk_size, pieces_tensors
 from planner.cost.pipeline import head_inflight, inflight_chunks
-from planner.engines import SHARDED_GRAD_STAGES, engine
+from planner.engines import SHARDED_GRAD_STAGES, deferred_fsdp, engine
 from planner.units import ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED, dtype_bytes
 
 ADAM_STEP_BYTES = 4        # torch.optim.AdamW keeps a float32 `step` tensor per parameter
@@ -97,13 +97,17 @@ def _flat_partition(numels: list, dp: int, dp_rank: int) -> tuple:
 
 
 def torch_model_state_bytes(tensors: list, tp: int, dp: int, zero_stage: int,
-                            dp_rank: int = 0, tp_rank: int = 0) -> ModelStateBytes:
-    """fp32 parameters, fp32 gradients, AdamW exp_avg + exp_avg_sq + step, as PyTorch shards."""
+                            dp_rank: int = 0, tp_rank: int = 0,
+                            deferred_sync: bool = False) -> ModelStateBytes:
+    """fp32 parameters, fp32 gradients, AdamW exp_avg + exp_avg_sq + step, as PyTorch shards.
+    With `deferred_sync` (ZeRO-2/3 under pipelining) the gradients are held unsharded in fp32
+    until the step's reduce-scatter (FSDP2 accumulates unreduced gradients in its reduce dtype)."""
     state = ADAM_STATE_BYTES_FP32
     shapes = [t.local_shape(tp, tp_rank) for t in tensors]
     if zero_stage in SHARDED_GRAD_STAGES:  # FSDP2 shards parameters and gradients
         numel = sum(_fsdp_numel(s, dp, dp_rank) for s in shapes)
-        return ModelStateBytes(4 * numel, 4 * numel, state * numel + ADAM_STEP_BYTES * len(shapes))
+        grads = 4 * sum(math.prod(s) for s in shapes) if deferred_sync else 4 * numel
+        return ModelStateBytes(4 * numel, grads, state * numel + ADAM_STEP_BYTES * len(shapes))
     local = [math.prod(s) for s in shapes]
     numel = sum(local)
     if zero_stage == 1:
@@ -115,31 +119,34 @@ def torch_model_state_bytes(tensors: list, tp: int, dp: int, zero_stage: int,
 
 @lru_cache(maxsize=65536)
 def _torch_rank_states(spec, pieces: tuple, tp: int, dp: int, zero_stage: int, dp_rank: int,
-                       tp_rank: int) -> ModelStateBytes:
+                       tp_rank: int, deferred_sync: bool) -> ModelStateBytes:
     return torch_model_state_bytes(pieces_tensors(spec, *pieces), tp, dp, zero_stage, dp_rank,
-                                   tp_rank)
+                                   tp_rank, deferred_sync)
 
 
-def model_states(spec, job, *, tp, dp, zero_stage, rank_layers, holds_embedding, holds_head,
-                 tied_copy, dp_rank=0, tp_rank=0) -> tuple:
+def model_states(spec, job, *, tp, dp, pp, zero_stage, rank_layers, holds_embedding,
+                 holds_head, tied_copy, dp_rank=0, tp_rank=0) -> tuple:
     """(weights, gradients, optimizer) bytes of one rank (dp rank 0 / tp rank 0 hold the
     largest shards)."""
     pieces = (int(rank_layers), bool(holds_embedding), bool(holds_head), bool(tied_copy))
     if engine(job.engine).fp32_master_params:
-        states = _torch_rank_states(spec, pieces, tp, dp, zero_stage, dp_rank, tp_rank)
+        deferred = bool(deferred_fsdp(job.engine, zero_stage, pp))
+        states = _torch_rank_states(spec, pieces, tp, dp, zero_stage, dp_rank, tp_rank, deferred)
     else:
         states = zero_model_state_bytes(_local_numel(spec, tp, *pieces), dp, zero_stage,
                                         job.precision)
     return states.weights_bytes, states.gradients_bytes, states.optimizer_bytes
 
 
-def gathered_params(spec, job, *, tp, zero_stage, rank_layers, holds_embedding, holds_head,
+def gathered_params(spec, job, *, tp, pp, zero_stage, rank_layers, holds_embedding, holds_head,
                     tied_copy) -> float:
-    """16-bit parameter copies that exist only during compute."""
+    """16-bit parameter copies that exist only during compute (under pipelining ZeRO-2/3 keep
+    the whole stage's unsharded copies until the step ends: engines.deferred_fsdp)."""
     a = dtype_bytes(job.precision)
-    if zero_stage == 3:
+    if zero_stage == 3 and not deferred_fsdp(job.engine, zero_stage, pp):
         return FSDP_PREFETCH_LAYERS * a * block_params_local(spec, tp)
-    if not engine(job.engine).fp32_master_params or (job.precision == "fp32" and zero_stage < 2):
+    if not engine(job.engine).fp32_master_params or (
+            job.precision == "fp32" and zero_stage not in SHARDED_GRAD_STAGES):
         return 0.0  # the 16-bit (or fp32) weights are the model states themselves
     # FSDP2 reshard_after_forward=False, or autocast's cast-weight cache
     return a * _local_numel(spec, tp, int(rank_layers), bool(holds_embedding), bool(holds_head),

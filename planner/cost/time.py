@@ -18,7 +18,7 @@ from planner.cost.combine import RankMicrobatch, rank_microbatch, step_parts
 from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds
 from planner.cost.compute import head_times, layer_times, selective_recompute_s
 from planner.cost.fields import PlanEvaluations, call, plan_fields, rank_facts_of, unpack
-from planner.engines import SHARDED_GRAD_STAGES, ZERO_BUBBLE, engine
+from planner.engines import SHARDED_GRAD_STAGES, ZERO_BUBBLE, deferred_fsdp, engine
 
 # AdamW update per parameter: read+write fp32 weight, momentum and variance, read the gradient,
 # plus the gradient-norm pass for clipping (read the gradient again).
@@ -116,12 +116,14 @@ def pp_comm_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_para
 
 def dp_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_microbatches,
                rank_layers, holds_embedding, holds_head, tied_copy) -> tuple:
-    """(all data-parallel seconds of the step, the gradient sync's) on one pipeline rank."""
+    """(all data-parallel seconds of the step, the gradient sync's, one FSDP group's parameter
+    gather) on one pipeline rank."""
     colls = dp_collectives(profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
                            zero_stage=zero_stage, num_microbatches=num_microbatches,
                            rank_layers=int(rank_layers), holds_embedding=bool(holds_embedding),
                            holds_head=bool(holds_head), tied_copy=bool(tied_copy))
-    return sum(c.time_s for c in colls), colls[0].time_s if colls else 0.0
+    gather = colls[1].time_each_s if zero_stage in SHARDED_GRAD_STAGES and colls else 0.0
+    return sum(c.time_s for c in colls), colls[0].time_s if colls else 0.0, gather
 
 
 def optimizer_seconds(gpu, job, *, optimizer_bytes) -> float:
@@ -138,6 +140,7 @@ def step_inputs(spec, job, profile, *, world, pp, virtual_stages, schedule, zero
     return {"pp": pp, "virtual_stages": virtual_stages, "num_microbatches": num_microbatches,
             "zero_bubble": np.isin(schedule, ZERO_BUBBLE),
             "sharded": np.isin(zero_stage, SHARDED_GRAD_STAGES),
+            "deferred": deferred_fsdp(job.engine, zero_stage, pp),
             "overlapped": engine(job.engine).dp_overlaps_compute & (dp > 1),
             "first_gather_layers": spec.num_layers // pp, "cores": profile.gpu.shared_cores,
             "ranks_per_node": np.minimum(world, profile.gpus_per_node)}
@@ -156,12 +159,13 @@ def _microbatch(evaluate, layers, holds_head, sends=1) -> RankMicrobatch:
 
 
 def rank_time_parts(evaluate, optimizer_bytes) -> tuple:
-    """(RankMicrobatch, all DP seconds, gradient-sync seconds, optimizer seconds) of one rank,
+    """(RankMicrobatch, all DP seconds, gradient-sync seconds, optimizer seconds, one group's
+    parameter gather) of one rank,
     from its pieces: `evaluate(fn)` is fn's result for the rank (planner/cost/fields.py)."""
     layers, _, _, last = unpack(evaluate(rank_facts_of), 4)
-    total, sync = unpack(evaluate(dp_seconds), 2)
+    total, sync, gather = unpack(evaluate(dp_seconds), 3)
     opt = optimizer_bytes * evaluate(optimizer_seconds_per_byte)
-    return _microbatch(evaluate, layers, last == 1), total, sync, opt
+    return _microbatch(evaluate, layers, last == 1), total, sync, opt, gather
 
 
 def mean_rank_s(evaluate, num_layers: int, pp) -> object:
@@ -178,7 +182,8 @@ def step_of(ranks: list, step: dict, mean_rank_total_s):
     """planner.cost.combine.step_parts from rank_time_parts of each rank."""
     return step_parts(ranks=[r[0] for r in ranks], mean_total_s=mean_rank_total_s,
                       dp_total_s=[r[1] for r in ranks], grad_sync_s=[r[2] for r in ranks],
-                      optimizer_s=[r[3] for r in ranks], **step)
+                      optimizer_s=[r[3] for r in ranks], first_gather_s=[r[4] for r in ranks],
+                      **step)
 
 
 def time_breakdown(plan, rank_memories: list,

@@ -4,14 +4,18 @@ by hand (tests use uniform stages without communication)."""
 
 from dataclasses import dataclass
 
-from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds
+from planner.cost.comm_plan import (dp_collectives, fsdp_rounds, pp_p2p_per_microbatch,
+                                    tp_pass_seconds)
 from planner.cost.compute import LayerTimes, head_times, layer_times, selective_recompute_s
 from planner.cost.fields import call, plan_fields, with_rank
 from planner.cost.memory import rank_memory
 from planner.cost.time import exposed_tp, optimizer_seconds
-from planner.engines import DDP_STAGES, SCHEDULES, engine
+from planner.engines import DDP_STAGES, SCHEDULES, deferred_fsdp, engine
 from planner.plan import Plan
 
+# none; DDP all-reduce; FSDP2 per micro-batch; FSDP2 under pipelining, reduced once per step
+# (planner.engines.deferred_fsdp)
+DP_MODES = ("none", "all_reduce", "sharded", "deferred")
 MAX_BUCKETS_PER_CHUNK = 8   # DDP gradient buckets per chunk: one per layer, at most this many
 _NO_HEAD = LayerTimes(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
@@ -45,10 +49,10 @@ class SimCosts:
     chunk_param_share: tuple = ()          # fraction of its rank's parameters in each chunk
     chunk_buckets: tuple = ()              # gradient buckets per chunk
     p2p_s: float = 0.0                     # one activation or gradient send between ranks
-    dp_mode: str = "none"                  # none | all_reduce | sharded
+    dp_mode: str = "none"                  # none | all_reduce | sharded | deferred
     dp_overlap: bool = True
-    rank_grad_sync_s: tuple = ()           # all_reduce: per step; sharded: per micro-batch
-    rank_gather_s: tuple = ()              # sharded: one gather of the rank's parameters
+    rank_grad_sync_s: tuple = ()           # all_reduce, deferred: per step; sharded: per mb
+    rank_gather_s: tuple = ()              # sharded, deferred: one gather of the rank's params
     gathers_per_microbatch: int = 0        # ZeRO-2: 1 (before F), ZeRO-3: 2 (also before B)
     rank_after_step_s: tuple = ()          # ZeRO-1 parameter broadcast after the step
     rank_optimizer_s: tuple = ()
@@ -70,8 +74,9 @@ class SimCosts:
         if len(buckets) != n or any(not isinstance(k, int) or k < 1 for k in buckets):
             raise ValueError(f"chunk_buckets must be {n} integers >= 1, got {list(buckets)}")
         object.__setattr__(self, "chunk_buckets", buckets)
-        if self.dp_mode not in ("none", "all_reduce", "sharded"):
-            raise ValueError(f"dp_mode must be none, all_reduce or sharded, got {self.dp_mode!r}")
+        if self.dp_mode not in DP_MODES:
+            raise ValueError(f"dp_mode must be one of {', '.join(DP_MODES)}, got "
+                             f"{self.dp_mode!r}")
         if any(w > b for w, b in zip(self.chunk_wgrad_s, self.chunk_bwd_s)):
             raise ValueError("chunk_wgrad_s must not exceed chunk_bwd_s")
 
@@ -132,7 +137,10 @@ def _dp_costs(plan: Plan, named: dict) -> dict:
     if lay.zero_stage in DDP_STAGES:
         return {**common, "dp_mode": "all_reduce", "rank_grad_sync_s": [c[0].time_s for c in colls],
                 "rank_after_step_s": [sum(x.time_s for x in c[1:]) for c in colls]}
-    return {**common, "dp_mode": "sharded",
-            "rank_grad_sync_s": [c[0].time_each_s for c in colls],
-            "rank_gather_s": [c[1].time_each_s for c in colls],
+    deferred = bool(deferred_fsdp(plan.job.engine, lay.zero_stage, lay.pp))
+    reduces, gathers = fsdp_rounds(plan.job.engine, lay.zero_stage, lay.pp, lay.num_microbatches)
+    # one round of a rank's FSDP2 groups: every group's reduce-scatter or gather once
+    return {**common, "dp_mode": "deferred" if deferred else "sharded",
+            "rank_grad_sync_s": [c[0].time_s / reduces for c in colls],
+            "rank_gather_s": [c[1].time_s / gathers for c in colls],
             "gathers_per_microbatch": 2 if lay.zero_stage == 3 else 1}

@@ -95,7 +95,7 @@ def _grad_events(gb: _Graph, c: SimCosts, r: int, seq: list) -> list:
     layers: of each chunk's last backward (all_reduce) or of every backward (sharded)."""
     kinds = ("W",) if c.schedule in SPLIT_BACKWARD else ("B",)
     grads = [e for e in seq if gb.nodes[e][1]["kind"] in kinds]
-    if c.dp_mode == "all_reduce":
+    if c.dp_mode in ("all_reduce", "deferred"):
         last = {gb.nodes[e][1]["stage"]: e for e in grads}
         grads = sorted(last.values())
     out = []
@@ -103,7 +103,9 @@ def _grad_events(gb: _Graph, c: SimCosts, r: int, seq: list) -> list:
         s = gb.nodes[e][1]["stage"]
         pieces = _buckets(gb, c, r, "grad_sync", e, c.rank_grad_sync_s[r] * c.chunk_param_share[s])
         for b, piece in enumerate(pieces):
-            if c.dp_overlap:
+            if c.dp_mode == "deferred":  # perform_reduce_grad: after the chunk's last backward
+                gb.dep(e, piece, 1.0)
+            elif c.dp_overlap:
                 gb.dep(e, piece, (b + 1) / len(pieces))
             else:
                 gb.dep(seq[-1], piece)
@@ -115,14 +117,18 @@ def _gather_events(gb: _Graph, c: SimCosts, r: int, seq: list) -> None:
     """ZeRO-2/3 parameter all-gathers before each forward (ZeRO-3: and each backward, counting
     its recompute), issued when the previous compute event starts (one-ahead prefetch).  The
     first layer's bucket gates the event, the rest must land before the next event starts."""
-    prev_kind = None
+    prev_kind, resharded = None, {}
     for i, e in enumerate(seq):
         node = gb.nodes[e][1]
         kind = node["kind"]
-        backward = c.gathers_per_microbatch == 2 and (
-            kind == "R" or kind in ("B", "I") and prev_kind != "R")
+        if c.dp_mode == "deferred":
+            needed = _deferred_gather(c, kind, resharded, node["stage"])
+        else:
+            backward = c.gathers_per_microbatch == 2 and (
+                kind == "R" or kind in ("B", "I") and prev_kind != "R")
+            needed = kind == "F" or backward
         prev_kind = kind
-        if kind != "F" and not backward:
+        if not needed:
             continue
         pieces = _buckets(gb, c, r, "gather", e,
                           c.rank_gather_s[r] * c.chunk_param_share[node["stage"]])
@@ -134,13 +140,23 @@ def _gather_events(gb: _Graph, c: SimCosts, r: int, seq: list) -> None:
                 gb.dep(piece, seq[i + 1])
 
 
+def _deferred_gather(c: SimCosts, kind: str, resharded: dict, stage: int) -> bool:
+    """Whether a compute event of a chunk gathers its parameters under pipelined FSDP2 (no
+    reshard after backward; ZeRO-3 reshards after each forward); updates `resharded`."""
+    if kind == "W":
+        return False
+    needed = resharded.get(stage, True)
+    resharded[stage] = kind == "F" and c.gathers_per_microbatch == 2
+    return needed
+
+
 def build_graph(costs: SimCosts) -> nx.DiGraph:
     """The iteration's event DAG (node attributes: rank, stream, kind, stage, mb, dur)."""
     gb = _Graph()
     ids, seq = _compute_events(gb, costs)
     _pipeline_deps(gb, costs, ids, seq)
     for r in range(costs.pp):
-        if costs.dp_mode == "sharded" and costs.gathers_per_microbatch:
+        if costs.dp_mode in ("sharded", "deferred") and costs.gathers_per_microbatch:
             _gather_events(gb, costs, r, seq[r])
         grads = _grad_events(gb, costs, r, seq[r]) if costs.dp_mode != "none" else []
         opt = gb.add(r, "compute", "optimizer", -1, -1, costs.rank_optimizer_s[r])

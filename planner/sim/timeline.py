@@ -19,6 +19,7 @@ import contextlib
 import gc
 from dataclasses import dataclass, field
 
+from planner.limits import MAX_SIM_PASSES
 from planner.plan import Plan
 from planner.sim.costs import SimCosts, plan_costs
 from planner.sim.graph import build_graph, list_schedule
@@ -85,7 +86,19 @@ class Timeline:
 
 def simulate(plan: Plan) -> Timeline:
     """Simulate one iteration of `plan` with durations from the cost model."""
+    check_simulation_size(plan.layout)
     return simulate_costs(plan_costs(plan))
+
+
+def check_simulation_size(layout) -> None:
+    """Refuse an iteration too large to simulate (limits.MAX_SIM_PASSES micro-batch x chunk
+    passes), with one line."""
+    passes = layout.num_microbatches * layout.num_chunks
+    if passes > MAX_SIM_PASSES:
+        raise ValueError(f"{layout.num_microbatches} micro-batches x {layout.num_chunks} model "
+                         f"chunk(s) = {passes:,} passes to simulate; at most "
+                         f"{MAX_SIM_PASSES:,} are drawn (planner estimate gives the "
+                         f"step time of larger iterations)")
 
 
 def simulate_costs(costs: SimCosts) -> Timeline:
