@@ -6,8 +6,6 @@ torch.optim.AdamW); `megatron` is Megatron-LM (Korthikanti et al. 2022; Shoeybi 
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from planner.units import ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
@@ -80,5 +78,6 @@ def deferred_fsdp(engine_name: str, zero_stage, pp):
     So a stage holds its parameters unsharded and its fp32 gradients unreduced (measured on 4
     gloo ranks, dp=2 x pp=2: the whole stage's parameters and gradients, unsharded); works on
     scalars and numpy columns."""
+    import numpy as np  # the light commands (models, profiles, --help) never load numpy
     return (np.asarray(engine(engine_name).pipelined_fsdp_defers_sync)
             & np.isin(zero_stage, SHARDED_GRAD_STAGES) & (np.asarray(pp) > 1))

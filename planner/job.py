@@ -3,6 +3,7 @@
 import dataclasses
 from dataclasses import dataclass
 
+from planner.engines import ENGINES as ENGINE_TRAITS
 from planner.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, check_int
 from planner.schema import check_keys, require_choice
 
@@ -11,7 +12,7 @@ OPTIMIZERS = ("adamw",)
 # Which implementation's activation bookkeeping to model:
 #   torch    - this project's runtime (PyTorch DTensor TP/SP, FSDP2, torch.distributed.pipelining)
 #   megatron - Megatron-LM (Korthikanti et al. 2022): SP re-gathers layer inputs in backward
-ENGINES = ("torch", "megatron")
+ENGINES = tuple(ENGINE_TRAITS)  # what each does: planner/engines.py
 # Attention kernels: flash (fused, no s^2 tensors; Dao et al. 2022), fused (one scale-mask-softmax
 # kernel over materialised scores, Megatron-LM since 2020), eager (separate scale, mask, softmax and
 # dropout kernels, as plain PyTorch code or Megatron-LM 2019 runs them)
