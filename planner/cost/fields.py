@@ -23,10 +23,14 @@ def parameters(fn) -> tuple:
                  for name, p in inspect.signature(fn).parameters.items())
 
 
+def arguments(fn, named: dict) -> dict:
+    """Each parameter fn declares, taken from `named` by name (one with a default may be
+    missing)."""
+    return {k: named[k] for k, optional in parameters(fn) if not optional or k in named}
+
+
 def call(fn, named: dict):
-    """fn with each parameter it declares taken from `named` by name (a parameter with a
-    default may be left out)."""
-    return fn(**{k: named[k] for k, optional in parameters(fn) if not optional or k in named})
+    return fn(**arguments(fn, named))
 
 
 FIXED = ("profile", "gpu", "spec", "job")  # the same for every rank of a plan
@@ -45,7 +49,7 @@ class PlanEvaluations:
         return lambda fn: self.value(fn, named)
 
     def value(self, fn, named: dict):
-        args = {k: named[k] for k, optional in parameters(fn) if not optional or k in named}
+        args = arguments(fn, named)
         key = (fn, tuple(v for k, v in args.items() if k not in FIXED))
         if key not in self._memo:
             self._memo[key] = np.asarray(fn(**args), dtype=float)

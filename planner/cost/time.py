@@ -158,14 +158,24 @@ def _microbatch(evaluate, layers, holds_head, sends=1) -> RankMicrobatch:
         pp_comm_s=sends * evaluate(pp_comm_seconds))
 
 
-def rank_time_parts(evaluate, optimizer_bytes) -> tuple:
-    """(RankMicrobatch, all DP seconds, gradient-sync seconds, optimizer seconds, one group's
-    parameter gather) of one rank,
-    from its pieces: `evaluate(fn)` is fn's result for the rank (planner/cost/fields.py)."""
+@dataclass(frozen=True)
+class RankTime:
+    """One pipeline rank's times (scalars, or one entry per layout)."""
+    microbatch: RankMicrobatch
+    dp_total_s: object         # every data-parallel collective of the step
+    grad_sync_s: object        # the gradient all-reduce or reduce-scatter part of it
+    first_gather_s: object     # one FSDP2 group's parameter gather (ZeRO-2/3)
+    optimizer_s: object
+
+
+def rank_time_parts(evaluate, optimizer_bytes) -> RankTime:
+    """One rank's times from its pieces: `evaluate(fn)` is fn's result for the rank
+    (planner/cost/fields.py)."""
     layers, _, _, last = unpack(evaluate(rank_facts_of), 4)
     total, sync, gather = unpack(evaluate(dp_seconds), 3)
-    opt = optimizer_bytes * evaluate(optimizer_seconds_per_byte)
-    return _microbatch(evaluate, layers, last == 1), total, sync, opt, gather
+    return RankTime(microbatch=_microbatch(evaluate, layers, last == 1), dp_total_s=total,
+                    grad_sync_s=sync, first_gather_s=gather,
+                    optimizer_s=optimizer_bytes * evaluate(optimizer_seconds_per_byte))
 
 
 def mean_rank_s(evaluate, num_layers: int, pp) -> object:
@@ -175,15 +185,17 @@ def mean_rank_s(evaluate, num_layers: int, pp) -> object:
 
 
 def optimizer_seconds_per_byte(gpu, job) -> float:
+    """The optimizer step is linear in the bytes it updates."""
     return optimizer_seconds(gpu, job, optimizer_bytes=1.0)
 
 
 def step_of(ranks: list, step: dict, mean_rank_total_s):
-    """planner.cost.combine.step_parts from rank_time_parts of each rank."""
-    return step_parts(ranks=[r[0] for r in ranks], mean_total_s=mean_rank_total_s,
-                      dp_total_s=[r[1] for r in ranks], grad_sync_s=[r[2] for r in ranks],
-                      optimizer_s=[r[3] for r in ranks], first_gather_s=[r[4] for r in ranks],
-                      **step)
+    """planner.cost.combine.step_parts from the RankTime of each rank."""
+    return step_parts(ranks=[r.microbatch for r in ranks], mean_total_s=mean_rank_total_s,
+                      dp_total_s=[r.dp_total_s for r in ranks],
+                      grad_sync_s=[r.grad_sync_s for r in ranks],
+                      optimizer_s=[r.optimizer_s for r in ranks],
+                      first_gather_s=[r.first_gather_s for r in ranks], **step)
 
 
 def time_breakdown(plan, rank_memories: list,
