@@ -74,7 +74,7 @@ def load_model(source: str) -> ModelSpec:
                          f"({', '.join(MODEL_PRESETS)}) and not a JSON file")
     data = load_json_file(source, "model")
     if isinstance(data, dict) and "model_type" in data:
-        return from_hf_config(data, name=Path(source).stem)
+        return from_hf_config(data, source=source)
     return ModelSpec.from_dict(data)
 
 

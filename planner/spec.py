@@ -1,4 +1,5 @@
-"""ModelSpec: the shape of a transformer, with strict JSON round trip and Hugging Face import.
+"""ModelSpec: the shape of a transformer, with strict JSON round trip (Hugging Face config.json
+import: planner/hf_config.py, re-exported here as `from_hf_config`).
 
 Three families:
   gpt   - decoder-only, LayerNorm, GELU MLP, learned positions (GPT-2/GPT-3, Radford et al. 2019)
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from planner import limits
 from planner.limits import check_int, check_range
-from planner.schema import check_keys, require_bool, require_choice, require_str, short_repr
+from planner.schema import check_keys, require_bool, require_choice, require_str
 
 ARCHES = ("gpt", "llama", "bert")
 BERT_TYPE_VOCAB = 2  # segment A/B embeddings (Devlin et al. 2019, Sec. 3)
@@ -97,72 +98,8 @@ class ModelSpec:
         return cls(**check_keys(data, cls, "model spec"))
 
 
-def _hf_get(cfg: dict, key: str, default=None):
-    if key in cfg and cfg[key] is not None:
-        return cfg[key]
-    if default is None:
-        raise ValueError(f"Hugging Face config: missing key {key!r}")
-    return default
-
-
-def _from_hf_gpt2(cfg: dict, name: str) -> ModelSpec:
-    hidden = _hf_get(cfg, "n_embd")
-    return ModelSpec(
-        name=name, arch="gpt", num_layers=_hf_get(cfg, "n_layer"), hidden_size=hidden,
-        num_heads=_hf_get(cfg, "n_head"), num_kv_heads=_hf_get(cfg, "n_head"),
-        ffn_hidden_size=cfg.get("n_inner") or 4 * hidden,
-        vocab_size=_hf_get(cfg, "vocab_size"), max_seq_len=_hf_get(cfg, "n_positions"),
-        tie_embeddings=cfg.get("tie_word_embeddings", True), linear_bias=True,
-        dropout=float(cfg.get("resid_pdrop", 0.1)),
-        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)))
-
-
-def _from_hf_llama(cfg: dict, name: str) -> ModelSpec:
-    heads = _hf_get(cfg, "num_attention_heads")
-    return ModelSpec(
-        name=name, arch="llama", num_layers=_hf_get(cfg, "num_hidden_layers"),
-        hidden_size=_hf_get(cfg, "hidden_size"), num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        ffn_hidden_size=_hf_get(cfg, "intermediate_size"),
-        vocab_size=_hf_get(cfg, "vocab_size"),
-        max_seq_len=_hf_get(cfg, "max_position_embeddings"),
-        tie_embeddings=cfg.get("tie_word_embeddings", False),
-        linear_bias=bool(cfg.get("attention_bias", False)) and bool(cfg.get("mlp_bias", False)),
-        dropout=float(cfg.get("attention_dropout", 0.0)),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)))
-
-
-def _from_hf_bert(cfg: dict, name: str) -> ModelSpec:
-    heads = _hf_get(cfg, "num_attention_heads")
-    return ModelSpec(
-        name=name, arch="bert", num_layers=_hf_get(cfg, "num_hidden_layers"),
-        hidden_size=_hf_get(cfg, "hidden_size"), num_heads=heads, num_kv_heads=heads,
-        ffn_hidden_size=_hf_get(cfg, "intermediate_size"),
-        vocab_size=_hf_get(cfg, "vocab_size"),
-        max_seq_len=_hf_get(cfg, "max_position_embeddings"),
-        tie_embeddings=cfg.get("tie_word_embeddings", True), linear_bias=True,
-        dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
-        norm_eps=float(cfg.get("layer_norm_eps", 1e-12)))
-
-
-_HF_IMPORTERS = {"gpt2": _from_hf_gpt2, "llama": _from_hf_llama, "mistral": _from_hf_llama,
-                 "bert": _from_hf_bert}
-
-
-def from_hf_config(cfg: dict, name: str = "hf-model") -> ModelSpec:
-    """Build a ModelSpec from a Hugging Face config.json dict (gpt2, llama, mistral, bert)."""
-    if not isinstance(cfg, dict):
-        raise ValueError("Hugging Face config: expected a JSON object")
-    model_type = cfg.get("model_type")
-    if not isinstance(model_type, str) or model_type not in _HF_IMPORTERS:
-        raise ValueError(f"Hugging Face config: unsupported model_type {short_repr(model_type)}; "
-                         f"expected one of {sorted(_HF_IMPORTERS)}")
-    if model_type == "bert" and cfg.get("type_vocab_size", BERT_TYPE_VOCAB) != BERT_TYPE_VOCAB:
-        raise ValueError(f"Hugging Face config: type_vocab_size "
-                         f"{short_repr(cfg['type_vocab_size'])} is not supported "
-                         f"(only {BERT_TYPE_VOCAB})")
-    try:
-        return _HF_IMPORTERS[model_type](cfg, name)
-    except (TypeError, KeyError, AttributeError, OverflowError) as exc:
-        raise ValueError(f"Hugging Face config: bad value ({short_repr(str(exc), 200)})") from None
+def from_hf_config(cfg: dict, name=None, source=None) -> ModelSpec:
+    """Build a ModelSpec from a Hugging Face config.json dict, exactly or not at all (a one-line
+    ValueError naming what ModelSpec cannot represent): planner/hf_config.py."""
+    from planner.hf_config import from_hf_config as read  # it imports ModelSpec from here
+    return read(cfg, name=name, source=source)
