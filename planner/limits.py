@@ -65,6 +65,51 @@ MAX_FLOPS = 1e18
 MAX_GEMM_HALF_DIM = 1e6
 MAX_SHARED_CORES = 2**16
 
+# --- measured and fitted terms (planner profile, planner calibrate) --------------------------
+# A fitted term outside its plausible range is refused (exit 2), not written: these are much
+# narrower than the loader's bounds above, which only keep the arithmetic finite.  Each is
+# (lo, hi).  gemm_efficiency_max: cuBLAS sustains 0.7-0.85 of the dense peak on V100/A100/H100
+# (shipped profiles: 0.72-0.80); below 0.05 the peak or dtype is wrong.
+PLAUSIBLE_GEMM_EFFICIENCY = (0.05, 1.0)
+# gemm_half_dim: 128 = the Hopper/Ampere bf16 tile (shipped GPU profiles), 62 on this CPU; at
+# 1024 a 1024^3 GEMM would reach 1/8 of e_max, while cuBLAS runs it at >30% of peak on A100
+# (NVIDIA Matrix Multiplication Background guide, fig. 2).  A loaded host once fitted 4011.
+PLAUSIBLE_GEMM_HALF_DIM = (0.0, 1024.0)
+# Measured dense FLOP/s of one rank: a CPU process sharing a core (~1e9) .. B200 dense FP4 9e15.
+PLAUSIBLE_RANK_FLOPS = (1e8, 1e16)
+# Copy bandwidth of one rank: one DDR4 channel (25.6 GB/s) shared by 100+ ranks .. HBM3e 8e12.
+PLAUSIBLE_COPY_BYTES_PER_S = (1e8, 2e13)
+# All-reduce bus bandwidth: gloo on loopback 7e8 (this host, 8 ranks) .. NVLink 5 1.8e12.
+PLAUSIBLE_COLLECTIVE_BYTES_PER_S = (1e6, 1e13)
+# Latency per hop: NCCL over NVLink ~8e-6 (shipped GPU profiles); gloo, 8 processes on 2 cores,
+# 1.3e-3 (the shipped cpu profile); 2e-2 is 15 times that.
+PLAUSIBLE_HOP_LATENCY_S = (0.0, 2e-2)
+# Host time of the probe layer (hidden 64, 16 tokens) per pass: 3e-3 plain, 4.6e-2 at TP=8 with
+# 8 ranks on 2 cores (shipped cpu profile); 1 s is 20 times the worst.
+PLAUSIBLE_PROBE_LAYER_S = (1e-6, 1.0)
+# Fit quality, rms of (fitted - measured) / measured: refused above REFUSE, a warning above WARN.
+# The shipped cpu profile's GEMM fit: 13%.  Repeats whose (max - min) / median exceeds
+# MAX_REPEAT_SPREAD are flagged: on an idle host they agree within a few percent.
+WARN_FIT_RMS = 0.2
+REFUSE_FIT_RMS = 0.4
+MAX_REPEAT_SPREAD = 0.2
+# Machine load (planner profile refuses a busy host: CPU step-time predictions from a profile
+# taken while other work ran were +94% to +353% off).  An idle Linux host's 1-minute load average
+# is 0.0-0.3, so other work may hold at most half a core of the cores the profile uses; a
+# CPU-bound process on a free core gets >= 0.95 of it (kernel threads, interrupts), so a share
+# below 0.85 means other runnable work on those cores.
+MAX_OTHER_LOAD_CORES = 0.5
+MIN_CORE_SHARE = 0.85
+# planner calibrate: factors on the profile's values.  Efficiency: 1/20 .. 2 of the profile's
+# (a profile measured on the machine is rarely off by more); fixed overheads and latencies:
+# two orders of magnitude either way.  A parameter the runs are insensitive to (doubling it
+# changes no prediction by MIN_SENSITIVITY in log step time, ~1.4%) is left at 1.  After the
+# fit, a mean |error| above MAX_CALIBRATED_ERROR, or a factor at its bound, is refused.
+CALIBRATION_FACTOR_BOUNDS = {"efficiency": (0.05, 2.0), "overhead": (0.01, 100.0),
+                             "latency": (0.01, 100.0)}
+MIN_SENSITIVITY = 0.02
+MAX_CALIBRATED_ERROR = 1.0
+
 # --- search ---------------------------------------------------------------------------------
 # The 1T-parameter GPT on 3,072 GPUs enumerates 81,468 layouts in ~0.3 s (benchmarks/
 # search_speed.py); 10^6 is 12 times that (a few seconds, ~100 MB of columns).  --allow-fewer-gpus

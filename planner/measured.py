@@ -2,8 +2,11 @@
 
 - `measured.json` (`Measured`): written by runtime/train.py (per-rank figures from
   runtime/measure.py), read by `planner compare`, `planner run`, `planner calibrate` and the app.
-- the measurements of `planner profile` (`ProfileMeasurements`): written by runtime/hwprofile.py,
-  read by planner/calibration/profile_fit.py.
+- the measurements of `planner profile` (`ProfileMeasurements`, with the machine's load as
+  `MachineLoad`): written by runtime/hwprofile.py, read by planner/calibration/profile_fit.py.
+
+`relative_error` is the one sign convention of every predicted-vs-measured error (`planner
+compare`, `planner calibrate`).
 
 Strict, as every input of the planner: each key is required and no other is allowed; a number is
 a finite int or float (a bool is not one), non-negative and, where it says so, positive; a
@@ -20,12 +23,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.job import PRECISIONS
+from planner.limits import MAX_OTHER_LOAD_CORES, MIN_CORE_SHARE
 from planner.plan import Plan
 from planner.schema import (check_keys, load_json_file, require_bool, require_choice,
                             require_int, require_number, require_str)
 
 MEASURED_SCHEMA_VERSION = 1
-PROFILE_SCHEMA_VERSION = 1
+# 2 added repeats, spread, load_before and load_during; version 1 files still load (with
+# repeats 1, no spread and no load recorded).
+PROFILE_SCHEMA_VERSION = 2
+PROFILE_SCHEMA_VERSIONS = (1, 2)
+
+
+def relative_error(predicted: float, measured: float) -> float:
+    """(predicted - measured) / measured: +0.1 means the prediction is 10% above the
+    measurement (a step time predicted too slow), -0.1 10% below."""
+    return (predicted - measured) / measured
 
 
 # --- field checks -------------------------------------------------------------------------------
@@ -288,6 +301,56 @@ def _is_plain_number(x) -> bool:
 # --- planner profile's measurements -------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
+class MachineLoad:
+    """The machine's load at one moment of `planner profile` (runtime/hwprofile.py).
+
+    - `loadavg_1min`: os.getloadavg()[0], the host's runnable processes over the last minute;
+      `own_load`: how much of it may be the profile's own processes (0 before they start);
+    - `host_cpus`: os.cpu_count(); `cores`: how many cores the profile's processes use;
+    - `core_share`: CPU time over wall time of CPU-bound processes on those cores, per core
+      (1 = the cores were free, 0.5 = other work held half of them); null where not probed."""
+    loadavg_1min: float
+    own_load: float
+    host_cpus: int
+    cores: int
+    core_share: float | None
+
+    def __post_init__(self):
+        require_finite(self.loadavg_1min, "loadavg_1min")
+        require_finite(self.own_load, "own_load")
+        require_int(self.host_cpus, "host_cpus", minimum=1)
+        require_int(self.cores, "cores", minimum=1)
+        _optional_finite(self.core_share, "core_share")
+
+    def busy_reason(self) -> str | None:
+        """Why the cores were not free (one line), or None when they were: other work's load
+        average above MAX_OTHER_LOAD_CORES of spare cores, or a core share below MIN_CORE_SHARE
+        (planner/limits.py)."""
+        others = max(0.0, self.loadavg_1min - self.own_load)
+        spare = self.host_cpus - self.cores
+        if others > spare + MAX_OTHER_LOAD_CORES:
+            return (f"load average {self.loadavg_1min:.2f} over the last minute on "
+                    f"{self.host_cpus} cores, {others:.2f} of it other work, while the profile "
+                    f"needs {self.cores} free core(s) (at most {MAX_OTHER_LOAD_CORES} busy)")
+        if self.core_share is not None and self.core_share < MIN_CORE_SHARE:
+            return (f"busy processes got {100 * self.core_share:.0f}% of {self.cores} core(s) "
+                    f"(at least {100 * MIN_CORE_SHARE:.0f}% on free cores)")
+        return None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data, context: str = "load") -> "MachineLoad":
+        _exact_keys(data, cls, context)
+        return _build(cls, data, context)
+
+
+# keys version 1 files lack, with the values they stand for
+_PROFILE_V2_DEFAULTS = {"repeats": 1, "spread": {}, "load_before": None, "load_during": None}
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProfileMeasurements:
     """What runtime/hwprofile.py measured on this machine, for planner/calibration/profile_fit.py.
 
@@ -298,7 +361,12 @@ class ProfileMeasurements:
       measure), at least two sizes otherwise.
     - `layer_host_s`: TP degree (a string, as in profiles) -> [forward_s, backward_s] of the
       host-time probe layer; `host_is_device`: the ranks are CPU processes; `shared_cores`: the
-      cores those processes share (0 on GPUs)."""
+      cores those processes share (0 on GPUs).
+    - `repeats`: how often each figure above was measured (it is the median of them);
+      `spread`: measurement ("gemms", "copy", "allreduce", "layer_host") -> the largest
+      (max - min) / median of its repeats; `load_before` / `load_during`: the machine's load
+      before the measuring and while it ran.  Since schema_version 2; a version 1 file has
+      repeats 1, an empty spread and null loads."""
     device_name: str
     host: str
     ranks: int
@@ -312,12 +380,16 @@ class ProfileMeasurements:
     layer_host_s: dict
     host_is_device: bool
     shared_cores: int
+    repeats: int = 1
+    spread: dict = dataclasses.field(default_factory=dict)
+    load_before: MachineLoad | None = None
+    load_during: MachineLoad | None = None
     schema_version: int = PROFILE_SCHEMA_VERSION
 
     def __post_init__(self):
-        if self.schema_version != PROFILE_SCHEMA_VERSION:
-            raise ValueError(f"schema_version must be {PROFILE_SCHEMA_VERSION}, "
-                             f"got {self.schema_version!r}")
+        if self.schema_version not in PROFILE_SCHEMA_VERSIONS or \
+                isinstance(self.schema_version, bool):
+            raise ValueError(f"schema_version must be 1 or 2, got {self.schema_version!r}")
         require_str(self.device_name, "device_name")
         require_str(self.host, "host")
         require_int(self.ranks, "ranks", minimum=1)
@@ -331,6 +403,24 @@ class ProfileMeasurements:
         self._check_gemms()
         self._check_allreduce()
         self._check_layer_host()
+        self._check_repeats()
+
+    def _check_repeats(self) -> None:
+        if self.schema_version == 1:
+            for key, value in _PROFILE_V2_DEFAULTS.items():
+                if getattr(self, key) != value:
+                    raise ValueError(f"{key} needs schema_version 2")
+            return
+        require_int(self.repeats, "repeats", minimum=1)
+        if not isinstance(self.spread, dict):
+            raise ValueError(f"spread must be an object, got {_short(self.spread)}")
+        for name, value in self.spread.items():
+            require_str(name, "spread key")
+            require_finite(value, f"spread[{name!r}]")
+        for key in ("load_before", "load_during"):
+            if not isinstance(getattr(self, key), MachineLoad):
+                raise ValueError(f"{key} must be a load record, "
+                                 f"got {_short(getattr(self, key))}")
 
     def _check_gemms(self) -> None:
         if len(self.gemms) < 2:
@@ -371,12 +461,30 @@ class ProfileMeasurements:
         d.update(gemms=[list(g) for g in self.gemms], allreduce_bytes=list(self.allreduce_bytes),
                  allreduce_s=list(self.allreduce_s),
                  layer_host_s={tp: list(p) for tp, p in self.layer_host_s.items()})
+        if self.schema_version == 1:
+            for key in _PROFILE_V2_DEFAULTS:
+                del d[key]
+        else:
+            d.update(spread=dict(self.spread), load_before=self.load_before.to_dict(),
+                     load_during=self.load_during.to_dict())
         return d
 
     @classmethod
     def from_dict(cls, data, context: str = "profile measurements") -> "ProfileMeasurements":
-        _check_version(data, PROFILE_SCHEMA_VERSION, context)
-        _exact_keys(data, cls, context)
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if type(version) is int and version == 1:
+            _exact_keys({**_PROFILE_V2_DEFAULTS, **data}, cls, context)
+            unknown = sorted(set(data) & set(_PROFILE_V2_DEFAULTS))
+            if unknown:
+                raise ValueError(f"{context}: unknown key {unknown[0]!r} (schema_version 1)")
+            data = {**_PROFILE_V2_DEFAULTS, **data}
+        else:
+            if version is not None and (type(version) is not int or version != 2):
+                raise ValueError(f"{context}: schema_version must be 1 or 2, "
+                                 f"got {_short(version)}")
+            _exact_keys(data, cls, context)
+            data = {**data, **{key: MachineLoad.from_dict(data[key], f"{context} {key}")
+                               for key in ("load_before", "load_during")}}
         lists = {key: tuple(_list(data[key], f"{context} {key}"))
                  for key in ("gemms", "allreduce_bytes", "allreduce_s")}
         lists["gemms"] = tuple(tuple(_list(g, f"{context} gemms[{i}]", length=4))

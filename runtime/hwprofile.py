@@ -1,16 +1,22 @@
 """Measure this machine for `planner profile`: GEMM throughput over transformer-shaped
 matrices, copy bandwidth, all-reduce times among local ranks (gloo on CPU, NCCL on GPU) and the
-host time of one small transformer layer, plain and under each tensor-parallel degree.
+host time of one small transformer layer, plain and under each tensor-parallel degree.  Each
+figure is the median of REPEATS timings, and the spread of those timings is recorded; so is the
+machine's load before the measuring (load average and an idle-core probe: a busy machine is
+refused unless --allow-busy) and while it runs (the CPU share the ranks got).
 
 Run as `python -m runtime.hwprofile --out measurements.json --ranks N`; the planner turns the
-JSON (planner.measured.ProfileMeasurements) into a profile (planner/calibration/profile_fit.py)."""
+JSON (planner.measured.ProfileMeasurements) into a profile (planner/calibration/profile_fit.py).
+Exit code 3: the machine was busy; the reason is in `<out>.refused`."""
 
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import platform
 import socket
+import statistics
 import sys
 import time
 
@@ -18,10 +24,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from planner.measured import PROFILE_SCHEMA_VERSION, ProfileMeasurements
+from planner.measured import PROFILE_SCHEMA_VERSION, MachineLoad, ProfileMeasurements
 
 # Datasheet dense peaks by device name, for GPUs; on CPU the best measured GEMM is the peak.
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12}
+# Every figure is the median of this many timings; their (max - min) / median is its spread.
+REPEATS = 5
+IDLE_PROBE_S = 0.5  # seconds of the idle-core probe's busy loops
 
 
 def _log(msg: str) -> None:
@@ -43,6 +52,45 @@ def _timed(fn, device, repeat: int) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def median_spread(samples: list) -> tuple:
+    """(median, (max - min) / median) of repeated timings."""
+    mid = statistics.median(samples)
+    return mid, (max(samples) - min(samples)) / mid
+
+
+def _repeated(fn, device, repeat: int) -> tuple:
+    """(median seconds per call, spread) over REPEATS timings of `repeat` calls each."""
+    return median_spread([_timed(fn, device, repeat) for _ in range(REPEATS)])
+
+
+# --- the machine's load -------------------------------------------------------------------------
+
+def _spin(seconds: float) -> float:
+    """CPU time over wall time of a busy loop: about 1 on a free core."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
+        pass
+    return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+
+def idle_core_share(cores: int, seconds: float = IDLE_PROBE_S) -> float:
+    """The mean CPU share of `cores` busy loops run at once, one process each."""
+    with multiprocessing.get_context("fork").Pool(cores) as pool:
+        return sum(pool.map(_spin, [seconds] * cores)) / cores
+
+
+def machine_load(cores: int, own_load: float = 0.0, core_share=None) -> MachineLoad:
+    return MachineLoad(loadavg_1min=float(os.getloadavg()[0]), own_load=float(own_load),
+                       host_cpus=os.cpu_count() or 1, cores=cores, core_share=core_share)
+
+
+def profile_cores(ranks: int, cuda: bool) -> int:
+    """Cores the measuring keeps busy: all this process may use on CPU (its GEMMs use them
+    all), one per rank on GPUs (each rank's host thread)."""
+    usable = len(os.sched_getaffinity(0))
+    return min(ranks, usable) if cuda else usable
+
+
 def _gemm_shapes(device) -> list:
     hs = (1024, 2048, 4096, 8192) if device.type == "cuda" else (128, 256, 512)
     tokens = 8192 if device.type == "cuda" else 512
@@ -50,30 +98,32 @@ def _gemm_shapes(device) -> list:
         [(tokens, 4 * h, h) for h in hs]
 
 
-def measure_gemms(device, dtype, share: float) -> list:
-    """[(m, n, k, FLOP/s)] for out[m, n] = a[m, k] @ b[k, n]; `share` scales a CPU rate to one
-    of several processes sharing the cores."""
-    rows = []
+def measure_gemms(device, dtype, share: float) -> tuple:
+    """([(m, n, k, FLOP/s)] for out[m, n] = a[m, k] @ b[k, n], largest spread); `share` scales
+    a CPU rate to one of several processes sharing the cores."""
+    rows, spreads = [], []
     shapes = _gemm_shapes(device)
     for i, (m, k, n) in enumerate(shapes):
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
-        # best of three timings: the least disturbed by other work on the machine
-        seconds = min(_timed(lambda: a @ b, device, 10 if device.type == "cuda" else 3)
-                      for _ in range(3))
+        seconds, spread = _repeated(lambda a=a, b=b: a @ b, device,
+                                    10 if device.type == "cuda" else 3)
         rate = 2 * m * n * k / seconds * share
         rows.append((m, n, k, rate))
-        _log(f"[gemm {i + 1}/{len(shapes)}] {m}x{k}x{n}: {rate / 1e12:.3f} TFLOP/s")
-    return rows
+        spreads.append(spread)
+        _log(f"[gemm {i + 1}/{len(shapes)}] {m}x{k}x{n}: {rate / 1e12:.3f} TFLOP/s "
+             f"(spread {100 * spread:.0f}%)")
+    return rows, max(spreads)
 
 
-def measure_copy(device, share: float) -> float:
+def measure_copy(device, share: float) -> tuple:
+    """(read + write bytes/s, spread)."""
     x = torch.empty(2**26 if device.type == "cuda" else 2**23, device=device)
     y = torch.empty_like(x)
-    seconds = _timed(lambda: y.copy_(x), device, 10)
+    seconds, spread = _repeated(lambda: y.copy_(x), device, 10)
     rate = 2 * x.numel() * x.element_size() / seconds * share
-    _log(f"[copy] {rate / 1e9:.1f} GB/s (read + write)")
-    return rate
+    _log(f"[copy] {rate / 1e9:.1f} GB/s (read + write, spread {100 * spread:.0f}%)")
+    return rate, spread
 
 
 # One small llama layer: its FLOPs and bytes are negligible, so its time is host work.
@@ -115,10 +165,13 @@ def _agreed_passes(seconds_per_pass: float, device) -> int:
     return int(n.item())
 
 
-def measure_layer_host(tp: int, device) -> list:
-    """[forward_s, backward_s] of the probe layer with every rank busy: the mean over at least
-    PROBE_SECONDS of passes, so that the time a rank waits for a core (CPU ranks share the
-    host's cores, and a scheduler slice is milliseconds long) counts."""
+def measure_layer_host(tp: int, device) -> tuple:
+    """([forward_s, backward_s], spread, CPU share) of the probe layer with every rank busy.
+
+    At least PROBE_SECONDS of passes, so that the time a rank waits for a core (CPU ranks share
+    the host's cores, and a scheduler slice is milliseconds long) counts, split into REPEATS
+    chunks: the median of the chunks' means.  CPU share: this process's CPU time over the wall
+    time of the passes."""
     block, x, (cos, sin) = _probe_block(tp, device)
     for _ in range(3):  # warm-up passes fill the dispatch caches
         block(x, cos, sin).sum().backward()
@@ -126,17 +179,24 @@ def measure_layer_host(tp: int, device) -> list:
     start = time.perf_counter()
     block(x, cos, sin).sum().backward()
     _sync(device)
-    passes = _agreed_passes(time.perf_counter() - start, device)
-    fwd = bwd = 0.0
-    for _ in range(passes):
-        start = time.perf_counter()
-        y = block(x, cos, sin).sum()
-        _sync(device)
-        mid = time.perf_counter()
-        y.backward()
-        _sync(device)
-        fwd, bwd = fwd + mid - start, bwd + time.perf_counter() - mid
-    return [fwd / passes, bwd / passes]
+    chunk = math.ceil(_agreed_passes(time.perf_counter() - start, device) / REPEATS)
+    fwds, bwds = [], []
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(REPEATS):
+        fwd = bwd = 0.0
+        for _ in range(chunk):
+            start = time.perf_counter()
+            y = block(x, cos, sin).sum()
+            _sync(device)
+            mid = time.perf_counter()
+            y.backward()
+            _sync(device)
+            fwd, bwd = fwd + mid - start, bwd + time.perf_counter() - mid
+        fwds.append(fwd / chunk)
+        bwds.append(bwd / chunk)
+    share = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    (fwd, f_spread), (bwd, b_spread) = median_spread(fwds), median_spread(bwds)
+    return [fwd, bwd], max(f_spread, b_spread), share
 
 
 def probe_degrees(ranks: int) -> list:
@@ -146,47 +206,69 @@ def probe_degrees(ranks: int) -> list:
             if ranks % d == 0 and heads % d == 0 and d & (d - 1) == 0]
 
 
-def _ranks_worker(rank, ranks, port, sizes, out_path):
+def _log_host(tp: int, host: list, spread: float) -> None:
+    _log(f"[host, layer at tp={tp}] forward {host[0] * 1e3:.1f} ms, backward "
+         f"{host[1] * 1e3:.1f} ms (spread {100 * spread:.0f}%)")
+
+
+def _ranks_worker(rank, ranks, port, sizes, cores, out_path):
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     torch.set_num_threads(1)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=ranks)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    times = []
+    times, spreads = [], []
     for size in sizes:
         t = torch.ones(size // 4, device=device)
         dist.barrier()
-        times.append(min(_timed(lambda: dist.all_reduce(t), device, 3) for _ in range(3)))
+        seconds, spread = _repeated(lambda t=t: dist.all_reduce(t), device, 3)
+        times.append(seconds)
+        spreads.append(spread)
         if rank == 0:
-            _log(f"[all-reduce {ranks} ranks] {size / 2**20:.0f} MiB: {times[-1] * 1e3:.2f} ms")
-    host = {}
+            _log(f"[all-reduce {ranks} ranks] {size / 2**20:.0f} MiB: {seconds * 1e3:.2f} ms "
+                 f"(spread {100 * spread:.0f}%)")
+    host, host_spreads = {}, []
     for tp in probe_degrees(ranks):
         dist.barrier()
-        host[str(tp)] = measure_layer_host(tp, device)
+        host[str(tp)], spread, share = measure_layer_host(tp, device)
+        host_spreads.append(spread)
+        if tp == 1:  # no collectives: every rank computes all the time; their summed share
+            total = torch.tensor([share], dtype=torch.float64, device=device)
+            dist.all_reduce(total)  # is the cores they got
+            core_share = float(total.item()) / min(ranks, cores)
         if rank == 0:
-            _log(f"[host, layer at tp={tp}] forward {host[str(tp)][0] * 1e3:.1f} ms, "
-                 f"backward {host[str(tp)][1] * 1e3:.1f} ms")
+            _log_host(tp, host[str(tp)], spread)
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"allreduce_s": times, "layer_host_s": host}, f)
+            json.dump({"allreduce_s": times, "allreduce_spread": max(spreads),
+                       "layer_host_s": host, "layer_host_spread": max(host_spreads),
+                       "core_share": core_share}, f)
     dist.destroy_process_group()
 
 
-def measure_ranks(ranks: int, tmp_path: str) -> tuple:
+def measure_ranks(ranks: int, cores: int, tmp_path: str) -> tuple:
     """All-reduce times at several sizes and the probe layer's host time at each TP degree,
-    with all `ranks` processes running at once."""
+    with all `ranks` processes running at once: (sizes, what _ranks_worker wrote)."""
     sizes = [2**20, 2**22, 2**24]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_ranks_worker, args=(ranks, port, sizes, tmp_path), nprocs=ranks,
-                       start_method="fork")
+    mp.start_processes(_ranks_worker, args=(ranks, port, sizes, cores, tmp_path),
+                       nprocs=ranks, start_method="fork")
     with open(tmp_path) as f:
-        result = json.load(f)
-    return sizes, result["allreduce_s"], result["layer_host_s"]
+        return sizes, json.load(f)
 
 
-def measure(ranks: int, tmp_path: str) -> dict:
+def _single_rank_host(device) -> dict:
+    torch.set_num_threads(1)
+    host, spread, core_share = measure_layer_host(1, device)
+    _log_host(1, host, spread)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {"allreduce_s": [], "allreduce_spread": None, "layer_host_s": {"1": host},
+            "layer_host_spread": spread, "core_share": core_share}
+
+
+def measure(ranks: int, tmp_path: str, load_before: MachineLoad) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
@@ -199,32 +281,56 @@ def measure(ranks: int, tmp_path: str) -> dict:
     memory = torch.cuda.get_device_properties(0).total_memory if cuda else \
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
     if ranks > 1:
-        sizes, times, host = measure_ranks(ranks, tmp_path)
+        sizes, got = measure_ranks(ranks, load_before.cores, tmp_path)
     else:
-        torch.set_num_threads(1)
-        sizes, times, host = [], [], {"1": measure_layer_host(1, device)}
-        _log(f"[host, layer] forward {host['1'][0] * 1e3:.1f} ms, "
-             f"backward {host['1'][1] * 1e3:.1f} ms")
-        torch.set_num_threads(os.cpu_count() or 1)
+        sizes, got = [], _single_rank_host(device)
+    gemms, gemm_spread = measure_gemms(device, dtype, share)
+    copy, copy_spread = measure_copy(device, share)
+    spread = {"gemms": gemm_spread, "copy": copy_spread, "layer_host": got["layer_host_spread"]}
+    if got["allreduce_spread"] is not None:
+        spread["allreduce"] = got["allreduce_spread"]
+    # the load average includes the profile's own processes: at most one per rank or core
+    during = machine_load(load_before.cores, own_load=max(ranks, load_before.cores),
+                          core_share=got["core_share"])
+    _log(f"[load] during: load average {during.loadavg_1min:.2f}, the ranks got "
+         f"{100 * during.core_share:.0f}% of {during.cores} core(s)")
     return {"schema_version": PROFILE_SCHEMA_VERSION, "device_name": name,
             "host": socket.gethostname(), "ranks": ranks,
             "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "peak_flops": peak,
-            "gemms": measure_gemms(device, dtype, share),
-            "copy_bytes_per_s": measure_copy(device, share), "memory_bytes": memory,
-            "allreduce_bytes": sizes, "allreduce_s": times,
-            "layer_host_s": host, "host_is_device": not cuda,
-            "shared_cores": 0 if cuda else len(os.sched_getaffinity(0))}
+            "gemms": gemms, "copy_bytes_per_s": copy, "memory_bytes": memory,
+            "allreduce_bytes": sizes, "allreduce_s": got["allreduce_s"],
+            "layer_host_s": got["layer_host_s"], "host_is_device": not cuda,
+            "shared_cores": 0 if cuda else len(os.sched_getaffinity(0)),
+            "repeats": REPEATS, "spread": spread, "load_before": load_before.to_dict(),
+            "load_during": during.to_dict()}
+
+
+def check_load_before(ranks: int, cuda: bool) -> tuple:
+    """(MachineLoad, busy reason or None) of the machine before anything is measured: its load
+    average and an idle-core probe on the cores the measuring will use."""
+    cores = profile_cores(ranks, cuda)
+    load = machine_load(cores, core_share=idle_core_share(cores))
+    _log(f"[load] before: load average {load.loadavg_1min:.2f} on {load.host_cpus} cores, "
+         f"idle-core probe {100 * load.core_share:.0f}% of {cores} core(s)")
+    return load, load.busy_reason()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.hwprofile")
     parser.add_argument("--out", required=True)
     parser.add_argument("--ranks", type=int, required=True)
+    parser.add_argument("--allow-busy", action="store_true",
+                        help="measure even when other work holds the cores")
     args = parser.parse_args(argv)
     if args.ranks < 1:
         print(f"hwprofile: error: --ranks must be >= 1, got {args.ranks}", file=sys.stderr)
         return 2
-    result = measure(args.ranks, args.out + ".allreduce")
+    load, busy = check_load_before(args.ranks, torch.cuda.is_available())
+    if busy and not args.allow_busy:
+        with open(args.out + ".refused", "w") as f:
+            f.write(busy)
+        return 3
+    result = measure(args.ranks, args.out + ".allreduce", load)
     if os.path.exists(args.out + ".allreduce"):
         os.remove(args.out + ".allreduce")
     # the typed file planner/calibration/profile_fit.py reads: checked here, where it is made

@@ -1,14 +1,19 @@
 import json
+import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from planner import limits
 from planner.calibration.gemm_fit import fit_gemm_efficiency
-from planner.calibration.profile_fit import fit_alpha_beta, profile_from_measurements
+from planner.calibration.profile_fit import (fit_alpha_beta, fit_gemms, fit_profile,
+                                             profile_from_measurements)
+from planner.cli import main
 from planner.hardware import load_profile
-from planner.measured import ProfileMeasurements
+from planner.measured import MachineLoad, ProfileMeasurements
 
 
 def _synthetic_gemms(e_max, d0, peak):
@@ -33,15 +38,20 @@ def test_alpha_beta_fit_recovers_bandwidth_and_latency():
     assert got_lat == pytest.approx(lat, rel=1e-6)
 
 
+IDLE = {"loadavg_1min": 0.1, "own_load": 0.0, "host_cpus": 16, "cores": 4, "core_share": 0.99}
+
+
 def _measurements(**changes) -> dict:
     """Measurements as runtime/hwprofile.py writes them, of a 4-GPU machine."""
-    m = {"schema_version": 1, "device_name": "test-gpu", "host": "h", "ranks": 4,
+    m = {"schema_version": 2, "device_name": "test-gpu", "host": "h", "ranks": 4,
          "precision": "bf16", "peak_flops": 1e14,
          "gemms": [list(g) for g in _synthetic_gemms(0.75, 128.0, 1e14)],
          "copy_bytes_per_s": 1e12, "memory_bytes": 16 * 2**30,
          "allreduce_bytes": [2**20, 2**24], "allreduce_s": [1e-4, 1e-3],
          "layer_host_s": {"1": [1e-4, 2e-4], "2": [2e-4, 4e-4]}, "host_is_device": False,
-         "shared_cores": 0}
+         "shared_cores": 0, "repeats": 5,
+         "spread": {"gemms": 0.02, "copy": 0.01, "allreduce": 0.03, "layer_host": 0.04},
+         "load_before": dict(IDLE), "load_during": {**IDLE, "loadavg_1min": 4.2, "own_load": 4}}
     return {**m, **changes}
 
 
@@ -59,13 +69,26 @@ def test_profile_from_synthetic_measurements_round_trips(tmp_path):
 
 @pytest.mark.slow
 def test_planner_profile_on_cpu_writes_a_loadable_profile(tmp_path):
+    """--allow-busy: a test host is rarely idle; the profile then says it was under load.  On a
+    host so loaded that the figures are implausible the refusal is the right answer: checked,
+    then the test is skipped."""
     out = tmp_path / "ours.json"
     run = subprocess.run([sys.executable, "-m", "planner.cli", "profile", "--out", str(out),
-                          "--ranks", "2"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
+                          "--ranks", "2", "--allow-busy"], capture_output=True, text=True,
+                         timeout=300)
     assert "[gemm" in run.stderr and "[all-reduce" in run.stderr  # progress was shown
-    assert "[host, layer at tp=2]" in run.stderr
+    assert "[host, layer at tp=2]" in run.stderr and "[load] before" in run.stderr
+    if run.returncode == 2 and "planner/limits.py" in run.stderr:
+        error = run.stderr.strip().splitlines()[-1]
+        assert error.startswith("planner profile: error: ") and not out.exists()
+        shares = [int(x) for x in re.findall(r"(\d+)% of \d+ core", run.stderr)]
+        assert min(shares) < 100 * limits.MIN_CORE_SHARE, run.stderr  # only a busy host
+        pytest.skip(f"refused on a busy host (cores' share {min(shares)}%): {error}")
+    assert run.returncode == 0, run.stderr
+    assert "GEMM efficiency fit: rms residual" in run.stdout
     profile = load_profile(str(out))
+    assert ("UNDER LOAD" in profile.description) == ("measured under load" in run.stderr)
+    assert "spread of 5 repeats" in profile.sources["measurement"]
     assert profile.gpus_per_node == 2 and profile.gpu.peak_flops["fp32"] > 0
     gpu = profile.gpu
     assert gpu.host_is_device and gpu.kernel_overhead_s == 0
@@ -117,8 +140,15 @@ BAD_MEASUREMENTS = [
     ({"layer_host_s": {"two": [1e-4, 1e-4]}}, "must be a TP degree"),
     ({"layer_host_s": {"1": [1e-4, None]}}, "backward_s"),
     ({"layer_host_s": {"1": [1e-4]}}, "must have 2 entries"),
-    ({"schema_version": 2}, "schema_version must be 1"),
+    ({"schema_version": 3}, "schema_version must be 1 or 2"),
+    ({"schema_version": True}, "schema_version must be 1 or 2"),
     ({"extra": 1}, "unknown key 'extra'"),
+    ({"repeats": 0}, "repeats must be >= 1"),
+    ({"spread": {"gemms": -0.1}}, r"spread\['gemms'\]"),
+    ({"load_before": None}, "load_before"),
+    ({"load_during": {**IDLE, "core_share": float("nan")}}, "core_share"),
+    ({"load_during": {**IDLE, "cores": 0}}, "cores must be >= 1"),
+    ({"schema_version": 1}, "unknown key 'load_before' .schema_version 1."),
 ]
 
 
@@ -139,3 +169,168 @@ def test_missing_measurement_keys_are_refused(tmp_path):
     path.write_text(json.dumps(_measurements(gemms=[])))
     with pytest.raises(ValueError, match="at least 2 GEMM"):
         ProfileMeasurements.load(path)
+
+
+# --- robust statistics, fit quality and plausible bounds ---------------------------------------
+
+CPU_SHAPES = [(512, k * h, h) for h in (128, 256, 512) for k in (1, 3, 4)] + \
+    [(512, h, 4 * h) for h in (128, 256, 512)]
+
+
+def _cpu_gemms(half_dim: float, noise: float = 0.03, seed: int = 0) -> list:
+    """CPU GEMM rates on runtime/hwprofile.py's CPU shapes along a curve of `half_dim`."""
+    rng = np.random.default_rng(seed)
+    q = [np.prod([d / (d + half_dim) for d in shape]) for shape in CPU_SHAPES]
+    return [[*shape, 2e10 * f / max(q) * rng.uniform(1 - noise, 1 + noise)]
+            for shape, f in zip(CPU_SHAPES, q)]  # the best GEMM: 20 GFLOP/s
+
+
+def _cpu(**changes):
+    return ProfileMeasurements.from_dict(_measurements(
+        peak_flops=None, host_is_device=True, shared_cores=2, precision="fp32", **changes))
+
+
+def test_a_noisy_gemm_measurement_is_refused_not_written(tmp_path):
+    """A loaded host once measured rates that rose with every dimension: the old fit made
+    gemm_half_dim ~4000 at efficiency 1.00 (predictions ~1000x too slow).  Refused by name."""
+    noisy = _cpu_gemms(4011.0)
+    _, half_dim, _ = fit_gemm_efficiency(noisy, max(g[3] for g in noisy))
+    assert half_dim > 3000  # what used to be written
+    with pytest.raises(ValueError) as err:
+        fit_profile(load_profile("cpu"), _cpu(gemms=noisy), "noisy")
+    msg = str(err.value)
+    assert msg.startswith("gpu.gemm_half_dim = ") and "above 1024" in msg and "\n" not in msg
+    assert float(msg.split()[2]) == pytest.approx(half_dim, rel=1e-3)
+
+
+def test_the_written_gemm_fit_caps_e_max_inside_the_fit():
+    """Rates of a curve that needs e_max > 1: the capped fit still follows the data (the old
+    fit capped afterwards and reported the residual of the uncapped curve)."""
+    gemms = _cpu_gemms(300.0, noise=0.0)
+    e_max, half_dim, res = fit_gemms(gemms, max(g[3] for g in gemms))
+    assert e_max == 1.0 and half_dim <= limits.PLAUSIBLE_GEMM_HALF_DIM[1]
+    assert np.sqrt(np.mean(res ** 2)) < limits.REFUSE_FIT_RMS
+
+
+def test_fit_quality_is_reported_and_a_bad_fit_refused():
+    profile, report = fit_profile(load_profile("a100-80g"), ProfileMeasurements.from_dict(
+        _measurements()), "ours")
+    assert report.rms(report.gemm_residuals) < 0.01 and len(report.allreduce_residuals) == 2
+    lines = report.lines()
+    assert lines[0].startswith("GEMM efficiency fit: rms residual")
+    assert any("all-reduce alpha-beta fit" in x for x in lines)
+    assert "spread of 5 repeats" in lines[-1] and report.warnings == ()
+    assert "rms residual" in profile.sources["intra_node"]
+    scattered = [[m, n, k, r * (2.0 if i % 2 else 0.5)]
+                 for i, (m, n, k, r) in enumerate(_synthetic_gemms(0.75, 128.0, 1e14))]
+    with pytest.raises(ValueError, match=r"GEMM efficiency fit: rms residual \d+% is above 40%"):
+        fit_profile(load_profile("a100-80g"), ProfileMeasurements.from_dict(
+            _measurements(gemms=scattered)), "bad")
+
+
+BAD_TERMS = [  # (measurement changes, the term named)
+    ({"allreduce_s": [0.5, 0.6]}, "intra_node.latency_s = "),  # 0.5 s per hop: no fabric
+    ({"allreduce_s": [1e-4, 200.0]}, "intra_node.bandwidth_bytes_per_s = "),
+    ({"copy_bytes_per_s": 1e5}, r"gpu.hbm_bandwidth_bytes_per_s \(copy\) = 1e\+05 is below"),
+    ({"layer_host_s": {"1": [5.0, 1e-4], "2": [2e-4, 4e-4]}}, "probe layer at tp=1"),
+    ({"gemms": [list(g) for g in _synthetic_gemms(0.01, 128.0, 1e14)]},
+     r"gpu.gemm_efficiency_max = 0.01\d* is below 0.05"),
+]
+
+
+@pytest.mark.parametrize("changes,term", BAD_TERMS)
+def test_every_fitted_term_is_bounded(changes, term):
+    with pytest.raises(ValueError, match=term) as err:
+        fit_profile(load_profile("a100-80g"), ProfileMeasurements.from_dict(
+            _measurements(**changes)), "bad")
+    assert "plausible: [" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_wide_spread_of_repeats_is_a_loud_warning():
+    _, report = fit_profile(load_profile("a100-80g"), ProfileMeasurements.from_dict(
+        _measurements(spread={"gemms": 0.02, "layer_host": 0.6})), "ours")
+    assert any("layer_host spread by 60%" in w for w in report.warnings)
+
+
+def test_version_1_measurements_still_load_and_fit():
+    v1 = {k: v for k, v in _measurements(schema_version=1).items()
+          if k not in ("repeats", "spread", "load_before", "load_during")}
+    m = ProfileMeasurements.from_dict(v1)
+    assert m.repeats == 1 and m.load_before is None
+    assert ProfileMeasurements.from_dict(m.to_dict()) == m and "repeats" not in m.to_dict()
+    _, report = fit_profile(load_profile("a100-80g"), m, "old")
+    assert report.busy is None and any("schema_version 1" in w for w in report.warnings)
+
+
+# --- the machine's load ------------------------------------------------------------------------
+
+def test_machine_load_busy_reason():
+    assert MachineLoad(**IDLE).busy_reason() is None
+    # 2 cores, both needed: a load average of 2 from other work is a busy machine
+    busy = MachineLoad(loadavg_1min=2.0, own_load=0.0, host_cpus=2, cores=2, core_share=None)
+    assert "load average 2.00" in busy.busy_reason()
+    # the profile's own ranks do not count against it
+    own = MachineLoad(loadavg_1min=8.2, own_load=8.0, host_cpus=2, cores=2, core_share=0.97)
+    assert own.busy_reason() is None
+    # spare cores beyond those the profile uses may be busy
+    assert MachineLoad(loadavg_1min=10.0, own_load=0.0, host_cpus=16, cores=4,
+                       core_share=0.98).busy_reason() is None
+    shared = MachineLoad(loadavg_1min=0.0, own_load=0.0, host_cpus=2, cores=2, core_share=0.5)
+    assert "got 50% of 2 core(s)" in shared.busy_reason()
+
+
+def test_the_load_check_reads_os_getloadavg(monkeypatch, tmp_path):
+    """runtime.hwprofile refuses before measuring (exit 3, the reason in <out>.refused); with
+    --allow-busy it measures.  os.getloadavg and the idle-core probe are mocked."""
+    hwprofile = pytest.importorskip("runtime.hwprofile")
+    monkeypatch.setattr(hwprofile.os, "getloadavg", lambda: (3.5, 3.0, 2.0))
+    monkeypatch.setattr(hwprofile.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(hwprofile.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(hwprofile, "idle_core_share", lambda cores: 1.0)
+    load, reason = hwprofile.check_load_before(8, cuda=False)
+    assert load.loadavg_1min == 3.5 and load.cores == 4 and "load average 3.50" in reason
+    measured, saved = [], []
+    monkeypatch.setattr(hwprofile, "measure", lambda *a: measured.append(a) or {})
+    monkeypatch.setattr(hwprofile, "ProfileMeasurements", SimpleNamespace(
+        from_dict=lambda d: SimpleNamespace(save=saved.append)))
+    out = str(tmp_path / "m.json")
+    assert hwprofile.main(["--out", out, "--ranks", "8"]) == 3 and not measured
+    with open(out + ".refused") as f:
+        assert "load average 3.50" in f.read()
+    assert hwprofile.main(["--out", out, "--ranks", "8", "--allow-busy"]) == 0
+    assert measured and measured[0][2].loadavg_1min == 3.5 and saved == [out]
+    monkeypatch.setattr(hwprofile.os, "getloadavg", lambda: (0.2, 0.3, 0.5))
+    assert hwprofile.check_load_before(8, cuda=False)[1] is None
+
+
+def test_planner_profile_refuses_a_busy_machine_in_one_line(monkeypatch, tmp_path, capsys):
+    import planner.cli.profile as cli
+
+    def busy_run(cmd, **kw):
+        out = cmd[cmd.index("--out") + 1]
+        with open(out + ".refused", "w") as f:
+            f.write("load average 2.00 over the last minute on 2 cores")
+        assert "--allow-busy" not in cmd
+        return subprocess.CompletedProcess(cmd, cli.BUSY_EXIT)
+    monkeypatch.setattr(cli.subprocess, "run", busy_run)
+    assert main(["profile", "--out", str(tmp_path / "p.json"), "--ranks", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "busy before measuring: load average 2.00" in err
+    assert "--allow-busy" in err and not (tmp_path / "p.json").exists()
+
+
+def test_busy_while_measuring_is_refused_or_marked():
+    m = _cpu(gemms=_cpu_gemms(62.0), load_during={
+        "loadavg_1min": 4.2, "own_load": 4.0, "host_cpus": 2, "cores": 2, "core_share": 0.55})
+    with pytest.raises(ValueError, match="busy while measuring: busy processes got 55%"):
+        fit_profile(load_profile("cpu"), m, "busy")
+    profile, report = fit_profile(load_profile("cpu"), m, "busy", allow_busy=True)
+    assert report.busy and "UNDER LOAD (while measuring" in profile.description
+    assert "UNDER LOAD" in profile.sources["gpu.gemm_efficiency_max"]
+
+
+def test_profile_help_says_the_profile_captures_the_machine_state(capsys):
+    with pytest.raises(SystemExit):
+        main(["profile", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "captures the machine's state" in text and "--allow-busy" in text

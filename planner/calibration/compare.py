@@ -4,16 +4,17 @@ import pandas as pd
 
 from planner.cost.estimate import estimate
 from planner.cost.memory import rank_memory, rank_model_state
-from planner.measured import Measured, RankMeasurement
+from planner.measured import Measured, RankMeasurement, relative_error
 from planner.plan import Plan
 
 STATE_KEYS = ("weights_bytes", "gradients_bytes", "optimizer_bytes")
 
 
 def _row(component, rank, predicted, measured) -> dict:
+    """error_pct: 100 * (predicted - measured) / measured, as in planner calibrate."""
     error = None
-    if measured is not None and predicted:
-        error = 100.0 * (measured - predicted) / predicted
+    if measured:
+        error = 100.0 * relative_error(predicted, measured)
     return {"component": component, "rank": rank, "predicted": predicted,
             "measured": measured, "error_pct": error}
 

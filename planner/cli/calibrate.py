@@ -1,31 +1,60 @@
 """`planner calibrate measured/*.json --profile p.json --out p_calibrated.json`."""
 
 import json
+import sys
 
 from planner.hardware import load_profile
 
+DESCRIPTION = """\
+Fit correction factors of a profile to measured runs: kernel efficiency, fixed overheads and
+collective latency, each within its bound (planner/limits.py). A factor no run is sensitive to,
+or that the runs cannot tell from another, is left alone (stays 1). Errors are
+(predicted - measured) / measured, as in planner compare. A fit that stays absurd (a factor at
+its bound, or mean |error| above 100% after fitting) is refused unless --force."""
+
 
 def add_parser(sub):
-    p = sub.add_parser("calibrate", help="fit a profile's efficiency terms to measured runs")
+    p = sub.add_parser("calibrate", help="fit a profile's efficiency terms to measured runs",
+                       description=DESCRIPTION)
     p.add_argument("measured", nargs="+", help="measured.json files from the runtime")
     p.add_argument("--profile", required=True, help="profile name or JSON to calibrate")
     p.add_argument("--out", required=True, help="calibrated profile JSON to write")
+    p.add_argument("--force", action="store_true",
+                   help="write the calibrated profile even when the fit stays absurd")
     return p
 
 
+def _table(paths: list, before: list, after: list) -> None:
+    print(f"{'run':<40} {'error before':>13} {'error after':>12}")
+    for path, b, a in zip(paths, before, after):
+        print(f"{path[-40:]:<40} {100 * b:>+12.1f}% {100 * a:>+11.1f}%")
+    mean_b, mean_a = (100 * sum(map(abs, xs)) / len(xs) for xs in (before, after))
+    print(f"{'mean |error|':<40} {mean_b:>12.1f}% {mean_a:>11.1f}%")
+    print("error = (predicted - measured) / measured step time (as in planner compare)")
+
+
 def run(args) -> int:
-    from planner.calibration.calibrate import calibrate  # the cost model: only here
+    from planner.calibration import calibrate as cal  # the cost model: only here
     from planner.measured import Measured
     runs = [Measured.load(path) for path in args.measured]  # each with the plan it ran
-    profile, factors, before, after = calibrate(runs, load_profile(args.profile))
+    base = load_profile(args.profile)
+    cal._check_runs(runs)
+    fitted, left = cal.identify(runs, base)
+    profile, factors, before, after = cal.calibrate(runs, base)
+    print("fitted factors: " + (", ".join(f"{k} x{factors.get(k, 1.0):.3g}" for k in fitted)
+                                or "none"))
+    for name, why in left.items():
+        print(f"left alone (x1): {name}: {why}")
+    _table(args.measured, before, after)
+    problems = cal.fit_problems(factors, fitted, after)
+    if problems and not args.force:
+        raise ValueError(f"the fit cannot be right: {'; '.join(problems)}; nothing was written "
+                         f"(check the profile and the runs; --force writes it anyway)")
+    for problem in problems:
+        print(f"planner calibrate: WARNING: {problem} (written because of --force)",
+              file=sys.stderr)
     with open(args.out, "w") as f:
         json.dump(profile.to_dict(), f, indent=1)
         f.write("\n")
-    print("fitted factors: " + ", ".join(f"{k} x{v:.3g}" for k, v in factors.items()))
-    print(f"{'run':<40} {'error before':>13} {'error after':>12}")
-    for path, b, a in zip(args.measured, before, after):
-        print(f"{path[-40:]:<40} {100 * b:>12.1f}% {100 * a:>11.1f}%")
-    mean = lambda xs: 100 * sum(abs(x) for x in xs) / len(xs)  # noqa: E731
-    print(f"{'mean |error|':<40} {mean(before):>12.1f}% {mean(after):>11.1f}%")
     print(f"wrote {args.out}")
     return 0
