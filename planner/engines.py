@@ -33,6 +33,8 @@ class Engine:
     zero1_reduce_scatters: bool      # ZeRO-1 reduce-scatters gradients and all-gathers 16-bit
                                      # params (else all-reduce, then gather fp32 shards)
     host_overhead_per_layer: bool    # profile's measured host time per layer applies
+    kernels_from_op_census: bool     # eager PyTorch's kernels op by op (planner/cost/ops.py),
+                                     # else Megatron-LM's fused elementwise kernels
     pytorch_pipelining_limits: bool  # PyTorch 2.13's pipelining restrictions apply (rules.py)
     pipelined_fsdp_defers_sync: bool  # under pipelining, ZeRO-2/3 keep parameters unsharded and
                                      # gradients unreduced until the step's last backward
@@ -50,7 +52,7 @@ TORCH = Engine(
     sp_saves_sharded_gemm_input=False, sp_shards_checkpoint=True, tp_bwd_overlaps_wgrad=False,
     tp_bwd_all_reduces_each_colwise=True, dp_overlaps_compute=True, fsdp_groups_per_block=True,
     fp16_grads_reduced_in_fp16=False, zero1_reduce_scatters=False, host_overhead_per_layer=True,
-    pytorch_pipelining_limits=True, pipelined_fsdp_defers_sync=True)
+    kernels_from_op_census=True, pytorch_pipelining_limits=True, pipelined_fsdp_defers_sync=True)
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped
@@ -61,7 +63,7 @@ MEGATRON = Engine(
     fp32_master_params=False, sp_saves_sharded_gemm_input=True, sp_shards_checkpoint=False,
     tp_bwd_overlaps_wgrad=True, tp_bwd_all_reduces_each_colwise=False, dp_overlaps_compute=False,
     fsdp_groups_per_block=False, fp16_grads_reduced_in_fp16=True, zero1_reduce_scatters=True,
-    host_overhead_per_layer=False, pytorch_pipelining_limits=False,
+    host_overhead_per_layer=False, kernels_from_op_census=False, pytorch_pipelining_limits=False,
     pipelined_fsdp_defers_sync=False)
 
 ENGINES = {e.name: e for e in (TORCH, MEGATRON)}

@@ -2,11 +2,20 @@
 
 GEMMs run at peak x gemm_efficiency_max x q(m) q(n) q(k), q(d) = d / (d + gemm_half_dim): a
 roofline-style saturation for tile quantisation on small dimensions, fitted per GPU
-(planner/calibration/gemm_fit.py fits it to measured matmuls).  Memory-bound kernels (norms,
-activations, residual adds, dropout, softmax) move their bytes at HBM bandwidth x
-memory_efficiency.
-Every kernel pays kernel_overhead_s.  A backward pass runs two GEMMs per forward GEMM (input and
-weight gradients) and moves twice the elementwise bytes.
+(planner/calibration/gemm_fit.py fits it to measured matmuls).  Memory-bound kernels move their
+bytes at HBM bandwidth x memory_efficiency; every kernel pays kernel_overhead_s.
+
+Which kernels run is the engine's (planner/engines.py, `kernels_from_op_census`):
+- `torch` (eager PyTorch, this project's runtime): op by op from the runtime's op census
+  (planner/cost/ops.py): every mm of a layer forward and backward on the GEMM curve, the
+  scaled-dot-product attention kernel as below, and every other aten op - the fp32 RMSNorm
+  statistics and casts, RoPE's mul/neg/cat, SiLU and the gate product, residual adds, autocast's
+  weight casts and their gradients, dropout - as one memory-bound kernel moving its bytes;
+- `megatron` (Megatron-LM's fused kernels): the layer's GEMMs, about ten fused elementwise
+  kernels per layer over the activations, and a backward of two GEMMs per forward GEMM and
+  twice the elementwise bytes.
+Attention: flash at attention_efficiency of peak on the FLOPs it executes (causal kernels skip
+half), backward 2.5x forward; unfused attention as batched GEMMs plus the softmax traffic.
 
 The `torch` engine's host work per layer (Python, autograd and DTensor dispatch, and on CPU ranks
 the waits of each small TP collective) is the profile's measured host_layer_overhead_s.  A GPU's
@@ -16,17 +25,19 @@ where host and device are one processor (CPU ranks) the two add."""
 from dataclasses import dataclass
 
 from planner.cost.flops import Gemm, attention_core_flops, head_extra_gemms, head_gemm, layer_gemms
-from planner.hardware import GpuSpec
+from planner.cost.ops import ops
 from planner.engines import engine
+from planner.hardware import GpuSpec
 from planner.job import Job
 from planner.spec import ModelSpec
 from planner.units import DROPOUT_MASK_BYTES, dtype_bytes
 
 # FlashAttention-2 backward runs 5 GEMM-sized products against the forward's 2 (Dao 2023, Sec. 3)
 FLASH_BWD_FACTOR = 2.5
+# Megatron-LM's fused kernels per layer: norms, residual adds, activation, rope/bias, dropouts
 ELEMENTWISE_KERNELS_PER_LAYER = 10
 # Megatron-LM 2019 attention: scores / sqrt(d), scores * mask, - 10000 * (1 - mask), then softmax
-EAGER_ATTENTION_EXTRA_KERNELS = 3  # norms, residual adds, activation, rope/bias, dropouts
+EAGER_ATTENTION_EXTRA_KERNELS = 3
 
 
 @dataclass(frozen=True)
@@ -117,15 +128,38 @@ def _attention_times(gpu: GpuSpec, spec: ModelSpec, job: Job, b: int, t: int) ->
     return gemm_fwd + elem, 2 * gemm_fwd + 2 * elem
 
 
+def _census_pass(gpu: GpuSpec, spec: ModelSpec, job: Job, region: str, direction: str, *,
+                 tp: int, sequence_parallel: bool, micro_batch: int) -> tuple:
+    """(GEMM seconds, memory-bound seconds) of one pass of a census region (planner/cost/ops.py);
+    the attention kernel is timed by _attention_times."""
+    gemm_s, nbytes, kernels = 0.0, 0.0, 0
+    for op in ops(spec, job.precision, region, direction, tp=tp, micro_batch=micro_batch,
+                  seq_len=job.seq_len, sequence_parallel=sequence_parallel):
+        if op.kind == "gemm":
+            *batch, m, k, n = op.mkn
+            gemm = Gemm(op.name, m, k, n, op.count * (batch[0] if batch else 1))
+            gemm_s += gemm_time(gpu, gemm, job.precision)
+        elif op.kind == "memory":
+            nbytes += op.count * (op.read_bytes + op.write_bytes)
+            kernels += op.count
+    return gemm_s, _memory_time(gpu, nbytes, kernels)
+
+
 def layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
                 micro_batch: int) -> LayerTimes:
+    eng = engine(job.engine)
+    attn_fwd, attn_bwd = _attention_times(gpu, spec, job, micro_batch, tp)
+    host_fwd, host_bwd = gpu.host_layer_s(tp) if eng.host_overhead_per_layer else (0.0, 0.0)
+    if eng.kernels_from_op_census:
+        shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+        gemm_fwd, elem_fwd = _census_pass(gpu, spec, job, "block", "fwd", **shape)
+        gemm_bwd, elem_bwd = _census_pass(gpu, spec, job, "block", "bwd", **shape)
+        return LayerTimes(gemm_fwd, attn_fwd, elem_fwd, gemm_bwd, attn_bwd, elem_bwd,
+                          host_fwd, host_bwd, gpu.host_is_device)
     tokens = micro_batch * job.seq_len
     gemm_fwd = sum(gemm_time(gpu, g, job.precision) for g in layer_gemms(spec, tokens, tp))
-    attn_fwd, attn_bwd = _attention_times(gpu, spec, job, micro_batch, tp)
     elem_fwd = _memory_time(gpu, _elementwise_bytes(spec, job, tp, sequence_parallel,
                                                     micro_batch), ELEMENTWISE_KERNELS_PER_LAYER)
-    host = engine(job.engine).host_overhead_per_layer
-    host_fwd, host_bwd = gpu.host_layer_s(tp) if host else (0.0, 0.0)
     return LayerTimes(gemm_fwd, attn_fwd, elem_fwd, 2 * gemm_fwd, attn_bwd, 2 * elem_fwd,
                       host_fwd, host_bwd, gpu.host_is_device)
 
@@ -133,6 +167,12 @@ def layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int, sequence_pa
 def head_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int,
                micro_batch: int) -> LayerTimes:
     """Output layer: logits GEMM (vocab-parallel) and the fp32 softmax cross-entropy."""
+    if engine(job.engine).kernels_from_op_census:
+        # the final norm counted on the whole sequence also under sequence parallelism
+        shape = {"tp": tp, "sequence_parallel": False, "micro_batch": micro_batch}
+        gemm_fwd, elem_fwd = _census_pass(gpu, spec, job, "head", "fwd", **shape)
+        gemm_bwd, elem_bwd = _census_pass(gpu, spec, job, "head", "bwd", **shape)
+        return LayerTimes(gemm_fwd, 0.0, elem_fwd, gemm_bwd, 0.0, elem_bwd)
     tokens = micro_batch * job.seq_len
     gemms = [head_gemm(spec, tokens, tp)] + head_extra_gemms(spec, tokens)
     gemm_fwd = sum(gemm_time(gpu, g, job.precision) for g in gemms)
