@@ -14,14 +14,16 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from planner.cost import ops
 from planner.cost.combine import RankMicrobatch, rank_microbatch, step_parts
 from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds
 from planner.cost.compute import head_times, layer_times, selective_recompute_s
 from planner.cost.fields import PlanEvaluations, call, plan_fields, rank_facts_of, unpack
 from planner.engines import SHARDED_GRAD_STAGES, ZERO_BUBBLE, deferred_fsdp, engine
 
-# AdamW update per parameter: read+write fp32 weight, momentum and variance, read the gradient,
-# plus the gradient-norm pass for clipping (read the gradient again).
+# Megatron-LM's fused Adam per parameter: read+write fp32 weight, momentum and variance, read the
+# gradient, plus the gradient-norm pass for clipping (read the gradient again).  The torch engine
+# counts what the runtime's AdamW really moves (planner.cost.ops, from the op census).
 OPTIMIZER_BYTES_PER_PARAM = 8 + 8 + 8 + 4 + 4
 
 
@@ -126,11 +128,17 @@ def dp_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_mi
     return sum(c.time_s for c in colls), colls[0].time_s if colls else 0.0, gather
 
 
-def optimizer_seconds(gpu, job, *, optimizer_bytes) -> float:
+def optimizer_seconds(gpu, job, *, tp, zero_stage, optimizer_bytes) -> float:
     """AdamW's update of the rank's parameters, memory-bound."""
-    numel = optimizer_bytes / engine(job.engine).optimizer_state_bytes(job.precision)
-    return numel * OPTIMIZER_BYTES_PER_PARAM / (gpu.hbm_bandwidth_bytes_per_s *
-                                                 gpu.memory_efficiency)
+    eng = engine(job.engine)
+    numel = optimizer_bytes / eng.optimizer_state_bytes(job.precision)
+    per_param = OPTIMIZER_BYTES_PER_PARAM
+    if eng.kernels_from_op_census:
+        # runtime/optim.py: fused AdamW only over plain CUDA tensors (no TP, no FSDP/ZeRO
+        # sharding); foreach otherwise, and always on CPU ranks
+        fused = not gpu.host_is_device and tp == 1 and zero_stage == 0
+        per_param = ops.optimizer_bytes_per_param(fused)
+    return numel * per_param / (gpu.hbm_bandwidth_bytes_per_s * gpu.memory_efficiency)
 
 
 def step_inputs(spec, job, profile, *, world, pp, virtual_stages, schedule, zero_stage,
@@ -184,9 +192,9 @@ def mean_rank_s(evaluate, num_layers: int, pp) -> object:
     return _microbatch(evaluate, num_layers, True, sends=pp).total_s / pp
 
 
-def optimizer_seconds_per_byte(gpu, job) -> float:
+def optimizer_seconds_per_byte(gpu, job, *, tp, zero_stage) -> float:
     """The optimizer step is linear in the bytes it updates."""
-    return optimizer_seconds(gpu, job, optimizer_bytes=1.0)
+    return optimizer_seconds(gpu, job, tp=tp, zero_stage=zero_stage, optimizer_bytes=1.0)
 
 
 def step_of(ranks: list, step: dict, mean_rank_total_s):

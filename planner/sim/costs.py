@@ -127,8 +127,8 @@ def _dp_costs(plan: Plan, named: dict) -> dict:
     lay = plan.layout
     ranks = [with_rank(named, r) for r in range(lay.pp)]
     colls = [call(dp_collectives, r) for r in ranks]
-    opt = [optimizer_seconds(named["gpu"], plan.job,
-                            optimizer_bytes=rank_memory(plan, r).optimizer_bytes)
+    opt = [optimizer_seconds(named["gpu"], plan.job, tp=lay.tp, zero_stage=lay.zero_stage,
+                             optimizer_bytes=rank_memory(plan, r).optimizer_bytes)
            for r in range(lay.pp)]
     common = {"rank_optimizer_s": opt,
               "dp_overlap": engine(plan.job.engine).dp_overlaps_compute}
