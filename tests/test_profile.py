@@ -334,3 +334,46 @@ def test_profile_help_says_the_profile_captures_the_machine_state(capsys):
         main(["profile", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "captures the machine's state" in text and "--allow-busy" in text
+
+
+def _stub_measuring(monkeypatch, raw: dict) -> list:
+    """planner profile's measuring subprocess, replaced by writing `raw` where it would."""
+    import planner.cli.profile as cli
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        ProfileMeasurements.from_dict(raw).save(cmd[cmd.index("--out") + 1])
+        return subprocess.CompletedProcess(cmd, 0)
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    return calls
+
+
+def test_planner_profile_writes_a_profile_and_prints_the_fit_quality(monkeypatch, tmp_path,
+                                                                     capsys):
+    calls = _stub_measuring(monkeypatch, _measurements(
+        peak_flops=None, host_is_device=True, shared_cores=2, precision="fp32",
+        gemms=_cpu_gemms(62.0)))
+    out = tmp_path / "ours.json"
+    assert main(["profile", "--out", str(out), "--ranks", "4"]) == 0
+    assert "--allow-busy" not in calls[0]
+    text = capsys.readouterr()
+    assert "GEMM efficiency fit: rms residual" in text.out and "all-reduce alpha-beta" in text.out
+    assert "WARNING" not in text.err
+    profile = load_profile(str(out))
+    assert "UNDER LOAD" not in profile.description and profile.gpus_per_node == 4
+
+
+def test_planner_profile_busy_while_measuring(monkeypatch, tmp_path, capsys):
+    busy = {"loadavg_1min": 6.5, "own_load": 4.0, "host_cpus": 2, "cores": 2, "core_share": 0.4}
+    calls = _stub_measuring(monkeypatch, _measurements(
+        peak_flops=None, host_is_device=True, shared_cores=2, precision="fp32",
+        gemms=_cpu_gemms(62.0), load_during=busy))
+    out = tmp_path / "ours.json"
+    assert main(["profile", "--out", str(out), "--ranks", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "busy while measuring" in err and not out.exists()
+    assert main(["profile", "--out", str(out), "--ranks", "4", "--allow-busy"]) == 0
+    assert "--allow-busy" in calls[-1]
+    assert "WARNING: measured under load" in capsys.readouterr().err
+    assert "UNDER LOAD (while measuring" in load_profile(str(out)).description
