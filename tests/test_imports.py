@@ -81,6 +81,15 @@ def test_the_commands_that_compute_load_their_libraries_when_they_run():
     assert not {"pandas", "torch", "streamlit", "altair"} & set(res["loaded"])
 
 
+def test_suggest_loads_no_pandas_or_networkx():
+    """The ranked table is laid out without pandas; networkx only for NVLink-mesh nodes."""
+    res = _planner("suggest", "--model", "llama2-7b", "--cluster", "a100-80g", "--global-batch",
+                   "64", "--seq-len", "4096", "--top", "3")
+    assert res["code"] == 0 and "Why each beats the next" in res["out"]
+    assert "planner.search.ranking" in res["loaded"]
+    assert not {"pandas", "networkx", "torch", "streamlit", "altair"} & set(res["loaded"])
+
+
 def test_version_flag_of_the_installed_command():
     import planner
     out = subprocess.run([sys.executable, "-m", "planner.cli", "--version"], capture_output=True,

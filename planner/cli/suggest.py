@@ -65,7 +65,7 @@ def run(args) -> int:
     if args.json:
         print_json([c.estimate.to_dict() for c in result.ranked[:args.top]])
         return 0
-    from planner.search.explain import result_text  # pandas lays out the table
+    from planner.search.explain import result_text
     print(result_text(result))
     if args.out:
         print(f"\nwrote plan #{args.rank} to {args.out}; next: planner export {args.out} "

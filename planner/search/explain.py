@@ -2,8 +2,6 @@
 and the rejected layouts grouped by reason (presentation only: every number comes from
 estimate() or the search)."""
 
-import pandas as pd
-
 from planner.units import fmt_seconds
 
 # TimeBreakdown fields a plan can win on, with the words for them
@@ -62,8 +60,8 @@ def why_better(a, b, objective: str = "throughput") -> str:
     return f"{100 * gain:+.1f}% tokens/s: {_part_phrase(key, label, ta, tb)}{diff}"
 
 
-def ranked_table(result) -> pd.DataFrame:
-    """The top-k table: one row per ranked plan."""
+def ranked_rows(result) -> list:
+    """The top-k table as rows (dicts), one per ranked plan."""
     rows = []
     budget = result.options.token_budget
     for i, c in enumerate(result.ranked, 1):
@@ -78,7 +76,26 @@ def ranked_table(result) -> pd.DataFrame:
             row["days"] = round(budget / c.tokens_per_s / 86400, 2)
             row["GPU-hours"] = round(budget / c.tokens_per_s / 3600 * c.num_gpus)
         rows.append(row)
+    return rows
+
+
+def ranked_table(result):
+    """The top-k table as a DataFrame (the UI's)."""
+    import pandas as pd
+    rows = ranked_rows(result)
     return pd.DataFrame(rows).set_index("rank") if rows else pd.DataFrame()
+
+
+def text_table(rows: list) -> str:
+    """Rows (dicts with the same keys) as a fixed-width text table, numbers right-aligned
+    (what `planner suggest` prints; no pandas, so the command starts fast)."""
+    keys = list(rows[0])
+    cells = [[f"{r[k]:,}" if isinstance(r[k], int) and k in ("tokens/s", "GPU-hours")
+              else str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[j]) for c in cells)) for j, k in enumerate(keys)]
+    lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
 
 
 def reasons(result) -> list:
@@ -88,7 +105,8 @@ def reasons(result) -> list:
             for i in range(len(r) - 1)]
 
 
-def rejected_table(result) -> pd.DataFrame:
+def rejected_table(result):
+    import pandas as pd
     rows = [{"reason": r.label, "layouts": r.count, "example": r.example}
             for r in result.rejections]
     return pd.DataFrame(rows, columns=["reason", "layouts", "example"])
@@ -96,17 +114,14 @@ def rejected_table(result) -> pd.DataFrame:
 
 def result_text(result) -> str:
     """Everything `planner suggest` prints for a search with at least one plan."""
-    with pd.option_context("display.width", 200, "display.max_columns", 30,
-                           "display.max_colwidth", 120):
-        lines = [f"{result.model.name} on {result.cluster.world_size} x "
-                 f"{result.cluster.profile.gpu.name}; batch {result.job.global_batch} x "
-                 f"{result.job.seq_len}; objective {result.options.objective}; "
-                 f"{result.num_considered:,} layouts considered, {result.num_fit:,} fit "
-                 f"(headroom {100 * result.options.headroom:.0f}%), "
-                 f"searched in {result.elapsed_s:.2f} s", "",
-                 ranked_table(result).to_string(), ""]
-        lines += ["Why each beats the next:"] + [f"  {x}" for x in reasons(result)]
-        if result.rejections:
-            lines += ["", "Rejected layouts by reason (count, reason: example):"]
-            lines += [f"  {r.count:>9,}  {r.label}: {r.example}" for r in result.rejections]
+    lines = [f"{result.model.name} on {result.cluster.world_size} x "
+             f"{result.cluster.profile.gpu.name}; batch {result.job.global_batch} x "
+             f"{result.job.seq_len}; objective {result.options.objective}; "
+             f"{result.num_considered:,} layouts considered, {result.num_fit:,} fit "
+             f"(headroom {100 * result.options.headroom:.0f}%), "
+             f"searched in {result.elapsed_s:.2f} s", "", text_table(ranked_rows(result)), ""]
+    lines += ["Why each beats the next:"] + [f"  {x}" for x in reasons(result)]
+    if result.rejections:
+        lines += ["", "Rejected layouts by reason (count, reason: example):"]
+        lines += [f"  {r.count:>9,}  {r.label}: {r.example}" for r in result.rejections]
     return "\n".join(lines)
