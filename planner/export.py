@@ -1,8 +1,11 @@
 """Plan -> what other launchers and engines read: torchrun command lines for this project's
-runtime (one per node), a Slurm sbatch script, a DeepSpeed config and Megatron-LM arguments.
+runtime (one per node), a Slurm sbatch script, a DeepSpeed config and a bash file of Megatron-LM
+environment and arguments.
 
 Each exporter refuses, with one line naming the value, a plan its engine cannot express, rather
-than silently running something else."""
+than silently running something else; settings no plan holds (learning rate, iterations, data,
+tokenizer) are written as marked placeholders, never left out.  tests/test_export_consumers.py
+has torchrun, DeepSpeed and Megatron Core read the exports."""
 
 from __future__ import annotations
 
@@ -152,28 +155,51 @@ def _join(args: list) -> str:
     return " ".join(a if isinstance(a, _Shell) else shlex.quote(a) for a in args)
 
 
+_RDZV_ID = re.compile(rf"[A-Za-z0-9][{NAME_CHARS}]*")  # an argument value: no leading '-'
+
+
+def _check_rdzv_id(rdzv_id) -> str:
+    if isinstance(rdzv_id, str) and len(rdzv_id) > JOB_NAME_MAX:
+        raise ValueError(f"rendezvous id {rdzv_id!r} is longer than {JOB_NAME_MAX} characters")
+    return _check(rdzv_id, _RDZV_ID, "rendezvous id",
+                  f"a letter or digit, then only the characters {NAME_CHARS}")
+
+
+def _check_cpus(cpus) -> int:
+    n = _integer(cpus)
+    if n is None or n < 1:
+        raise ValueError(f"cpus per task {cpus!r} must be an integer >= 1")
+    return n
+
+
 def torchrun_lines(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEPS,
                    hosts: list = None, master_addr: str = None,
-                   master_port: int = DEFAULT_PORT) -> list:
+                   master_port: int = DEFAULT_PORT, rdzv_id: str = None) -> list:
     """One torchrun command per node (a single line for a one-node plan).  Every value is
-    quoted for the shell; host names must be host names or IP addresses."""
+    quoted for the shell; host names must be host names or IP addresses.
+
+    One node: `--standalone` (torchrun's own rendezvous on a free local port, so two runs on
+    one host do not collide).  Several nodes: c10d rendezvous at the master's port with one
+    `--rdzv-id` for the job (default: default_job_name(plan)); c10d assigns the node ranks
+    itself, so every node runs the same line and there is no `--node-rank`."""
     nodes, procs = _nodes_and_procs(plan)
     train = ["-m", "runtime.train", "--plan", _check_path(plan_path),
              "--steps", str(_check_steps(steps))]
     master_port = _check_port(master_port)
     hosts = None if hosts is None else [check_host(h) for h in hosts]
     master_addr = None if master_addr is None else check_host(master_addr)
+    rdzv_id = default_job_name(plan) if rdzv_id is None else _check_rdzv_id(rdzv_id)
     if nodes == 1:
-        return [_join(["torchrun", "--nproc-per-node", str(procs)] + train)]
+        return [_join(["torchrun", "--standalone", "--nproc-per-node", str(procs)] + train)]
     if hosts is not None and len(hosts) < nodes:
         raise ValueError(f"plan needs {nodes} nodes; the hostfile lists {len(hosts)}")
     host = master_addr or (hosts[0] if hosts else None)
     endpoint = (_Shell(f'"$MASTER_ADDR":{master_port}') if host is None
                 else _endpoint(host, master_port))
+    cmd = ["torchrun", "--nproc-per-node", str(procs), "--nnodes", str(nodes),
+           "--rdzv-id", rdzv_id, "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint]
     lines = []
     for rank in range(nodes):
-        cmd = ["torchrun", "--nproc-per-node", str(procs), "--nnodes", str(nodes),
-               "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint]
         where = f"# on {hosts[rank]}" if hosts else f"# on node {rank}"
         lines.append(f"{where}\n{_join(cmd + train)}")
     return lines
@@ -185,13 +211,16 @@ def torchrun(plan: Plan, **kwargs) -> str:
 
 def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEPS,
           job_name: str = None, time_limit: str = "24:00:00", partition: str = None,
-          master_port: int = DEFAULT_PORT) -> str:
+          master_port: int = DEFAULT_PORT, cpus_per_task: int = None) -> str:
     """An sbatch script: one task per node, each starting torchrun with c10d rendezvous.
 
     The #SBATCH values (job name, partition, time) must match NAME_CHARS / Slurm's time
-    formats; the default job name is default_job_name(plan).  The per-node command is a fixed
-    `bash -c` script (it only reads $SLURM_NODEID / $SLURM_JOB_ID on the node); every value is
-    passed to it as a quoted argument, never spliced into its text."""
+    formats; the default job name is default_job_name(plan).  srun gives a task one CPU unless
+    told otherwise, and each task here runs all of a node's ranks: it gets `cpus_per_task` CPUs
+    (also an #SBATCH line), by default every CPU of the exclusively held node
+    ($SLURM_CPUS_ON_NODE).  The rendezvous port is `master_port` unless $MASTER_PORT is set
+    when the job starts; the rendezvous id is the job id, and c10d assigns the node ranks.
+    Every value is a quoted argument of srun; the script splices none into code."""
     nodes, procs = _nodes_and_procs(plan)
     name = default_job_name(plan) if job_name is None else check_job_name(job_name)
     head = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={nodes}",
@@ -199,20 +228,22 @@ def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEP
             f"#SBATCH --time={check_time(time_limit)}", "#SBATCH --exclusive"]
     if partition is not None:
         head.append(f"#SBATCH --partition={check_partition(partition)}")
-    per_node = 'exec torchrun --node-rank "$SLURM_NODEID" --rdzv-id "$SLURM_JOB_ID" "$@"'
-    torch_args = ["--nproc-per-node", str(procs), "--nnodes", str(nodes),
-                  "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                  _Shell('"$MASTER_ADDR:$MASTER_PORT"'), "-m", "runtime.train",
+    if cpus_per_task is None:
+        cpus = _Shell('--cpus-per-task="$SLURM_CPUS_ON_NODE"')
+    else:
+        cpus = f"--cpus-per-task={_check_cpus(cpus_per_task)}"
+        head.append(f"#SBATCH {cpus}")
+    torch_args = ["torchrun", "--nproc-per-node", str(procs), "--nnodes", str(nodes),
+                  "--rdzv-id", _Shell('"$SLURM_JOB_ID"'), "--rdzv-backend", "c10d",
+                  "--rdzv-endpoint", _Shell('"$MASTER_ADDR:$MASTER_PORT"'), "-m", "runtime.train",
                   "--plan", _check_path(plan_path), "--steps", str(_check_steps(steps))]
     body = ["set -euo pipefail",
             # sed reads the whole list: `head -n 1` can end scontrol with SIGPIPE, which
             # pipefail turns into a failed job
             'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
-            f"MASTER_PORT={_check_port(master_port)}",
+            f"MASTER_PORT=${{MASTER_PORT:-{_check_port(master_port)}}}",
             "export MASTER_ADDR MASTER_PORT",
-            "# each node's task expands its own $SLURM_NODEID inside the single quotes",
-            "# shellcheck disable=SC2016",
-            "srun --kill-on-bad-exit=1 " + _join(["bash", "-c", per_node, "torchrun"])
+            "srun " + _join(["--kill-on-bad-exit=1", cpus])
             + " \\\n    " + _join(torch_args)]
     return "\n".join(head + [""] + body) + "\n"
 
@@ -221,9 +252,19 @@ def _refuse(engine: str, what: str) -> None:
     raise ValueError(f"{engine} cannot express this plan: {what}")
 
 
+# AdamW as runtime/optim.py runs it; the learning rate is the one setting no plan holds.
+ADAMW_BETAS = (0.9, 0.95)
+ADAMW_EPS = 1e-8
+ADAMW_WEIGHT_DECAY = 0.1
+LR_PLACEHOLDER = 3e-4  # a number DeepSpeed accepts; the config's "placeholders" key names it
+
+
 def deepspeed_config(plan: Plan) -> dict:
-    """DeepSpeed JSON config.  DeepSpeed's config has no tensor or pipeline degree (they come
-    from the model code / Megatron-DeepSpeed arguments); the 'comment' key says so."""
+    """DeepSpeed JSON config (checked against DeepSpeed 0.19.8 by tests/test_export_consumers.py).
+
+    What the config cannot say (where the tensor and pipeline degrees come from, what the model
+    code must do) is in the 'comment' key, which DeepSpeed ignores; settings no plan holds are
+    listed in the 'placeholders' key by their dotted path."""
     lay, job = plan.layout, plan.job
     if lay.pp > 1 and lay.schedule != "1f1b":
         _refuse("DeepSpeed", f"schedule {lay.schedule}; its pipeline engine runs 1F1B only")
@@ -234,33 +275,85 @@ def deepspeed_config(plan: Plan) -> dict:
            "train_micro_batch_size_per_gpu": lay.micro_batch,
            "gradient_accumulation_steps": lay.num_microbatches,
            "gradient_clipping": CLIP_NORM,
+           "optimizer": {"type": "AdamW",
+                         "params": {"lr": LR_PLACEHOLDER, "betas": list(ADAMW_BETAS),
+                                    "eps": ADAMW_EPS, "weight_decay": ADAMW_WEIGHT_DECAY}},
            "zero_optimization": {"stage": lay.zero_stage},
            "bf16": {"enabled": job.precision == "bf16"},
            "fp16": {"enabled": job.precision == "fp16"},
            "steps_per_print": 10}
     if lay.zero_stage >= 2:
         cfg["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
+    if job.precision == "bf16":
+        # the plan counts fp32 gradient reduction (and accumulation); DeepSpeed's bf16 default
+        # is bf16 for both.  Without ZeRO it refuses fp32 accumulation ("unsupported mix")
+        cfg["communication_data_type"] = "fp32"
+        if lay.zero_stage >= 1:
+            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if _autotp(lay):
+        cfg["tensor_parallel"] = {"autotp_size": lay.tp}
     if lay.recompute == "full":
         cfg["activation_checkpointing"] = {"partition_activations": lay.sequence_parallel,
                                            "contiguous_memory_optimization": False}
-    cfg["comment"] = _deepspeed_note(lay)
+        if lay.pp > 1:  # the pipeline engine checkpoints only at this interval (0: never)
+            cfg["pipeline"] = {"activation_checkpoint_interval": 1}
+    cfg["placeholders"] = {"optimizer.params.lr": f"{LR_PLACEHOLDER:g} stands in for the peak "
+                           "learning rate: the plan does not choose one"}
+    cfg["comment"] = _deepspeed_note(lay, job)
     return cfg
 
 
-def _deepspeed_note(lay) -> str:
-    notes = [f"data parallel {lay.dp}: DeepSpeed derives it from the world size and the model's "
-             "parallel groups"]
-    if lay.tp > 1:
+def _autotp(lay) -> bool:
+    """DeepSpeed's AutoTP runs the tensor parallelism: tp > 1 without a pipeline (its groups
+    replace the PipelineModule's) and without sequence parallelism (AutoTP has none)."""
+    return lay.tp > 1 and lay.pp == 1 and not lay.sequence_parallel
+
+
+def _deepspeed_note(lay, job) -> str:
+    notes = [(f"data parallel {lay.dp}: DeepSpeed derives it from the world size and the "
+              "model's parallel groups")]
+    if _autotp(lay):
+        notes.append(
+            f"tensor parallel {lay.tp}: DeepSpeed AutoTP (tensor_parallel.autotp_size) shards a "
+            "Hugging Face-style model; its batch check counts every rank unless an mpu says "
+            "otherwise, so after deepspeed.init_distributed() call "
+            f"deepspeed.utils.groups._init_tp_mesh_device(tensor_model_parallel_size={lay.tp}) "
+            "and pass mpu=deepspeed.utils.groups to deepspeed.initialize")
+    elif lay.tp > 1:
         sp = " + sequence parallel" if lay.sequence_parallel else ""
-        notes.append(f"tensor parallel {lay.tp}{sp} is not a DeepSpeed config key: set it in "
-                     "Megatron-DeepSpeed "
-                     f"(--tensor-model-parallel-size {lay.tp}) or the model code")
+        why = "a pipeline" if lay.pp > 1 else "sequence parallelism (AutoTP has none)"
+        notes.append(f"tensor parallel {lay.tp}{sp} is not a DeepSpeed config key, and this "
+                     f"export uses AutoTP only without {why}: Megatron-DeepSpeed sets it "
+                     f"(--tensor-model-parallel-size {lay.tp}"
+                     f"{' --sequence-parallel' if lay.sequence_parallel else ''}) and passes "
+                     "its mpu, which DeepSpeed's batch check needs")
     if lay.pp > 1:
+        topo = (f"topology=PipeModelDataParallelTopology(num_pp={lay.pp}, num_mp={lay.tp}, "
+                f"num_dp={lay.dp})" if lay.tp > 1 else f"num_stages={lay.pp}")
         notes.append(f"pipeline parallel {lay.pp} is not a config key: build a "
-                     f"deepspeed.pipe.PipelineModule(num_stages={lay.pp})")
+                     f"deepspeed.pipe.PipelineModule({topo}); its mpu gives DeepSpeed's batch "
+                     f"check the data-parallel size")
+        if job.precision == "bf16":
+            shard = ("as planned" if lay.zero_stage == 1 else
+                     "which the plan does not count (it uses less memory than planned)")
+            notes.append("bf16 with a pipeline runs DeepSpeed's BF16_Optimizer: it shards the "
+                         "fp32 master weights and optimizer states over the data-parallel ranks "
+                         f"like ZeRO-1, {shard}")
+    if job.precision == "bf16" and lay.zero_stage == 0:
+        notes.append("bf16 without ZeRO: DeepSpeed accumulates gradients in bf16 (it refuses "
+                     "data_types.grad_accum_dtype fp32 there) where the plan counts fp32; "
+                     "they are reduced in fp32 (communication_data_type)")
+    if job.precision == "fp16":
+        notes.append("fp16: DeepSpeed accumulates and reduces gradients in fp16 (its default)")
+    if lay.recompute == "full" and lay.pp == 1:
+        notes.append("full recompute: the model code must checkpoint each block "
+                     "(deepspeed.checkpointing.checkpoint, configured by activation_checkpointing,"
+                     " or the model's gradient_checkpointing_enable())")
     if lay.recompute == "selective":
         notes.append("selective recompute is not a DeepSpeed config key: checkpoint the "
                      "attention core in the model code")
+    notes.append(f"optimizer.params.lr {LR_PLACEHOLDER:g} is a placeholder: set the learning "
+                 "rate")
     return "; ".join(notes)
 
 
@@ -268,23 +361,47 @@ def deepspeed(plan: Plan) -> str:
     return json.dumps(deepspeed_config(plan), indent=1) + "\n"
 
 
-def megatron_args(plan: Plan) -> list:
-    """Megatron-LM pretrain_gpt.py arguments (flat list of strings)."""
+# Megatron-LM settings no plan holds: the export writes each as a required shell variable,
+# ${NAME:?...}, which stops the shell with that message while it is unset.
+MEGATRON_PLACEHOLDERS = {
+    "--lr": ("LR", "the peak learning rate"),
+    "--train-iters": ("TRAIN_ITERS", "the number of training iterations"),
+    "--data-path": ("DATA_PATH", "the prefix of a Megatron-LM indexed dataset"),
+    "--tokenizer-model": ("TOKENIZER_MODEL", "a Hugging Face tokenizer name or path"),
+}
+# planner ZeRO stage -> Megatron-FSDP's data-parallel sharding strategy
+MEGATRON_FSDP_SHARDING = {2: "optim_grads", 3: "optim_grads_params"}
+# planner attention kernel -> Megatron-LM --attention-backend (flash: FlashAttention; the
+# others materialise the scores: TE's unfused attention, with or without the fused softmax)
+MEGATRON_ATTENTION = {"flash": "flash", "fused": "unfused", "eager": "unfused"}
+
+
+def megatron_env(plan: Plan) -> dict:
+    """Environment Megatron-LM needs for this plan: its argument check refuses tensor
+    parallelism unless CUDA_DEVICE_MAX_CONNECTIONS=1 (one CUDA stream queue keeps the TP
+    communication in launch order, ahead of the compute it overlaps)."""
+    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if plan.layout.tp > 1 else {}
+
+
+def _placeholder(flag: str, fill) -> str:
+    name, what = MEGATRON_PLACEHOLDERS[flag]
+    if fill is not None:
+        return str(fill[name])
+    return _Shell(f'"${{{name}:?set {name} to {what}}}"')
+
+
+def megatron_args(plan: Plan, fill: dict = None) -> list:
+    """Megatron-LM pretrain_gpt.py arguments (flat list of strings).  The settings of
+    MEGATRON_PLACEHOLDERS are shell references `"${LR:?...}"`, or fill[NAME] where `fill`
+    gives them values."""
     lay, job, spec = plan.layout, plan.job, plan.model
     if lay.schedule in ("gpipe", "interleaved_zb", "zbv") and lay.pp > 1:
         _refuse("Megatron-LM", f"schedule {lay.schedule}; it runs 1F1B and interleaved 1F1B")
-    if lay.zero_stage >= 2:
-        _refuse("Megatron-LM", f"ZeRO-{lay.zero_stage}; its distributed optimizer shards the "
-                "optimizer states only (ZeRO-1)")
     if spec.arch == "bert":
         _refuse("Megatron-LM", "arch bert with pretrain_gpt.py (use pretrain_bert.py)")
     args = ["--tensor-model-parallel-size", str(lay.tp),
             "--pipeline-model-parallel-size", str(lay.pp)]
-    if lay.pp > 1 and lay.virtual_stages > 1:
-        chunks = lay.pp * lay.virtual_stages
-        if spec.num_layers % chunks:
-            _refuse("Megatron-LM", f"{spec.num_layers} layers over {chunks} virtual stages")
-        args += ["--num-layers-per-virtual-pipeline-stage", str(spec.num_layers // chunks)]
+    args += _pipeline_split_args(lay, spec)
     if lay.sequence_parallel:
         args.append("--sequence-parallel")
     if lay.recompute == "selective":
@@ -292,12 +409,41 @@ def megatron_args(plan: Plan) -> list:
     elif lay.recompute == "full":
         args += ["--recompute-granularity", "full", "--recompute-method", "uniform",
                  "--recompute-num-layers", "1"]
-    if lay.zero_stage == 1:
+    if lay.zero_stage >= 1:
         args.append("--use-distributed-optimizer")
+    if lay.zero_stage >= 2:
+        args += ["--use-megatron-fsdp", "--data-parallel-sharding-strategy",
+                 MEGATRON_FSDP_SHARDING[lay.zero_stage]]
     args += ["--micro-batch-size", str(lay.micro_batch),
              "--global-batch-size", str(job.global_batch), "--seq-length", str(job.seq_len)]
     args += _model_args(spec, job)
+    args += ["--lr", _placeholder("--lr", fill),
+             "--train-iters", _placeholder("--train-iters", fill),
+             "--data-path", _placeholder("--data-path", fill),
+             "--tokenizer-type", "HuggingFaceTokenizer",
+             "--tokenizer-model", _placeholder("--tokenizer-model", fill)]
     return args
+
+
+def _pipeline_split_args(lay, spec) -> list:
+    """Layers per pipeline stage: Megatron-LM splits evenly over pp * virtual stages by
+    itself; any other split (given layers_per_stage, or layers that do not divide) is written
+    as --pipeline-model-parallel-layout, one '|'-separated stage per model chunk in pipeline
+    order ('E' embedding, 't' a transformer layer, 'L' the output layer and loss)."""
+    if lay.pp == 1:
+        return []
+    chunks = lay.stage_layers(spec.num_layers)
+    if sum(chunks) != spec.num_layers or len(chunks) != lay.num_chunks:
+        _refuse("Megatron-LM", f"layers_per_stage {list(chunks)} do not split "
+                f"{spec.num_layers} layers into {lay.num_chunks} stages")
+    if len(set(chunks)) == 1:
+        if lay.virtual_stages == 1:
+            return []
+        return ["--num-layers-per-virtual-pipeline-stage", str(chunks[0])]
+    stages = [f"t*{n}" if n else "" for n in chunks]
+    stages[0] = "E" + stages[0]
+    stages[-1] += "L"
+    return ["--pipeline-model-parallel-layout", "|".join(stages)]
 
 
 def _model_args(spec, job) -> list:
@@ -308,36 +454,58 @@ def _model_args(spec, job) -> list:
             "--vocab-size", str(spec.vocab_size),
             "--attention-dropout", str(spec.dropout), "--hidden-dropout", str(spec.dropout)]
     if spec.arch == "llama":
-        args += ["--position-embedding-type", "rope", "--rotary-base", f"{spec.rope_theta:g}",
+        if not float(spec.rope_theta).is_integer():
+            _refuse("Megatron-LM", f"rope_theta {spec.rope_theta}: --rotary-base takes an "
+                    "integer")
+        args += ["--position-embedding-type", "rope", "--rotary-base", str(int(spec.rope_theta)),
                  "--normalization", "RMSNorm", "--norm-epsilon", f"{spec.norm_eps:g}",
-                 "--swiglu", "--untie-embeddings-and-output-weights"]
+                 "--swiglu"]
         if spec.num_kv_heads != spec.num_heads:
             args += ["--group-query-attention", "--num-query-groups", str(spec.num_kv_heads)]
+    if not spec.tie_embeddings:  # Megatron-LM ties them unless told
+        args.append("--untie-embeddings-and-output-weights")
     if not spec.linear_bias:
         args.append("--disable-bias-linear")
     if job.precision in ("bf16", "fp16"):
         args.append(f"--{job.precision}")
-    if job.flash_attention:
-        args.append("--use-flash-attn")
+    args += ["--attention-backend", MEGATRON_ATTENTION[job.attention]]
+    if job.attention == "eager":
+        args.append("--no-masked-softmax-fusion")
     args += ["--clip-grad", str(CLIP_NORM)]
     return args
 
 
 def megatron(plan: Plan) -> str:
-    """The argument list, one flag (and its value) per line, ready to paste after
-    `torchrun ... pretrain_gpt.py \\`."""
-    args, lines = megatron_args(plan), []
-    for a in args:
+    """A bash fragment: the environment Megatron-LM needs (megatron_env) and the arguments as
+    the array MEGATRON_ARGS, one flag (and its value) per line, for
+    `torchrun ... pretrain_gpt.py "${MEGATRON_ARGS[@]}"`.  Source it with the placeholder
+    variables set."""
+    lay = plan.layout
+    head = ["#!/bin/bash",
+            (f"# Megatron-LM pretrain_gpt.py for {default_job_name(plan)} "
+             "(planner export --to megatron); source this file, then run"),
+            '#   torchrun <one line per node> pretrain_gpt.py "${MEGATRON_ARGS[@]}"',
+            "# Set first (the plan does not choose them; each is required):"]
+    head += [f"#   {name:<16} {what} ({flag})"
+             for flag, (name, what) in MEGATRON_PLACEHOLDERS.items()]
+    env = megatron_env(plan)
+    if env:
+        head.append(f"# tp={lay.tp}: Megatron-LM refuses tensor parallelism without this")
+    head += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    groups = []
+    for a in megatron_args(plan):
         if a.startswith("--"):
-            lines.append(a)
+            groups.append([a])
         else:
-            lines[-1] += f" {shlex.quote(a)}"
-    return " \\\n".join(lines) + "\n"
+            groups[-1].append(a)
+    body = ["# shellcheck disable=SC2034  # read where this file is sourced",
+            "MEGATRON_ARGS=("] + [f"    {_join(g)}" for g in groups] + [")"]
+    return "\n".join(head + body) + "\n"
 
 
 FORMATS = {"torchrun": torchrun, "slurm": slurm, "deepspeed": deepspeed, "megatron": megatron}
 FILE_NAMES = {"torchrun": "launch_torchrun.sh", "slurm": "job.slurm",
-              "deepspeed": "ds_config.json", "megatron": "megatron_args.txt"}
+              "deepspeed": "ds_config.json", "megatron": "megatron_args.sh"}
 
 
 def export_all(plan: Plan) -> dict:

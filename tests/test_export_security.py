@@ -52,13 +52,15 @@ def _plan(nodes=2, name=None) -> Plan:
 
 @pytest.fixture
 def fake_bin(tmp_path):
-    """A folder with fake srun (runs its command as node 1 of job 4242), scontrol (lists two
-    hosts) and torchrun (writes its argv, NUL-separated, to a new file in $ARGV_DIR)."""
+    """A folder with fake srun (skips its own options, writing them to srun beside $ARGV_DIR;
+    runs its command as node 1), scontrol (lists two hosts) and torchrun (writes its argv,
+    NUL-separated, to a new file in $ARGV_DIR)."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     scripts = {
-        "srun": '#!/bin/bash\nwhile [[ "${1:-}" == --* ]]; do shift; done\n'
-                'export SLURM_NODEID=1 SLURM_JOB_ID=4242\nexec "$@"\n',
+        "srun": '#!/bin/bash\nwhile [[ "${1:-}" == --* ]]; do printf "%s\\0" "$1" '
+                '>> "$ARGV_DIR/../srun"; shift; done\n'
+                'export SLURM_NODEID=1\nexec "$@"\n',
         "scontrol": '#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] || exit 3\n'
                     'printf "head-node\\nother-node\\n"\n',
         "torchrun": '#!/bin/bash\nn=$(find "$ARGV_DIR" -type f | wc -l)\n'
@@ -77,9 +79,11 @@ def _run_bash(script: str, fake_bin, cwd, **env) -> list:
     assert parsed.returncode == 0, parsed.stderr.decode() + script
     calls = cwd / "calls"
     shutil.rmtree(calls, ignore_errors=True)
+    (cwd / "srun").unlink(missing_ok=True)
     calls.mkdir()
     full_env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
-                "ARGV_DIR": str(calls), "SLURM_JOB_NODELIST": "head-node,other-node", **env}
+                "ARGV_DIR": str(calls), "SLURM_JOB_NODELIST": "head-node,other-node",
+                "SLURM_JOB_ID": "4242", "SLURM_CPUS_ON_NODE": "64", **env}
     done = subprocess.run(["bash", "-c", script], cwd=cwd, env=full_env, capture_output=True,
                           check=False)
     assert done.returncode == 0, done.stderr.decode()
@@ -125,10 +129,11 @@ def test_slurm_derives_a_safe_job_name_from_any_model_name(name, fake_bin, tmp_p
         "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8", "#SBATCH --time=24:00:00",
         "#SBATCH --exclusive", ""]
     (argv,) = _run_bash(script, fake_bin, tmp_path)
-    assert argv == ["--node-rank", "1", "--rdzv-id", "4242", "--nproc-per-node", "8",
-                    "--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                    "head-node:29500", "-m", "runtime.train", "--plan", "plan.json",
-                    "--steps", "3"]
+    assert argv == ["--nproc-per-node", "8", "--nnodes", "2", "--rdzv-id", "4242",
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", "head-node:29500",
+                    "-m", "runtime.train", "--plan", "plan.json", "--steps", "3"]
+    srun = (tmp_path / "srun").read_bytes().decode().split("\0")[:-1]
+    assert srun == ["--kill-on-bad-exit=1", "--cpus-per-task=64"]
 
 
 def test_default_job_name_keeps_safe_model_names():
@@ -179,7 +184,7 @@ def test_ports_and_steps_must_be_integers(port, steps):
 def test_slurm_plan_path_arrives_literally(path, fake_bin, tmp_path):
     (argv,) = _run_bash(export.slurm(_plan(), plan_path=path), fake_bin, tmp_path)
     assert argv[argv.index("--plan") + 1] == path and argv[-2:] == ["--steps", "50"]
-    assert len(argv) == 18
+    assert len(argv) == 16
 
 
 @pytest.mark.parametrize("path", HOSTILE)
@@ -192,10 +197,11 @@ def test_torchrun_plan_path_arrives_literally(path, nodes, fake_bin, tmp_path):
         (argv,) = _run_bash(text, fake_bin, tmp_path)
         tail = ["-m", "runtime.train", "--plan", path, "--steps", "4"]
         if nodes == 1:
-            assert argv == ["--nproc-per-node", "8"] + tail
+            assert argv == ["--standalone", "--nproc-per-node", "8"] + tail
         else:
-            assert argv == ["--nproc-per-node", "8", "--nnodes", "2", "--node-rank", str(rank),
-                            "--rdzv-backend", "c10d", "--rdzv-endpoint", "n0:29500"] + tail
+            assert argv == ["--nproc-per-node", "8", "--nnodes", "2", "--rdzv-id",
+                            "llama2-7b-dp16tp1pp1", "--rdzv-backend", "c10d",
+                            "--rdzv-endpoint", "n0:29500"] + tail
     script = export.torchrun(_plan(nodes=nodes), plan_path=path)
     assert len(_run_bash(script, fake_bin, tmp_path)) == nodes
 
@@ -207,10 +213,10 @@ def test_plan_path_with_nul_is_refused():
 
 def test_torchrun_master_addr_placeholder_expands_on_the_node(fake_bin, tmp_path):
     lines = export.torchrun_lines(_plan(), steps=2)
-    for rank, text in enumerate(lines):
+    for text in lines:
         (argv,) = _run_bash(text, fake_bin, tmp_path, MASTER_ADDR="10.1.2.3")
         assert argv[argv.index("--rdzv-endpoint") + 1] == "10.1.2.3:29500"
-        assert argv[argv.index("--node-rank") + 1] == str(rank)
+        assert "--node-rank" not in argv
 
 
 # ---- hosts: hostfile entries and --master-addr ---------------------------------------------

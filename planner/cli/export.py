@@ -24,7 +24,12 @@ def add_parser(sub):
                                             "node 0 is the rendezvous host")
     p.add_argument("--master-addr", help="rendezvous host name or IP address "
                                          "(default: first hostfile entry)")
-    p.add_argument("--master-port", type=int, default=export.DEFAULT_PORT)
+    p.add_argument("--master-port", type=int, default=export.DEFAULT_PORT,
+                   help=f"rendezvous port of a multi-node run (default {export.DEFAULT_PORT}; "
+                        "the sbatch script takes $MASTER_PORT first)")
+    p.add_argument("--rdzv-id", help="torchrun rendezvous id of a multi-node run, of the "
+                                     "characters A-Za-z0-9._- (default: the default job name; "
+                                     "Slurm: the job id)")
     p.add_argument("--plan-path", help="path of plan.json as the nodes see it "
                                        "(default: the given path)")
     p.add_argument("--job-name", help="Slurm job name, of the characters A-Za-z0-9._- "
@@ -34,6 +39,9 @@ def add_parser(sub):
     p.add_argument("--time", default="24:00:00",
                    help="Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S or UNLIMITED "
                         "(default 24:00:00)")
+    p.add_argument("--cpus-per-task", type=int,
+                   help="Slurm CPUs for each node's task (it runs all of the node's ranks; "
+                        "default: every CPU of the node, $SLURM_CPUS_ON_NODE)")
     return p
 
 
@@ -44,16 +52,21 @@ def _text(plan: Plan, args) -> str:
     if args.to == "torchrun":
         hosts = export.read_hostfile(args.nodes_hostfile) if args.nodes_hostfile else None
         return export.torchrun(plan, plan_path=plan_path, steps=args.steps, hosts=hosts,
-                               master_addr=args.master_addr, master_port=args.master_port)
+                               master_addr=args.master_addr, master_port=args.master_port,
+                               rdzv_id=args.rdzv_id)
     if args.to == "slurm":
         return export.slurm(plan, plan_path=plan_path, steps=args.steps, job_name=args.job_name,
                             time_limit=args.time, partition=args.partition,
-                            master_port=args.master_port)
+                            master_port=args.master_port, cpus_per_task=args.cpus_per_task)
     if args.to == "deepspeed":
         text = export.deepspeed(plan)
         print(f"note: {export.deepspeed_config(plan)['comment']}", file=sys.stderr)
         return text
-    return export.megatron(plan)
+    text = export.megatron(plan)
+    names = ", ".join(name for name, _ in export.MEGATRON_PLACEHOLDERS.values())
+    print(f"note: set {names} before sourcing it (the plan does not choose them)",
+          file=sys.stderr)
+    return text
 
 
 def run(args) -> int:
