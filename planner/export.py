@@ -16,6 +16,8 @@ import re
 import shlex
 from typing import TYPE_CHECKING
 
+from planner.schema import read_input_file
+
 if TYPE_CHECKING:  # annotations only: `planner --help` reads FORMATS without loading planner.plan
     from planner.plan import Plan
 
@@ -123,24 +125,37 @@ def _nodes_and_procs(plan: Plan) -> tuple:
 _SETTING = re.compile(r"[A-Za-z_]+=[A-Za-z0-9_]+")  # 'slots=8' after the host
 
 
+# a hostfile lists nodes: a line each, so a megabyte is 10^4 to 10^5 nodes (limits.MAX_NODES)
+HOSTFILE_MAX_BYTES = 2**20
+
+
+def _hostfile_text(path: str) -> str:
+    """The hostfile's text: a regular file of at most HOSTFILE_MAX_BYTES, read without ever
+    blocking (a FIFO or a device is refused: planner.schema.read_input_file)."""
+    data = read_input_file(path, "hostfile", HOSTFILE_MAX_BYTES)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"hostfile {path} is not UTF-8 text") from None
+
+
 def read_hostfile(path: str) -> list:
     """Host names, one per line (DeepSpeed/MPI style 'host slots=8' accepted; '#' comments).
     A line whose host is not a host name or IP address, or whose other words are not
     'key=value' settings, is refused with its line number."""
     hosts = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            words = line.split("#", 1)[0].split()
-            if not words:
-                continue
-            try:
-                hosts.append(check_host(words[0]))
-                for word in words[1:]:
-                    if not _SETTING.fullmatch(word):
-                        raise ValueError(f"{word!r} after host {words[0]!r} is not a "
-                                         f"'key=value' setting such as slots=8")
-            except ValueError as exc:
-                raise ValueError(f"hostfile {path} line {number}: {exc}") from None
+    for number, line in enumerate(_hostfile_text(path).splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        try:
+            hosts.append(check_host(words[0]))
+            for word in words[1:]:
+                if not _SETTING.fullmatch(word):
+                    raise ValueError(f"{word!r} after host {words[0]!r} is not a "
+                                     f"'key=value' setting such as slots=8")
+        except ValueError as exc:
+            raise ValueError(f"hostfile {path} line {number}: {exc}") from None
     if not hosts:
         raise ValueError(f"hostfile {path} lists no hosts")
     return hosts

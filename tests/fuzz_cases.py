@@ -240,10 +240,6 @@ def generate(files: Files, per_base: dict, seed: int = SEED):
 # file and the fix, and the fuzz still counts its cases.  Remove an entry once its count is 0.
 # (label, reason, does it match this (argv, stderr, files)?, run it at all?)
 OPEN_FINDINGS = [
-    ("hostfile-device", "planner/export.py read_hostfile reads any file whole: a FIFO blocks, "
-                        "/dev/zero never ends (use planner.schema.read_input_file)",
-     lambda argv, err, files: "--nodes-hostfile" in argv
-     and argv[argv.index("--nodes-hostfile") + 1] in files.inputs, False),
 ]
 
 
