@@ -10,12 +10,15 @@ import argparse
 import json
 import logging
 import math
+import os
+import signal
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 
 from planner.plan import Plan
+from planner.units import fmt_seconds
 from runtime import faults
 
 log = logging.getLogger("runtime")
@@ -56,25 +59,33 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The flags (`planner run` shows a copy of them: planner.cli.run.RUNTIME_FLAGS)."""
     p = _Parser(prog="python -m runtime.train", description=__doc__.split("\n")[0])
     p.add_argument("--plan", required=True, help="plan.json written by `planner suggest`")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps to run (in total)")
     p.add_argument("--data", help="text file, directory of text files, or uint16 .bin tokens "
                    "(default: this Python's standard-library sources)")
     p.add_argument("--data-cap-mb", type=float, default=8.0, help="bytes of text to read (MiB)")
-    p.add_argument("--checkpoint-dir")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save every K steps")
+    p.add_argument("--checkpoint-dir",
+                   help="directory of the checkpoints (--checkpoint-every, --resume)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save every K steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--out", help="write measured.json here")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=0, help="warmup steps (0: a tenth of --steps)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip (0: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the data order and dropout")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--timeout", type=float, default=60.0, help="collective timeout (s)")
     p.add_argument("--debug", action="store_true", help="print the traceback of a failure")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def _need(ok: bool, flag: str, value, what: str) -> None:
@@ -126,7 +137,7 @@ def _bar(done: int, total: int, width: int = 20) -> str:
 
 def _log_step(step, total, loss, lr, dt, tokens, mem_bytes) -> None:
     log.info(f"{_bar(step + 1, total)} step {step + 1:>5}/{total}  loss {loss:8.4f}  "
-             f"lr {lr:.2e}  {dt * 1e3:8.1f} ms  {tokens / dt:10.0f} tok/s  "
+             f"lr {lr:.2e}  {fmt_seconds(dt):>10}  {tokens / dt:10.0f} tok/s  "
              f"mem {mem_bytes / 2**20:8.1f} MiB")
 
 
@@ -260,6 +271,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug, timeout_s = "--debug" in argv, None
     try:
+        _take_interrupts()
         args = parse_args(argv)
         timeout_s = args.timeout
         check_args(args)
@@ -277,6 +289,15 @@ def main(argv=None) -> int:
         return _run(plan, cfg, optim_cfg, tokens, args)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every fault: a line, a code
         return faults.report_exception(PROG, exc, debug=debug, timeout_s=timeout_s)
+
+
+def _take_interrupts() -> None:
+    """`planner run` starts the ranks with SIGINT blocked, so that a Ctrl-C during the
+    interpreter's start-up (where Python prints a 50-line fatal error) waits here; from now on
+    it is reported in one line (a pending one at once): by `_interrupted` when the rank runs as
+    a program, else as a KeyboardInterrupt by main()."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _run(plan: Plan, cfg: RunConfig, optim_cfg, tokens, args) -> int:
@@ -303,7 +324,22 @@ def _run(plan: Plan, cfg: RunConfig, optim_cfg, tokens, args) -> int:
     return 0
 
 
+def _interrupted(signum, frame) -> None:
+    """SIGINT on a rank run as a program (torchrun, `planner run`): its one line, then out at
+    once. A KeyboardInterrupt raised instead can land inside a Python callback of C++ code,
+    which then aborts the process with a C++ "terminate called after throwing". SIGTERM waits
+    meanwhile: torchrun sends it to the other ranks once one has stopped, and it then reads the
+    error file of each, which must not be half written."""
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        faults.report(PROG, faults.EXIT_INTERRUPTED, "interrupted")
+        faults.hard_exit(faults.EXIT_INTERRUPTED)
+    finally:  # a flush that failed halfway: leave all the same
+        os._exit(faults.EXIT_INTERRUPTED)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _interrupted)
     code = main()
     if code:
         faults.hard_exit(code)

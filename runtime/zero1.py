@@ -73,7 +73,7 @@ class ShardedAdamW:
             pos += value.numel()
         recv = torch.empty(self.shard * dist.get_world_size(self.group), dtype=send.dtype,
                            device=send.device)
-        dist.all_gather_into_tensor(recv, send, group=self.group)
+        dist.all_gather_single(recv, send, group=self.group)
         offset = 0
         for i in range(len(self.params)):
             out = target(i)

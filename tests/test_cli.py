@@ -52,12 +52,73 @@ def test_usage_errors_are_one_line_too():
     assert out.stderr.strip().count("\n") == 0 and "--micro-batch" in out.stderr
 
 
-def test_bf16_on_v100_one_line():
+def test_bf16_on_v100_one_line_naming_the_default():
     cmd = [sys.executable, "-m", "planner.cli", "estimate", "--model", "gpt2-1.5b", "--cluster",
            "v100-16g", "--global-batch", "8", "--seq-len", "1024", "--dp", "8"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 2
-    assert "precision bf16 is not supported by profile v100-16g" in out.stderr
+    assert _one_line(out.stderr) == (
+        "planner estimate: error: precision bf16 (the default of --precision) is not supported "
+        "by profile v100-16g (V100-SXM2-16GB supports fp16, fp32); use --precision fp16")
+
+
+def test_a_refused_flag_is_named_whether_given_or_default(capsys):
+    v100 = ["--model", "gpt2-1.5b", "--cluster", "v100-16g", "--global-batch", "8",
+            "--seq-len", "1024"]
+    assert main(["suggest", *v100]) == 2
+    assert "precision bf16 (the default of --precision) is not supported" in \
+        _one_line(capsys.readouterr().err)
+    assert main(["estimate", *v100, "--dp", "8", "--precision", "bf16"]) == 2
+    assert "error: --precision bf16 is not supported by profile v100-16g" in \
+        _one_line(capsys.readouterr().err)
+    a100 = ["estimate", "--model", "llama2-7b", "--cluster", "a100-80g", "--global-batch", "8",
+            "--seq-len", "1024"]
+    assert main([*a100, "--tp", "2"]) == 2
+    assert _one_line(capsys.readouterr().err).endswith(
+        "does not equal the cluster's 8 GPUs; from --dp 1 (default), --tp 2, --pp 1 (default)")
+    assert main([*a100, "--pp", "8", "--micro-batch", "2"]) == 2
+    assert _one_line(capsys.readouterr().err).endswith(
+        "as stages (pp=8); from --schedule 1f1b (default), --pp 8, --micro-batch 2")
+
+
+def test_given_flags_tell_a_flag_from_a_default():
+    from planner.cli import build_parser, given_flags
+    parser = build_parser()
+    argv = ["estimate", "--model", "tiny", "--precision", "bf16", "--dp", "1", "--sp"]
+    given = given_flags(parser, argv)
+    assert {"model", "precision", "dp", "sp", "command"} <= given
+    assert not {"tp", "pp", "schedule", "nodes", "json"} & given
+    assert parser.parse_args(argv).tp == 1  # the defaults are back
+
+
+def test_bare_planner_lists_the_commands_and_version_exists():
+    out = subprocess.run([sys.executable, "-m", "planner.cli"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stderr == ""
+    for command in ("estimate", "suggest", "run", "export", "ui"):
+        assert f"    {command}" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "planner.cli", "--version"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and out.stdout.startswith("planner ")
+
+
+def test_every_help_shows_the_defaults():
+    import argparse
+
+    from planner.cli import COMMANDS, _parsers, build_parser
+    parsers = _parsers(build_parser())
+    assert len(parsers) == len(COMMANDS) + 1
+    for parser in parsers:
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            default = action.default
+            if (not action.option_strings or default is None or default is argparse.SUPPRESS
+                    or isinstance(default, bool)):
+                continue
+            text = formatter._get_help_string(action)
+            assert "default" in text, f"{parser.prog} {action.option_strings[0]}: {text!r}"
+    estimate = next(p for p in parsers if p.prog.endswith(" estimate"))
+    text = " ".join(estimate.format_help().split())
+    assert "(default: bf16)" in text and "--dp DP data-parallel degree (default: 1)" in text
 
 
 def test_models_and_profiles_list(capsys):
@@ -72,6 +133,7 @@ def test_run_passes_flags_after_double_dash(monkeypatch, tmp_path):
     import planner.cli.run
     seen = []
     monkeypatch.setattr(planner.cli.run, "launch", lambda cmd: seen.append(cmd) or 0)
+    monkeypatch.setattr(planner.cli.run, "cuda_devices", lambda: ("2.13.0", 8))
     plan_path = tmp_path / "plan.json"
     assert main(ESTIMATE + ["--out", str(plan_path)]) == 0
     measured = str(tmp_path / "m.json")
@@ -212,3 +274,115 @@ def test_a_fifo_input_and_a_closed_pipe_in_a_real_process(tmp_path):
     reader.stdout.close()  # the reader goes away before the output is written (`| head -0`)
     assert reader.wait(timeout=60) == 0
     assert reader.stderr.read() == b""
+
+
+# --- planner run: the plan against this host, before anything starts ------------------------
+
+def _plan_file(tmp_path, name, *flags):
+    path = tmp_path / name
+    assert main(["estimate", *flags, "--out", str(path)]) == 0
+    return str(path)
+
+
+GPU_PLAN = ESTIMATE[1:]  # llama2-7b on 8 A100s
+CPU_PLAN = ["--model", "tiny", "--cluster", "cpu", "--global-batch", "16", "--seq-len", "64",
+            "--precision", "fp32", "--dp", "8", "--micro-batch", "2"]
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """planner run with the launch recorded (argv and the CUDA_VISIBLE_DEVICES it ran with)
+    and torch's GPU count set by the test."""
+    import planner.cli.run
+    seen = []
+    monkeypatch.setattr(planner.cli.run, "launch", lambda cmd: seen.append(
+        (cmd, os.environ.get("CUDA_VISIBLE_DEVICES"))) or 0)
+    state = {"gpus": 0, "version": "2.13.0+cpu"}
+    monkeypatch.setattr(planner.cli.run, "cuda_devices", lambda: (state["version"],
+                                                                  state["gpus"]))
+    state["launches"] = seen
+    return state
+
+
+def test_run_refuses_a_gpu_plan_without_cuda_saying_how_to_plan_here(tmp_path, host, capsys):
+    plan = _plan_file(tmp_path, "gpu.json", *GPU_PLAN)
+    capsys.readouterr()
+    assert main(["run", plan]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("planner run: error: the plan is for 8 GPU(s) (profile a100-80g, "
+                           "A100-SXM4-80GB) but torch 2.13.0+cpu, a CPU-only build, finds no "
+                           "CUDA device on this host")
+    assert "--cluster cpu (planner suggest --model llama2-7b --cluster cpu" in line
+    # a multi-node GPU plan: the missing GPUs are said first
+    two = _plan_file(tmp_path, "gpu2.json", *GPU_PLAN, "--nodes", "2", "--dp", "8")
+    capsys.readouterr()
+    assert main(["run", two]) == 2
+    assert "finds no CUDA device" in _one_line(capsys.readouterr().err)
+    assert host["launches"] == []
+
+
+def test_run_refuses_more_gpus_or_nodes_than_the_host_has(tmp_path, host, capsys):
+    plan = _plan_file(tmp_path, "gpu.json", *GPU_PLAN)
+    two = _plan_file(tmp_path, "gpu2.json", *GPU_PLAN, "--nodes", "2", "--dp", "8")
+    host.update(gpus=1, version="2.13.0")
+    capsys.readouterr()
+    assert main(["run", plan]) == 2
+    assert "the plan needs 8 GPUs on this host and torch sees 1; plan for 1 with --gpus 1" in \
+        _one_line(capsys.readouterr().err)
+    host.update(gpus=8)
+    assert main(["run", two]) == 2
+    assert "the plan spans 2 nodes and `planner run` starts this host only" in \
+        _one_line(capsys.readouterr().err)
+    assert host["launches"] == []
+    assert main(["run", plan, "--steps", "2"]) == 0  # 8 GPUs here: it starts, on them
+    ((_, visible),) = host["launches"]
+    assert visible == os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_run_of_a_cpu_plan_hides_cuda_and_checks_cores_and_memory(tmp_path, host, capsys,
+                                                                   monkeypatch):
+    import planner.cli.run
+    plan = _plan_file(tmp_path, "cpu.json", *CPU_PLAN)
+    assert main(["run", plan, "--steps", "2", "--measured", str(tmp_path / "m.json")]) == 0
+    ((_, visible),) = host["launches"]
+    assert visible == ""  # the ranks run on the CPU the plan is for, CUDA or not
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ or os.environ["CUDA_VISIBLE_DEVICES"] != ""
+    monkeypatch.setattr(planner.cli.run, "host_cores", lambda: 1)
+    monkeypatch.setattr(planner.cli.run, "MAX_PROCS_PER_CORE", 4)
+    capsys.readouterr()
+    assert main(["run", plan]) == 2
+    assert "the plan starts 8 processes and this host has 1 core(s)" in \
+        _one_line(capsys.readouterr().err)
+    monkeypatch.setattr(planner.cli.run, "MAX_PROCS_PER_CORE", 8)
+    monkeypatch.setattr(planner.cli.run, "available_memory_bytes", lambda: 2**30)
+    assert main(["run", plan]) == 2
+    assert "GiB available" in _one_line(capsys.readouterr().err)
+    assert len(host["launches"]) == 1
+
+
+def test_cuda_devices_asks_torch_in_a_subprocess():
+    from planner.cli.run import cuda_devices
+    version, count = cuda_devices()
+    assert version[0].isdigit() and count >= 0
+
+
+def test_run_takes_the_training_flags_itself(tmp_path, host, capsys):
+    plan = _plan_file(tmp_path, "cpu.json", *CPU_PLAN)
+    data = tmp_path / "corpus.txt"
+    data.write_text("text " * 100)
+    argv = ["run", plan, "--steps", "3", "--lr", "1e-3", "--resume", "--checkpoint-dir", "ck",
+            "--data", str(data), "--", "--warmup", "1"]
+    assert main(argv) == 0
+    ((cmd, _),) = host["launches"]
+    tail = cmd[cmd.index("--out"):]
+    assert tail[2:] == ["--data", str(data), "--checkpoint-dir", "ck", "--resume", "--lr",
+                        "1e-3", "--warmup", "1"]
+    with pytest.raises(SystemExit):
+        main(["run", plan, "--lr", "fast"])
+    assert "argument --lr: expected float, got 'fast'" in _one_line(capsys.readouterr().err)
+    assert main(["run", plan, "--data", str(tmp_path / "missing.txt")]) == 2
+    assert "no such file or directory" in _one_line(capsys.readouterr().err)
+    out = subprocess.run([sys.executable, "-m", "planner.cli", "run", "--help"],
+                         capture_output=True, text=True)
+    for flag in ("--checkpoint-dir DIR", "--resume", "--data PATH", "--lr LR", "--timeout"):
+        assert flag in out.stdout

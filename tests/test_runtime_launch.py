@@ -2,11 +2,13 @@
 which exits with the failing rank's code (runtime/faults.py) and no launcher traceback."""
 
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,3 +138,88 @@ def test_launcher_reports_a_rank_fault_mid_run(tmp_path, fault, code, text):
         assert any(e.startswith(text) for e in errors), log
     else:  # rank 0 lost its peer, or the launcher names the killed rank
         assert any("lost a peer" in e or "was killed by SIGKILL" in e for e in errors), log
+
+
+def test_planner_run_shows_runtime_train_flags_as_runtime_train_defines_them():
+    """planner.cli.run.RUNTIME_FLAGS is a copy (the planner never imports the runtime)."""
+    from planner.cli.run import RUNTIME_FLAGS
+    from runtime.train import build_parser
+    own = {"--plan", "--steps", "--out", "--debug", "--help"}  # `planner run` sets these
+    theirs = {}
+    for action in build_parser()._actions:
+        flag = action.option_strings[-1]
+        if flag in own:
+            continue
+        kind = bool if action.nargs == 0 else (action.type or str)
+        theirs[flag] = (kind, action.default, action.help)
+    assert {flag: (kind, default, text) for flag, kind, default, text in RUNTIME_FLAGS} == theirs
+
+
+def _stop_with_ctrl_c(tmp_path, when: str):
+    """`planner run` of a 2-rank plan in a process group of its own, as a terminal starts it;
+    SIGINT to that group (what Ctrl-C sends) when the ranks exist ('start': they are still in
+    the interpreter's start-up) or after the first training step ('step')."""
+    from planner.cli.run import children
+    plan = tmp_path / "plan.json"
+    make_plan(PLAN2).save(plan)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "planner.cli", "run", str(plan), "--steps", "500",
+         "--measured", str(tmp_path / "m.json"), "--data-cap-mb", "1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        if when == "start":
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                launchers = children(proc.pid)
+                if launchers and len(children(min(launchers))) == 2:
+                    break
+                time.sleep(0.01)
+        else:
+            for line in proc.stdout:
+                if " step " in line:
+                    break
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("when", ["start", "step"])
+def test_ctrl_c_stops_a_run_with_one_line_per_rank(tmp_path, when):
+    """Not torchrun's forwarded SIGINT landing in a starting interpreter (50 lines of "Fatal
+    Python error" per rank) or in torchrun's own start-up (swallowed: the run went on)."""
+    code, err = _stop_with_ctrl_c(tmp_path, when)
+    assert code == faults.EXIT_INTERRUPTED, err
+    lines = err.strip().splitlines()
+    assert len(lines) <= 2 and (lines or when == "start"), err
+    assert all(re.fullmatch(r"runtime\.train \[rank [01]\]: error: interrupted", line)
+               for line in lines), err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_zero1_uses_no_deprecated_collective():
+    """ShardedAdamW's all-gather: no FutureWarning on every rank at every step."""
+    code = textwrap.dedent("""
+        import warnings
+        import torch, torch.distributed as dist
+        from runtime.zero1 import ShardedAdamW
+        warnings.simplefilter("error", FutureWarning)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        params = [("w", torch.nn.Parameter(torch.ones(5))),
+                  ("b", torch.nn.Parameter(torch.ones(3)))]
+        opt = ShardedAdamW(params, dist.group.WORLD, [0, 0], [{}], lr=0.1)
+        for _, p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert float(params[0][1][0]) < 1
+        dist.destroy_process_group()
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "FutureWarning" not in done.stderr

@@ -13,8 +13,25 @@ COMMANDS = ["estimate", "models", "profiles", "run", "compare", "profile", "cali
             "suggest", "simulate", "export"]
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default ("(default: bf16)"), unless the text already
+    names it or there is none to show (no default, an off switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None
+                or default is argparse.SUPPRESS or isinstance(default, bool)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line (no usage dump), exit code 2."""
+    """Usage errors as one line (no usage dump), exit code 2; --help shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(one_line(f"{self.prog}: error: {message}"), file=sys.stderr)
@@ -23,9 +40,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="planner", description="Plan, simulate and run parallel transformer training.")
+        prog="planner", description="Plan, simulate and run parallel transformer training.",
+        epilog="`planner COMMAND --help` shows a command's flags and their defaults.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"planner.cli.{name}")
         module.add_parser(sub).set_defaults(run=module.run)
@@ -43,7 +61,7 @@ def main(argv=None) -> int:
         cut = argv.index("--") if "--" in argv else len(argv)
     command = next((a for a in argv[:cut] if a in COMMANDS), None)
     try:
-        return _dispatch(argv, cut)
+        return _dispatch(argv, cut, debug)
     except KeyboardInterrupt:
         return 130  # quietly, as a shell expects of Ctrl-C
     except BrokenPipeError:  # the reader of standard output went away (`| head`)
@@ -57,16 +75,48 @@ def main(argv=None) -> int:
         return _fail(command, describe(exc), debug, hint=True)
 
 
-def _dispatch(argv: list, cut: int) -> int:
+def _dispatch(argv: list, cut: int, debug: bool = False) -> int:
     parser = build_parser()
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a failure (accepted anywhere)")
+    if not argv:  # a bare `planner`: the commands, not a usage error
+        parser.print_help()
+        return 0
     args = parser.parse_args(argv[:cut])
+    args.given = given_flags(parser, argv[:cut])  # what came from a flag, not a default
+    args.debug = debug  # `planner run --debug` passes it on to the ranks
     args.passthrough = argv[cut + 1:]  # `planner run plan.json -- <runtime.train flags>`
     if args.passthrough and args.command != "run":
         parser.error(f"arguments after -- are only for `planner run`: {args.passthrough}")
     _check_outputs(args)
     return args.run(args) or 0
+
+
+def _parsers(parser) -> list:
+    """`parser` and every sub-command's parser."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += _parsers(child)
+    return found
+
+
+def given_flags(parser, argv: list) -> set:
+    """The dests that `argv` sets on the command line (the rest hold their defaults): `argv`
+    parsed again with every default replaced by a marker.  It parsed once already, so this
+    parse neither fails nor prints."""
+    unset = object()
+    saved = [(a, a.default) for p in _parsers(parser) for a in p._actions
+             if a.default is not argparse.SUPPRESS]
+    try:
+        for action, _ in saved:
+            action.default = unset
+        namespace = parser.parse_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return {dest for dest, value in vars(namespace).items() if value is not unset}
 
 
 # Flags naming a file a command writes: checked before the command does any work.

@@ -26,48 +26,113 @@ def add_inputs(parser, required: bool = True) -> None:
     parser.add_argument("--model", required=required,
                         help="preset name (planner models), spec JSON or HF config.json")
     parser.add_argument("--cluster", required=required,
-                        help="profile name (planner profiles) or profile JSON path")
+                        help="profile name (planner profiles) or profile JSON path; `cpu` "
+                             "plans for the CPU processes of this machine")
     parser.add_argument("--nodes", type=bounded_int(1, limits.MAX_NODES), default=1,
-                        help="number of nodes (default 1)")
+                        help="number of nodes")
     parser.add_argument("--global-batch", type=bounded_int(1, limits.MAX_GLOBAL_BATCH),
                         required=required, help="sequences per step")
     parser.add_argument("--seq-len", type=bounded_int(1, limits.MAX_SEQ_LEN),
                         required=required, help="tokens per sequence")
-    parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                        help="training precision (V100 profiles have no bf16: use fp16)")
     parser.add_argument("--engine", choices=("torch", "megatron"), default="torch",
-                        help="whose activation/overlap behaviour to model (default torch)")
+                        help="whose activation/overlap behaviour to model")
     parser.add_argument("--attention", choices=ATTENTION, default="flash",
-                        help="attention kernels: flash (default), fused softmax, or eager")
+                        help="attention kernels: flash, fused softmax, or eager")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def add_layout(parser) -> None:
     degree = bounded_int(1, limits.MAX_DEGREE)
-    parser.add_argument("--dp", type=degree, default=1)
-    parser.add_argument("--tp", type=degree, default=1)
-    parser.add_argument("--pp", type=degree, default=1)
-    parser.add_argument("--micro-batch", type=bounded_int(1, limits.MAX_GLOBAL_BATCH), default=1)
+    parser.add_argument("--dp", type=degree, default=1, help="data-parallel degree")
+    parser.add_argument("--tp", type=degree, default=1, help="tensor-parallel degree")
+    parser.add_argument("--pp", type=degree, default=1, help="pipeline-parallel degree")
+    parser.add_argument("--micro-batch", type=bounded_int(1, limits.MAX_GLOBAL_BATCH), default=1,
+                        help="sequences per micro-batch (micro-batches = global batch / "
+                             "(dp x this))")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs tp > 1)")
     parser.add_argument("--zero", type=bounded_int(0, 3), default=0, help="ZeRO stage 0-3")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
-    parser.add_argument("--virtual-stages", type=bounded_int(1, limits.MAX_LAYERS), default=1)
-    parser.add_argument("--recompute", choices=RECOMPUTE, default="none")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b",
+                        help="pipeline schedule (with pp > 1)")
+    parser.add_argument("--virtual-stages", type=bounded_int(1, limits.MAX_LAYERS), default=1,
+                        help="model chunks per pipeline rank (interleaved schedules, zbv: 2)")
+    parser.add_argument("--recompute", choices=RECOMPUTE, default="none",
+                        help="activation recomputation")
     parser.add_argument("--mesh-order", default="pp,dp,tp",
-                        help="mesh axes outermost to innermost (default pp,dp,tp)")
+                        help="mesh axes outermost to innermost")
     parser.add_argument("--plan", help="read the whole plan from a plan.json instead")
+
+
+# the flag of each argparse dest that can end up in a refusal
+FLAGS = {"model": "--model", "cluster": "--cluster", "nodes": "--nodes",
+         "global_batch": "--global-batch", "seq_len": "--seq-len", "precision": "--precision",
+         "engine": "--engine", "attention": "--attention", "dp": "--dp", "tp": "--tp",
+         "pp": "--pp", "micro_batch": "--micro-batch", "sp": "--sp", "zero": "--zero",
+         "schedule": "--schedule", "virtual_stages": "--virtual-stages",
+         "recompute": "--recompute", "mesh_order": "--mesh-order"}
+# planner.rules key -> the flags (dests) whose values that rule read
+RULE_FLAGS = {"world": ("dp", "tp", "pp"), "tp_heads": ("tp",), "tp_ffn": ("tp",),
+              "tp_node": ("tp",), "sp_tp": ("sp", "tp"), "sp_seq": ("tp", "seq_len"),
+              "zero_dp": ("zero", "dp"), "global_batch": ("global_batch", "dp", "micro_batch"),
+              "precision": ("precision",), "positions": ("seq_len",),
+              "interleave_pp": ("schedule", "pp"), "zbv_v": ("schedule", "virtual_stages"),
+              "interleave_v": ("schedule", "virtual_stages"),
+              "single_v": ("schedule", "virtual_stages"),
+              "interleave_m": ("schedule", "pp", "micro_batch"),
+              "chunks": ("pp", "virtual_stages"), "zb_ddp": ("schedule", "zero", "dp"),
+              "ddp_microbatches": ("zero", "pp", "micro_batch"),
+              "ddp_gpipe": ("schedule", "zero"),
+              "ddp_chunks": ("schedule", "zero", "virtual_stages", "micro_batch"),
+              "1f1b_microbatches": ("schedule", "pp", "micro_batch")}
+
+
+def is_default(args, dest: str) -> bool:
+    """True when `dest` holds its default (planner.cli.main records what the command line set,
+    as `args.given`; without that record nothing counts as a default)."""
+    given = getattr(args, "given", None)
+    return given is not None and dest not in given
+
+
+def flag_values(args, dests) -> str:
+    """'--dp 1 (default), --tp 2': the flags behind a refusal and where each value came from."""
+    shown = []
+    for dest in dests:
+        value = getattr(args, dest, None)
+        if value is None or value is False:
+            continue
+        text = FLAGS[dest] if value is True else f"{FLAGS[dest]} {value}"
+        shown.append(text + (" (default)" if is_default(args, dest) else ""))
+    return ", ".join(shown)
+
+
+def check_precision(args, profile) -> None:
+    """A precision the profile's GPU lacks (bf16 on a V100), refused naming the flag, whether
+    the value was the default, and what to use instead."""
+    if profile.supports(args.precision):
+        return
+    have = sorted(profile.gpu.peak_flops)
+    use = next((p for p in PRECISIONS if p in have), None)
+    where = (f"precision {args.precision} (the default of --precision)"
+             if is_default(args, "precision") else f"--precision {args.precision}")
+    hint = f"; use --precision {use}" if use else ""
+    raise ValueError(f"{where} is not supported by profile {profile.name} ({profile.gpu.name} "
+                     f"supports {', '.join(have)}){hint}")
 
 
 def build_inputs(args) -> tuple:
     """(ModelSpec, Cluster, Job) from the shared flags."""
     model = load_model(args.model)
     cluster = load_cluster(args.cluster, args.nodes)
+    check_precision(args, cluster.profile)
     job = Job(global_batch=args.global_batch, seq_len=args.seq_len, precision=args.precision,
               attention=args.attention, engine=args.engine)
     return model, cluster, job
 
 
 def build_plan(args) -> Plan:
-    """A validated Plan from --plan or from the model/cluster/job/layout flags."""
+    """A validated Plan from --plan or from the model/cluster/job/layout flags; a layout the
+    rules refuse names the flags (and defaults) behind it."""
     from planner.plan import Layout, Plan
     if args.plan:
         return Plan.load(args.plan)
@@ -79,13 +144,29 @@ def build_plan(args) -> Plan:
     per_replica = args.global_batch // max(1, args.dp)
     if args.global_batch % max(1, args.dp) or per_replica % max(1, args.micro_batch):
         raise ValueError(f"global batch {args.global_batch} is not divisible by dp {args.dp} x "
-                         f"micro batch {args.micro_batch}")
+                         f"micro batch {args.micro_batch} "
+                         f"({flag_values(args, ('global_batch', 'dp', 'micro_batch'))})")
     layout = Layout(dp=args.dp, tp=args.tp, pp=args.pp, sequence_parallel=args.sp,
                     zero_stage=args.zero, micro_batch=args.micro_batch,
                     num_microbatches=per_replica // args.micro_batch, schedule=args.schedule,
                     virtual_stages=args.virtual_stages, recompute=args.recompute,
                     mesh_order=tuple(a.strip() for a in args.mesh_order.split(",")))
-    return Plan(model=model, cluster=cluster, job=job, layout=layout)
+    try:
+        return Plan(model=model, cluster=cluster, job=job, layout=layout)
+    except ValueError as exc:
+        dests = RULE_FLAGS.get(_first_broken_rule(model, cluster, job, layout), ())
+        note = flag_values(args, dests)
+        if not note:
+            raise
+        raise ValueError(f"{exc}; from {note}") from None
+
+
+def _first_broken_rule(model, cluster, job, layout):
+    """The key of the first rule (planner.rules, in message order) the layout breaks."""
+    from planner import rules
+    ctx = rules.Context(model=model, profile=cluster.profile, job=job)
+    cols = rules.layout_columns(layout, cluster.world_size)
+    return next((r.key for r in rules.RULES if bool(r.broken(ctx, cols)[0])), None)
 
 
 def bounded_int(lo: int, hi: int):
