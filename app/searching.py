@@ -8,9 +8,10 @@ import streamlit as st
 
 from app.backend import inputs_from_key
 from planner.report import layout_summary
+from planner.search import nofit
 from planner.search.explain import rejected_table
 from planner.search.ranking import OBJECTIVES, SearchOptions, search
-from planner.units import GIB
+from planner.units import GIB, fmt_seconds
 
 TOP_N = 25  # rows in the ranked table
 
@@ -20,16 +21,26 @@ def search_results(key: str, max_tp: int, headroom: float, objective: str,
                    token_budget: float = 0.0):
     """(result dict, '') or (None, reason).  The result has 'plans' (ranked, best first),
     'feasible' (every plan that fits: plan, memory_GiB, tokens_per_s, pareto), 'rejected'
-    (reason, plans, example), 'searched' (layouts considered), 'closest' (when nothing fits)
-    and 'elapsed_s'."""
+    (reason, plans, example), 'searched' (layouts considered), 'closest' (when nothing fits),
+    'advice' (when nothing fits: the lines `planner suggest` prints, each from a real re-run
+    with one thing relaxed; when no layout is valid at all: its one line) and 'elapsed_s'."""
     model, cluster, job = inputs_from_key(key)
     t0 = time.perf_counter()
     opts = SearchOptions(objective=objective, top=TOP_N, max_tp=max_tp,
                                 headroom=headroom, token_budget=token_budget)
     result = search(model, cluster, job, opts)
     out = _tables(result)
+    out["advice"] = _advice(result)
     out["elapsed_s"] = time.perf_counter() - t0
     return out, ""
+
+
+def _advice(result) -> list:
+    if result.ranked:
+        return []
+    if result.closest is None:
+        return [nofit.no_valid_layout(result)]
+    return nofit.advice(result, search)
 
 
 def objectives() -> tuple:
@@ -53,7 +64,7 @@ def _tables(result) -> dict:
 def _plan_row(rank: int, cand) -> dict:
     lay = cand.layout
     return {"rank": rank, "layout": layout_summary(lay), "GPUs": cand.num_gpus,
-            "memory_GiB": cand.total_bytes / GIB, "step_ms": cand.step_s * 1e3,
+            "memory_GiB": cand.total_bytes / GIB, "step": fmt_seconds(cand.step_s),
             "tokens_per_s": cand.tokens_per_s, "MFU_%": 100 * cand.mfu,
             "layout_json": json.dumps(lay.to_dict(), sort_keys=True)}
 

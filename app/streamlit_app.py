@@ -4,6 +4,7 @@ The same library calls as `planner suggest` / `estimate` / `compare`, shown as t
 No formulas here: every number comes from planner."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,29 @@ from planner.units import GIB, fmt_bytes, fmt_seconds  # noqa: E402
 
 TOP_CHART = 5  # plans in the memory and time bars
 BY_HAND = "set by hand"
+# what markdown (st.markdown, st.error, ...) would read as markup in a planner message:
+# `dp*tp*pp` or `layers_per_stage` as emphasis, `$` as math, `[`/`:red[` as a link or a
+# colour, `<` as HTML; and at the start of a line `#`, `-`, `+` or `1.` as blocks
+_INLINE_MARKUP = re.compile(r"[\\`*_\[\]<>$~|]")
+_LEADING_MARKUP = re.compile(r"^(\s*)([#+-]|\d+(?=\.))", re.MULTILINE)
+# what belongs to one set of inputs: the what-if panel's starting layout
+WHATIF_STATE = ("_last_picked", "_hand_seeded")
+
+
+def plain(text) -> str:
+    """`text` shown literally by st.markdown / st.error / st.warning (markup escaped)."""
+    text = _INLINE_MARKUP.sub(lambda m: "\\" + m.group(0), str(text))
+    return _LEADING_MARKUP.sub(lambda m: m.group(1) + (
+        m.group(2) + "\\" if m.group(2)[0].isdigit() else "\\" + m.group(2)), text)
+
+
+def forget_other_inputs(key: str) -> None:
+    """New model, cluster or job: the what-if panel starts again from the new top plan (a
+    layout of the previous inputs would show as invalid)."""
+    if st.session_state.get("_inputs_key") != key:
+        for name in WHATIF_STATE:
+            st.session_state.pop(name, None)
+        st.session_state["_inputs_key"] = key
 
 
 def results_section(key: str, constraints) -> pd.DataFrame:
@@ -31,19 +55,15 @@ def results_section(key: str, constraints) -> pd.DataFrame:
     except ValueError as exc:
         res, why = None, f"the search refused these inputs: {exc}"
     if res is None:
-        st.warning(f"No ranked plans: {why}. Set a layout by hand below.")
+        st.session_state["_results"] = None  # not the previous inputs' results
+        st.warning(f"No ranked plans: {plain(why)}. Set a layout by hand below.")
         return pd.DataFrame()
     plans = res["plans"]
     st.subheader("Ranked plans")
     st.caption(f"{res['searched']:,} layouts considered, {res['num_fit']:,} fit; "
                f"search took {res['elapsed_s']:.2f} s (cached on repeat)")
     if plans.empty:
-        msg = ("No layout fits: see the rejected plans below (try more nodes, a larger "
-               "max TP, less headroom or a smaller batch).")
-        if res["closest"]:
-            msg += (f" Closest: {res['closest']['layout']} needs "
-                    f"{res['closest']['memory_GiB']:.1f} GiB per GPU.")
-        st.error(msg)
+        st.error(nothing_fits_text(res))
     else:
         shown = plans.drop(columns=["layout_json"])
         st.dataframe(shown, hide_index=True, key="plan_table", on_select="rerun",
@@ -52,10 +72,32 @@ def results_section(key: str, constraints) -> pd.DataFrame:
     return plans
 
 
+def nothing_fits_text(res: dict) -> str:
+    """The nothing-fits box: what `planner suggest` prints (the least memory needed, then each
+    relaxation that was re-run: ZeRO-3, recompute, headroom, N more nodes, bigger GPUs)."""
+    lines = res.get("advice") or []
+    if not lines:
+        text = "No layout fits: see the rejected plans below."
+        if res["closest"]:
+            text += (f" Closest: {res['closest']['layout']} needs "
+                     f"{res['closest']['memory_GiB']:.1f} GiB per GPU.")
+        return plain(text)
+    items = "\n".join(f"- {plain(line.strip())}" for line in lines[1:])
+    return plain(lines[0]) + ("\n\n" + items if items else "")
+
+
+def closest_layout() -> dict:
+    """When nothing fits: the layout that needs the least memory (the what-if starts there),
+    else {}."""
+    res = st.session_state.get("_results") or {}
+    closest = res.get("closest")
+    return json.loads(closest["layout_json"]) if closest else {}
+
+
 def _column_config() -> dict:
     num = st.column_config.NumberColumn
     return {"memory_GiB": num("memory (GiB)", format="%.1f"),
-            "step_ms": num("step (ms)", format="%.1f"),
+            "step": st.column_config.TextColumn("step time"),
             "tokens_per_s": num("tokens/s", format="%d"), "MFU_%": num("MFU %", format="%.1f")}
 
 
@@ -82,12 +124,12 @@ def estimate_section(key: str, layout: dict):
     """The selected layout's estimate, or its one-line validation error."""
     error = backend.check_layout(key, layout)
     if error:
-        st.error(f"Invalid layout: {error}")
+        st.error(f"Invalid layout: {plain(error)}")
         return None
     try:
         est = backend.estimate_dict(key, json.dumps(layout, sort_keys=True))
     except ValueError as exc:
-        st.error(f"Cannot estimate this layout: {exc}")
+        st.error(f"Cannot estimate this layout: {plain(exc)}")
         return None
     mem, t = est["memory"], est["time"]
     cols = st.columns(5)
@@ -148,11 +190,12 @@ def timeline_section(key: str, layout: dict) -> None:
     st.subheader("Pipeline timeline of the selected plan (simulated)")
     events, info = backend.timeline_events(key, json.dumps(layout, sort_keys=True))
     if events is None:
-        st.info(info)
+        st.info(plain(info))
         return
-    st.caption(f"{info['schedule']}, pp={info['pp']}, {info['num_microbatches']} micro-batches:"
-               f" step {info['step_s'] * 1e3:.1f} ms, bubble {100 * info['bubble_fraction']:.1f}%"
-               f" (opaque bars: critical path; scroll to zoom)")
+    st.caption(plain(f"{info['schedule']}, pp={info['pp']}, {info['num_microbatches']} "
+                     f"micro-batches: step {fmt_seconds(info['step_s'])}, bubble "
+                     f"{100 * info['bubble_fraction']:.1f}% (opaque bars: critical path; "
+                     f"scroll to zoom)"))
     st.altair_chart(charts.timeline_chart(events), width="stretch")
 
 
@@ -178,7 +221,7 @@ def compare_section(key: str, layout: dict, up) -> None:
             plan = backend.plan_from_measured(measured)
         table = backend.compare_table(plan, measured)
     except ValueError as exc:
-        st.error(f"Cannot read {up.name}: {exc}")
+        st.error(f"Cannot read {plain(up.name)}: {plain(exc)}")
         return
     st.markdown("**Predicted vs measured** (plan from the measured.json when it has one)")
     st.dataframe(table, hide_index=True, width="stretch")
@@ -189,16 +232,17 @@ def main() -> None:
     st.title("Parallelism planner")
     model, cluster, job, constraints, errors = sidebar()
     for e in errors:
-        st.error(e)
+        st.error(plain(e))
     if errors:
         st.stop()
-    st.caption(f"{model.name} on {cluster.world_size} x {cluster.profile.gpu.name} "
+    st.caption(f"{plain(model.name)} on {cluster.world_size} x {cluster.profile.gpu.name} "
                f"({cluster.num_nodes} node(s)); batch {job.global_batch} x {job.seq_len} tokens,"
                f" {job.precision}; GPU memory {cluster.profile.gpu.memory_bytes / GIB:.0f} GiB")
     key = backend.inputs_key(model, cluster, job)
+    forget_other_inputs(key)
     plans = results_section(key, constraints)
     st.subheader("Selected plan (what-if)")
-    hint = json.loads(plans.iloc[0]["layout_json"]) if not plans.empty else {}
+    hint = json.loads(plans.iloc[0]["layout_json"]) if not plans.empty else closest_layout()
     layout = pick_plan(plans, hint)
     est = estimate_section(key, layout) if layout else None
     if est:

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,11 @@ def _charts(at: AppTest) -> list:
 
 def _ranked(at: AppTest) -> list:
     return [o for o in at.selectbox(key="pick").options if o.startswith("#")]
+
+
+def _text(element) -> str:
+    """An st.error / st.warning / st.caption body as it reads on the page (escapes removed)."""
+    return re.sub(r"\\(.)", r"\1", element.value)
 
 
 def test_page_runs_without_exception():
@@ -103,7 +109,7 @@ def test_hand_set_layout_gives_estimate_or_one_line_error():
     at.selectbox(key="hand_mesh_order").set_value("tp,pp,dp")
     at.text_input(key="hand_layers").set_value("3,x").run()
     _ok(at)
-    assert len(at.error) == 1 and "layers_per_stage must be a list" in at.error[0].value
+    assert len(at.error) == 1 and "layers_per_stage must be a list" in _text(at.error[0])
     steps = []
     for layers in ("", "4,28"):  # llama3-8b: 32 layers over pp=2
         at.text_input(key="hand_layers").set_value(layers).run()
@@ -112,7 +118,7 @@ def test_hand_set_layout_gives_estimate_or_one_line_error():
         steps.append(at.metric[1].value)
     assert steps[0] != steps[1]                       # an uneven split moves the step time
     at.text_input(key="hand_layers").set_value("1,2").run()
-    assert "layers_per_stage sums to 3" in at.error[0].value
+    assert "layers_per_stage sums to 3" in _text(at.error[0])
 
 
 BAD_MODEL_UPLOADS = [
@@ -131,7 +137,7 @@ def test_bad_model_upload_shows_error_not_traceback():
     for payload, phrase in BAD_MODEL_UPLOADS:
         at.sidebar.file_uploader[0].set_value(("model.json", payload, "application/json")).run()
         _ok(at)
-        assert at.error and phrase in at.error[0].value, [e.value for e in at.error]
+        assert at.error and phrase in _text(at.error[0]), [e.value for e in at.error]
         assert "Traceback" not in at.error[0].value and "\n" not in at.error[0].value
     at.sidebar.file_uploader[0].set_value(
         ("tiny-llama.json", json.dumps(HF_LLAMA).encode(), "application/json")).run()
@@ -156,7 +162,7 @@ def test_bad_measured_upload_shows_error():
          "application/json"))
     at.run()
     _ok(at)
-    assert any("step_time_s must be a" in e.value and "'fast'" in e.value for e in at.error)
+    assert any("step_time_s must be a" in _text(e) and "'fast'" in _text(e) for e in at.error)
 
 
 def test_upload_parsing_is_strict():
@@ -239,3 +245,56 @@ def test_memory_chart_draws_the_search_limit_after_headroom():
     limits = rules(memory_chart({"#1": est}, capacity, "#1", headroom=0.1))
     assert limits["search limit (10% headroom)"] == pytest.approx(0.9 * limits["GPU memory"])
     assert list(rules(memory_chart({"#1": est}, capacity, "#1"))) == ["GPU memory"]
+
+
+def test_messages_are_shown_literally_not_as_markdown():
+    from app.streamlit_app import plain
+    assert plain("dp*tp*pp = 8*4*2 = 64") == "dp\\*tp\\*pp = 8\\*4\\*2 = 64"
+    assert plain("layers_per_stage $5 <b> [x](y)") == \
+        "layers\\_per\\_stage \\$5 \\<b\\> \\[x\\](y)"
+    assert plain("- a\n12. b\n# c") == "\\- a\n12\\. b\n\\# c"
+    at = _app(batch=64)
+    at.selectbox(key="pick").set_value("set by hand").run()
+    at.number_input(key="hand_tp").set_value(3).run()
+    _ok(at)
+    (error,) = at.error
+    assert "dp\\*tp\\*pp = " in error.value            # markdown shows dp*tp*pp, not italics
+    assert re.search(r"dp\*tp\*pp = \d+\*3\*\d+ = \d+ does not equal", _text(error))
+
+
+def test_what_if_starts_again_when_the_inputs_change():
+    at = _app(batch=64)                                   # llama3-8b: 32 heads
+    at.selectbox(key="pick").set_value("set by hand").run()
+    for k, v in {"hand_dp": 1, "hand_tp": 8, "hand_pp": 1, "hand_micro_batch": 1,
+                 "hand_num_microbatches": 64, "hand_virtual_stages": 1}.items():
+        at.number_input(key=k).set_value(v)
+    at.selectbox(key="hand_zero_stage").set_value(0)
+    at.selectbox(key="hand_schedule").set_value("1f1b")
+    at.run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    at.selectbox(key="model").set_value("gpt2-124m")      # 12 heads: tp=8 is invalid there
+    at.number_input(key="seq_len").set_value(1024).run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]      # not the old layout, shown as invalid
+    hand = {k: at.number_input(key=f"hand_{k}").value for k in ("dp", "tp", "pp")}
+    assert f"dp={hand['dp']} tp={hand['tp']} pp={hand['pp']} " in _ranked(at)[0]
+
+
+def test_nothing_fits_box_says_what_would_fit():
+    at = _app(model="llama3-70b", nodes=1, batch=8, seq=4096)
+    at.select_slider(key="max_tp").set_value(2).run()
+    _ok(at)
+    box = _text(at.error[0])
+    assert box.startswith("Nothing fits: every valid layout of 8 GPUs needs more than")
+    assert "least memory:" in box and "more node(s)" in box and "fit:" in box
+    # the what-if starts from that least-memory layout: valid, and it does not fit
+    assert not any("Invalid layout" in e.value for e in at.error), [e.value for e in at.error]
+    assert _text(at.error[1]).startswith("Does not fit") and at.metric[4].value == "NO"
+
+
+def test_step_times_are_shown_in_their_unit():
+    at = AppTest.from_file(APP, default_timeout=60).run()  # llama3-70b, 4 nodes, 256 x 4096
+    _ok(at)
+    steps = list(at.dataframe[0].value["step"])
+    assert steps and all(s.endswith(" s") and float(s[:-2]) > 1 for s in steps), steps
