@@ -104,9 +104,11 @@ def report(prog: str, code: int, message: str) -> int:
     sys.stderr.flush()
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
-        try:
-            with open(path, "w") as f:
+        try:  # atomically: torchrun reads the file as soon as the rank is gone
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
                 json.dump({"message": line, "timestamp": int(time.time())}, f)
+            os.replace(tmp, path)
         except OSError:
             pass
     return code

@@ -7,7 +7,6 @@ group; plan, world size, data, checkpoint), 3 non-finite loss (the last good che
 4 a peer lost or a collective timed out, 1 anything else; --debug adds the traceback."""
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -313,8 +312,9 @@ def _run(plan: Plan, cfg: RunConfig, optim_cfg, tokens, args) -> int:
              f"seq={plan.job.seq_len} {plan.job.precision} on {ctx.device.type}")
     measured = Trainer(plan, cfg, optim_cfg, ctx, tokens).run()
     if ctx.rank == 0 and cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(measured, f, indent=1)
+        # through the typed file, so what compare, calibrate and the UI read is checked here
+        from planner.measured import Measured
+        Measured.from_dict(measured).save(cfg.out)
         log.info(f"wrote {cfg.out}")
     # tear down together: a rank destroying gloo while a peer still writes its output can
     # abort at exit ("terminate called without an active exception"). Only on success: on
