@@ -1,8 +1,5 @@
 """The page's calls into `planner`, cached.  Arguments are JSON strings of the inputs so that
-st.cache_data hashes them cheaply and exactly; results are plain data (dicts, DataFrames).
-
-Modules that other work streams deliver (search, export, simulate) are imported lazily: if one is
-missing the page says so instead of failing."""
+st.cache_data hashes them cheaply and exactly; results are plain data (dicts, DataFrames)."""
 
 import dataclasses
 import json

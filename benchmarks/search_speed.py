@@ -1,5 +1,5 @@
 """Search speed: wall time and layouts evaluated per second of `planner suggest`'s search for
-two large cases (issue 3's targets: under 1 s and under 3 s on a 2-core machine).
+two large cases (targets: under 1 s and under 3 s on a 2-core machine).
 
   1T GPT (128 layers, hidden 25600, 160 heads, seq 2048, vocab 51200; Korthikanti et al. 2022,
       Table 3) on 3072 A100-80GB (384 nodes), global batch 3072
