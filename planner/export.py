@@ -264,7 +264,9 @@ def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEP
 
 
 def _refuse(engine: str, what: str) -> None:
-    raise ValueError(f"{engine} cannot express this plan: {what}")
+    hint = ("; plan for it with `planner suggest ... --engine megatron`, which searches only "
+            "what Megatron-LM runs" if engine == "Megatron-LM" else "")
+    raise ValueError(f"{engine} cannot express this plan: {what}{hint}")
 
 
 # AdamW as runtime/optim.py runs it; the learning rate is the one setting no plan holds.

@@ -308,8 +308,9 @@ def test_megatron_rotary_base_is_an_integer():
                                            "schedule gpipe"),
                                           ({"model": "bert-base"}, "arch bert")])
 def test_megatron_refuses_what_it_lacks(change, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as info:
         export.megatron_args(_plan(**change))
+    assert "planner suggest ... --engine megatron" in str(info.value)  # what to do instead
 
 
 def _bash_megatron_args(script: str, env: dict, tmp_path) -> subprocess.CompletedProcess:
