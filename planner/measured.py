@@ -43,14 +43,6 @@ def relative_error(predicted: float, measured: float) -> float:
 
 # --- field checks -------------------------------------------------------------------------------
 
-def _exact_keys(data, cls, context: str) -> None:
-    """check_keys, and every field present (defaults are for constructing in code only)."""
-    check_keys(data, cls, context)
-    for field in dataclasses.fields(cls):
-        if field.name not in data:
-            raise ValueError(f"{context}: missing key {field.name!r}")
-
-
 def require_finite(value, name: str, positive: bool = False) -> None:
     """A finite number >= 0 (> 0 with `positive`); bools, null, NaN and inf are refused."""
     require_number(value, name, strict=positive)
@@ -123,7 +115,7 @@ class RankCoords:
 
     @classmethod
     def from_dict(cls, data, context: str = "coords") -> "RankCoords":
-        _exact_keys(data, cls, context)
+        check_keys(data, cls, context)
         return _build(cls, data, context)
 
 
@@ -157,7 +149,7 @@ class RankMeasurement:
 
     @classmethod
     def from_dict(cls, data, context: str = "rank") -> "RankMeasurement":
-        _exact_keys(data, cls, context)
+        check_keys(data, cls, context)
         coords = RankCoords.from_dict(data["coords"], f"{context}.coords")
         return _build(cls, {**data, "coords": coords}, context)
 
@@ -183,7 +175,7 @@ class StepMeasurement:
 
     @classmethod
     def from_dict(cls, data, context: str = "step") -> "StepMeasurement":
-        _exact_keys(data, cls, context)
+        check_keys(data, cls, context)
         return _build(cls, data, context)
 
 
@@ -241,7 +233,7 @@ class Measured:
     @classmethod
     def from_dict(cls, data, context: str = "measured.json") -> "Measured":
         _check_version(data, MEASURED_SCHEMA_VERSION, context)
-        _exact_keys(data, cls, context)
+        check_keys(data, cls, context)
         if data["step_time_s"] is None and data["steps"] == []:
             raise ValueError(f"{context}: the run measured no step (step_time_s is null)")
         try:
@@ -342,7 +334,7 @@ class MachineLoad:
 
     @classmethod
     def from_dict(cls, data, context: str = "load") -> "MachineLoad":
-        _exact_keys(data, cls, context)
+        check_keys(data, cls, context)
         return _build(cls, data, context)
 
 
@@ -473,7 +465,7 @@ class ProfileMeasurements:
     def from_dict(cls, data, context: str = "profile measurements") -> "ProfileMeasurements":
         version = data.get("schema_version") if isinstance(data, dict) else None
         if type(version) is int and version == 1:
-            _exact_keys({**_PROFILE_V2_DEFAULTS, **data}, cls, context)
+            check_keys({**_PROFILE_V2_DEFAULTS, **data}, cls, context)
             unknown = sorted(set(data) & set(_PROFILE_V2_DEFAULTS))
             if unknown:
                 raise ValueError(f"{context}: unknown key {unknown[0]!r} (schema_version 1)")
@@ -482,7 +474,7 @@ class ProfileMeasurements:
             if version is not None and (type(version) is not int or version != 2):
                 raise ValueError(f"{context}: schema_version must be 1 or 2, "
                                  f"got {_short(version)}")
-            _exact_keys(data, cls, context)
+            check_keys(data, cls, context)
             data = {**data, **{key: MachineLoad.from_dict(data[key], f"{context} {key}")
                                for key in ("load_before", "load_during")}}
         lists = {key: tuple(_list(data[key], f"{context} {key}"))
