@@ -12,12 +12,12 @@ from planner.calibration.calibrate import (_scaled, calibrate, fit_problems, ide
 from planner.calibration.compare import compare
 from planner.cli import main
 from planner.cost.estimate import estimate
-from planner.cost.memory import rank_memory, rank_model_state
 from planner.hardware import Cluster, load_profile
 from planner.job import Job
 from planner.measured import Measured, relative_error
 from planner.plan import Layout, Plan
 from planner.presets import MODEL_PRESETS
+from tests.measured_fixtures import measured_dict
 
 
 def _plan(layout: Layout, seq: int, num_gpus: int = 0, profile=None) -> Plan:
@@ -28,22 +28,7 @@ def _plan(layout: Layout, seq: int, num_gpus: int = 0, profile=None) -> Plan:
 
 
 def _measured(plan: Plan, step_s: float) -> dict:
-    """A measured.json as the runtime writes it: exact memory, the given step time."""
-    lay, ranks = plan.layout, []
-    for rank in range(lay.world_size):  # mesh order (pp, dp, tp), tp innermost
-        pp, dp, tp = rank // (lay.dp * lay.tp), (rank // lay.tp) % lay.dp, rank % lay.tp
-        states = rank_model_state(plan, pp, dp, tp)
-        ranks.append({"rank": rank, "coords": {"pp": pp, "dp": dp, "tp": tp},
-                      "weights_bytes": states.weights_bytes,
-                      "gradients_bytes": states.gradients_bytes,
-                      "optimizer_bytes": states.optimizer_bytes,
-                      "activation_bytes_per_microbatch":
-                          rank_memory(plan, pp).activation_bytes_per_microbatch,
-                      "activation_peak_bytes": 1e6, "peak_allocated_bytes": None,
-                      "max_rss_bytes": 300e6})
-    tokens = plan.job.global_batch * plan.job.seq_len
-    return {"schema_version": 1, "plan": plan.to_dict(), "steps": [], "val_loss": 5.0,
-            "step_time_s": step_s, "tokens_per_s": tokens / step_s, "ranks": ranks}
+    return measured_dict(plan, step_s)
 
 
 def _runs_on(true_profile, plans: list, tmp_path=None) -> tuple:

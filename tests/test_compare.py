@@ -5,11 +5,11 @@ import pytest
 from planner.calibration.compare import compare
 from planner.cli import main
 from planner.cost.estimate import estimate
-from planner.cost.memory import rank_memory, rank_model_state
 from planner.hardware import load_cluster
 from planner.job import Job
 from planner.plan import Layout, Plan
 from planner.presets import MODEL_PRESETS
+from tests.measured_fixtures import measured_dict
 
 
 def _plan():
@@ -20,22 +20,7 @@ def _plan():
 
 
 def _measured_fixture(plan, activation_scale=1.0, step_s=0.5):
-    """A measured.json as the runtime writes it, with known values."""
-    ranks = []
-    lay = plan.layout
-    for rank in range(lay.world_size):  # mesh order (pp, dp, tp), tp innermost
-        pp, dp, tp = rank // (lay.dp * lay.tp), (rank // lay.tp) % lay.dp, rank % lay.tp
-        states = rank_model_state(plan, pp, dp, tp)
-        ranks.append({"rank": rank, "coords": {"pp": pp, "dp": dp, "tp": tp},
-                      "weights_bytes": states.weights_bytes,
-                      "gradients_bytes": states.gradients_bytes,
-                      "optimizer_bytes": states.optimizer_bytes,
-                      "activation_bytes_per_microbatch":
-                          activation_scale * rank_memory(plan, pp).activation_bytes_per_microbatch,
-                      "activation_peak_bytes": 1e6, "peak_allocated_bytes": None,
-                      "max_rss_bytes": 300e6})
-    return {"schema_version": 1, "plan": plan.to_dict(), "steps": [], "val_loss": 5.0,
-            "step_time_s": step_s, "tokens_per_s": 16 * 128 / step_s, "ranks": ranks}
+    return measured_dict(plan, step_s, activation_scale)
 
 
 def test_compare_reports_relative_errors():
