@@ -21,9 +21,11 @@ from planner.spec import ModelSpec
 LAYOUT_BOUNDS = {"dp": limits.MAX_DEGREE, "tp": limits.MAX_DEGREE, "pp": limits.MAX_DEGREE,
                  "micro_batch": limits.MAX_GLOBAL_BATCH,
                  "num_microbatches": limits.MAX_GLOBAL_BATCH,
-                 "virtual_stages": limits.MAX_LAYERS}
-SCHEMA_VERSION = 2   # 2: the attached estimate no longer repeats the plan (1 still loads)
-READABLE_VERSIONS = (1, 2)
+                 "virtual_stages": limits.MAX_LAYERS, "recompute_every": limits.MAX_LAYERS}
+# 2: the attached estimate no longer repeats the plan; 3: layout recompute_every and compile
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+LAYOUT_KEYS_SINCE_3 = ("recompute_every", "compile")  # absent from older files: their defaults
 AXES = ("pp", "dp", "tp")
 
 
@@ -48,14 +50,18 @@ class Layout:
     schedule: str = "1f1b"
     virtual_stages: int = 1
     recompute: str = "none"
+    recompute_every: int = 1          # the policy applies to every K-th block, the others none
+    compile: bool = False             # torch.compile each block
     mesh_order: tuple = AXES          # outermost -> innermost; TP innermost by default
     layers_per_stage: tuple = ()      # one entry per (virtual) stage; () = even split
 
     def __post_init__(self):
-        for key in ("dp", "tp", "pp", "micro_batch", "num_microbatches", "virtual_stages"):
+        for key in ("dp", "tp", "pp", "micro_batch", "num_microbatches", "virtual_stages",
+                    "recompute_every"):
             require_int(getattr(self, key), key)
             check_int(getattr(self, key), key, 1, LAYOUT_BOUNDS[key])
         require_bool(self.sequence_parallel, "sequence_parallel")
+        require_bool(self.compile, "compile")
         require_int(self.zero_stage, "zero_stage", minimum=0)
         if self.zero_stage > 3:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
@@ -112,9 +118,9 @@ class Layout:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Layout":
-        check_keys(data, cls, "layout")
-        return cls(**data)
+    def from_dict(cls, data: dict, optional=()) -> "Layout":
+        """Every key is required; `optional` names keys an older plan schema_version lacked."""
+        return cls(**check_keys(data, cls, "layout", optional))
 
 
 def layout_errors(model: ModelSpec, cluster: Cluster, job: Job, layout: Layout) -> list:
@@ -154,7 +160,8 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
-        """Every key is required; a version-1 file's estimate loses its copy of the plan."""
+        """Every key is required; a version-1 file's estimate loses its copy of the plan, and a
+        version 1 or 2 layout lacks LAYOUT_KEYS_SINCE_3 (they take their defaults)."""
         check_keys(data, cls, "plan")
         version = data["schema_version"]
         if isinstance(version, bool) or version not in READABLE_VERSIONS:
@@ -164,7 +171,8 @@ class Plan:
             raise ValueError("plan estimate must be an object or null")
         plan = cls(model=ModelSpec.from_dict(data["model"]),
                    cluster=Cluster.from_dict(data["cluster"]), job=Job.from_dict(data["job"]),
-                   layout=Layout.from_dict(data["layout"]))
+                   layout=Layout.from_dict(data["layout"],
+                                           LAYOUT_KEYS_SINCE_3 if version < 3 else ()))
         return plan.with_estimate(data["estimate"])
 
     def save(self, path) -> None:

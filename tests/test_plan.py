@@ -59,7 +59,7 @@ def test_plan_json_round_trip_with_estimate(tmp_path):
     loaded = Plan.load(path)
     assert loaded == plan
     saved = json.loads(path.read_text())
-    assert saved["schema_version"] == 2 and "plan" not in saved["estimate"]
+    assert saved["schema_version"] == 3 and "plan" not in saved["estimate"]
     assert saved["estimate"]["time"]["step_s"] == estimate(plan).step_s
 
 
@@ -68,8 +68,20 @@ def test_version_1_plans_still_load_and_lose_the_estimates_plan_copy():
     old = {**plan.to_dict(), "schema_version": 1, "estimate": estimate(plan).to_dict()}
     assert "plan" in old["estimate"]
     loaded = Plan.from_dict(old)
-    assert loaded.schema_version == 2 and "plan" not in loaded.estimate
+    assert loaded.schema_version == 3 and "plan" not in loaded.estimate
     assert loaded.estimate["time"] == old["estimate"]["time"]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_layouts_without_recompute_every_and_compile_take_their_defaults(version):
+    plan = _plan(dp=8, num_microbatches=4)
+    old = plan.to_dict()
+    old["schema_version"] = version
+    for key in ("recompute_every", "compile"):
+        del old["layout"][key]
+    assert Plan.from_dict(old).layout == plan.layout
+    with pytest.raises(ValueError, match="missing key 'recompute_every'"):
+        Plan.from_dict({**old, "schema_version": 3})
 
 
 @pytest.mark.parametrize("part", ["", "layout", "job"])
