@@ -46,7 +46,8 @@ def measure(cmd: list) -> tuple:
     return wall, cpu
 
 
-def main(repeats: int = 5) -> None:
+def measurements(repeats: int = 5) -> list:
+    """(command, median wall s, median CPU s) of each case, `python -c pass` first."""
     planner = planner_cmd()
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "gpt-1t.json")
@@ -66,6 +67,11 @@ def main(repeats: int = 5) -> None:
             runs = [measure(cmd) for _ in range(repeats)]
             rows.append((name, statistics.median(w for w, _ in runs),
                          statistics.median(c for _, c in runs)))
+    return rows
+
+
+def main(repeats: int = 5) -> None:
+    rows = measurements(repeats)
     base_wall, base_cpu = rows[0][1], rows[0][2]
     print(f"median of {repeats} runs; {os.cpu_count()} cores; {sys.executable}")
     print("| command | wall s | CPU s | wall over python -c pass | CPU over python -c pass |")

@@ -44,19 +44,26 @@ def _best_of_3(fn):
     return min(w for w, _ in runs), min(c for _, c in runs), result
 
 
-def main() -> None:
+def measurements() -> list:
+    """(m, events, best wall s, best CPU s, simulated step s, estimate step s or None) for
+    m = 48 (from the m = 64 plan's costs), 64 and 128."""
     costs48 = dataclasses.replace(plan_costs(one_t_plan(64)), num_microbatches=48)
     secs, cpu, t = _best_of_3(lambda: simulate_costs(costs48))
-    print(f"1T plan p=64 v=2 m=48: simulate_costs {secs:.3f} s wall, {cpu:.3f} s CPU (best of 3), "
-          f"{len(t.events)} "
-          f"events, step {t.step_s:.2f} s, bubble {100 * t.bubble_fraction:.1f}%")
+    rows = [(48, len(t.events), secs, cpu, t.step_s, t.bubble_fraction, None)]
     for m in (64, 128):
         plan = one_t_plan(m)
         secs, cpu, t = _best_of_3(lambda: simulate(plan))
-        print(f"1T plan p=64 v=2 m={m}: simulate {secs:.3f} s wall, {cpu:.3f} s CPU (best of 3), "
-              f"{len(t.events)} "
-              f"events, step {t.step_s:.2f} s (estimate {estimate(plan).step_s:.2f} s), "
-              f"bubble {100 * t.bubble_fraction:.1f}%")
+        rows.append((m, len(t.events), secs, cpu, t.step_s, t.bubble_fraction,
+                     estimate(plan).step_s))
+    return rows
+
+
+def main() -> None:
+    for m, events, secs, cpu, step, bubble, est in measurements():
+        how = "simulate_costs" if est is None else "simulate"
+        closed = "" if est is None else f" (estimate {est:.2f} s)"
+        print(f"1T plan p=64 v=2 m={m}: {how} {secs:.3f} s wall, {cpu:.3f} s CPU (best of 3), "
+              f"{events} events, step {step:.2f} s{closed}, bubble {100 * bubble:.1f}%")
 
 
 if __name__ == "__main__":

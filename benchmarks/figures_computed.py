@@ -1,0 +1,75 @@
+"""Generators of the README's computed figure blocks: deterministic predictions of the cost
+model, each produced by the benchmark script or CLI command the README names.  Fast (a few
+seconds together), so tests/test_readme_figures.py recomputes them all."""
+
+import contextlib
+import io
+
+from benchmarks.readme_figures import Block
+
+# the README's `planner estimate` example: llama2-7b on one DGX A100, dp 4 x tp 2 with SP, ZeRO-1
+ESTIMATE_ARGS = ["estimate", "--model", "llama2-7b", "--cluster", "a100-80g", "--nodes", "1",
+                 "--global-batch", "64", "--seq-len", "4096", "--dp", "4", "--tp", "2", "--sp",
+                 "--zero", "1", "--micro-batch", "2"]
+# the README's nothing-fits example: llama2-70b on 7 of 8 GPUs
+NOTHING_FITS_ARGS = ["suggest", "--model", "llama2-70b", "--cluster", "a100-80g", "--gpus", "7",
+                     "--global-batch", "7", "--seq-len", "4096"]
+
+
+def printed(main, *args) -> str:
+    """What main(*args) prints on standard output (and on standard error, for a CLI refusal)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        main(*args)
+    return out.getvalue().rstrip("\n")
+
+
+def published_runs() -> str:
+    from benchmarks import published_runs as script
+    return printed(script.main)
+
+
+def korthikanti_search() -> str:
+    from benchmarks import korthikanti_search as script
+    return printed(script.main)
+
+
+def torch_engine_mfu() -> str:
+    from benchmarks import torch_engine_mfu as script
+    return printed(script.main)
+
+
+def simulate_agreement() -> str:
+    from benchmarks import simulate_agreement as script
+    return printed(script.main)
+
+
+def estimate_example() -> str:
+    """The header and memory breakdown of `planner estimate`, then its step and throughput."""
+    from planner.cli import main
+    lines = printed(main, ESTIMATE_ARGS).splitlines()
+    memory = lines[:lines.index(next(l for l in lines if l.startswith("Step time")))]
+    step = next(l for l in lines if l.strip().startswith("step "))
+    throughput = next(l for l in lines if l.startswith("Throughput"))
+    shown = memory + [lines[len(memory)], "  ...", step, throughput]
+    return "\n".join(["```", *shown, "```"])
+
+
+def nothing_fits_example() -> str:
+    from planner.cli import main
+    error = printed(main, NOTHING_FITS_ARGS).splitlines()[-1]
+    return "\n".join(["```", "$ planner " + " ".join(NOTHING_FITS_ARGS), error, "```"])
+
+
+COMPUTED = [
+    Block("estimate-example", "computed", estimate_example, "`planner " +
+          " ".join(ESTIMATE_ARGS) + "`"),
+    Block("nothing-fits-example", "computed", nothing_fits_example, "the command shown"),
+    Block("published-runs", "computed", published_runs, "`python benchmarks/published_runs.py`"),
+    Block("korthikanti-search", "computed", korthikanti_search,
+          "`python benchmarks/korthikanti_search.py`"),
+    Block("simulate-agreement", "computed", simulate_agreement,
+          "`python benchmarks/simulate_agreement.py`"),
+    Block("torch-engine-mfu", "computed", torch_engine_mfu,
+          "`python benchmarks/torch_engine_mfu.py`"),
+]
