@@ -61,6 +61,23 @@ def nothing_fits_example() -> str:
     return "\n".join(["```", "$ planner " + " ".join(NOTHING_FITS_ARGS), error, "```"])
 
 
+def llama70b_two_nodes() -> str:
+    """`planner suggest`'s best plan for Llama-2 70B on two DGX A100 nodes, batch 512 x 4096
+    (the cost model's "ZeRO-2/3 under pipelining" paragraph)."""
+    from planner.hardware import load_cluster
+    from planner.job import Job
+    from planner.presets import load_model
+    from planner.search.ranking import SearchOptions, search
+    best = search(load_model("llama2-70b"), load_cluster("a100-80g", 2),
+                  Job(global_batch=512, seq_len=4096), SearchOptions(top=1)).best
+    lay = best.layout
+    axes = " × ".join(f"{name} {n}" for name, n in (("dp", lay.dp), ("tp", lay.tp), ("pp", lay.pp))
+                      if n > 1)
+    recompute = "no" if lay.recompute == "none" else lay.recompute
+    return (f"{axes} ZeRO-{lay.zero_stage} with {recompute} recompute ({best.step_s:.1f} s per "
+            f"step, {best.total_bytes / 2**30:.1f} GiB per GPU)")
+
+
 COMPUTED = [
     Block("estimate-example", "computed", estimate_example, "`planner " +
           " ".join(ESTIMATE_ARGS) + "`"),
@@ -72,4 +89,7 @@ COMPUTED = [
           "`python benchmarks/simulate_agreement.py`"),
     Block("torch-engine-mfu", "computed", torch_engine_mfu,
           "`python benchmarks/torch_engine_mfu.py`"),
+    Block("llama70b-two-nodes", "computed", llama70b_two_nodes,
+          "`planner suggest --model llama2-70b --cluster a100-80g --nodes 2 --global-batch 512 "
+          "--seq-len 4096`"),
 ]

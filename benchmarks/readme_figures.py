@@ -76,33 +76,32 @@ def load_1min() -> float:
     return os.getloadavg()[0]
 
 
-def computed_stamp(block: Block) -> str:
+def computed_stamp(block: Block, inline: bool) -> str:
+    if inline:  # a short stamp inside a sentence
+        return f"computed by {regenerate_command(block.name)}"
     return (f"Computed by {block.source} from the cost model (deterministic, the same on any "
             f"machine); {regenerate_command(block.name)} rewrites it, and "
             f"`tests/test_readme_figures.py` fails while it is stale.")
 
 
-def measured_stamp(block: Block, when: datetime.datetime, before: float, after: float) -> str:
+def measured_stamp(block: Block, when: datetime.datetime, before: float, after: float,
+                   inline: bool) -> str:
+    if inline:
+        return (f"measured {when:%Y-%m-%d} on {machine()}, load average {before:.1f} to "
+                f"{after:.1f}, by {regenerate_command(block.name)}")
     return (f"Measured {when:%Y-%m-%d %H:%M} UTC by {block.source} on {machine()}, 1-minute "
             f"load average {before:.1f} before and {after:.1f} after; "
             f"{regenerate_command(block.name)} re-measures it.")
 
 
 def render(block: Block, inline: bool) -> str:
-    """The block's text with its stamp (measured blocks: timed now, with the load around)."""
-    if block.kind == "computed":
-        return join_stamp(block.generate(), computed_stamp(block), inline)
+    """The block's text with its stamp (measured blocks: timed now, with the load around):
+    under the text as its own italic paragraph, or in brackets after an inline block."""
     when, before = datetime.datetime.now(datetime.timezone.utc), load_1min()
-    text = block.generate()
-    return join_stamp(text, measured_stamp(block, when, before, load_1min()), inline)
-
-
-def join_stamp(text: str, stamp: str, inline: bool) -> str:
-    """A stamp after the text: its own italic paragraph, or in brackets for an inline block."""
-    text = text.strip("\n")
-    if inline:
-        return f"{text} ({stamp[0].lower()}{stamp[1:].rstrip('.')})"
-    return f"{text}\n\n*{stamp}*"
+    text = block.generate().strip("\n")
+    stamp = (computed_stamp(block, inline) if block.kind == "computed"
+             else measured_stamp(block, when, before, load_1min(), inline))
+    return f"{text} ({stamp})" if inline else f"{text}\n\n*{stamp}*"
 
 
 # --- markers -----------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def test_an_inline_block_stays_in_its_sentence_with_a_dated_stamp():
                                                                         "took 1 s"), inline))
     body, inline = rf.block_bodies(new)["t"]
     assert inline and body.startswith("took 1 s (measured 20") and "load average" in body
-    assert new.endswith(" re-measures it)<!-- /figures -->, then more.")
+    assert new.endswith(" by `python -m benchmarks.readme_figures --only t`)<!-- /figures -->, "
+                        "then more.")
     assert f"{rf.machine()}" in body
 
 
