@@ -16,10 +16,12 @@ NOTHING_FITS_ARGS = ["suggest", "--model", "llama2-70b", "--cluster", "a100-80g"
                      "--global-batch", "7", "--seq-len", "4096"]
 
 
-def printed(main, *args) -> str:
-    """What main(*args) prints on standard output (and on standard error, for a CLI refusal)."""
+def printed(main, *args, stderr: bool = False) -> str:
+    """What main(*args) prints on standard output (with stderr=True, standard error too: a CLI
+    refusal's one line); progress on standard error passes through otherwise."""
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    with contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(out) if stderr else contextlib.nullcontext():
         main(*args)
     return out.getvalue().rstrip("\n")
 
@@ -57,7 +59,7 @@ def estimate_example() -> str:
 
 def nothing_fits_example() -> str:
     from planner.cli import main
-    error = printed(main, NOTHING_FITS_ARGS).splitlines()[-1]
+    error = printed(main, NOTHING_FITS_ARGS, stderr=True).splitlines()[-1]
     return "\n".join(["```", "$ planner " + " ".join(NOTHING_FITS_ARGS), error, "```"])
 
 

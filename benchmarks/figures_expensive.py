@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def main_job() -> str:
         best_end = load_1min()
     states = ("every rank's weight, gradient and optimizer bytes match exactly"
               if three_d["states_exact"] else "weight, gradient and optimizer bytes differ")
-    return (
+    return textwrap.fill(
         f"Load average {start:.1f} when it started, {end:.1f} when it ended: the three "
         f"`planner` commands took {minutes(t_suggest + t_estimate + t_run)} after the install "
         f"(suggest {t_suggest:.1f} s, estimate {t_estimate:.1f} s, the rest the run): the ranked "
@@ -95,7 +96,8 @@ def main_job() -> str:
         f"measured {best['measured_s']:.2f} s per step ({best['tokens_per_s']:,.0f} tokens/s; "
         f"load average {best_start:.1f} to {best_end:.1f}), "
         f"{three_d['measured_s'] / best['measured_s']:.1f}× faster, because each DTensor (TP) "
-        f"layer costs the host {_tp_host_ratio():.0f}× a plain one here (the `cpu` profile).")
+        f"layer costs the host {_tp_host_ratio():.0f}× a plain one here (the `cpu` profile).",
+        width=96)
 
 
 def pytest_summary(output: str) -> str:
@@ -109,7 +111,7 @@ def pytest_summary(output: str) -> str:
 def test_suite() -> str:
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)  # failures are counted too
     return f"The whole suite by `python -m pytest -q`: {pytest_summary(out.stdout)} of pytest"
 
 

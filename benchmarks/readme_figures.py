@@ -32,9 +32,9 @@ import datetime
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 OPEN = re.compile(r"<!-- figures: ([a-z0-9-]+) -->")

@@ -52,7 +52,7 @@ def measurements() -> list:
     rows = [(48, len(t.events), secs, cpu, t.step_s, t.bubble_fraction, None)]
     for m in (64, 128):
         plan = one_t_plan(m)
-        secs, cpu, t = _best_of_3(lambda: simulate(plan))
+        secs, cpu, t = _best_of_3(lambda plan=plan: simulate(plan))
         rows.append((m, len(t.events), secs, cpu, t.step_s, t.bubble_fraction,
                      estimate(plan).step_s))
     return rows
