@@ -242,6 +242,10 @@ def _engine_rules() -> list:
     """What an engine's own code refuses (planner/engines.py traits; DeepSpeed 0.19.8)."""
     autotp = lambda ctx, c: np.asarray(ctx.engine.tp_only_autotp) & (c["tp"] > 1)
     return [
+        Rule("engine_schedule", "schedule the engine does not run",
+             lambda ctx, c: (c["pp"] > 1) & ~_in(c["schedule"], ctx.engine.schedules),
+             lambda ctx, r: f"schedule {_name(r)}: the {ctx.engine.name} engine runs "
+                            f"{', '.join(ctx.engine.schedules)} only"),
         Rule("pipeline_zero", "ZeRO stage the engine's pipeline refuses",
              lambda ctx, c: (c["pp"] > 1)
              & ~np.isin(c["zero_stage"], ctx.engine.pipeline_zero_stages),

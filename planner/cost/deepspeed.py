@@ -99,3 +99,14 @@ def zero3_gathered_bytes(precision: str, block_numel: float) -> float:
     ahead (stage3_prefetch_bucket_size elements), at most stage3_max_live_parameters
     (zero/partitioned_param_coordinator.py)."""
     return dtype_bytes(precision) * min(block_numel + PREFETCH_BUCKET_SIZE, MAX_LIVE_PARAMETERS)
+
+
+def summary(precision: str, zero_stage: int, pp: int) -> str:
+    """One line on what DeepSpeed builds for this plan (the estimate text prints it)."""
+    wrapper = optimizer_wrapper(precision, zero_stage, pp)
+    why = {"BF16_Optimizer": ": bf16 with a pipeline and no ZeRO, fp32 master weights and "
+                             "moments sharded over dp like ZeRO-1",
+           "FP16_Optimizer": ": fp32 master weights and moments on every rank",
+           "FusedAdam": ": no wrapper, fp32 throughout"}.get(wrapper, "")
+    return (f"DeepSpeed {wrapper}{why}; gradients accumulated and reduced in {precision}; "
+            f"{'1F1B TrainSchedule' if pp > 1 else 'no pipeline'}")
