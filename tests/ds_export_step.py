@@ -86,7 +86,9 @@ def model_state_bytes(engine) -> dict:
     weights = sum(_nbytes(p.ds_tensor if zero3 else p) for p in params)
     module_storages = {p.untyped_storage().data_ptr() for p in params if p.numel()}
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    updated = [p for group in inner.param_groups for p in group["params"]]
+    # ZeRO-3 puts its fp32 partitions into the inner optimizer's groups only while it steps
+    updated = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or \
+        [p for group in inner.param_groups for p in group["params"]]
     master = sum(_nbytes(p) for p in updated
                  if p.untyped_storage().data_ptr() not in module_storages)
     moments = sum(_nbytes(state[key]) for state in inner.state.values()
