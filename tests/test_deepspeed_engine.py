@@ -11,7 +11,7 @@ from planner.cost import deepspeed as ds
 from planner.cost.comm_plan import dp_collectives
 from planner.cost.estimate import estimate
 from planner.cost.fields import call, plan_fields, with_rank
-from planner.cost.memory import rank_model_state, zero_model_state_bytes
+from planner.cost.memory import zero_model_state_bytes
 from planner.cost.params import count_parameters
 from planner.hardware import load_cluster
 from planner.job import Job
@@ -124,8 +124,8 @@ def test_overlap_comm_from_zero1_but_not_without_zero_or_under_the_pipeline():
 
 @pytest.mark.parametrize("layout,message", [
     (dict(dp=4, pp=2, zero_stage=2, num_microbatches=16),
-     "ZeRO-2 with pp=2: DeepSpeed's pipeline engine asserts ZeRO-2 and ZeRO-3 are "
-     "incompatible with pipeline parallelism; use ZeRO-0 or 1"),
+     ("ZeRO-2 with pp=2: DeepSpeed's pipeline engine asserts ZeRO-2 and ZeRO-3 are "
+      "incompatible with pipeline parallelism; use ZeRO-0 or 1")),
     (dict(dp=4, pp=2, zero_stage=2, num_microbatches=16, schedule="gpipe"),
      "schedule gpipe: the deepspeed engine runs 1f1b only"),
     (dict(dp=2, tp=2, pp=2, zero_stage=1, num_microbatches=32),

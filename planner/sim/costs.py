@@ -10,7 +10,7 @@ from planner.cost.compute import LayerTimes, head_times, layer_times, selective_
 from planner.cost.fields import call, plan_fields, with_rank
 from planner.cost.memory import rank_memory
 from planner.cost.time import exposed_tp, optimizer_seconds
-from planner.engines import DDP_STAGES, SCHEDULES, deferred_fsdp, dp_overlapped, engine
+from planner.engines import DDP_STAGES, SCHEDULES, deferred_fsdp, dp_overlapped
 from planner.plan import Plan
 
 # none; DDP all-reduce; FSDP2 per micro-batch; FSDP2 under pipelining, reduced once per step
