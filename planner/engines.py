@@ -2,7 +2,9 @@
 and never compare engine names.
 
 `torch` is this project's runtime (PyTorch DTensor TP/SP, FSDP2, torch.distributed.pipelining,
-torch.optim.AdamW); `megatron` is Megatron-LM (Korthikanti et al. 2022; Shoeybi et al. 2019)."""
+torch.optim.AdamW); `megatron` is Megatron-LM (Korthikanti et al. 2022; Shoeybi et al. 2019);
+`deepspeed` is DeepSpeed 0.19.8 running the user's eager PyTorch model (its ZeRO, BF16 and FP16
+optimizers, its pipeline engine, AutoTP; planner/cost/deepspeed.py)."""
 
 from dataclasses import dataclass
 
@@ -38,10 +40,25 @@ class Engine:
     pytorch_pipelining_limits: bool  # PyTorch 2.13's pipelining restrictions apply (rules.py)
     pipelined_fsdp_defers_sync: bool  # under pipelining, ZeRO-2/3 keep parameters unsharded and
                                      # gradients unreduced until the step's last backward
+    deepspeed_optimizers: bool = False  # model states and buffers of DeepSpeed's ZeRO / BF16 /
+                                     # FP16 optimizers (planner/cost/deepspeed.py)
+    grads_in_model_dtype: bool = False  # gradients accumulated and reduced in bf16/fp16 too
+    zero2_params_replicated: bool = False  # ZeRO-2 keeps whole 16-bit parameters: one
+                                     # all-gather per step, after the update (not per micro-batch)
+    dp_overlap_stages: tuple = ZERO_STAGES  # ZeRO stages whose data-parallel traffic overlaps
+                                     # backward (where dp_overlaps_compute)
+    pipeline_overlaps_dp: bool = True  # ... also under pipelining
+    pipeline_zero_stages: tuple = ZERO_STAGES  # ZeRO stages it runs with pp > 1
+    tp_only_autotp: bool = False     # tensor parallelism only as DeepSpeed AutoTP: no pipeline,
+                                     # no sequence parallelism
 
-    def optimizer_state_bytes(self, precision: str) -> int:
+    def optimizer_state_bytes(self, precision: str, zero_stage: int = 0) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
-        fp32 master copy (4) where the weights are 16-bit (Rajbhandari et al. 2020, Sec. 3.1)."""
+        fp32 master copy (4) where the weights are 16-bit (Rajbhandari et al. 2020, Sec. 3.1).
+        DeepSpeed's ZeRO optimizers clone an fp32 master partition in every precision
+        (stage_1_and_2.py `weights_partition = ....clone().to(master dtype)`)."""
+        if self.deepspeed_optimizers and zero_stage >= 1:
+            return ADAM_STATE_BYTES_MIXED
         if self.fp32_master_params or precision == "fp32":
             return ADAM_STATE_BYTES_FP32
         return ADAM_STATE_BYTES_MIXED
@@ -66,11 +83,40 @@ MEGATRON = Engine(
     host_overhead_per_layer=False, kernels_from_op_census=False, pytorch_pipelining_limits=False,
     pipelined_fsdp_defers_sync=False)
 
-ENGINES = {e.name: e for e in (TORCH, MEGATRON)}
+# DeepSpeed 0.19.8 (runtime/engine.py, zero/stage_1_and_2.py, zero/stage3.py, bf16_optimizer.py,
+# pipe/engine.py): the user's eager model, so eager kernels and host time; its PipelineEngine
+# runs TrainSchedule (1F1B, one stage per rank) and asserts "ZeRO-2 and ZeRO-3 are incompatible
+# with pipeline parallelism"; ZeRO-1/2 reduce gradients to their partition owners and all-gather
+# 16-bit parameters after the step; overlap_comm overlaps the reduction with backward at ZeRO
+# 1-3, while ZeRO-0 and the pipeline engine all-reduce after the last backward (engine.py
+# allreduce_gradients, pipe ReduceGrads); gradients stay in the model dtype
+# (communication_data_type and grad_accum_dtype default to it); tensor parallelism is AutoTP's
+# (LinearLayer all-reduces each column-parallel input gradient, no sequence parallelism).
+DEEPSPEED = Engine(
+    name="deepspeed", schedules=("1f1b",), zero_stages=ZERO_STAGES, fp32_master_params=False,
+    sp_saves_sharded_gemm_input=False, sp_shards_checkpoint=True, tp_bwd_overlaps_wgrad=False,
+    tp_bwd_all_reduces_each_colwise=True, dp_overlaps_compute=True, fsdp_groups_per_block=True,
+    fp16_grads_reduced_in_fp16=True, zero1_reduce_scatters=True, host_overhead_per_layer=True,
+    kernels_from_op_census=True, pytorch_pipelining_limits=False,
+    pipelined_fsdp_defers_sync=False, deepspeed_optimizers=True, grads_in_model_dtype=True,
+    zero2_params_replicated=True, dp_overlap_stages=(1, 2, 3), pipeline_overlaps_dp=False,
+    pipeline_zero_stages=(0, 1), tp_only_autotp=True)
+
+ENGINES = {e.name: e for e in (TORCH, MEGATRON, DEEPSPEED)}
 
 
 def engine(name: str) -> Engine:
     return ENGINES[name]
+
+
+def dp_overlapped(engine_name: str, zero_stage, pp, dp):
+    """Whether data-parallel traffic overlaps compute (planner/cost/combine.dp_exposed); works on
+    scalars and numpy columns."""
+    import numpy as np
+    eng = engine(engine_name)
+    return (np.asarray(eng.dp_overlaps_compute) & np.isin(zero_stage, eng.dp_overlap_stages)
+            & (np.asarray(eng.pipeline_overlaps_dp) | (np.asarray(pp) == 1))
+            & (np.asarray(dp) > 1))
 
 
 def deferred_fsdp(engine_name: str, zero_stage, pp):

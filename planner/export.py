@@ -264,8 +264,9 @@ def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEP
 
 
 def _refuse(engine: str, what: str) -> None:
-    hint = ("; plan for it with `planner suggest ... --engine megatron`, which searches only "
-            "what Megatron-LM runs" if engine == "Megatron-LM" else "")
+    flag = {"Megatron-LM": "megatron", "DeepSpeed": "deepspeed"}.get(engine)
+    hint = (f"; plan for it with `planner suggest ... --engine {flag}`, which searches only "
+            f"what {engine} runs" if flag else "")
     raise ValueError(f"{engine} cannot express this plan: {what}{hint}")
 
 
@@ -299,9 +300,11 @@ def deepspeed_config(plan: Plan) -> dict:
            "bf16": {"enabled": job.precision == "bf16"},
            "fp16": {"enabled": job.precision == "fp16"},
            "steps_per_print": 10}
-    if lay.zero_stage >= 2:
+    if job.engine == "deepspeed":
+        _deepspeed_engine_settings(cfg, lay, job)
+    elif lay.zero_stage >= 2:
         cfg["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
-    if job.precision == "bf16":
+    if job.precision == "bf16" and job.engine != "deepspeed":
         # the plan counts fp32 gradient reduction (and accumulation); DeepSpeed's bf16 default
         # is bf16 for both.  Without ZeRO it refuses fp32 accumulation ("unsupported mix")
         cfg["communication_data_type"] = "fp32"
@@ -318,6 +321,25 @@ def deepspeed_config(plan: Plan) -> dict:
                            "learning rate: the plan does not choose one"}
     cfg["comment"] = _deepspeed_note(lay, job)
     return cfg
+
+
+def _deepspeed_engine_settings(cfg: dict, lay, job) -> None:
+    """What a `--engine deepspeed` plan assumed (planner/cost/deepspeed.py): gradients
+    accumulated and reduced in the model dtype, contiguous gradients with overlap_comm, and its
+    bucket sizes, written out rather than left to DeepSpeed's defaults."""
+    from planner.cost import deepspeed as ds  # the light commands never load the cost model
+    cfg["communication_data_type"] = job.precision
+    cfg["data_types"] = {"grad_accum_dtype": job.precision}
+    if lay.zero_stage == 0:
+        return
+    zero = cfg["zero_optimization"]
+    zero.update(overlap_comm=True, contiguous_gradients=True,
+                reduce_bucket_size=ds.REDUCE_BUCKET_SIZE)
+    if lay.zero_stage < 3:
+        zero["allgather_bucket_size"] = ds.ALLGATHER_BUCKET_SIZE
+    else:
+        zero.update(stage3_prefetch_bucket_size=ds.PREFETCH_BUCKET_SIZE,
+                    stage3_max_live_parameters=ds.MAX_LIVE_PARAMETERS)
 
 
 def _autotp(lay) -> bool:
@@ -350,17 +372,24 @@ def _deepspeed_note(lay, job) -> str:
         notes.append(f"pipeline parallel {lay.pp} is not a config key: build a "
                      f"deepspeed.pipe.PipelineModule({topo}); its mpu gives DeepSpeed's batch "
                      f"check the data-parallel size")
-        if job.precision == "bf16":
+        if job.precision == "bf16" and job.engine == "deepspeed" and lay.zero_stage == 0:
+            notes.append("bf16 with a pipeline and no ZeRO runs DeepSpeed's BF16_Optimizer "
+                         "(bf16 gradient accumulation): it shards the fp32 master weights and "
+                         "optimizer states over the data-parallel ranks like ZeRO-1, as planned")
+        elif job.precision == "bf16" and job.engine != "deepspeed":
             shard = ("as planned" if lay.zero_stage == 1 else
                      "which the plan does not count (it uses less memory than planned)")
             notes.append("bf16 with a pipeline runs DeepSpeed's BF16_Optimizer: it shards the "
                          "fp32 master weights and optimizer states over the data-parallel ranks "
                          f"like ZeRO-1, {shard}")
-    if job.precision == "bf16" and lay.zero_stage == 0:
+    if job.engine == "deepspeed":
+        notes.append(f"planned for DeepSpeed (--engine deepspeed): gradients accumulated and "
+                     f"reduced in {job.precision}, as this config sets")
+    elif job.precision == "bf16" and lay.zero_stage == 0:
         notes.append("bf16 without ZeRO: DeepSpeed accumulates gradients in bf16 (it refuses "
                      "data_types.grad_accum_dtype fp32 there) where the plan counts fp32; "
                      "they are reduced in fp32 (communication_data_type)")
-    if job.precision == "fp16":
+    if job.precision == "fp16" and job.engine != "deepspeed":
         notes.append("fp16: DeepSpeed accumulates and reduces gradients in fp16 (its default)")
     if lay.recompute == "full" and lay.pp == 1:
         notes.append("full recompute: the model code must checkpoint each block "

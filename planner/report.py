@@ -37,13 +37,22 @@ def layout_summary(layout) -> str:
     return " ".join(parts)
 
 
+def _engine_lines(plan) -> list:
+    """What the engine builds, where that is not the layout alone (the deepspeed engine)."""
+    if plan.job.engine != "deepspeed":
+        return []
+    from planner.cost.deepspeed import summary
+    lay = plan.layout
+    return [f"engine: {summary(plan.job.precision, lay.zero_stage, lay.pp)}"]
+
+
 def estimate_text(est) -> str:
     """The readable breakdown `planner estimate` prints."""
     plan, mem, t = est.plan, est.memory, est.time
     lines = [f"{plan.model.name} on {plan.cluster.world_size} x {plan.cluster.profile.gpu.name} "
              f"({plan.cluster.num_nodes} node(s), profile {plan.cluster.profile.name}); "
              f"batch {plan.job.global_batch} x {plan.job.seq_len} tokens, {plan.job.precision}",
-             f"layout: {layout_summary(plan.layout)}", "",
+             f"layout: {layout_summary(plan.layout)}", *_engine_lines(plan), "",
              f"Memory per GPU (most loaded rank: pipeline stage {mem.pp_rank})"]
     for key, label, note in MEMORY_ROWS:
         lines.append(f"  {label:<22} {fmt_bytes(getattr(mem, key)):>12}   {note}")

@@ -238,7 +238,33 @@ def _pytorch_rules() -> list:
     ]
 
 
-RULES = _shape_rules() + _schedule_rules() + _pytorch_rules()
+def _engine_rules() -> list:
+    """What an engine's own code refuses (planner/engines.py traits; DeepSpeed 0.19.8)."""
+    autotp = lambda ctx, c: np.asarray(ctx.engine.tp_only_autotp) & (c["tp"] > 1)
+    return [
+        Rule("engine_schedule", "schedule the engine does not run",
+             lambda ctx, c: (c["pp"] > 1) & ~_in(c["schedule"], ctx.engine.schedules),
+             lambda ctx, r: f"schedule {_name(r)}: the {ctx.engine.name} engine runs "
+                            f"{', '.join(ctx.engine.schedules)} only"),
+        Rule("pipeline_zero", "ZeRO stage the engine's pipeline refuses",
+             lambda ctx, c: (c["pp"] > 1)
+             & ~np.isin(c["zero_stage"], ctx.engine.pipeline_zero_stages),
+             lambda ctx, r: f"ZeRO-{r['zero_stage']} with pp={r['pp']}: DeepSpeed's pipeline "
+                            "engine asserts ZeRO-2 and ZeRO-3 are incompatible with pipeline "
+                            "parallelism; use ZeRO-0 or 1"),
+        Rule("autotp_pp", "AutoTP tensor parallelism with a pipeline",
+             lambda ctx, c: autotp(ctx, c) & (c["pp"] > 1),
+             lambda ctx, r: f"tp={r['tp']} with pp={r['pp']}: DeepSpeed runs tensor parallelism "
+                            "through AutoTP, which a PipelineModule does not take; "
+                            "Megatron-DeepSpeed does (plan it with --engine megatron)"),
+        Rule("autotp_sp", "sequence parallel under AutoTP",
+             lambda ctx, c: autotp(ctx, c) & (c["sequence_parallel"] == 1),
+             lambda ctx, r: "sequence_parallel: DeepSpeed's AutoTP has no sequence parallelism; "
+                            "Megatron-DeepSpeed does (plan it with --engine megatron)"),
+    ]
+
+
+RULES = _shape_rules() + _schedule_rules() + _pytorch_rules() + _engine_rules()
 BY_KEY = {rule.key: rule for rule in RULES}
 # labels of the search's own rejections (not layout rules)
 SEARCH_LABELS = {"batch": "dp does not divide the global batch",

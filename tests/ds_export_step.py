@@ -71,6 +71,32 @@ class Model(torch.nn.Module):
         return x
 
 
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def model_state_bytes(engine) -> dict:
+    """What DeepSpeed holds for the rank's parameters after a step, by kind: the module's
+    16-bit (or fp32) weights (ZeRO-3: the rank's partitions), the optimizer's own fp32 master
+    copies (the parameters its inner optimizer updates, where they are not the module's), and
+    AdamW's exp_avg and exp_avg_sq; `numel` is the rank's parameter count."""
+    params = list(engine.module.parameters())
+    zero3 = hasattr(params[0], "ds_tensor")
+    numel = sum(p.ds_numel if zero3 else p.numel() for p in params)
+    weights = sum(_nbytes(p.ds_tensor if zero3 else p) for p in params)
+    module_storages = {p.untyped_storage().data_ptr() for p in params if p.numel()}
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    # ZeRO-3 puts its fp32 partitions into the inner optimizer's groups only while it steps
+    updated = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or \
+        [p for group in inner.param_groups for p in group["params"]]
+    master = sum(_nbytes(p) for p in updated
+                 if p.untyped_storage().data_ptr() not in module_storages)
+    moments = sum(_nbytes(state[key]) for state in inner.state.values()
+                  for key in ("exp_avg", "exp_avg_sq") if key in state)
+    return {"numel": numel, "weights_bytes": weights, "master_bytes": master,
+            "moment_bytes": moments}
+
+
 def main(config_path, mode, out_path):
     with open(config_path) as f:
         cfg = json.load(f)
@@ -111,7 +137,8 @@ def main(config_path, mode, out_path):
                   "communication_data_type": str(engine.communication_data_type),
                   "train_batch_size": engine.train_batch_size(),
                   "global_steps": engine.global_steps, "loss": float(loss.detach()),
-                  "loss_finite": math.isfinite(float(loss.detach()))}
+                  "loss_finite": math.isfinite(float(loss.detach())),
+                  "model_states": model_state_bytes(engine)}
         if mode == "pipe":
             result["activation_checkpoint_interval"] = engine.module.activation_checkpoint_interval
         if mode == "autotp":

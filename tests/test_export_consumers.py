@@ -242,6 +242,98 @@ def test_deepspeed_trains_a_step_under_the_config(name, layout, precision, mode,
         assert result[key] == value, (key, result)
 
 
+# ---- DeepSpeed: plans made for the deepspeed engine ----------------------------------------
+
+def _ds_engine(plan: Plan) -> Plan:
+    return dataclasses.replace(plan, job=dataclasses.replace(plan.job, engine="deepspeed"))
+
+
+def _deepspeed_engine_plans() -> list:
+    """Every kind a `--engine deepspeed` plan can be (its rules leave out ZeRO-2/3 with a
+    pipeline, tensor parallelism with a pipeline and sequence parallelism)."""
+    return [_ds_engine(_plan(dp=8 // (tp * pp), tp=tp, pp=pp, zero_stage=zero,
+                             precision=precision))
+            for precision, zero, (tp, pp) in itertools.product(
+                ("bf16", "fp16", "fp32"), (0, 1, 2, 3), ((1, 1), (2, 1), (1, 2)))
+            if not (pp > 1 and zero >= 2)]
+
+
+DEEPSPEED_ENGINE_PLANS = _deepspeed_engine_plans()
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("plan", DEEPSPEED_ENGINE_PLANS,
+                         ids=[f"{p.job.precision}-z{p.layout.zero_stage}-tp{p.layout.tp}"
+                              f"pp{p.layout.pp}" for p in DEEPSPEED_ENGINE_PLANS])
+def test_deepspeed_parses_what_the_deepspeed_engine_assumed(plan, ds_world):
+    """The dtypes and buckets planner/cost/deepspeed.py counts, as DeepSpeed reads them."""
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from planner.cost import deepspeed as ds
+    lay = plan.layout
+    ds_world(plan.cluster.world_size)
+    parsed = DeepSpeedConfig(export.deepspeed_config(plan), mpu=_Mpu(lay.dp))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    assert parsed.communication_data_type == dtype[plan.job.precision]
+    assert parsed.grad_accum_dtype == plan.job.precision
+    zero = parsed.zero_config
+    assert parsed.zero_optimization_stage == lay.zero_stage
+    if lay.zero_stage >= 1:
+        assert zero.overlap_comm and zero.contiguous_gradients
+        assert zero.reduce_bucket_size == ds.REDUCE_BUCKET_SIZE
+        assert zero.allgather_bucket_size == ds.ALLGATHER_BUCKET_SIZE
+        assert zero.prefetch_bucket_size == ds.PREFETCH_BUCKET_SIZE
+        assert zero.max_live_parameters == ds.MAX_LIVE_PARAMETERS
+
+
+# (name, layout, precision, mode, the optimizer DeepSpeed builds on CPU with torch_adam): the
+# fused FP16_Optimizer and FusedAdam of the plan become FP16_UnfusedOptimizer and AdamW there,
+# which hold the same fp32 master copies and moments
+DEEPSPEED_ENGINE_RUNS = [
+    ("dp2-bf16-zero0", dict(dp=2, zero_stage=0), "bf16", "plain", "FP16_UnfusedOptimizer"),
+    ("dp2-bf16-zero1", dict(dp=2, zero_stage=1), "bf16", "plain", "DeepSpeedZeroOptimizer"),
+    ("dp2-bf16-zero2", dict(dp=2, zero_stage=2), "bf16", "plain", "DeepSpeedZeroOptimizer"),
+    ("dp2-bf16-zero3", dict(dp=2, zero_stage=3), "bf16", "plain",
+     "DeepSpeedZeroOptimizer_Stage3"),
+    ("pp2-dp2-bf16-zero0", dict(dp=2, pp=2, zero_stage=0), "bf16", "pipe", "BF16_Optimizer"),
+    ("dp2-fp32-zero1", dict(dp=2, zero_stage=1), "fp32", "plain", "DeepSpeedZeroOptimizer"),
+    ("dp2-fp32-zero0", dict(dp=2, zero_stage=0), "fp32", "plain", "AdamW"),
+]
+ON_CPU = {"FP16_Optimizer": "FP16_UnfusedOptimizer", "FusedAdam": "AdamW"}
+
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("name,layout,precision,mode,optimizer", DEEPSPEED_ENGINE_RUNS,
+                         ids=[r[0] for r in DEEPSPEED_ENGINE_RUNS])
+def test_deepspeed_allocates_the_model_states_the_engine_counts(name, layout, precision, mode,
+                                                                optimizer, tmp_path):
+    """deepspeed.initialize and one step under a deepspeed-engine plan's config: the weights,
+    fp32 master copies and AdamW moments DeepSpeed holds for the rank's parameters are
+    planner/cost/deepspeed.py's bytes, and it builds the optimizer the plan names."""
+    from planner.cost import deepspeed as ds
+    lay = Layout(**{"dp": 1, **layout})
+    plan = _ds_engine(_plan(gpus=lay.world_size, precision=precision, **layout))
+    config, out = tmp_path / "ds_config.json", tmp_path / "result.json"
+    config.write_text(export.deepspeed(plan))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         str(lay.world_size), str(HERE / "ds_export_step.py"), str(config), mode, str(out)],
+        capture_output=True, text=True, env=env, timeout=400, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    result = json.loads(out.read_text())
+    wrapper = ds.optimizer_wrapper(precision, lay.zero_stage, lay.pp)
+    assert result["optimizer"] == optimizer == ON_CPU.get(wrapper, wrapper)
+    assert result["grad_accum_dtype"] == result["model_dtype"]
+    assert result["communication_data_type"] == result["model_dtype"]
+    measured = result["model_states"]
+    states = ds.model_state_bytes(measured["numel"], lay.dp, lay.zero_stage, precision, lay.pp)
+    assert measured["weights_bytes"] == states.weights_bytes
+    assert measured["master_bytes"] + measured["moment_bytes"] == states.optimizer_bytes
+
+
 # ---- Megatron Core --------------------------------------------------------------------------
 
 # How Megatron-LM turns each flag the export writes into Megatron Core (from its arguments.py,

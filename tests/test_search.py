@@ -21,7 +21,8 @@ from planner.search.scorer import Scorer, layout_at
 from planner.search.space import divisors, enumerate_space, take
 
 # (model, profile, nodes, gpus, global batch, seq, engine, flash): spaces that exercise GQA,
-# uneven pipeline splits, the DGX-1 cube mesh, fp16, megatron overlap and unfused attention
+# uneven pipeline splits, the DGX-1 cube mesh, fp16, megatron overlap, unfused attention and
+# DeepSpeed's optimizers and rules
 SPACES = [
     ("llama2-70b", "a100-80g", 2, 0, 64, 4096, "torch", "flash", "bf16"),
     ("gpt3-13b", "a100-80g", 4, 0, 64, 2048, "megatron", "fused", "bf16"),
@@ -29,6 +30,7 @@ SPACES = [
     ("llama3-8b", "h100-80g", 3, 0, 48, 8192, "torch", "flash", "bf16"),
     ("gpt2-1.5b", "v100-16g", 1, 0, 32, 1024, "torch", "flash", "fp16"),
     ("tiny", "cpu", 1, 6, 12, 256, "torch", "flash", "bf16"),
+    ("llama3-8b", "h100-80g", 2, 0, 64, 4096, "deepspeed", "flash", "bf16"),
 ]
 
 

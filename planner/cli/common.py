@@ -36,7 +36,7 @@ def add_inputs(parser, required: bool = True) -> None:
                         required=required, help="tokens per sequence")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
                         help="training precision (V100 profiles have no bf16: use fp16)")
-    parser.add_argument("--engine", choices=("torch", "megatron"), default="torch",
+    parser.add_argument("--engine", choices=("torch", "megatron", "deepspeed"), default="torch",
                         help="whose activation/overlap behaviour to model")
     parser.add_argument("--attention", choices=ATTENTION, default="flash",
                         help="attention kernels: flash, fused softmax, or eager")

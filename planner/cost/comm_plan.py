@@ -2,6 +2,7 @@
 link (tensor, pipeline and data parallel).  Keyword parameters are named as in
 planner/cost/fields.py."""
 
+from planner.cost import deepspeed as ds
 from planner.cost.comm import make_collective
 from planner.cost.params import _local_numel
 from planner.engines import deferred_fsdp, engine
@@ -100,8 +101,14 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
     a, m = dtype_bytes(job.precision), num_microbatches
     grad_bytes = 2 * numel if eng.fp16_grads_reduced_in_fp16 and job.precision == "fp16" \
         else 4 * numel
+    if eng.grads_in_model_dtype:
+        grad_bytes = a * numel
     if zero_stage == 0:
-        return [make_collective("dp_all_reduce", "all_reduce", link, 1, grad_bytes)]
+        ar = [make_collective("dp_all_reduce", "all_reduce", link, 1, grad_bytes)]
+        if eng.deepspeed_optimizers and ds.optimizer_wrapper(job.precision, 0, pp) \
+                == "BF16_Optimizer":  # update_lp_params all-gathers the bf16 partitions
+            ar.append(make_collective("dp_param_all_gather", "all_gather", link, 1, a * numel))
+        return ar
     if zero_stage == 1:
         if eng.zero1_reduce_scatters:
             return [make_collective("dp_reduce_scatter", "reduce_scatter", link, 1, grad_bytes),
@@ -113,7 +120,8 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
         groups = rank_layers + (1 if holds_embedding or holds_head else 0)
     reduces, gathers = fsdp_rounds(job.engine, zero_stage, pp, m)
     return [make_collective("dp_reduce_scatter", "reduce_scatter", link, reduces * groups,
-                            4 * numel / groups),
+                            grad_bytes / groups if eng.grads_in_model_dtype
+                            else 4 * numel / groups),
             make_collective("dp_param_all_gather", "all_gather", link, gathers * groups,
                             a * numel / groups)]
 
@@ -127,4 +135,6 @@ def fsdp_rounds(engine_name: str, zero_stage: int, pp: int, m: int) -> tuple:
     and 1F1B (counted on 4 gloo ranks, dp=2 x pp=2, m=4: 5 per group)."""
     if deferred_fsdp(engine_name, zero_stage, pp):
         return 1, (m + 1 if zero_stage == 3 else 1)
+    if zero_stage == 2 and engine(engine_name).zero2_params_replicated:
+        return m, 1  # DeepSpeed ZeRO-2: whole 16-bit weights, gathered after the update
     return m, (2 * m if zero_stage == 3 else m)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 
 from planner.cost import activations as act
+from planner.cost import deepspeed as ds
 from planner.cost.combine import activation_peak, rank_total_bytes
 from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of, unpack,
                                  with_rank)
@@ -129,7 +130,10 @@ def model_states(spec, job, *, tp, dp, pp, zero_stage, rank_layers, holds_embedd
     """(weights, gradients, optimizer) bytes of one rank (dp rank 0 / tp rank 0 hold the
     largest shards)."""
     pieces = (int(rank_layers), bool(holds_embedding), bool(holds_head), bool(tied_copy))
-    if engine(job.engine).fp32_master_params:
+    if engine(job.engine).deepspeed_optimizers:
+        states = ds.model_state_bytes(_local_numel(spec, tp, *pieces), dp, zero_stage,
+                                      job.precision, pp)
+    elif engine(job.engine).fp32_master_params:
         deferred = bool(deferred_fsdp(job.engine, zero_stage, pp))
         states = _torch_rank_states(spec, pieces, tp, dp, zero_stage, dp_rank, tp_rank, deferred)
     else:
@@ -143,6 +147,9 @@ def gathered_params(spec, job, *, tp, pp, zero_stage, rank_layers, holds_embeddi
     """16-bit parameter copies that exist only during compute (under pipelining ZeRO-2/3 keep
     the whole stage's unsharded copies until the step ends: engines.deferred_fsdp)."""
     a = dtype_bytes(job.precision)
+    if engine(job.engine).deepspeed_optimizers:  # 16-bit weights are the model states
+        return ds.zero3_gathered_bytes(job.precision, block_params_local(spec, tp)) \
+            if zero_stage == 3 else 0.0
     if zero_stage == 3 and not deferred_fsdp(job.engine, zero_stage, pp):
         return FSDP_PREFETCH_LAYERS * a * block_params_local(spec, tp)
     if not engine(job.engine).fp32_master_params or (
@@ -158,6 +165,8 @@ def comm_buffers(spec, job, *, tp, micro_batch, zero_stage) -> float:
     staged for a ZeRO-2/3 reduce-scatter in fp32."""
     tp_gather = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size \
         if tp > 1 else 0.0
+    if engine(job.engine).deepspeed_optimizers:
+        return tp_gather + ds.bucket_buffer_bytes(job.precision, zero_stage)
     rs = 4 * block_params_local(spec, tp) if zero_stage in SHARDED_GRAD_STAGES else 0.0
     return tp_gather + rs
 

@@ -19,7 +19,8 @@ from planner.cost.combine import RankMicrobatch, rank_microbatch, step_parts
 from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds
 from planner.cost.compute import head_times, layer_times, selective_recompute_s
 from planner.cost.fields import PlanEvaluations, call, plan_fields, rank_facts_of, unpack
-from planner.engines import SHARDED_GRAD_STAGES, ZERO_BUBBLE, deferred_fsdp, engine
+from planner.engines import (SHARDED_GRAD_STAGES, ZERO_BUBBLE, deferred_fsdp, dp_overlapped,
+                             engine)
 
 # Megatron-LM's fused Adam per parameter: read+write fp32 weight, momentum and variance, read the
 # gradient, plus the gradient-norm pass for clipping (read the gradient again).  The torch engine
@@ -131,9 +132,9 @@ def dp_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_mi
 def optimizer_seconds(gpu, job, *, tp, zero_stage, optimizer_bytes) -> float:
     """AdamW's update of the rank's parameters, memory-bound."""
     eng = engine(job.engine)
-    numel = optimizer_bytes / eng.optimizer_state_bytes(job.precision)
+    numel = optimizer_bytes / eng.optimizer_state_bytes(job.precision, zero_stage)
     per_param = OPTIMIZER_BYTES_PER_PARAM
-    if eng.kernels_from_op_census:
+    if eng.kernels_from_op_census and not eng.deepspeed_optimizers:  # DeepSpeed: FusedAdam
         # runtime/optim.py: fused AdamW only over plain CUDA tensors (no TP, no FSDP/ZeRO
         # sharding); foreach otherwise, and always on CPU ranks
         fused = not gpu.host_is_device and tp == 1 and zero_stage == 0
@@ -149,7 +150,7 @@ def step_inputs(spec, job, profile, *, world, pp, virtual_stages, schedule, zero
             "zero_bubble": np.isin(schedule, ZERO_BUBBLE),
             "sharded": np.isin(zero_stage, SHARDED_GRAD_STAGES),
             "deferred": deferred_fsdp(job.engine, zero_stage, pp),
-            "overlapped": engine(job.engine).dp_overlaps_compute & (dp > 1),
+            "overlapped": dp_overlapped(job.engine, zero_stage, pp, dp),
             "first_gather_layers": spec.num_layers // pp, "cores": profile.gpu.shared_cores,
             "ranks_per_node": np.minimum(world, profile.gpus_per_node)}
 

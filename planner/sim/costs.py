@@ -10,7 +10,7 @@ from planner.cost.compute import LayerTimes, head_times, layer_times, selective_
 from planner.cost.fields import call, plan_fields, with_rank
 from planner.cost.memory import rank_memory
 from planner.cost.time import exposed_tp, optimizer_seconds
-from planner.engines import DDP_STAGES, SCHEDULES, deferred_fsdp, engine
+from planner.engines import DDP_STAGES, SCHEDULES, deferred_fsdp, dp_overlapped
 from planner.plan import Plan
 
 # none; DDP all-reduce; FSDP2 per micro-batch; FSDP2 under pipelining, reduced once per step
@@ -131,7 +131,7 @@ def _dp_costs(plan: Plan, named: dict) -> dict:
                              optimizer_bytes=rank_memory(plan, r).optimizer_bytes)
            for r in range(lay.pp)]
     common = {"rank_optimizer_s": opt,
-              "dp_overlap": engine(plan.job.engine).dp_overlaps_compute}
+              "dp_overlap": bool(dp_overlapped(plan.job.engine, lay.zero_stage, lay.pp, lay.dp))}
     if lay.dp == 1:
         return common
     if lay.zero_stage in DDP_STAGES:
