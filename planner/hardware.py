@@ -297,20 +297,6 @@ class Cluster:
         if self.num_gpus > self.num_nodes * self.profile.gpus_per_node:
             raise ValueError(f"num_gpus {self.num_gpus} exceeds {self.num_nodes} node(s) x "
                              f"{self.profile.gpus_per_node} GPUs")
-        self._check_node_shape()
-
-    def _check_node_shape(self) -> None:
-        """A part of the cluster is whole nodes, or part of one node (4 of a DGX's 8 GPUs)."""
-        gpn, n = self.profile.gpus_per_node, self.num_gpus
-        if not n or self.num_nodes == 1:
-            return
-        if n <= gpn:
-            raise ValueError(f"num_gpus {n} fits in one node of {gpn} GPUs, but {self.num_nodes}"
-                             f" nodes were given; use 1 node for part of a node")
-        if n % gpn:
-            raise ValueError(f"num_gpus {n} is not whole nodes of {gpn} GPUs: a job over "
-                             f"several nodes uses every GPU of each ({n // gpn * gpn} or "
-                             f"{-(-n // gpn) * gpn})")
 
     @property
     def world_size(self) -> int:
@@ -359,7 +345,15 @@ def load_cluster(source: str, nodes: int, num_gpus: int = 0) -> Cluster:
 
 
 def with_gpus(cluster: Cluster, num_gpus: int) -> Cluster:
-    """`cluster` using only `num_gpus` of its GPUs (0: all); the CLI's --gpus."""
+    """`cluster` using only `num_gpus` of its GPUs (0: all): the CLI's --gpus, one GPU of a
+    DGX or 4 of its 8.  Ranks fill nodes in order, so a count that leaves a whole node idle
+    names more nodes than the job has: refused rather than read as fewer nodes."""
     if not num_gpus:
         return cluster
-    return Cluster(profile=cluster.profile, num_nodes=cluster.num_nodes, num_gpus=num_gpus)
+    part = Cluster(profile=cluster.profile, num_nodes=cluster.num_nodes, num_gpus=num_gpus)
+    gpn = cluster.profile.gpus_per_node
+    used = -(-num_gpus // gpn)
+    if used < cluster.num_nodes:
+        raise ValueError(f"num_gpus {num_gpus} fills {used} node(s) of {gpn} GPUs but "
+                         f"{cluster.num_nodes} were given; give {used} node(s)")
+    return part
