@@ -18,8 +18,7 @@ from functools import lru_cache
 
 from planner.cost import activations as act
 from planner.cost.combine import activation_peak, rank_total_bytes
-from planner.cost.outside import (collective_groups, outside_parts, outside_terms,
-                                  pipeline_peers)
+from planner.cost.outside import OUTSIDE_TERMS, collective_groups, outside_parts, pipeline_peers
 from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of, unpack,
                                  with_rank)
 from planner.cost.params import _local_numel, block_params_local, chunk_size, pieces_tensors
@@ -209,7 +208,7 @@ def rank_memory_parts(evaluate) -> dict:
                                             head_inflight=head_mbs, **facts),
              "gathered": evaluate(gathered_params), "comm_buffers": evaluate(comm_buffers)}
     parts.update(outside_parts(
-        terms=unpack(evaluate(outside_terms), 5), groups=evaluate(collective_groups),
+        terms=[evaluate(fn) for fn in OUTSIDE_TERMS], groups=evaluate(collective_groups),
         peers=evaluate(pipeline_peers),
         transient_bytes=parts["activations"] + parts["gathered"] + parts["comm_buffers"]))
     parts["total"] = rank_total_bytes(**parts)

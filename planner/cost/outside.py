@@ -55,13 +55,31 @@ def pipeline_peers(*, pp, virtual_stages, schedule, rank) -> int:
     return len(near - {int(rank)})
 
 
-def outside_terms(gpu) -> tuple:
-    """The profile's per-item figures: (context, workspaces, bytes per collective communicator,
-    bytes per pipeline peer over all its communicators, allocator fragmentation)."""
-    return (gpu.context_bytes, BLAS_WORKSPACES * gpu.blas_workspace_bytes,
-            gpu.comm_buffer_bytes_per_group,
-            P2P_COMMUNICATORS_PER_PEER * gpu.comm_buffer_bytes_per_peer,
-            gpu.allocator_fragmentation)
+# The profile's per-item figures, one scalar each (the search broadcasts a function of the fixed
+# inputs alone to every row, so each returns one number).
+def context_bytes(gpu) -> float:
+    return gpu.context_bytes
+
+
+def workspace_bytes(gpu) -> float:
+    return BLAS_WORKSPACES * gpu.blas_workspace_bytes
+
+
+def group_buffer_bytes(gpu) -> float:
+    return gpu.comm_buffer_bytes_per_group
+
+
+def peer_buffer_bytes(gpu) -> float:
+    """Point-to-point buffers per pipeline peer, over all the communicators carrying its sends."""
+    return P2P_COMMUNICATORS_PER_PEER * gpu.comm_buffer_bytes_per_peer
+
+
+def fragmentation(gpu) -> float:
+    return gpu.allocator_fragmentation
+
+
+OUTSIDE_TERMS = (context_bytes, workspace_bytes, group_buffer_bytes, peer_buffer_bytes,
+                 fragmentation)
 
 
 def outside_parts(*, terms, groups, peers, transient_bytes) -> dict:
