@@ -4,8 +4,14 @@ from pathlib import Path
 import pytest
 
 from planner.cost.memory import rank_memory
-from planner.hardware import (OUTSIDE_TENSOR_KEYS, Cluster, HardwareProfile, list_profiles,
-                              load_cluster, load_profile)
+from planner.hardware import (
+    OUTSIDE_TENSOR_KEYS,
+    Cluster,
+    HardwareProfile,
+    list_profiles,
+    load_cluster,
+    load_profile,
+)
 from planner.job import Job
 from planner.plan import Layout, Plan
 from planner.presets import load_model

@@ -38,18 +38,22 @@ def _groups_of_rank(plans: list, tokens) -> list:
     from runtime.data import TokenData
     from runtime.engine import Engine
     from runtime.mesh import init_distributed
+    def mine(groups) -> set:
+        return {pg for pg in groups if dist.get_rank() in _world.pg_group_ranks[pg]
+                and len(_world.pg_group_ranks[pg]) >= 2}
+
     out = []
-    for plan in plans:
-        ctx = init_distributed(plan.layout, timeout_s=60)
+    for plan in plans:  # one world for all plans: count the groups each plan adds
         before = set(_world.pg_group_ranks)
+        ctx = init_distributed(plan.layout, timeout_s=60)
+        after_mesh = set(_world.pg_group_ranks)
         engine = Engine(plan, ctx)
         data = TokenData(tokens, SEQ_LEN, plan.layout, ctx.dp_rank, causal=plan.model.causal)
         engine.train_step(*data.batch(0))
-        mine = [pg for pg, ranks in _world.pg_group_ranks.items()
-                if ctx.rank in ranks and len(ranks) >= 2]
-        made_by_engine = [pg for pg in mine if pg not in before]
-        out.append({"pp_rank": ctx.pp_rank, "groups": len(mine),
-                    "engine_groups": len(made_by_engine),
+        new = mine(set(_world.pg_group_ranks) - before)
+        default = mine([dist.group.WORLD])  # the default group, made before the first plan
+        out.append({"pp_rank": ctx.pp_rank, "groups": len(new | default),
+                    "engine_groups": len(new - after_mesh),
                     "dp_is_world": ctx.group("dp") is dist.group.WORLD})
     return out
 

@@ -222,7 +222,7 @@ OUTSIDE_HOW = {
 
 def _outside_items(measured: dict) -> dict:
     """Measured items as profile values: byte counts are integers."""
-    return {k: (float(v) if k == "allocator_fragmentation" else int(round(v)))
+    return {k: (float(v) if k == "allocator_fragmentation" else round(v))
             for k, v in measured.items()}
 
 

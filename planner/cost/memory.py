@@ -18,9 +18,8 @@ from functools import lru_cache
 
 from planner.cost import activations as act
 from planner.cost.combine import activation_peak, rank_total_bytes
+from planner.cost.fields import PlanEvaluations, call, plan_fields, rank_facts_of, unpack, with_rank
 from planner.cost.outside import OUTSIDE_TERMS, collective_groups, outside_parts, pipeline_peers
-from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of, unpack,
-                                 with_rank)
 from planner.cost.params import _local_numel, block_params_local, chunk_size, pieces_tensors
 from planner.cost.pipeline import head_inflight, inflight_chunks
 from planner.engines import SHARDED_GRAD_STAGES, deferred_fsdp, engine
