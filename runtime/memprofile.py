@@ -32,8 +32,11 @@ def device_used_outside_allocator(device) -> int:
     return int(total - free - torch.cuda.memory_reserved(device))
 
 
-def blas_workspace_bytes(device) -> int:
-    """Allocator bytes a GEMM adds beyond its output once the cuBLAS workspaces are cleared."""
+def blas_workspace_bytes(device):
+    """Allocator bytes a GEMM adds beyond its output once the cuBLAS workspaces are cleared;
+    None where this torch cannot clear them (the item is then not measured)."""
+    if not hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        return None
     a = torch.randn(256, 256, device=device, dtype=torch.bfloat16)
     torch.cuda.synchronize(device)
     torch._C._cuda_clearCublasWorkspaces()
@@ -87,6 +90,7 @@ def measure_outside_tensors(device, context_rss: int) -> dict:
     the ranks' worker); `context_rss`: the resident set taken before any tensor (CPU)."""
     if device.type != "cuda":
         return {"context_bytes": int(context_rss)}
-    return {"blas_workspace_bytes": blas_workspace_bytes(device),
-            "allocator_fragmentation": float(allocator_fragmentation(device)),
-            "context_bytes": device_used_outside_allocator(device)}
+    items = {"blas_workspace_bytes": blas_workspace_bytes(device),
+             "allocator_fragmentation": float(allocator_fragmentation(device)),
+             "context_bytes": device_used_outside_allocator(device)}
+    return {k: v for k, v in items.items() if v is not None}

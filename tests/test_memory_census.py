@@ -150,3 +150,30 @@ def test_the_itemised_memory_sums_to_the_total(layout):
                                                             * transient)
         assert mem.workspace_bytes == 2 * gpu.blas_workspace_bytes
         assert mem.context_bytes == gpu.context_bytes
+
+
+def test_the_cpu_context_is_the_resident_set_before_tensors():
+    import torch
+
+    from runtime import memprofile
+    before = memprofile.resident_bytes()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written: resident
+    assert memprofile.resident_bytes() - before >= 60 * 2**20
+    del block
+    assert memprofile.measure_outside_tensors(torch.device("cpu"), before) == {
+        "context_bytes": before}
+
+
+@pytest.mark.gpu
+def test_the_gpu_outside_tensor_items_are_measured_plausibly():
+    """Where CUDA exists: the items `planner profile` measures are within an order of magnitude
+    of the shipped profiles' cited figures."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from runtime import memprofile
+    device = torch.device("cuda", 0)
+    got = memprofile.measure_outside_tensors(device, 0)
+    assert 100 * 2**20 < got["context_bytes"] < 4 * 2**30
+    assert 2**20 <= got["blas_workspace_bytes"] <= 256 * 2**20
+    assert 0.0 <= got["allocator_fragmentation"] < 1.0
