@@ -23,8 +23,15 @@ def _profile_dir() -> Path:
 
 PROFILE_DIR = _profile_dir()
 # 2: every key is present (1 lacked the gpu keys below, which then meant {}, false and 0).
-SCHEMA_VERSION = 2
+# 3: the one gpu.framework_overhead_bytes became the itemised memory outside tensors
+#    (OUTSIDE_TENSOR_KEYS); a version 1/2 file loads with its figure as context_bytes, the
+#    other items 0 (legacy_outside_tensors), so its totals are unchanged and its sources say so.
+SCHEMA_VERSION = 3
 V1_OPTIONAL_GPU_KEYS = {"host_layer_overhead_s": {}, "host_is_device": False, "shared_cores": 0}
+OUTSIDE_TENSOR_KEYS = ("context_bytes", "blas_workspace_bytes", "comm_buffer_bytes_per_group",
+                       "comm_buffer_bytes_per_peer", "allocator_fragmentation")
+LEGACY_OVERHEAD_KEY = "framework_overhead_bytes"
+MAX_FRAGMENTATION = 1.0  # reserved-but-free bytes as a fraction of the tensor bytes
 INTRA_KINDS = ("nvswitch", "nvlink_mesh", "pcie", "shm")
 # Keys only an nvlink_mesh fabric needs; documented as optional for the other kinds.
 MESH_KEYS = ("link_bandwidth_bytes_per_s", "links", "fallback_bandwidth_bytes_per_s")
@@ -43,7 +50,12 @@ class GpuSpec:
     attention_efficiency: float  # fraction of peak a fused (flash) attention kernel sustains
     memory_efficiency: float    # fraction of HBM bandwidth that elementwise kernels reach
     kernel_overhead_s: float    # launch + tail cost per kernel
-    framework_overhead_bytes: int  # CUDA context, allocator reserve, workspace
+    # Memory outside the plan's tensors (planner/cost/outside.py; sources in each profile):
+    context_bytes: int          # the CUDA context (CPU ranks: the process's torch runtime)
+    blas_workspace_bytes: int   # one cuBLAS workspace (per handle and stream)
+    comm_buffer_bytes_per_group: int  # one communicator's collective buffers (>= 2 ranks)
+    comm_buffer_bytes_per_peer: int   # point-to-point buffers per pipeline peer
+    allocator_fragmentation: float  # caching allocator: reserved-but-free / tensor bytes
     # Host (Python + framework dispatch) seconds per transformer layer and micro-batch of the
     # torch engine, by tensor-parallel degree: {"1": [forward_s, backward_s], "2": [...]};
     # measured by `planner profile`.  {} = not measured (no host term).
@@ -69,8 +81,10 @@ class GpuSpec:
             _check_efficiency(getattr(self, key), f"gpu.{key}")
         check_range(self.gemm_half_dim, "gpu.gemm_half_dim", 0, limits.MAX_GEMM_HALF_DIM)
         check_range(self.kernel_overhead_s, "gpu.kernel_overhead_s", 0, limits.MAX_LATENCY_S)
-        check_int(self.framework_overhead_bytes, "gpu.framework_overhead_bytes", 0,
-                  limits.MAX_MEMORY_BYTES)
+        for key in OUTSIDE_TENSOR_KEYS[:-1]:
+            check_int(getattr(self, key), f"gpu.{key}", 0, limits.MAX_MEMORY_BYTES)
+        check_range(self.allocator_fragmentation, "gpu.allocator_fragmentation", 0.0,
+                    MAX_FRAGMENTATION)
         require_bool(self.host_is_device, "gpu.host_is_device")
         check_int(self.shared_cores, "gpu.shared_cores", 0, limits.MAX_SHARED_CORES)
         _check_host_table(self.host_layer_overhead_s)
@@ -216,13 +230,16 @@ class HardwareProfile:
     def from_dict(cls, data: dict) -> "HardwareProfile":
         """Every key is required, except: the nvlink_mesh keys of intra_node for other fabrics,
         and in a schema_version 1 file the gpu keys it lacked (read as {}, false and 0).  A
-        version 1 profile loads as the current version."""
+        version 1 or 2 profile loads as the current version (legacy_outside_tensors)."""
         check_keys(data, cls, "hardware profile")
         version = data["schema_version"]
-        if isinstance(version, bool) or version not in (1, SCHEMA_VERSION):
+        if isinstance(version, bool) or version not in (1, 2, SCHEMA_VERSION):
             raise ValueError(f"profile schema_version {short_repr(version)} is not supported "
-                             f"(expected 1 or {SCHEMA_VERSION})")
-        gpu = check_keys(data["gpu"], GpuSpec, "hardware profile gpu",
+                             f"(expected 1, 2 or {SCHEMA_VERSION})")
+        gpu, sources = data["gpu"], data["sources"]
+        if version < SCHEMA_VERSION:
+            gpu, sources = legacy_outside_tensors(gpu, sources)
+        gpu = check_keys(gpu, GpuSpec, "hardware profile gpu",
                          tuple(V1_OPTIONAL_GPU_KEYS) if version == 1 else ())
         if version == 1:
             gpu = {**V1_OPTIONAL_GPU_KEYS, **gpu}
@@ -231,7 +248,36 @@ class HardwareProfile:
         check_keys(intra, IntraNode, "hardware profile intra_node", () if mesh else MESH_KEYS)
         inter = check_keys(data["inter_node"], InterNode, "hardware profile inter_node")
         return cls(**{**data, "schema_version": SCHEMA_VERSION, "gpu": GpuSpec(**gpu),
+                      "sources": sources,
                       "intra_node": IntraNode(**intra), "inter_node": InterNode(**inter)})
+
+
+def legacy_outside_tensors(gpu, sources) -> tuple:
+    """(gpu, sources) of a schema 1/2 file in schema 3 terms: its one framework_overhead_bytes
+    (CUDA context, NCCL buffers, allocator reserve and workspace together) is kept whole as
+    context_bytes and the other items are 0, so the file's totals are what its author meant;
+    its sources say the figure is not itemised.  A file that lacks the key, or that already
+    has schema 3 keys, is refused (never half-read)."""
+    if not isinstance(gpu, dict):
+        return gpu, sources  # check_keys names the error
+    present = [k for k in OUTSIDE_TENSOR_KEYS if k in gpu]
+    if present:
+        raise ValueError(f"hardware profile gpu: {present[0]!r} is a schema 3 key; set "
+                         f"schema_version 3 (and drop {LEGACY_OVERHEAD_KEY!r})")
+    if LEGACY_OVERHEAD_KEY not in gpu:
+        raise ValueError(f"hardware profile gpu: missing key {LEGACY_OVERHEAD_KEY!r} "
+                         f"(schema 1/2 files carry it; schema 3 itemises it)")
+    rest = {k: v for k, v in gpu.items() if k != LEGACY_OVERHEAD_KEY}
+    items = {"context_bytes": gpu[LEGACY_OVERHEAD_KEY], "blas_workspace_bytes": 0,
+             "comm_buffer_bytes_per_group": 0, "comm_buffer_bytes_per_peer": 0,
+             "allocator_fragmentation": 0.0}
+    note = (f"schema 1/2 {LEGACY_OVERHEAD_KEY} (CUDA context, communication buffers, allocator "
+            f"reserve and workspace together; not itemised, the other items read as 0)")
+    old = sources.get(f"gpu.{LEGACY_OVERHEAD_KEY}") if isinstance(sources, dict) else None
+    if isinstance(sources, dict):
+        sources = {k: v for k, v in sources.items() if k != f"gpu.{LEGACY_OVERHEAD_KEY}"}
+        sources["gpu.context_bytes"] = note + (f": {old}" if isinstance(old, str) else "")
+    return {**rest, **items}, sources
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,3 +342,18 @@ def _is_file(path: Path) -> bool:
 
 def load_cluster(source: str, nodes: int, num_gpus: int = 0) -> Cluster:
     return Cluster(profile=load_profile(source), num_nodes=nodes, num_gpus=num_gpus)
+
+
+def with_gpus(cluster: Cluster, num_gpus: int) -> Cluster:
+    """`cluster` using only `num_gpus` of its GPUs (0: all): the CLI's --gpus, one GPU of a
+    DGX or 4 of its 8.  Ranks fill nodes in order, so a count that leaves a whole node idle
+    names more nodes than the job has: refused rather than read as fewer nodes."""
+    if not num_gpus:
+        return cluster
+    part = Cluster(profile=cluster.profile, num_nodes=cluster.num_nodes, num_gpus=num_gpus)
+    gpn = cluster.profile.gpus_per_node
+    used = -(-num_gpus // gpn)
+    if used < cluster.num_nodes:
+        raise ValueError(f"num_gpus {num_gpus} fills {used} node(s) of {gpn} GPUs but "
+                         f"{cluster.num_nodes} were given; give {used} node(s)")
+    return part

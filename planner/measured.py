@@ -340,6 +340,7 @@ class MachineLoad:
 
 # keys version 1 files lack, with the values they stand for
 _PROFILE_V2_DEFAULTS = {"repeats": 1, "spread": {}, "load_before": None, "load_during": None}
+_OPTIONAL = ("outside_tensors",)  # documented on ProfileMeasurements
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -376,6 +377,9 @@ class ProfileMeasurements:
     spread: dict = dataclasses.field(default_factory=dict)
     load_before: MachineLoad | None = None
     load_during: MachineLoad | None = None
+    # the memory-outside-tensors items measured (hardware profile gpu keys -> value); optional,
+    # absent in files written before it: nothing measured, the base profile's items are kept
+    outside_tensors: dict = dataclasses.field(default_factory=dict)
     schema_version: int = PROFILE_SCHEMA_VERSION
 
     def __post_init__(self):
@@ -396,6 +400,18 @@ class ProfileMeasurements:
         self._check_allreduce()
         self._check_layer_host()
         self._check_repeats()
+        self._check_outside_tensors()
+
+    def _check_outside_tensors(self) -> None:
+        from planner.hardware import OUTSIDE_TENSOR_KEYS
+        if not isinstance(self.outside_tensors, dict):
+            raise ValueError(f"outside_tensors must be an object, "
+                             f"got {_short(self.outside_tensors)}")
+        for key, value in self.outside_tensors.items():
+            require_choice(key, "outside_tensors key", OUTSIDE_TENSOR_KEYS)
+            require_finite(value, f"outside_tensors[{key!r}]")
+            if value < 0:
+                raise ValueError(f"outside_tensors[{key!r}] must be >= 0, got {value!r}")
 
     def _check_repeats(self) -> None:
         if self.schema_version == 1:
@@ -465,7 +481,7 @@ class ProfileMeasurements:
     def from_dict(cls, data, context: str = "profile measurements") -> "ProfileMeasurements":
         version = data.get("schema_version") if isinstance(data, dict) else None
         if type(version) is int and version == 1:
-            check_keys({**_PROFILE_V2_DEFAULTS, **data}, cls, context)
+            check_keys({**_PROFILE_V2_DEFAULTS, **data}, cls, context, _OPTIONAL)
             unknown = sorted(set(data) & set(_PROFILE_V2_DEFAULTS))
             if unknown:
                 raise ValueError(f"{context}: unknown key {unknown[0]!r} (schema_version 1)")
@@ -474,7 +490,7 @@ class ProfileMeasurements:
             if version is not None and (type(version) is not int or version != 2):
                 raise ValueError(f"{context}: schema_version must be 1 or 2, "
                                  f"got {_short(version)}")
-            check_keys(data, cls, context)
+            check_keys(data, cls, context, _OPTIONAL)
             data = {**data, **{key: MachineLoad.from_dict(data[key], f"{context} {key}")
                                for key in ("load_before", "load_during")}}
         lists = {key: tuple(_list(data[key], f"{context} {key}"))
@@ -485,7 +501,8 @@ class ProfileMeasurements:
         if isinstance(host, dict):
             host = {tp: tuple(_list(p, f"{context} layer_host_s[{tp!r}]", length=2))
                     for tp, p in host.items()}
-        return _build(cls, {**data, **lists, "layer_host_s": host}, context)
+        return _build(cls, {"outside_tensors": {}, **data, **lists, "layer_host_s": host},
+                      context)
 
     @classmethod
     def load(cls, path) -> "ProfileMeasurements":

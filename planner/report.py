@@ -9,8 +9,13 @@ MEMORY_ROWS = [
     ("activations_bytes", "activations", "saved for backward x in-flight micro-batches"),
     ("gathered_params_bytes", "16-bit compute copies", "FSDP gathers / autocast weight cache"),
     ("comm_buffers_bytes", "comm buffers", "TP gather output, reduce-scatter staging"),
-    ("framework_bytes", "framework overhead", "CUDA context, allocator reserve (profile)"),
+    ("context_bytes", "runtime context", "CUDA context: driver + kernel images (profile)"),
+    ("nccl_buffers_bytes", "NCCL buffers", "ring buffers per communicator, P2P per peer"),
+    ("workspace_bytes", "cuBLAS workspaces", "one per (handle, stream): fwd + autograd thread"),
+    ("allocator_reserve_bytes", "allocator reserve", "cached free blocks (fragmentation)"),
 ]
+OUTSIDE_KEYS = ("context_bytes", "nccl_buffers_bytes", "workspace_bytes",
+                "allocator_reserve_bytes")
 
 TIME_ROWS = [
     ("compute_s", "compute", "forward + backward kernels (+ host time), all micro-batches"),
@@ -46,6 +51,30 @@ def _engine_lines(plan) -> list:
     return [f"engine: {summary(plan.job.precision, lay.zero_stage, lay.pp)}"]
 
 
+def memory_note(key: str, note: str, mem, gpu) -> str:
+    """A row's note, with the plan's counts and the profile's figures behind the outside-tensor
+    items."""
+    if key == "context_bytes" and gpu.host_is_device:
+        return "no CUDA context on CPU ranks: the process's torch runtime (profile)"
+    if key == "nccl_buffers_bytes" and gpu.host_is_device:
+        return (f"gloo: no staging buffers ({mem.num_communicators} communicator(s), "
+                f"{mem.num_pipeline_peers} pipeline peer(s))")
+    if key == "nccl_buffers_bytes":
+        return (f"{mem.num_communicators} communicator(s) x "
+                f"{fmt_bytes(gpu.comm_buffer_bytes_per_group)}, {mem.num_pipeline_peers} "
+                f"pipeline peer(s) (profile)")
+    if key == "allocator_reserve_bytes":
+        return (f"{gpu.allocator_fragmentation:.0%} of the transient tensors above "
+                f"(profile)")
+    return note
+
+
+def outside_summary(mem) -> str:
+    """One line: the memory outside tensors by item (for refusals and search explanations)."""
+    return ", ".join(f"{label} {fmt_bytes(getattr(mem, key))}"
+                     for key, label, _ in MEMORY_ROWS if key in OUTSIDE_KEYS)
+
+
 def estimate_text(est) -> str:
     """The readable breakdown `planner estimate` prints."""
     plan, mem, t = est.plan, est.memory, est.time
@@ -55,7 +84,8 @@ def estimate_text(est) -> str:
              f"layout: {layout_summary(plan.layout)}", *_engine_lines(plan), "",
              f"Memory per GPU (most loaded rank: pipeline stage {mem.pp_rank})"]
     for key, label, note in MEMORY_ROWS:
-        lines.append(f"  {label:<22} {fmt_bytes(getattr(mem, key)):>12}   {note}")
+        lines.append(f"  {label:<22} {fmt_bytes(getattr(mem, key)):>12}   "
+                     f"{memory_note(key, note, mem, plan.cluster.profile.gpu)}")
     verdict = "fits" if mem.fits else "DOES NOT FIT"
     lines.append(f"  {'total':<22} {fmt_bytes(mem.total_bytes):>12}   of "
                  f"{fmt_bytes(mem.capacity_bytes)}: {verdict} "

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from planner.measured import PROFILE_SCHEMA_VERSION, MachineLoad, ProfileMeasurements
+from runtime import memprofile
 
 # Datasheet dense peaks by device name, for GPUs; on CPU the best measured GEMM is the peak.
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12}
@@ -217,7 +218,11 @@ def _ranks_worker(rank, ranks, port, sizes, cores, out_path):
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=ranks)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    times, spreads = [], []
+    times, spreads, group_bytes = [], [], None
+    if backend == "nccl":  # the default group's first collective creates its communicator
+        torch.cuda.set_device(device)
+        probe = torch.ones(1, device=device)
+        group_bytes = memprofile.first_collective_bytes(device, lambda: dist.all_reduce(probe))
     for size in sizes:
         t = torch.ones(size // 4, device=device)
         dist.barrier()
@@ -242,7 +247,7 @@ def _ranks_worker(rank, ranks, port, sizes, cores, out_path):
         with open(out_path, "w") as f:
             json.dump({"allreduce_s": times, "allreduce_spread": max(spreads),
                        "layer_host_s": host, "layer_host_spread": max(host_spreads),
-                       "core_share": core_share}, f)
+                       "core_share": core_share, "comm_buffer_bytes_per_group": group_bytes}, f)
     dist.destroy_process_group()
 
 
@@ -265,10 +270,12 @@ def _single_rank_host(device) -> dict:
     _log_host(1, host, spread)
     torch.set_num_threads(os.cpu_count() or 1)
     return {"allreduce_s": [], "allreduce_spread": None, "layer_host_s": {"1": host},
-            "layer_host_spread": spread, "core_share": core_share}
+            "layer_host_spread": spread, "core_share": core_share,
+            "comm_buffer_bytes_per_group": None}
 
 
 def measure(ranks: int, tmp_path: str, load_before: MachineLoad) -> dict:
+    context_rss = memprofile.resident_bytes()  # torch imported, no tensor yet (CPU context)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
@@ -286,6 +293,10 @@ def measure(ranks: int, tmp_path: str, load_before: MachineLoad) -> dict:
         sizes, got = [], _single_rank_host(device)
     gemms, gemm_spread = measure_gemms(device, dtype, share)
     copy, copy_spread = measure_copy(device, share)
+    outside = memprofile.measure_outside_tensors(device, context_rss)
+    if got["comm_buffer_bytes_per_group"] is not None:
+        outside["comm_buffer_bytes_per_group"] = int(got["comm_buffer_bytes_per_group"])
+    _log(f"[outside tensors] {outside}")
     spread = {"gemms": gemm_spread, "copy": copy_spread, "layer_host": got["layer_host_spread"]}
     if got["allreduce_spread"] is not None:
         spread["allreduce"] = got["allreduce_spread"]
@@ -301,6 +312,7 @@ def measure(ranks: int, tmp_path: str, load_before: MachineLoad) -> dict:
             "allreduce_bytes": sizes, "allreduce_s": got["allreduce_s"],
             "layer_host_s": got["layer_host_s"], "host_is_device": not cuda,
             "shared_cores": 0 if cuda else len(os.sched_getaffinity(0)),
+            "outside_tensors": outside,
             "repeats": REPEATS, "spread": spread, "load_before": load_before.to_dict(),
             "load_during": during.to_dict()}
 

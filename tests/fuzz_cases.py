@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from planner.cli import build_parser, main
-from planner.hardware import load_profile
+from planner.hardware import OUTSIDE_TENSOR_KEYS, load_profile
 from planner.presets import MODEL_PRESETS
 
 SEED = 20261124
@@ -48,6 +48,9 @@ class Files:
         v1 = json.loads(json.dumps(profile))
         v1["schema_version"] = 1
         for key in ("host_layer_overhead_s", "host_is_device", "shared_cores"):
+            del v1["gpu"][key]
+        v1["gpu"]["framework_overhead_bytes"] = v1["gpu"]["context_bytes"]  # one figure in v1
+        for key in OUTSIDE_TENSOR_KEYS:
             del v1["gpu"][key]
         hf = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
               "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 256,

@@ -386,3 +386,48 @@ def test_run_takes_the_training_flags_itself(tmp_path, host, capsys):
                          capture_output=True, text=True)
     for flag in ("--checkpoint-dir DIR", "--resume", "--data PATH", "--lr LR", "--timeout"):
         assert flag in out.stdout
+
+
+# --- estimate --gpus: part of a node, as suggest --gpus (planner.hardware.with_gpus) ---------
+ONE_H100 = ["--model", "llama3-8b", "--cluster", "h100-80g", "--global-batch", "8",
+            "--seq-len", "2048", "--micro-batch", "1", "--zero", "0"]
+
+
+def test_estimate_on_part_of_a_node(capsys):
+    assert main(["estimate", *ONE_H100, "--gpus", "1", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["plan"]["cluster"]["num_gpus"] == 1 and one["plan"]["layout"]["dp"] == 1
+    assert one["memory"]["nccl_buffers_bytes"] == 0  # one rank: no communicator
+    assert main(["estimate", *ONE_H100, "--gpus", "4", "--dp", "4", "--json"]) == 0
+    four = json.loads(capsys.readouterr().out)
+    assert four["plan"]["cluster"]["num_gpus"] == 4
+    # the world group is the dp group (an axis spanning the world): one communicator
+    assert four["memory"]["num_communicators"] == 1
+    assert four["memory"]["nccl_buffers_bytes"] > 0
+    assert main(["estimate", *ONE_H100, "--gpus", "4", "--dp", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "on 4 x H100-SXM5-80GB" in text and "NCCL buffers" in text
+    assert "1 communicator(s)" in text
+
+
+def test_estimate_and_suggest_share_the_gpus_refusals(capsys):
+    for command in (["estimate", *ONE_H100], ["suggest", *ONE_H100[:-4]]):
+        assert main([*command, "--gpus", "9"]) == 2
+        assert _one_line(capsys.readouterr().err).endswith(
+            "num_gpus 9 exceeds 1 node(s) x 8 GPUs; from --gpus 9, --nodes 1 (default)")
+        assert main([*command, "--gpus", "4", "--nodes", "2"]) == 2
+        assert "num_gpus 4 fills 1 node(s) of 8 GPUs but 2 were given; give 1 node(s)" in \
+            _one_line(capsys.readouterr().err)
+
+
+def test_estimate_gpus_refuses_a_layout_of_another_size_and_a_plan_file(tmp_path, capsys):
+    assert main(["estimate", *ONE_H100, "--gpus", "4", "--dp", "2"]) == 2
+    assert "does not equal the cluster's 4 GPUs; from --dp 2, --tp 1 (default), --pp 1 " \
+           "(default), --gpus 4" in _one_line(capsys.readouterr().err)
+    plan = tmp_path / "plan.json"
+    assert main(["estimate", *ONE_H100, "--gpus", "1", "--out", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["estimate", "--plan", str(plan), "--gpus", "2"]) == 2
+    assert "--gpus 2 cannot change a --plan" in _one_line(capsys.readouterr().err)
+    assert main(["estimate", "--plan", str(plan), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["cluster"]["num_gpus"] == 1

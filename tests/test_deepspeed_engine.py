@@ -85,7 +85,9 @@ def test_llama3_8b_dp8_zero1_fits_under_deepspeed_where_the_torch_layout_does_no
     # contiguous_gradients + overlap_comm: two reduce_bucket_size buckets of bf16
     assert mem.comm_buffers_bytes == 2 * 2 * ds.REDUCE_BUCKET_SIZE
     assert mem.gathered_params_bytes == 0
-    assert mem.total_bytes / GIB == pytest.approx(53.6, abs=0.05)
+    # the tensors (weights, gradients, optimizer, buckets, activations); outside them the
+    # profile's itemised context, NCCL, cuBLAS and allocator terms
+    assert mem.tensor_bytes / GIB == pytest.approx(51.6, abs=0.05)
 
 
 def test_zero3_holds_the_running_block_and_the_prefetch_bucket():

@@ -1,9 +1,20 @@
 import json
+from pathlib import Path
 
 import pytest
 
-from planner.hardware import HardwareProfile, list_profiles, load_cluster, load_profile
-from planner.plan import Layout
+from planner.cost.memory import rank_memory
+from planner.hardware import (
+    OUTSIDE_TENSOR_KEYS,
+    Cluster,
+    HardwareProfile,
+    list_profiles,
+    load_cluster,
+    load_profile,
+)
+from planner.job import Job
+from planner.plan import Layout, Plan
+from planner.presets import load_model
 from planner.topology import axis_groups, axis_link, mesh_ring_bandwidth, pipeline_p2p_link
 
 EXPECTED = {"a100-40g", "a100-80g", "h100-80g", "h200", "v100-16g", "v100-32g", "cpu"}
@@ -17,6 +28,8 @@ def test_every_profile_loads_and_cites_its_numbers():
         assert profile.sources, f"{name} has no sources"
         for part in ("intra_node", "inter_node"):
             assert part in profile.sources, f"{name}: no source for {part}"
+        for key in OUTSIDE_TENSOR_KEYS:  # each item outside tensors cites where it comes from
+            assert len(profile.sources.get(f"gpu.{key}", "")) > 20, f"{name}: no source for {key}"
         assert HardwareProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
 
 
@@ -98,7 +111,9 @@ def _profile(**changes) -> dict:
     ("gpu.kernel_overhead_s", -1e-6, "gpu.kernel_overhead_s must be in"),
     ("gpu.peak_flops.bf16", 1e30, "gpu.peak_flops.bf16 must be in"),
     ("gpus_per_node", 2**31, r"gpus_per_node must be in \[1, 1024\]"),
-    ("gpu.framework_overhead_bytes", -1, "gpu.framework_overhead_bytes must be in"),
+    ("gpu.context_bytes", -1, "gpu.context_bytes must be in"),
+    ("gpu.comm_buffer_bytes_per_group", 1.5, "gpu.comm_buffer_bytes_per_group must be"),
+    ("gpu.allocator_fragmentation", 1.5, "gpu.allocator_fragmentation must be in"),
     ("name", "a\nb", "printable"),
     ("description", 3, "description must be a string"),
     ("sources", {"gpu": 1}, "sources must be an object"),
@@ -133,9 +148,9 @@ def test_nvlink_mesh_nodes_are_small_enough_to_search():
         HardwareProfile.from_dict(data)
 
 
-def test_every_profile_key_is_required_in_schema_2():
+def test_every_profile_key_is_required_in_schema_3():
     data = _profile()
-    assert data["schema_version"] == 2
+    assert data["schema_version"] == 3
     for part in ("gpu", "intra_node", "inter_node"):
         for key in list(data[part]):
             if part == "intra_node" and key in ("links", "link_bandwidth_bytes_per_s",
@@ -155,19 +170,67 @@ def test_every_profile_key_is_required_in_schema_2():
         HardwareProfile.from_dict(mesh)
 
 
-def test_schema_1_profiles_still_load_as_schema_2():
+SCHEMA_2_FILE = Path(__file__).parent / "fixtures" / "profile_h100_schema2.json"
+
+
+def _as_old(profile, version: int) -> dict:
+    """A current profile written as a schema 1/2 file: one framework_overhead_bytes."""
+    old = json.loads(json.dumps(profile.to_dict()))
+    old["schema_version"] = version
+    gpu = old["gpu"]
+    gpu["framework_overhead_bytes"] = gpu["context_bytes"]
+    for key in OUTSIDE_TENSOR_KEYS:
+        del gpu[key]
+    return old
+
+
+def test_schema_1_profiles_still_load_as_schema_3():
     current = load_profile("cpu")
-    old = json.loads(json.dumps(current.to_dict()))
-    old["schema_version"] = 1
-    assert HardwareProfile.from_dict(old) == current  # v1 files may carry the keys too
+    old = _as_old(current, 1)
+    loaded = HardwareProfile.from_dict(old)  # v1 files may carry the v2 gpu keys too
+    assert loaded.gpu == current.gpu and loaded.schema_version == 3
     for key, default in (("host_layer_overhead_s", {}), ("host_is_device", False),
                          ("shared_cores", 0)):
         del old["gpu"][key]
     loaded = HardwareProfile.from_dict(old)
-    assert loaded.schema_version == 2 and loaded.gpu.host_layer_overhead_s == {}
+    assert loaded.schema_version == 3 and loaded.gpu.host_layer_overhead_s == {}
     assert not loaded.gpu.host_is_device and loaded.gpu.shared_cores == 0
-    with pytest.raises(ValueError, match="schema_version 3 is not supported"):
-        HardwareProfile.from_dict({**current.to_dict(), "schema_version": 3})
+    with pytest.raises(ValueError, match="schema_version 4 is not supported"):
+        HardwareProfile.from_dict({**current.to_dict(), "schema_version": 4})
+
+
+def test_a_schema_2_file_keeps_its_framework_overhead_whole_as_the_context():
+    """The shipped h100-80g.json as it was in schema 2: its 2 GiB outside tensors load as
+    context_bytes, the other items 0, so every total it gave is unchanged; its sources say so."""
+    old = json.loads(SCHEMA_2_FILE.read_text())
+    assert old["schema_version"] == 2 and old["gpu"]["framework_overhead_bytes"] == 2**31
+    loaded = load_profile(str(SCHEMA_2_FILE))
+    gpu = loaded.gpu
+    assert loaded.schema_version == 3 and gpu.context_bytes == 2**31
+    assert (gpu.blas_workspace_bytes, gpu.comm_buffer_bytes_per_group,
+            gpu.comm_buffer_bytes_per_peer, gpu.allocator_fragmentation) == (0, 0, 0, 0.0)
+    assert "not itemised" in loaded.sources["gpu.context_bytes"]
+    assert "gpu.framework_overhead_bytes" not in loaded.sources
+    plan = Plan(model=load_model("llama3-8b"), cluster=Cluster(profile=loaded, num_nodes=1),
+                job=Job(global_batch=64, seq_len=2048, precision="bf16"),
+                layout=Layout(dp=2, tp=4, micro_batch=1, num_microbatches=32))
+    mem = rank_memory(plan, 0)
+    assert mem.framework_bytes == 2**31 and mem.total_bytes == mem.tensor_bytes + 2**31
+
+
+def test_old_and_new_outside_tensor_keys_are_never_mixed():
+    mixed = json.loads(SCHEMA_2_FILE.read_text())
+    mixed["gpu"]["context_bytes"] = 1
+    with pytest.raises(ValueError, match="'context_bytes' is a schema 3 key"):
+        HardwareProfile.from_dict(mixed)
+    lacking = json.loads(SCHEMA_2_FILE.read_text())
+    del lacking["gpu"]["framework_overhead_bytes"]
+    with pytest.raises(ValueError, match="missing key 'framework_overhead_bytes'"):
+        HardwareProfile.from_dict(lacking)
+    new = _profile()
+    new["gpu"]["framework_overhead_bytes"] = 2**31
+    with pytest.raises(ValueError, match="unknown key 'framework_overhead_bytes'"):
+        HardwareProfile.from_dict(new)
 
 
 def test_a_dense_nvlink_mesh_is_searched_quickly():

@@ -91,6 +91,10 @@ def test_planner_profile_on_cpu_writes_a_loadable_profile(tmp_path):
     assert "spread of 5 repeats" in profile.sources["measurement"]
     assert profile.gpus_per_node == 2 and profile.gpu.peak_flops["fp32"] > 0
     gpu = profile.gpu
+    # CPU ranks: the torch runtime's resident set is measured, as the context; no CUDA items
+    assert 50 * 2**20 < gpu.context_bytes < 4 * 2**30
+    assert "resident set" in profile.sources["gpu.context_bytes"]
+    assert gpu.blas_workspace_bytes == gpu.comm_buffer_bytes_per_group == 0
     assert gpu.host_is_device and gpu.kernel_overhead_s == 0
     assert set(gpu.host_layer_overhead_s) == {"1", "2"}
     # a DTensor layer costs the host more than a plain one
@@ -169,6 +173,32 @@ def test_missing_measurement_keys_are_refused(tmp_path):
     path.write_text(json.dumps(_measurements(gemms=[])))
     with pytest.raises(ValueError, match="at least 2 GEMM"):
         ProfileMeasurements.load(path)
+
+
+def test_measured_outside_tensor_items_replace_the_base_ones_with_their_method():
+    """What runtime/memprofile.py measured on a GPU goes into the profile, each item citing how
+    it was measured; an item it did not measure keeps the base profile's figure."""
+    measured = {"context_bytes": 601 * 2**20, "blas_workspace_bytes": 32 * 2**20,
+                "comm_buffer_bytes_per_group": 150e6, "allocator_fragmentation": 0.07}
+    m = ProfileMeasurements.from_dict(_measurements(outside_tensors=measured))
+    assert ProfileMeasurements.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+    base = load_profile("h100-80g")
+    profile = profile_from_measurements(base, m, "ours")
+    gpu = profile.gpu
+    assert (gpu.context_bytes, gpu.blas_workspace_bytes, gpu.comm_buffer_bytes_per_group,
+            gpu.allocator_fragmentation) == (601 * 2**20, 32 * 2**20, 150_000_000, 0.07)
+    assert gpu.comm_buffer_bytes_per_peer == base.gpu.comm_buffer_bytes_per_peer
+    assert "mem_get_info" in profile.sources["gpu.context_bytes"]
+    assert profile.sources["gpu.comm_buffer_bytes_per_peer"] == \
+        base.sources["gpu.comm_buffer_bytes_per_peer"]
+    # a measurements file written before the item existed: nothing measured, base kept
+    old = ProfileMeasurements.from_dict(_measurements())
+    assert old.outside_tensors == {}
+    assert profile_from_measurements(base, old, "ours").gpu.context_bytes == base.gpu.context_bytes
+    for bad, phrase in (({"framework_overhead_bytes": 1}, "outside_tensors key"),
+                        ({"context_bytes": -1}, "must be >= 0"), ([], "must be an object")):
+        with pytest.raises(ValueError, match=phrase):
+            ProfileMeasurements.from_dict(_measurements(outside_tensors=bad))
 
 
 # --- robust statistics, fit quality and plausible bounds ---------------------------------------

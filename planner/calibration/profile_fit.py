@@ -205,6 +205,27 @@ def fit_profile(base: HardwareProfile, m: ProfileMeasurements, name: str,
     return _build(base, m, name, peak, (e_max, half_dim), intra, report), report
 
 
+# how runtime/memprofile.py measured each item outside tensors (the sources say it)
+OUTSIDE_HOW = {
+    "context_bytes": "GPU: device memory in use outside the caching allocator "
+                     "(mem_get_info - memory_reserved) after the measuring loaded its kernels; "
+                     "CPU: the process's resident set with torch imported, before any tensor",
+    "blas_workspace_bytes": "allocator bytes a GEMM adds beyond its output after "
+                            "clearing the cuBLAS workspaces",
+    "comm_buffer_bytes_per_group": "device memory the default group's first all-reduce took "
+                                   "(NCCL communicator creation and ring connection)",
+    "comm_buffer_bytes_per_peer": "not measured",
+    "allocator_fragmentation": "(max reserved - max allocated) / (max allocated - allocated "
+                               "between steps) over AdamW steps of a 4-layer, 1024-wide "
+                               "transformer"}
+
+
+def _outside_items(measured: dict) -> dict:
+    """Measured items as profile values: byte counts are integers."""
+    return {k: (float(v) if k == "allocator_fragmentation" else round(v))
+            for k, v in measured.items()}
+
+
 def profile_from_measurements(base: HardwareProfile, m: ProfileMeasurements, name: str,
                               allow_busy: bool = False) -> HardwareProfile:
     """fit_profile's profile alone."""
@@ -225,7 +246,8 @@ def _build(base, m, name, peak, gemm, intra, report) -> HardwareProfile:
         memory_bytes=m.memory_bytes, host_is_device=on_host, shared_cores=m.shared_cores,
         host_layer_overhead_s=host_table(m.layer_host_s, on_host, intra.latency_s),
         # on CPU ranks each kernel's dispatch is part of the measured host time per layer
-        kernel_overhead_s=0.0 if on_host else base.gpu.kernel_overhead_s)
+        kernel_overhead_s=0.0 if on_host else base.gpu.kernel_overhead_s,
+        **_outside_items(m.outside_tensors))
     gemm_rms = 100 * report.rms(report.gemm_residuals)
     sources = {**base.sources,
                "gpu.peak_flops": f"{note}: peak = {peak:.3g} FLOP/s ({precision})",
@@ -239,6 +261,8 @@ def _build(base, m, name, peak, gemm, intra, report) -> HardwareProfile:
                                             + (", TP collective latency taken out" if on_host
                                                else ""),
                "measurement": f"{note}: " + "; ".join(report.lines())}
+    for key in m.outside_tensors:
+        sources[f"gpu.{key}"] = f"{note}: {OUTSIDE_HOW[key]}"
     if m.ranks > 1:
         sources["intra_node"] = (f"{note}: all-reduce alpha-beta fit over "
                                  f"{len(m.allreduce_bytes)} sizes, rms residual "

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from planner import limits
 from planner.engines import RECOMPUTE, SCHEDULES
-from planner.hardware import load_cluster
+from planner.hardware import load_cluster, with_gpus
 from planner.job import ATTENTION, PRECISIONS, Job
 from planner.presets import load_model
 from planner.schema import show_path
@@ -43,6 +43,13 @@ def add_inputs(parser, required: bool = True) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def add_gpus(parser) -> None:
+    """--gpus: part of the cluster (one GPU of a DGX, 4 of 8), planner.hardware.with_gpus."""
+    parser.add_argument("--gpus", type=bounded_int(0, limits.MAX_GPUS), default=0,
+                        help="use only this many GPUs of the nodes (default: all; part of a "
+                             "node with --nodes 1, else whole nodes)")
+
+
 def add_layout(parser) -> None:
     degree = bounded_int(1, limits.MAX_DEGREE)
     parser.add_argument("--dp", type=degree, default=1, help="data-parallel degree")
@@ -61,6 +68,7 @@ def add_layout(parser) -> None:
                         help="activation recomputation")
     parser.add_argument("--mesh-order", default="pp,dp,tp",
                         help="mesh axes outermost to innermost")
+    add_gpus(parser)
     parser.add_argument("--plan", help="read the whole plan from a plan.json instead")
 
 
@@ -70,9 +78,9 @@ FLAGS = {"model": "--model", "cluster": "--cluster", "nodes": "--nodes",
          "engine": "--engine", "attention": "--attention", "dp": "--dp", "tp": "--tp",
          "pp": "--pp", "micro_batch": "--micro-batch", "sp": "--sp", "zero": "--zero",
          "schedule": "--schedule", "virtual_stages": "--virtual-stages",
-         "recompute": "--recompute", "mesh_order": "--mesh-order"}
+         "recompute": "--recompute", "mesh_order": "--mesh-order", "gpus": "--gpus"}
 # planner.rules key -> the flags (dests) whose values that rule read
-RULE_FLAGS = {"world": ("dp", "tp", "pp"), "tp_heads": ("tp",), "tp_ffn": ("tp",),
+RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn": ("tp",),
               "tp_node": ("tp",), "sp_tp": ("sp", "tp"), "sp_seq": ("tp", "seq_len"),
               "zero_dp": ("zero", "dp"), "global_batch": ("global_batch", "dp", "micro_batch"),
               "precision": ("precision",), "positions": ("seq_len",),
@@ -99,8 +107,8 @@ def flag_values(args, dests) -> str:
     shown = []
     for dest in dests:
         value = getattr(args, dest, None)
-        if value is None or value is False:
-            continue
+        if value is None or value is False or (dest == "gpus" and not value):
+            continue  # --gpus 0 means all GPUs: no value to show
         text = FLAGS[dest] if value is True else f"{FLAGS[dest]} {value}"
         shown.append(text + (" (default)" if is_default(args, dest) else ""))
     return ", ".join(shown)
@@ -124,6 +132,11 @@ def build_inputs(args) -> tuple:
     """(ModelSpec, Cluster, Job) from the shared flags."""
     model = load_model(args.model)
     cluster = load_cluster(args.cluster, args.nodes)
+    gpus = getattr(args, "gpus", 0)
+    try:
+        cluster = with_gpus(cluster, gpus)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; from --gpus {gpus}, {flag_values(args, ('nodes',))}") from None
     check_precision(args, cluster.profile)
     job = Job(global_batch=args.global_batch, seq_len=args.seq_len, precision=args.precision,
               attention=args.attention, engine=args.engine)
@@ -135,6 +148,9 @@ def build_plan(args) -> Plan:
     rules refuse names the flags (and defaults) behind it."""
     from planner.plan import Layout, Plan
     if args.plan:
+        if getattr(args, "gpus", 0):
+            raise ValueError(f"--gpus {args.gpus} cannot change a --plan: the plan's cluster "
+                             f"fixes its GPUs (plan with --model/--cluster/--gpus instead)")
         return Plan.load(args.plan)
     missing = [f for f in ("model", "cluster", "global_batch", "seq_len")
                if getattr(args, f) is None]

@@ -1,9 +1,8 @@
 """`planner suggest`: search every valid layout, rank, explain, write the chosen plan."""
 
 from planner import limits
-from planner.cli.common import (add_inputs, bounded_float, bounded_int, build_inputs,
+from planner.cli.common import (add_gpus, add_inputs, bounded_float, bounded_int, build_inputs,
                                 check_output, print_json, save_plan)
-from planner.hardware import Cluster
 
 # = planner.search.ranking.OBJECTIVES (tests/test_imports.py checks); not imported from there:
 # that module loads the search and the cost model, which building the parser must not
@@ -14,8 +13,7 @@ def add_parser(sub):
     p = sub.add_parser("suggest", help="search every layout and rank the ones that fit")
     add_inputs(p)
     plans = bounded_int(1, limits.MAX_RANKED_PLANS)
-    p.add_argument("--gpus", type=bounded_int(0, limits.MAX_GPUS), default=0,
-                   help="use only this many GPUs of the nodes (default: all)")
+    add_gpus(p)
     p.add_argument("--top", type=plans, default=10, help="plans to show (default 10)")
     p.add_argument("--out", help="write the best plan (or --rank K) with its estimate here")
     p.add_argument("--rank", type=plans, default=1, help="which ranked plan --out writes")
@@ -48,10 +46,7 @@ def run(args) -> int:
     from planner.search.ranking import search  # the search and the cost model: only here
     if args.out:
         check_output(args.out)  # before the search, not after it
-    model, cluster, job = build_inputs(args)
-    if args.gpus:
-        cluster = Cluster(profile=cluster.profile, num_nodes=cluster.num_nodes,
-                          num_gpus=args.gpus)
+    model, cluster, job = build_inputs(args)  # with --gpus
     if args.rank < 1:
         raise ValueError(f"--rank must be >= 1, got {args.rank}")
     result = search(model, cluster, job, _options(args))

@@ -20,9 +20,10 @@ def activation_peak(*, inflight, rank_layers, rank_chunks, layer_bytes, holds_em
 
 
 def rank_total_bytes(*, weights, gradients, optimizer, activations, gathered, comm_buffers,
-                     framework):
-    """MemoryBreakdown.total_bytes of a rank."""
-    return weights + gradients + optimizer + activations + gathered + comm_buffers + framework
+                     context, workspace, nccl_buffers, allocator_reserve):
+    """MemoryBreakdown.total_bytes of a rank: its tensors plus the memory outside them."""
+    tensors = weights + gradients + optimizer + activations + gathered + comm_buffers
+    return tensors + context + workspace + nccl_buffers + allocator_reserve
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Per-rank memory: model states under ZeRO 0-3, activations of the in-flight micro-batches,
-gathered-parameter and communication buffers, framework overhead; a fits verdict.
+gathered-parameter and communication buffers, and the memory outside tensors itemised
+(planner/cost/outside.py: CUDA context, NCCL buffers, cuBLAS workspaces, allocator reserve);
+a fits verdict.
 
 Model states (Rajbhandari et al. 2020, Sec. 3.1 and 5): mixed-precision Adam holds 2 + 2 + K
 bytes per parameter (16-bit weights and gradients, K = 12 bytes of fp32 master weights, momentum
@@ -17,8 +19,8 @@ from functools import lru_cache
 from planner.cost import activations as act
 from planner.cost import deepspeed as ds
 from planner.cost.combine import activation_peak, rank_total_bytes
-from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of, unpack,
-                                 with_rank)
+from planner.cost.fields import PlanEvaluations, call, plan_fields, rank_facts_of, unpack, with_rank
+from planner.cost.outside import OUTSIDE_TERMS, collective_groups, outside_parts, pipeline_peers
 from planner.cost.params import _local_numel, block_params_local, chunk_size, pieces_tensors
 from planner.cost.pipeline import head_inflight, inflight_chunks
 from planner.engines import SHARDED_GRAD_STAGES, deferred_fsdp, engine
@@ -45,16 +47,30 @@ class MemoryBreakdown:
     activations_bytes: float
     gathered_params_bytes: float    # 16-bit compute copies: ZeRO-3/FSDP gathers, autocast cache
     comm_buffers_bytes: float
-    framework_bytes: float
+    context_bytes: float            # CUDA context (CPU ranks: the process's torch runtime)
+    workspace_bytes: float          # cuBLAS workspaces
+    nccl_buffers_bytes: float       # communicators' ring and point-to-point buffers
+    allocator_reserve_bytes: float  # cached, reserved but free (fragmentation)
+    num_communicators: int          # process groups running collectives on this rank
+    num_pipeline_peers: int
     activation_bytes_per_microbatch: float
     inflight_microbatches: float
     capacity_bytes: float
 
     @property
-    def total_bytes(self) -> float:
+    def tensor_bytes(self) -> float:
         return (self.weights_bytes + self.gradients_bytes + self.optimizer_bytes
-                + self.activations_bytes + self.gathered_params_bytes + self.comm_buffers_bytes
-                + self.framework_bytes)
+                + self.activations_bytes + self.gathered_params_bytes + self.comm_buffers_bytes)
+
+    @property
+    def framework_bytes(self) -> float:
+        """Everything outside tensors (what torch.cuda.max_memory_allocated does not see)."""
+        return (self.context_bytes + self.workspace_bytes + self.nccl_buffers_bytes
+                + self.allocator_reserve_bytes)
+
+    @property
+    def total_bytes(self) -> float:
+        return self.tensor_bytes + self.framework_bytes
 
     @property
     def fits(self) -> bool:
@@ -62,6 +78,7 @@ class MemoryBreakdown:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["framework_bytes"] = self.framework_bytes
         d["total_bytes"] = self.total_bytes
         d["fits"] = self.fits
         return d
@@ -197,16 +214,16 @@ def rank_memory_parts(evaluate) -> dict:
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
              "activations": activation_peak(inflight=chunks, rank_chunks=nchunks,
                                             head_inflight=head_mbs, **facts),
-             "gathered": evaluate(gathered_params), "comm_buffers": evaluate(comm_buffers),
-             "framework": evaluate(framework_bytes)}
+             "gathered": evaluate(gathered_params), "comm_buffers": evaluate(comm_buffers)}
+    parts.update(outside_parts(
+        terms=[evaluate(fn) for fn in OUTSIDE_TERMS], groups=evaluate(collective_groups),
+        peers=evaluate(pipeline_peers),
+        transient_bytes=parts["activations"] + parts["gathered"] + parts["comm_buffers"]))
     parts["total"] = rank_total_bytes(**parts)
+    parts["communicators"], parts["peers"] = evaluate(collective_groups), evaluate(pipeline_peers)
     parts["one_microbatch"] = activation_peak(inflight=1, rank_chunks=1, head_inflight=1,
                                               **facts)
     return parts
-
-
-def framework_bytes(gpu) -> float:
-    return gpu.framework_overhead_bytes
 
 
 def rank_memory(plan, pp_rank: int, evaluations: PlanEvaluations = None) -> MemoryBreakdown:
@@ -219,7 +236,10 @@ def rank_memory(plan, pp_rank: int, evaluations: PlanEvaluations = None) -> Memo
         pp_rank=pp_rank, weights_bytes=p["weights"], gradients_bytes=p["gradients"],
         optimizer_bytes=p["optimizer"], activations_bytes=p["activations"],
         gathered_params_bytes=p["gathered"], comm_buffers_bytes=p["comm_buffers"],
-        framework_bytes=p["framework"], activation_bytes_per_microbatch=p["one_microbatch"],
+        context_bytes=p["context"], workspace_bytes=p["workspace"],
+        nccl_buffers_bytes=p["nccl_buffers"], allocator_reserve_bytes=p["allocator_reserve"],
+        num_communicators=int(p["communicators"]), num_pipeline_peers=int(p["peers"]),
+        activation_bytes_per_microbatch=p["one_microbatch"],
         inflight_microbatches=p["activations"] / p["one_microbatch"]
         if p["one_microbatch"] else 0.0, capacity_bytes=plan.cluster.profile.gpu.memory_bytes)
 

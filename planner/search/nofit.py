@@ -8,7 +8,7 @@ from planner import rules
 from planner.cost.estimate import estimate
 from planner.hardware import Cluster, list_profiles, load_profile
 from planner.plan import Plan, layout_errors
-from planner.report import layout_summary
+from planner.report import layout_summary, outside_summary
 
 NODE_FACTORS = (1, 2, 3)          # extra nodes tried first ...
 NODE_MULTIPLES = (2, 3, 4, 6, 8, 16)  # ... then multiples of the node count
@@ -72,7 +72,8 @@ def advice(result, search_fn) -> list:
              f"of {_gib(mem.capacity_bytes)}).",
              f"  least memory: {layout_summary(c.layout)} needs {_gib(mem.total_bytes)} "
              f"(weights {_gib(mem.weights_bytes)}, gradients {_gib(mem.gradients_bytes)}, "
-             f"optimizer {_gib(mem.optimizer_bytes)}, activations {_gib(mem.activations_bytes)})"]
+             f"optimizer {_gib(mem.optimizer_bytes)}, activations {_gib(mem.activations_bytes)})",
+             f"  outside tensors: {outside_summary(mem)}"]
     lines += [f"  {x}" for x in relaxations(result, search_fn)]
     return lines
 
@@ -121,7 +122,7 @@ def relaxations(result, search_fn) -> list:
 def one_line(result, lines: list) -> str:
     """The error message: the least memory needed and the first relaxation that fits."""
     c = result.closest
-    fix = next((x.strip() for x in lines[2:] if "fit" in x), "see the advice above")
+    fix = next((x.strip() for x in lines[3:] if "fit" in x), "see the advice above")
     # shape-level reasons (why tp or dp cannot take the obvious value), not schedule details
     structural = [r for r in result.rejections if r.key in rules.SHAPE_KEYS]
     also = f" (also ruled out: {structural[0].example})" if structural else ""

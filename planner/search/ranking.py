@@ -16,7 +16,7 @@ from planner.limits import MAX_GPU_COUNTS, MAX_SEARCH_LAYOUTS
 from planner.cost.estimate import Estimate, estimate
 from planner.hardware import Cluster
 from planner.plan import Plan
-from planner.report import layout_summary
+from planner.report import layout_summary, outside_summary
 from planner.search.scorer import Scorer, layout_at
 from planner.search.space import concat, enumerate_space, take
 
@@ -273,7 +273,8 @@ def _memory_stage(s: "_Search", valid: dict) -> tuple:
         capacity = s.cluster.profile.gpu.memory_bytes
         s.reject("memory", bad.size, f"e.g. {layout_summary(ex.layout)} needs "
                  f"{_gib(ex.total_bytes)} GiB per GPU > {_gib(limit)} GiB "
-                 f"({100 * (1 - s.opt.headroom):.0f}% of {_gib(capacity)})")
+                 f"({100 * (1 - s.opt.headroom):.0f}% of {_gib(capacity)}); outside tensors: "
+                 f"{outside_summary(ex.estimate.memory)}")
     closest = None
     if valid["dp"].size and not fit.any():
         closest = _candidate(s, valid, int(np.argmin(s.scorer.memory(valid))))
