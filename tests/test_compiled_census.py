@@ -1,7 +1,7 @@
 """The compiled census (planner/cost/compiled_census_data.py) is what Inductor generates for the
 runtime's block: recompiled it is unchanged, its formulas give the kernels and bytes Inductor
 generates at another shape and TP degree exactly, and the compiled block's cost follows from it
-(fewer kernels and bytes than eager, so less time; the same GEMMs and attention)."""
+(fewer kernels than eager, fewer forward bytes, less time; the same GEMMs and attention)."""
 
 import dataclasses
 
@@ -86,11 +86,13 @@ def test_compiled_layer_is_faster_with_fewer_kernels_and_bytes(spec, profile, tp
     assert comp.elementwise_bwd_s < eager.elementwise_bwd_s
     assert (comp.gemm_fwd_s, comp.attention_fwd_s, comp.gemm_bwd_s) == \
         (eager.gemm_fwd_s, eager.attention_fwd_s, eager.gemm_bwd_s)
+    census = {"tp": tp, "micro_batch": mb, "seq_len": seq}
     for direction in ("fwd", "bwd"):
-        census = {"tp": tp, "micro_batch": mb, "seq_len": seq}
-        eager_rows = ops.ops(spec, "bf16", "block", direction, **census)
-        eager_bytes = sum(o.count * (o.read_bytes + o.write_bytes) for o in eager_rows
-                          if o.kind == "memory")
         fused = compiled.compiled_pass(spec, "bf16", direction, **census)
-        assert fused.memory_bytes < eager_bytes
         assert fused.kernels < compiled.eager_kernels(spec, "bf16", direction, **census)
+    # forward traffic falls everywhere; backward traffic not for LayerNorm and biases: Inductor
+    # computes their weight and bias gradients as column reductions re-reading the activations
+    # (eager's native_layer_norm_backward reads them once), so only its kernel count falls
+    eager_fwd = sum(o.count * (o.read_bytes + o.write_bytes)
+                    for o in ops.ops(spec, "bf16", "block", "fwd", **census) if o.kind == "memory")
+    assert compiled.compiled_pass(spec, "bf16", "fwd", **census).memory_bytes < eager_fwd
