@@ -236,6 +236,11 @@ def _pytorch_rules() -> list:
              lambda ctx, r: f"DDP under an interleaved schedule needs more micro-batches "
                             f"({r['num_microbatches']}) than chunks (pp x virtual_stages = "
                             f"{_chunks(r)})"),
+        Rule("compile_tp", "torch.compile with tensor parallelism (fails in PyTorch)",
+             lambda ctx, c: (c.get("compile", np.zeros_like(c["tp"])) == 1) & (c["tp"] > 1),
+             lambda ctx, r: f"compile with tp={r['tp']} fails in PyTorch 2.13 (the compiled "
+                            f"block's backward through DTensor's redistribute: AttributeError "
+                            f"'_local_tensor', on 2 gloo ranks); use tp=1 or compile off"),
         Rule("1f1b_microbatches", "1F1B (PyTorch) needs at least as many micro-batches as stages",
              lambda ctx, c: _pipelining(ctx, c) & _in(c["schedule"], ("1f1b",))
              & (c["num_microbatches"] < c["pp"]),

@@ -22,8 +22,7 @@ from planner.search.space import enumerate_space, take
 MODEL = MODEL_PRESETS["llama2-7b"]
 CLUSTER = load_cluster("a100-80g", 1)
 JOB = Job(global_batch=64, seq_len=4096)
-LAYOUT = Layout(dp=4, tp=2, micro_batch=2, num_microbatches=8, sequence_parallel=True,
-                zero_stage=1)
+LAYOUT = Layout(dp=8, micro_batch=2, num_microbatches=4, zero_stage=1)
 
 
 def _plan(compile_: bool, engine: str = "torch") -> Plan:
@@ -35,6 +34,13 @@ def test_megatron_engine_refuses_compile():
     with pytest.raises(ValueError, match="compile .* runs on the torch engine only, not megatron"):
         _plan(True, "megatron")
     _plan(False, "megatron")
+
+
+def test_compile_with_tensor_parallelism_is_refused():
+    """The runtime's compiled block fails in backward under DTensor TP (PyTorch 2.13)."""
+    with pytest.raises(ValueError, match="compile with tp=2 fails in PyTorch"):
+        Plan(model=MODEL, cluster=CLUSTER, job=JOB,
+             layout=Layout(dp=4, tp=2, micro_batch=2, num_microbatches=8, compile=True))
 
 
 def test_cli_refusal_is_one_line_naming_the_flags(capsys):

@@ -91,7 +91,7 @@ RULE_FLAGS = {"world": ("dp", "tp", "pp"), "tp_heads": ("tp",), "tp_ffn": ("tp",
               "ddp_gpipe": ("schedule", "zero"),
               "ddp_chunks": ("schedule", "zero", "virtual_stages", "micro_batch"),
               "1f1b_microbatches": ("schedule", "pp", "micro_batch"),
-              "compile_engine": ("compile", "engine")}
+              "compile_engine": ("compile", "engine"), "compile_tp": ("compile", "tp")}
 
 
 def is_default(args, dest: str) -> bool:
