@@ -55,7 +55,9 @@ def layout_by_hand(hint: dict) -> dict:
             "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,
             "mesh_order": order.split(","), "layers_per_stage": parse_layers(layers),
-            "compile": bool(compiled)}
+            "compile": bool(compiled),
+            # no widget yet: kept from the plan inspected last (1: the policy on every block)
+            "recompute_every": int(hint.get("recompute_every", 1))}
 
 
 def parse_layers(text: str):
