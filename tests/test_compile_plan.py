@@ -113,3 +113,13 @@ def test_runtime_flag_cannot_contradict_the_plan():
     check_compile_flag(dataclasses.replace(LAYOUT, compile=True), True)
     check_compile_flag(dataclasses.replace(LAYOUT, compile=True), False)
     check_compile_flag(LAYOUT, False)
+
+
+def test_planner_run_refuses_a_compile_flag_the_plan_contradicts(tmp_path, capsys):
+    plan = Plan(model=MODEL_PRESETS["tiny"], cluster=load_cluster("cpu", 1),
+                job=Job(global_batch=8, seq_len=64, precision="fp32"),
+                layout=Layout(dp=8, micro_batch=1))
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert main(["run", str(path), "--steps", "1", "--compile"]) == 2
+    assert "--compile, but the plan has compile off" in capsys.readouterr().err
