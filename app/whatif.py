@@ -1,4 +1,4 @@
-"""What-if: set dp/tp/pp/ZeRO/micro-batch/recompute, the schedule, the mesh order and the layers
+"""What-if: set dp/tp/pp/ZeRO/micro-batch/recompute, torch.compile, the schedule, the mesh order and the layers
 of each pipeline stage by hand.  The widgets only collect values; validity is decided by
 planner.plan (the page shows its one-line reason)."""
 
@@ -21,6 +21,7 @@ def _seed(hint: dict) -> None:
     for f in FIELDS:
         st.session_state[f"hand_{f}"] = int(hint.get(f, 1 if f != "zero_stage" else 0))
     st.session_state["hand_sp"] = bool(hint.get("sequence_parallel", False))
+    st.session_state["hand_compile"] = bool(hint.get("compile", False))
     st.session_state["hand_schedule"] = hint.get("schedule", "1f1b")
     st.session_state["hand_recompute"] = hint.get("recompute", "none")
     st.session_state["hand_mesh_order"] = ",".join(hint.get("mesh_order", AXES))
@@ -41,17 +42,22 @@ def layout_by_hand(hint: dict) -> dict:
                           help="per step per data-parallel replica: dp x micro-batch x this "
                                "must equal the global batch")
     rc = c[6].selectbox("recompute", RECOMPUTE, key="hand_recompute")
-    c2 = st.columns(5)
+    c2 = st.columns(6)
     sched = c2[0].selectbox("schedule", SCHEDULES, key="hand_schedule")
     v = c2[1].number_input("virtual stages", min_value=1, step=1, key="hand_virtual_stages")
     sp = c2[2].checkbox("sequence parallel", key="hand_sp")
     order = c2[3].selectbox("mesh order (outer→inner)", MESH_ORDERS, key="hand_mesh_order")
     layers = c2[4].text_input("layers per stage", key="hand_layers",
                               help="comma-separated, one per (virtual) stage; empty = even split")
+    compiled = c2[5].checkbox("torch.compile", key="hand_compile",
+                              help="compile each transformer block (torch engine only)")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "sequence_parallel": bool(sp),
             "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,
-            "mesh_order": order.split(","), "layers_per_stage": parse_layers(layers)}
+            "mesh_order": order.split(","), "layers_per_stage": parse_layers(layers),
+            "compile": bool(compiled),
+            # no widget yet: kept from the plan inspected last (1: the policy on every block)
+            "recompute_every": int(hint.get("recompute_every", 1))}
 
 
 def parse_layers(text: str):

@@ -51,6 +51,7 @@ class Engine:
     pipeline_zero_stages: tuple = ZERO_STAGES  # ZeRO stages it runs with pp > 1
     tp_only_autotp: bool = False     # tensor parallelism only as DeepSpeed AutoTP: no pipeline,
                                      # no sequence parallelism
+    compiles_blocks: bool = False    # runs Layout.compile: torch.compile of each block
 
     def optimizer_state_bytes(self, precision: str, zero_stage: int = 0) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -69,7 +70,8 @@ TORCH = Engine(
     sp_saves_sharded_gemm_input=False, sp_shards_checkpoint=True, tp_bwd_overlaps_wgrad=False,
     tp_bwd_all_reduces_each_colwise=True, dp_overlaps_compute=True, fsdp_groups_per_block=True,
     fp16_grads_reduced_in_fp16=False, zero1_reduce_scatters=False, host_overhead_per_layer=True,
-    kernels_from_op_census=True, pytorch_pipelining_limits=True, pipelined_fsdp_defers_sync=True)
+    kernels_from_op_census=True, pytorch_pipelining_limits=True, pipelined_fsdp_defers_sync=True,
+    compiles_blocks=True)
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped

@@ -270,6 +270,14 @@ def _refuse(engine: str, what: str) -> None:
     raise ValueError(f"{engine} cannot express this plan: {what}{hint}")
 
 
+def _refuse_compile(engine: str, lay) -> None:
+    """The estimate of a compile plan is of this runtime's torch.compile'd blocks."""
+    if lay.compile:
+        raise ValueError(f"{engine} cannot express this plan: compile (torch.compile of each "
+                         f"block, as this project's runtime runs it); export the plan to "
+                         f"torchrun or slurm, or re-plan without --compile")
+
+
 # AdamW as runtime/optim.py runs it; the learning rate is the one setting no plan holds.
 ADAMW_BETAS = (0.9, 0.95)
 ADAMW_EPS = 1e-8
@@ -284,6 +292,7 @@ def deepspeed_config(plan: Plan) -> dict:
     code must do) is in the 'comment' key, which DeepSpeed ignores; settings no plan holds are
     listed in the 'placeholders' key by their dotted path."""
     lay, job = plan.layout, plan.job
+    _refuse_compile("DeepSpeed", lay)
     if lay.pp > 1 and lay.schedule != "1f1b":
         _refuse("DeepSpeed", f"schedule {lay.schedule}; its pipeline engine runs 1F1B only")
     if lay.pp > 1 and lay.zero_stage >= 2:
@@ -441,6 +450,7 @@ def megatron_args(plan: Plan, fill: dict = None) -> list:
     MEGATRON_PLACEHOLDERS are shell references `"${LR:?...}"`, or fill[NAME] where `fill`
     gives them values."""
     lay, job, spec = plan.layout, plan.job, plan.model
+    _refuse_compile("Megatron-LM", lay)
     if lay.schedule in ("gpipe", "interleaved_zb", "zbv") and lay.pp > 1:
         _refuse("Megatron-LM", f"schedule {lay.schedule}; it runs 1F1B and interleaved 1F1B")
     if spec.arch == "bert":

@@ -29,6 +29,14 @@ LAYOUT_KEYS_SINCE_3 = ("recompute_every", "compile")  # absent from older files:
 AXES = ("pp", "dp", "tp")
 
 
+
+def check_compile_flag(layout, flag: bool) -> None:
+    """The runtime compiles the blocks the plan says (Layout.compile); a `--compile` flag that
+    contradicts the plan (whose estimate is of eager blocks) is refused."""
+    if flag and not layout.compile:
+        raise ValueError("--compile, but the plan has compile off (its estimate is of eager "
+                         "blocks): make the plan with `planner estimate|suggest --compile`")
+
 @dataclass(frozen=True, kw_only=True)
 class Mesh:
     """The device mesh: axis sizes and their order, outermost first (what the topology reads)."""

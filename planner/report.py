@@ -39,6 +39,8 @@ def layout_summary(layout) -> str:
             sched += f"(v={layout.virtual_stages})"
         parts.append(sched)
     parts.append(f"recompute={layout.recompute}")
+    if layout.compile:
+        parts.append("compile")
     return " ".join(parts)
 
 

@@ -8,7 +8,8 @@ one entry for a single Layout (layout_columns) - and returns a boolean mask; `me
 takes one row `r` (plain ints) and says why it is broken.  Columns are named as the Layout
 fields they hold (sequence_parallel 0/1; schedule and recompute as indices into SCHEDULES and
 RECOMPUTE), plus world (GPUs) and lps_n / lps_sum (entries and sum of layers_per_stage; 0 when
-the split is even).  Rules are listed in the order their messages are given."""
+the split is even) and compile (0/1, Layout.compile; absent = 0).  Rules are listed in the
+order their messages are given."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ def layout_columns(layout, world: int) -> dict:
               "num_microbatches": layout.num_microbatches,
               "schedule": SCHED[layout.schedule], "virtual_stages": layout.virtual_stages,
               "recompute": RECOMPUTE.index(layout.recompute),
-              "lps_n": len(layout.layers_per_stage), "lps_sum": sum(layout.layers_per_stage)}
+              "lps_n": len(layout.layers_per_stage), "lps_sum": sum(layout.layers_per_stage),
+              "compile": int(layout.compile)}
     return {k: np.array([v], dtype=np.int64) for k, v in values.items()}
 
 
@@ -114,6 +116,11 @@ def _precision_message(ctx, r):
             f"({p.gpu.name} supports {', '.join(sorted(p.gpu.peak_flops))})")
 
 
+def _compiled(c: dict) -> np.ndarray:
+    """Layout.compile on (a space without the column compiles nothing)."""
+    return c["compile"] == 1 if "compile" in c else np.zeros(c["tp"].shape, dtype=bool)
+
+
 def _everywhere(c: dict, flag: bool) -> np.ndarray:
     return np.full(c["tp"].shape, bool(flag))
 
@@ -161,6 +168,10 @@ def _shape_rules() -> list:
         Rule("precision", "precision not supported by the GPU",
              lambda ctx, c: _everywhere(c, not ctx.profile.supports(ctx.job.precision)),
              _precision_message),
+        Rule("compile_engine", "torch.compile on an engine that does not compile blocks",
+             lambda ctx, c: _compiled(c) & _everywhere(c, not ctx.engine.compiles_blocks),
+             lambda ctx, r: f"compile (torch.compile of each block) runs on the torch engine "
+                            f"only, not {ctx.job.engine}"),
         Rule("positions", "sequence longer than the learned positions",
              lambda ctx, c: _everywhere(c, _long_sequence(ctx)),
              lambda ctx, r: f"seq len {ctx.job.seq_len} exceeds {ctx.model.name}'s "
@@ -230,6 +241,11 @@ def _pytorch_rules() -> list:
              lambda ctx, r: f"DDP under an interleaved schedule needs more micro-batches "
                             f"({r['num_microbatches']}) than chunks (pp x virtual_stages = "
                             f"{_chunks(r)})"),
+        Rule("compile_tp", "torch.compile with tensor parallelism (fails in PyTorch)",
+             lambda ctx, c: _compiled(c) & (c["tp"] > 1),
+             lambda ctx, r: f"compile with tp={r['tp']} fails in PyTorch 2.13 (the compiled "
+                            f"block's backward through DTensor's redistribute: AttributeError "
+                            f"'_local_tensor', on 2 gloo ranks); use tp=1 or compile off"),
         Rule("1f1b_microbatches", "1F1B (PyTorch) needs at least as many micro-batches as stages",
              lambda ctx, c: _pipelining(ctx, c) & _in(c["schedule"], ("1f1b",))
              & (c["num_microbatches"] < c["pp"]),
@@ -272,7 +288,7 @@ SEARCH_LABELS = {"batch": "dp does not divide the global batch",
 # shape-level reasons (why tp or dp cannot take the obvious value) the nothing-fits line cites
 SHAPE_KEYS = ("tp_heads", "tp_ffn", "tp_node", "batch")
 # reasons that rule out every layout of a request: said first when nothing is valid
-REQUEST_KEYS = ("precision", "positions")
+REQUEST_KEYS = ("precision", "positions", "compile_engine")
 
 
 def label(key: str) -> str:

@@ -23,14 +23,13 @@ def _local(t):
 
 
 class Engine:
-    def __init__(self, plan, ctx, optim_cfg: OptimConfig = OptimConfig(), seed: int = 0,
-                 compile_blocks: bool = False):
+    def __init__(self, plan, ctx, optim_cfg: OptimConfig = OptimConfig(), seed: int = 0):
         self.plan, self.ctx, self.cfg, self.seed = plan, ctx, optim_cfg, seed
         spec, lay = plan.model, plan.layout
         chunks = build_chunks(spec, lay, ctx.pp_rank)
         self.chunk_ids = [c for c, _ in chunks]
         self.parts = [m for _, m in chunks]
-        wraps = {parallelize(part, lay, plan.job.precision, ctx, compile_blocks)
+        wraps = {parallelize(part, lay, plan.job.precision, ctx, compile_blocks=lay.compile)
                  for part in self.parts}
         for part in self.parts:
             materialize(part, ctx.device, seed)

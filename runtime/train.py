@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from planner.plan import Plan
+from planner.plan import Plan, check_compile_flag
 from planner.units import fmt_seconds
 from runtime import faults
 
@@ -40,7 +40,6 @@ class RunConfig:
     seed: int = 0
     val_batches: int = VAL_BATCHES
     measure_step: int = 1  # the step whose memory is recorded (step 0 includes warm-up)
-    compile: bool = False  # torch.compile each transformer block
 
     def __post_init__(self):
         if self.steps < 1:
@@ -77,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip (0: off)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the weights, the data order and dropout")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block: the plan's compile (refused if it is off)")
     p.add_argument("--timeout", type=float, default=60.0, help="collective timeout (s)")
     p.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     return p
@@ -149,7 +149,7 @@ class Trainer:
         if tokens is None:
             tokens = load_data(plan, cfg)
         self.data = _token_data(plan, cfg, tokens, ctx.dp_rank)
-        self.engine = Engine(plan, ctx, optim_cfg, seed=cfg.seed, compile_blocks=cfg.compile)
+        self.engine = Engine(plan, ctx, optim_cfg, seed=cfg.seed)  # compiles if plan says so
         self.optim_cfg = optim_cfg
         self.steps, self.record = [], {}
 
@@ -275,11 +275,12 @@ def main(argv=None) -> int:
         timeout_s = args.timeout
         check_args(args)
         plan = Plan.load(args.plan)
+        check_compile_flag(plan.layout, args.compile)
         cfg = RunConfig(steps=args.steps, data=args.data,
                         data_cap_bytes=int(args.data_cap_mb * 2**20),
                         checkpoint_dir=args.checkpoint_dir,
                         checkpoint_every=args.checkpoint_every, resume=args.resume,
-                        out=args.out, seed=args.seed, compile=args.compile)
+                        out=args.out, seed=args.seed)
         from runtime.mesh import check_world_size
         from runtime.optim import OptimConfig
         check_world_size(plan.layout)

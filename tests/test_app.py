@@ -298,3 +298,27 @@ def test_step_times_are_shown_in_their_unit():
     _ok(at)
     steps = list(at.dataframe[0].value["step"])
     assert steps and all(s.endswith(" s") and float(s[:-2]) > 1 for s in steps), steps
+
+
+def test_compile_checkbox_speeds_up_the_hand_set_layout_or_names_the_rule():
+    at = _app(batch=64)
+    at.selectbox(key="pick").set_value("set by hand").run()
+    for k, v in {"hand_dp": 8, "hand_tp": 1, "hand_pp": 1, "hand_micro_batch": 1,
+                 "hand_num_microbatches": 8, "hand_virtual_stages": 1}.items():
+        at.number_input(key=k).set_value(v)
+    at.selectbox(key="hand_schedule").set_value("1f1b")
+    at.selectbox(key="hand_zero_stage").set_value(3)
+    at.checkbox(key="hand_sp").uncheck()
+    at.checkbox(key="hand_compile").uncheck().run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    eager = at.metric[1].value
+    at.checkbox(key="hand_compile").check().run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    assert at.metric[1].value != eager                # compiled blocks move the step time
+    at.number_input(key="hand_dp").set_value(4)
+    at.number_input(key="hand_tp").set_value(2)
+    at.number_input(key="hand_num_microbatches").set_value(16).run()
+    _ok(at)
+    assert len(at.error) == 1 and "compile with tp=2 fails" in _text(at.error[0])

@@ -66,10 +66,16 @@ def add_layout(parser) -> None:
                         help="model chunks per pipeline rank (interleaved schedules, zbv: 2)")
     parser.add_argument("--recompute", choices=RECOMPUTE, default="none",
                         help="activation recomputation")
+    add_compile(parser)
     parser.add_argument("--mesh-order", default="pp,dp,tp",
                         help="mesh axes outermost to innermost")
     add_gpus(parser)
     parser.add_argument("--plan", help="read the whole plan from a plan.json instead")
+
+
+def add_compile(parser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each transformer block (torch engine)")
 
 
 # the flag of each argparse dest that can end up in a refusal
@@ -78,7 +84,8 @@ FLAGS = {"model": "--model", "cluster": "--cluster", "nodes": "--nodes",
          "engine": "--engine", "attention": "--attention", "dp": "--dp", "tp": "--tp",
          "pp": "--pp", "micro_batch": "--micro-batch", "sp": "--sp", "zero": "--zero",
          "schedule": "--schedule", "virtual_stages": "--virtual-stages",
-         "recompute": "--recompute", "mesh_order": "--mesh-order", "gpus": "--gpus"}
+         "recompute": "--recompute", "mesh_order": "--mesh-order", "gpus": "--gpus",
+         "compile": "--compile"}
 # planner.rules key -> the flags (dests) whose values that rule read
 RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn": ("tp",),
               "tp_node": ("tp",), "sp_tp": ("sp", "tp"), "sp_seq": ("tp", "seq_len"),
@@ -92,7 +99,8 @@ RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn"
               "ddp_microbatches": ("zero", "pp", "micro_batch"),
               "ddp_gpipe": ("schedule", "zero"),
               "ddp_chunks": ("schedule", "zero", "virtual_stages", "micro_batch"),
-              "1f1b_microbatches": ("schedule", "pp", "micro_batch")}
+              "1f1b_microbatches": ("schedule", "pp", "micro_batch"),
+              "compile_engine": ("compile", "engine"), "compile_tp": ("compile", "tp")}
 
 
 def is_default(args, dest: str) -> bool:
@@ -166,7 +174,8 @@ def build_plan(args) -> Plan:
                     zero_stage=args.zero, micro_batch=args.micro_batch,
                     num_microbatches=per_replica // args.micro_batch, schedule=args.schedule,
                     virtual_stages=args.virtual_stages, recompute=args.recompute,
-                    mesh_order=tuple(a.strip() for a in args.mesh_order.split(",")))
+                    mesh_order=tuple(a.strip() for a in args.mesh_order.split(",")),
+                    compile=args.compile)
     try:
         return Plan(model=model, cluster=cluster, job=job, layout=layout)
     except ValueError as exc:

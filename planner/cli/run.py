@@ -46,7 +46,8 @@ RUNTIME_FLAGS = (
     ("--warmup", int, 0, "warmup steps (0: a tenth of --steps)"),
     ("--grad-clip", float, 1.0, "global-norm clip (0: off)"),
     ("--seed", int, 0, "seed of the weights, the data order and dropout"),
-    ("--compile", bool, False, "torch.compile each block"),
+    ("--compile", bool, False, "torch.compile each block: the plan's compile (refused if it is "
+                               "off)"),
     ("--timeout", float, 60.0, "collective timeout (s)"),
 )
 
@@ -324,8 +325,9 @@ def _procs_per_node(line: str) -> int:
 
 
 def run(args) -> int:
-    from planner.plan import Plan
+    from planner.plan import Plan, check_compile_flag
     plan = Plan.load(args.plan)  # a bad plan is a one-line error before anything starts
+    check_compile_flag(plan.layout, getattr(args, "train_compile", False))
     extra = ["--out", args.measured, *training_flags(args),
              *(["--debug"] if getattr(args, "debug", False) else []), *args.passthrough]
     lines = export.torchrun_lines(plan, plan_path=str(args.plan), steps=args.steps)

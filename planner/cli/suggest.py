@@ -1,8 +1,8 @@
 """`planner suggest`: search every valid layout, rank, explain, write the chosen plan."""
 
 from planner import limits
-from planner.cli.common import (add_gpus, add_inputs, bounded_float, bounded_int, build_inputs,
-                                check_output, print_json, save_plan)
+from planner.cli.common import (add_compile, add_gpus, add_inputs, bounded_float, bounded_int,
+                                build_inputs, check_output, print_json, save_plan)
 
 # = planner.search.ranking.OBJECTIVES (tests/test_imports.py checks); not imported from there:
 # that module loads the search and the cost model, which building the parser must not
@@ -30,6 +30,7 @@ def add_parser(sub):
                    default=0.0, help="drop plans slower than this (min-gpus objective)")
     p.add_argument("--token-budget", type=bounded_float(0.0, limits.MAX_TOKEN_BUDGET),
                    default=0.0, help="tokens to train, for time-to-train (e.g. 2e12)")
+    add_compile(p)  # on: every layout compiled; off (default): none
     return p
 
 
@@ -39,7 +40,7 @@ def _options(args):
                          max_tp=args.max_tp, headroom=args.headroom,
                          allow_fewer_gpus=args.allow_fewer_gpus,
                          target_tokens_per_s=args.target_tokens_per_s,
-                         token_budget=args.token_budget)
+                         token_budget=args.token_budget, compile=args.compile)
 
 
 def run(args) -> int:

@@ -20,10 +20,16 @@ half), backward 2.5x forward; unfused attention as batched GEMMs plus the softma
 The `torch` engine's host work per layer (Python, autograd and DTensor dispatch, and on CPU ranks
 the waits of each small TP collective) is the profile's measured host_layer_overhead_s.  A GPU's
 host queues kernels ahead of the device, so a layer takes the longer of host and device time;
-where host and device are one processor (CPU ranks) the two add."""
+where host and device are one processor (CPU ranks) the two add.
+
+A torch.compile'd block (`compile`, torch engine): the same GEMM and attention calls, and instead
+of the eager aten ops the fused kernels Inductor generates for it (planner/cost/compiled.py), each
+one launch moving its bytes once; its host time is the eager host time per eager kernel times
+the compiled kernels (README, torch.compile: an upper bound on the launches' host cost)."""
 
 from dataclasses import dataclass
 
+from planner.cost.compiled import compiled_pass, eager_kernels
 from planner.cost.flops import Gemm, attention_core_flops, head_extra_gemms, head_gemm, layer_gemms
 from planner.cost.ops import ops
 from planner.engines import engine
@@ -145,13 +151,31 @@ def _census_pass(gpu: GpuSpec, spec: ModelSpec, job: Job, region: str, direction
     return gemm_s, _memory_time(gpu, nbytes, kernels)
 
 
+def _compiled_pass(gpu: GpuSpec, spec: ModelSpec, job: Job, direction: str, host_s: float, *,
+                   tp: int, sequence_parallel: bool, micro_batch: int) -> tuple:
+    """(GEMM seconds, memory-bound seconds, host seconds) of one pass of a torch.compile'd block
+    (planner/cost/compiled.py): the same GEMMs as eager, Inductor's fused kernels each moving
+    its bytes once, and the eager host time per eager kernel paid per compiled kernel."""
+    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    gemm_s, _ = _census_pass(gpu, spec, job, "block", direction, **shape)
+    census_shape = {**shape, "seq_len": job.seq_len}
+    fused = compiled_pass(spec, job.precision, direction, **census_shape)
+    host = host_s * fused.kernels / eager_kernels(spec, job.precision, direction, **census_shape)
+    return gemm_s, _memory_time(gpu, fused.memory_bytes, fused.memory_kernels), host
+
+
 def layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
-                micro_batch: int) -> LayerTimes:
+                micro_batch: int, compile: bool = False) -> LayerTimes:
     eng = engine(job.engine)
     attn_fwd, attn_bwd = _attention_times(gpu, spec, job, micro_batch, tp)
     host_fwd, host_bwd = gpu.host_layer_s(tp) if eng.host_overhead_per_layer else (0.0, 0.0)
+    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    if compile:  # the rules allow it on engines that compile blocks only
+        gemm_fwd, elem_fwd, host_fwd = _compiled_pass(gpu, spec, job, "fwd", host_fwd, **shape)
+        gemm_bwd, elem_bwd, host_bwd = _compiled_pass(gpu, spec, job, "bwd", host_bwd, **shape)
+        return LayerTimes(gemm_fwd, attn_fwd, elem_fwd, gemm_bwd, attn_bwd, elem_bwd,
+                          host_fwd, host_bwd, gpu.host_is_device)
     if eng.kernels_from_op_census:
-        shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
         gemm_fwd, elem_fwd = _census_pass(gpu, spec, job, "block", "fwd", **shape)
         gemm_bwd, elem_bwd = _census_pass(gpu, spec, job, "block", "bwd", **shape)
         return LayerTimes(gemm_fwd, attn_fwd, elem_fwd, gemm_bwd, attn_bwd, elem_bwd,

@@ -13,7 +13,7 @@ from planner.cost.pipeline import rank_facts
 
 LAYOUT_FIELDS = ("dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
                  "num_microbatches", "schedule", "virtual_stages", "recompute", "mesh_order",
-                 "layers_per_stage")
+                 "layers_per_stage", "compile")
 
 
 @lru_cache(maxsize=None)

@@ -19,6 +19,7 @@ from functools import lru_cache
 from planner.cost import activations as act
 from planner.cost import deepspeed as ds
 from planner.cost.combine import activation_peak, rank_total_bytes
+from planner.cost.compiled import saved_bytes_saving
 from planner.cost.fields import PlanEvaluations, call, plan_fields, rank_facts_of, unpack, with_rank
 from planner.cost.outside import OUTSIDE_TERMS, collective_groups, outside_parts, pipeline_peers
 from planner.cost.params import _local_numel, block_params_local, chunk_size, pieces_tensors
@@ -188,10 +189,16 @@ def comm_buffers(spec, job, *, tp, micro_batch, zero_stage) -> float:
     return tp_gather + rs
 
 
-def activation_pieces(spec, job, *, tp, sequence_parallel, micro_batch, recompute) -> tuple:
-    """(per layer, embedding, output layer) activation bytes of one micro-batch."""
+def activation_pieces(spec, job, *, tp, sequence_parallel, micro_batch, recompute,
+                      compile=False) -> tuple:
+    """(per layer, embedding, output layer) activation bytes of one micro-batch; a compiled
+    block without recompute saves what the compiled census measured fewer
+    (planner/cost/compiled.py)."""
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
-    return (act.layer_bytes(spec, job, **shape, recompute=recompute),
+    layer = act.layer_bytes(spec, job, **shape, recompute=recompute)
+    if compile and recompute == "none":
+        layer -= saved_bytes_saving(spec, job.precision, seq_len=job.seq_len, **shape)
+    return (layer,
             act.embedding_bytes(spec, job, **shape), act.head_bytes(spec, job, **shape))
 
 

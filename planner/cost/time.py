@@ -65,10 +65,11 @@ class TimeBreakdown:
                    slowest_pp_rank=int(parts.slowest))
 
 
-def layer_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch) -> tuple:
+def layer_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch,
+                  compile=False) -> tuple:
     """(forward, backward, weight-gradient) seconds of one layer and micro-batch."""
     lt = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
-                     micro_batch=micro_batch)
+                     micro_batch=micro_batch, compile=compile)
     return lt.fwd_s, lt.bwd_s, lt.wgrad_s
 
 
@@ -78,12 +79,14 @@ def head_seconds(gpu, spec, job, *, tp, micro_batch) -> tuple:
     return ht.fwd_s, ht.bwd_s, ht.wgrad_s
 
 
-def recompute_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch, recompute) -> float:
-    """Recompute per layer and micro-batch: the attention core (selective) or the forward."""
+def recompute_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch, recompute,
+                      compile=False) -> float:
+    """Recompute per layer and micro-batch: the attention core (selective) or the forward
+    (compiled under `compile`)."""
     if recompute == "none":
         return 0.0
     lt = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
-                     micro_batch=micro_batch)
+                     micro_batch=micro_batch, compile=compile)
     return selective_recompute_s(lt) if recompute == "selective" else lt.fwd_s
 
 

@@ -117,6 +117,7 @@ def result_text(result) -> str:
     lines = [f"{result.model.name} on {result.cluster.world_size} x "
              f"{result.cluster.profile.gpu.name}; batch {result.job.global_batch} x "
              f"{result.job.seq_len}; objective {result.options.objective}; "
+             f"{'every block torch.compiled; ' if result.options.compile else ''}"
              f"{result.num_considered:,} layouts considered, {result.num_fit:,} fit "
              f"(headroom {100 * result.options.headroom:.0f}%), "
              f"searched in {result.elapsed_s:.2f} s", "", text_table(ranked_rows(result)), ""]

@@ -36,6 +36,7 @@ class SearchOptions:
     allow_fewer_gpus: bool = False
     target_tokens_per_s: float = 0.0
     token_budget: float = 0.0       # tokens to train, for time-to-train
+    compile: bool = False           # every layout with Layout.compile (torch.compile per block)
 
     def __post_init__(self):
         if self.max_tp is None:
@@ -195,6 +196,7 @@ class _Search:
             spaces.append(cols)
             self._check_size(sum(c["dp"].size for c in spaces))
         out = concat(spaces)
+        out["compile"] = np.full(out["dp"].size, int(self.opt.compile), dtype=np.int64)
         self.considered = int(out["dp"].size) + self.rejects.get("batch", [0])[0]
         return out
 

@@ -24,7 +24,7 @@ from planner.plan import AXES, Layout
 from planner.search.space import take
 
 _NAMES = {"schedule": np.array(SCHEDULES), "recompute": np.array(RECOMPUTE)}
-_FLAGS = ("sequence_parallel", "holds_embedding", "holds_head", "tied_copy")
+_FLAGS = ("sequence_parallel", "holds_embedding", "holds_head", "tied_copy", "compile")
 
 
 def layout_at(cols: dict, i: int) -> Layout:
@@ -34,7 +34,8 @@ def layout_at(cols: dict, i: int) -> Layout:
                   num_microbatches=int(cols["num_microbatches"][i]),
                   schedule=SCHEDULES[int(cols["schedule"][i])],
                   virtual_stages=int(cols["virtual_stages"][i]),
-                  recompute=RECOMPUTE[int(cols["recompute"][i])])
+                  recompute=RECOMPUTE[int(cols["recompute"][i])],
+                  compile=bool(cols["compile"][i]) if "compile" in cols else False)
 
 
 def _row_codes(rows: np.ndarray) -> np.ndarray:
