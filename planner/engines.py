@@ -11,7 +11,11 @@ from planner.units import ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
 INTERLEAVED = ("interleaved_1f1b", "interleaved_zb", "zbv")   # several chunks per rank
 ZERO_BUBBLE = ("interleaved_zb", "zbv")                       # backward split into I and W
-RECOMPUTE = ("none", "selective", "full")
+# none; selective: the attention core (Korthikanti et al. 2022, Sec. 5); op: torchtitan's op-level
+# selective checkpointing (save every other mm, attention and reduce-scatter outputs); full: keep
+# only the block input
+RECOMPUTE = ("none", "selective", "op", "full")
+RECOMPUTE_EVERY_CHOICES = (1, 2, 4)  # the K the search tries where a policy is on
 ZERO_STAGES = (0, 1, 2, 3)
 DDP_STAGES = (0, 1)          # gradients all-reduced (DDP or FSDP2's replicate under TP)
 SHARDED_GRAD_STAGES = (2, 3)  # FSDP2: reduce-scatter per micro-batch
@@ -38,6 +42,8 @@ class Engine:
     pytorch_pipelining_limits: bool  # PyTorch 2.13's pipelining restrictions apply (rules.py)
     pipelined_fsdp_defers_sync: bool  # under pipelining, ZeRO-2/3 keep parameters unsharded and
                                      # gradients unreduced until the step's last backward
+    recompute_policies: tuple = RECOMPUTE  # the recompute policies it runs
+    recompute_every_block_only: bool = False  # recompute_every must be 1
 
     def optimizer_state_bytes(self, precision: str) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -64,7 +70,10 @@ MEGATRON = Engine(
     tp_bwd_overlaps_wgrad=True, tp_bwd_all_reduces_each_colwise=False, dp_overlaps_compute=False,
     fsdp_groups_per_block=False, fp16_grads_reduced_in_fp16=True, zero1_reduce_scatters=True,
     host_overhead_per_layer=False, kernels_from_op_census=False, pytorch_pipelining_limits=False,
-    pipelined_fsdp_defers_sync=False)
+    pipelined_fsdp_defers_sync=False,
+    # --recompute-granularity selective|full; no op-level policy, and --recompute-method block
+    # counts the first N layers of each stage, not every K-th block
+    recompute_policies=("none", "selective", "full"), recompute_every_block_only=True)
 
 ENGINES = {e.name: e for e in (TORCH, MEGATRON)}
 

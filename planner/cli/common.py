@@ -43,6 +43,19 @@ def add_inputs(parser, required: bool = True) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def add_recompute(parser, search: bool) -> None:
+    """--recompute and --recompute-every; for the search, unset means 'try them all'."""
+    parser.add_argument("--recompute", choices=RECOMPUTE, default=None if search else "none",
+                        help="activation recomputation: none, selective (attention core), op "
+                             "(torchtitan's op-level policy), full" +
+                             (" (default: search them)" if search else ""))
+    parser.add_argument("--recompute-every", type=bounded_int(1, limits.MAX_LAYERS),
+                        default=None if search else 1,
+                        help="apply the policy to every K-th block (blocks K-1, 2K-1, ...), "
+                             "the others none" + (" (default: search 1, 2, 4)" if search
+                                                  else " (default 1)"))
+
+
 def add_layout(parser) -> None:
     degree = bounded_int(1, limits.MAX_DEGREE)
     parser.add_argument("--dp", type=degree, default=1, help="data-parallel degree")
@@ -57,8 +70,7 @@ def add_layout(parser) -> None:
                         help="pipeline schedule (with pp > 1)")
     parser.add_argument("--virtual-stages", type=bounded_int(1, limits.MAX_LAYERS), default=1,
                         help="model chunks per pipeline rank (interleaved schedules, zbv: 2)")
-    parser.add_argument("--recompute", choices=RECOMPUTE, default="none",
-                        help="activation recomputation")
+    add_recompute(parser, search=False)
     parser.add_argument("--mesh-order", default="pp,dp,tp",
                         help="mesh axes outermost to innermost")
     parser.add_argument("--plan", help="read the whole plan from a plan.json instead")
@@ -70,7 +82,8 @@ FLAGS = {"model": "--model", "cluster": "--cluster", "nodes": "--nodes",
          "engine": "--engine", "attention": "--attention", "dp": "--dp", "tp": "--tp",
          "pp": "--pp", "micro_batch": "--micro-batch", "sp": "--sp", "zero": "--zero",
          "schedule": "--schedule", "virtual_stages": "--virtual-stages",
-         "recompute": "--recompute", "mesh_order": "--mesh-order"}
+         "recompute": "--recompute", "recompute_every": "--recompute-every",
+         "mesh_order": "--mesh-order"}
 # planner.rules key -> the flags (dests) whose values that rule read
 RULE_FLAGS = {"world": ("dp", "tp", "pp"), "tp_heads": ("tp",), "tp_ffn": ("tp",),
               "tp_node": ("tp",), "sp_tp": ("sp", "tp"), "sp_seq": ("tp", "seq_len"),
@@ -84,7 +97,11 @@ RULE_FLAGS = {"world": ("dp", "tp", "pp"), "tp_heads": ("tp",), "tp_ffn": ("tp",
               "ddp_microbatches": ("zero", "pp", "micro_batch"),
               "ddp_gpipe": ("schedule", "zero"),
               "ddp_chunks": ("schedule", "zero", "virtual_stages", "micro_batch"),
-              "1f1b_microbatches": ("schedule", "pp", "micro_batch")}
+              "1f1b_microbatches": ("schedule", "pp", "micro_batch"),
+              "recompute_every_none": ("recompute_every", "recompute"),
+              "recompute_every_layers": ("recompute_every", "model"),
+              "recompute_engine": ("recompute", "engine"),
+              "recompute_every_engine": ("recompute_every", "engine")}
 
 
 def is_default(args, dest: str) -> bool:
@@ -150,6 +167,7 @@ def build_plan(args) -> Plan:
                     zero_stage=args.zero, micro_batch=args.micro_batch,
                     num_microbatches=per_replica // args.micro_batch, schedule=args.schedule,
                     virtual_stages=args.virtual_stages, recompute=args.recompute,
+                    recompute_every=args.recompute_every,
                     mesh_order=tuple(a.strip() for a in args.mesh_order.split(",")))
     try:
         return Plan(model=model, cluster=cluster, job=job, layout=layout)

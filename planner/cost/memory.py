@@ -16,8 +16,8 @@ from functools import lru_cache
 
 from planner.cost import activations as act
 from planner.cost.combine import activation_peak, rank_total_bytes
-from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of, unpack,
-                                 with_rank)
+from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of,
+                                 recomputed_layers_of, unpack, with_rank)
 from planner.cost.params import _local_numel, block_params_local, chunk_size, pieces_tensors
 from planner.cost.pipeline import head_inflight, inflight_chunks
 from planner.engines import SHARDED_GRAD_STAGES, deferred_fsdp, engine
@@ -163,9 +163,11 @@ def comm_buffers(spec, job, *, tp, micro_batch, zero_stage) -> float:
 
 
 def activation_pieces(spec, job, *, tp, sequence_parallel, micro_batch, recompute) -> tuple:
-    """(per layer, embedding, output layer) activation bytes of one micro-batch."""
+    """(per recomputed layer, per other layer, embedding, output layer) activation bytes of
+    one micro-batch."""
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
     return (act.layer_bytes(spec, job, **shape, recompute=recompute),
+            act.layer_bytes(spec, job, **shape, recompute="none"),
             act.embedding_bytes(spec, job, **shape), act.head_bytes(spec, job, **shape))
 
 
@@ -180,11 +182,12 @@ def rank_memory_parts(evaluate) -> dict:
     """One rank's bytes by component (scalars, or one entry per layout), from its pieces:
     `evaluate(fn)` is fn's result for the rank (planner/cost/fields.py)."""
     weights, gradients, optimizer = unpack(evaluate(model_states), 3)
-    per_layer, emb, head = unpack(evaluate(activation_pieces), 3)
+    per_layer, plain, emb, head = unpack(evaluate(activation_pieces), 4)
     chunks, head_mbs = unpack(evaluate(inflight), 2)
     layers, nchunks, first, last = unpack(evaluate(rank_facts_of), 4)
     facts = {"rank_layers": layers, "holds_embedding": first == 1, "holds_head": last == 1,
-             "layer_bytes": per_layer, "embedding_bytes": emb, "head_bytes": head}
+             "layer_bytes": per_layer, "embedding_bytes": emb, "head_bytes": head,
+             "recomputed_layers": evaluate(recomputed_layers_of), "plain_layer_bytes": plain}
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
              "activations": activation_peak(inflight=chunks, rank_chunks=nchunks,
                                             head_inflight=head_mbs, **facts),

@@ -116,3 +116,25 @@ def summary(spec: ModelSpec, precision: str, **shape) -> dict:
                 sum(o.count * o.flops for o in rows if o.kind != "memory"),
                 sum(o.count * (o.read_bytes + o.write_bytes) for o in rows if o.kind == "memory"))
     return out
+
+
+# torchtitan's op-level selective activation checkpointing (torchtitan/models/llama3/infra/
+# parallelize.py, _save_list): outputs of these ops are saved (the census names the CUDA
+# attention kernels; runtime/model.py OP_POLICY_SAVE_LIST adds the CPU flash kernel), except
+# every second mm, counted per forward from the block's first; everything else is recomputed.
+OP_POLICY_SAVE_LIST = ("mm", "_scaled_dot_product_efficient_attention",
+                       "_scaled_dot_product_flash_attention", "max")
+
+
+def op_policy_saved(rows: list) -> list:
+    """For each op row of a block forward, how many of its `count` kernels the op-level policy
+    saves the output of (mm: the 1st, 3rd, 5th, ... mm of the block)."""
+    saved, mm_seen = [], 0
+    for op in rows:
+        if op.name == "mm":
+            odd = sum(1 for i in range(op.count) if (mm_seen + i + 1) % 2 == 1)
+            mm_seen += op.count
+            saved.append(odd)
+        else:
+            saved.append(op.count if op.name in OP_POLICY_SAVE_LIST else 0)
+    return saved

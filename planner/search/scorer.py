@@ -34,7 +34,8 @@ def layout_at(cols: dict, i: int) -> Layout:
                   num_microbatches=int(cols["num_microbatches"][i]),
                   schedule=SCHEDULES[int(cols["schedule"][i])],
                   virtual_stages=int(cols["virtual_stages"][i]),
-                  recompute=RECOMPUTE[int(cols["recompute"][i])])
+                  recompute=RECOMPUTE[int(cols["recompute"][i])],
+                  recompute_every=int(cols["recompute_every"][i]))
 
 
 def _row_codes(rows: np.ndarray) -> np.ndarray:
