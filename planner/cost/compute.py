@@ -25,7 +25,7 @@ where host and device are one processor (CPU ranks) the two add."""
 from dataclasses import dataclass
 
 from planner.cost.flops import Gemm, attention_core_flops, head_extra_gemms, head_gemm, layer_gemms
-from planner.cost.ops import ops
+from planner.cost.ops import op_policy_saved, ops
 from planner.engines import engine
 from planner.hardware import GpuSpec
 from planner.job import Job

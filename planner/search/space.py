@@ -65,7 +65,7 @@ def _schedule_options(num_layers: int, pp: int, engine_name: str) -> list:
 def recompute_options(model, engine_name: str, recompute: str = None,
                       recompute_every: int = None) -> list:
     """(RECOMPUTE index, recompute_every) pairs: the engine's policies, each on every block
-    and, for a policy, on every 2nd and 4th block (RECOMPUTE_EVERY_CHOICES within the layers);
+    and, for a policy under an engine with recompute_every, on every 2nd and 4th block (RECOMPUTE_EVERY_CHOICES within the layers);
     a value the user fixed is the only one tried (a combination the rules refuse stays, so its
     refusal is reported)."""
     policies = [recompute] if recompute else list(engine(engine_name).recompute_policies)
@@ -73,7 +73,7 @@ def recompute_options(model, engine_name: str, recompute: str = None,
     for policy in policies:
         if recompute_every:
             everies = [recompute_every]
-        elif policy == "none":
+        elif policy == "none" or engine(engine_name).recompute_every_block_only:
             everies = [1]
         else:
             everies = [k for k in RECOMPUTE_EVERY_CHOICES if k == 1 or k <= model.num_layers]
