@@ -1,5 +1,5 @@
-"""What-if: set dp/tp/pp/ZeRO/micro-batch/recompute, the schedule, the mesh order and the layers
-of each pipeline stage by hand.  The widgets only collect values; validity is decided by
+"""What-if: set dp/tp/pp/ZeRO/micro-batch/recompute (the policy and every K-th block), the
+schedule, the mesh order and the layers of each pipeline stage by hand.  The widgets only collect values; validity is decided by
 planner.plan (the page shows its one-line reason)."""
 
 import itertools
@@ -10,7 +10,8 @@ from planner.plan import AXES, RECOMPUTE, SCHEDULES
 
 MESH_ORDERS = [",".join(p) for p in itertools.permutations(AXES)]
 
-FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "num_microbatches", "virtual_stages")
+FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "num_microbatches", "virtual_stages",
+          "recompute_every")
 
 
 def _seed(hint: dict) -> None:
@@ -41,16 +42,21 @@ def layout_by_hand(hint: dict) -> dict:
                           help="per step per data-parallel replica: dp x micro-batch x this "
                                "must equal the global batch")
     rc = c[6].selectbox("recompute", RECOMPUTE, key="hand_recompute")
-    c2 = st.columns(5)
+    c2 = st.columns(6)
     sched = c2[0].selectbox("schedule", SCHEDULES, key="hand_schedule")
     v = c2[1].number_input("virtual stages", min_value=1, step=1, key="hand_virtual_stages")
     sp = c2[2].checkbox("sequence parallel", key="hand_sp")
     order = c2[3].selectbox("mesh order (outer→inner)", MESH_ORDERS, key="hand_mesh_order")
     layers = c2[4].text_input("layers per stage", key="hand_layers",
                               help="comma-separated, one per (virtual) stage; empty = even split")
+    every = c2[5].number_input("recompute every", min_value=1, step=1,
+                               key="hand_recompute_every",
+                               help="the recompute policy on every K-th block (0-based blocks "
+                                    "K-1, 2K-1, ...: torchtitan's convention), the others none")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "sequence_parallel": bool(sp),
             "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,
+            "recompute_every": int(every),
             "mesh_order": order.split(","), "layers_per_stage": parse_layers(layers)}
 
 

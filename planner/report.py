@@ -34,6 +34,8 @@ def layout_summary(layout) -> str:
             sched += f"(v={layout.virtual_stages})"
         parts.append(sched)
     parts.append(f"recompute={layout.recompute}")
+    if layout.recompute_every > 1:
+        parts.append(f"every={layout.recompute_every}")
     return " ".join(parts)
 
 
