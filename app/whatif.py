@@ -57,6 +57,7 @@ def layout_by_hand(hint: dict) -> dict:
             "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,
             "recompute_every": int(every),
+            "compile": bool(hint.get("compile", False)),  # no widget: the inspected plan's
             "mesh_order": order.split(","), "layers_per_stage": parse_layers(layers)}
 
 

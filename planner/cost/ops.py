@@ -17,7 +17,7 @@ parallelism; the others on the whole sequence."""
 
 import math
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 from planner.cost import op_census_data as data
 from planner.spec import ModelSpec
@@ -79,10 +79,12 @@ def symbols(spec: ModelSpec, *, tp: int, micro_batch: int, seq_len: int) -> dict
             "v": -(-spec.vocab_size // tp)}
 
 
+@lru_cache(maxsize=8192)
 def ops(spec: ModelSpec, precision: str, region: str, direction: str, *, tp: int,
-        micro_batch: int, seq_len: int, sequence_parallel: bool = False) -> list:
+        micro_batch: int, seq_len: int, sequence_parallel: bool = False) -> tuple:
     """Every op of `region` ('block', 'head' = output layer + loss, 'embedding') in `direction`
-    ('fwd', 'bwd') for one micro-batch on one TP rank."""
+    ('fwd', 'bwd') for one micro-batch on one TP rank (cached: layer times, activation bytes
+    and recompute times read the same rows)."""
     sym = symbols(spec, tp=tp, micro_batch=micro_batch, seq_len=seq_len)
     sharded = {**sym, "s": seq_len / tp} if sequence_parallel else sym
     result = []
@@ -91,7 +93,7 @@ def ops(spec: ModelSpec, precision: str, region: str, direction: str, *, tp: int
         s = sharded if sp else sym
         result.append(Op(name, module, kind, sp, n, _value(flops, s), _value(read, s),
                          _value(write, s), tuple(_value(d, s) for d in mkn) if mkn else None))
-    return result
+    return tuple(result)
 
 
 def optimizer_bytes_per_param(fused: bool) -> float:
