@@ -4,6 +4,7 @@ the search, the simulator and the exports follow the same policy.  Multi-rank pa
 policies is in tests/test_runtime_parity.py."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -209,3 +210,24 @@ def test_deepspeed_export_notes_op_and_every_k():
     note = export.deepspeed_config(_h100_plan(recompute="op", recompute_every=2))["comment"]
     assert "op-level recompute is not a DeepSpeed config key" in note
     assert "blocks 1, 3, ... only" in note
+
+
+_CLI = ["--model", "llama3-8b", "--cluster", "h100-80g", "--global-batch", "64",
+        "--seq-len", "4096"]
+
+
+def test_cli_flags(capsys):
+    from planner.cli import main
+    assert main(["estimate", *_CLI, "--dp", "8", "--zero", "3", "--micro-batch", "2",
+                 "--recompute", "op", "--recompute-every", "2", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"recompute": "op"' in out and '"recompute_every": 2' in out
+    assert main(["estimate", *_CLI, "--dp", "8", "--micro-batch", "2",
+                 "--recompute-every", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "recompute_every 2" in err and "--recompute none" in err
+    assert main(["suggest", *_CLI, "--recompute", "op", "--recompute-every", "4",
+                 "--top", "3", "--json"]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    assert {(e["plan"]["layout"]["recompute"], e["plan"]["layout"]["recompute_every"])
+            for e in ranked} == {("op", 4)}
