@@ -54,3 +54,44 @@ def test_runtime_issues_the_modelled_tp_collectives(spec, sp):
     forward, backward = (dict(p) for p in tp_pattern(plan))
     measured = run_world(2, _census, spec, sp)[0]
     assert measured == (forward, backward)
+
+
+def _recompute_census(spec, sp: bool, mode: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from runtime.model import Block, rope_tables
+    from runtime.parallelize import block_plan
+    torch.distributed.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    block = Block(spec)
+    block.recompute_full, block.recompute_op = mode == "full", mode == "op"
+    parallelize_module(block, mesh, block_plan(block, sp))
+    cos, sin = rope_tables(spec, "cpu")
+    x = torch.randn(1, SEQ_LEN // 2 if sp else SEQ_LEN, spec.hidden_size, requires_grad=True)
+    y = block(x, cos, sin)
+    return _count(lambda: y.sum().backward())
+
+
+# Measured on 2 gloo ranks, not yet modelled (the model counts the re-run collectives of the
+# policy's definition): full recompute stops early (torch.utils.checkpoint's early stop) before
+# the block's last collective - 1 of the 2 all-reduces, or the 2 all-gathers and 1 of the 2
+# reduce-scatters under SP; the op policy under SP issues 4 all-gathers and 1 reduce-scatter
+# more in backward, not the 2 all-gathers the policy implies.
+_UNMODELLED = pytest.mark.xfail(strict=True, reason="re-run TP collectives differ (see above)")
+
+
+@pytest.mark.parametrize("mode,sp", [("op", False), pytest.param("op", True, marks=_UNMODELLED),
+                                     pytest.param("full", False, marks=_UNMODELLED),
+                                     pytest.param("full", True, marks=_UNMODELLED)],
+                         ids=["op-no-sp", "op-sp", "full-no-sp", "full-sp"])
+def test_recompute_reruns_the_modelled_tp_collectives(mode, sp):
+    """A recomputed block's backward issues the backward's collectives plus those
+    comm_plan.recomputed_tp_pattern says its recompute re-runs."""
+    from planner.cost.comm_plan import recomputed_tp_pattern
+    plan = make_plan(Layout(tp=2, sequence_parallel=sp, recompute=mode), spec=SPEC)
+    forward, backward = tp_pattern(plan)
+    want = collections.Counter(dict(backward))
+    want.update(dict(recomputed_tp_pattern(forward, mode)))
+    assert run_world(2, _recompute_census, SPEC, sp, mode)[0] == dict(want)
