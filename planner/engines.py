@@ -44,6 +44,7 @@ class Engine:
                                      # gradients unreduced until the step's last backward
     recompute_policies: tuple = RECOMPUTE  # the recompute policies it runs
     recompute_every_block_only: bool = False  # recompute_every must be 1
+    recompute_stops_early: bool = False  # a recompute stops after the last tensor backward needs
 
     def optimizer_state_bytes(self, precision: str) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -58,7 +59,10 @@ TORCH = Engine(
     sp_saves_sharded_gemm_input=False, sp_shards_checkpoint=True, tp_bwd_overlaps_wgrad=False,
     tp_bwd_all_reduces_each_colwise=True, dp_overlaps_compute=True, fsdp_groups_per_block=True,
     fp16_grads_reduced_in_fp16=False, zero1_reduce_scatters=False, host_overhead_per_layer=True,
-    kernels_from_op_census=True, pytorch_pipelining_limits=True, pipelined_fsdp_defers_sync=True)
+    kernels_from_op_census=True, pytorch_pipelining_limits=True, pipelined_fsdp_defers_sync=True,
+    # torch.utils.checkpoint (non-reentrant) early stop: the block's last collective, after the
+    # last tensor its backward needs, is not re-run (tests/test_tp_census.py)
+    recompute_stops_early=True)
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped
