@@ -1,5 +1,6 @@
-"""What-if: set dp/tp/pp/ZeRO/micro-batch/recompute, torch.compile, the schedule, the mesh order and the layers
-of each pipeline stage by hand.  The widgets only collect values; validity is decided by
+"""What-if: set dp/tp/pp/ZeRO/micro-batch/recompute (the policy and every K-th block),
+torch.compile, the schedule, the mesh order and the layers of each pipeline stage by hand.  The
+widgets only collect values; validity is decided by
 planner.plan (the page shows its one-line reason)."""
 
 import itertools
@@ -10,7 +11,8 @@ from planner.plan import AXES, RECOMPUTE, SCHEDULES
 
 MESH_ORDERS = [",".join(p) for p in itertools.permutations(AXES)]
 
-FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "num_microbatches", "virtual_stages")
+FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "num_microbatches", "virtual_stages",
+          "recompute_every")
 
 
 def _seed(hint: dict) -> None:
@@ -42,22 +44,25 @@ def layout_by_hand(hint: dict) -> dict:
                           help="per step per data-parallel replica: dp x micro-batch x this "
                                "must equal the global batch")
     rc = c[6].selectbox("recompute", RECOMPUTE, key="hand_recompute")
-    c2 = st.columns(6)
+    c2 = st.columns(7)
     sched = c2[0].selectbox("schedule", SCHEDULES, key="hand_schedule")
     v = c2[1].number_input("virtual stages", min_value=1, step=1, key="hand_virtual_stages")
     sp = c2[2].checkbox("sequence parallel", key="hand_sp")
     order = c2[3].selectbox("mesh order (outer→inner)", MESH_ORDERS, key="hand_mesh_order")
     layers = c2[4].text_input("layers per stage", key="hand_layers",
                               help="comma-separated, one per (virtual) stage; empty = even split")
-    compiled = c2[5].checkbox("torch.compile", key="hand_compile",
+    compiled = c2[6].checkbox("torch.compile", key="hand_compile",
                               help="compile each transformer block (torch engine only)")
+    every = c2[5].number_input("recompute every", min_value=1, step=1,
+                               key="hand_recompute_every",
+                               help="the recompute policy on every K-th block (0-based blocks "
+                                    "K-1, 2K-1, ...: torchtitan's convention), the others none")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "sequence_parallel": bool(sp),
             "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,
-            "mesh_order": order.split(","), "layers_per_stage": parse_layers(layers),
+            "recompute_every": int(every),
             "compile": bool(compiled),
-            # no widget yet: kept from the plan inspected last (1: the policy on every block)
-            "recompute_every": int(hint.get("recompute_every", 1))}
+            "mesh_order": order.split(","), "layers_per_stage": parse_layers(layers)}
 
 
 def parse_layers(text: str):

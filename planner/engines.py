@@ -13,7 +13,11 @@ from planner.units import ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
 INTERLEAVED = ("interleaved_1f1b", "interleaved_zb", "zbv")   # several chunks per rank
 ZERO_BUBBLE = ("interleaved_zb", "zbv")                       # backward split into I and W
-RECOMPUTE = ("none", "selective", "full")
+# none; selective: the attention core (Korthikanti et al. 2022, Sec. 5); op: torchtitan's op-level
+# selective checkpointing (save every other mm, attention and reduce-scatter outputs); full: keep
+# only the block input
+RECOMPUTE = ("none", "selective", "op", "full")
+RECOMPUTE_EVERY_CHOICES = (1, 2, 4)  # the K the search tries where a policy is on
 ZERO_STAGES = (0, 1, 2, 3)
 DDP_STAGES = (0, 1)          # gradients all-reduced (DDP or FSDP2's replicate under TP)
 SHARDED_GRAD_STAGES = (2, 3)  # FSDP2: reduce-scatter per micro-batch
@@ -52,6 +56,9 @@ class Engine:
     tp_only_autotp: bool = False     # tensor parallelism only as DeepSpeed AutoTP: no pipeline,
                                      # no sequence parallelism
     compiles_blocks: bool = False    # runs Layout.compile: torch.compile of each block
+    recompute_policies: tuple = RECOMPUTE  # the recompute policies it runs
+    recompute_every_block_only: bool = False  # recompute_every must be 1
+    recompute_stops_early: bool = False  # a recompute stops after the last tensor backward needs
 
     def optimizer_state_bytes(self, precision: str, zero_stage: int = 0) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -71,7 +78,10 @@ TORCH = Engine(
     tp_bwd_all_reduces_each_colwise=True, dp_overlaps_compute=True, fsdp_groups_per_block=True,
     fp16_grads_reduced_in_fp16=False, zero1_reduce_scatters=False, host_overhead_per_layer=True,
     kernels_from_op_census=True, pytorch_pipelining_limits=True, pipelined_fsdp_defers_sync=True,
-    compiles_blocks=True)
+    compiles_blocks=True,
+    # torch.utils.checkpoint (non-reentrant) early stop: the block's last collective, after the
+    # last tensor its backward needs, is not re-run (tests/test_tp_census.py)
+    recompute_stops_early=True)
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped
@@ -83,7 +93,10 @@ MEGATRON = Engine(
     tp_bwd_overlaps_wgrad=True, tp_bwd_all_reduces_each_colwise=False, dp_overlaps_compute=False,
     fsdp_groups_per_block=False, fp16_grads_reduced_in_fp16=True, zero1_reduce_scatters=True,
     host_overhead_per_layer=False, kernels_from_op_census=False, pytorch_pipelining_limits=False,
-    pipelined_fsdp_defers_sync=False)
+    pipelined_fsdp_defers_sync=False,
+    # --recompute-granularity selective|full; no op-level policy, and --recompute-method block
+    # counts the first N layers of each stage, not every K-th block
+    recompute_policies=("none", "selective", "full"), recompute_every_block_only=True)
 
 # DeepSpeed 0.19.8 (runtime/engine.py, zero/stage_1_and_2.py, zero/stage3.py, bf16_optimizer.py,
 # pipe/engine.py): the user's eager model, so eager kernels and host time; its PipelineEngine

@@ -324,7 +324,10 @@ def deepspeed_config(plan: Plan) -> dict:
     if lay.recompute == "full":
         cfg["activation_checkpointing"] = {"partition_activations": lay.sequence_parallel,
                                            "contiguous_memory_optimization": False}
-        if lay.pp > 1:  # the pipeline engine checkpoints only at this interval (0: never)
+        # the pipeline engine checkpoints only at this interval (0: never); an interval K
+        # checkpoints groups of K blocks, not every K-th block, so recompute_every > 1 is
+        # left to the model code (_deepspeed_note)
+        if lay.pp > 1 and lay.recompute_every == 1:
             cfg["pipeline"] = {"activation_checkpoint_interval": 1}
     cfg["placeholders"] = {"optimizer.params.lr": f"{LR_PLACEHOLDER:g} stands in for the peak "
                            "learning rate: the plan does not choose one"}
@@ -407,6 +410,15 @@ def _deepspeed_note(lay, job) -> str:
     if lay.recompute == "selective":
         notes.append("selective recompute is not a DeepSpeed config key: checkpoint the "
                      "attention core in the model code")
+    if lay.recompute == "op":
+        notes.append("op-level recompute is not a DeepSpeed config key: checkpoint each block "
+                     "in the model code with torch.utils.checkpoint and torchtitan's op policy "
+                     "(create_selective_checkpoint_contexts; runtime/recompute.py)")
+    if lay.recompute != "none" and lay.recompute_every > 1:
+        notes.append(f"recompute_every {lay.recompute_every}: the model code must apply "
+                     f"{lay.recompute} recompute to blocks {lay.recompute_every - 1}, "
+                     f"{2 * lay.recompute_every - 1}, ... only (0-based; DeepSpeed's "
+                     f"activation_checkpoint_interval checkpoints groups of blocks instead)")
     notes.append(f"optimizer.params.lr {LR_PLACEHOLDER:g} is a placeholder: set the learning "
                  "rate")
     return "; ".join(notes)
@@ -460,6 +472,13 @@ def megatron_args(plan: Plan, fill: dict = None) -> list:
     args += _pipeline_split_args(lay, spec)
     if lay.sequence_parallel:
         args.append("--sequence-parallel")
+    if lay.recompute == "op":
+        _refuse("Megatron-LM", "recompute op (torchtitan's op-level policy); it recomputes "
+                "selective (--recompute-granularity selective) or full")
+    if lay.recompute_every > 1:
+        _refuse("Megatron-LM", f"recompute_every {lay.recompute_every} (every "
+                f"{lay.recompute_every}-th block); its --recompute-method uniform/block "
+                f"checkpoints groups of blocks or a stage's first blocks")
     if lay.recompute == "selective":
         args += ["--recompute-granularity", "selective"]
     elif lay.recompute == "full":

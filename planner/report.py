@@ -41,6 +41,8 @@ def layout_summary(layout) -> str:
     parts.append(f"recompute={layout.recompute}")
     if layout.compile:
         parts.append("compile")
+    if layout.recompute_every > 1:
+        parts.append(f"every={layout.recompute_every}")
     return " ".join(parts)
 
 

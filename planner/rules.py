@@ -27,7 +27,8 @@ from planner.engines import (
 )
 
 COLUMNS = ("world", "dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
-           "num_microbatches", "schedule", "virtual_stages", "recompute", "lps_n", "lps_sum")
+           "num_microbatches", "schedule", "virtual_stages", "recompute", "lps_n", "lps_sum",
+           "recompute_every")
 SCHED = {name: i for i, name in enumerate(SCHEDULES)}
 
 
@@ -60,7 +61,7 @@ def layout_columns(layout, world: int) -> dict:
               "schedule": SCHED[layout.schedule], "virtual_stages": layout.virtual_stages,
               "recompute": RECOMPUTE.index(layout.recompute),
               "lps_n": len(layout.layers_per_stage), "lps_sum": sum(layout.layers_per_stage),
-              "compile": int(layout.compile)}
+              "recompute_every": layout.recompute_every, "compile": int(layout.compile)}
     return {k: np.array([v], dtype=np.int64) for k, v in values.items()}
 
 
@@ -280,7 +281,38 @@ def _engine_rules() -> list:
     ]
 
 
-RULES = _shape_rules() + _schedule_rules() + _pytorch_rules() + _engine_rules()
+def _policy(r: dict) -> str:
+    return RECOMPUTE[r["recompute"]]
+
+
+def _recompute_rules() -> list:
+    """recompute_every applies a policy to every K-th block (torchtitan's selective-layer
+    convention); engines run only their own policies (planner.engines)."""
+    none = RECOMPUTE.index("none")
+    return [
+        Rule("recompute_every_none", "recompute_every without a recompute policy",
+             lambda ctx, c: (c["recompute_every"] > 1) & (c["recompute"] == none),
+             lambda ctx, r: f"recompute_every {r['recompute_every']} picks the blocks a "
+                            f"recompute policy runs on; recompute is none"),
+        Rule("recompute_every_layers", "recompute_every larger than the layers",
+             lambda ctx, c: c["recompute_every"] > ctx.model.num_layers,
+             lambda ctx, r: f"recompute_every {r['recompute_every']} exceeds the model's "
+                            f"{ctx.model.num_layers} layers: no block would recompute"),
+        Rule("recompute_engine", "recompute policy the engine does not run",
+             lambda ctx, c: ~np.isin(c["recompute"], [RECOMPUTE.index(p) for p in
+                                                      ctx.engine.recompute_policies]),
+             lambda ctx, r: f"recompute {_policy(r)} is not a {ctx.engine.name} engine policy "
+                            f"(it runs {', '.join(ctx.engine.recompute_policies)})"),
+        Rule("recompute_every_engine", "recompute_every > 1 under an engine without it",
+             lambda ctx, c: _everywhere(c, ctx.engine.recompute_every_block_only)
+             & (c["recompute_every"] > 1),
+             lambda ctx, r: f"recompute_every {r['recompute_every']} (every K-th block) is not "
+                            f"expressible in the {ctx.engine.name} engine; use 1"),
+    ]
+
+
+RULES = _shape_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
+    _engine_rules()
 BY_KEY = {rule.key: rule for rule in RULES}
 # labels of the search's own rejections (not layout rules)
 SEARCH_LABELS = {"batch": "dp does not divide the global batch",

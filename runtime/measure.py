@@ -2,12 +2,16 @@
 (rank-local shards, each storage counted once, so padding and shared buckets count as they
 really are), and the activations autograd saves for backward (saved_tensors_hooks)."""
 
+import contextlib
 import resource
 
 import torch
 from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_leaves
+
+from runtime import recompute
 
 # Autograd nodes that only view or cast their input: a saved tensor reached from a parameter
 # through these alone is a weight (an FSDP2 unsharded parameter, an autocast copy), not an
@@ -101,14 +105,17 @@ class ActivationCounter:
         key = st.data_ptr()
         if key in self.buffers:
             return t
+        self._add(key, st.nbytes())
+        return _Saved(t, key, self)
+
+    def _add(self, key, nbytes: int) -> None:
         if key in self.live:
             self.live[key][1] += 1
         else:
-            self.live[key] = [st.nbytes(), 1]
-            self.total_bytes += st.nbytes()
-            self.live_bytes += st.nbytes()
+            self.live[key] = [nbytes, 1]
+            self.total_bytes += nbytes
+            self.live_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        return _Saved(t, key, self)
 
     @staticmethod
     def _unpack(packed):
@@ -123,8 +130,29 @@ class ActivationCounter:
             self.live_bytes -= entry[0]
             del self.live[key]
 
+    def count_cached(self, outputs) -> list:
+        """Count the outputs a selective checkpoint caches (runtime/recompute.py) as saved
+        tensors; returns their keys for release_cached."""
+        keys = []
+        for t in tree_leaves(outputs):
+            if isinstance(t, torch.Tensor):
+                st = local(t).untyped_storage()
+                keys.append(st.data_ptr())
+                self._add(keys[-1], st.nbytes())
+        return keys
+
+    def release_cached(self, keys) -> None:
+        for key in keys:
+            self._release(key)
+
+    @contextlib.contextmanager
     def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        recompute.OBSERVER.append(self)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            recompute.OBSERVER.remove(self)
 
 
 def max_rss_bytes() -> int:

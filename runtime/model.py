@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from planner.spec import BERT_TYPE_VOCAB, ModelSpec
+from runtime.recompute import op_policy_contexts
 
 INIT_STD = 0.02  # GPT-2 / BERT initializer_range
 
@@ -151,6 +152,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(spec.dropout)
         self.post_ln = spec.arch == "bert"
         self.recompute_full = False  # full recompute: keep only the block input
+        self.recompute_op = False    # torchtitan's op-level policy (runtime/recompute.py)
 
     def _forward(self, x, cos, sin):
         if self.post_ln:
@@ -162,6 +164,9 @@ class Block(nn.Module):
     def forward(self, x, cos, sin):
         if self.recompute_full and torch.is_grad_enabled():
             return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        if self.recompute_op and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False,
+                              context_fn=op_policy_contexts)
         return self._forward(x, cos, sin)
 
 
@@ -292,8 +297,13 @@ def materialize(model: Transformer, device, seed: int = 0) -> None:
     model.rope_sin.copy_(sin)
 
 
-def set_recompute(model: Transformer, mode: str) -> None:
-    """'none' | 'selective' (attention core) | 'full' (each block keeps only its input)."""
-    for block in model.layers.values():
-        block.recompute_full = mode == "full"
-        block.attn.recompute_core = mode == "selective"
+def set_recompute(model: Transformer, mode: str, every: int = 1) -> None:
+    """'none' | 'selective' (attention core) | 'op' (torchtitan's op-level policy) | 'full'
+    (each block keeps only its input), on every `every`-th block by global index - blocks
+    every-1, 2*every-1, ... (torchtitan's selective-layer counter; planner.cost.pipeline
+    .recomputed) - the others none."""
+    for name, block in model.layers.items():
+        on = (int(name) + 1) % every == 0
+        block.recompute_full = on and mode == "full"
+        block.recompute_op = on and mode == "op"
+        block.attn.recompute_core = on and mode == "selective"

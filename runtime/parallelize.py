@@ -120,7 +120,7 @@ def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=F
     data-parallel wrapper still to apply after materialisation: 'ddp' or 'none'."""
     if layout.tp > 1:
         apply_tp(part, ctx.mesh["tp"], layout.sequence_parallel)
-    set_recompute(part, layout.recompute)
+    set_recompute(part, layout.recompute, layout.recompute_every)
     if compile_blocks:
         for block in part.layers.values():
             block.compile()  # in place: parameter names are unchanged

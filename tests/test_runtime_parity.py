@@ -63,6 +63,18 @@ CASES = {
     "recompute-full-zero3": L(dp=2, micro_batch=2, num_microbatches=2, recompute="full",
                               zero_stage=3),
     "recompute-full-tp2-sp": L(tp=2, micro_batch=8, recompute="full", sequence_parallel=True),
+    "recompute-op": L(dp=2, micro_batch=2, num_microbatches=2, recompute="op"),
+    "recompute-op-tp2": L(tp=2, micro_batch=8, recompute="op"),
+    "recompute-op-tp2-sp-zero2": L(dp=2, tp=2, micro_batch=4, recompute="op",
+                                   sequence_parallel=True, zero_stage=2),
+    "recompute-selective-every2": L(dp=2, micro_batch=2, num_microbatches=2,
+                                    recompute="selective", recompute_every=2),
+    "recompute-op-every2-pp2-uneven": L(pp=2, micro_batch=2, num_microbatches=4,
+                                        layers_per_stage=(3, 5), recompute="op",
+                                        recompute_every=2),
+    "recompute-full-every4-pp2-interleaved": L(pp=2, micro_batch=2, num_microbatches=4,
+                                               schedule="interleaved_1f1b", virtual_stages=2,
+                                               recompute="full", recompute_every=4),
 }
 GPT_CASES = {
     "gpt-tied-pp2": L(pp=2, micro_batch=2, num_microbatches=4),
@@ -70,8 +82,11 @@ GPT_CASES = {
                             schedule="zbv", virtual_stages=2),
     "gpt-tied-pp2xtp2": L(pp=2, tp=2, micro_batch=2, num_microbatches=4,
                           sequence_parallel=True),
+    "gpt-op-pp2": L(pp=2, micro_batch=2, num_microbatches=4, recompute="op"),
 }
 BERT_CASES = {"bert-pp2": L(pp=2, micro_batch=2, num_microbatches=4),
+              "bert-op-every2": L(dp=2, micro_batch=2, num_microbatches=2, recompute="op",
+                                  recompute_every=2),
               "bert-tp2-sp": L(tp=2, micro_batch=8, sequence_parallel=True)}
 
 

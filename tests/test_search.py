@@ -14,6 +14,7 @@ from planner.cost.estimate import estimate
 from planner.hardware import Cluster, load_cluster
 from planner.job import Job
 from planner.plan import INTERLEAVED, RECOMPUTE, SCHEDULES, Layout, Plan, layout_errors
+from planner.engines import RECOMPUTE_EVERY_CHOICES
 from planner.presets import load_model
 from planner.search.explain import reasons, why_better
 from planner.search.ranking import SearchOptions, cluster_for, search
@@ -106,16 +107,16 @@ def _brute_force(model, cluster, job):
         if world % (tp * pp):
             continue
         dp = world // (tp * pp)
-        for mb, sp, zero, rc, sched, v in itertools.product(
-                range(1, job.global_batch + 1), (False, True), range(4), RECOMPUTE, SCHEDULES,
-                range(1, L + 1)):
+        for mb, sp, zero, rc, every, sched, v in itertools.product(
+                range(1, job.global_batch + 1), (False, True), range(4), RECOMPUTE,
+                RECOMPUTE_EVERY_CHOICES, SCHEDULES, range(1, L + 1)):
             if job.global_batch % (dp * mb) or (sp and tp == 1) or (zero and dp == 1):
                 continue
             if pp == 1 and sched != "1f1b" or sched in INTERLEAVED and L % (pp * v):
                 continue
             lay = Layout(dp=dp, tp=tp, pp=pp, sequence_parallel=sp, zero_stage=zero,
                          micro_batch=mb, num_microbatches=job.global_batch // (dp * mb),
-                         schedule=sched, virtual_stages=v, recompute=rc)
+                         schedule=sched, virtual_stages=v, recompute=rc, recompute_every=every)
             if not layout_errors(model, cluster, job, lay):
                 found.add(lay)
     return found

@@ -48,6 +48,17 @@ def add_gpus(parser) -> None:
     parser.add_argument("--gpus", type=bounded_int(0, limits.MAX_GPUS), default=0,
                         help="use only this many GPUs of the nodes (default: all; part of a "
                              "node with --nodes 1, else whole nodes)")
+def add_recompute(parser, search: bool) -> None:
+    """--recompute and --recompute-every; for the search, unset means 'try them all'."""
+    parser.add_argument("--recompute", choices=RECOMPUTE, default=None if search else "none",
+                        help="activation recomputation: none, selective (attention core), op "
+                             "(torchtitan's op-level policy), full" +
+                             (" (default: search them)" if search else ""))
+    parser.add_argument("--recompute-every", type=bounded_int(1, limits.MAX_LAYERS),
+                        default=None if search else 1,
+                        help="apply the policy to every K-th block (blocks K-1, 2K-1, ...), "
+                             "the others none" + (" (default: search 1, 2, 4)" if search
+                                                  else " (default 1)"))
 
 
 def add_layout(parser) -> None:
@@ -64,8 +75,7 @@ def add_layout(parser) -> None:
                         help="pipeline schedule (with pp > 1)")
     parser.add_argument("--virtual-stages", type=bounded_int(1, limits.MAX_LAYERS), default=1,
                         help="model chunks per pipeline rank (interleaved schedules, zbv: 2)")
-    parser.add_argument("--recompute", choices=RECOMPUTE, default="none",
-                        help="activation recomputation")
+    add_recompute(parser, search=False)
     add_compile(parser)
     parser.add_argument("--mesh-order", default="pp,dp,tp",
                         help="mesh axes outermost to innermost")
@@ -84,8 +94,8 @@ FLAGS = {"model": "--model", "cluster": "--cluster", "nodes": "--nodes",
          "engine": "--engine", "attention": "--attention", "dp": "--dp", "tp": "--tp",
          "pp": "--pp", "micro_batch": "--micro-batch", "sp": "--sp", "zero": "--zero",
          "schedule": "--schedule", "virtual_stages": "--virtual-stages",
-         "recompute": "--recompute", "mesh_order": "--mesh-order", "gpus": "--gpus",
-         "compile": "--compile"}
+         "recompute": "--recompute", "recompute_every": "--recompute-every",
+         "mesh_order": "--mesh-order", "gpus": "--gpus", "compile": "--compile"}
 # planner.rules key -> the flags (dests) whose values that rule read
 RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn": ("tp",),
               "tp_node": ("tp",), "sp_tp": ("sp", "tp"), "sp_seq": ("tp", "seq_len"),
@@ -100,7 +110,11 @@ RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn"
               "ddp_gpipe": ("schedule", "zero"),
               "ddp_chunks": ("schedule", "zero", "virtual_stages", "micro_batch"),
               "1f1b_microbatches": ("schedule", "pp", "micro_batch"),
-              "compile_engine": ("compile", "engine"), "compile_tp": ("compile", "tp")}
+              "compile_engine": ("compile", "engine"), "compile_tp": ("compile", "tp"),
+              "recompute_every_none": ("recompute_every", "recompute"),
+              "recompute_every_layers": ("recompute_every", "model"),
+              "recompute_engine": ("recompute", "engine"),
+              "recompute_every_engine": ("recompute_every", "engine")}
 
 
 def is_default(args, dest: str) -> bool:
@@ -174,6 +188,7 @@ def build_plan(args) -> Plan:
                     zero_stage=args.zero, micro_batch=args.micro_batch,
                     num_microbatches=per_replica // args.micro_batch, schedule=args.schedule,
                     virtual_stages=args.virtual_stages, recompute=args.recompute,
+                    recompute_every=args.recompute_every,
                     mesh_order=tuple(a.strip() for a in args.mesh_order.split(",")),
                     compile=args.compile)
     try:

@@ -1,8 +1,8 @@
 """`planner suggest`: search every valid layout, rank, explain, write the chosen plan."""
 
 from planner import limits
-from planner.cli.common import (add_compile, add_gpus, add_inputs, bounded_float, bounded_int,
-                                build_inputs, check_output, print_json, save_plan)
+from planner.cli.common import (add_compile, add_gpus, add_inputs, add_recompute, bounded_float,
+                                bounded_int, build_inputs, check_output, print_json, save_plan)
 
 # = planner.search.ranking.OBJECTIVES (tests/test_imports.py checks); not imported from there:
 # that module loads the search and the cost model, which building the parser must not
@@ -12,6 +12,7 @@ OBJECTIVES = ("throughput", "min-gpus", "time-to-train")
 def add_parser(sub):
     p = sub.add_parser("suggest", help="search every layout and rank the ones that fit")
     add_inputs(p)
+    add_recompute(p, search=True)
     plans = bounded_int(1, limits.MAX_RANKED_PLANS)
     add_gpus(p)
     p.add_argument("--top", type=plans, default=10, help="plans to show (default 10)")
@@ -40,7 +41,8 @@ def _options(args):
                          max_tp=args.max_tp, headroom=args.headroom,
                          allow_fewer_gpus=args.allow_fewer_gpus,
                          target_tokens_per_s=args.target_tokens_per_s,
-                         token_budget=args.token_budget, compile=args.compile)
+                         token_budget=args.token_budget, compile=args.compile,
+                         recompute=args.recompute, recompute_every=args.recompute_every)
 
 
 def run(args) -> int:

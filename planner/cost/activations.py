@@ -12,6 +12,8 @@ input of the column-parallel GEMMs and all-gathers it again in backward, while P
 
 from dataclasses import dataclass
 
+from planner.cost.comm_plan import tp_pattern_for
+from planner.cost.ops import op_policy_saved, ops
 from planner.engines import engine
 from planner.job import Job
 from planner.spec import ModelSpec
@@ -89,13 +91,32 @@ def checkpointed_layer_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_par
     return dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size / sp
 
 
+def op_policy_layer_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
+                          micro_batch: int) -> float:
+    """torchtitan's op-level policy: the checkpoint's input plus the outputs it caches - every
+    other mm, the attention kernel (output and log-sum-exp) and, under sequence parallelism,
+    the row-parallel reduce-scatters - from the op census's output bytes (planner.cost.ops)."""
+    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    rows = ops(spec, job.precision, "block", "fwd", tp=tp, micro_batch=micro_batch,
+               seq_len=job.seq_len, sequence_parallel=sequence_parallel)
+    cached = sum(n * op.write_bytes for n, op in zip(op_policy_saved(rows), rows))
+    forward, _ = tp_pattern_for(spec.mlp, sequence_parallel, job.engine)
+    scatters = sum(n for kind, n in forward if kind == "reduce_scatter") if tp > 1 else 0
+    scattered = scatters * dtype_bytes(job.precision) * micro_batch * job.seq_len * \
+        spec.hidden_size / tp
+    return checkpointed_layer_bytes(spec, job, **shape) + cached + scattered
+
+
 def layer_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
                 micro_batch: int, recompute: str) -> float:
     """Saved bytes per layer and micro-batch under the plan's recompute policy (selective:
-    the attention core is recomputed, Korthikanti Sec. 5; full: Table 2)."""
+    the attention core is recomputed, Korthikanti Sec. 5; op: op_policy_layer_bytes; full:
+    Table 2)."""
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
     if recompute == "full":
         return checkpointed_layer_bytes(spec, job, **shape)
+    if recompute == "op":
+        return op_policy_layer_bytes(spec, job, **shape)
     return layer_activations(spec, job, **shape, selective=recompute == "selective").total_bytes
 
 

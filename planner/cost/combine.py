@@ -11,10 +11,15 @@ import numpy as np
 
 
 def activation_peak(*, inflight, rank_layers, rank_chunks, layer_bytes, holds_embedding,
-                    embedding_bytes, holds_head, head_inflight, head_bytes):
+                    embedding_bytes, holds_head, head_inflight, head_bytes, recomputed_layers,
+                    plain_layer_bytes):
     """Peak activation bytes of a rank: `inflight` chunk forward passes of its mean chunk, the
-    embedding's per chunk pass, and the output layer's micro-batches (planner.cost.pipeline)."""
-    peak = inflight * (rank_layers / rank_chunks) * layer_bytes
+    embedding's per chunk pass, and the output layer's micro-batches (planner.cost.pipeline).
+    `recomputed_layers` of the rank's layers save `layer_bytes` (the policy's), the others
+    `plain_layer_bytes` (no recompute)."""
+    layers_bytes = recomputed_layers * layer_bytes + \
+        (rank_layers - recomputed_layers) * plain_layer_bytes
+    peak = inflight * layers_bytes / rank_chunks
     peak = peak + np.where(holds_embedding, inflight / rank_chunks * embedding_bytes, 0.0)
     return peak + np.where(holds_head, head_inflight * head_bytes, 0.0)
 
@@ -44,15 +49,19 @@ class RankMicrobatch:
 
 def rank_microbatch(*, rank_layers, holds_head, layer_fwd_s, layer_bwd_s, layer_wgrad_s,
                     head_fwd_s, head_bwd_s, head_wgrad_s, recompute_per_layer_s,
-                    tp_exposed_per_layer_s, pp_comm_s) -> RankMicrobatch:
-    """The rank's layers times the per-layer times, plus the output layer on the last rank."""
+                    tp_exposed_per_layer_s, pp_comm_s, recomputed_layers,
+                    tp_recompute_per_layer_s) -> RankMicrobatch:
+    """The rank's layers times the per-layer times, plus the output layer on the last rank;
+    its `recomputed_layers` add their recompute and the TP collectives it re-runs."""
     def with_head(per_layer, head):
         return rank_layers * per_layer + np.where(holds_head, head, 0.0)
     return RankMicrobatch(
         compute_fwd_s=with_head(layer_fwd_s, head_fwd_s),
         compute_bwd_s=with_head(layer_bwd_s, head_bwd_s),
-        recompute_s=rank_layers * recompute_per_layer_s,
-        tp_comm_s=rank_layers * tp_exposed_per_layer_s, pp_comm_s=pp_comm_s + 0.0 * rank_layers,
+        recompute_s=recomputed_layers * recompute_per_layer_s,
+        tp_comm_s=rank_layers * tp_exposed_per_layer_s
+        + recomputed_layers * tp_recompute_per_layer_s,
+        pp_comm_s=pp_comm_s + 0.0 * rank_layers,
         wgrad_s=with_head(layer_wgrad_s, head_wgrad_s))
 
 

@@ -54,15 +54,52 @@ def tp_pass_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_para
                  for p in tp_pattern_for(spec.mlp, sequence_parallel, job.engine))
 
 
+# collectives whose output torchtitan's op-level policy saves (its _save_list); the others are
+# re-run when the block is recomputed
+OP_POLICY_SAVED_COLLECTIVES = ("reduce_scatter",)
+
+
+def recomputed_tp_pattern(forward: list, recompute: str, stops_early: bool = False) -> list:
+    """The forward collectives a recomputed block runs again: all of them under full
+    recompute, all but the saved reduce-scatters under the op-level policy, none otherwise
+    (selective recomputes the attention core only).  Where the recompute `stops_early`
+    (PyTorch's checkpoint), the block's last collective - the MLP output's reduction, after the
+    last tensor backward needs - is not re-run (counted on the runtime: tests/test_tp_census.py)."""
+    if recompute == "full":
+        rerun = list(forward)
+    elif recompute == "op":
+        rerun = [(k, n) for k, n in forward if k not in OP_POLICY_SAVED_COLLECTIVES]
+    else:
+        return []
+    if stops_early and forward:
+        last = forward[-1][0]
+        rerun = [(k, n - 1 if k == last else n) for k, n in rerun]
+    return [(k, n) for k, n in rerun if n > 0]
+
+
+def tp_recompute_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
+                         micro_batch, recompute) -> float:
+    """Seconds of the TP collectives one recomputed layer re-runs (one micro-batch)."""
+    if tp == 1:
+        return 0.0
+    forward, _ = tp_pattern_for(spec.mlp, sequence_parallel, job.engine)
+    pattern = recomputed_tp_pattern(forward, recompute, engine(job.engine).recompute_stops_early)
+    return sum(c.time_s for c in _tp_collectives(profile, spec, job,
+                                                  _mesh(mesh_order, dp, tp, pp), micro_batch,
+                                                  pattern))
+
+
 def tp_collectives_per_layer(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
                              micro_batch, recompute) -> list:
-    """Per layer and micro-batch, forward + backward; full recompute repeats the forward's."""
+    """Per recomputed layer and micro-batch, forward + backward + the collectives the recompute
+    re-runs (recomputed_tp_pattern)."""
     if tp == 1:
         return []
     forward, backward = tp_pattern_for(spec.mlp, sequence_parallel, job.engine)
     counts = {}
-    for kind, count in forward:
-        counts[kind] = counts.get(kind, 0) + count * (2 if recompute == "full" else 1)
+    for kind, count in forward + recomputed_tp_pattern(forward, recompute,
+                                                       engine(job.engine).recompute_stops_early):
+        counts[kind] = counts.get(kind, 0) + count
     for kind, count in backward:
         counts[kind] = counts.get(kind, 0) + count
     return _tp_collectives(profile, spec, job, _mesh(mesh_order, dp, tp, pp), micro_batch,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from planner.cost.compiled import compiled_pass, eager_kernels
 from planner.cost.flops import Gemm, attention_core_flops, head_extra_gemms, head_gemm, layer_gemms
-from planner.cost.ops import ops
+from planner.cost.ops import op_policy_saved, ops
 from planner.engines import engine
 from planner.hardware import GpuSpec
 from planner.job import Job
@@ -135,19 +135,25 @@ def _attention_times(gpu: GpuSpec, spec: ModelSpec, job: Job, b: int, t: int) ->
 
 
 def _census_pass(gpu: GpuSpec, spec: ModelSpec, job: Job, region: str, direction: str, *,
-                 tp: int, sequence_parallel: bool, micro_batch: int) -> tuple:
+                 tp: int, sequence_parallel: bool, micro_batch: int,
+                 skipped: list = None) -> tuple:
     """(GEMM seconds, memory-bound seconds) of one pass of a census region (planner/cost/ops.py);
-    the attention kernel is timed by _attention_times."""
+    the attention kernel is timed by _attention_times.  `skipped`: per row, kernels not run
+    (a recompute that reuses saved outputs)."""
     gemm_s, nbytes, kernels = 0.0, 0.0, 0
-    for op in ops(spec, job.precision, region, direction, tp=tp, micro_batch=micro_batch,
-                  seq_len=job.seq_len, sequence_parallel=sequence_parallel):
+    rows = ops(spec, job.precision, region, direction, tp=tp, micro_batch=micro_batch,
+               seq_len=job.seq_len, sequence_parallel=sequence_parallel)
+    for op, skip in zip(rows, skipped or [0] * len(rows)):
+        count = op.count - skip
+        if count <= 0:
+            continue
         if op.kind == "gemm":
             *batch, m, k, n = op.mkn
-            gemm = Gemm(op.name, m, k, n, op.count * (batch[0] if batch else 1))
+            gemm = Gemm(op.name, m, k, n, count * (batch[0] if batch else 1))
             gemm_s += gemm_time(gpu, gemm, job.precision)
         elif op.kind == "memory":
-            nbytes += op.count * (op.read_bytes + op.write_bytes)
-            kernels += op.count
+            nbytes += count * (op.read_bytes + op.write_bytes)
+            kernels += count
     return gemm_s, _memory_time(gpu, nbytes, kernels)
 
 
@@ -162,6 +168,29 @@ def _compiled_pass(gpu: GpuSpec, spec: ModelSpec, job: Job, direction: str, host
     fused = compiled_pass(spec, job.precision, direction, **census_shape)
     host = host_s * fused.kernels / eager_kernels(spec, job.precision, direction, **census_shape)
     return gemm_s, _memory_time(gpu, fused.memory_bytes, fused.memory_kernels), host
+
+
+def op_policy_recompute_s(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int,
+                          sequence_parallel: bool, micro_batch: int) -> float:
+    """torchtitan's op-level policy re-runs the block's forward in backward with every saved
+    output taken from its cache: each census op but the saved ones (the attention kernel is
+    always saved), and the whole forward's host work (the Python forward runs again).  The TP
+    collectives it re-runs are planner.cost.comm_plan.tp_recompute_seconds."""
+    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    rows = ops(spec, job.precision, "block", "fwd", tp=tp, micro_batch=micro_batch,
+               seq_len=job.seq_len, sequence_parallel=sequence_parallel)
+    gemm_s, elem_s = _census_pass(gpu, spec, job, "block", "fwd", **shape,
+                                  skipped=op_policy_saved(rows))
+    host_s = gpu.host_layer_s(tp)[0] if engine(job.engine).host_overhead_per_layer else 0.0
+    return LayerTimes(gemm_s, 0.0, elem_s, 0.0, 0.0, 0.0, host_s, 0.0, gpu.host_is_device).fwd_s
+
+
+def op_policy_gemm_flops(spec: ModelSpec, job: Job, *, tp: int, micro_batch: int) -> float:
+    """GEMM FLOPs the op-level policy recomputes per layer (the mm outputs it does not save)."""
+    rows = ops(spec, job.precision, "block", "fwd", tp=tp, micro_batch=micro_batch,
+               seq_len=job.seq_len)
+    return sum((op.count - saved) * op.flops for op, saved in zip(rows, op_policy_saved(rows))
+               if op.kind == "gemm")
 
 
 def layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,

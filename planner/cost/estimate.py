@@ -3,7 +3,8 @@
 from dataclasses import dataclass, replace
 
 from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_collectives_per_layer
-from planner.cost.fields import PlanEvaluations, call, plan_fields, with_rank
+from planner.cost.compute import op_policy_gemm_flops
+from planner.cost.fields import PlanEvaluations, call, plan_fields, recomputed_layers_of, with_rank
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.memory import MemoryBreakdown, rank_memory
 from planner.cost.time import TimeBreakdown, time_breakdown
@@ -69,8 +70,12 @@ def _step_collectives(plan: Plan, pp_rank: int) -> list:
     """Per-step collectives of one rank, counts scaled from per-layer / per-micro-batch."""
     named = with_rank(plan_fields(plan), pp_rank)
     layers, m = named["rank_layers"], plan.layout.num_microbatches
-    scaled = [replace(c, count=c.count * layers * m)
-              for c in call(tp_collectives_per_layer, named)]
+    recomputed = call(recomputed_layers_of, named)
+    plain = {c.name: c for c in call(tp_collectives_per_layer, {**named, "recompute": "none"})}
+    scaled = []
+    for c in call(tp_collectives_per_layer, named):  # the recomputed layers re-run some
+        base = plain[c.name].count if c.name in plain else 0
+        scaled.append(replace(c, count=(base * (layers - recomputed) + c.count * recomputed) * m))
     scaled += [replace(c, count=c.count * m) for c in call(pp_p2p_per_microbatch, named)]
     return scaled + call(dp_collectives, named)
 
@@ -85,5 +90,7 @@ def estimate(plan: Plan) -> Estimate:
         plan=plan, memory=memory, time=time,
         communication=_step_collectives(plan, memory.pp_rank),
         model_flops_per_step=model_flops_per_step(spec, job.global_batch, job.seq_len),
-        hardware_flops_per_step=hardware_flops_per_step(spec, job.global_batch, job.seq_len,
-                                                        lay.recompute))
+        hardware_flops_per_step=hardware_flops_per_step(
+            spec, job.global_batch, job.seq_len, lay.recompute, lay.recompute_every,
+            op_policy_gemm_flops(spec, job, tp=1, micro_batch=job.global_batch)
+            if lay.recompute == "op" else 0.0))

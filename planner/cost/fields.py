@@ -9,11 +9,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from planner.cost.pipeline import rank_facts
+from planner.cost.pipeline import rank_facts, rank_recomputed_layers
 
 LAYOUT_FIELDS = ("dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
-                 "num_microbatches", "schedule", "virtual_stages", "recompute", "mesh_order",
-                 "layers_per_stage", "compile")
+                 "num_microbatches", "schedule", "virtual_stages", "recompute", "recompute_every",
+                 "mesh_order", "layers_per_stage", "compile")
 
 
 @lru_cache(maxsize=None)
@@ -65,6 +65,16 @@ def rank_facts_of(spec, *, pp, virtual_stages, schedule, rank, layers_per_stage=
     """(layers, chunks, holds the first chunk, holds the last chunk) of pipeline rank `rank`."""
     return rank_facts(spec.num_layers, pp=pp, virtual_stages=virtual_stages, schedule=schedule,
                       rank=rank, layers_per_stage=layers_per_stage)
+
+
+def recomputed_layers_of(spec, *, pp, virtual_stages, schedule, rank, recompute,
+                         recompute_every, layers_per_stage=()) -> int:
+    """Blocks of pipeline rank `rank` running the recompute policy (none: 0)."""
+    if recompute == "none":
+        return 0
+    return rank_recomputed_layers(spec.num_layers, pp=pp, virtual_stages=virtual_stages,
+                                  schedule=schedule, rank=rank, every=recompute_every,
+                                  layers_per_stage=layers_per_stage)
 
 
 def plan_fields(plan) -> dict:

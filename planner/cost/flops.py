@@ -78,14 +78,26 @@ def model_flops_per_step(spec: ModelSpec, global_batch: int, seq_len: int) -> fl
     return 3.0 * (spec.num_layers * mb.layer_flops + mb.head_flops)
 
 
-def recompute_flops_per_layer(mb: MicrobatchFlops, recompute: str) -> float:
-    """Extra forward FLOPs per layer and micro-batch that recomputation adds (Korthikanti Eq. 8
-    for selective: the attention core again; full: the whole layer forward again)."""
-    return {"none": 0.0, "selective": mb.layer_attention_flops, "full": mb.layer_flops}[recompute]
+def recompute_flops_per_layer(mb: MicrobatchFlops, recompute: str,
+                              op_policy_gemm_flops: float = 0.0) -> float:
+    """Extra forward FLOPs per recomputed layer and micro-batch (Korthikanti Eq. 8 for
+    selective: the attention core again; full: the whole layer forward again; op: the GEMMs
+    whose outputs torchtitan's policy does not save, `op_policy_gemm_flops`)."""
+    return {"none": 0.0, "selective": mb.layer_attention_flops, "op": op_policy_gemm_flops,
+            "full": mb.layer_flops}[recompute]
+
+
+def recomputed_layer_count(num_layers: int, recompute: str, every: int = 1) -> int:
+    """Blocks running the policy: every K-th (planner.cost.pipeline.recomputed)."""
+    return 0 if recompute == "none" else num_layers // every
 
 
 def hardware_flops_per_step(spec: ModelSpec, global_batch: int, seq_len: int,
-                            recompute: str) -> float:
+                            recompute: str, recompute_every: int = 1,
+                            op_policy_gemm_flops: float = 0.0) -> float:
+    """Model FLOPs plus what recomputation adds; `op_policy_gemm_flops` is the whole batch's
+    per-layer recomputed GEMM FLOPs under the op-level policy (planner.cost.compute)."""
     mb = microbatch_flops(spec, global_batch, seq_len, 1)
-    extra = spec.num_layers * recompute_flops_per_layer(mb, recompute)
+    extra = recomputed_layer_count(spec.num_layers, recompute, recompute_every) * \
+        recompute_flops_per_layer(mb, recompute, op_policy_gemm_flops)
     return model_flops_per_step(spec, global_batch, seq_len) + extra

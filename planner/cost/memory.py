@@ -20,7 +20,8 @@ from planner.cost import activations as act
 from planner.cost import deepspeed as ds
 from planner.cost.combine import activation_peak, rank_total_bytes
 from planner.cost.compiled import saved_bytes_saving
-from planner.cost.fields import PlanEvaluations, call, plan_fields, rank_facts_of, unpack, with_rank
+from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of,
+                                 recomputed_layers_of, unpack, with_rank)
 from planner.cost.outside import OUTSIDE_TERMS, collective_groups, outside_parts, pipeline_peers
 from planner.cost.params import _local_numel, block_params_local, chunk_size, pieces_tensors
 from planner.cost.pipeline import head_inflight, inflight_chunks
@@ -191,14 +192,16 @@ def comm_buffers(spec, job, *, tp, micro_batch, zero_stage) -> float:
 
 def activation_pieces(spec, job, *, tp, sequence_parallel, micro_batch, recompute,
                       compile=False) -> tuple:
-    """(per layer, embedding, output layer) activation bytes of one micro-batch; a compiled
-    block without recompute saves what the compiled census measured fewer
-    (planner/cost/compiled.py)."""
+    """(per recomputed layer, per other layer, embedding, output layer) activation bytes of
+    one micro-batch; a compiled block without recompute saves what the compiled census
+    measured fewer (planner/cost/compiled.py; under a recompute policy the eager figure)."""
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
-    layer = act.layer_bytes(spec, job, **shape, recompute=recompute)
-    if compile and recompute == "none":
-        layer -= saved_bytes_saving(spec, job.precision, seq_len=job.seq_len, **shape)
-    return (layer,
+    plain = act.layer_bytes(spec, job, **shape, recompute="none")
+    if compile:
+        plain -= saved_bytes_saving(spec, job.precision, seq_len=job.seq_len, **shape)
+    policy = plain if recompute == "none" else act.layer_bytes(spec, job, **shape,
+                                                                recompute=recompute)
+    return (policy, plain,
             act.embedding_bytes(spec, job, **shape), act.head_bytes(spec, job, **shape))
 
 
@@ -213,11 +216,12 @@ def rank_memory_parts(evaluate) -> dict:
     """One rank's bytes by component (scalars, or one entry per layout), from its pieces:
     `evaluate(fn)` is fn's result for the rank (planner/cost/fields.py)."""
     weights, gradients, optimizer = unpack(evaluate(model_states), 3)
-    per_layer, emb, head = unpack(evaluate(activation_pieces), 3)
+    per_layer, plain, emb, head = unpack(evaluate(activation_pieces), 4)
     chunks, head_mbs = unpack(evaluate(inflight), 2)
     layers, nchunks, first, last = unpack(evaluate(rank_facts_of), 4)
     facts = {"rank_layers": layers, "holds_embedding": first == 1, "holds_head": last == 1,
-             "layer_bytes": per_layer, "embedding_bytes": emb, "head_bytes": head}
+             "layer_bytes": per_layer, "embedding_bytes": emb, "head_bytes": head,
+             "recomputed_layers": evaluate(recomputed_layers_of), "plain_layer_bytes": plain}
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
              "activations": activation_peak(inflight=chunks, rank_chunks=nchunks,
                                             head_inflight=head_mbs, **facts),

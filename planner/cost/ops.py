@@ -17,7 +17,7 @@ parallelism; the others on the whole sequence."""
 
 import math
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 from planner.cost import op_census_data as data
 from planner.spec import ModelSpec
@@ -79,10 +79,12 @@ def symbols(spec: ModelSpec, *, tp: int, micro_batch: int, seq_len: int) -> dict
             "v": -(-spec.vocab_size // tp)}
 
 
+@lru_cache(maxsize=8192)
 def ops(spec: ModelSpec, precision: str, region: str, direction: str, *, tp: int,
-        micro_batch: int, seq_len: int, sequence_parallel: bool = False) -> list:
+        micro_batch: int, seq_len: int, sequence_parallel: bool = False) -> tuple:
     """Every op of `region` ('block', 'head' = output layer + loss, 'embedding') in `direction`
-    ('fwd', 'bwd') for one micro-batch on one TP rank."""
+    ('fwd', 'bwd') for one micro-batch on one TP rank (cached: layer times, activation bytes
+    and recompute times read the same rows)."""
     sym = symbols(spec, tp=tp, micro_batch=micro_batch, seq_len=seq_len)
     sharded = {**sym, "s": seq_len / tp} if sequence_parallel else sym
     result = []
@@ -91,7 +93,7 @@ def ops(spec: ModelSpec, precision: str, region: str, direction: str, *, tp: int
         s = sharded if sp else sym
         result.append(Op(name, module, kind, sp, n, _value(flops, s), _value(read, s),
                          _value(write, s), tuple(_value(d, s) for d in mkn) if mkn else None))
-    return result
+    return tuple(result)
 
 
 def optimizer_bytes_per_param(fused: bool) -> float:
@@ -116,3 +118,25 @@ def summary(spec: ModelSpec, precision: str, **shape) -> dict:
                 sum(o.count * o.flops for o in rows if o.kind != "memory"),
                 sum(o.count * (o.read_bytes + o.write_bytes) for o in rows if o.kind == "memory"))
     return out
+
+
+# torchtitan's op-level selective activation checkpointing (torchtitan/models/llama3/infra/
+# parallelize.py, _save_list): outputs of these ops are saved (the census names the CUDA
+# attention kernels; runtime/model.py OP_POLICY_SAVE_LIST adds the CPU flash kernel), except
+# every second mm, counted per forward from the block's first; everything else is recomputed.
+OP_POLICY_SAVE_LIST = ("mm", "_scaled_dot_product_efficient_attention",
+                       "_scaled_dot_product_flash_attention", "max")
+
+
+def op_policy_saved(rows: list) -> list:
+    """For each op row of a block forward, how many of its `count` kernels the op-level policy
+    saves the output of (mm: the 1st, 3rd, 5th, ... mm of the block)."""
+    saved, mm_seen = [], 0
+    for op in rows:
+        if op.name == "mm":
+            odd = sum(1 for i in range(op.count) if (mm_seen + i + 1) % 2 == 1)
+            mm_seen += op.count
+            saved.append(odd)
+        else:
+            saved.append(op.count if op.name in OP_POLICY_SAVE_LIST else 0)
+    return saved

@@ -72,3 +72,24 @@ def rank_facts(num_layers: int, *, pp: int, virtual_stages: int, schedule: str, 
     return (sum(chunks), len(chunks), chunk_rank(0, pp=pp, schedule=schedule) == rank,
             chunk_rank(last, pp=pp, schedule=schedule) == rank)
 
+
+
+def recomputed(layer: int, every: int) -> bool:
+    """Whether global block `layer` (0-based) runs the recompute policy under recompute_every K:
+    torchtitan's selective-layer convention (a counter over blocks, incremented before the test
+    `count % K == 0`), so blocks K-1, 2K-1, ... (runtime/model.py set_recompute)."""
+    return (layer + 1) % every == 0
+
+
+@lru_cache(maxsize=65536)
+def rank_recomputed_layers(num_layers: int, *, pp: int, virtual_stages: int, schedule: str,
+                           rank: int, every: int, layers_per_stage: tuple = ()) -> int:
+    """Blocks of pipeline rank `rank` that run the recompute policy (every K-th global block)."""
+    layers = stage_layers(num_layers, pp=pp, virtual_stages=virtual_stages,
+                          layers_per_stage=layers_per_stage)
+    start, count = 0, 0
+    for chunk, n in enumerate(layers):
+        if chunk_rank(chunk, pp=pp, schedule=schedule) == rank:
+            count += sum(recomputed(i, every) for i in range(start, start + n))
+        start += n
+    return count

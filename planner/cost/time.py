@@ -16,9 +16,13 @@ import numpy as np
 
 from planner.cost import ops
 from planner.cost.combine import RankMicrobatch, rank_microbatch, step_parts
-from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds
-from planner.cost.compute import head_times, layer_times, selective_recompute_s
-from planner.cost.fields import PlanEvaluations, call, plan_fields, rank_facts_of, unpack
+from planner.cost.comm_plan import (dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds,
+                                    tp_recompute_seconds)
+from planner.cost.compute import (head_times, layer_times, op_policy_recompute_s,
+                                  selective_recompute_s)
+from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of,
+                                 recomputed_layers_of, unpack)
+from planner.cost.flops import recomputed_layer_count
 from planner.engines import (SHARDED_GRAD_STAGES, ZERO_BUBBLE, deferred_fsdp, dp_overlapped,
                              engine)
 
@@ -81,31 +85,32 @@ def head_seconds(gpu, spec, job, *, tp, micro_batch) -> tuple:
 
 def recompute_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch, recompute,
                       compile=False) -> float:
-    """Recompute per layer and micro-batch: the attention core (selective) or the forward
-    (compiled under `compile`)."""
+    """Recompute per recomputed layer and micro-batch: the attention core (selective), the
+    forward ops whose outputs are not saved (op; timed from the eager census also under
+    `compile`) or the forward (full; compiled under `compile`); TP collectives apart."""
     if recompute == "none":
         return 0.0
-    lt = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
-                     micro_batch=micro_batch, compile=compile)
+    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    if recompute == "op":
+        return op_policy_recompute_s(gpu, spec, job, **shape)
+    lt = layer_times(gpu, spec, job, **shape, compile=compile)
     return selective_recompute_s(lt) if recompute == "selective" else lt.fwd_s
 
 
 def tp_exposed_seconds(gpu, profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
-                       micro_batch, recompute) -> float:
-    """TP communication per layer and micro-batch left on the critical path."""
+                       micro_batch) -> float:
+    """TP communication per layer and micro-batch left on the critical path (a recomputed
+    layer adds comm_plan.tp_recompute_seconds)."""
     fwd, bwd = tp_pass_seconds(profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
                                sequence_parallel=sequence_parallel, micro_batch=micro_batch)
     wgrad = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
                         micro_batch=micro_batch).wgrad_s
-    return exposed_tp(job, fwd, bwd, recompute, wgrad)
+    return exposed_tp(job, fwd, bwd, wgrad)
 
 
-def exposed_tp(job, forward_s: float, backward_s: float, recompute: str,
-               wgrad_s: float) -> float:
-    """The forward's TP seconds (twice under full recompute), and the backward's unless the
-    engine hides them behind the weight-gradient GEMMs."""
-    if recompute == "full":
-        forward_s *= 2
+def exposed_tp(job, forward_s: float, backward_s: float, wgrad_s: float) -> float:
+    """The forward's TP seconds, and the backward's unless the engine hides them behind the
+    weight-gradient GEMMs."""
     if not engine(job.engine).tp_bwd_overlaps_wgrad:
         return forward_s + backward_s
     return forward_s + max(0.0, backward_s - wgrad_s)
@@ -158,16 +163,17 @@ def step_inputs(spec, job, profile, *, world, pp, virtual_stages, schedule, zero
             "ranks_per_node": np.minimum(world, profile.gpus_per_node)}
 
 
-def _microbatch(evaluate, layers, holds_head, sends=1) -> RankMicrobatch:
-    """A micro-batch through `layers` layers (and the output layer where holds_head), with
-    `sends` times one rank's pipeline sends."""
+def _microbatch(evaluate, layers, holds_head, recomputed, sends=1) -> RankMicrobatch:
+    """A micro-batch through `layers` layers, `recomputed` of them recomputed (and the output
+    layer where holds_head), with `sends` times one rank's pipeline sends."""
     layer, head = unpack(evaluate(layer_seconds), 3), unpack(evaluate(head_seconds), 3)
     return rank_microbatch(
         rank_layers=layers, holds_head=holds_head, layer_fwd_s=layer[0], layer_bwd_s=layer[1],
         layer_wgrad_s=layer[2], head_fwd_s=head[0], head_bwd_s=head[1], head_wgrad_s=head[2],
         recompute_per_layer_s=evaluate(recompute_seconds),
         tp_exposed_per_layer_s=evaluate(tp_exposed_seconds),
-        pp_comm_s=sends * evaluate(pp_comm_seconds))
+        pp_comm_s=sends * evaluate(pp_comm_seconds), recomputed_layers=recomputed,
+        tp_recompute_per_layer_s=evaluate(tp_recompute_seconds))
 
 
 @dataclass(frozen=True)
@@ -185,15 +191,23 @@ def rank_time_parts(evaluate, optimizer_bytes) -> RankTime:
     (planner/cost/fields.py)."""
     layers, _, _, last = unpack(evaluate(rank_facts_of), 4)
     total, sync, gather = unpack(evaluate(dp_seconds), 3)
-    return RankTime(microbatch=_microbatch(evaluate, layers, last == 1), dp_total_s=total,
+    recomputed = evaluate(recomputed_layers_of)
+    return RankTime(microbatch=_microbatch(evaluate, layers, last == 1, recomputed),
+                    dp_total_s=total,
                     grad_sync_s=sync, first_gather_s=gather,
                     optimizer_s=optimizer_bytes * evaluate(optimizer_seconds_per_byte))
+
+
+def model_recomputed_layers(spec, *, recompute, recompute_every) -> int:
+    """Blocks of the whole model running the recompute policy."""
+    return recomputed_layer_count(spec.num_layers, recompute, recompute_every)
 
 
 def mean_rank_s(evaluate, num_layers: int, pp) -> object:
     """The mean over all pipeline ranks of their micro-batch time: every layer, the output
     layer and every rank's sends, over pp."""
-    return _microbatch(evaluate, num_layers, True, sends=pp).total_s / pp
+    recomputed = evaluate(model_recomputed_layers)
+    return _microbatch(evaluate, num_layers, True, recomputed, sends=pp).total_s / pp
 
 
 def optimizer_seconds_per_byte(gpu, job, *, tp, zero_stage) -> float:

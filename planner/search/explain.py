@@ -10,7 +10,13 @@ TIME_PARTS = [("bubble_s", "pipeline bubble"), ("tp_comm_s", "TP communication")
               ("recompute_s", "recomputation"), ("compute_s", "compute on the slowest stage"),
               ("optimizer_s", "optimizer time")]
 LAYOUT_FIELDS = [("dp", "dp"), ("tp", "tp"), ("pp", "pp"), ("sequence_parallel", "SP"),
-                 ("zero_stage", "ZeRO"), ("micro_batch", "micro-batch"), ("recompute", "recompute")]
+                 ("zero_stage", "ZeRO"), ("micro_batch", "micro-batch"), ("recompute", "recompute"),
+                 ("recompute_every", "recompute every")]
+def recompute_name(lay) -> str:
+    """'op', or 'op/2' for the policy on every 2nd block."""
+    return lay.recompute + (f"/{lay.recompute_every}" if lay.recompute_every > 1 else "")
+
+
 TIE = 5e-4  # relative tokens/s difference below which two plans count as equally fast
 
 
@@ -69,7 +75,7 @@ def ranked_rows(result) -> list:
         row = {"rank": i, "GPUs": c.num_gpus, "dp": lay.dp, "tp": lay.tp, "pp": lay.pp,
                "SP": "y" if lay.sequence_parallel else "-", "ZeRO": lay.zero_stage,
                "micro-batch": f"{lay.micro_batch}x{lay.num_microbatches}",
-               "schedule": schedule_name(lay), "recompute": lay.recompute,
+               "schedule": schedule_name(lay), "recompute": recompute_name(lay),
                "mem/GPU GiB": round(c.total_bytes / 2**30, 1), "step s": round(c.step_s, 3),
                "tokens/s": round(c.tokens_per_s), "MFU %": round(100 * c.mfu, 1)}
         if budget:

@@ -86,8 +86,8 @@ def relaxations(result, search_fn) -> list:
         est = _variant(result, c, zero_stage=3)
         if est:
             out.append(f"ZeRO-3 on that layout: {_gib(est.memory.total_bytes)} per GPU")
-    if c.layout.recompute != "full":
-        est = _variant(result, c, recompute="full")
+    if c.layout.recompute != "full" or c.layout.recompute_every > 1:
+        est = _variant(result, c, recompute="full", recompute_every=1)
         if est:
             out.append(f"recompute=full cuts activations from {_gib(mem.activations_bytes)} to "
                        f"{_gib(est.memory.activations_bytes)} (total "

@@ -23,8 +23,8 @@ from planner.search.space import concat, enumerate_space, take
 OBJECTIVES = ("throughput", "min-gpus", "time-to-train")
 # Deterministic tie-break after the objective: less memory, fewer GPUs, then the simpler layout
 # (lower pp, tp, ZeRO, recompute, schedule index) - the column order below.
-TIE_COLUMNS = ("world", "pp", "tp", "zero_stage", "recompute", "schedule", "virtual_stages",
-               "sequence_parallel", "dp", "micro_batch")
+TIE_COLUMNS = ("world", "pp", "tp", "zero_stage", "recompute", "recompute_every", "schedule",
+               "virtual_stages", "sequence_parallel", "dp", "micro_batch")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +37,8 @@ class SearchOptions:
     target_tokens_per_s: float = 0.0
     token_budget: float = 0.0       # tokens to train, for time-to-train
     compile: bool = False           # every layout with Layout.compile (torch.compile per block)
+    recompute: str = None           # a fixed recompute policy (None: search them)
+    recompute_every: int = None     # a fixed recompute_every (None: search 1, 2, 4)
 
     def __post_init__(self):
         if self.max_tp is None:
@@ -187,7 +189,8 @@ class _Search:
     def space(self) -> dict:
         spaces = []
         for world in gpu_counts(self.cluster, self.opt.allow_fewer_gpus):
-            cols, bad_shapes = enumerate_space(self.model, self.job, world, self.max_tp)
+            cols, bad_shapes = enumerate_space(self.model, self.job, world, self.max_tp,
+                                               self.opt.recompute, self.opt.recompute_every)
             if bad_shapes:
                 dp, tp, pp = bad_shapes[0]
                 self.reject("batch", len(bad_shapes),

@@ -35,6 +35,7 @@ def layout_at(cols: dict, i: int) -> Layout:
                   schedule=SCHEDULES[int(cols["schedule"][i])],
                   virtual_stages=int(cols["virtual_stages"][i]),
                   recompute=RECOMPUTE[int(cols["recompute"][i])],
+                  recompute_every=int(cols["recompute_every"][i]),
                   compile=bool(cols["compile"][i]) if "compile" in cols else False)
 
 

@@ -1,12 +1,14 @@
 """The search space as numpy columns: every layout of N GPUs.
 
 One row is one layout, with the columns of planner.rules (world, dp, tp, pp, sp, zero, mb, m,
-sched, v, rc; lps_n = lps_sum = 0: the search splits layers evenly).
+sched, v, rc, recompute_every; lps_n = lps_sum = 0: the search splits layers evenly).
 
 What is enumerated (and what is not, because it would duplicate another row):
   dp*tp*pp = N with tp <= max_tp; micro-batch sizes dividing the per-replica batch; sequence
-  parallelism on/off only where tp > 1; ZeRO 1-3 only where dp > 1; recompute none/selective/
-  full; with pp > 1 GPipe, 1F1B, and the interleaved schedules with every v >= 2 that splits
+  parallelism on/off only where tp > 1; ZeRO 1-3 only where dp > 1; the engine's recompute
+  policies (torch: none/selective/op/full), each policy on every block and on every 2nd and 4th
+  (recompute_every; none only on every block); with pp > 1 GPipe, 1F1B, and the interleaved
+  schedules with every v >= 2 that splits
   the layers evenly over pp*v chunks (Megatron-LM's --num-layers-per-virtual-pipeline-stage
   needs that), ZBV with v = 2; with pp = 1 the schedule is moot and only '1f1b' is listed.
   Only the schedules and ZeRO stages the engine runs are listed (planner.engines).
@@ -15,7 +17,7 @@ The structural rules themselves are planner/rules.py, evaluated here on whole co
 
 import numpy as np
 
-from planner.engines import RECOMPUTE, engine
+from planner.engines import RECOMPUTE, RECOMPUTE_EVERY_CHOICES, engine
 from planner.rules import COLUMNS, SCHED
 
 
@@ -60,7 +62,27 @@ def _schedule_options(num_layers: int, pp: int, engine_name: str) -> list:
     return [(s, v) for s, v in opts if s in runs]
 
 
-def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int) -> np.ndarray:
+def recompute_options(model, engine_name: str, recompute: str = None,
+                      recompute_every: int = None) -> list:
+    """(RECOMPUTE index, recompute_every) pairs: the engine's policies, each on every block
+    and, for a policy under an engine with recompute_every, on every 2nd and 4th block (RECOMPUTE_EVERY_CHOICES within the layers);
+    a value the user fixed is the only one tried (a combination the rules refuse stays, so its
+    refusal is reported)."""
+    policies = [recompute] if recompute else list(engine(engine_name).recompute_policies)
+    pairs = []
+    for policy in policies:
+        if recompute_every:
+            everies = [recompute_every]
+        elif policy == "none" or engine(engine_name).recompute_every_block_only:
+            everies = [1]
+        else:
+            everies = [k for k in RECOMPUTE_EVERY_CHOICES if k == 1 or k <= model.num_layers]
+        pairs += [(RECOMPUTE.index(policy), k) for k in everies]
+    return pairs
+
+
+def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int,
+                recomputes: list) -> np.ndarray:
     """Every layout of one (dp, tp, pp) shape, as an int array with len(COLUMNS) columns."""
     per_replica = job.global_batch // dp
     mbs = divisors(per_replica)
@@ -68,19 +90,24 @@ def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int) -> np.ndarray
     sps = [0, 1] if tp > 1 else [0]
     zeros = [z for z in engine(job.engine).zero_stages if dp > 1 or z == 0]
     grid = np.array(np.meshgrid(np.arange(len(mbs)), np.arange(len(scheds)), sps, zeros,
-                                np.arange(len(RECOMPUTE)), indexing="ij")).reshape(5, -1)
+                                np.arange(len(recomputes)), indexing="ij")).reshape(5, -1)
     mb = np.array(mbs)[grid[0]]
     sched = np.array([s for s, _ in scheds])[grid[1]]
     v = np.array([v for _, v in scheds])[grid[1]]
+    rc = np.array([r for r, _ in recomputes])[grid[4]]
+    every = np.array([k for _, k in recomputes])[grid[4]]
     n = mb.size
     const = lambda x: np.full(n, x)  # noqa: E731
     return np.stack([const(world), const(dp), const(tp), const(pp), grid[2], grid[3], mb,
-                     per_replica // mb, sched, v, grid[4], const(0), const(0)], axis=1)
+                     per_replica // mb, sched, v, rc, const(0), const(0), every], axis=1)
 
 
-def enumerate_space(model, job, world: int, max_tp: int) -> tuple:
+def enumerate_space(model, job, world: int, max_tp: int, recompute: str = None,
+                    recompute_every: int = None) -> tuple:
     """(columns dict, shape rejections) for `world` GPUs.  A shape whose dp does not divide the
-    global batch has no micro-batch split at all; it is reported once, as a shape."""
+    global batch has no micro-batch split at all; it is reported once, as a shape.  A fixed
+    `recompute` / `recompute_every` is the only value tried (recompute_options)."""
+    recomputes = recompute_options(model, job.engine, recompute, recompute_every)
     blocks, shape_rejects = [], []
     for tp in [t for t in divisors(world) if t <= max_tp]:
         for pp in divisors(world // tp):
@@ -88,7 +115,7 @@ def enumerate_space(model, job, world: int, max_tp: int) -> tuple:
             if job.global_batch % dp:
                 shape_rejects.append((dp, tp, pp))
                 continue
-            blocks.append(_shape_rows(model, job, world, dp, tp, pp))
+            blocks.append(_shape_rows(model, job, world, dp, tp, pp, recomputes))
     rows = np.concatenate(blocks) if blocks else np.zeros((0, len(COLUMNS)), dtype=np.int64)
     return {name: rows[:, i].astype(np.int64) for i, name in enumerate(COLUMNS)}, shape_rejects
 

@@ -5,11 +5,12 @@ by hand (tests use uniform stages without communication)."""
 from dataclasses import dataclass
 
 from planner.cost.comm_plan import (dp_collectives, fsdp_rounds, pp_p2p_per_microbatch,
-                                    tp_pass_seconds)
-from planner.cost.compute import LayerTimes, head_times, layer_times, selective_recompute_s
+                                    tp_pass_seconds, tp_recompute_seconds)
+from planner.cost.compute import LayerTimes, head_times, layer_times
 from planner.cost.fields import call, plan_fields, with_rank
 from planner.cost.memory import rank_memory
-from planner.cost.time import exposed_tp, optimizer_seconds
+from planner.cost.pipeline import recomputed
+from planner.cost.time import exposed_tp, optimizer_seconds, recompute_seconds
 from planner.engines import DDP_STAGES, SCHEDULES, deferred_fsdp, dp_overlapped
 from planner.plan import Plan
 
@@ -99,10 +100,11 @@ def plan_costs(plan: Plan) -> SimCosts:
     lt = call(layer_times, named)
     ht = head_times(named["gpu"], spec, plan.job, tp=lay.tp, micro_batch=lay.micro_batch)
     tp_pass, tp_bwd = call(tp_pass_seconds, named)
-    tp_exposed = exposed_tp(plan.job, tp_pass, tp_bwd, lay.recompute, lt.wgrad_s)
-    tp_rec = tp_pass if lay.recompute == "full" else 0.0
-    rec = {"none": 0.0, "selective": selective_recompute_s(lt), "full": lt.fwd_s}[lay.recompute]
+    tp_exposed = exposed_tp(plan.job, tp_pass, tp_bwd, lt.wgrad_s)
+    # the estimate's own per-recomputed-layer seconds (planner.cost.time)
+    tp_rec, rec = call(tp_recompute_seconds, named), call(recompute_seconds, named)
     layers = lay.stage_layers(spec.num_layers)
+    recomputed = _chunk_recomputed(lay, spec.num_layers)
     head = [ht if c == len(layers) - 1 else _NO_HEAD for c in range(len(layers))]
     per_rank = [sum(lay.rank_chunk_layers(spec.num_layers)[r]) for r in range(lay.pp)]
     p2p = call(pp_p2p_per_microbatch, named)
@@ -110,17 +112,28 @@ def plan_costs(plan: Plan) -> SimCosts:
         schedule=lay.schedule, pp=lay.pp, virtual_stages=lay.virtual_stages,
         num_microbatches=lay.num_microbatches,
         chunk_fwd_s=[n * (lt.fwd_s + tp_pass) + h.fwd_s for n, h in zip(layers, head)],
-        chunk_bwd_s=[n * (lt.bwd_s + tp_exposed - tp_pass - tp_rec) + h.bwd_s
+        chunk_bwd_s=[n * (lt.bwd_s + tp_exposed - tp_pass) + h.bwd_s
                      for n, h in zip(layers, head)],
         chunk_wgrad_s=[n * lt.wgrad_s + h.wgrad_s for n, h in zip(layers, head)],
-        chunk_recompute_s=[n * (rec + tp_rec) for n in layers],
+        chunk_recompute_s=[k * (rec + tp_rec) for k in recomputed],
         chunk_tp_fwd_s=[n * tp_pass for n in layers],
-        chunk_tp_recompute_s=[n * tp_rec for n in layers],
+        chunk_tp_recompute_s=[k * tp_rec for k in recomputed],
         chunk_tp_bwd_s=[n * tp_bwd for n in layers],
-        chunk_tp_bwd_exposed_s=[n * (tp_exposed - tp_pass - tp_rec) for n in layers],
+        chunk_tp_bwd_exposed_s=[n * (tp_exposed - tp_pass) for n in layers],
         chunk_param_share=[n / per_rank[lay.chunk_rank(c)] for c, n in enumerate(layers)],
         chunk_buckets=[max(1, min(n, MAX_BUCKETS_PER_CHUNK)) for n in layers],
         p2p_s=p2p[0].time_each_s if p2p else 0.0, **_dp_costs(plan, named))
+
+
+def _chunk_recomputed(lay, num_layers: int) -> list:
+    """Blocks of each chunk (pipeline order) running the recompute policy."""
+    if lay.recompute == "none":
+        return [0] * lay.num_chunks
+    out, start = [], 0
+    for n in lay.stage_layers(num_layers):
+        out.append(sum(recomputed(i, lay.recompute_every) for i in range(start, start + n)))
+        start += n
+    return out
 
 
 def _dp_costs(plan: Plan, named: dict) -> dict:
