@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from planner import export
+from planner.cli.common import print_json
 from planner.report import compare_text
 from planner.schema import load_json_file
 
@@ -72,6 +73,9 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=50, help="training steps")
     p.add_argument("--measured", default="measured.json",
                    help="where the run writes its measurements")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (the files written, step time, tokens/s, "
+                        "predicted vs measured); the ranks' log goes to standard error")
     group = p.add_argument_group(
         "training flags (runtime.train's own; also accepted after --, which passes anything on)")
     for flag, kind, default, text in RUNTIME_FLAGS:
@@ -334,10 +338,48 @@ def run(args) -> int:
     if data is not None and not os.path.exists(data):
         raise ValueError(f"--data {data}: no such file or directory")
     cmd = launch_command(plan, args.plan, args.steps, extra)
-    with _environment(env):
+    json_out = getattr(args, "json", False)
+    with _environment(env), (_stdout_to_stderr() if json_out else contextlib.nullcontext()):
         code = launch(cmd)
-    if code == 0 and Path(args.measured).is_file():
+    measured = (load_json_file(args.measured, "measured")
+                if code == 0 and Path(args.measured).is_file() else None)
+    table = None
+    if measured is not None:
         from planner.calibration.compare import compare  # the cost model and pandas
+        table = compare(plan, measured)
+    if json_out and code == 0:
+        print_json(_result(args, measured, table))
+    elif table is not None:
         print("\nPredicted vs measured (planner compare):")
-        print(compare_text(compare(plan, load_json_file(args.measured, "measured"))))
+        print(compare_text(table))
     return code
+
+
+def _result(args, measured, table) -> dict:
+    """--json: what the run wrote and its figures (None where it wrote no measured.json)."""
+    got = measured or {}
+    return {"plan": str(args.plan), "steps": args.steps,
+            "measured": args.measured if measured is not None else None,
+            "metrics": getattr(args, "train_metrics", None),
+            "step_time_s": got.get("step_time_s"), "tokens_per_s": got.get("tokens_per_s"),
+            "val_loss": got.get("val_loss"),
+            "compare": table.to_dict(orient="records") if table is not None else None}
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """The launched processes' standard output on standard error (descriptor 1 -> 2), so that
+    with --json standard output holds the JSON object only."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 at all
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
