@@ -36,8 +36,9 @@ LAUNCHER = (sys.executable, "-m", "runtime.launch")  # stands in for `torchrun`
 # type, default, help). A copy, because the planner never imports the runtime;
 # tests/test_runtime_launch.py checks that it agrees with runtime.train's parser.
 RUNTIME_FLAGS = (
-    ("--data", str, None, ("text file, directory of text files, or uint16 .bin tokens "
-                           "(default: this Python's standard-library sources)")),
+    ("--data", str, None, ("text file, directory of text files, or .bin token ids "
+                           "(uint16; *.uint32.bin: uint32) (default: this Python's "
+                           "standard-library sources)")),
     ("--data-cap-mb", float, 8.0, "bytes of text to read (MiB)"),
     ("--checkpoint-dir", str, None, ("directory of the checkpoints (--checkpoint-every, "
                                      "--resume)")),
@@ -48,12 +49,18 @@ RUNTIME_FLAGS = (
     ("--grad-clip", float, 1.0, "global-norm clip (0: off)"),
     ("--seed", int, 0, "seed of the weights, the data order and dropout"),
     ("--compile", bool, False, "torch.compile each block"),
+    ("--metrics", str, None, ("append one JSON line per step here (loss, lr, step time, "
+                              "tokens/s, grad norm, memory; val_loss on evaluated steps)")),
+    ("--eval-every", int, 0, "validation loss every K steps (0: only at the end)"),
+    ("--tensorboard", str, None, ("also write TensorBoard events to this directory (needs the "
+                                  "tensorboard package)")),
     ("--timeout", float, 60.0, "collective timeout (s)"),
 )
 
 METAVARS = {"--data": "PATH", "--data-cap-mb": "MIB", "--checkpoint-dir": "DIR",
             "--checkpoint-every": "K", "--lr": "LR", "--warmup": "STEPS", "--grad-clip": "NORM",
-            "--seed": "SEED", "--timeout": "SECONDS"}
+            "--seed": "SEED", "--timeout": "SECONDS", "--metrics": "PATH", "--eval-every": "K",
+            "--tensorboard": "DIR"}
 
 MAX_PROCS_PER_CORE = 8  # CPU ranks: the cpu profile runs 4 per core; past 8, gloo times out
 PROBE_TIMEOUT_S = 300
