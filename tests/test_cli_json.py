@@ -125,7 +125,7 @@ def test_ui_json_prints_the_address_then_serves(capfd, monkeypatch):
 
 
 def test_ui_without_streamlit_names_the_extra(capsys, monkeypatch):
-    monkeypatch.setattr(planner.cli.ui.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setitem(sys.modules, "streamlit", None)  # not importable
     assert main(["ui", "--json"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""

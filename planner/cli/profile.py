@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from planner.cli.common import print_json
+from planner.cli.common import print_json, require_module
 from planner.hardware import load_profile
 
 DESCRIPTION = """\
@@ -59,6 +59,7 @@ def _measure(args, tmp: str):
 def run(args) -> int:
     from planner.calibration.profile_fit import fit_profile  # the cost model
     base = load_profile(args.base)
+    require_module("torch", "measuring (planner profile)")
     with tempfile.TemporaryDirectory() as tmp:
         measurements = _measure(args, tmp)
     profile, report = fit_profile(base, measurements, args.name or Path(args.out).stem,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from planner import export
-from planner.cli.common import print_json
+from planner.cli.common import print_json, require_module
 from planner.report import compare_text
 from planner.schema import load_json_file
 
@@ -337,6 +337,7 @@ def _procs_per_node(line: str) -> int:
 def run(args) -> int:
     from planner.plan import Plan
     plan = Plan.load(args.plan)  # a bad plan is a one-line error before anything starts
+    require_module("torch", "training (planner run)")
     extra = ["--out", args.measured, *training_flags(args),
              *(["--debug"] if getattr(args, "debug", False) else []), *args.passthrough]
     lines = export.torchrun_lines(plan, plan_path=str(args.plan), steps=args.steps)

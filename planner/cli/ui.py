@@ -1,14 +1,12 @@
 """`planner ui`: start the Streamlit planning page (app/streamlit_app.py) in a subprocess."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
-from planner.cli.common import print_json
+from planner.cli.common import print_json, require_module
 
 APP = Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py"
-NO_STREAMLIT = 'the UI needs streamlit: pip install "parallel-planner[ui]"'
 
 
 def add_parser(sub):
@@ -32,8 +30,7 @@ def command(args) -> list:
 def run(args) -> int:
     if not APP.is_file():
         raise ValueError(f"the app is not installed with this package: {APP} is missing")
-    if importlib.util.find_spec("streamlit") is None:
-        raise ValueError(NO_STREAMLIT)
+    require_module("streamlit", "the UI")
     cmd = command(args)
     if args.json:
         print_json({"url": f"http://localhost:{args.port}", "port": args.port,
