@@ -1,7 +1,8 @@
 """Train under a plan: `torchrun --nproc-per-node N -m runtime.train --plan plan.json --steps S`.
 
-Writes a per-step log line on rank 0 and, with --out, measured.json (step times, tokens/s and
-per-rank memory by component) for `planner compare`. Every fault ends the rank with one line on
+Writes a per-step log line on rank 0, with --metrics one JSON line per step (runtime/metrics.py)
+and, with --out, measured.json (step times, tokens/s and per-rank memory by component) for
+`planner compare`. Every fault ends the rank with one line on
 stderr and an exit code of runtime/faults.py: 2 bad input (flags, checked before any process
 group; plan, world size, data, checkpoint), 3 non-finite loss (the last good checkpoint is kept),
 4 a peer lost or a collective timed out, 1 anything else; --debug adds the traceback."""
