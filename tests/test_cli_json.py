@@ -3,7 +3,6 @@ export): one JSON object on stdout describing the result; errors stay one line o
 
 import json
 import os
-import shutil
 import sys
 
 import pytest
@@ -69,7 +68,7 @@ def test_run_json_keeps_the_ranks_log_off_stdout(tmp_path, capsys, monkeypatch):
 
 
 def test_run_json_stdout_is_only_the_object(tmp_path, capfd, monkeypatch):
-    plan, path = _plan(tmp_path)
+    _, path = _plan(tmp_path)
     monkeypatch.setattr(planner.cli.run, "launch", lambda cmd: os.write(1, b"log\n") and 0)
     assert main(["run", str(path), "--steps", "3", "--measured", str(tmp_path / "m.json"),
                  "--json"]) == 0
@@ -85,9 +84,10 @@ def test_run_json_failure_is_the_ranks_exit_code_and_no_object(tmp_path, capfd, 
 
 
 def test_calibrate_json(tmp_path, capsys):
-    from tests.test_calibrate import SINGLE_RANK, _plan as cal_plan, _runs_on
     from planner.calibration.calibrate import _scaled
     from planner.hardware import load_profile
+    from tests.test_calibrate import SINGLE_RANK, _runs_on
+    from tests.test_calibrate import _plan as cal_plan
     plans = [cal_plan(layout, seq, num_gpus=1) for seq, layout in SINGLE_RANK]
     _, paths = _runs_on(_scaled(load_profile("cpu"), efficiency=0.5), plans, tmp_path)
     out = tmp_path / "cal.json"

@@ -162,11 +162,11 @@ def test_commands_needing_torch_or_streamlit_name_the_extra(tmp_path):
                           "8", "--seq-len", "64", "--dp", "8", "--out",
                           str(tmp_path / "plan.json"))["code"] == 0
     for argv, line in (
-            (("run", "plan.json", "--steps", "2"), 'planner run: error: training (planner run) '
-             'needs torch: pip install "parallel-planner[runtime]"'),
-            (("profile", "--out", "p.json"), 'planner profile: error: measuring (planner '
-             'profile) needs torch: pip install "parallel-planner[runtime]"'),
-            (("ui", "--headless"), 'planner ui: error: the UI needs streamlit: pip install '
-             '"parallel-planner[ui]"')):
+            (("run", "plan.json", "--steps", "2"), ('planner run: error: training (planner '
+             'run) needs torch: pip install "parallel-planner[runtime]"')),
+            (("profile", "--out", "p.json"), ('planner profile: error: measuring (planner '
+             'profile) needs torch: pip install "parallel-planner[runtime]"')),
+            (("ui", "--headless"), ('planner ui: error: the UI needs streamlit: pip install '
+             '"parallel-planner[ui]"'))):
         res = _without_torch(*argv, cwd=tmp_path)
         assert res["code"] == 2 and res["err"].strip() == line and res["out"] == "", res

@@ -2,6 +2,7 @@
 ui.perfetto.dev): valid JSON of that shape, a process per pipeline rank, a thread per stream,
 durations equal to the simulator's events, no two events of one thread overlapping."""
 
+import itertools
 import json
 from collections import defaultdict
 
@@ -27,9 +28,9 @@ def _plan(**layout) -> Plan:
                 cluster=load_cluster("a100-80g", 1, num_gpus=lay.world_size))
 
 
-PLANS = [dict(pp=4, dp=2, num_microbatches=8),
-         dict(pp=2, dp=4, zero_stage=3, num_microbatches=4),
-         dict(pp=4, num_microbatches=8, schedule="interleaved_1f1b", virtual_stages=2)]
+PLANS = [{"pp": 4, "dp": 2, "num_microbatches": 8},
+         {"pp": 2, "dp": 4, "zero_stage": 3, "num_microbatches": 4},
+         {"pp": 4, "num_microbatches": 8, "schedule": "interleaved_1f1b", "virtual_stages": 2}]
 
 
 @pytest.mark.parametrize("layout", PLANS)
@@ -58,7 +59,7 @@ def test_trace_is_the_simulated_timeline(layout):
     assert {tid for _, tid in threads} == {0, 1}  # compute and communication both carry work
     for intervals in threads.values():
         intervals.sort()
-        for (_, end), (start, _) in zip(intervals, intervals[1:]):
+        for (_, end), (start, _) in itertools.pairwise(intervals):
             assert end <= start + ROUNDING_US
 
 
