@@ -2,8 +2,11 @@
 
 Default corpus: this Python's own standard-library sources (always present, no download), read
 in sorted path order up to a byte cap, tokenised byte-level (ids 0-255, valid for any vocabulary
-of at least 256). `--data PATH` takes a text file, a directory of text files, or a uint16 `.bin`
-of token ids (the nanoGPT format). Sample k of the run is window perm_e[k mod W] of the training
+of at least 256). `--data PATH` takes a text file, a directory of text files, or a `.bin` of
+token ids whose name says their width: `NAME.bin` or `NAME.uint16.bin` holds uint16 ids (the
+nanoGPT format), `NAME.uint32.bin` uint32 ids (little-endian, no header), for vocabularies
+above 65,536 (Llama 3, Qwen, Gemma). The width must fit the model's vocabulary: uint16 for a
+vocabulary of at most 65,536 ids, uint32 above; a mismatch is refused (BIN_DTYPES). Sample k of the run is window perm_e[k mod W] of the training
 split, e = k div W, with a seeded permutation per epoch; so the data position is the step.
 
 Only regular files are read (a FIFO, a device such as /dev/zero or a socket is refused, never
@@ -20,6 +23,9 @@ import torch
 DEFAULT_CAP_BYTES = 8 << 20
 BIN_CHUNK_TOKENS = 8 << 20  # tokens per read when checking a .bin file's ids
 VAL_FRACTION = 0.05
+UINT16_IDS = 1 << 16  # ids 0..65535
+# the suffix before .bin -> its dtype (little-endian, as numpy writes on x86 and ARM)
+BIN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 MLM_PROBABILITY = 0.15  # Devlin et al. 2019, Sec. 3.1
 
 
@@ -88,7 +94,7 @@ def _read_files(files, cap_bytes: int) -> np.ndarray:
 
 
 def load_tokens(path=None, vocab_size: int = 256, cap_bytes: int = DEFAULT_CAP_BYTES):
-    """Token ids as a numpy array (uint8 for bytes, uint16 for a .bin file)."""
+    """Token ids as a numpy array (uint8 for bytes, uint16 or uint32 for a .bin file)."""
     top = None
     if path is None:
         tokens = _read_files(stdlib_files(), cap_bytes)
@@ -99,7 +105,7 @@ def load_tokens(path=None, vocab_size: int = 256, cap_bytes: int = DEFAULT_CAP_B
             if p.is_dir():
                 tokens = _read_files(sorted(f for f in p.rglob("*") if f.is_file()), cap_bytes)
             elif p.suffix == ".bin":
-                tokens, top = _read_bin(p)
+                tokens, top = _read_bin(p, bin_dtype(p, vocab_size))
             else:
                 tokens = np.frombuffer(read_prefix(p, cap_bytes), dtype=np.uint8)
         except OSError as exc:
@@ -115,26 +121,47 @@ def load_tokens(path=None, vocab_size: int = 256, cap_bytes: int = DEFAULT_CAP_B
     return tokens
 
 
-def _read_bin(p: Path) -> tuple:
-    """(uint16 token ids memory-mapped, the largest id). The largest id is found with plain
-    reads of bounded chunks, so checking a big file does not map all of it into the process."""
+def bin_dtype(p: Path, vocab_size: int) -> np.dtype:
+    """The id width a .bin file's name says (NAME.bin, NAME.uint16.bin: uint16;
+    NAME.uint32.bin: uint32), refused in one line if it does not fit `vocab_size`."""
+    width = Path(p.stem).suffix.lstrip(".")
+    if width not in BIN_DTYPES:
+        width = "uint16"  # a plain NAME.bin is nanoGPT's uint16 format
+    if width == "uint16" and vocab_size > UINT16_IDS:
+        raise ValueError(f"data {p} holds uint16 token ids but the model's vocab_size "
+                         f"{vocab_size:,} needs uint32 ids (above {UINT16_IDS:,}); write the "
+                         f"tokens as uint32 and name the file {Path(p.stem).stem}.uint32.bin")
+    if width == "uint32" and vocab_size <= UINT16_IDS:
+        raise ValueError(f"data {p} holds uint32 token ids but the model's vocab_size "
+                         f"{vocab_size:,} fits uint16 (at most {UINT16_IDS:,}); is it "
+                         f"tokenised for another model? (uint16 files: NAME.bin)")
+    return BIN_DTYPES[width]
+
+
+def _read_bin(p: Path, dtype: np.dtype = BIN_DTYPES["uint16"]) -> tuple:
+    """(token ids of `dtype` memory-mapped, the largest id). The largest id is found with
+    plain reads of bounded chunks, so checking a big file does not map all of it into the
+    process."""
     fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"data path {p} is not a regular file ({_kind(st.st_mode)})")
-        count, top = st.st_size // 2, -1
+        if st.st_size % dtype.itemsize:
+            raise ValueError(f"data {p} has {st.st_size:,} bytes, not a whole number of "
+                             f"{dtype.name} token ids ({dtype.itemsize} bytes each)")
+        count, top = st.st_size // dtype.itemsize, -1
         with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
             for start in range(0, count, BIN_CHUNK_TOKENS):
-                chunk = np.frombuffer(f.read(2 * min(BIN_CHUNK_TOKENS, count - start)),
-                                      dtype=np.uint16)
+                chunk = np.frombuffer(
+                    f.read(dtype.itemsize * min(BIN_CHUNK_TOKENS, count - start)), dtype=dtype)
                 if len(chunk):
                     top = max(top, int(chunk.max()))
     finally:
         os.close(fd)
     if count == 0:
-        return np.zeros(0, dtype=np.uint16), top
-    return np.memmap(p, dtype=np.uint16, mode="r", shape=(count,)), top
+        return np.zeros(0, dtype=dtype), top
+    return np.memmap(p, dtype=dtype, mode="r", shape=(count,)), top
 
 
 class TokenData:

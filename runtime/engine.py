@@ -188,10 +188,11 @@ class Engine:
             loss = self.forward_backward(inputs, labels)
         if not math.isfinite(loss):
             self.zero_grad()
+            self.last_grad_norm = None
             return loss
         params = [p for _, p in self.named_parameters()]
         grads_bytes = measure.gradients_bytes(params) if counter else 0
-        self.optimizer_step()
+        self.last_grad_norm = self.optimizer_step()  # for the metrics line (runtime.metrics)
         if counter:
             record.update(
                 weights_bytes=measure.weights_bytes(params), gradients_bytes=grads_bytes,

@@ -1,7 +1,8 @@
 """Train under a plan: `torchrun --nproc-per-node N -m runtime.train --plan plan.json --steps S`.
 
-Writes a per-step log line on rank 0 and, with --out, measured.json (step times, tokens/s and
-per-rank memory by component) for `planner compare`. Every fault ends the rank with one line on
+Writes a per-step log line on rank 0, with --metrics one JSON line per step (runtime/metrics.py)
+and, with --out, measured.json (step times, tokens/s and per-rank memory by component) for
+`planner compare`. Every fault ends the rank with one line on
 stderr and an exit code of runtime/faults.py: 2 bad input (flags, checked before any process
 group; plan, world size, data, checkpoint), 3 non-finite loss (the last good checkpoint is kept),
 4 a peer lost or a collective timed out, 1 anything else; --debug adds the traceback."""
@@ -40,12 +41,17 @@ class RunConfig:
     seed: int = 0
     val_batches: int = VAL_BATCHES
     measure_step: int = 1  # the step whose memory is recorded (step 0 includes warm-up)
+    metrics: str = None  # JSONL of one line per step (runtime/metrics.py)
+    eval_every: int = 0  # validation loss every K steps (0: only at the end)
+    tensorboard: str = None  # TensorBoard event directory (torch.utils.tensorboard)
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ValueError("--checkpoint-every and --resume need --checkpoint-dir")
 
@@ -62,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m runtime.train", description=__doc__.split("\n")[0])
     p.add_argument("--plan", required=True, help="plan.json written by `planner suggest`")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps to run (in total)")
-    p.add_argument("--data", help="text file, directory of text files, or uint16 .bin tokens "
-                   "(default: this Python's standard-library sources)")
+    p.add_argument("--data", help="text file, directory of text files, or .bin token ids "
+                   "(uint16; *.uint32.bin: uint32) (default: this Python's standard-library "
+                   "sources)")
     p.add_argument("--data-cap-mb", type=float, default=8.0, help="bytes of text to read (MiB)")
     p.add_argument("--checkpoint-dir",
                    help="directory of the checkpoints (--checkpoint-every, --resume)")
@@ -78,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the weights, the data order and dropout")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each block: the plan's compile (refused if it is off)")
+    p.add_argument("--metrics", help="append one JSON line per step here (loss, lr, step "
+                   "time, tokens/s, grad norm, memory; val_loss on evaluated steps)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="validation loss every K steps (0: only at the end)")
+    p.add_argument("--tensorboard", help="also write TensorBoard events to this directory "
+                   "(needs the tensorboard package)")
     p.add_argument("--timeout", type=float, default=60.0, help="collective timeout (s)")
     p.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     return p
@@ -102,6 +115,7 @@ def check_args(args) -> None:
     _need(args.checkpoint_every >= 0, "--checkpoint-every", args.checkpoint_every, ">= 0")
     _need(finite(args.lr) and args.lr > 0, "--lr", args.lr, "a finite number > 0")
     _need(args.warmup >= 0, "--warmup", args.warmup, ">= 0")
+    _need(args.eval_every >= 0, "--eval-every", args.eval_every, ">= 0 (0: only at the end)")
     _need(finite(args.grad_clip) and args.grad_clip >= 0, "--grad-clip", args.grad_clip,
           "a finite number >= 0 (0: off)")
     _need(0 <= args.seed < MAX_SEED, "--seed", args.seed, f"in [0, {MAX_SEED})")
@@ -110,10 +124,14 @@ def check_args(args) -> None:
     if args.data is not None:
         from runtime.data import check_data_path
         check_data_path(args.data)
-    if args.out is not None:
-        out = Path(args.out)
-        _need(not out.is_dir(), "--out", args.out, "a file path, not a directory")
-        _need(out.parent.is_dir(), "--out", args.out, "in an existing directory")
+    for flag, path in (("--out", args.out), ("--metrics", args.metrics)):
+        if path is not None:
+            out = Path(path)
+            _need(not out.is_dir(), flag, path, "a file path, not a directory")
+            _need(out.parent.is_dir(), flag, path, "in an existing directory")
+    if args.tensorboard is not None:
+        from runtime.metrics import tensorboard_writer_class
+        tensorboard_writer_class()  # a missing tensorboard: one line before any process group
     if args.checkpoint_dir is not None:
         ck = Path(args.checkpoint_dir)
         _need(ck.is_dir() or not ck.exists(), "--checkpoint-dir", args.checkpoint_dir,
@@ -152,6 +170,7 @@ class Trainer:
         self.engine = Engine(plan, ctx, optim_cfg, seed=cfg.seed)  # compiles if plan says so
         self.optim_cfg = optim_cfg
         self.steps, self.record = [], {}
+        self.last_val = None  # (step, validation loss) of the latest --eval-every evaluation
 
     def _start_step(self) -> int:
         import os
@@ -177,36 +196,61 @@ class Trainer:
             return self._run()
 
     def _run(self) -> dict:
+        total = self.cfg.steps
+        tokens_per_step = self.plan.job.global_batch * self.plan.job.seq_len
+        start = self._start_step()
+        writer = self._metrics_writer(resumed=start > 0)
+        try:
+            for step in range(start, total):
+                self._step(step, tokens_per_step, start, writer)
+        finally:
+            if writer is not None:
+                writer.close()
+        return self._measured()
+
+    def _metrics_writer(self, resumed: bool):
+        """Rank 0's metrics file (appended to when the run resumes), or None."""
+        if self.ctx.rank != 0 or not (self.cfg.metrics or self.cfg.tensorboard):
+            return None
+        from runtime.metrics import MetricsWriter
+        return MetricsWriter(self.cfg.metrics, self.cfg.tensorboard, resume=resumed)
+
+    def _step(self, step: int, tokens_per_step: int, start: int, writer) -> None:
         import torch
 
         from runtime import checkpoint, measure
         from runtime.optim import lr_at
         cfg, total = self.cfg, self.cfg.steps
-        tokens_per_step = self.plan.job.global_batch * self.plan.job.seq_len
-        start = self._start_step()
-        for step in range(start, total):
-            lr = lr_at(step, total, self.optim_cfg)
-            self.engine.set_lr(lr)
-            inputs, labels = self.data.batch(step)
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step
-            record = {} if step == min(start + cfg.measure_step, total - 1) else None
-            t0 = time.perf_counter()
-            loss = self.engine.train_step(inputs.to(self.ctx.device),
-                                          labels.to(self.ctx.device), record)
-            _sync(self.ctx.device)
-            dt = time.perf_counter() - t0
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(step, loss)
-            if record:
-                self.record = record
-            self.steps.append({"step": step, "loss": loss, "step_time_s": dt,
-                               "tokens_per_s": tokens_per_step / dt, "lr": lr})
-            _log_step(step, total, loss, lr, dt, tokens_per_step,
-                      measure.current_memory_bytes(self.ctx.device))
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                path = checkpoint.save(self.engine, cfg.checkpoint_dir, step + 1)
-                log.info(f"saved checkpoint {path}")
-        return self._measured()
+        lr = lr_at(step, total, self.optim_cfg)
+        self.engine.set_lr(lr)
+        inputs, labels = self.data.batch(step)
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step
+        record = {} if step == min(start + cfg.measure_step, total - 1) else None
+        t0 = time.perf_counter()
+        loss = self.engine.train_step(inputs.to(self.ctx.device),
+                                      labels.to(self.ctx.device), record)
+        _sync(self.ctx.device)
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(step, loss)
+        if record:
+            self.record = record
+        self.steps.append({"step": step, "loss": loss, "step_time_s": dt,
+                           "tokens_per_s": tokens_per_step / dt, "lr": lr})
+        memory = measure.current_memory_bytes(self.ctx.device)
+        _log_step(step, total, loss, lr, dt, tokens_per_step, memory)
+        row = {**self.steps[-1], "grad_norm": getattr(self.engine, "last_grad_norm", None),
+               "memory_bytes": memory,
+               "peak_allocated_bytes": measure.peak_allocated_bytes(self.ctx.device)}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            row["val_loss"] = self.validation_loss()  # every rank: a collective
+            self.last_val = (step, row["val_loss"])
+            log.info(f"step {step + 1}: validation loss {row['val_loss']:.4f}")
+        if writer is not None:
+            writer.write(row)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            path = checkpoint.save(self.engine, cfg.checkpoint_dir, step + 1)
+            log.info(f"saved checkpoint {path}")
 
     def validation_loss(self) -> float:
         losses = []
@@ -219,7 +263,11 @@ class Trainer:
         import torch.distributed as dist
 
         from runtime import measure
-        val = self.validation_loss()
+        done = self.steps[-1]["step"] if self.steps else None
+        if self.last_val is not None and self.last_val[0] == done:
+            val = self.last_val[1]  # the last step was just evaluated: the same batches
+        else:
+            val = self.validation_loss()
         log.info(f"validation loss {val:.4f} ({self.cfg.val_batches} held-out batches)")
         empty = dict.fromkeys(("weights_bytes", "gradients_bytes", "optimizer_bytes",
                                "activation_bytes_per_microbatch", "activation_peak_bytes"))
@@ -280,7 +328,8 @@ def main(argv=None) -> int:
                         data_cap_bytes=int(args.data_cap_mb * 2**20),
                         checkpoint_dir=args.checkpoint_dir,
                         checkpoint_every=args.checkpoint_every, resume=args.resume,
-                        out=args.out, seed=args.seed)
+                        out=args.out, seed=args.seed, metrics=args.metrics,
+                        eval_every=args.eval_every, tensorboard=args.tensorboard)
         from runtime.mesh import check_world_size
         from runtime.optim import OptimConfig
         check_world_size(plan.layout)

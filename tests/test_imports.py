@@ -112,3 +112,61 @@ def test_planner_imports_without_altair_or_vl_convert():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == 'charts need altair: pip install "parallel-planner[charts]"'
+
+
+# --- the planner without its optional dependencies (pyproject.toml: [runtime], [ui]) -------
+
+# a fresh interpreter in which torch and streamlit cannot be imported (a meta-path finder
+# refuses them, as if they were not installed) runs `planner ARGV...`
+BLOCKED = """
+import contextlib, importlib.abc, io, json, sys
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "streamlit"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NotInstalled())
+from planner.cli import main
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = main(sys.argv[1:])
+print(json.dumps({"code": code, "out": out.getvalue(), "err": err.getvalue()}))
+"""
+
+
+def _without_torch(*argv, cwd=None) -> dict:
+    import json
+    import os
+    from pathlib import Path
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, *argv], capture_output=True,
+                          text=True, check=True, cwd=cwd, env=env)
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_estimate_suggest_and_simulate_run_without_torch_or_streamlit(tmp_path):
+    import json
+    res = _without_torch("estimate", "--model", "tiny", "--cluster", "cpu", "--global-batch",
+                         "8", "--seq-len", "64", "--dp", "8", "--json", "--out",
+                         str(tmp_path / "plan.json"))
+    assert res["code"] == 0 and json.loads(res["out"])["time"]["step_s"] > 0, res
+    res = _without_torch("suggest", "--model", "llama2-7b", "--cluster", "a100-80g",
+                         "--global-batch", "64", "--seq-len", "4096", "--top", "2", "--json")
+    assert res["code"] == 0 and len(json.loads(res["out"])) == 2, res
+    res = _without_torch("simulate", str(tmp_path / "plan.json"), "--json")
+    assert res["code"] == 0 and json.loads(res["out"])["step_s"] > 0, res
+
+
+def test_commands_needing_torch_or_streamlit_name_the_extra(tmp_path):
+    assert _without_torch("estimate", "--model", "tiny", "--cluster", "cpu", "--global-batch",
+                          "8", "--seq-len", "64", "--dp", "8", "--out",
+                          str(tmp_path / "plan.json"))["code"] == 0
+    for argv, line in (
+            (("run", "plan.json", "--steps", "2"), ('planner run: error: training (planner '
+             'run) needs torch: pip install "parallel-planner[runtime]"')),
+            (("profile", "--out", "p.json"), ('planner profile: error: measuring (planner '
+             'profile) needs torch: pip install "parallel-planner[runtime]"')),
+            (("ui", "--headless"), ('planner ui: error: the UI needs streamlit: pip install '
+             '"parallel-planner[ui]"'))):
+        res = _without_torch(*argv, cwd=tmp_path)
+        assert res["code"] == 2 and res["err"].strip() == line and res["out"] == "", res

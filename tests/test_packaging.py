@@ -27,3 +27,37 @@ def test_profiles_load_after_a_plain_install(tmp_path):
     assert str(venv) in out[0] and str(ROOT) not in out[0]
     assert set(out[1].split()) == {p.stem for p in (ROOT / "hardware_profiles").glob("*.json")}
     assert out[2] == "A100-SXM4-80GB"
+
+
+def _project() -> dict:
+    import tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_the_planner_alone_is_light_and_test_installs_every_extra():
+    """`pip install parallel-planner` brings neither torch nor streamlit; `[test]` (what CI
+    installs) holds every other extra's requirements, so the whole suite runs from it."""
+    project = _project()
+    names = {req.split(">")[0].split("=")[0].strip() for req in project["dependencies"]}
+    assert not {"torch", "streamlit"} & names
+    extras = project["optional-dependencies"]
+    assert extras["runtime"] == ["torch>=2.13"] and extras["ui"] == ["streamlit>=1.30"]
+    for name, requirements in extras.items():
+        assert set(requirements) <= set(extras["test"]), name
+
+
+def test_license_file_and_typed_markers_ship():
+    project = _project()
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert "Typing :: Typed" in project["classifiers"]
+    assert (ROOT / "planner" / "py.typed").is_file() and (ROOT / "runtime" / "py.typed").is_file()
+    assert "urls" not in project  # no project address is known: none is made up
+
+
+def test_the_declared_torch_floor_is_the_tested_torch():
+    """The runtime uses private PyTorch modules; the floor is the version the suite runs on."""
+    import torch
+    tested = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    assert tested >= (2, 13)
+    assert "pip install torch==2.13.0" in (ROOT / ".ci" / "run").read_text()

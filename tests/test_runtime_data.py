@@ -142,3 +142,41 @@ def test_bin_ids_checked_in_chunks(tmp_path, monkeypatch):
     assert np.array_equal(load_tokens(tmp_path / "tok.bin", vocab_size=301), ids)
     (tmp_path / "empty.bin").write_bytes(b"")
     assert len(load_tokens(tmp_path / "empty.bin")) == 0
+
+
+def test_uint32_bin_for_vocabularies_above_uint16(tmp_path):
+    """Llama 3's 128,256 ids need uint32: NAME.uint32.bin; the name's width must fit the
+    vocabulary, either way, and the file must hold whole ids."""
+    ids = (np.arange(3000, dtype=np.uint32) * 97) % 128_256
+    assert ids.max() > 65_535
+    ids.tofile(tmp_path / "llama3.uint32.bin")
+    got = load_tokens(tmp_path / "llama3.uint32.bin", vocab_size=128_256)
+    assert got.dtype == np.uint32 and np.array_equal(got, ids)
+    with pytest.raises(ValueError, match=f"token id {ids.max()} >= the model's vocab_size 100000"):
+        load_tokens(tmp_path / "llama3.uint32.bin", vocab_size=100_000)
+    small = np.arange(600, dtype=np.uint16)
+    small.tofile(tmp_path / "gpt2.uint16.bin")
+    assert np.array_equal(load_tokens(tmp_path / "gpt2.uint16.bin", vocab_size=50_257), small)
+    small.tofile(tmp_path / "gpt2.bin")
+    with pytest.raises(ValueError) as exc:
+        load_tokens(tmp_path / "gpt2.bin", vocab_size=128_256)
+    assert str(exc.value) == (f"data {tmp_path}/gpt2.bin holds uint16 token ids but the model's "
+                              f"vocab_size 128,256 needs uint32 ids (above 65,536); write the "
+                              f"tokens as uint32 and name the file gpt2.uint32.bin")
+    with pytest.raises(ValueError, match="holds uint32 token ids but the model's vocab_size "
+                                         "50,257 fits uint16"):
+        load_tokens(tmp_path / "llama3.uint32.bin", vocab_size=50_257)
+    (tmp_path / "cut.uint32.bin").write_bytes(ids.tobytes()[:-1])
+    with pytest.raises(ValueError, match="not a whole number of uint32 token ids"):
+        load_tokens(tmp_path / "cut.uint32.bin", vocab_size=128_256)
+
+
+def test_uint32_windows_are_int64_ids(tmp_path):
+    ids = np.arange(5000, dtype=np.uint32) + 100_000
+    ids.tofile(tmp_path / "big.uint32.bin")
+    tokens = load_tokens(tmp_path / "big.uint32.bin", vocab_size=128_256)
+    data = TokenData(tokens, 16, Layout(micro_batch=2, num_microbatches=1), 0,
+                     vocab_size=128_256)
+    x, y = data.batch(0)
+    assert x.dtype == torch.int64 and int(x.min()) >= 100_000
+    assert torch.equal(x[:, 1:], y[:, :-1])

@@ -120,7 +120,7 @@ def given_flags(parser, argv: list) -> set:
 
 
 # Flags naming a file a command writes: checked before the command does any work.
-OUTPUT_FLAGS = {"out": "--out", "html": "--html"}
+OUTPUT_FLAGS = {"out": "--out", "html": "--html", "trace": "--trace"}
 COMMAND_OUTPUT_FLAGS = {"run": {"measured": "--measured"}}
 
 

@@ -3,6 +3,7 @@
 import json
 import sys
 
+from planner.cli.common import print_json
 from planner.hardware import load_profile
 
 DESCRIPTION = """\
@@ -21,14 +22,20 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="calibrated profile JSON to write")
     p.add_argument("--force", action="store_true",
                    help="write the calibrated profile even when the fit stays absurd")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (the file written, the factors, the errors)")
     return p
+
+
+def _mean_abs(errors: list) -> float:
+    return sum(map(abs, errors)) / len(errors)
 
 
 def _table(paths: list, before: list, after: list) -> None:
     print(f"{'run':<40} {'error before':>13} {'error after':>12}")
     for path, b, a in zip(paths, before, after):
         print(f"{path[-40:]:<40} {100 * b:>+12.1f}% {100 * a:>+11.1f}%")
-    mean_b, mean_a = (100 * sum(map(abs, xs)) / len(xs) for xs in (before, after))
+    mean_b, mean_a = (100 * _mean_abs(xs) for xs in (before, after))
     print(f"{'mean |error|':<40} {mean_b:>12.1f}% {mean_a:>11.1f}%")
     print("error = (predicted - measured) / measured step time (as in planner compare)")
 
@@ -41,11 +48,12 @@ def run(args) -> int:
     cal._check_runs(runs)
     fitted, left = cal.identify(runs, base)
     profile, factors, before, after = cal.calibrate(runs, base)
-    print("fitted factors: " + (", ".join(f"{k} x{factors.get(k, 1.0):.3g}" for k in fitted)
-                                or "none"))
-    for name, why in left.items():
-        print(f"left alone (x1): {name}: {why}")
-    _table(args.measured, before, after)
+    if not args.json:
+        print("fitted factors: " + (", ".join(f"{k} x{factors.get(k, 1.0):.3g}"
+                                              for k in fitted) or "none"))
+        for name, why in left.items():
+            print(f"left alone (x1): {name}: {why}")
+        _table(args.measured, before, after)
     problems = cal.fit_problems(factors, fitted, after)
     if problems and not args.force:
         raise ValueError(f"the fit cannot be right: {'; '.join(problems)}; nothing was written "
@@ -56,5 +64,17 @@ def run(args) -> int:
     with open(args.out, "w") as f:
         json.dump(profile.to_dict(), f, indent=1)
         f.write("\n")
-    print(f"wrote {args.out}")
+    if args.json:
+        print_json(_result(args, fitted, factors, left, before, after, problems))
+    else:
+        print(f"wrote {args.out}")
     return 0
+
+
+def _result(args, fitted, factors, left, before, after, problems) -> dict:
+    """--json: what was written and the figures of the fit (errors as fractions)."""
+    return {"wrote": args.out, "fitted": {k: factors.get(k, 1.0) for k in fitted},
+            "left_alone": dict(left), "forced_problems": list(problems),
+            "runs": [{"measured": path, "error_before": b, "error_after": a}
+                     for path, b, a in zip(args.measured, before, after)],
+            "mean_abs_error_before": _mean_abs(before), "mean_abs_error_after": _mean_abs(after)}

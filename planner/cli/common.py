@@ -340,3 +340,19 @@ def save_plan(plan: Plan, path: str, flag: str = "--out") -> None:
 def print_json(obj) -> None:
     """Strict JSON on standard output (no NaN/Infinity tokens: a ValueError instead)."""
     sys.stdout.write(strict_json(obj))
+
+
+# optional dependencies (pyproject.toml extras): the module a command needs -> its extra
+EXTRAS = {"torch": "runtime", "streamlit": "ui"}
+
+
+def require_module(module: str, what: str) -> None:
+    """A one-line ValueError naming the extra to install when `module` is not importable here
+    (looked up, not imported: the planner itself never imports torch or streamlit)."""
+    import importlib.util
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a blocked or broken installation
+        found = False
+    if not found:
+        raise ValueError(f'{what} needs {module}: pip install "parallel-planner[{EXTRAS[module]}]"')

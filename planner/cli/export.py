@@ -7,6 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from planner import export
+from planner.cli.common import print_json
 
 if TYPE_CHECKING:  # planner.plan loads numpy: imported in run()
     from planner.plan import Plan
@@ -42,10 +43,13 @@ def add_parser(sub):
     p.add_argument("--cpus-per-task", type=int,
                    help="Slurm CPUs for each node's task (it runs all of the node's ranks; "
                         "default: every CPU of the node, $SLURM_CPUS_ON_NODE)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: the format, the file written (or the text "
+                        "itself without --out) and the notes")
     return p
 
 
-def _text(plan: Plan, args) -> str:
+def _text(plan: Plan, args, notes: list) -> str:
     plan_path = args.plan_path or args.plan
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -59,23 +63,28 @@ def _text(plan: Plan, args) -> str:
                             time_limit=args.time, partition=args.partition,
                             master_port=args.master_port, cpus_per_task=args.cpus_per_task)
     if args.to == "deepspeed":
-        text = export.deepspeed(plan)
-        print(f"note: {export.deepspeed_config(plan)['comment']}", file=sys.stderr)
-        return text
+        notes.append(export.deepspeed_config(plan)["comment"])
+        return export.deepspeed(plan)
     text = export.megatron(plan)
     names = ", ".join(name for name, _ in export.MEGATRON_PLACEHOLDERS.values())
-    print(f"note: set {names} before sourcing it (the plan does not choose them)",
-          file=sys.stderr)
+    notes.append(f"set {names} before sourcing it (the plan does not choose them)")
     return text
 
 
 def run(args) -> int:
     from planner.plan import Plan
-    text = _text(Plan.load(args.plan), args)
+    notes = []
+    text = _text(Plan.load(args.plan), args, notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
-        print(f"wrote {args.to} export to {args.out}", file=sys.stderr)
-    else:
+        if not args.json:
+            print(f"wrote {args.to} export to {args.out}", file=sys.stderr)
+    if args.json:  # the text itself only when no file holds it
+        print_json({"to": args.to, "wrote": args.out, "bytes": len(text.encode()),
+                    "text": None if args.out else text, "notes": notes})
+    elif not args.out:
         sys.stdout.write(text)
     return 0

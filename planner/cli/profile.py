@@ -6,6 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from planner.cli.common import print_json, require_module
 from planner.hardware import load_profile
 
 DESCRIPTION = """\
@@ -31,6 +32,9 @@ def add_parser(sub):
     p.add_argument("--allow-busy", action="store_true",
                    help="measure even when other work holds the cores; the profile's "
                         "description and sources then say it was measured under load")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (the file written, the fitted figures); the "
+                        "measurement's progress goes to standard error")
     return p
 
 
@@ -40,7 +44,8 @@ def _measure(args, tmp: str):
     # the measuring runs in runtime/ (torch), in its own process; planner stays torch-free
     cmd = [sys.executable, "-m", "runtime.hwprofile", "--out", str(raw),
            "--ranks", str(args.ranks)] + (["--allow-busy"] if args.allow_busy else [])
-    code = subprocess.run(cmd, check=False).returncode
+    # with --json standard output carries the JSON only: the measuring prints to stderr
+    code = subprocess.run(cmd, check=False, stdout=2 if args.json else None).returncode
     refused = Path(str(raw) + ".refused")
     if code == BUSY_EXIT and refused.exists():
         raise ValueError(f"the machine is busy before measuring: {refused.read_text()}; "
@@ -54,12 +59,13 @@ def _measure(args, tmp: str):
 def run(args) -> int:
     from planner.calibration.profile_fit import fit_profile  # the cost model
     base = load_profile(args.base)
+    require_module("torch", "measuring (planner profile)")
     with tempfile.TemporaryDirectory() as tmp:
         measurements = _measure(args, tmp)
     profile, report = fit_profile(base, measurements, args.name or Path(args.out).stem,
                                   allow_busy=args.allow_busy)
     for line in report.lines():
-        print(line)
+        print(line, file=sys.stderr if args.json else sys.stdout)
     for line in report.warnings:
         print(f"planner profile: WARNING: {line}", file=sys.stderr)
     if report.busy:
@@ -69,7 +75,22 @@ def run(args) -> int:
         json.dump(profile.to_dict(), f, indent=1)
         f.write("\n")
     peak = profile.gpu.peak_flops[measurements.precision]
+    if args.json:
+        print_json(_result(args, profile, report, peak))
+        return 0
     print(f"wrote {args.out}: {profile.gpu.name}, GEMM e_max {profile.gpu.gemm_efficiency_max:.2f}"
           f" of {peak / 1e9:.1f} GFLOP/s, half dim {profile.gpu.gemm_half_dim:.0f}, "
           f"all-reduce {profile.intra_node.bandwidth_bytes_per_s / 1e9:.2f} GB/s")
     return 0
+
+
+def _result(args, profile, report, peak: float) -> dict:
+    """--json: the file written and the figures it was fitted to."""
+    return {"wrote": args.out, "name": profile.name, "gpu": profile.gpu.name,
+            "peak_flops": peak, "gemm_efficiency_max": profile.gpu.gemm_efficiency_max,
+            "gemm_half_dim": profile.gpu.gemm_half_dim,
+            "allreduce_bandwidth_bytes_per_s": profile.intra_node.bandwidth_bytes_per_s,
+            "gemm_rms_residual": report.rms(report.gemm_residuals),
+            "allreduce_rms_residual": report.rms(report.allreduce_residuals),
+            "spread": dict(report.spread), "repeats": report.repeats,
+            "warnings": list(report.warnings), "measured_under_load": report.busy}

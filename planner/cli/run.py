@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from planner import export
+from planner.cli.common import print_json, require_module
 from planner.report import compare_text
 from planner.schema import load_json_file
 
@@ -35,8 +36,9 @@ LAUNCHER = (sys.executable, "-m", "runtime.launch")  # stands in for `torchrun`
 # type, default, help). A copy, because the planner never imports the runtime;
 # tests/test_runtime_launch.py checks that it agrees with runtime.train's parser.
 RUNTIME_FLAGS = (
-    ("--data", str, None, ("text file, directory of text files, or uint16 .bin tokens "
-                           "(default: this Python's standard-library sources)")),
+    ("--data", str, None, ("text file, directory of text files, or .bin token ids "
+                           "(uint16; *.uint32.bin: uint32) (default: this Python's "
+                           "standard-library sources)")),
     ("--data-cap-mb", float, 8.0, "bytes of text to read (MiB)"),
     ("--checkpoint-dir", str, None, ("directory of the checkpoints (--checkpoint-every, "
                                      "--resume)")),
@@ -48,12 +50,18 @@ RUNTIME_FLAGS = (
     ("--seed", int, 0, "seed of the weights, the data order and dropout"),
     ("--compile", bool, False, "torch.compile each block: the plan's compile (refused if it is "
                                "off)"),
+    ("--metrics", str, None, ("append one JSON line per step here (loss, lr, step time, "
+                              "tokens/s, grad norm, memory; val_loss on evaluated steps)")),
+    ("--eval-every", int, 0, "validation loss every K steps (0: only at the end)"),
+    ("--tensorboard", str, None, ("also write TensorBoard events to this directory (needs the "
+                                  "tensorboard package)")),
     ("--timeout", float, 60.0, "collective timeout (s)"),
 )
 
 METAVARS = {"--data": "PATH", "--data-cap-mb": "MIB", "--checkpoint-dir": "DIR",
             "--checkpoint-every": "K", "--lr": "LR", "--warmup": "STEPS", "--grad-clip": "NORM",
-            "--seed": "SEED", "--timeout": "SECONDS"}
+            "--seed": "SEED", "--timeout": "SECONDS", "--metrics": "PATH", "--eval-every": "K",
+            "--tensorboard": "DIR"}
 
 MAX_PROCS_PER_CORE = 8  # CPU ranks: the cpu profile runs 4 per core; past 8, gloo times out
 PROBE_TIMEOUT_S = 300
@@ -73,6 +81,9 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=50, help="training steps")
     p.add_argument("--measured", default="measured.json",
                    help="where the run writes its measurements")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (the files written, step time, tokens/s, "
+                        "predicted vs measured); the ranks' log goes to standard error")
     group = p.add_argument_group(
         "training flags (runtime.train's own; also accepted after --, which passes anything on)")
     for flag, kind, default, text in RUNTIME_FLAGS:
@@ -327,6 +338,7 @@ def _procs_per_node(line: str) -> int:
 def run(args) -> int:
     from planner.plan import Plan, check_compile_flag
     plan = Plan.load(args.plan)  # a bad plan is a one-line error before anything starts
+    require_module("torch", "training (planner run)")
     check_compile_flag(plan.layout, getattr(args, "train_compile", False))
     extra = ["--out", args.measured, *training_flags(args),
              *(["--debug"] if getattr(args, "debug", False) else []), *args.passthrough]
@@ -336,10 +348,48 @@ def run(args) -> int:
     if data is not None and not os.path.exists(data):
         raise ValueError(f"--data {data}: no such file or directory")
     cmd = launch_command(plan, args.plan, args.steps, extra)
-    with _environment(env):
+    json_out = getattr(args, "json", False)
+    with _environment(env), (_stdout_to_stderr() if json_out else contextlib.nullcontext()):
         code = launch(cmd)
-    if code == 0 and Path(args.measured).is_file():
+    measured = (load_json_file(args.measured, "measured")
+                if code == 0 and Path(args.measured).is_file() else None)
+    table = None
+    if measured is not None:
         from planner.calibration.compare import compare  # the cost model and pandas
+        table = compare(plan, measured)
+    if json_out and code == 0:
+        print_json(_result(args, measured, table))
+    elif table is not None:
         print("\nPredicted vs measured (planner compare):")
-        print(compare_text(compare(plan, load_json_file(args.measured, "measured"))))
+        print(compare_text(table))
     return code
+
+
+def _result(args, measured, table) -> dict:
+    """--json: what the run wrote and its figures (None where it wrote no measured.json)."""
+    got = measured or {}
+    return {"plan": str(args.plan), "steps": args.steps,
+            "measured": args.measured if measured is not None else None,
+            "metrics": getattr(args, "train_metrics", None),
+            "step_time_s": got.get("step_time_s"), "tokens_per_s": got.get("tokens_per_s"),
+            "val_loss": got.get("val_loss"),
+            "compare": table.to_dict(orient="records") if table is not None else None}
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """The launched processes' standard output on standard error (descriptor 1 -> 2), so that
+    with --json standard output holds the JSON object only."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 at all
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -17,6 +17,9 @@ def add_parser(sub):
     p.add_argument("--out", help="write the Gantt chart (.png, .svg, or .html: a page with "
                                  "hover details and zoom) or the events (.json)")
     p.add_argument("--html", help="also write the chart as an HTML page")
+    p.add_argument("--trace", help="also write the timeline as Chrome-trace / Perfetto JSON "
+                                   "(chrome://tracing, ui.perfetto.dev): a process per "
+                                   "pipeline rank, a thread per stream")
     add_inputs(p, required=False)
     add_layout(p)
     return p
@@ -31,13 +34,16 @@ def run(args) -> int:
         args.plan = args.plan_file
     outputs = [(path, _format(path, html)) for path, html in ((args.out, False), (args.html, True))
                if path]
-    for path, html in ((args.out, False), (args.html, True)):
+    for path, flag in ((args.out, "--out"), (args.html, "--html"), (args.trace, "--trace")):
         if path is not None:
-            check_output(path, "--html" if html else "--out")  # before the simulation
+            check_output(path, flag)  # before the simulation
     plan = build_plan(args)
     t = simulate(plan)  # refuses an iteration too large to simulate, before any work
     for path, kind in outputs:
         _write(path, kind, t)
+    if args.trace:
+        from planner.sim.trace import trace_events
+        write_output(args.trace, strict_json(trace_events(t)), "--trace")
     if args.json:
         print_json(t.to_dict())
     else:
