@@ -4,6 +4,8 @@ generates at another shape and TP degree exactly, and the compiled block's cost 
 (fewer kernels than eager, fewer forward bytes, less time; the same GEMMs and attention)."""
 
 import dataclasses
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -22,10 +24,18 @@ cc = pytest.importorskip("tests.compiled_census")
 RECHECKED = ("llama/bias=0/dropout=1/16", "gpt/bias=1/dropout=0/32")
 
 
-def test_recorded_compiled_census_is_what_inductor_generates():
+@pytest.fixture(scope="module")
+def inductor():
+    """Inductor runs in a spawned process: once it has started its compile workers in the pytest
+    process, the runtime tests' forked ranks inherit a dead worker pool and hang."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield lambda fn, *args, **kwargs: pool.submit(fn, *args, **kwargs).result()
+
+
+def test_recorded_compiled_census_is_what_inductor_generates(inductor):
     """Fails when runtime/model.py (or PyTorch's compiler) generates other kernels than
     recorded: re-record with `python -m tests.compiled_census --write`, look at what moved."""
-    counted = cc.census(RECHECKED)
+    counted = inductor(cc.census, RECHECKED)
     for key in RECHECKED:
         assert counted["variants"][key] == compiled_census_data.CENSUS["variants"][key], \
             f"{key} changed: python -m tests.compiled_census --write"
@@ -51,11 +61,11 @@ def test_compiled_block_runs_the_eager_gemms_and_attention(key):
         assert got("attention") == count("attention"), (key, direction)
 
 
-def test_formulas_give_inductors_kernels_at_another_shape():
+def test_formulas_give_inductors_kernels_at_another_shape(inductor):
     """The tiny llama at TP=2, micro-batch 2 x 12 tokens: each pass's memory-bound kernels and
     their bytes equal what Inductor generates for that block."""
     spec = dataclasses.replace(MODEL_PRESETS["tiny"], max_seq_len=32, dropout=0.1)
-    got = cc.compile_block(spec, "16", t=2, batch=(2, 12), raw=True)
+    got = inductor(cc.compile_block, spec, "16", t=2, batch=(2, 12), raw=True)
     for direction in ("fwd", "bwd"):
         rows = got[f"block_{direction}"]
         nbytes = sum(n * (read + write) for kind, _, n, read, write in rows
