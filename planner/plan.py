@@ -22,10 +22,12 @@ LAYOUT_BOUNDS = {"dp": limits.MAX_DEGREE, "tp": limits.MAX_DEGREE, "pp": limits.
                  "micro_batch": limits.MAX_GLOBAL_BATCH,
                  "num_microbatches": limits.MAX_GLOBAL_BATCH,
                  "virtual_stages": limits.MAX_LAYERS, "recompute_every": limits.MAX_LAYERS}
-# 2: the attached estimate no longer repeats the plan; 3: layout recompute_every and compile
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 2: the attached estimate no longer repeats the plan; 3: layout recompute_every and compile;
+# 4: model attention_head_dim, moe and mla (planner/moe_spec.py), layout LAYOUT_KEYS_SINCE_4
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 LAYOUT_KEYS_SINCE_3 = ("recompute_every", "compile")  # absent from older files: their defaults
+LAYOUT_KEYS_SINCE_4 = ()
 AXES = ("pp", "dp", "tp")
 
 
@@ -168,8 +170,9 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
-        """Every key is required; a version-1 file's estimate loses its copy of the plan, and a
-        version 1 or 2 layout lacks LAYOUT_KEYS_SINCE_3 (they take their defaults)."""
+        """Every key is required; a version-1 file's estimate loses its copy of the plan, a
+        version 1 or 2 layout lacks LAYOUT_KEYS_SINCE_3, a version 1-3 layout lacks
+        LAYOUT_KEYS_SINCE_4 and its model the MoE/MLA keys (they take their defaults: dense)."""
         check_keys(data, cls, "plan")
         version = data["schema_version"]
         if isinstance(version, bool) or version not in READABLE_VERSIONS:
@@ -177,10 +180,11 @@ class Plan:
                              f"(this planner reads {', '.join(map(str, READABLE_VERSIONS))})")
         if data["estimate"] is not None and not isinstance(data["estimate"], dict):
             raise ValueError("plan estimate must be an object or null")
-        plan = cls(model=ModelSpec.from_dict(data["model"]),
+        optional = (LAYOUT_KEYS_SINCE_3 if version < 3 else ()) + \
+            (LAYOUT_KEYS_SINCE_4 if version < 4 else ())
+        plan = cls(model=ModelSpec.from_dict(data["model"], strict=version >= 4),
                    cluster=Cluster.from_dict(data["cluster"]), job=Job.from_dict(data["job"]),
-                   layout=Layout.from_dict(data["layout"],
-                                           LAYOUT_KEYS_SINCE_3 if version < 3 else ()))
+                   layout=Layout.from_dict(data["layout"], optional))
         return plan.with_estimate(data["estimate"])
 
     def save(self, path) -> None:

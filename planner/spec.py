@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from planner import limits
 from planner.limits import check_int, check_range
+from planner.moe_spec import MLASpec, MoESpec
 from planner.schema import check_keys, require_bool, require_choice, require_str
 
 ARCHES = ("gpt", "llama", "bert")
@@ -40,6 +41,9 @@ class ModelSpec:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    attention_head_dim: int = 0        # 0 = hidden_size / num_heads (Qwen3, GPT-OSS set it)
+    moe: MoESpec | None = None         # None = a dense FFN in every layer (planner/moe_spec.py)
+    mla: MLASpec | None = None         # None = standard multi-/grouped-query attention
 
     def __post_init__(self):
         require_str(self.name, "model name", MAX_NAME_LEN)
@@ -53,6 +57,11 @@ class ModelSpec:
             raise ValueError(f"dropout must be < 1, got {self.dropout}")
         check_range(self.norm_eps, "norm_eps", 0.0, 1.0, lo_open=True)
         check_range(self.rope_theta, "rope_theta", 0.0, limits.MAX_ROPE_THETA, lo_open=True)
+        check_int(self.attention_head_dim, "attention_head_dim", 0, limits.MAX_HIDDEN_SIZE)
+        for key, cls in (("moe", MoESpec), ("mla", MLASpec)):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), cls):
+                raise ValueError(f"{key} must be a {cls.__name__} or None, got "
+                                 f"{type(getattr(self, key)).__name__}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_heads {self.num_heads}")
@@ -66,7 +75,16 @@ class ModelSpec:
     # Derived shape facts, used by the cost model and the runtime alike.
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def q_hidden_size(self) -> int:
+        """Width of the attention's query (and output-projection input): heads x head_dim."""
+        return self.head_dim * self.num_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
 
     @property
     def kv_hidden_size(self) -> int:
@@ -92,10 +110,19 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelSpec":
+    def from_dict(cls, data: dict, strict: bool = False) -> "ModelSpec":
         """Every key is required (dropout, norm_eps and rope_theta too: a dropped key must not
-        silently become a default)."""
-        return cls(**check_keys(data, cls, "model spec"))
+        silently become a default), except OPTIONAL_KEYS in a spec file (not `strict`, as in a
+        plan of schema 4): absent means a dense model with standard attention, as every spec
+        written before they existed describes."""
+        fields = dict(check_keys(data, cls, "model spec", () if strict else OPTIONAL_KEYS))
+        for key, sub in (("moe", MoESpec), ("mla", MLASpec)):
+            if fields.get(key) is not None:
+                fields[key] = sub.from_dict(fields[key])
+        return cls(**fields)
+
+
+OPTIONAL_KEYS = ("attention_head_dim", "moe", "mla")
 
 
 def from_hf_config(cfg: dict, name=None, source=None) -> ModelSpec:

@@ -5,7 +5,7 @@ import pytest
 from planner.cost.estimate import estimate
 from planner.hardware import load_cluster
 from planner.job import Job
-from planner.plan import Layout, Plan
+from planner.plan import SCHEMA_VERSION, Layout, Plan
 from planner.presets import MODEL_PRESETS
 
 
@@ -59,7 +59,7 @@ def test_plan_json_round_trip_with_estimate(tmp_path):
     loaded = Plan.load(path)
     assert loaded == plan
     saved = json.loads(path.read_text())
-    assert saved["schema_version"] == 3 and "plan" not in saved["estimate"]
+    assert saved["schema_version"] == SCHEMA_VERSION and "plan" not in saved["estimate"]
     assert saved["estimate"]["time"]["step_s"] == estimate(plan).step_s
 
 
@@ -68,7 +68,7 @@ def test_version_1_plans_still_load_and_lose_the_estimates_plan_copy():
     old = {**plan.to_dict(), "schema_version": 1, "estimate": estimate(plan).to_dict()}
     assert "plan" in old["estimate"]
     loaded = Plan.from_dict(old)
-    assert loaded.schema_version == 3 and "plan" not in loaded.estimate
+    assert loaded.schema_version == SCHEMA_VERSION and "plan" not in loaded.estimate
     assert loaded.estimate["time"] == old["estimate"]["time"]
 
 
@@ -84,7 +84,18 @@ def test_older_layouts_without_recompute_every_and_compile_take_their_defaults(v
         Plan.from_dict({**old, "schema_version": 3})
 
 
-@pytest.mark.parametrize("part", ["", "layout", "job"])
+def test_version_3_models_without_moe_keys_are_dense():
+    plan = _plan(dp=8, num_microbatches=4)
+    old = plan.to_dict()
+    old["schema_version"] = 3
+    for key in ("attention_head_dim", "moe", "mla"):
+        del old["model"][key]
+    assert Plan.from_dict(old).model == plan.model
+    with pytest.raises(ValueError, match="missing key 'attention_head_dim'"):
+        Plan.from_dict({**old, "schema_version": 4})
+
+
+@pytest.mark.parametrize("part", ["", "layout", "job", "model"])
 def test_every_key_of_a_plan_is_required(part):
     """Dropping layout.zero_stage or job.precision must not turn the plan into another one."""
     data = _plan(dp=8, num_microbatches=4, zero_stage=1).to_dict()

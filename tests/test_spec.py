@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -6,7 +7,8 @@ import pytest
 from planner.cost.params import count_parameters, rank_param_tensors
 from planner.plan import Layout
 from planner.presets import MODEL_PRESETS, load_model
-from planner.spec import ModelSpec, from_hf_config
+from planner.moe_spec import MLASpec, MoESpec
+from planner.spec import OPTIONAL_KEYS, ModelSpec, from_hf_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -81,9 +83,35 @@ def test_pipeline_ranks_partition_the_parameters():
 
 def test_every_spec_key_is_required():
     data = MODEL_PRESETS["llama2-7b"].to_dict()
-    for key in data:  # dropout, norm_eps and rope_theta too: no silent default
+    for key in set(data) - set(OPTIONAL_KEYS):  # dropout, norm_eps, rope_theta: no silent default
         with pytest.raises(ValueError, match=f"model spec: missing key '{key}'"):
             ModelSpec.from_dict({k: v for k, v in data.items() if k != key})
+
+
+def test_a_spec_written_before_moe_and_mla_is_the_dense_model():
+    spec = MODEL_PRESETS["llama2-7b"]
+    data = {k: v for k, v in spec.to_dict().items() if k not in OPTIONAL_KEYS}
+    assert ModelSpec.from_dict(data) == spec and not spec.is_moe and spec.mla is None
+
+
+def test_moe_and_mla_round_trip_and_reject_unknown_keys():
+    spec = dataclasses.replace(
+        MODEL_PRESETS["llama2-7b"],
+        moe=MoESpec(num_experts=8, experts_per_token=2, expert_ffn_hidden_size=1024,
+                    first_dense_layers=1, moe_layer_every=2),
+        mla=MLASpec(q_lora_rank=0, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                    v_head_dim=32))
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert [spec.moe.is_moe_layer(i) for i in range(5)] == [False, True, False, True, False]
+    data = spec.to_dict()
+    data["moe"]["experts"] = 8
+    with pytest.raises(ValueError, match="model spec moe: unknown key 'experts'"):
+        ModelSpec.from_dict(data)
+    with pytest.raises(ValueError, match="experts_per_token"):
+        MoESpec(num_experts=4, experts_per_token=5, expert_ffn_hidden_size=8)
+    with pytest.raises(ValueError, match="capacity_factor must be 0 .dropless. or >= 1"):
+        MoESpec(num_experts=4, experts_per_token=1, expert_ffn_hidden_size=8,
+                capacity_factor=0.5)
 
 
 @pytest.mark.parametrize("key, value, message", [
