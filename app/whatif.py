@@ -12,7 +12,7 @@ from planner.plan import AXES, RECOMPUTE, SCHEDULES
 MESH_ORDERS = [",".join(p) for p in itertools.permutations(AXES)]
 
 FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "num_microbatches", "virtual_stages",
-          "recompute_every")
+          "recompute_every", "ep", "etp")
 
 
 def _seed(hint: dict) -> None:
@@ -21,7 +21,7 @@ def _seed(hint: dict) -> None:
     if st.session_state.get("_hand_seeded") == hint:
         return
     for f in FIELDS:
-        st.session_state[f"hand_{f}"] = int(hint.get(f, 1 if f != "zero_stage" else 0))
+        st.session_state[f"hand_{f}"] = int(hint.get(f, 0 if f == "zero_stage" else 1))
     st.session_state["hand_sp"] = bool(hint.get("sequence_parallel", False))
     st.session_state["hand_compile"] = bool(hint.get("compile", False))
     st.session_state["hand_schedule"] = hint.get("schedule", "1f1b")
@@ -57,7 +57,13 @@ def layout_by_hand(hint: dict) -> dict:
                                key="hand_recompute_every",
                                help="the recompute policy on every K-th block (0-based blocks "
                                     "K-1, 2K-1, ...: torchtitan's convention), the others none")
-    return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "sequence_parallel": bool(sp),
+    c3 = st.columns(7)
+    ep = c3[0].number_input("ep", min_value=1, step=1, key="hand_ep",
+                            help="expert parallel: the routed experts split over ep ranks")
+    etp = c3[1].number_input("expert tp", min_value=1, step=1, key="hand_etp",
+                             help="tensor parallel inside each expert")
+    return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "ep": int(ep), "etp": int(etp),
+            "sequence_parallel": bool(sp),
             "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,
             "recompute_every": int(every),

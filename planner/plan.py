@@ -19,6 +19,7 @@ from planner.spec import ModelSpec
 
 # the largest value of each layout field (planner/limits.py gives the sources)
 LAYOUT_BOUNDS = {"dp": limits.MAX_DEGREE, "tp": limits.MAX_DEGREE, "pp": limits.MAX_DEGREE,
+                 "ep": limits.MAX_DEGREE, "etp": limits.MAX_DEGREE,
                  "micro_batch": limits.MAX_GLOBAL_BATCH,
                  "num_microbatches": limits.MAX_GLOBAL_BATCH,
                  "virtual_stages": limits.MAX_LAYERS, "recompute_every": limits.MAX_LAYERS}
@@ -27,7 +28,7 @@ LAYOUT_BOUNDS = {"dp": limits.MAX_DEGREE, "tp": limits.MAX_DEGREE, "pp": limits.
 SCHEMA_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 LAYOUT_KEYS_SINCE_3 = ("recompute_every", "compile")  # absent from older files: their defaults
-LAYOUT_KEYS_SINCE_4 = ()
+LAYOUT_KEYS_SINCE_4 = ("ep", "etp")
 AXES = ("pp", "dp", "tp")
 
 
@@ -53,6 +54,8 @@ class Layout:
     dp: int = 1
     tp: int = 1
     pp: int = 1
+    ep: int = 1                       # expert parallel: routed experts split over ep ranks
+    etp: int = 1                      # expert tensor parallel (folded over the dense group)
     sequence_parallel: bool = False
     zero_stage: int = 0
     micro_batch: int = 1
@@ -66,8 +69,8 @@ class Layout:
     layers_per_stage: tuple = ()      # one entry per (virtual) stage; () = even split
 
     def __post_init__(self):
-        for key in ("dp", "tp", "pp", "micro_batch", "num_microbatches", "virtual_stages",
-                    "recompute_every"):
+        for key in ("dp", "tp", "pp", "ep", "etp", "micro_batch", "num_microbatches",
+                    "virtual_stages", "recompute_every"):
             require_int(getattr(self, key), key)
             check_int(getattr(self, key), key, 1, LAYOUT_BOUNDS[key])
         require_bool(self.sequence_parallel, "sequence_parallel")

@@ -28,7 +28,7 @@ from planner.engines import (
 
 COLUMNS = ("world", "dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
            "num_microbatches", "schedule", "virtual_stages", "recompute", "lps_n", "lps_sum",
-           "recompute_every")
+           "recompute_every", "ep", "etp")
 SCHED = {name: i for i, name in enumerate(SCHEDULES)}
 
 
@@ -61,7 +61,8 @@ def layout_columns(layout, world: int) -> dict:
               "schedule": SCHED[layout.schedule], "virtual_stages": layout.virtual_stages,
               "recompute": RECOMPUTE.index(layout.recompute),
               "lps_n": len(layout.layers_per_stage), "lps_sum": sum(layout.layers_per_stage),
-              "recompute_every": layout.recompute_every, "compile": int(layout.compile)}
+              "recompute_every": layout.recompute_every, "compile": int(layout.compile),
+              "ep": layout.ep, "etp": layout.etp}
     return {k: np.array([v], dtype=np.int64) for k, v in values.items()}
 
 
@@ -126,6 +127,13 @@ def _everywhere(c: dict, flag: bool) -> np.ndarray:
     return np.full(c["tp"].shape, bool(flag))
 
 
+def _expert_split(c: dict) -> np.ndarray:
+    """ep or etp above 1 (a space without the columns splits no experts)."""
+    if "ep" not in c:
+        return np.zeros(c["tp"].shape, dtype=bool)
+    return (c["ep"] > 1) | (c["etp"] > 1)
+
+
 def _long_sequence(ctx) -> bool:
     return ctx.model.learned_positions and ctx.job.seq_len > ctx.model.max_seq_len
 
@@ -137,6 +145,10 @@ def _shape_rules() -> list:
              lambda ctx, r: f"dp*tp*pp = {r['dp']}*{r['tp']}*{r['pp']} = "
                             f"{r['dp'] * r['tp'] * r['pp']} does not equal the cluster's "
                             f"{r['world']} GPUs"),
+        Rule("ep_dense", "expert parallelism on a dense model",
+             lambda ctx, c: _everywhere(c, not ctx.model.is_moe) & _expert_split(c),
+             lambda ctx, r: f"ep={r['ep']} etp={r['etp']}: model {ctx.model.name} has no "
+                            f"experts (ep and etp need an MoE model)"),
         Rule("tp_heads", "tp does not divide the attention heads",
              lambda ctx, c: (ctx.model.num_heads % c["tp"] != 0)
              | (ctx.model.num_kv_heads % c["tp"] != 0),

@@ -139,3 +139,8 @@ def test_ddp_under_gpipe_or_short_interleaving_is_refused():
     _plan(pp=4, dp=2, micro_batch=1, num_microbatches=16, schedule="interleaved_1f1b",
           virtual_stages=2)
     _plan(pp=2, dp=2, tp=2, micro_batch=2, num_microbatches=8, schedule="gpipe")
+
+
+def test_expert_parallelism_needs_an_moe_model():
+    with pytest.raises(ValueError, match="ep=2 etp=1: model llama2-7b has no experts"):
+        _plan(dp=8, num_microbatches=4, ep=2)

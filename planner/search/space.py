@@ -99,7 +99,8 @@ def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int,
     n = mb.size
     const = lambda x: np.full(n, x)  # noqa: E731
     return np.stack([const(world), const(dp), const(tp), const(pp), grid[2], grid[3], mb,
-                     per_replica // mb, sched, v, rc, const(0), const(0), every], axis=1)
+                     per_replica // mb, sched, v, rc, const(0), const(0), every, const(1), const(1)],
+                    axis=1)  # ep = etp = 1: dense models
 
 
 def enumerate_space(model, job, world: int, max_tp: int, recompute: str = None,
