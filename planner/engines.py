@@ -17,6 +17,10 @@ ZERO_BUBBLE = ("interleaved_zb", "zbv")                       # backward split i
 # selective checkpointing (save every other mm, attention and reduce-scatter outputs); full: keep
 # only the block input
 RECOMPUTE = ("none", "selective", "op", "full")
+# how context-parallel attention sees the whole sequence: all-gather of K/V (Llama 3, Dubey et
+# al. 2024 Sec. 3.3.2), a ring of K/V blocks (Liu et al. 2023), or all-to-all over heads
+# (DeepSpeed-Ulysses, Jacobs et al. 2023); planner/cost/context.py
+CP_COMMS = ("allgather", "ring", "a2a")
 RECOMPUTE_EVERY_CHOICES = (1, 2, 4)  # the K the search tries where a policy is on
 ZERO_STAGES = (0, 1, 2, 3)
 DDP_STAGES = (0, 1)          # gradients all-reduced (DDP or FSDP2's replicate under TP)
@@ -59,6 +63,9 @@ class Engine:
     recompute_policies: tuple = RECOMPUTE  # the recompute policies it runs
     recompute_every_block_only: bool = False  # recompute_every must be 1
     recompute_stops_early: bool = False  # a recompute stops after the last tensor backward needs
+    cp_comms: tuple = ()             # context-parallel flavours it runs (plan.CP_COMMS); () none
+    cp_refusal: str = ""             # why it runs no context parallelism (cp_comms empty)
+    cp_flavour_note: str = ""        # why it lacks the flavours it lacks
 
     def optimizer_state_bytes(self, precision: str, zero_stage: int = 0) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -79,6 +86,10 @@ TORCH = Engine(
     fp16_grads_reduced_in_fp16=False, zero1_reduce_scatters=False, host_overhead_per_layer=True,
     kernels_from_op_census=True, pytorch_pipelining_limits=True, pipelined_fsdp_defers_sync=True,
     compiles_blocks=True,
+    # runtime/context.py implements the all-gather of K/V (PyTorch's context_parallel does not
+    # run on CPU SDPA: README, Long sequences)
+    cp_comms=("allgather",),
+    cp_flavour_note="the runtime (runtime/context.py) implements the all-gather of K/V only",
     # torch.utils.checkpoint (non-reentrant) early stop: the block's last collective, after the
     # last tensor its backward needs, is not re-run (tests/test_tp_census.py)
     recompute_stops_early=True)
@@ -96,7 +107,10 @@ MEGATRON = Engine(
     pipelined_fsdp_defers_sync=False,
     # --recompute-granularity selective|full; no op-level policy, and --recompute-method block
     # counts the first N layers of each stage, not every K-th block
-    recompute_policies=("none", "selective", "full"), recompute_every_block_only=True)
+    recompute_policies=("none", "selective", "full"), recompute_every_block_only=True,
+    # --context-parallel-size with --cp-comm-type allgather | p2p (ring) | a2a (Megatron-LM
+    # megatron/training/arguments.py; transformer_engine's attention implements the three)
+    cp_comms=("allgather", "ring", "a2a"))
 
 # DeepSpeed 0.19.8 (runtime/engine.py, zero/stage_1_and_2.py, zero/stage3.py, bf16_optimizer.py,
 # pipe/engine.py): the user's eager model, so eager kernels and host time; its PipelineEngine
@@ -115,7 +129,10 @@ DEEPSPEED = Engine(
     kernels_from_op_census=True, pytorch_pipelining_limits=False,
     pipelined_fsdp_defers_sync=False, deepspeed_optimizers=True, grads_in_model_dtype=True,
     zero2_params_replicated=True, dp_overlap_stages=(1, 2, 3), pipeline_overlaps_dp=False,
-    pipeline_zero_stages=(0, 1), tp_only_autotp=True)
+    pipeline_zero_stages=(0, 1), tp_only_autotp=True,
+    cp_refusal="DeepSpeed's sequence parallelism (Ulysses, sequence_parallel_size) needs the "
+               "model's attention wrapped in its DistributedAttention, which a plain model "
+               "and this export do not do; plan it with --engine megatron or torch")
 
 ENGINES = {e.name: e for e in (TORCH, MEGATRON, DEEPSPEED)}
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from planner import limits, rules
 from planner.cost import pipeline
-from planner.engines import INTERLEAVED, RECOMPUTE, SCHEDULES, ZERO_BUBBLE  # noqa: F401
+from planner.engines import CP_COMMS, INTERLEAVED, RECOMPUTE, SCHEDULES, ZERO_BUBBLE  # noqa: F401
 from planner.hardware import Cluster
 from planner.job import Job
 from planner.limits import check_int
@@ -19,7 +19,7 @@ from planner.spec import ModelSpec
 
 # the largest value of each layout field (planner/limits.py gives the sources)
 LAYOUT_BOUNDS = {"dp": limits.MAX_DEGREE, "tp": limits.MAX_DEGREE, "pp": limits.MAX_DEGREE,
-                 "ep": limits.MAX_DEGREE, "etp": limits.MAX_DEGREE,
+                 "ep": limits.MAX_DEGREE, "etp": limits.MAX_DEGREE, "cp": limits.MAX_DEGREE,
                  "micro_batch": limits.MAX_GLOBAL_BATCH,
                  "num_microbatches": limits.MAX_GLOBAL_BATCH,
                  "virtual_stages": limits.MAX_LAYERS, "recompute_every": limits.MAX_LAYERS}
@@ -28,8 +28,25 @@ LAYOUT_BOUNDS = {"dp": limits.MAX_DEGREE, "tp": limits.MAX_DEGREE, "pp": limits.
 SCHEMA_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 LAYOUT_KEYS_SINCE_3 = ("recompute_every", "compile")  # absent from older files: their defaults
-LAYOUT_KEYS_SINCE_4 = ("ep", "etp")
-AXES = ("pp", "dp", "tp")
+LAYOUT_KEYS_SINCE_4 = ("ep", "etp", "cp", "cp_comm")
+# Mesh axes, outermost first.  cp sits inside dp and outside tp, as torchtitan's
+# ["pp", "dp_replicate", "dp_shard", "cp", "tp"] mesh does (torchtitan parallel_dims.py): the cp
+# ranks of one sequence are neighbours, within a node where tp*cp fits one.  A mesh_order of the
+# three axes pp, dp, tp (plans before cp) gets cp right after dp.
+AXES = ("pp", "dp", "cp", "tp")
+LEGACY_AXES = ("pp", "dp", "tp")
+
+
+def full_mesh_order(order) -> tuple:
+    """The four-axis order of a mesh_order; a three-axis one (pp, dp, tp) gets cp after dp."""
+    order = tuple(map(str, order))
+    if sorted(order) == sorted(LEGACY_AXES):
+        i = order.index("dp") + 1
+        return order[:i] + ("cp",) + order[i:]
+    if sorted(order) != sorted(AXES):
+        raise ValueError(f"mesh_order must be a permutation of {list(AXES)} (or of "
+                         f"{list(LEGACY_AXES)}), got {list(order)}")
+    return order
 
 
 
@@ -47,6 +64,7 @@ class Mesh:
     dp: int
     tp: int
     pp: int
+    cp: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +74,8 @@ class Layout:
     pp: int = 1
     ep: int = 1                       # expert parallel: routed experts split over ep ranks
     etp: int = 1                      # expert tensor parallel (folded over the dense group)
+    cp: int = 1                       # context parallel: each sequence split over cp ranks
+    cp_comm: str = "allgather"        # CP_COMMS: how attention sees the whole sequence
     sequence_parallel: bool = False
     zero_stage: int = 0
     micro_batch: int = 1
@@ -69,7 +89,7 @@ class Layout:
     layers_per_stage: tuple = ()      # one entry per (virtual) stage; () = even split
 
     def __post_init__(self):
-        for key in ("dp", "tp", "pp", "ep", "etp", "micro_batch", "num_microbatches",
+        for key in ("dp", "tp", "pp", "ep", "etp", "cp", "micro_batch", "num_microbatches",
                     "virtual_stages", "recompute_every"):
             require_int(getattr(self, key), key)
             check_int(getattr(self, key), key, 1, LAYOUT_BOUNDS[key])
@@ -80,24 +100,22 @@ class Layout:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         require_choice(self.schedule, "schedule", SCHEDULES)
         require_choice(self.recompute, "recompute", RECOMPUTE)
+        require_choice(self.cp_comm, "cp_comm", CP_COMMS)
         for key in ("mesh_order", "layers_per_stage"):
             if not isinstance(getattr(self, key), (list, tuple)):
                 raise ValueError(f"{key} must be a list, got {getattr(self, key)!r}")
-        if sorted(map(str, self.mesh_order)) != sorted(AXES):
-            raise ValueError(f"mesh_order must be a permutation of {list(AXES)}, "
-                             f"got {list(self.mesh_order)}")
+        object.__setattr__(self, "mesh_order", full_mesh_order(self.mesh_order))
         if len(self.layers_per_stage) > limits.MAX_LAYERS:
             raise ValueError(f"layers_per_stage has {len(self.layers_per_stage):,} entries; at "
                              f"most {limits.MAX_LAYERS:,}")
         for n in self.layers_per_stage:
             require_int(n, "layers_per_stage entry")
             check_int(n, "layers_per_stage entry", 1, limits.MAX_LAYERS)
-        object.__setattr__(self, "mesh_order", tuple(self.mesh_order))
         object.__setattr__(self, "layers_per_stage", tuple(self.layers_per_stage))
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.tp * self.pp * self.cp
 
     @property
     def num_chunks(self) -> int:
@@ -106,7 +124,7 @@ class Layout:
 
     @property
     def mesh(self) -> "Mesh":
-        return Mesh(mesh_order=self.mesh_order, dp=self.dp, tp=self.tp, pp=self.pp)
+        return Mesh(mesh_order=self.mesh_order, dp=self.dp, tp=self.tp, pp=self.pp, cp=self.cp)
 
     def stage_layers(self, num_layers: int) -> tuple:
         """Layers of each model chunk, in pipeline order (chunk c lives on rank c % pp)."""

@@ -22,6 +22,7 @@ TIME_ROWS = [
     ("recompute_s", "recompute", "activation recomputation"),
     ("tp_comm_s", "TP/SP communication", "exposed tensor-parallel collectives"),
     ("pp_comm_s", "PP communication", "stage-boundary sends"),
+    ("cp_comm_s", "CP communication", "exposed context-parallel K/V traffic (cp > 1)"),
     ("bubble_s", "pipeline bubble", "fill and drain of the schedule"),
     ("dp_comm_exposed_s", "DP communication", "gradient sync not hidden by backward"),
     ("optimizer_s", "optimizer step", "AdamW update + clipping (memory-bound)"),
@@ -30,6 +31,8 @@ TIME_ROWS = [
 
 def layout_summary(layout) -> str:
     parts = [f"dp={layout.dp}", f"tp={layout.tp}", f"pp={layout.pp}"]
+    if layout.cp > 1:
+        parts.append(f"cp={layout.cp}({layout.cp_comm})")
     if layout.sequence_parallel:
         parts.append("sp")
     parts += [f"zero={layout.zero_stage}", f"mb={layout.micro_batch}x{layout.num_microbatches}"]
@@ -96,6 +99,8 @@ def estimate_text(est) -> str:
                  f"({100 * mem.total_bytes / mem.capacity_bytes:.0f}%)")
     lines += ["", f"Step time (slowest pipeline stage: {t.slowest_pp_rank})"]
     for key, label, note in TIME_ROWS:
+        if key == "cp_comm_s" and plan.layout.cp == 1:
+            continue
         value = getattr(t, key)
         share = 100 * value / t.step_s if t.step_s else 0
         lines.append(f"  {label:<22} {fmt_seconds(value):>12} {share:5.1f}%   {note}")

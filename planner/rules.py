@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.engines import (
+    CP_COMMS,
     DDP_STAGES,
     INTERLEAVED,
     RECOMPUTE,
@@ -28,7 +29,8 @@ from planner.engines import (
 
 COLUMNS = ("world", "dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
            "num_microbatches", "schedule", "virtual_stages", "recompute", "lps_n", "lps_sum",
-           "recompute_every", "ep", "etp")
+           "recompute_every", "ep", "etp", "cp", "cp_comm")
+# cp_comm holds an index into CP_COMMS
 SCHED = {name: i for i, name in enumerate(SCHEDULES)}
 
 
@@ -62,7 +64,8 @@ def layout_columns(layout, world: int) -> dict:
               "recompute": RECOMPUTE.index(layout.recompute),
               "lps_n": len(layout.layers_per_stage), "lps_sum": sum(layout.layers_per_stage),
               "recompute_every": layout.recompute_every, "compile": int(layout.compile),
-              "ep": layout.ep, "etp": layout.etp}
+              "ep": layout.ep, "etp": layout.etp, "cp": layout.cp,
+              "cp_comm": CP_COMMS.index(layout.cp_comm)}
     return {k: np.array([v], dtype=np.int64) for k, v in values.items()}
 
 
@@ -134,17 +137,82 @@ def _expert_split(c: dict) -> np.ndarray:
     return (c["ep"] > 1) | (c["etp"] > 1)
 
 
+def _cp(c: dict) -> np.ndarray:
+    """The cp column (a space without it splits no sequence)."""
+    return c["cp"] if "cp" in c else np.ones(c["tp"].shape, dtype=np.int64)
+
+
+def _cp_comm(c: dict) -> np.ndarray:
+    return c["cp_comm"] if "cp_comm" in c else np.zeros(c["tp"].shape, dtype=np.int64)
+
+
+def _flavour(r: dict) -> str:
+    return CP_COMMS[r.get("cp_comm", 0)]
+
+
+def _world(c):
+    return c["dp"] * c["tp"] * c["pp"] * _cp(c)
+
+
+def _world_message(ctx, r) -> str:
+    cp = r.get("cp", 1)
+    names, sizes = ("dp*tp*pp", [r["dp"], r["tp"], r["pp"]]) if cp == 1 else \
+        ("dp*tp*pp*cp", [r["dp"], r["tp"], r["pp"], cp])
+    total = 1
+    for n in sizes:
+        total *= n
+    return (f"{names} = {'*'.join(map(str, sizes))} = {total} does not equal the cluster's "
+            f"{r['world']} GPUs")
+
+
+def _cp_rules() -> list:
+    """Context parallelism (planner/cost/context.py): load-balanced causal chunks, the flavour,
+    the engine."""
+    a2a = CP_COMMS.index("a2a")
+    cp_on = lambda c: _cp(c) > 1  # noqa: E731
+    return [
+        Rule("cp_seq", "cp: the sequence does not split into 2*cp chunks",
+             lambda ctx, c: cp_on(c) & (ctx.job.seq_len % (2 * _cp(c)) != 0),
+             lambda ctx, r: f"cp={r['cp']}: seq len {ctx.job.seq_len} must divide into "
+                            f"2*cp = {2 * r['cp']} equal chunks (load-balanced causal "
+                            f"attention: rank i holds chunks i and {2 * r['cp']}-1-i)"),
+        Rule("cp_comm_off", "cp_comm set without context parallelism",
+             lambda ctx, c: ~cp_on(c) & (_cp_comm(c) != 0),
+             lambda ctx, r: f"cp_comm {_flavour(r)} is only meaningful with cp > 1 "
+                            f"(cp = {r.get('cp', 1)})"),
+        Rule("cp_a2a_heads", "Ulysses (a2a): tp*cp does not divide the heads",
+             lambda ctx, c: cp_on(c) & (_cp_comm(c) == a2a)
+             & ((ctx.model.num_heads % (c["tp"] * _cp(c)) != 0)
+                | (ctx.model.num_kv_heads % (c["tp"] * _cp(c)) != 0)),
+             lambda ctx, r: f"cp_comm a2a splits heads over tp*cp = {r['tp'] * r['cp']}, "
+                            f"which must divide num_heads {ctx.model.num_heads} and "
+                            f"num_kv_heads {ctx.model.num_kv_heads}"),
+        Rule("cp_engine", "context parallelism the engine does not run",
+             lambda ctx, c: cp_on(c) & _everywhere(c, not ctx.engine.cp_comms),
+             lambda ctx, r: f"cp={r['cp']}: the {ctx.engine.name} engine runs no context "
+                            f"parallelism: {ctx.engine.cp_refusal}"),
+        Rule("cp_flavour", "context-parallel flavour the engine does not run",
+             lambda ctx, c: cp_on(c) & _everywhere(c, bool(ctx.engine.cp_comms))
+             & ~np.isin(_cp_comm(c), [CP_COMMS.index(f) for f in ctx.engine.cp_comms]),
+             lambda ctx, r: f"cp_comm {_flavour(r)}: the {ctx.engine.name} engine runs "
+                            f"{', '.join(ctx.engine.cp_comms)} only "
+                            f"({ctx.engine.cp_flavour_note})"),
+        Rule("cp_moe", "context parallelism with expert parallelism",
+             lambda ctx, c: cp_on(c) & _expert_split(c),
+             lambda ctx, r: f"cp={r['cp']} with ep={r['ep']} etp={r['etp']}: the cost model "
+                            f"and runtime do not combine context and expert parallelism"),
+    ]
+
+
 def _long_sequence(ctx) -> bool:
     return ctx.model.learned_positions and ctx.job.seq_len > ctx.model.max_seq_len
 
 
 def _shape_rules() -> list:
     return [
-        Rule("world", "dp x tp x pp differs from the GPU count",
-             lambda ctx, c: c["dp"] * c["tp"] * c["pp"] != c["world"],
-             lambda ctx, r: f"dp*tp*pp = {r['dp']}*{r['tp']}*{r['pp']} = "
-                            f"{r['dp'] * r['tp'] * r['pp']} does not equal the cluster's "
-                            f"{r['world']} GPUs"),
+        Rule("world", "dp x tp x pp x cp differs from the GPU count",
+             lambda ctx, c: _world(c) != c["world"],
+             _world_message),
         Rule("ep_dense", "expert parallelism on a dense model",
              lambda ctx, c: _everywhere(c, not ctx.model.is_moe) & _expert_split(c),
              lambda ctx, r: f"ep={r['ep']} etp={r['etp']}: model {ctx.model.name} has no "
@@ -166,13 +234,17 @@ def _shape_rules() -> list:
              lambda ctx, c: (c["sequence_parallel"] == 1) & (c["tp"] == 1),
              lambda ctx, r: "sequence_parallel needs tp > 1"),
         Rule("sp_seq", "sequence parallel: tp does not divide the sequence",
-             lambda ctx, c: (c["sequence_parallel"] == 1) & (ctx.job.seq_len % c["tp"] != 0),
+             lambda ctx, c: (c["sequence_parallel"] == 1)
+             & (ctx.job.seq_len % (c["tp"] * _cp(c)) != 0),
              lambda ctx, r: f"sequence parallel: tp={r['tp']} must divide seq len "
-                            f"{ctx.job.seq_len}"),
+                            f"{ctx.job.seq_len}" + (f" / cp {r['cp']}" if r.get("cp", 1) > 1
+                                                    else "")),
         Rule("zero_dp", "ZeRO without data parallelism",
-             lambda ctx, c: (c["zero_stage"] > 0) & (c["dp"] == 1),
+             lambda ctx, c: (c["zero_stage"] > 0) & (c["dp"] * _cp(c) == 1),
              lambda ctx, r: f"ZeRO-{r['zero_stage']} shards over data parallel ranks; it needs "
-                            f"dp > 1 (dp = {r['dp']})"),
+                            f"dp > 1 (dp = {r['dp']})" if r.get("cp", 1) == 1 else
+                            f"ZeRO-{r['zero_stage']} shards over data x context parallel "
+                            f"ranks; it needs dp*cp > 1 (dp = {r['dp']}, cp = {r['cp']})"),
         Rule("global_batch", "micro-batches x dp differ from the global batch",
              lambda ctx, c: _samples(c) != ctx.job.global_batch,
              lambda ctx, r: f"global batch {ctx.job.global_batch} != micro batch "
@@ -323,7 +395,7 @@ def _recompute_rules() -> list:
     ]
 
 
-RULES = _shape_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
+RULES = _shape_rules() + _cp_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
     _engine_rules()
 BY_KEY = {rule.key: rule for rule in RULES}
 # labels of the search's own rejections (not layout rules)

@@ -29,11 +29,26 @@ def rank_grid(mesh_order: tuple, sizes: dict) -> np.ndarray:
     return np.arange(int(np.prod(shape))).reshape(shape)
 
 
+# groups over more than one mesh axis: FSDP/ZeRO shard and gradients reduce over dp x cp
+# (torchtitan's "dp_shard_cp" flattened mesh, parallel_dims.py)
+JOINT_AXES = {"dp_cp": ("dp", "cp")}
+
+
+def _axis_names(axis: str) -> tuple:
+    return JOINT_AXES.get(axis, (axis,))
+
+
 def axis_groups(mesh_order: tuple, sizes: dict, axis: str) -> np.ndarray:
-    """Rows of ranks that form the process groups of `axis` (one row per group)."""
-    grid = rank_grid(mesh_order, sizes)
-    moved = np.moveaxis(grid, mesh_order.index(axis), -1)
-    return moved.reshape(-1, sizes[axis])
+    """Rows of ranks that form the process groups of `axis` (one row per group); a joint axis
+    (JOINT_AXES) groups the ranks of its axes together, in mesh order."""
+    order = tuple(mesh_order)
+    if "cp" not in order:
+        order = order[:order.index("dp") + 1] + ("cp",) + order[order.index("dp") + 1:]
+    names = [a for a in order if a in _axis_names(axis)]
+    grid = rank_grid(order, {"cp": 1, **sizes})
+    moved = np.moveaxis(grid, [order.index(a) for a in names],
+                        list(range(-len(names), 0)))
+    return moved.reshape(-1, int(np.prod([sizes.get(a, 1) for a in names])))
 
 
 _RING_CACHE = {}
@@ -170,9 +185,9 @@ def _distinct_groups(groups: np.ndarray, gpn: int) -> np.ndarray:
 
 
 def _axis_link_cached(profile: HardwareProfile, mesh_order: tuple, dp: int, tp: int, pp: int,
-                      axis: str) -> GroupLink:
-    sizes = {"dp": dp, "tp": tp, "pp": pp}
-    n = sizes[axis]
+                      cp: int, axis: str) -> GroupLink:
+    sizes = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
+    n = int(np.prod([sizes[a] for a in _axis_names(axis)]))
     if n == 1:
         return GroupLink(axis, 1, 1, 1, "none", float("inf"), 0.0)
     groups = axis_groups(mesh_order, sizes, axis)
@@ -186,7 +201,8 @@ def _axis_link_cached(profile: HardwareProfile, mesh_order: tuple, dp: int, tp: 
 
 def axis_link(profile: HardwareProfile, layout, axis: str) -> GroupLink:
     """The slowest group of `axis` under this layout (the most loaded rank waits for it)."""
-    key = (id(profile), tuple(layout.mesh_order), layout.dp, layout.tp, layout.pp, axis)
+    key = (id(profile), tuple(layout.mesh_order), layout.dp, layout.tp, layout.pp,
+           getattr(layout, "cp", 1), axis)
     hit = _LINK_CACHE.get(key)
     if hit is None or hit[0] is not profile:
         hit = (profile, _axis_link_cached(profile, *key[1:]))
@@ -209,7 +225,8 @@ def pipeline_p2p_link(profile: HardwareProfile, layout) -> GroupLink:
     intra = profile.intra_node
     if intra.kind == "nvlink_mesh":
         pairs = axis_groups(tuple(layout.mesh_order),
-                            {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp}, "pp")
+                            {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp,
+                             "cp": getattr(layout, "cp", 1)}, "pp")
         bw = min(mesh_ring_bandwidth(intra, (int(a) % gpn, int(b) % gpn))
                  for row in pairs for a, b in zip(row[:-1], row[1:]))
     else:

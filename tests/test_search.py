@@ -32,6 +32,9 @@ SPACES = [
     ("gpt2-1.5b", "v100-16g", 1, 0, 32, 1024, "torch", "flash", "fp16"),
     ("tiny", "cpu", 1, 6, 12, 256, "torch", "flash", "bf16"),
     ("llama3-8b", "h100-80g", 2, 0, 64, 4096, "deepspeed", "flash", "bf16"),
+    # long sequences: context parallelism (every flavour under megatron, all-gather under torch)
+    ("llama3-8b-cp", "h100-80g", 2, 0, 16, 65536, "megatron", "flash", "bf16"),
+    ("llama3-8b-cp", "h100-80g", 2, 0, 8, 32768, "torch", "flash", "bf16"),
 ]
 
 
@@ -40,7 +43,7 @@ def _inputs(name, profile, nodes, gpus, gb, seq, engine, attention, precision):
                       num_gpus=gpus)
     job = Job(global_batch=gb, seq_len=seq, engine=engine, attention=attention,
               precision=precision)
-    return load_model(name), cluster, job
+    return load_model(name.removesuffix("-cp")), cluster, job
 
 
 @pytest.fixture(scope="module", params=SPACES, ids=[s[0] for s in SPACES])

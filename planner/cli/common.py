@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from planner import limits
-from planner.engines import RECOMPUTE, SCHEDULES
+from planner.engines import CP_COMMS, RECOMPUTE, SCHEDULES
 from planner.hardware import load_cluster, with_gpus
 from planner.job import ATTENTION, PRECISIONS, Job
 from planner.presets import load_model
@@ -66,6 +66,11 @@ def add_layout(parser) -> None:
     parser.add_argument("--dp", type=degree, default=1, help="data-parallel degree")
     parser.add_argument("--tp", type=degree, default=1, help="tensor-parallel degree")
     parser.add_argument("--pp", type=degree, default=1, help="pipeline-parallel degree")
+    parser.add_argument("--cp", type=degree, default=1,
+                        help="context-parallel degree: each sequence split over cp ranks")
+    parser.add_argument("--cp-comm", choices=CP_COMMS, default="allgather",
+                        help="context-parallel attention: all-gather of K/V (Llama 3), ring "
+                             "(Ring Attention) or a2a (DeepSpeed-Ulysses); with --cp > 1")
     parser.add_argument("--micro-batch", type=bounded_int(1, limits.MAX_GLOBAL_BATCH), default=1,
                         help="sequences per micro-batch (micro-batches = global batch / "
                              "(dp x this))")
@@ -78,7 +83,8 @@ def add_layout(parser) -> None:
     add_recompute(parser, search=False)
     add_compile(parser)
     parser.add_argument("--mesh-order", default="pp,dp,tp",
-                        help="mesh axes outermost to innermost")
+                        help="mesh axes outermost to innermost (cp goes right after dp "
+                             "unless named)")
     add_gpus(parser)
     parser.add_argument("--plan", help="read the whole plan from a plan.json instead")
 
@@ -95,11 +101,15 @@ FLAGS = {"model": "--model", "cluster": "--cluster", "nodes": "--nodes",
          "pp": "--pp", "micro_batch": "--micro-batch", "sp": "--sp", "zero": "--zero",
          "schedule": "--schedule", "virtual_stages": "--virtual-stages",
          "recompute": "--recompute", "recompute_every": "--recompute-every",
-         "mesh_order": "--mesh-order", "gpus": "--gpus", "compile": "--compile"}
+         "mesh_order": "--mesh-order", "gpus": "--gpus", "compile": "--compile",
+         "cp": "--cp", "cp_comm": "--cp-comm"}
 # planner.rules key -> the flags (dests) whose values that rule read
-RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn": ("tp",),
-              "tp_node": ("tp",), "sp_tp": ("sp", "tp"), "sp_seq": ("tp", "seq_len"),
-              "zero_dp": ("zero", "dp"), "global_batch": ("global_batch", "dp", "micro_batch"),
+RULE_FLAGS = {"world": ("dp", "tp", "pp", "cp", "gpus"), "cp_seq": ("cp", "seq_len"),
+              "cp_comm_off": ("cp_comm", "cp"), "cp_a2a_heads": ("cp_comm", "cp", "tp"),
+              "cp_engine": ("cp", "engine"), "cp_flavour": ("cp_comm", "engine"),
+              "cp_moe": ("cp",), "tp_heads": ("tp",), "tp_ffn": ("tp",),
+              "tp_node": ("tp",), "sp_tp": ("sp", "tp"), "sp_seq": ("tp", "seq_len", "cp"),
+              "zero_dp": ("zero", "dp", "cp"), "global_batch": ("global_batch", "dp", "micro_batch"),
               "precision": ("precision",), "positions": ("seq_len",),
               "interleave_pp": ("schedule", "pp"), "zbv_v": ("schedule", "virtual_stages"),
               "interleave_v": ("schedule", "virtual_stages"),
@@ -190,7 +200,7 @@ def build_plan(args) -> Plan:
                     virtual_stages=args.virtual_stages, recompute=args.recompute,
                     recompute_every=args.recompute_every,
                     mesh_order=tuple(a.strip() for a in args.mesh_order.split(",")),
-                    compile=args.compile)
+                    compile=args.compile, cp=args.cp, cp_comm=args.cp_comm)
     try:
         return Plan(model=model, cluster=cluster, job=job, layout=layout)
     except ValueError as exc:

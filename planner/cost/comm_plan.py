@@ -2,8 +2,11 @@
 link (tensor, pipeline and data parallel).  Keyword parameters are named as in
 planner/cost/fields.py."""
 
+from dataclasses import replace
+
 from planner.cost import deepspeed as ds
 from planner.cost.comm import make_collective
+from planner.cost.context import local_job
 from planner.cost.params import _local_numel
 from planner.engines import deferred_fsdp, engine
 from planner.plan import Mesh
@@ -34,8 +37,8 @@ def tp_pattern_for(mlp: str, sp: bool, engine_name: str) -> tuple:
     return forward, ([("all_gather", 2)] if sp else []) + [("all_reduce", colwise)]
 
 
-def _mesh(mesh_order, dp, tp, pp) -> Mesh:
-    return Mesh(mesh_order=tuple(mesh_order), dp=dp, tp=tp, pp=pp)
+def _mesh(mesh_order, dp, tp, pp, cp=1) -> Mesh:
+    return Mesh(mesh_order=tuple(mesh_order), dp=dp, tp=tp, pp=pp, cp=cp)
 
 
 def _tp_collectives(profile, spec, job, mesh: Mesh, micro_batch: int, pattern: list) -> list:
@@ -45,11 +48,12 @@ def _tp_collectives(profile, spec, job, mesh: Mesh, micro_batch: int, pattern: l
 
 
 def tp_pass_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
-                    micro_batch) -> tuple:
-    """(forward, backward) seconds of one layer's TP collectives for one micro-batch."""
+                    micro_batch, cp=1) -> tuple:
+    """(forward, backward) seconds of one layer's TP collectives for one micro-batch (over the
+    rank's s/cp tokens under context parallelism)."""
     if tp == 1:
         return 0.0, 0.0
-    mesh = _mesh(mesh_order, dp, tp, pp)
+    mesh, job = _mesh(mesh_order, dp, tp, pp, cp), local_job(job, cp)
     return tuple(sum(c.time_s for c in _tp_collectives(profile, spec, job, mesh, micro_batch, p))
                  for p in tp_pattern_for(spec.mlp, sequence_parallel, job.engine))
 
@@ -78,23 +82,25 @@ def recomputed_tp_pattern(forward: list, recompute: str, stops_early: bool = Fal
 
 
 def tp_recompute_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
-                         micro_batch, recompute) -> float:
+                         micro_batch, recompute, cp=1) -> float:
     """Seconds of the TP collectives one recomputed layer re-runs (one micro-batch)."""
     if tp == 1:
         return 0.0
+    job = local_job(job, cp)
     forward, _ = tp_pattern_for(spec.mlp, sequence_parallel, job.engine)
     pattern = recomputed_tp_pattern(forward, recompute, engine(job.engine).recompute_stops_early)
     return sum(c.time_s for c in _tp_collectives(profile, spec, job,
-                                                  _mesh(mesh_order, dp, tp, pp), micro_batch,
+                                                  _mesh(mesh_order, dp, tp, pp, cp), micro_batch,
                                                   pattern))
 
 
 def tp_collectives_per_layer(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
-                             micro_batch, recompute) -> list:
+                             micro_batch, recompute, cp=1) -> list:
     """Per recomputed layer and micro-batch, forward + backward + the collectives the recompute
     re-runs (recomputed_tp_pattern)."""
     if tp == 1:
         return []
+    job = local_job(job, cp)
     forward, backward = tp_pattern_for(spec.mlp, sequence_parallel, job.engine)
     counts = {}
     for kind, count in forward + recomputed_tp_pattern(forward, recompute,
@@ -102,17 +108,18 @@ def tp_collectives_per_layer(profile, spec, job, *, mesh_order, dp, tp, pp, sequ
         counts[kind] = counts.get(kind, 0) + count
     for kind, count in backward:
         counts[kind] = counts.get(kind, 0) + count
-    return _tp_collectives(profile, spec, job, _mesh(mesh_order, dp, tp, pp), micro_batch,
+    return _tp_collectives(profile, spec, job, _mesh(mesh_order, dp, tp, pp, cp), micro_batch,
                            list(counts.items()))
 
 
 def pp_p2p_per_microbatch(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
-                          micro_batch, virtual_stages) -> list:
+                          micro_batch, virtual_stages, cp=1) -> list:
     """Activation sent forward and its gradient sent backward at each chunk boundary (the
     sequence-parallel activation is sharded, so 1/t of it crosses; Korthikanti Sec. 4.2.3)."""
     if pp == 1:
         return []
-    link = pipeline_p2p_link(profile, _mesh(mesh_order, dp, tp, pp))
+    link = pipeline_p2p_link(profile, _mesh(mesh_order, dp, tp, pp, cp))
+    job = local_job(job, cp)
     div = tp if sequence_parallel else 1
     nbytes = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size / div
     return [make_collective("pp_send_activation", "p2p", link, virtual_stages, nbytes),
@@ -120,7 +127,7 @@ def pp_p2p_per_microbatch(profile, spec, job, *, mesh_order, dp, tp, pp, sequenc
 
 
 def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_microbatches,
-                   rank_layers, holds_embedding, holds_head, tied_copy) -> list:
+                   rank_layers, holds_embedding, holds_head, tied_copy, cp=1) -> list:
     """Gradient synchronisation and parameter gathers of one step on one pipeline rank.
 
     ZeRO-0: all-reduce of the gradients; ZeRO-1: the same plus an all-gather of the updated
@@ -129,11 +136,14 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
     per micro-batch a reduce-scatter of fp32 gradients and one (ZeRO-2) or two (ZeRO-3, forward
     and backward) all-gathers of the 16-bit parameters (Rajbhandari et al. 2020, Sec. 7), for
     each FSDP2 group on its own (the torch engine: every block, plus the root group holding the
-    embedding or the output layer)."""
-    if dp == 1:
+    embedding or the output layer).  Under context parallelism the group is dp x cp: the cp
+    ranks of a sequence hold gradients of different tokens, and FSDP shards over them too
+    (torchtitan's dp_shard_cp mesh)."""
+    if dp * cp == 1:
         return []
     eng = engine(job.engine)
-    link = axis_link(profile, _mesh(mesh_order, dp, tp, pp), "dp")
+    link = axis_link(profile, _mesh(mesh_order, dp, tp, pp, cp), "dp_cp" if cp > 1 else "dp")
+    link = replace(link, axis="dp")
     numel = _local_numel(spec, tp, rank_layers, holds_embedding, holds_head, tied_copy)
     a, m = dtype_bytes(job.precision), num_microbatches
     grad_bytes = 2 * numel if eng.fp16_grads_reduced_in_fp16 and job.precision == "fp16" \

@@ -30,6 +30,7 @@ the compiled kernels (README, torch.compile: an upper bound on the launches' hos
 from dataclasses import dataclass
 
 from planner.cost.compiled import compiled_pass, eager_kernels
+from planner.cost.context import local_job
 from planner.cost.flops import Gemm, attention_core_flops, head_extra_gemms, head_gemm, layer_gemms
 from planner.cost.ops import op_policy_saved, ops
 from planner.engines import engine
@@ -111,19 +112,22 @@ def _elementwise_bytes(spec: ModelSpec, job: Job, t: int, sequence_parallel: boo
     return total
 
 
-def _attention_times(gpu: GpuSpec, spec: ModelSpec, job: Job, b: int, t: int) -> tuple:
-    """(forward, backward) seconds of the attention core (b: micro-batch, t: tp)."""
+def _attention_times(gpu: GpuSpec, spec: ModelSpec, job: Job, b: int, t: int,
+                     cp: int = 1) -> tuple:
+    """(forward, backward) seconds of the attention core (b: micro-batch, t: tp).  Under
+    context parallelism `job` is the rank's local job (s/cp tokens) and its s/cp queries meet
+    all s keys: cp times the work of a local sequence (planner/cost/context.py)."""
     s = job.seq_len
-    flops = attention_core_flops(spec, b, s, t)
+    flops = cp * attention_core_flops(spec, b, s, t)
     peak = gpu.peak_flops[job.precision]
     if job.flash_attention:
         executed = flops * (0.5 if spec.causal else 1.0)  # causal kernels skip masked tiles
         fwd = executed / (peak * gpu.attention_efficiency) + gpu.kernel_overhead_s
         return fwd, FLASH_BWD_FACTOR * fwd
     heads = b * spec.num_heads // t
-    bmm = Gemm("scores", s, spec.head_dim, s, heads)
+    bmm = Gemm("scores", s, spec.head_dim, s * cp, heads)
     gemm_fwd = 2 * gemm_time(gpu, bmm, job.precision)
-    scores = heads * s * s
+    scores = heads * s * s * cp
     a = dtype_bytes(job.precision)
     # fused scale-mask-softmax (read + write) and dropout (read, write, 1-byte mask); eager
     # code runs scale, mask-multiply and mask-subtract as three more read+write kernels
@@ -194,9 +198,12 @@ def op_policy_gemm_flops(spec: ModelSpec, job: Job, *, tp: int, micro_batch: int
 
 
 def layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
-                micro_batch: int, compile: bool = False) -> LayerTimes:
+                micro_batch: int, compile: bool = False, cp: int = 1) -> LayerTimes:
+    """One layer; under context parallelism (cp > 1) `job` is the full job and the rank works
+    on s/cp tokens (planner/cost/context.py)."""
+    job = local_job(job, cp)
     eng = engine(job.engine)
-    attn_fwd, attn_bwd = _attention_times(gpu, spec, job, micro_batch, tp)
+    attn_fwd, attn_bwd = _attention_times(gpu, spec, job, micro_batch, tp, cp)
     host_fwd, host_bwd = gpu.host_layer_s(tp) if eng.host_overhead_per_layer else (0.0, 0.0)
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
     if compile:  # the rules allow it on engines that compile blocks only

@@ -20,6 +20,7 @@ from planner.cost import activations as act
 from planner.cost import deepspeed as ds
 from planner.cost.combine import activation_peak, rank_total_bytes
 from planner.cost.compiled import saved_bytes_saving
+from planner.cost.context import gathered_kv_bytes, local_job
 from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of,
                                  recomputed_layers_of, unpack, with_rank)
 from planner.cost.outside import OUTSIDE_TERMS, collective_groups, outside_parts, pipeline_peers
@@ -145,9 +146,10 @@ def _torch_rank_states(spec, pieces: tuple, tp: int, dp: int, zero_stage: int, d
 
 
 def model_states(spec, job, *, tp, dp, pp, zero_stage, rank_layers, holds_embedding,
-                 holds_head, tied_copy, dp_rank=0, tp_rank=0) -> tuple:
+                 holds_head, tied_copy, dp_rank=0, tp_rank=0, cp=1) -> tuple:
     """(weights, gradients, optimizer) bytes of one rank (dp rank 0 / tp rank 0 hold the
-    largest shards)."""
+    largest shards).  ZeRO/FSDP shard over dp x cp (torchtitan's dp_shard_cp mesh)."""
+    dp = dp * cp
     pieces = (int(rank_layers), bool(holds_embedding), bool(holds_head), bool(tied_copy))
     if engine(job.engine).deepspeed_optimizers:
         states = ds.model_state_bytes(_local_numel(spec, tp, *pieces), dp, zero_stage,
@@ -179,9 +181,10 @@ def gathered_params(spec, job, *, tp, pp, zero_stage, rank_layers, holds_embeddi
                             bool(tied_copy))
 
 
-def comm_buffers(spec, job, *, tp, micro_batch, zero_stage) -> float:
+def comm_buffers(spec, job, *, tp, micro_batch, zero_stage, cp=1) -> float:
     """Transient collective outputs: the TP all-gathered layer input, or the block's gradients
     staged for a ZeRO-2/3 reduce-scatter in fp32."""
+    job = local_job(job, cp)
     tp_gather = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size \
         if tp > 1 else 0.0
     if engine(job.engine).deepspeed_optimizers:
@@ -191,16 +194,22 @@ def comm_buffers(spec, job, *, tp, micro_batch, zero_stage) -> float:
 
 
 def activation_pieces(spec, job, *, tp, sequence_parallel, micro_batch, recompute,
-                      compile=False) -> tuple:
+                      compile=False, cp=1, cp_comm="allgather") -> tuple:
     """(per recomputed layer, per other layer, embedding, output layer) activation bytes of
     one micro-batch; a compiled block without recompute saves what the compiled census
-    measured fewer (planner/cost/compiled.py; under a recompute policy the eager figure)."""
+    measured fewer (planner/cost/compiled.py; under a recompute policy the eager figure).
+    Under context parallelism every piece is of the rank's s/cp tokens, and the all-gather
+    flavour's attention also keeps the gathered K/V (planner/cost/context.py)."""
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
-    plain = act.layer_bytes(spec, job, **shape, recompute="none")
+    gathered = gathered_kv_bytes(spec, job, tp=tp, micro_batch=micro_batch, cp=cp,
+                                 cp_comm=cp_comm)
+    job = local_job(job, cp)
+    plain = act.layer_bytes(spec, job, **shape, recompute="none") + gathered
     if compile:
         plain -= saved_bytes_saving(spec, job.precision, seq_len=job.seq_len, **shape)
-    policy = plain if recompute == "none" else act.layer_bytes(spec, job, **shape,
-                                                                recompute=recompute)
+    # full recompute keeps the block input only; selective and op keep the attention inputs
+    policy = plain if recompute == "none" else act.layer_bytes(
+        spec, job, **shape, recompute=recompute) + (0.0 if recompute == "full" else gathered)
     return (policy, plain,
             act.embedding_bytes(spec, job, **shape), act.head_bytes(spec, job, **shape))
 

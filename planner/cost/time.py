@@ -18,6 +18,7 @@ from planner.cost import ops
 from planner.cost.combine import RankMicrobatch, rank_microbatch, step_parts
 from planner.cost.comm_plan import (dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds,
                                     tp_recompute_seconds)
+from planner.cost.context import cp_collectives, cp_exposed, local_job
 from planner.cost.compute import (head_times, layer_times, op_policy_recompute_s,
                                   selective_recompute_s)
 from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of,
@@ -44,11 +45,12 @@ class TimeBreakdown:
     dp_comm_total_s: float
     bubble_fraction: float
     slowest_pp_rank: int
+    cp_comm_s: float = 0.0
 
     @property
     def step_s(self) -> float:
         return (self.compute_s + self.recompute_s + self.tp_comm_s + self.pp_comm_s
-                + self.bubble_s + self.dp_comm_exposed_s + self.optimizer_s)
+                + self.cp_comm_s + self.bubble_s + self.dp_comm_exposed_s + self.optimizer_s)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -58,10 +60,12 @@ class TimeBreakdown:
     @classmethod
     def of(cls, parts) -> "TimeBreakdown":
         """From one layout's planner.cost.combine.StepParts."""
-        busy = parts.compute_s + parts.recompute_s + parts.tp_comm_s + parts.pp_comm_s
+        busy = parts.compute_s + parts.recompute_s + parts.tp_comm_s + parts.pp_comm_s + \
+            parts.cp_comm_s
         bubble = float(parts.bubble_s)
         return cls(compute_s=float(parts.compute_s), recompute_s=float(parts.recompute_s),
                    tp_comm_s=float(parts.tp_comm_s), pp_comm_s=float(parts.pp_comm_s),
+                   cp_comm_s=float(parts.cp_comm_s),
                    bubble_s=bubble, dp_comm_exposed_s=float(parts.dp_comm_exposed_s),
                    optimizer_s=float(parts.optimizer_s),
                    dp_comm_total_s=float(parts.dp_comm_total_s),
@@ -70,21 +74,21 @@ class TimeBreakdown:
 
 
 def layer_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch,
-                  compile=False) -> tuple:
+                  compile=False, cp=1) -> tuple:
     """(forward, backward, weight-gradient) seconds of one layer and micro-batch."""
     lt = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
-                     micro_batch=micro_batch, compile=compile)
+                     micro_batch=micro_batch, compile=compile, cp=cp)
     return lt.fwd_s, lt.bwd_s, lt.wgrad_s
 
 
-def head_seconds(gpu, spec, job, *, tp, micro_batch) -> tuple:
+def head_seconds(gpu, spec, job, *, tp, micro_batch, cp=1) -> tuple:
     """(forward, backward, weight-gradient) seconds of the output layer and one micro-batch."""
-    ht = head_times(gpu, spec, job, tp=tp, micro_batch=micro_batch)
+    ht = head_times(gpu, spec, local_job(job, cp), tp=tp, micro_batch=micro_batch)
     return ht.fwd_s, ht.bwd_s, ht.wgrad_s
 
 
 def recompute_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch, recompute,
-                      compile=False) -> float:
+                      compile=False, cp=1) -> float:
     """Recompute per recomputed layer and micro-batch: the attention core (selective), the
     forward ops whose outputs are not saved (op; timed from the eager census also under
     `compile`) or the forward (full; compiled under `compile`); TP collectives apart."""
@@ -92,20 +96,34 @@ def recompute_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch, rec
         return 0.0
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
     if recompute == "op":
-        return op_policy_recompute_s(gpu, spec, job, **shape)
-    lt = layer_times(gpu, spec, job, **shape, compile=compile)
+        return op_policy_recompute_s(gpu, spec, local_job(job, cp), **shape)
+    lt = layer_times(gpu, spec, job, **shape, compile=compile, cp=cp)
     return selective_recompute_s(lt) if recompute == "selective" else lt.fwd_s
 
 
 def tp_exposed_seconds(gpu, profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
-                       micro_batch) -> float:
+                       micro_batch, cp=1) -> float:
     """TP communication per layer and micro-batch left on the critical path (a recomputed
     layer adds comm_plan.tp_recompute_seconds)."""
     fwd, bwd = tp_pass_seconds(profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
-                               sequence_parallel=sequence_parallel, micro_batch=micro_batch)
+                               sequence_parallel=sequence_parallel, micro_batch=micro_batch,
+                               cp=cp)
     wgrad = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
-                        micro_batch=micro_batch).wgrad_s
+                        micro_batch=micro_batch, cp=cp).wgrad_s
     return exposed_tp(job, fwd, bwd, wgrad)
+
+
+def cp_exposed_seconds(gpu, profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
+                       micro_batch, cp=1, cp_comm="allgather") -> float:
+    """Context-parallel communication per layer and micro-batch left on the critical path
+    (planner/cost/context.py)."""
+    if cp == 1:
+        return 0.0
+    fwd, bwd = cp_collectives(profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
+                              cp=cp, cp_comm=cp_comm, micro_batch=micro_batch)
+    lt = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
+                     micro_batch=micro_batch, cp=cp)
+    return cp_exposed(cp_comm, cp, fwd, bwd, lt.attention_fwd_s, lt.attention_bwd_s)
 
 
 def exposed_tp(job, forward_s: float, backward_s: float, wgrad_s: float) -> float:
@@ -117,22 +135,22 @@ def exposed_tp(job, forward_s: float, backward_s: float, wgrad_s: float) -> floa
 
 
 def pp_comm_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
-                    micro_batch, virtual_stages) -> float:
+                    micro_batch, virtual_stages, cp=1) -> float:
     """Pipeline sends of one micro-batch on one rank (blocking)."""
     return sum(c.time_s for c in pp_p2p_per_microbatch(
         profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
         sequence_parallel=sequence_parallel, micro_batch=micro_batch,
-        virtual_stages=virtual_stages))
+        virtual_stages=virtual_stages, cp=cp))
 
 
 def dp_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_microbatches,
-               rank_layers, holds_embedding, holds_head, tied_copy) -> tuple:
+               rank_layers, holds_embedding, holds_head, tied_copy, cp=1) -> tuple:
     """(all data-parallel seconds of the step, the gradient sync's, one FSDP group's parameter
     gather) on one pipeline rank."""
     colls = dp_collectives(profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
                            zero_stage=zero_stage, num_microbatches=num_microbatches,
                            rank_layers=int(rank_layers), holds_embedding=bool(holds_embedding),
-                           holds_head=bool(holds_head), tied_copy=bool(tied_copy))
+                           holds_head=bool(holds_head), tied_copy=bool(tied_copy), cp=cp)
     gather = colls[1].time_each_s if zero_stage in SHARDED_GRAD_STAGES and colls else 0.0
     return sum(c.time_s for c in colls), colls[0].time_s if colls else 0.0, gather
 
@@ -151,14 +169,14 @@ def optimizer_seconds(gpu, job, *, tp, zero_stage, optimizer_bytes) -> float:
 
 
 def step_inputs(spec, job, profile, *, world, pp, virtual_stages, schedule, zero_stage,
-                dp, num_microbatches) -> dict:
+                dp, num_microbatches, cp=1) -> dict:
     """What the step combination needs besides the ranks (planner.cost.combine.step_parts);
     scalars, or numpy columns (schedule and zero_stage then hold names and stages)."""
     return {"pp": pp, "virtual_stages": virtual_stages, "num_microbatches": num_microbatches,
             "zero_bubble": np.isin(schedule, ZERO_BUBBLE),
             "sharded": np.isin(zero_stage, SHARDED_GRAD_STAGES),
             "deferred": deferred_fsdp(job.engine, zero_stage, pp),
-            "overlapped": dp_overlapped(job.engine, zero_stage, pp, dp),
+            "overlapped": dp_overlapped(job.engine, zero_stage, pp, dp * cp),
             "first_gather_layers": spec.num_layers // pp, "cores": profile.gpu.shared_cores,
             "ranks_per_node": np.minimum(world, profile.gpus_per_node)}
 
@@ -172,6 +190,7 @@ def _microbatch(evaluate, layers, holds_head, recomputed, sends=1) -> RankMicrob
         layer_wgrad_s=layer[2], head_fwd_s=head[0], head_bwd_s=head[1], head_wgrad_s=head[2],
         recompute_per_layer_s=evaluate(recompute_seconds),
         tp_exposed_per_layer_s=evaluate(tp_exposed_seconds),
+        cp_exposed_per_layer_s=evaluate(cp_exposed_seconds),
         pp_comm_s=sends * evaluate(pp_comm_seconds), recomputed_layers=recomputed,
         tp_recompute_per_layer_s=evaluate(tp_recompute_seconds))
 

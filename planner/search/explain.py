@@ -6,10 +6,12 @@ from planner.units import fmt_seconds
 
 # TimeBreakdown fields a plan can win on, with the words for them
 TIME_PARTS = [("bubble_s", "pipeline bubble"), ("tp_comm_s", "TP communication"),
-              ("pp_comm_s", "pipeline sends"), ("dp_comm_exposed_s", "exposed DP communication"),
+              ("pp_comm_s", "pipeline sends"), ("cp_comm_s", "CP communication"),
+              ("dp_comm_exposed_s", "exposed DP communication"),
               ("recompute_s", "recomputation"), ("compute_s", "compute on the slowest stage"),
               ("optimizer_s", "optimizer time")]
-LAYOUT_FIELDS = [("dp", "dp"), ("tp", "tp"), ("pp", "pp"), ("sequence_parallel", "SP"),
+LAYOUT_FIELDS = [("dp", "dp"), ("tp", "tp"), ("pp", "pp"), ("cp", "cp"), ("cp_comm", "cp_comm"),
+                 ("sequence_parallel", "SP"),
                  ("zero_stage", "ZeRO"), ("micro_batch", "micro-batch"), ("recompute", "recompute"),
                  ("recompute_every", "recompute every")]
 def recompute_name(lay) -> str:
@@ -70,10 +72,13 @@ def ranked_rows(result) -> list:
     """The top-k table as rows (dicts), one per ranked plan."""
     rows = []
     budget = result.options.token_budget
+    with_cp = any(c.layout.cp > 1 for c in result.ranked)  # the column where a plan splits
     for i, c in enumerate(result.ranked, 1):
         lay = c.layout
-        row = {"rank": i, "GPUs": c.num_gpus, "dp": lay.dp, "tp": lay.tp, "pp": lay.pp,
-               "SP": "y" if lay.sequence_parallel else "-", "ZeRO": lay.zero_stage,
+        row = {"rank": i, "GPUs": c.num_gpus, "dp": lay.dp, "tp": lay.tp, "pp": lay.pp}
+        if with_cp:
+            row["cp"] = f"{lay.cp} {lay.cp_comm}" if lay.cp > 1 else "1"
+        row |= {"SP": "y" if lay.sequence_parallel else "-", "ZeRO": lay.zero_stage,
                "micro-batch": f"{lay.micro_batch}x{lay.num_microbatches}",
                "schedule": schedule_name(lay), "recompute": recompute_name(lay),
                "mem/GPU GiB": round(c.total_bytes / 2**30, 1), "step s": round(c.step_s, 3),

@@ -19,11 +19,12 @@ from planner.cost.fields import parameters, rank_facts_of
 from planner.cost.flops import model_flops_per_step
 from planner.cost.memory import rank_memory_parts
 from planner.cost.time import mean_rank_s, rank_time_parts, step_inputs, step_of
-from planner.engines import RECOMPUTE, SCHEDULES
+from planner.engines import CP_COMMS, RECOMPUTE, SCHEDULES
 from planner.plan import AXES, Layout
 from planner.search.space import take
 
-_NAMES = {"schedule": np.array(SCHEDULES), "recompute": np.array(RECOMPUTE)}
+_NAMES = {"schedule": np.array(SCHEDULES), "recompute": np.array(RECOMPUTE),
+          "cp_comm": np.array(CP_COMMS)}
 _FLAGS = ("sequence_parallel", "holds_embedding", "holds_head", "tied_copy", "compile")
 
 
@@ -36,7 +37,10 @@ def layout_at(cols: dict, i: int) -> Layout:
                   virtual_stages=int(cols["virtual_stages"][i]),
                   recompute=RECOMPUTE[int(cols["recompute"][i])],
                   recompute_every=int(cols["recompute_every"][i]),
-                  compile=bool(cols["compile"][i]) if "compile" in cols else False)
+                  compile=bool(cols["compile"][i]) if "compile" in cols else False,
+                  cp=int(cols["cp"][i]) if "cp" in cols else 1,
+                  cp_comm=CP_COMMS[int(cols["cp_comm"][i])] if "cp_comm" in cols
+                  else "allgather")
 
 
 def _row_codes(rows: np.ndarray) -> np.ndarray:

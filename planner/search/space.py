@@ -4,7 +4,7 @@ One row is one layout, with the columns of planner.rules (world, dp, tp, pp, sp,
 sched, v, rc, recompute_every; lps_n = lps_sum = 0: the search splits layers evenly).
 
 What is enumerated (and what is not, because it would duplicate another row):
-  dp*tp*pp = N with tp <= max_tp; micro-batch sizes dividing the per-replica batch; sequence
+  dp*tp*pp*cp = N with tp <= max_tp, cp as cp_options allows (each engine flavour); micro-batch sizes dividing the per-replica batch; sequence
   parallelism on/off only where tp > 1; ZeRO 1-3 only where dp > 1; the engine's recompute
   policies (torch: none/selective/op/full), each policy on every block and on every 2nd and 4th
   (recompute_every; none only on every block); with pp > 1 GPipe, 1F1B, and the interleaved
@@ -17,8 +17,16 @@ The structural rules themselves are planner/rules.py, evaluated here on whole co
 
 import numpy as np
 
-from planner.engines import RECOMPUTE, RECOMPUTE_EVERY_CHOICES, engine
+from planner.engines import CP_COMMS, RECOMPUTE, RECOMPUTE_EVERY_CHOICES, engine
 from planner.rules import COLUMNS, SCHED
+
+# The search tries context parallelism only while every rank keeps at least this many tokens
+# of a sequence (a bound on the space, not a cost): the published long-context runs keep 8,192
+# (Llama 3 405B: 131,072 tokens over cp = 16, Dubey et al. 2024 Sec. 3.3.2), and shorter shards
+# only add K/V traffic per token while the attention they split is already small.  Sequences
+# of up to 2 x this (the 1T GPT's 2048, Llama 3's 8192 pre-training) enumerate no cp > 1 and
+# the search costs what it did.
+CP_MIN_LOCAL_TOKENS = 4096
 
 
 def divisors(n: int) -> list:
@@ -81,9 +89,22 @@ def recompute_options(model, engine_name: str, recompute: str = None,
     return pairs
 
 
+def cp_options(job, room: int) -> list:
+    """(cp, cp_comm index) pairs to try with `room` GPUs left after tp: cp = 1, and every cp
+    dividing the room that splits the sequence into 2cp equal chunks of at least
+    CP_MIN_LOCAL_TOKENS / 2 tokens, with each flavour the engine runs."""
+    pairs = [(1, 0)]
+    flavours = [CP_COMMS.index(f) for f in engine(job.engine).cp_comms]
+    for cp in divisors(room)[1:] if flavours else []:
+        if job.seq_len % (2 * cp) or job.seq_len // cp < CP_MIN_LOCAL_TOKENS:
+            continue
+        pairs += [(cp, f) for f in flavours]
+    return pairs
+
+
 def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int,
-                recomputes: list) -> np.ndarray:
-    """Every layout of one (dp, tp, pp) shape, as an int array with len(COLUMNS) columns."""
+                recomputes: list, cp: int = 1, cp_comm: int = 0) -> np.ndarray:
+    """Every layout of one (dp, tp, pp, cp) shape, as an int array with len(COLUMNS) columns."""
     per_replica = job.global_batch // dp
     mbs = divisors(per_replica)
     scheds = _schedule_options(model.num_layers, pp, job.engine)
@@ -99,8 +120,8 @@ def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int,
     n = mb.size
     const = lambda x: np.full(n, x)  # noqa: E731
     return np.stack([const(world), const(dp), const(tp), const(pp), grid[2], grid[3], mb,
-                     per_replica // mb, sched, v, rc, const(0), const(0), every, const(1), const(1)],
-                    axis=1)  # ep = etp = 1: dense models
+                     per_replica // mb, sched, v, rc, const(0), const(0), every, const(1), const(1),
+                     const(cp), const(cp_comm)], axis=1)  # ep = etp = 1: dense models
 
 
 def enumerate_space(model, job, world: int, max_tp: int, recompute: str = None,
@@ -111,12 +132,15 @@ def enumerate_space(model, job, world: int, max_tp: int, recompute: str = None,
     recomputes = recompute_options(model, job.engine, recompute, recompute_every)
     blocks, shape_rejects = [], []
     for tp in [t for t in divisors(world) if t <= max_tp]:
-        for pp in divisors(world // tp):
-            dp = world // (tp * pp)
-            if job.global_batch % dp:
-                shape_rejects.append((dp, tp, pp))
-                continue
-            blocks.append(_shape_rows(model, job, world, dp, tp, pp, recomputes))
+        for cp, flavour in cp_options(job, world // tp):
+            for pp in divisors(world // (tp * cp)):
+                dp = world // (tp * pp * cp)
+                if job.global_batch % dp:
+                    if flavour == 0:
+                        shape_rejects.append((dp, tp, pp))
+                    continue
+                blocks.append(_shape_rows(model, job, world, dp, tp, pp, recomputes, cp,
+                                          flavour))
     rows = np.concatenate(blocks) if blocks else np.zeros((0, len(COLUMNS)), dtype=np.int64)
     return {name: rows[:, i].astype(np.int64) for i, name in enumerate(COLUMNS)}, shape_rejects
 
