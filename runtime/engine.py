@@ -11,6 +11,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from runtime import measure
 from runtime.amp import LossScaler
+from runtime.context import ContextShard, set_context
 from runtime.mesh import pair_group
 from runtime.model import canonical_name, materialize
 from runtime.optim import OptimConfig, build_adamw, build_sharded_adamw, clip_grad_norm
@@ -34,7 +35,12 @@ class Engine:
         for part in self.parts:
             materialize(part, ctx.device, seed)
         self.ddp = wraps == {"ddp"}
-        self.modules = [apply_ddp(p, ctx.group("dp")) if self.ddp else p for p in self.parts]
+        self.modules = [apply_ddp(p, ctx.data_group()) if self.ddp else p for p in self.parts]
+        self.cp_shard = None
+        if lay.cp > 1:
+            self.cp_shard = ContextShard(ctx.group("cp"), lay.cp, ctx.cp_rank, plan.job.seq_len,
+                                         ctx.device)
+            set_context(self.parts, self.cp_shard)
         self.loss_scale = 1.0
         self.scaler = LossScaler(plan.job.precision == "fp16")
         self.schedule = (build_schedule(self.modules, self.chunk_ids, lay, ctx, self.loss_fn)
@@ -42,8 +48,8 @@ class Engine:
         self.has_first = 0 in self.chunk_ids
         self.has_last = lay.num_chunks - 1 in self.chunk_ids
         self._setup_tied()
-        if lay.zero_stage == 1 and lay.dp > 1:
-            self.optimizers = [build_sharded_adamw(self.named_parameters(), ctx.group("dp"),
+        if lay.zero_stage == 1 and lay.dp * lay.cp > 1:
+            self.optimizers = [build_sharded_adamw(self.named_parameters(), ctx.data_group(),
                                                    optim_cfg)]
         else:
             self.optimizers = [build_adamw(p, optim_cfg) for p in self.parts]
@@ -99,12 +105,13 @@ class Engine:
     def set_loss_scale(self, labels) -> None:
         """Normalise by the global batch's label count, so every layout computes the same mean
         (BERT's masked positions differ per micro-batch). Schedules divide gradients by the
-        micro-batch count and data parallelism averages over dp, hence nmb * dp / count."""
+        micro-batch count and data parallelism averages over dp (x cp: context-parallel ranks
+        hold the other tokens and reduce gradients with dp), hence nmb * dp * cp / count."""
         count = (labels != -100).sum().double()
         lay = self.plan.layout
-        if lay.dp > 1:
-            dist.all_reduce(count, group=self.ctx.group("dp"))
-        self.loss_scale = lay.num_microbatches * lay.dp / max(1.0, float(count))
+        if lay.dp * lay.cp > 1:
+            dist.all_reduce(count, group=self.ctx.data_group())
+        self.loss_scale = lay.num_microbatches * lay.dp * lay.cp / max(1.0, float(count))
 
     def loss_fn(self, logits, labels):
         return lm_loss_sum(logits, labels) * (self.loss_scale * self.scaler.scale)
@@ -141,9 +148,17 @@ class Engine:
         value = local_loss.detach().double() if self.has_last else torch.zeros(
             (), dtype=torch.float64, device=self.ctx.device)
         dist.all_reduce(value)
-        return float(value) / (self.plan.layout.dp * self.plan.layout.tp * self.scaler.scale)
+        lay = self.plan.layout
+        return float(value) / (lay.dp * lay.cp * lay.tp * self.scaler.scale)
+
+    def _own_tokens(self, inputs, labels) -> tuple:
+        """Under context parallelism, this rank's chunks of every sequence."""
+        if self.cp_shard is None:
+            return inputs, labels
+        return self.cp_shard.shard(inputs), self.cp_shard.shard(labels)
 
     def forward_backward(self, inputs, labels) -> float:
+        inputs, labels = self._own_tokens(inputs, labels)
         self.set_loss_scale(labels)
         if self.schedule is not None:
             local_loss = self._pipeline(inputs, labels)
@@ -206,6 +221,7 @@ class Engine:
     def eval_loss(self, inputs, labels) -> float:
         for m in self.modules:
             m.eval()
+        inputs, labels = self._own_tokens(inputs, labels)
         self.set_loss_scale(labels)
         try:
             if self.schedule is not None and self.plan.layout.schedule == "zbv":

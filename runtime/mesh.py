@@ -21,7 +21,8 @@ class DistContext:
     device: torch.device
     rank: int
     world_size: int
-    coords: dict  # {"pp": i, "dp": j, "tp": k}
+    coords: dict  # {"pp": i, "dp": j, "cp": c, "tp": k}
+    data_mesh: DeviceMesh = None  # 1-D: dp, or dp x cp flattened (FSDP/DDP shard and reduce)
 
     @property
     def pp_rank(self) -> int:
@@ -34,6 +35,18 @@ class DistContext:
     @property
     def tp_rank(self) -> int:
         return self.coords["tp"]
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coords.get("cp", 0)
+
+    @property
+    def data_rank(self) -> int:
+        """Index in the dp x cp group (the FSDP shard a rank holds)."""
+        return self.data_mesh.get_local_rank()
+
+    def data_group(self):
+        return self.data_mesh.get_group()
 
     def size(self, axis: str) -> int:
         return self.mesh.size(self.mesh.mesh_dim_names.index(axis))
@@ -53,7 +66,8 @@ def check_world_size(layout) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != layout.world_size:
         raise ValueError(f"the plan needs {layout.world_size} processes "
-                         f"(dp {layout.dp} x tp {layout.tp} x pp {layout.pp}) but "
+                         f"(dp {layout.dp} x tp {layout.tp} x pp {layout.pp} x cp "
+                         f"{layout.cp}) but "
                          f"{world} were launched; use --nproc-per-node {layout.world_size}")
     return world
 
@@ -83,7 +97,16 @@ def init_distributed(layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContex
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=order)
     coord = mesh.get_coordinate()
     return DistContext(mesh=mesh, device=device, rank=dist.get_rank(), world_size=world,
-                       coords=dict(zip(order, coord)))
+                       coords=dict(zip(order, coord)), data_mesh=_data_mesh(mesh, layout))
+
+
+def _data_mesh(mesh: DeviceMesh, layout) -> DeviceMesh:
+    """The dp x cp ranks as one mesh dimension (torchtitan's dp_shard_cp): ZeRO/FSDP shard and
+    gradients reduce over every rank that holds other tokens of the batch."""
+    if layout.cp == 1:
+        return mesh["dp"]
+    names = tuple(a for a in mesh.mesh_dim_names if a in ("dp", "cp"))
+    return mesh[names]._flatten("dp_cp")
 
 
 def pair_group(ctx: DistContext, pp_a: int, pp_b: int):

@@ -102,9 +102,12 @@ class Attention(nn.Module):
         self.head_dim, self.causal = spec.head_dim, spec.causal
         self.use_rope, self.dropout = not spec.learned_positions, spec.dropout
         self.recompute_core = False  # selective recompute (Korthikanti et al. 2022, Sec. 5)
+        self.cp_shard = None  # context parallelism (runtime/context.py): K/V all-gathered
 
     def _core(self, q, k, v):
         p = self.dropout if self.training else 0.0
+        if self.cp_shard is not None:
+            return self.cp_shard.attention(q, k, v, causal=self.causal, dropout_p=p)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
@@ -183,10 +186,12 @@ class Embedding(nn.Module):
             self.norm = _norm(spec)
         self.drop = nn.Dropout(spec.dropout)
 
-    def forward(self, tokens):
+    def forward(self, tokens, positions=None):
         x = self.wte(tokens)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
+            if positions is None:
+                positions = torch.arange(tokens.shape[1], device=tokens.device)
+            x = x + self.wpe(positions)
         if self.wtt is not None:  # one segment: token type 0 everywhere
             x = x + self.wtt.weight[0]
         if torch.is_autocast_enabled(x.device.type):  # a 16-bit residual stream, as under FSDP2
@@ -232,6 +237,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.autocast_dtype = None  # set for bf16/fp16 compute without FSDP mixed precision
+        self.cp_shard = None  # context parallelism: this rank's tokens (runtime/context.py)
 
     def forward(self, x):
         if self.autocast_dtype is None:
@@ -240,10 +246,14 @@ class Transformer(nn.Module):
             return self._forward(x)
 
     def _forward(self, x):
+        cos, sin, positions = self.rope_cos, self.rope_sin, None
+        if self.cp_shard is not None:  # the rank's tokens sit at their global positions
+            positions = self.cp_shard.positions
+            cos, sin = cos.index_select(0, positions), sin.index_select(0, positions)
         if self.embed is not None:
-            x = self.embed(x)
+            x = self.embed(x, positions)
         for layer in self.layers.values():
-            x = layer(x, self.rope_cos, self.rope_sin)
+            x = layer(x, cos, sin)
         if self.head is not None:
             x = self.head(x)
         return x

@@ -82,8 +82,9 @@ def _sharded_on(p, axis: str) -> bool:
 def replication(p, ctx) -> int:
     """How many ranks of one pipeline stage hold this parameter's gradient values."""
     factor = 1
-    for axis in ("dp", "tp"):
-        if not _sharded_on(p, axis):
+    joint = _sharded_on(p, "dp_cp")  # FSDP over dp x cp (context parallelism)
+    for axis in ("dp", "cp", "tp"):
+        if not (_sharded_on(p, axis) or (joint and axis != "tp")):
             factor *= ctx.size(axis)
     return factor
 

@@ -124,13 +124,14 @@ def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=F
     if compile_blocks:
         for block in part.layers.values():
             block.compile()  # in place: parameter names are unchanged
-    if layout.dp > 1 and layout.zero_stage >= 2:
-        apply_fsdp(part, ctx.mesh["dp"], layout.zero_stage, precision)
+    data = layout.dp * layout.cp  # ranks holding other tokens of the batch (dp x cp)
+    if data > 1 and layout.zero_stage >= 2:
+        apply_fsdp(part, ctx.data_mesh, layout.zero_stage, precision)
         return "none"
     if precision != "fp32":
         part.autocast_dtype = DTYPES[precision]
-    if layout.dp > 1 and layout.tp > 1:
+    if data > 1 and layout.tp > 1:
         part.autocast_dtype = None
-        apply_replicate(part, ctx.mesh["dp"], precision)
+        apply_replicate(part, ctx.data_mesh, precision)
         return "none"
-    return "ddp" if layout.dp > 1 else "none"
+    return "ddp" if data > 1 else "none"

