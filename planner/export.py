@@ -298,6 +298,9 @@ def deepspeed_config(plan: Plan) -> dict:
     if lay.pp > 1 and lay.zero_stage >= 2:
         _refuse("DeepSpeed", f"ZeRO-{lay.zero_stage} with pp={lay.pp}; pipeline parallelism "
                 "supports ZeRO stages 0 and 1 only")
+    if lay.cp > 1:
+        from planner.engines import engine
+        _refuse("DeepSpeed", f"context parallelism cp={lay.cp}: {engine('deepspeed').cp_refusal}")
     cfg = {"train_batch_size": job.global_batch,
            "train_micro_batch_size_per_gpu": lay.micro_batch,
            "gradient_accumulation_steps": lay.num_microbatches,
@@ -470,6 +473,7 @@ def megatron_args(plan: Plan, fill: dict = None) -> list:
     args = ["--tensor-model-parallel-size", str(lay.tp),
             "--pipeline-model-parallel-size", str(lay.pp)]
     args += _pipeline_split_args(lay, spec)
+    args += _context_parallel_args(lay)
     if lay.sequence_parallel:
         args.append("--sequence-parallel")
     if lay.recompute == "op":
@@ -498,6 +502,20 @@ def megatron_args(plan: Plan, fill: dict = None) -> list:
              "--tokenizer-type", "HuggingFaceTokenizer",
              "--tokenizer-model", _placeholder("--tokenizer-model", fill)]
     return args
+
+
+# Megatron-LM's --cp-comm-type values (megatron/core/transformer/transformer_config.py
+# cp_comm_type: "p2p" is the ring, "all_gather", "a2a"; Transformer Engine runs them)
+MEGATRON_CP_COMM = {"allgather": "all_gather", "ring": "p2p", "a2a": "a2a"}
+
+
+def _context_parallel_args(lay) -> list:
+    """--context-parallel-size and --cp-comm-type; Megatron's rank order tp-cp-ep-dp-pp puts
+    cp inside dp and outside tp, as the plan's default mesh order does."""
+    if lay.cp == 1:
+        return []
+    return ["--context-parallel-size", str(lay.cp), "--cp-comm-type",
+            MEGATRON_CP_COMM[lay.cp_comm]]
 
 
 def _pipeline_split_args(lay, spec) -> list:

@@ -27,6 +27,10 @@ class Engine:
     def __init__(self, plan, ctx, optim_cfg: OptimConfig = OptimConfig(), seed: int = 0):
         self.plan, self.ctx, self.cfg, self.seed = plan, ctx, optim_cfg, seed
         spec, lay = plan.model, plan.layout
+        if lay.cp > 1 and lay.cp_comm != "allgather":
+            raise ValueError(f"cp_comm {lay.cp_comm}: this runtime runs context parallelism "
+                             f"as an all-gather of K/V only (runtime/context.py); re-plan with "
+                             f"--cp-comm allgather")
         chunks = build_chunks(spec, lay, ctx.pp_rank)
         self.chunk_ids = [c for c, _ in chunks]
         self.parts = [m for _, m in chunks]

@@ -64,3 +64,57 @@ def test_cp_parity(name):
     assert param_diff <= PARAM_TOL
     assert abs(got["val_loss"] - want["val_loss"]) <= LOSS_TOL
     _check_memory(make_plan(lay), got["ranks"])
+
+
+def _census_rank(plan, tokens) -> dict:
+    """Bytes and calls of the runtime's CP collectives over one training step."""
+    import torch
+
+    import runtime.context as rc
+    from runtime.data import TokenData
+    from runtime.engine import Engine
+    from runtime.mesh import init_distributed
+    ctx = init_distributed(plan.layout, timeout_s=60)
+    engine = Engine(plan, ctx)
+    data = TokenData(tokens, plan.job.seq_len, plan.layout, ctx.dp_rank)
+    counted = {"all_gather": [0, 0.0], "reduce_scatter": [0, 0.0]}
+
+    def counting(kind, fn):
+        def wrapped(out, inp, **kw):
+            big = out if kind == "all_gather" else inp  # the gathered (full) buffer
+            counted[kind][0] += 1
+            counted[kind][1] += big.numel() * big.element_size()
+            return fn(out, inp, **kw)
+        return wrapped
+
+    real = (rc.dist.all_gather_into_tensor, rc.dist.reduce_scatter_tensor)
+    rc.dist.all_gather_into_tensor = counting("all_gather", real[0])
+    rc.dist.reduce_scatter_tensor = counting("reduce_scatter", real[1])
+    try:
+        inputs, labels = data.batch(0)
+        torch.manual_seed(0)
+        engine.train_step(inputs, labels)
+    finally:
+        rc.dist.all_gather_into_tensor, rc.dist.reduce_scatter_tensor = real
+    return counted
+
+
+@pytest.mark.parametrize("name", ["cp2", "cp4", "cp2xtp2"])
+def test_cp_collective_bytes_equal_the_cost_model(name):
+    """Every K/V all-gather and dK/dV reduce-scatter the runtime runs in a step, counted and
+    sized, against the estimate's cp collectives (count per step x gathered buffer)."""
+    from runtime_dist import corpus_tokens
+
+    from planner.cost.estimate import estimate
+    plan = make_plan(CASES[name])
+    counted = run_world(plan.layout.world_size, _census_rank, plan, corpus_tokens())[0]
+    comm = {c.kind: c for c in estimate(plan).communication if c.axis == "cp"}
+    lay = plan.layout
+    for kind in ("all_gather", "reduce_scatter"):
+        want = comm[kind]
+        # 2 calls per layer (K and V) where the model moves them as one buffer
+        assert counted[kind][0] == 2 * want.count, kind
+        assert counted[kind][1] == pytest.approx(want.count * want.bytes_each, rel=1e-12), kind
+    assert want.count == plan.model.num_layers * lay.num_microbatches
+    fwd, bwd = call(cp_collectives, plan_fields(plan))
+    assert [c.kind for c in fwd + bwd] == ["all_gather", "reduce_scatter"]

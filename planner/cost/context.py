@@ -64,7 +64,7 @@ def cp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, cp, cp_comm,
     a = dtype_bytes(job.precision)
     qo = a * micro_batch * (job.seq_len // cp) * spec.hidden_size / tp
     one_pass = [make_collective("cp_a2a_qo", "all_to_all", link, 2, qo),
-                make_collective("cp_a2a_kv", "all_to_all", link, 1, kv)]
+                make_collective("cp_a2a_kv", "all_to_all", link, 2, kv / 2)]
     return one_pass, [dataclasses.replace(c, name=c.name + "_grad") for c in one_pass]
 
 
