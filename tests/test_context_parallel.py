@@ -201,3 +201,16 @@ def test_exports():
     with pytest.raises(ValueError, match="DeepSpeed cannot express this plan: context "
                                          "parallelism cp=4"):
         deepspeed_config(plan)
+
+
+@pytest.mark.parametrize("flavour", ["allgather", "ring"])
+def test_simulator_schedules_cp_traffic_as_the_estimate_does(flavour):
+    from planner.sim.costs import plan_costs
+    from planner.sim.timeline import simulate_costs
+    plan = _plan(cp_comm=flavour)
+    est, sim = estimate(plan), simulate_costs(plan_costs(plan))
+    fwd, bwd = call(cp_collectives, plan_fields(plan))
+    per_step = 32 * 16 * sum(c.time_s for c in fwd + bwd)
+    assert sim.comm["cp"].total_s == pytest.approx(per_step, rel=1e-9)
+    assert sim.comm["cp"].exposed_s == pytest.approx(est.time.cp_comm_s, rel=1e-9, abs=1e-12)
+    assert sim.step_s == pytest.approx(est.step_s, rel=1e-9)  # pp = 1: no bubble to model

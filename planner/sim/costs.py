@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from planner.cost.comm_plan import (dp_collectives, fsdp_rounds, pp_p2p_per_microbatch,
                                     tp_pass_seconds, tp_recompute_seconds)
 from planner.cost.compute import LayerTimes, head_times, layer_times
+from planner.cost.context import cp_collectives, cp_exposed, local_job
 from planner.cost.fields import call, plan_fields, with_rank
 from planner.cost.memory import rank_memory
 from planner.cost.pipeline import recomputed
@@ -47,6 +48,10 @@ class SimCosts:
     chunk_tp_recompute_s: tuple = ()       # ... of a full recompute (all exposed)
     chunk_tp_bwd_s: tuple = ()             # ... of the backward
     chunk_tp_bwd_exposed_s: tuple = ()     # the part of chunk_tp_bwd_s not hidden by wgrad
+    chunk_cp_fwd_s: tuple = ()             # context-parallel K/V traffic of the forward
+    chunk_cp_fwd_exposed_s: tuple = ()     # ... not hidden by attention (ring; else all)
+    chunk_cp_bwd_s: tuple = ()             # ... of the backward
+    chunk_cp_bwd_exposed_s: tuple = ()
     chunk_param_share: tuple = ()          # fraction of its rank's parameters in each chunk
     chunk_buckets: tuple = ()              # gradient buckets per chunk
     p2p_s: float = 0.0                     # one activation or gradient send between ranks
@@ -64,6 +69,8 @@ class SimCosts:
         n, p = self.pp * self.virtual_stages, self.pp
         defaults = {"chunk_wgrad_s": n, "chunk_recompute_s": n, "chunk_tp_fwd_s": n,
                     "chunk_tp_recompute_s": n, "chunk_tp_bwd_s": n, "chunk_tp_bwd_exposed_s": n,
+                    "chunk_cp_fwd_s": n, "chunk_cp_fwd_exposed_s": n, "chunk_cp_bwd_s": n,
+                    "chunk_cp_bwd_exposed_s": n,
                     "rank_grad_sync_s": p, "rank_gather_s": p,
                     "rank_after_step_s": p, "rank_optimizer_s": p}
         for name in ("chunk_fwd_s", "chunk_bwd_s", *defaults):
@@ -98,7 +105,8 @@ def plan_costs(plan: Plan) -> SimCosts:
     """Durations of every event of `plan`, from the cost model (planner/cost/*)."""
     spec, lay, named = plan.model, plan.layout, plan_fields(plan)
     lt = call(layer_times, named)
-    ht = head_times(named["gpu"], spec, plan.job, tp=lay.tp, micro_batch=lay.micro_batch)
+    ht = head_times(named["gpu"], spec, local_job(plan.job, lay.cp), tp=lay.tp,
+                    micro_batch=lay.micro_batch)
     tp_pass, tp_bwd = call(tp_pass_seconds, named)
     tp_exposed = exposed_tp(plan.job, tp_pass, tp_bwd, lt.wgrad_s)
     # the estimate's own per-recomputed-layer seconds (planner.cost.time)
@@ -108,12 +116,16 @@ def plan_costs(plan: Plan) -> SimCosts:
     head = [ht if c == len(layers) - 1 else _NO_HEAD for c in range(len(layers))]
     per_rank = [sum(lay.rank_chunk_layers(spec.num_layers)[r]) for r in range(lay.pp)]
     p2p = call(pp_p2p_per_microbatch, named)
+    cp = _cp_layer_seconds(lay, named, lt)
     return SimCosts(
         schedule=lay.schedule, pp=lay.pp, virtual_stages=lay.virtual_stages,
         num_microbatches=lay.num_microbatches,
-        chunk_fwd_s=[n * (lt.fwd_s + tp_pass) + h.fwd_s for n, h in zip(layers, head)],
-        chunk_bwd_s=[n * (lt.bwd_s + tp_exposed - tp_pass) + h.bwd_s
+        chunk_fwd_s=[n * (lt.fwd_s + tp_pass + cp[1]) + h.fwd_s for n, h in zip(layers, head)],
+        chunk_bwd_s=[n * (lt.bwd_s + tp_exposed - tp_pass + cp[3]) + h.bwd_s
                      for n, h in zip(layers, head)],
+        **{key: [n * cp[i] for n in layers] for i, key in enumerate(
+            ("chunk_cp_fwd_s", "chunk_cp_fwd_exposed_s", "chunk_cp_bwd_s",
+             "chunk_cp_bwd_exposed_s"))},
         chunk_wgrad_s=[n * lt.wgrad_s + h.wgrad_s for n, h in zip(layers, head)],
         chunk_recompute_s=[k * (rec + tp_rec) for k in recomputed],
         chunk_tp_fwd_s=[n * tp_pass for n in layers],
@@ -123,6 +135,18 @@ def plan_costs(plan: Plan) -> SimCosts:
         chunk_param_share=[n / per_rank[lay.chunk_rank(c)] for c, n in enumerate(layers)],
         chunk_buckets=[max(1, min(n, MAX_BUCKETS_PER_CHUNK)) for n in layers],
         p2p_s=p2p[0].time_each_s if p2p else 0.0, **_dp_costs(plan, named))
+
+
+def _cp_layer_seconds(lay, named: dict, lt) -> tuple:
+    """Per layer and micro-batch: (forward CP seconds, exposed, backward, exposed); the ring's
+    sends overlap the attention of the block at hand (planner/cost/context.py)."""
+    if lay.cp == 1:
+        return 0.0, 0.0, 0.0, 0.0
+    fwd, bwd = call(cp_collectives, named)
+    f, b = sum(c.time_s for c in fwd), sum(c.time_s for c in bwd)
+    f_exp = cp_exposed(lay.cp_comm, lay.cp, fwd, [], lt.attention_fwd_s, 0.0)
+    b_exp = cp_exposed(lay.cp_comm, lay.cp, [], bwd, 0.0, lt.attention_bwd_s)
+    return f, f_exp, b, b_exp
 
 
 def _chunk_recomputed(lay, num_layers: int) -> list:
@@ -144,8 +168,9 @@ def _dp_costs(plan: Plan, named: dict) -> dict:
                              optimizer_bytes=rank_memory(plan, r).optimizer_bytes)
            for r in range(lay.pp)]
     common = {"rank_optimizer_s": opt,
-              "dp_overlap": bool(dp_overlapped(plan.job.engine, lay.zero_stage, lay.pp, lay.dp))}
-    if lay.dp == 1:
+              "dp_overlap": bool(dp_overlapped(plan.job.engine, lay.zero_stage, lay.pp,
+                                               lay.dp * lay.cp))}
+    if lay.dp * lay.cp == 1:
         return common
     if lay.zero_stage in DDP_STAGES:
         return {**common, "dp_mode": "all_reduce", "rank_grad_sync_s": [c[0].time_s for c in colls],

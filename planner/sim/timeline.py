@@ -146,6 +146,15 @@ def _tp_share(costs: SimCosts, kind: str, s: int) -> tuple:
     return 0.0, 0.0
 
 
+def _cp_share(costs: SimCosts, kind: str, s: int) -> tuple:
+    """(total, exposed) seconds of context-parallel K/V traffic inside one compute event."""
+    if kind == "F":
+        return costs.chunk_cp_fwd_s[s], costs.chunk_cp_fwd_exposed_s[s]
+    if kind in ("B", "I"):
+        return costs.chunk_cp_bwd_s[s], costs.chunk_cp_bwd_exposed_s[s]
+    return 0.0, 0.0
+
+
 def _summarise(costs: SimCosts, events: tuple) -> Timeline:
     by_rank = [[] for _ in range(costs.pp)]
     for e in events:
@@ -188,6 +197,9 @@ def _comm_stats(costs: SimCosts, by_rank: list) -> dict:
                 tp_total, tp_exposed = _tp_share(costs, e.kind, e.stage)
                 if tp_total:
                     _add(totals, "tp", tp_total, tp_total - tp_exposed)
+                cp_total, cp_exposed = _cp_share(costs, e.kind, e.stage)
+                if cp_total:
+                    _add(totals, "cp", cp_total, cp_total - cp_exposed)
             else:
                 _add(totals, COMM_KINDS[e.kind], e.end_s - e.start_s,
                      _overlap(busy, e.start_s, e.end_s))
