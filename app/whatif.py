@@ -1,4 +1,4 @@
-"""What-if: set dp/tp/pp/ZeRO/micro-batch/recompute (the policy and every K-th block),
+"""What-if: set dp/tp/pp/cp (and its flavour)/ZeRO/micro-batch/recompute (the policy and every K-th block),
 torch.compile, the schedule, the mesh order and the layers of each pipeline stage by hand.  The
 widgets only collect values; validity is decided by
 planner.plan (the page shows its one-line reason)."""
@@ -7,12 +7,12 @@ import itertools
 
 import streamlit as st
 
-from planner.plan import AXES, RECOMPUTE, SCHEDULES
+from planner.plan import AXES, CP_COMMS, RECOMPUTE, SCHEDULES
 
 MESH_ORDERS = [",".join(p) for p in itertools.permutations(AXES)]
 
 FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "num_microbatches", "virtual_stages",
-          "recompute_every", "ep", "etp")
+          "recompute_every", "ep", "etp", "cp")
 
 
 def _seed(hint: dict) -> None:
@@ -26,6 +26,7 @@ def _seed(hint: dict) -> None:
     st.session_state["hand_compile"] = bool(hint.get("compile", False))
     st.session_state["hand_schedule"] = hint.get("schedule", "1f1b")
     st.session_state["hand_recompute"] = hint.get("recompute", "none")
+    st.session_state["hand_cp_comm"] = hint.get("cp_comm", "allgather")
     st.session_state["hand_mesh_order"] = ",".join(hint.get("mesh_order", AXES))
     st.session_state["hand_layers"] = ",".join(map(str, hint.get("layers_per_stage", [])))
     st.session_state["_hand_seeded"] = hint
@@ -62,7 +63,14 @@ def layout_by_hand(hint: dict) -> dict:
                             help="expert parallel: the routed experts split over ep ranks")
     etp = c3[1].number_input("expert tp", min_value=1, step=1, key="hand_etp",
                              help="tensor parallel inside each expert")
+    cp = c3[2].number_input("cp", min_value=1, step=1, key="hand_cp",
+                            help="context parallel: each sequence split over cp ranks "
+                                 "(load-balanced causal chunks)")
+    cp_comm = c3[3].selectbox("cp attention", CP_COMMS, key="hand_cp_comm",
+                              help="all-gather of K/V (Llama 3), ring (Ring Attention) or "
+                                   "a2a (DeepSpeed-Ulysses); with cp > 1")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "ep": int(ep), "etp": int(etp),
+            "cp": int(cp), "cp_comm": cp_comm,
             "sequence_parallel": bool(sp),
             "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,

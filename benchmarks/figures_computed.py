@@ -41,6 +41,11 @@ def torch_engine_mfu() -> str:
     return printed(script.main)
 
 
+def long_sequences() -> str:
+    from benchmarks import long_sequences as script
+    return printed(script.main)
+
+
 def simulate_agreement() -> str:
     from benchmarks import simulate_agreement as script
     return printed(script.main)
@@ -89,6 +94,8 @@ COMPUTED = [
           "`python benchmarks/korthikanti_search.py`"),
     Block("simulate-agreement", "computed", simulate_agreement,
           "`python benchmarks/simulate_agreement.py`"),
+    Block("long-sequences", "computed", long_sequences,
+          "`python -m benchmarks.long_sequences`"),
     Block("torch-engine-mfu", "computed", torch_engine_mfu,
           "`python benchmarks/torch_engine_mfu.py`"),
     Block("llama70b-two-nodes", "computed", llama70b_two_nodes,

@@ -32,14 +32,14 @@ class _GatherSeq(torch.autograd.Function):
         ctx.group, ctx.world = group, world
         flat = x.movedim(2, 0).contiguous()
         out = flat.new_empty((world * flat.shape[0],) + flat.shape[1:])
-        dist.all_gather_into_tensor(out, flat, group=group)
+        dist.all_gather_single(out, flat, group=group)
         return out.movedim(0, 2)
 
     @staticmethod
     def backward(ctx, grad):
         flat = grad.movedim(2, 0).contiguous()
         out = flat.new_empty((flat.shape[0] // ctx.world,) + flat.shape[1:])
-        dist.reduce_scatter_tensor(out, flat, group=ctx.group)
+        dist.reduce_scatter_single(out, flat, group=ctx.group)
         return out.movedim(0, 2), None, None
 
 

@@ -87,15 +87,15 @@ def _census_rank(plan, tokens) -> dict:
             return fn(out, inp, **kw)
         return wrapped
 
-    real = (rc.dist.all_gather_into_tensor, rc.dist.reduce_scatter_tensor)
-    rc.dist.all_gather_into_tensor = counting("all_gather", real[0])
-    rc.dist.reduce_scatter_tensor = counting("reduce_scatter", real[1])
+    real = (rc.dist.all_gather_single, rc.dist.reduce_scatter_single)
+    rc.dist.all_gather_single = counting("all_gather", real[0])
+    rc.dist.reduce_scatter_single = counting("reduce_scatter", real[1])
     try:
         inputs, labels = data.batch(0)
         torch.manual_seed(0)
         engine.train_step(inputs, labels)
     finally:
-        rc.dist.all_gather_into_tensor, rc.dist.reduce_scatter_tensor = real
+        rc.dist.all_gather_single, rc.dist.reduce_scatter_single = real
     return counted
 
 
