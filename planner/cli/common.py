@@ -141,6 +141,8 @@ def flag_values(args, dests) -> str:
         value = getattr(args, dest, None)
         if value is None or value is False or (dest == "gpus" and not value):
             continue  # --gpus 0 means all GPUs: no value to show
+        if dest in ("cp", "cp_comm") and is_default(args, dest):
+            continue  # no context parallelism asked for: nothing to name
         text = FLAGS[dest] if value is True else f"{FLAGS[dest]} {value}"
         shown.append(text + (" (default)" if is_default(args, dest) else ""))
     return ", ".join(shown)
