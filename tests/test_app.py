@@ -106,7 +106,7 @@ def test_hand_set_layout_gives_estimate_or_one_line_error():
     assert len(at.error) == 1 and "\n" not in at.error[0].value
     assert "does not equal the cluster's 8 GPUs" in at.error[0].value
     at.number_input(key="hand_tp").set_value(2)
-    at.selectbox(key="hand_mesh_order").set_value("tp,pp,dp")
+    at.selectbox(key="hand_mesh_order").set_value("tp,pp,dp,cp")
     at.text_input(key="hand_layers").set_value("3,x").run()
     _ok(at)
     assert len(at.error) == 1 and "layers_per_stage must be a list" in _text(at.error[0])
