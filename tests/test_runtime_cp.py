@@ -6,7 +6,7 @@ gathered K/V), and the K/V bytes the collectives move equal the cost model's."""
 import functools
 
 import pytest
-from runtime_dist import SPEC, Layout, make_plan, run_world, train_worlds
+from runtime_dist import Layout, make_plan, run_world, train_worlds
 
 from planner.cost.context import cp_collectives
 from planner.cost.fields import call, plan_fields
