@@ -50,8 +50,8 @@ def _cluster() -> Cluster:
         profile = profile_from_upload(up.getvalue(), up.name)
     else:
         profile = load_profile(choice)
-    nodes = st.number_input("Nodes", min_value=1, max_value=4096, value=DEFAULT_NODES, step=1, key="nodes",
-                            help=f"{profile.gpus_per_node} GPU(s) per node")
+    nodes = st.number_input("Nodes", min_value=1, max_value=4096, value=DEFAULT_NODES, step=1,
+                            key="nodes", help=f"{profile.gpus_per_node} GPU(s) per node")
     return Cluster(profile=profile, num_nodes=int(nodes))
 
 

@@ -6,8 +6,9 @@ of at least 256). `--data PATH` takes a text file, a directory of text files, or
 token ids whose name says their width: `NAME.bin` or `NAME.uint16.bin` holds uint16 ids (the
 nanoGPT format), `NAME.uint32.bin` uint32 ids (little-endian, no header), for vocabularies
 above 65,536 (Llama 3, Qwen, Gemma). The width must fit the model's vocabulary: uint16 for a
-vocabulary of at most 65,536 ids, uint32 above; a mismatch is refused (BIN_DTYPES). Sample k of the run is window perm_e[k mod W] of the training
-split, e = k div W, with a seeded permutation per epoch; so the data position is the step.
+vocabulary of at most 65,536 ids, uint32 above; a mismatch is refused (BIN_DTYPES). Sample k of
+the run is window perm_e[k mod W] of the training split, e = k div W, with a seeded permutation
+per epoch; so the data position is the step.
 
 Only regular files are read (a FIFO, a device such as /dev/zero or a socket is refused, never
 opened for reading), and never more than the byte cap of each."""

@@ -180,7 +180,7 @@ class Engine:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def train_step(self, inputs, labels, record: dict = None) -> float:
+    def train_step(self, inputs, labels, record: dict | None = None) -> float:
         """One optimizer step; a non-finite loss skips the update and is returned as is.
         With `record` (a dict), fill it with this rank's measured memory by component."""
         counter = measure.ActivationCounter(self.parts) if record is not None else None

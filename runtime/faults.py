@@ -3,6 +3,7 @@ report of a fault on a rank.
 
 Importable without torch (the launcher and the argument checks use it before torch loads)."""
 
+import contextlib
 import json
 import os
 import re
@@ -127,9 +128,7 @@ def hard_exit(code: int) -> None:
     with a dead or diverging peer can hang or abort with SIGABRT)."""
     import logging
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     logging.shutdown()
     os._exit(code)

@@ -222,12 +222,11 @@ class Transformer(nn.Module):
         self.embed = Embedding(spec) if has_embed else None
         self.layers = nn.ModuleDict({str(i): Block(spec) for i in ids})
         self.head = Head(spec) if has_head else None
-        if self.head is not None and spec.tie_embeddings:
-            if self.embed is not None:
-                self.head.output.weight = self.embed.wte.weight
-            # else: a pipeline chunk without the embedding keeps its own copy of the word
-            # embedding, kept equal by an all-reduce of the two gradients (Narayanan et al.
-            # 2021, Sec. 4.1); its canonical name is embed.wte.weight.
+        if self.head is not None and spec.tie_embeddings and self.embed is not None:
+            self.head.output.weight = self.embed.wte.weight
+        # else: a pipeline chunk without the embedding keeps its own copy of the word
+        # embedding, kept equal by an all-reduce of the two gradients (Narayanan et al.
+        # 2021, Sec. 4.1); its canonical name is embed.wte.weight.
         cos, sin = rope_tables(spec, None)  # follows the default device (meta when building)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -250,9 +249,9 @@ class Transformer(nn.Module):
 
     def retie(self) -> None:
         """Re-tie the output projection to the word embedding (after TP replaced both)."""
-        if self.embed is not None and self.head is not None and self.spec.tie_embeddings:
-            if self.head.output.weight is not self.embed.wte.weight:
-                self.head.output.weight = self.embed.wte.weight
+        if (self.embed is not None and self.head is not None and self.spec.tie_embeddings
+                and self.head.output.weight is not self.embed.wte.weight):
+            self.head.output.weight = self.embed.wte.weight
 
 
 def canonical_name(spec: ModelSpec, fqn: str) -> str:

@@ -10,7 +10,8 @@ def _shape_factor(shapes: np.ndarray, d0: float) -> np.ndarray:
     return np.prod(shapes / (shapes + d0), axis=1)
 
 
-def fit_gemm_efficiency(measurements: list, peak_flops: float, half_dim: float = None) -> tuple:
+def fit_gemm_efficiency(measurements: list, peak_flops: float,
+                        half_dim: float | None = None) -> tuple:
     """(gemm_efficiency_max, gemm_half_dim, rms relative error) from [(m, n, k, flops_per_s)].
 
     With `half_dim` given, only e_max is fitted (use it when the measured shapes are all large,

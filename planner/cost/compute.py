@@ -136,7 +136,7 @@ def _attention_times(gpu: GpuSpec, spec: ModelSpec, job: Job, b: int, t: int) ->
 
 def _census_pass(gpu: GpuSpec, spec: ModelSpec, job: Job, region: str, direction: str, *,
                  tp: int, sequence_parallel: bool, micro_batch: int,
-                 skipped: list = None) -> tuple:
+                 skipped: list | None = None) -> tuple:
     """(GEMM seconds, memory-bound seconds) of one pass of a census region (planner/cost/ops.py);
     the attention kernel is timed by _attention_times.  `skipped`: per row, kernels not run
     (a recompute that reuses saved outputs)."""

@@ -10,6 +10,7 @@ split the backward into input-gradient B and weight-gradient W and fill the bubb
 
 from functools import lru_cache
 
+
 def inflight_chunks(*, pp, num_microbatches, virtual_stages, schedule, rank) -> int:
     """Chunk forward passes whose activations pipeline rank `rank` holds at its peak."""
     p, m, v = pp, num_microbatches, virtual_stages

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner import rules
-from planner.limits import MAX_GPU_COUNTS, MAX_SEARCH_LAYOUTS
 from planner.cost.estimate import Estimate, estimate
 from planner.hardware import Cluster
+from planner.limits import MAX_GPU_COUNTS, MAX_SEARCH_LAYOUTS
 from planner.plan import Plan
 from planner.report import layout_summary, outside_summary
 from planner.search.scorer import Scorer, layout_at
