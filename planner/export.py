@@ -244,7 +244,7 @@ def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEP
     if partition is not None:
         head.append(f"#SBATCH --partition={check_partition(partition)}")
     if cpus_per_task is None:
-        cpus = _Shell('--cpus-per-task="$SLURM_CPUS_ON_NODE"')
+        cpus: str = _Shell('--cpus-per-task="$SLURM_CPUS_ON_NODE"')
     else:
         cpus = f"--cpus-per-task={_check_cpus(cpus_per_task)}"
         head.append(f"#SBATCH {cpus}")
@@ -298,7 +298,7 @@ def deepspeed_config(plan: Plan) -> dict:
     if lay.pp > 1 and lay.zero_stage >= 2:
         _refuse("DeepSpeed", f"ZeRO-{lay.zero_stage} with pp={lay.pp}; pipeline parallelism "
                 "supports ZeRO stages 0 and 1 only")
-    cfg = {"train_batch_size": job.global_batch,
+    cfg: dict = {"train_batch_size": job.global_batch,
            "train_micro_batch_size_per_gpu": lay.micro_batch,
            "gradient_accumulation_steps": lay.num_microbatches,
            "gradient_clipping": CLIP_NORM,

@@ -26,7 +26,7 @@ BIN_CHUNK_TOKENS = 8 << 20  # tokens per read when checking a .bin file's ids
 VAL_FRACTION = 0.05
 UINT16_IDS = 1 << 16  # ids 0..65535
 # the suffix before .bin -> its dtype (little-endian, as numpy writes on x86 and ARM)
-BIN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+BIN_DTYPES: dict[str, np.dtype] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 MLM_PROBABILITY = 0.15  # Devlin et al. 2019, Sec. 3.1
 
 
@@ -181,7 +181,7 @@ class TokenData:
         self.global_batch = self.per_rank * layout.dp
         self.offset = dp_rank * self.per_rank
         self.windows = (len(self.train) - 1) // seq_len
-        self._perm = {}
+        self._perm: dict = {}
 
     def _window(self, split, start: int) -> torch.Tensor:
         return torch.from_numpy(np.asarray(split[start:start + self.seq_len + 1],

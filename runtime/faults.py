@@ -67,7 +67,7 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_OTHER
 
 
-def one_line(text: str) -> str:
+def one_line(text: object) -> str:
     """The first line of an error text, without gloo's '[file.cc:123] ' prefix and advice."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     line = lines[0] if lines else ""

@@ -215,6 +215,9 @@ class Head(nn.Module):
 class Transformer(nn.Module):
     """The whole model, or one pipeline chunk of it (layers `layer_ids`, embed and/or head)."""
 
+    rope_cos: torch.Tensor  # buffers (register_buffer)
+    rope_sin: torch.Tensor
+
     def __init__(self, spec: ModelSpec, layer_ids=None, has_embed=True, has_head=True):
         super().__init__()
         self.spec = spec
@@ -230,7 +233,8 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(spec, None)  # follows the default device (meta when building)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.autocast_dtype = None  # set for bf16/fp16 compute without FSDP mixed precision
+        # set for bf16/fp16 compute without FSDP mixed precision
+        self.autocast_dtype: torch.dtype | None = None
 
     def forward(self, x):
         if self.autocast_dtype is None:
@@ -302,6 +306,7 @@ def set_recompute(model: Transformer, mode: str, every: int = 1) -> None:
     every-1, 2*every-1, ... (torchtitan's selective-layer counter; planner.cost.pipeline
     .recomputed) - the others none."""
     for name, block in model.layers.items():
+        assert isinstance(block, Block)
         on = (int(name) + 1) % every == 0
         block.recompute_full = on and mode == "full"
         block.recompute_op = on and mode == "op"

@@ -21,3 +21,7 @@ def _run(tool: str, *args: str) -> None:
 
 def test_ruff_finds_nothing():
     _run("ruff", "check", ".")
+
+
+def test_mypy_finds_nothing():
+    _run("mypy")  # files and options: [tool.mypy]; .mypy_cache keeps reruns incremental

@@ -42,7 +42,7 @@ class PlanEvaluations:
 
     def __init__(self, named: dict):
         self.named = named
-        self._memo = {}
+        self._memo: dict = {}
 
     def evaluator(self, rank: int | None = None):
         named = self.named if rank is None else with_rank(self.named, rank)

@@ -149,6 +149,7 @@ def model_states(spec, job, *, tp, dp, pp, zero_stage, rank_layers, holds_embedd
     """(weights, gradients, optimizer) bytes of one rank (dp rank 0 / tp rank 0 hold the
     largest shards)."""
     pieces = (int(rank_layers), bool(holds_embedding), bool(holds_head), bool(tied_copy))
+    states: ds.DeepSpeedStates | ModelStateBytes
     if engine(job.engine).deepspeed_optimizers:
         states = ds.model_state_bytes(_local_numel(spec, tp, *pieces), dp, zero_stage,
                                       job.precision, pp)
@@ -237,7 +238,8 @@ def rank_memory_parts(evaluate) -> dict:
     return parts
 
 
-def rank_memory(plan, pp_rank: int, evaluations: PlanEvaluations = None) -> MemoryBreakdown:
+def rank_memory(plan, pp_rank: int,
+                evaluations: PlanEvaluations | None = None) -> MemoryBreakdown:
     """The memory of pipeline rank `pp_rank` (dp rank 0, tp rank 0); `evaluations` shares
     the plan's rank-independent pieces between calls."""
     evaluations = evaluations or PlanEvaluations(plan_fields(plan))

@@ -22,7 +22,7 @@ from planner.spec import BERT_TYPE_VOCAB, ModelSpec
 class ParamTensor:
     name: str
     shape: tuple
-    tp_dim: int = None  # dimension split across the TP group; None = replicated
+    tp_dim: int | None = None  # dimension split across the TP group; None = replicated
 
     @property
     def numel(self) -> int:

@@ -29,7 +29,8 @@ def divisors(n: int) -> list:
 
 def _factorise(n: int) -> dict:
     """{prime: exponent} of n >= 1."""
-    factors, p = {}, 2
+    factors: dict[int, int] = {}
+    p = 2
     while p * p <= n:
         while n % p == 0:
             factors[p] = factors.get(p, 0) + 1
