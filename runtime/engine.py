@@ -43,8 +43,8 @@ class Engine:
         self.has_last = lay.num_chunks - 1 in self.chunk_ids
         self._setup_tied()
         if lay.zero_stage == 1 and lay.dp > 1:
-            self.optimizers: list = [build_sharded_adamw(self.named_parameters(), ctx.group("dp"),
-                                                   optim_cfg)]
+            self.optimizers: list = [build_sharded_adamw(self.named_parameters(),
+                                                         ctx.group("dp"), optim_cfg)]
         else:
             self.optimizers = [build_adamw(p, optim_cfg) for p in self.parts]
 

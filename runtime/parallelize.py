@@ -56,8 +56,8 @@ def _embed_plan(part: Transformer, sp: bool) -> dict:
     if plain:  # Llama: reduce-scatter straight into sequence shards
         return {"embed.wte": RowwiseParallel(input_layouts=Replicate(),
                                              output_layouts=Shard(1) if sp else Replicate())}
-    plan: dict[str, ParallelStyle] = {"embed.wte": RowwiseParallel(input_layouts=Replicate(),
-                                         output_layouts=Replicate())}
+    plan: dict[str, ParallelStyle] = {
+        "embed.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
     if sp:  # positions/norm act on the full sequence, then each rank keeps its slice
         plan["embed"] = PrepareModuleOutput(output_layouts=Replicate(),
                                             desired_output_layouts=Shard(1))
