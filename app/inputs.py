@@ -2,6 +2,7 @@
 with the one-line reason (the page shows it with st.error)."""
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import streamlit as st
 
@@ -15,6 +16,15 @@ UPLOAD = "upload a JSON file..."
 DEFAULT_MODEL, DEFAULT_NODES = "llama3-70b", 4   # a case where pipelining matters
 OBJECTIVE_LABELS = {"throughput": "fastest (tokens/s)", "min-gpus": "fewest GPUs that fit",
                     "time-to-train": "shortest time to train a token budget"}
+
+T = TypeVar("T")
+
+
+def chosen(value: T | None) -> T:
+    """A selectbox's value: None only for a box without options, and none here lacks them."""
+    if value is None:
+        raise ValueError("nothing is selected")
+    return value
 
 
 @dataclass(frozen=True)
@@ -50,8 +60,8 @@ def _cluster() -> Cluster:
         profile = profile_from_upload(up.getvalue(), up.name)
     else:
         profile = load_profile(choice)
-    nodes = st.number_input("Nodes", min_value=1, max_value=4096, value=DEFAULT_NODES, step=1, key="nodes",
-                            help=f"{profile.gpus_per_node} GPU(s) per node")
+    nodes = st.number_input("Nodes", min_value=1, max_value=4096, value=DEFAULT_NODES, step=1,
+                            key="nodes", help=f"{profile.gpus_per_node} GPU(s) per node")
     return Cluster(profile=profile, num_nodes=int(nodes))
 
 
@@ -63,8 +73,8 @@ def _job() -> Job:
     with st.expander("Kernels and engine"):
         attention = st.selectbox("Attention", ATTENTION, key="attention")
         engine = st.selectbox("Engine", ENGINES, key="engine")
-    return Job(global_batch=int(batch), seq_len=int(seq), precision=precision,
-               attention=attention, engine=engine)
+    return Job(global_batch=int(batch), seq_len=int(seq), precision=chosen(precision),
+               attention=chosen(attention), engine=chosen(engine))
 
 
 def _constraints(gpus_per_node: int) -> Constraints:
@@ -94,7 +104,7 @@ def _section(title: str, fn, errors: list, *args):
 def sidebar() -> tuple:
     """(model, cluster, job, constraints, errors): every section renders even when an earlier
     one failed; a failed section gives None and a one-line message in `errors`."""
-    errors = []
+    errors: list[str] = []
     with st.sidebar:
         model = _section("Model", _model, errors)
         cluster = _section("Cluster", _cluster, errors)

@@ -14,7 +14,7 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout too
 
 from app import backend, charts  # noqa: E402
-from app.inputs import sidebar  # noqa: E402
+from app.inputs import chosen, sidebar  # noqa: E402
 from app.searching import search_results  # noqa: E402
 from app.uploads import MAX_UPLOAD_BYTES, measured_from_upload  # noqa: E402
 from app.whatif import layout_by_hand  # noqa: E402
@@ -115,7 +115,7 @@ def pick_plan(plans: pd.DataFrame, layout_hint: dict):
     choice = st.selectbox("Plan to inspect (or click a table row)", options, key="pick")
     if choice == BY_HAND:
         return layout_by_hand(st.session_state.get("_last_picked", layout_hint))
-    layout = json.loads(plans.iloc[options.index(choice)]["layout_json"])
+    layout = json.loads(plans.iloc[options.index(chosen(choice))]["layout_json"])
     st.session_state["_last_picked"] = layout
     return layout
 

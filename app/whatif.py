@@ -1,4 +1,5 @@
-"""What-if: set dp/tp/pp/cp (and its flavour)/ZeRO/micro-batch/recompute (the policy and every K-th block),
+"""What-if: set dp/tp/pp/cp (and its flavour)/ZeRO/micro-batch/recompute (the policy and
+every K-th block),
 torch.compile, the schedule, the mesh order and the layers of each pipeline stage by hand.  The
 widgets only collect values; validity is decided by
 planner.plan (the page shows its one-line reason)."""
@@ -7,6 +8,7 @@ import itertools
 
 import streamlit as st
 
+from app.inputs import chosen
 from planner.plan import AXES, CP_COMMS, RECOMPUTE, SCHEDULES
 
 MESH_ORDERS = [",".join(p) for p in itertools.permutations(AXES)]
@@ -70,13 +72,13 @@ def layout_by_hand(hint: dict) -> dict:
                               help="all-gather of K/V (Llama 3), ring (Ring Attention) or "
                                    "a2a (DeepSpeed-Ulysses); with cp > 1")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "ep": int(ep), "etp": int(etp),
-            "cp": int(cp), "cp_comm": cp_comm,
+            "cp": int(cp), "cp_comm": chosen(cp_comm),
             "sequence_parallel": bool(sp),
-            "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
+            "zero_stage": int(chosen(zero)), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,
             "recompute_every": int(every),
             "compile": bool(compiled),
-            "mesh_order": order.split(","), "layers_per_stage": parse_layers(layers)}
+            "mesh_order": chosen(order).split(","), "layers_per_stage": parse_layers(layers)}
 
 
 def parse_layers(text: str):

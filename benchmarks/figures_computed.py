@@ -55,9 +55,9 @@ def estimate_example() -> str:
     """The header and memory breakdown of `planner estimate`, then its step and throughput."""
     from planner.cli import main
     lines = printed(main, ESTIMATE_ARGS).splitlines()
-    memory = lines[:lines.index(next(l for l in lines if l.startswith("Step time")))]
-    step = next(l for l in lines if l.strip().startswith("step "))
-    throughput = next(l for l in lines if l.startswith("Throughput"))
+    memory = lines[:lines.index(next(ln for ln in lines if ln.startswith("Step time")))]
+    step = next(ln for ln in lines if ln.strip().startswith("step "))
+    throughput = next(ln for ln in lines if ln.startswith("Throughput"))
     shown = memory + [lines[len(memory)], "  ...", step, throughput]
     return "\n".join(["```", *shown, "```"])
 

@@ -188,8 +188,8 @@ def _check_cpus(cpus) -> int:
 
 
 def torchrun_lines(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEPS,
-                   hosts: list = None, master_addr: str = None,
-                   master_port: int = DEFAULT_PORT, rdzv_id: str = None) -> list:
+                   hosts: list | None = None, master_addr: str | None = None,
+                   master_port: int = DEFAULT_PORT, rdzv_id: str | None = None) -> list:
     """One torchrun command per node (a single line for a one-node plan).  Every value is
     quoted for the shell; host names must be host names or IP addresses.
 
@@ -225,8 +225,8 @@ def torchrun(plan: Plan, **kwargs) -> str:
 
 
 def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEPS,
-          job_name: str = None, time_limit: str = "24:00:00", partition: str = None,
-          master_port: int = DEFAULT_PORT, cpus_per_task: int = None) -> str:
+          job_name: str | None = None, time_limit: str = "24:00:00", partition: str | None = None,
+          master_port: int = DEFAULT_PORT, cpus_per_task: int | None = None) -> str:
     """An sbatch script: one task per node, each starting torchrun with c10d rendezvous.
 
     The #SBATCH values (job name, partition, time) must match NAME_CHARS / Slurm's time
@@ -244,7 +244,7 @@ def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEP
     if partition is not None:
         head.append(f"#SBATCH --partition={check_partition(partition)}")
     if cpus_per_task is None:
-        cpus = _Shell('--cpus-per-task="$SLURM_CPUS_ON_NODE"')
+        cpus: str = _Shell('--cpus-per-task="$SLURM_CPUS_ON_NODE"')
     else:
         cpus = f"--cpus-per-task={_check_cpus(cpus_per_task)}"
         head.append(f"#SBATCH {cpus}")
@@ -300,8 +300,9 @@ def deepspeed_config(plan: Plan) -> dict:
                 "supports ZeRO stages 0 and 1 only")
     if lay.cp > 1:
         from planner.engines import engine
-        _refuse("DeepSpeed", f"context parallelism cp={lay.cp}: {engine('deepspeed').cp_refusal}")
-    cfg = {"train_batch_size": job.global_batch,
+        _refuse("DeepSpeed", f"context parallelism cp={lay.cp}: "
+                f"{engine('deepspeed').cp_refusal}")
+    cfg: dict = {"train_batch_size": job.global_batch,
            "train_micro_batch_size_per_gpu": lay.micro_batch,
            "gradient_accumulation_steps": lay.num_microbatches,
            "gradient_clipping": CLIP_NORM,
@@ -460,7 +461,7 @@ def _placeholder(flag: str, fill) -> str:
     return _Shell(f'"${{{name}:?set {name} to {what}}}"')
 
 
-def megatron_args(plan: Plan, fill: dict = None) -> list:
+def megatron_args(plan: Plan, fill: dict | None = None) -> list:
     """Megatron-LM pretrain_gpt.py arguments (flat list of strings).  The settings of
     MEGATRON_PLACEHOLDERS are shell references `"${LR:?...}"`, or fill[NAME] where `fill`
     gives them values."""

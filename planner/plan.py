@@ -135,7 +135,7 @@ class Layout:
         """Pipeline rank that runs model chunk `chunk` (looped placement; V shape for zbv)."""
         return pipeline.chunk_rank(chunk, pp=self.pp, schedule=self.schedule)
 
-    def rank_chunk_layers(self, num_layers: int) -> list:
+    def rank_chunk_layers(self, num_layers: int) -> tuple:
         """For each pipeline rank, the layer counts of the chunks it runs."""
         return pipeline.rank_chunk_layers(num_layers, pp=self.pp,
                                           virtual_stages=self.virtual_stages,
@@ -166,7 +166,7 @@ class Plan:
     cluster: Cluster
     job: Job
     layout: Layout
-    estimate: dict = None
+    estimate: dict | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -177,7 +177,7 @@ class Plan:
         if errors:
             raise ValueError(errors[0])
 
-    def with_estimate(self, estimate: dict) -> "Plan":
+    def with_estimate(self, estimate: dict | None) -> "Plan":
         """The plan with an estimate attached (Estimate.to_dict(); its copy of the plan is
         dropped: the plan is the file)."""
         if estimate is not None:

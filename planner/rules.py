@@ -26,6 +26,7 @@ from planner.engines import (
     Engine,
     engine,
 )
+from planner.job import Job
 
 COLUMNS = ("world", "dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
            "num_microbatches", "schedule", "virtual_stages", "recompute", "lps_n", "lps_sum",
@@ -39,7 +40,7 @@ class Context:
     """What the rules read besides the layout."""
     model: object
     profile: object
-    job: object
+    job: Job
 
     @property
     def engine(self) -> Engine:

@@ -39,7 +39,8 @@ class Engine:
         for part in self.parts:
             materialize(part, ctx.device, seed)
         self.ddp = wraps == {"ddp"}
-        self.modules = [apply_ddp(p, ctx.data_group()) if self.ddp else p for p in self.parts]
+        self.modules: list = [apply_ddp(p, ctx.data_group()) if self.ddp else p
+                              for p in self.parts]
         self.cp_shard = None
         if lay.cp > 1:
             self.cp_shard = ContextShard(ctx.group("cp"), lay.cp, ctx.cp_rank, plan.job.seq_len,
@@ -53,8 +54,8 @@ class Engine:
         self.has_last = lay.num_chunks - 1 in self.chunk_ids
         self._setup_tied()
         if lay.zero_stage == 1 and lay.dp * lay.cp > 1:
-            self.optimizers = [build_sharded_adamw(self.named_parameters(), ctx.data_group(),
-                                                   optim_cfg)]
+            self.optimizers: list = [build_sharded_adamw(self.named_parameters(),
+                                                         ctx.data_group(), optim_cfg)]
         else:
             self.optimizers = [build_adamw(p, optim_cfg) for p in self.parts]
 
@@ -135,7 +136,8 @@ class Engine:
         return total / nmb
 
     def _pipeline(self, inputs, labels, train: bool = True) -> torch.Tensor:
-        losses = [] if self.has_last else None
+        losses: list | None = [] if self.has_last else None
+        assert self.schedule is not None  # pp > 1
         args = (inputs,) if self.has_first else ()
         target = labels if self.has_last else None
         with self._loss_ctx():
@@ -143,7 +145,7 @@ class Engine:
                 self.schedule.step(*args, target=target, losses=losses)
             else:
                 self.schedule.eval(*args, target=target, losses=losses)
-        if not self.has_last:
+        if losses is None:  # not the last stage
             return torch.zeros((), device=self.ctx.device)
         return torch.stack([_local(x.detach()).float() for x in losses]).mean()
 
@@ -180,7 +182,7 @@ class Engine:
             if isinstance(g, DTensor) and g.placements != p.placements:
                 p.grad = g.redistribute(p.device_mesh, p.placements)
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self) -> float | None:
         """Clip by the global norm, step, clear gradients; returns the norm before clipping
         (None when fp16 gradients overflowed and the step was skipped)."""
         entries = self.clip_entries()
@@ -199,7 +201,7 @@ class Engine:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def train_step(self, inputs, labels, record: dict = None) -> float:
+    def train_step(self, inputs, labels, record: dict | None = None) -> float:
         """One optimizer step; a non-finite loss skips the update and is returned as is.
         With `record` (a dict), fill it with this rank's measured memory by component."""
         counter = measure.ActivationCounter(self.parts) if record is not None else None
@@ -212,7 +214,7 @@ class Engine:
         params = [p for _, p in self.named_parameters()]
         grads_bytes = measure.gradients_bytes(params) if counter else 0
         self.last_grad_norm = self.optimizer_step()  # for the metrics line (runtime.metrics)
-        if counter:
+        if counter and record is not None:
             record.update(
                 weights_bytes=measure.weights_bytes(params), gradients_bytes=grads_bytes,
                 optimizer_bytes=measure.optimizer_bytes(self.optimizers),

@@ -28,7 +28,7 @@ CASES = {
 REFERENCE = Layout(micro_batch=2, num_microbatches=4)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def results(world: int) -> dict:
     if world == 1:
         return train_worlds({"reference": make_plan(REFERENCE)}, STEPS)

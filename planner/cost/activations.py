@@ -11,6 +11,7 @@ input of the column-parallel GEMMs and all-gathers it again in backward, while P
 `SequenceParallel` + `ColwiseParallel` saves the all-gathered input (full sequence)."""
 
 from dataclasses import dataclass
+from typing import Any
 
 from planner.cost.comm_plan import tp_pattern_for
 from planner.cost.ops import op_policy_saved, ops
@@ -96,7 +97,8 @@ def op_policy_layer_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_parall
     """torchtitan's op-level policy: the checkpoint's input plus the outputs it caches - every
     other mm, the attention kernel (output and log-sum-exp) and, under sequence parallelism,
     the row-parallel reduce-scatters - from the op census's output bytes (planner.cost.ops)."""
-    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    shape: dict[str, Any] = {"tp": tp, "sequence_parallel": sequence_parallel,
+                             "micro_batch": micro_batch}
     rows = ops(spec, job.precision, "block", "fwd", tp=tp, micro_batch=micro_batch,
                seq_len=job.seq_len, sequence_parallel=sequence_parallel)
     cached = sum(n * op.write_bytes for n, op in zip(op_policy_saved(rows), rows))
@@ -112,7 +114,8 @@ def layer_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
     """Saved bytes per layer and micro-batch under the plan's recompute policy (selective:
     the attention core is recomputed, Korthikanti Sec. 5; op: op_policy_layer_bytes; full:
     Table 2)."""
-    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    shape: dict[str, Any] = {"tp": tp, "sequence_parallel": sequence_parallel,
+                             "micro_batch": micro_batch}
     if recompute == "full":
         return checkpointed_layer_bytes(spec, job, **shape)
     if recompute == "op":

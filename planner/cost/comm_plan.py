@@ -102,7 +102,7 @@ def tp_collectives_per_layer(profile, spec, job, *, mesh_order, dp, tp, pp, sequ
         return []
     job = local_job(job, cp)
     forward, backward = tp_pattern_for(spec.mlp, sequence_parallel, job.engine)
-    counts = {}
+    counts: dict = {}
     for kind, count in forward + recomputed_tp_pattern(forward, recompute,
                                                        engine(job.engine).recompute_stops_early):
         counts[kind] = counts.get(kind, 0) + count

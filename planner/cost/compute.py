@@ -28,6 +28,7 @@ one launch moving its bytes once; its host time is the eager host time per eager
 the compiled kernels (README, torch.compile: an upper bound on the launches' host cost)."""
 
 from dataclasses import dataclass
+from typing import Any
 
 from planner.cost.compiled import compiled_pass, eager_kernels
 from planner.cost.context import local_job
@@ -140,7 +141,7 @@ def _attention_times(gpu: GpuSpec, spec: ModelSpec, job: Job, b: int, t: int,
 
 def _census_pass(gpu: GpuSpec, spec: ModelSpec, job: Job, region: str, direction: str, *,
                  tp: int, sequence_parallel: bool, micro_batch: int,
-                 skipped: list = None) -> tuple:
+                 skipped: list | None = None) -> tuple:
     """(GEMM seconds, memory-bound seconds) of one pass of a census region (planner/cost/ops.py);
     the attention kernel is timed by _attention_times.  `skipped`: per row, kernels not run
     (a recompute that reuses saved outputs)."""
@@ -166,7 +167,8 @@ def _compiled_pass(gpu: GpuSpec, spec: ModelSpec, job: Job, direction: str, host
     """(GEMM seconds, memory-bound seconds, host seconds) of one pass of a torch.compile'd block
     (planner/cost/compiled.py): the same GEMMs as eager, Inductor's fused kernels each moving
     its bytes once, and the eager host time per eager kernel paid per compiled kernel."""
-    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    shape: dict[str, Any] = {"tp": tp, "sequence_parallel": sequence_parallel,
+                             "micro_batch": micro_batch}
     gemm_s, _ = _census_pass(gpu, spec, job, "block", direction, **shape)
     census_shape = {**shape, "seq_len": job.seq_len}
     fused = compiled_pass(spec, job.precision, direction, **census_shape)
@@ -180,7 +182,8 @@ def op_policy_recompute_s(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int,
     output taken from its cache: each census op but the saved ones (the attention kernel is
     always saved), and the whole forward's host work (the Python forward runs again).  The TP
     collectives it re-runs are planner.cost.comm_plan.tp_recompute_seconds."""
-    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    shape: dict[str, Any] = {"tp": tp, "sequence_parallel": sequence_parallel,
+                             "micro_batch": micro_batch}
     rows = ops(spec, job.precision, "block", "fwd", tp=tp, micro_batch=micro_batch,
                seq_len=job.seq_len, sequence_parallel=sequence_parallel)
     gemm_s, elem_s = _census_pass(gpu, spec, job, "block", "fwd", **shape,
@@ -205,7 +208,8 @@ def layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int, sequence_pa
     eng = engine(job.engine)
     attn_fwd, attn_bwd = _attention_times(gpu, spec, job, micro_batch, tp, cp)
     host_fwd, host_bwd = gpu.host_layer_s(tp) if eng.host_overhead_per_layer else (0.0, 0.0)
-    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    shape: dict[str, Any] = {"tp": tp, "sequence_parallel": sequence_parallel,
+                             "micro_batch": micro_batch}
     if compile:  # the rules allow it on engines that compile blocks only
         gemm_fwd, elem_fwd, host_fwd = _compiled_pass(gpu, spec, job, "fwd", host_fwd, **shape)
         gemm_bwd, elem_bwd, host_bwd = _compiled_pass(gpu, spec, job, "bwd", host_bwd, **shape)
@@ -229,7 +233,7 @@ def head_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int,
     """Output layer: logits GEMM (vocab-parallel) and the fp32 softmax cross-entropy."""
     if engine(job.engine).kernels_from_op_census:
         # the final norm counted on the whole sequence also under sequence parallelism
-        shape = {"tp": tp, "sequence_parallel": False, "micro_batch": micro_batch}
+        shape: dict[str, Any] = {"tp": tp, "sequence_parallel": False, "micro_batch": micro_batch}
         gemm_fwd, elem_fwd = _census_pass(gpu, spec, job, "head", "fwd", **shape)
         gemm_bwd, elem_bwd = _census_pass(gpu, spec, job, "head", "bwd", **shape)
         return LayerTimes(gemm_fwd, 0.0, elem_fwd, gemm_bwd, 0.0, elem_bwd)

@@ -151,6 +151,7 @@ def model_states(spec, job, *, tp, dp, pp, zero_stage, rank_layers, holds_embedd
     largest shards).  ZeRO/FSDP shard over dp x cp (torchtitan's dp_shard_cp mesh)."""
     dp = dp * cp
     pieces = (int(rank_layers), bool(holds_embedding), bool(holds_head), bool(tied_copy))
+    states: ds.DeepSpeedStates | ModelStateBytes
     if engine(job.engine).deepspeed_optimizers:
         states = ds.model_state_bytes(_local_numel(spec, tp, *pieces), dp, zero_stage,
                                       job.precision, pp)
@@ -246,7 +247,8 @@ def rank_memory_parts(evaluate) -> dict:
     return parts
 
 
-def rank_memory(plan, pp_rank: int, evaluations: PlanEvaluations = None) -> MemoryBreakdown:
+def rank_memory(plan, pp_rank: int,
+                evaluations: PlanEvaluations | None = None) -> MemoryBreakdown:
     """The memory of pipeline rank `pp_rank` (dp rank 0, tp rank 0); `evaluations` shares
     the plan's rank-independent pieces between calls."""
     evaluations = evaluations or PlanEvaluations(plan_fields(plan))

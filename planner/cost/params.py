@@ -22,7 +22,7 @@ from planner.spec import BERT_TYPE_VOCAB, ModelSpec
 class ParamTensor:
     name: str
     shape: tuple
-    tp_dim: int = None  # dimension split across the TP group; None = replicated
+    tp_dim: int | None = None  # dimension split across the TP group; None = replicated
 
     @property
     def numel(self) -> int:
@@ -99,10 +99,7 @@ def head_tensors(spec: ModelSpec, holds_tied_copy: bool = False) -> list:
     the first and last chunks share a rank; that copy is `head.output.weight` (the shared
     tensor is `embed.wte.weight`).  BERT's decoder bias is the output layer's bias."""
     h, v = spec.hidden_size, spec.vocab_size
-    if spec.arch == "bert":
-        tensors = _linear("head.dense", h, h, True, "none")
-    else:
-        tensors = []
+    tensors = _linear("head.dense", h, h, True, "none") if spec.arch == "bert" else []
     tensors += _norm("head.norm", spec)
     if not spec.tie_embeddings or holds_tied_copy:
         tensors.append(ParamTensor("head.output.weight", (v, h), 0))

@@ -159,7 +159,7 @@ def optimizer_seconds(gpu, job, *, tp, zero_stage, optimizer_bytes) -> float:
     """AdamW's update of the rank's parameters, memory-bound."""
     eng = engine(job.engine)
     numel = optimizer_bytes / eng.optimizer_state_bytes(job.precision, zero_stage)
-    per_param = OPTIMIZER_BYTES_PER_PARAM
+    per_param: float = OPTIMIZER_BYTES_PER_PARAM
     if eng.kernels_from_op_census and not eng.deepspeed_optimizers:  # DeepSpeed: FusedAdam
         # runtime/optim.py: fused AdamW only over plain CUDA tensors (no TP, no FSDP/ZeRO
         # sharding); foreach otherwise, and always on CPU ranks
@@ -244,7 +244,7 @@ def step_of(ranks: list, step: dict, mean_rank_total_s):
 
 
 def time_breakdown(plan, rank_memories: list,
-                   evaluations: PlanEvaluations = None) -> TimeBreakdown:
+                   evaluations: PlanEvaluations | None = None) -> TimeBreakdown:
     named, pp = plan_fields(plan), plan.layout.pp
     evaluations = evaluations or PlanEvaluations(named)
     evaluators = [evaluations.evaluator(r) for r in range(pp)]

@@ -103,7 +103,7 @@ class Scorer:
     def _evaluate(self, cols: dict):
         return lambda fn: self.unique(fn, cols)
 
-    def memory(self, cols: dict, limit: float = None) -> np.ndarray:
+    def memory(self, cols: dict, limit: float | None = None) -> np.ndarray:
         """Bytes on the most loaded rank of every row (MemoryBreakdown.total_bytes).
 
         With a `limit`, a row stops being evaluated at the first rank found over it (its value

@@ -4,7 +4,8 @@ One row is one layout, with the columns of planner.rules (world, dp, tp, pp, sp,
 sched, v, rc, recompute_every; lps_n = lps_sum = 0: the search splits layers evenly).
 
 What is enumerated (and what is not, because it would duplicate another row):
-  dp*tp*pp*cp = N with tp <= max_tp, cp as cp_options allows (each engine flavour); micro-batch sizes dividing the per-replica batch; sequence
+  dp*tp*pp*cp = N with tp <= max_tp, cp as cp_options allows (each engine flavour);
+  micro-batch sizes dividing the per-replica batch; sequence
   parallelism on/off only where tp > 1; ZeRO 1-3 only where dp > 1; the engine's recompute
   policies (torch: none/selective/op/full), each policy on every block and on every 2nd and 4th
   (recompute_every; none only on every block); with pp > 1 GPipe, 1F1B, and the interleaved
@@ -37,7 +38,8 @@ def divisors(n: int) -> list:
 
 def _factorise(n: int) -> dict:
     """{prime: exponent} of n >= 1."""
-    factors, p = {}, 2
+    factors: dict[int, int] = {}
+    p = 2
     while p * p <= n:
         while n % p == 0:
             factors[p] = factors.get(p, 0) + 1
@@ -70,12 +72,12 @@ def _schedule_options(num_layers: int, pp: int, engine_name: str) -> list:
     return [(s, v) for s, v in opts if s in runs]
 
 
-def recompute_options(model, engine_name: str, recompute: str = None,
-                      recompute_every: int = None) -> list:
+def recompute_options(model, engine_name: str, recompute: str | None = None,
+                      recompute_every: int | None = None) -> list:
     """(RECOMPUTE index, recompute_every) pairs: the engine's policies, each on every block
-    and, for a policy under an engine with recompute_every, on every 2nd and 4th block (RECOMPUTE_EVERY_CHOICES within the layers);
-    a value the user fixed is the only one tried (a combination the rules refuse stays, so its
-    refusal is reported)."""
+    and, for a policy under an engine with recompute_every, on every 2nd and 4th block
+    (RECOMPUTE_EVERY_CHOICES within the layers); a value the user fixed is the only one tried
+    (a combination the rules refuse stays, so its refusal is reported)."""
     policies = [recompute] if recompute else list(engine(engine_name).recompute_policies)
     pairs = []
     for policy in policies:
@@ -120,12 +122,13 @@ def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int,
     n = mb.size
     const = lambda x: np.full(n, x)  # noqa: E731
     return np.stack([const(world), const(dp), const(tp), const(pp), grid[2], grid[3], mb,
-                     per_replica // mb, sched, v, rc, const(0), const(0), every, const(1), const(1),
-                     const(cp), const(cp_comm)], axis=1)  # ep = etp = 1: dense models
+                     per_replica // mb, sched, v, rc, const(0), const(0), every, const(1),
+                     const(1), const(cp), const(cp_comm)],
+                    axis=1)  # ep = etp = 1: dense models
 
 
-def enumerate_space(model, job, world: int, max_tp: int, recompute: str = None,
-                    recompute_every: int = None) -> tuple:
+def enumerate_space(model, job, world: int, max_tp: int, recompute: str | None = None,
+                    recompute_every: int | None = None) -> tuple:
     """(columns dict, shape rejections) for `world` GPUs.  A shape whose dp does not divide the
     global batch has no micro-batch split at all; it is reported once, as a shape.  A fixed
     `recompute` / `recompute_every` is the only value tried (recompute_options)."""
