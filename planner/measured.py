@@ -105,17 +105,22 @@ class RankCoords:
     pp: int
     dp: int
     tp: int
+    cp: int = 0  # context-parallel rank (absent from files written before cp: 0)
 
     def __post_init__(self):
-        for axis in ("pp", "dp", "tp"):
+        for axis in ("pp", "dp", "tp", "cp"):
             require_int(getattr(self, axis), axis, minimum=0)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """cp rank 0 is left out, as files written before cp have it."""
+        d = dataclasses.asdict(self)
+        if d["cp"] == 0:
+            del d["cp"]
+        return d
 
     @classmethod
     def from_dict(cls, data, context: str = "coords") -> "RankCoords":
-        check_keys(data, cls, context)
+        check_keys(data, cls, context, ("cp",))
         return _build(cls, data, context)
 
 
@@ -220,9 +225,9 @@ class Measured:
                 raise ValueError(f"ranks: rank {r.rank} is outside the plan's "
                                  f"{lay.world_size} ranks")
             c = r.coords
-            if c.pp >= lay.pp or c.dp >= lay.dp or c.tp >= lay.tp:
+            if c.pp >= lay.pp or c.dp >= lay.dp or c.tp >= lay.tp or c.cp >= lay.cp:
                 raise ValueError(f"ranks: rank {r.rank} coords {c.to_dict()} are outside the "
-                                 f"plan's pp={lay.pp} dp={lay.dp} tp={lay.tp}")
+                                 f"plan's pp={lay.pp} dp={lay.dp} tp={lay.tp} cp={lay.cp}")
 
     def to_dict(self) -> dict:
         return {"schema_version": self.schema_version, "plan": self.plan.to_dict(),

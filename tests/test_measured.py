@@ -110,8 +110,8 @@ def test_unknown_and_missing_keys_are_refused():
     del raw["ranks"][1]["peak_allocated_bytes"]  # null is allowed; absent is not
     with pytest.raises(ValueError, match=r"ranks\[1\]: missing key 'peak_allocated_bytes'"):
         Measured.from_dict(raw)
-    with pytest.raises(ValueError, match=r"ranks\[0\].coords: unknown key 'cp'"):
-        Measured.from_dict(_set(_raw(), ("ranks", 0, "coords", "cp"), 0))
+    with pytest.raises(ValueError, match=r"ranks\[0\].coords: unknown key 'sp'"):
+        Measured.from_dict(_set(_raw(), ("ranks", 0, "coords", "sp"), 0))
     with pytest.raises(ValueError, match="expected a JSON object"):
         Measured.from_dict([_raw()])
 
