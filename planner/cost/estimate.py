@@ -39,7 +39,7 @@ class Estimate:
 
     @property
     def peak_flops(self) -> float:
-        return self.plan.cluster.profile.gpu.peak_flops[self.plan.job.precision]
+        return self.plan.cluster.profile.gpu.peak_flops[self.plan.job.dtype]
 
     @property
     def mfu(self) -> float:
