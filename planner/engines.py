@@ -61,6 +61,7 @@ class Engine:
     recompute_stops_early: bool = False  # a recompute stops after the last tensor backward needs
     fp8_recipes: tuple = ()          # FP8 recipes it trains with (planner/job.py FP8_RECIPES)
     fp8_refusal: str = ""            # why it has none, where fp8_recipes is empty
+    fp8_with_tp: bool = True         # FP8 linears under tensor parallelism
 
     def optimizer_state_bytes(self, precision: str, zero_stage: int = 0) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -86,7 +87,10 @@ TORCH = Engine(
     recompute_stops_early=True,
     # torchao float8 training (torchao/float8/config.py): dynamic tensorwise and rowwise
     # scaling; its delayed scaling was removed (torchao 0.10 release notes), so not delayed
-    fp8_recipes=("tensorwise", "rowwise"))
+    fp8_recipes=("tensorwise", "rowwise"),
+    # runtime/fp8.py converts the linears with convert_to_float8_training but does not wire
+    # torchao's Float8ColwiseParallel / Float8RowwiseParallel TP plans
+    fp8_with_tp=False)
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped

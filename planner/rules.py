@@ -199,6 +199,12 @@ def _shape_rules() -> list:
              _precision_message),
         Rule("fp8_engine", "FP8 recipe the engine does not run",
              lambda ctx, c: _everywhere(c, _fp8_engine_broken(ctx)), _fp8_engine_message),
+        Rule("fp8_tp", "FP8 with tensor parallelism under an engine without it",
+             lambda ctx, c: _everywhere(c, ctx.job.fp8 and not ctx.engine.fp8_with_tp)
+             & (c["tp"] > 1),
+             lambda ctx, r: f"precision fp8 with tp={r['tp']}: the {ctx.engine.name} "
+                            f"engine's FP8 (torchao float8 linears) runs without tensor "
+                            f"parallelism; use tp=1 or --engine megatron"),
         Rule("compile_engine", "torch.compile on an engine that does not compile blocks",
              lambda ctx, c: _compiled(c) & _everywhere(c, not ctx.engine.compiles_blocks),
              lambda ctx, r: f"compile (torch.compile of each block) runs on the torch engine "

@@ -108,6 +108,7 @@ RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn"
               "zero_dp": ("zero", "dp"), "global_batch": ("global_batch", "dp", "micro_batch"),
               "precision": ("precision",), "positions": ("seq_len",),
               "fp8_engine": ("precision", "fp8_recipe", "engine"),
+              "fp8_tp": ("precision", "tp", "engine"),
               "interleave_pp": ("schedule", "pp"), "zbv_v": ("schedule", "virtual_stages"),
               "interleave_v": ("schedule", "virtual_stages"),
               "single_v": ("schedule", "virtual_stages"),
