@@ -343,3 +343,12 @@ def test_torchao_float8_block_trains_on_cuda():
     loss = model(tokens).float().logsumexp(-1).mean()
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_simulator_runs_the_fp8_costs():
+    from planner.sim.timeline import simulate
+    lay = dataclasses.replace(FSDP, compile=True)
+    sim = simulate(_plan(lay)).step_s / simulate(_plan(lay, precision="bf16")).step_s
+    est = estimate(_plan(lay)).step_s / estimate(_plan(lay, precision="bf16")).step_s
+    assert sim < 1
+    assert sim == pytest.approx(est, rel=0.01)  # the simulator sees the same FP8 gain
