@@ -352,3 +352,11 @@ def test_simulator_runs_the_fp8_costs():
     est = estimate(_plan(lay)).step_s / estimate(_plan(lay, precision="bf16")).step_s
     assert sim < 1
     assert sim == pytest.approx(est, rel=0.01)  # the simulator sees the same FP8 gain
+
+
+def test_nothing_fits_says_fp8_is_no_memory_lever(capsys):
+    argv = ["suggest", "--model", "llama3-70b", "--cluster", "h100-80g", "--global-batch", "8",
+            "--seq-len", "8192", "--precision", "fp8"]
+    assert _cli(argv) == 2
+    out = capsys.readouterr()
+    assert "FP8 is no memory lever: in bf16 that layout needs" in out.out + out.err
