@@ -46,6 +46,11 @@ def fp8_memory() -> str:
     return printed(script.main)
 
 
+def published_fp8() -> str:
+    from benchmarks import published_fp8 as script
+    return printed(script.main)
+
+
 def simulate_agreement() -> str:
     from benchmarks import simulate_agreement as script
     return printed(script.main)
@@ -95,6 +100,7 @@ COMPUTED = [
     Block("simulate-agreement", "computed", simulate_agreement,
           "`python benchmarks/simulate_agreement.py`"),
     Block("fp8-memory", "computed", fp8_memory, "`python -m benchmarks.fp8_memory`"),
+    Block("fp8-published", "computed", published_fp8, "`python -m benchmarks.published_fp8`"),
     Block("torch-engine-mfu", "computed", torch_engine_mfu,
           "`python benchmarks/torch_engine_mfu.py`"),
     Block("llama70b-two-nodes", "computed", llama70b_two_nodes,
