@@ -360,3 +360,16 @@ def test_nothing_fits_says_fp8_is_no_memory_lever(capsys):
     assert _cli(argv) == 2
     out = capsys.readouterr()
     assert "FP8 is no memory lever: in bf16 that layout needs" in out.out + out.err
+
+
+def test_op_policy_recompute_reruns_the_casts():
+    from planner.cost.compute import op_policy_recompute_s
+    gpu = load_cluster("h100-80g", 1).profile.gpu
+    shape = {"tp": 1, "sequence_parallel": False, "micro_batch": 1}
+    nbytes, kernels = fp8.cast_traffic(MODEL, _job(), "fwd", tp=1, micro_batch=1)
+    cast_s = nbytes / (gpu.hbm_bandwidth_bytes_per_s * gpu.memory_efficiency) + \
+        kernels * gpu.kernel_overhead_s
+    with_casts = op_policy_recompute_s(gpu, MODEL, _job(), **shape)
+    gemm_only = dataclasses.replace(_job(), fp8_recipe="rowwise")  # same casts, slower GEMMs
+    assert with_casts > cast_s
+    assert op_policy_recompute_s(gpu, MODEL, gemm_only, **shape) > with_casts

@@ -183,7 +183,8 @@ def _compiled_pass(gpu: GpuSpec, spec: ModelSpec, job: Job, direction: str, host
 
 
 def op_policy_recompute_s(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int,
-                          sequence_parallel: bool, micro_batch: int) -> float:
+                          sequence_parallel: bool, micro_batch: int,
+                          compile: bool = False) -> float:
     """torchtitan's op-level policy re-runs the block's forward in backward with every saved
     output taken from its cache: each census op but the saved ones (the attention kernel is
     always saved), and the whole forward's host work (the Python forward runs again).  The TP
@@ -193,6 +194,9 @@ def op_policy_recompute_s(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int,
                seq_len=job.seq_len, sequence_parallel=sequence_parallel)
     gemm_s, elem_s = _census_pass(gpu, spec, job, "block", "fwd", **shape,
                                   skipped=op_policy_saved(rows))
+    # FP8: the casts are not in the save list, so they all run again (fused when compiled)
+    elem_s = _with_casts(gpu, spec, job, (elem_s, 0.0), tp=tp, micro_batch=micro_batch,
+                         zero_stage=0, compiled=compile)[0]
     host_s = gpu.host_layer_s(tp)[0] if engine(job.engine).host_overhead_per_layer else 0.0
     return LayerTimes(gemm_s, 0.0, elem_s, 0.0, 0.0, 0.0, host_s, 0.0, gpu.host_is_device).fwd_s
 

@@ -94,7 +94,7 @@ def recompute_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch, rec
         return 0.0
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
     if recompute == "op":
-        return op_policy_recompute_s(gpu, spec, job, **shape)
+        return op_policy_recompute_s(gpu, spec, job, **shape, compile=compile)
     lt = layer_times(gpu, spec, job, **shape, compile=compile)
     return selective_recompute_s(lt) if recompute == "selective" else lt.fwd_s
 
