@@ -338,9 +338,10 @@ def test_torchao_float8_block_trains_on_cuda():
     model = Transformer(spec).cuda().to(torch.bfloat16)
     apply_fp8(model, "tensorwise", zero_stage=0)
     kinds = {type(m).__name__ for m in model.layers.modules()}
-    assert "Float8Linear" in kinds and type(model.head).__name__ != "Float8Linear"
+    assert "Float8Linear" in kinds
+    assert "Float8Linear" not in {type(m).__name__ for m in model.head.modules()}
     tokens = torch.randint(0, spec.vocab_size, (2, 64), device="cuda")
-    loss = model(tokens).float().logsumexp(-1).mean()
+    loss = model(tokens).float().pow(2).mean()
     loss.backward()
     assert torch.isfinite(loss)
 
