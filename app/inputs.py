@@ -9,7 +9,7 @@ import streamlit as st
 from app.searching import objectives
 from app.uploads import MAX_UPLOAD_BYTES, model_from_upload, profile_from_upload
 from planner.hardware import Cluster, list_profiles, load_profile
-from planner.job import ATTENTION, ENGINES, PRECISIONS, Job
+from planner.job import ATTENTION, ENGINES, FP8_RECIPES, PRECISIONS, Job
 from planner.presets import MODEL_PRESETS
 
 UPLOAD = "upload a JSON file..."
@@ -69,12 +69,19 @@ def _job() -> Job:
     batch = st.number_input("Global batch (sequences)", min_value=1, value=256, step=1,
                             key="global_batch")
     seq = st.number_input("Sequence length", min_value=1, value=4096, step=128, key="seq_len")
-    precision = st.selectbox("Precision", PRECISIONS, key="precision")
+    precision = st.selectbox("Precision", PRECISIONS, key="precision",
+                             help="fp8: the blocks' linear GEMMs in FP8, the rest in bf16 "
+                                  "(Hopper-class GPUs)")
     with st.expander("Kernels and engine"):
         attention = st.selectbox("Attention", ATTENTION, key="attention")
         engine = st.selectbox("Engine", ENGINES, key="engine")
+    recipe: str | None = "none"
+    if precision == "fp8":
+        recipe = st.selectbox("FP8 recipe", FP8_RECIPES, key="fp8_recipe",
+                              help="tensorwise / rowwise: torchao (torch engine); delayed / "
+                                   "tensorwise: Transformer Engine (megatron engine)")
     return Job(global_batch=int(batch), seq_len=int(seq), precision=chosen(precision),
-               attention=chosen(attention), engine=chosen(engine))
+               attention=chosen(attention), engine=chosen(engine), fp8_recipe=chosen(recipe))
 
 
 def _constraints(gpus_per_node: int) -> Constraints:

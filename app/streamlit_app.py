@@ -19,6 +19,7 @@ from app.searching import search_results  # noqa: E402
 from app.uploads import MAX_UPLOAD_BYTES, measured_from_upload  # noqa: E402
 from app.whatif import layout_by_hand  # noqa: E402
 from planner.units import GIB, fmt_bytes, fmt_seconds  # noqa: E402
+from planner.report import fp8_gain_text  # noqa: E402
 
 TOP_CHART = 5  # plans in the memory and time bars
 BY_HAND = "set by hand"
@@ -140,6 +141,8 @@ def estimate_section(key: str, layout: dict):
     cols[2].metric("tokens / s", f"{est['tokens_per_s']:,.0f}")
     cols[3].metric("MFU", f"{100 * est['mfu']:.1f}%")
     cols[4].metric("fits", "yes" if est["fits"] else "NO")
+    if est.get("fp8_gain"):
+        st.info(fp8_gain_text(est["fp8_gain"]))
     if not est["fits"]:
         st.error(f"Does not fit: {fmt_bytes(mem['total_bytes'])} on pipeline stage "
                  f"{mem['pp_rank']} > {fmt_bytes(mem['capacity_bytes'])}")

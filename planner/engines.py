@@ -59,6 +59,9 @@ class Engine:
     recompute_policies: tuple = RECOMPUTE  # the recompute policies it runs
     recompute_every_block_only: bool = False  # recompute_every must be 1
     recompute_stops_early: bool = False  # a recompute stops after the last tensor backward needs
+    fp8_recipes: tuple = ()          # FP8 recipes it trains with (planner/job.py FP8_RECIPES)
+    fp8_refusal: str = ""            # why it has none, where fp8_recipes is empty
+    fp8_with_tp: bool = True         # FP8 linears under tensor parallelism
 
     def optimizer_state_bytes(self, precision: str, zero_stage: int = 0) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -81,7 +84,13 @@ TORCH = Engine(
     compiles_blocks=True,
     # torch.utils.checkpoint (non-reentrant) early stop: the block's last collective, after the
     # last tensor its backward needs, is not re-run (tests/test_tp_census.py)
-    recompute_stops_early=True)
+    recompute_stops_early=True,
+    # torchao float8 training (torchao/float8/config.py): dynamic tensorwise and rowwise
+    # scaling; its delayed scaling was removed (torchao 0.10 release notes), so not delayed
+    fp8_recipes=("tensorwise", "rowwise"),
+    # runtime/fp8.py converts the linears with convert_to_float8_training but does not wire
+    # torchao's Float8ColwiseParallel / Float8RowwiseParallel TP plans
+    fp8_with_tp=False)
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped
@@ -96,7 +105,10 @@ MEGATRON = Engine(
     pipelined_fsdp_defers_sync=False,
     # --recompute-granularity selective|full; no op-level policy, and --recompute-method block
     # counts the first N layers of each stage, not every K-th block
-    recompute_policies=("none", "selective", "full"), recompute_every_block_only=True)
+    recompute_policies=("none", "selective", "full"), recompute_every_block_only=True,
+    # Transformer Engine under megatron-core 0.16 (transformer_config.py fp8_recipe: delayed,
+    # tensorwise = TE Float8CurrentScaling, mxfp8, blockwise); no torchao-style rowwise
+    fp8_recipes=("delayed", "tensorwise"))
 
 # DeepSpeed 0.19.8 (runtime/engine.py, zero/stage_1_and_2.py, zero/stage3.py, bf16_optimizer.py,
 # pipe/engine.py): the user's eager model, so eager kernels and host time; its PipelineEngine
@@ -115,7 +127,10 @@ DEEPSPEED = Engine(
     kernels_from_op_census=True, pytorch_pipelining_limits=False,
     pipelined_fsdp_defers_sync=False, deepspeed_optimizers=True, grads_in_model_dtype=True,
     zero2_params_replicated=True, dp_overlap_stages=(1, 2, 3), pipeline_overlaps_dp=False,
-    pipeline_zero_stages=(0, 1), tp_only_autotp=True)
+    pipeline_zero_stages=(0, 1), tp_only_autotp=True,
+    fp8_refusal="DeepSpeed 0.19.8 has no FP8 training of its own (no fp8 section in its "
+    "config; FP8 comes only from Transformer Engine layers inside the model): plan FP8 with "
+    "--engine megatron or torch")
 
 ENGINES = {e.name: e for e in (TORCH, MEGATRON, DEEPSPEED)}
 

@@ -16,6 +16,7 @@ import re
 import shlex
 from typing import TYPE_CHECKING
 
+from planner.engines import engine
 from planner.schema import read_input_file
 
 if TYPE_CHECKING:  # annotations only: `planner --help` reads FORMATS without loading planner.plan
@@ -293,6 +294,9 @@ def deepspeed_config(plan: Plan) -> dict:
     listed in the 'placeholders' key by their dotted path."""
     lay, job = plan.layout, plan.job
     _refuse_compile("DeepSpeed", lay)
+    if job.fp8:
+        raise ValueError(f"DeepSpeed cannot express this plan: precision fp8 "
+                         f"({job.fp8_recipe}): {engine('deepspeed').fp8_refusal}")
     if lay.pp > 1 and lay.schedule != "1f1b":
         _refuse("DeepSpeed", f"schedule {lay.schedule}; its pipeline engine runs 1F1B only")
     if lay.pp > 1 and lay.zero_stage >= 2:
@@ -541,13 +545,33 @@ def _model_args(spec, job) -> list:
         args.append("--untie-embeddings-and-output-weights")
     if not spec.linear_bias:
         args.append("--disable-bias-linear")
-    if job.precision in ("bf16", "fp16"):
-        args.append(f"--{job.precision}")
+    if job.dtype in ("bf16", "fp16"):
+        args.append(f"--{job.dtype}")
+    args += _fp8_args(job)
     args += ["--attention-backend", MEGATRON_ATTENTION[job.attention]]
     if job.attention == "eager":
         args.append("--no-masked-softmax-fusion")
     args += ["--clip-grad", str(CLIP_NORM)]
     return args
+
+
+# Transformer Engine FP8 under megatron-core 0.16 (transformer_config.py: fp8 -> --fp8-format,
+# fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo): hybrid = E4M3 forward, E5M2
+# gradients; delayed scaling with the 1024-step amax history and max algorithm of NVIDIA's
+# Megatron-LM/NeMo FP8 recipes (megatron-core defaults are a 1-step history, most_recent)
+FP8_MEGATRON = {"delayed": ["--fp8-format", "hybrid", "--fp8-recipe", "delayed",
+                            "--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max"],
+                "tensorwise": ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]}
+
+
+def _fp8_args(job) -> list:
+    if not job.fp8:
+        return []
+    if job.fp8_recipe not in FP8_MEGATRON:
+        _refuse("Megatron-LM", f"fp8_recipe {job.fp8_recipe}: Transformer Engine under "
+                f"megatron-core 0.16 has delayed, tensorwise, mxfp8 and blockwise recipes, no "
+                f"torchao-style rowwise scaling")
+    return FP8_MEGATRON[job.fp8_recipe]
 
 
 def megatron(plan: Plan) -> str:

@@ -29,7 +29,8 @@ class Engine:
         chunks = build_chunks(spec, lay, ctx.pp_rank)
         self.chunk_ids = [c for c, _ in chunks]
         self.parts = [m for _, m in chunks]
-        wraps = {parallelize(part, lay, plan.job.precision, ctx, compile_blocks=lay.compile)
+        wraps = {parallelize(part, lay, plan.job.dtype, ctx, compile_blocks=lay.compile,
+                             fp8_recipe=plan.job.fp8_recipe)
                  for part in self.parts}
         for part in self.parts:
             materialize(part, ctx.device, seed)

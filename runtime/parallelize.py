@@ -118,9 +118,14 @@ def apply_ddp(part: nn.Module, dp_group) -> nn.Module:
                                    gradient_as_bucket_view=True)
 
 
-def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=False) -> str:
-    """TP, recompute, (torch.compile per block) and FSDP on a meta-device part. Returns the
-    data-parallel wrapper still to apply after materialisation: 'ddp' or 'none'."""
+def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=False,
+                fp8_recipe: str = "none") -> str:
+    """(FP8 linears,) TP, recompute, (torch.compile per block) and FSDP on a meta-device part;
+    `precision` is the job's dtype (bf16 under FP8). Returns the data-parallel wrapper still to
+    apply after materialisation: 'ddp' or 'none'."""
+    if fp8_recipe != "none":  # runtime/fp8.py: checked before any process group
+        from runtime.fp8 import apply_fp8
+        apply_fp8(part, fp8_recipe, layout.zero_stage if layout.dp > 1 else 0)
     if layout.tp > 1:
         apply_tp(part, ctx.mesh["tp"], layout.sequence_parallel)
     set_recompute(part, layout.recompute, layout.recompute_every)

@@ -328,6 +328,8 @@ def main(argv=None) -> int:
         check_args(args)
         plan = Plan.load(args.plan)
         check_compile_flag(plan.layout, args.compile)
+        from runtime.fp8 import check_fp8
+        check_fp8(plan)
         cfg = RunConfig(steps=args.steps, data=args.data,
                         data_cap_bytes=int(args.data_cap_mb * 2**20),
                         checkpoint_dir=args.checkpoint_dir,
