@@ -22,8 +22,21 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _init_from(parts: list, path, spec) -> dict:
+    """Overwrite the seeded weights with a Hugging Face checkpoint's (runtime/hf_weights.py):
+    this rank's blocks of its chunks only."""
+    from runtime.hf_weights import Checkpoint, load_into
+    ckpt = Checkpoint(path, spec)
+    report = {"loaded": [], "kept": []}
+    for part in parts:
+        for key, names in load_into(part, ckpt).items():
+            report[key] += names
+    return report
+
+
 class Engine:
-    def __init__(self, plan, ctx, optim_cfg: OptimConfig = OptimConfig(), seed: int = 0):
+    def __init__(self, plan, ctx, optim_cfg: OptimConfig = OptimConfig(), seed: int = 0,
+                 init_from=None):
         self.plan, self.ctx, self.cfg, self.seed = plan, ctx, optim_cfg, seed
         spec, lay = plan.model, plan.layout
         chunks = build_chunks(spec, lay, ctx.pp_rank)
@@ -33,6 +46,7 @@ class Engine:
                  for part in self.parts}
         for part in self.parts:
             materialize(part, ctx.device, seed)
+        self.init_report = _init_from(self.parts, init_from, spec) if init_from else None
         self.ddp = wraps == {"ddp"}
         self.modules = [apply_ddp(p, ctx.group("dp")) if self.ddp else p for p in self.parts]
         self.loss_scale = 1.0

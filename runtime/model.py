@@ -135,11 +135,14 @@ class MLP(nn.Module):
         else:
             self.fc = nn.Linear(h, f, bias=bias)
             self.proj = nn.Linear(f, h, bias=bias)
+        # GPT-2's gelu_new; a BERT checkpoint's exact (erf) GELU when loaded from one
+        # (runtime/hf_weights.py): same saved tensor, so the same activation memory.
+        self.gelu_approximate = "tanh"
 
     def forward(self, x):
         if self.swiglu:
             return self.down(F.silu(self.gate(x)) * self.up(x))
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's gelu_new
+        return self.proj(F.gelu(self.fc(x), approximate=self.gelu_approximate))
 
 
 class Block(nn.Module):

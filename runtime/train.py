@@ -44,6 +44,8 @@ class RunConfig:
     metrics: str = None  # JSONL of one line per step (runtime/metrics.py)
     eval_every: int = 0  # validation loss every K steps (0: only at the end)
     tensorboard: str = None  # TensorBoard event directory (torch.utils.tensorboard)
+    init_from: str = None  # Hugging Face checkpoint directory (runtime/hf_weights.py)
+    tokenizer: str = None  # tokenizer.json or its directory (runtime/data.py)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -91,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation loss every K steps (0: only at the end)")
     p.add_argument("--tensorboard", help="also write TensorBoard events to this directory "
                    "(needs the tensorboard package)")
+    p.add_argument("--init-from", help="start from a Hugging Face checkpoint directory "
+                   "(config.json and *.safetensors, sharded or not) of the plan's model")
+    p.add_argument("--tokenizer", help="tokenise text data with this tokenizer.json (or a "
+                   "directory holding one; needs the tokenizers package)")
     p.add_argument("--timeout", type=float, default=60.0, help="collective timeout (s)")
     p.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     return p
@@ -167,7 +173,13 @@ class Trainer:
         if tokens is None:
             tokens = load_data(plan, cfg)
         self.data = _token_data(plan, cfg, tokens, ctx.dp_rank)
-        self.engine = Engine(plan, ctx, optim_cfg, seed=cfg.seed)  # compiles if plan says so
+        self.engine = Engine(plan, ctx, optim_cfg, seed=cfg.seed,  # compiles if plan says so
+                             init_from=cfg.init_from)
+        if cfg.init_from:
+            kept = self.engine.init_report["kept"]
+            log.info(f"weights from {cfg.init_from}: "
+                     f"{len(self.engine.init_report['loaded'])} tensors on rank 0"
+                     + (f"; initialised here: {', '.join(kept)}" if kept else ""))
         self.optim_cfg = optim_cfg
         self.steps, self.record = [], {}
         self.last_val = None  # (step, validation loss) of the latest --eval-every evaluation
@@ -286,16 +298,19 @@ class Trainer:
 
 def load_data(plan: Plan, cfg: RunConfig):
     """The run's tokens (ValueError if unusable: missing, special file, ids >= vocab, too few)."""
-    from runtime.data import load_tokens
-    tokens = load_tokens(cfg.data, plan.model.vocab_size, cfg.data_cap_bytes)
+    from runtime.data import load_tokenizer, load_tokens
+    tok = load_tokenizer(cfg.tokenizer, plan.model.vocab_size) if cfg.tokenizer else None
+    tokens = load_tokens(cfg.data, plan.model.vocab_size, cfg.data_cap_bytes, tokenizer=tok)
     _token_data(plan, cfg, tokens, 0)  # too few tokens for the sequence length: refuse now
     return tokens
 
 
 def _token_data(plan: Plan, cfg: RunConfig, tokens, dp_rank: int):
-    from runtime.data import TokenData
+    from runtime.data import TokenData, load_tokenizer, mask_token_id
+    tok = load_tokenizer(cfg.tokenizer, plan.model.vocab_size) if cfg.tokenizer else None
     return TokenData(tokens, plan.job.seq_len, plan.layout, dp_rank, causal=plan.model.causal,
-                     vocab_size=plan.model.vocab_size, seed=cfg.seed)
+                     vocab_size=plan.model.vocab_size, seed=cfg.seed,
+                     mask_id=mask_token_id(tok, plan.model.vocab_size))
 
 
 class NonFiniteLoss(faults.Diverged):
@@ -329,7 +344,11 @@ def main(argv=None) -> int:
                         checkpoint_dir=args.checkpoint_dir,
                         checkpoint_every=args.checkpoint_every, resume=args.resume,
                         out=args.out, seed=args.seed, metrics=args.metrics,
-                        eval_every=args.eval_every, tensorboard=args.tensorboard)
+                        eval_every=args.eval_every, tensorboard=args.tensorboard,
+                        init_from=args.init_from, tokenizer=args.tokenizer)
+        if args.init_from:  # config, files and shapes before any process group
+            from runtime.hf_weights import Checkpoint
+            Checkpoint(args.init_from, plan.model)
         from runtime.mesh import check_world_size
         from runtime.optim import OptimConfig
         check_world_size(plan.layout)
