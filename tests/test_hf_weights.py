@@ -147,3 +147,15 @@ def test_parallel_world_logits_equal_transformers(tmp_path, family, world):
         layers = [sorted({n.split(".")[1] for n in r["read"] if n.startswith("layers.")})
                   for r in ranks]
         assert layers == [["0", "1"], ["2", "3"]]
+
+
+def test_train_refuses_a_mismatched_checkpoint_before_any_process_group(tmp_path, capsys):
+    from runtime.train import main
+    path, _ = _saved(tmp_path, "gpt2")
+    spec = dataclasses.replace(spec_of(path), num_layers=2)
+    make_plan(Layout(micro_batch=2), spec=spec).save(tmp_path / "plan.json")
+    code = main(["--plan", str(tmp_path / "plan.json"), "--steps", "1",
+                 "--init-from", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "config.json has num_layers 4 but the plan's model 'tiny' has num_layers 2" in err
