@@ -154,8 +154,9 @@ def test_train_refuses_a_mismatched_checkpoint_before_any_process_group(tmp_path
     path, _ = _saved(tmp_path, "gpt2")
     spec = dataclasses.replace(spec_of(path), num_layers=2)
     make_plan(Layout(micro_batch=2), spec=spec).save(tmp_path / "plan.json")
+    capsys.readouterr()  # transformers' save progress
     code = main(["--plan", str(tmp_path / "plan.json"), "--steps", "1",
                  "--init-from", str(path)])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1
+    assert code == 2 and err.count("\n") == 1, err
     assert "config.json has num_layers 4 but the plan's model 'tiny' has num_layers 2" in err
