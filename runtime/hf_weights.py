@@ -27,8 +27,7 @@ ACTIVATIONS = {"gpt": ("activation_function", "gelu_new", ("gelu_new", "gelu_pyt
                "bert": ("hidden_act", "gelu", ("gelu",)),  # MLP set to erf GELU on load
                "llama": ("hidden_act", "silu", ("silu", "swish"))}
 IGNORED_FIELDS = ("name", "dropout")  # not a property of the weights
-BASE_PREFIX = {"gpt2": "transformer.", "bert": "bert.", "llama": "model.", "mistral": "model.",
-               "qwen2": "model."}
+BASE_PREFIX = {"gpt2": "transformer.", "bert": "bert.", "llama": "model.", "mistral": "model."}
 
 
 def _bad(path, what: str) -> ValueError:
@@ -146,7 +145,7 @@ def _bert(name: str, spec: ModelSpec):
     return Source(key=f"encoder.layer.{i}.{_BERT_LAYER[mod]}.{leaf}")
 
 
-MAPPERS = {"gpt2": _gpt2, "bert": _bert, "llama": _llama, "mistral": _llama, "qwen2": _llama}
+MAPPERS = {"gpt2": _gpt2, "bert": _bert, "llama": _llama, "mistral": _llama}
 
 
 class Checkpoint:

@@ -43,6 +43,24 @@ def add_inputs(parser, required: bool = True) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def add_trace(parser) -> None:
+    parser.add_argument("--trace-activations", action="store_true",
+                        help="use the activation bytes transformers' implementation of the "
+                             "model saves (traced on the meta device; needs the hf extra; "
+                             "cached) instead of the analytic count, and show both")
+
+
+def traced_context(args, spec, job):
+    """(context manager, comparison line) for --trace-activations, or a null context."""
+    import contextlib
+    if not getattr(args, "trace_activations", False):
+        return contextlib.nullcontext(), None
+    from planner import traced  # torch and transformers: only with the flag
+    from planner.cost.traced_bytes import use
+    trace = traced.for_job(spec, job, getattr(args, "model", None))
+    return use(trace), trace
+
+
 def add_gpus(parser) -> None:
     """--gpus: part of the cluster (one GPU of a DGX, 4 of 8), planner.hardware.with_gpus."""
     parser.add_argument("--gpus", type=bounded_int(0, limits.MAX_GPUS), default=0,

@@ -18,6 +18,7 @@ from functools import lru_cache
 
 from planner.cost import activations as act
 from planner.cost import deepspeed as ds
+from planner.cost import traced_bytes
 from planner.cost.combine import activation_peak, rank_total_bytes
 from planner.cost.compiled import saved_bytes_saving
 from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of,
@@ -196,13 +197,18 @@ def activation_pieces(spec, job, *, tp, sequence_parallel, micro_batch, recomput
     one micro-batch; a compiled block without recompute saves what the compiled census
     measured fewer (planner/cost/compiled.py; under a recompute policy the eager figure)."""
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
-    plain = act.layer_bytes(spec, job, **shape, recompute="none")
+    trace = traced_bytes.active(job)  # --trace-activations: the implementation's own bytes
+    if trace is not None:
+        plain = trace.layer(spec, job, **shape)
+    else:
+        plain = act.layer_bytes(spec, job, **shape, recompute="none")
     if compile:
         plain -= saved_bytes_saving(spec, job.precision, seq_len=job.seq_len, **shape)
     policy = plain if recompute == "none" else act.layer_bytes(spec, job, **shape,
                                                                 recompute=recompute)
-    return (policy, plain,
-            act.embedding_bytes(spec, job, **shape), act.head_bytes(spec, job, **shape))
+    head = act.head_bytes(spec, job, **shape) if trace is None else trace.head(spec, job,
+                                                                                **shape)
+    return (policy, plain, act.embedding_bytes(spec, job, **shape), head)
 
 
 def inflight(*, pp, num_microbatches, virtual_stages, schedule, rank) -> tuple:
