@@ -115,6 +115,7 @@ class Engine:
         lay = self.plan.layout
         if lay.dp > 1:
             dist.all_reduce(count, group=self.ctx.group("dp"))
+        self.loss_tokens = int(count)  # positions in the loss (sft: response tokens)
         self.loss_scale = lay.num_microbatches * lay.dp / max(1.0, float(count))
 
     def loss_fn(self, logits, labels):

@@ -76,3 +76,32 @@ def merge(state: dict, lora) -> dict:
             w = out[f"{base}.weight"]
             out[f"{base}.weight"] = (w.float() + lora.scale * b @ a).to(w.dtype)
     return out
+
+
+def save_merged(engine, out_dir) -> str:
+    """Gather the whole model's weights (every rank takes part: FSDP2 gathers), merge the
+    adapters on rank 0 and write `out_dir/merged.pt`; returns its path on rank 0, else None."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from runtime.model import canonical_name
+    spec, ctx = engine.plan.model, engine.ctx
+    state = {}
+    for module in engine.modules:
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+        state.update({canonical_name(spec, k.removeprefix("module.")): v.detach().cpu()
+                      for k, v in full.items()})
+    keep = ctx.dp_rank == 0 and ctx.tp_rank == 0
+    pieces = [None] * dist.get_world_size()
+    dist.all_gather_object(pieces, state if keep else None)
+    if dist.get_rank() != 0:
+        return None
+    whole = {}
+    for piece in pieces:
+        whole.update(piece or {})
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "merged.pt")
+    torch.save(merge(whole, engine.plan.job.lora), path)
+    return path
