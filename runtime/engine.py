@@ -14,7 +14,8 @@ from runtime.amp import LossScaler
 from runtime.mesh import pair_group
 from runtime.model import canonical_name, materialize
 from runtime.optim import OptimConfig, build_adamw, build_sharded_adamw, clip_grad_norm
-from runtime.parallelize import apply_ddp, parallelize
+from runtime.lora import apply_lora, check_runtime_lora
+from runtime.parallelize import DTYPES, apply_ddp, parallelize
 from runtime.pipeline import build_chunks, build_schedule, lm_loss_sum
 
 
@@ -38,10 +39,16 @@ class Engine:
     def __init__(self, plan, ctx, optim_cfg: OptimConfig = OptimConfig(), seed: int = 0,
                  init_from=None):
         self.plan, self.ctx, self.cfg, self.seed = plan, ctx, optim_cfg, seed
-        spec, lay = plan.model, plan.layout
-        chunks = build_chunks(spec, lay, ctx.pp_rank)
+        spec, lay, job = plan.model, plan.layout, plan.job
+        check_runtime_lora(job.lora)
+        self.classify = job.task == "classify"
+        chunks = build_chunks(spec, lay, ctx.pp_rank,
+                              num_labels=job.num_labels if self.classify else None)
         self.chunk_ids = [c for c, _ in chunks]
         self.parts = [m for _, m in chunks]
+        for part in self.parts:  # LoRA: adapters on the meta model, base frozen
+            apply_lora(part, job.lora, DTYPES[job.precision])
+        self.correct = None  # classify: [correct, counted] while evaluating (accuracy)
         wraps = {parallelize(part, lay, plan.job.precision, ctx, compile_blocks=lay.compile)
                  for part in self.parts}
         for part in self.parts:
@@ -57,10 +64,14 @@ class Engine:
         self.has_last = lay.num_chunks - 1 in self.chunk_ids
         self._setup_tied()
         if lay.zero_stage == 1 and lay.dp > 1:
-            self.optimizers = [build_sharded_adamw(self.named_parameters(), ctx.group("dp"),
+            self.optimizers = [build_sharded_adamw(self.trained_parameters(), ctx.group("dp"),
                                                    optim_cfg)]
         else:
             self.optimizers = [build_adamw(p, optim_cfg) for p in self.parts]
+
+    def trained_parameters(self) -> list:
+        """named_parameters() that get gradients (LoRA: adapters and a classifier only)."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     # --- parameters -------------------------------------------------------------------------
     def named_parameters(self) -> list:
@@ -74,7 +85,7 @@ class Engine:
         embedding's each step (Narayanan et al. 2021, Sec. 4.1)."""
         lay, spec = self.plan.layout, self.plan.model
         self.tied_params, self.tied_group = [], None
-        if not (spec.tie_embeddings and lay.num_chunks > 1):
+        if not (spec.tie_embeddings and lay.num_chunks > 1) or self.classify:
             return
         first, last = lay.chunk_rank(0), lay.chunk_rank(lay.num_chunks - 1)
         if first != last:
@@ -99,7 +110,7 @@ class Engine:
     def clip_entries(self) -> list:
         copies = 2 if self.plan.model.tie_embeddings and self.plan.layout.num_chunks > 1 else 1
         tied = {id(p) for p in self.tied_params}
-        return [(p, copies if id(p) in tied else 1) for _, p in self.named_parameters()]
+        return [(p, copies if id(p) in tied else 1) for _, p in self.trained_parameters()]
 
     # --- steps ------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -118,9 +129,14 @@ class Engine:
         lay = self.plan.layout
         if lay.dp > 1:
             dist.all_reduce(count, group=self.ctx.group("dp"))
+        self.loss_tokens = int(count)  # positions in the loss (sft: response tokens)
         self.loss_scale = lay.num_microbatches * lay.dp / max(1.0, float(count))
 
     def loss_fn(self, logits, labels):
+        if self.correct is not None:  # evaluating a classifier: count the right answers
+            kept = labels != -100
+            hits = (_local(logits).detach().argmax(-1) == labels) & kept
+            self.correct += torch.stack([hits.sum(), kept.sum()]).double()
         return lm_loss_sum(logits, labels) * (self.loss_scale * self.scaler.scale)
 
     def _accumulate(self, inputs, labels, train: bool = True) -> torch.Tensor:
@@ -215,6 +231,18 @@ class Engine:
                 / self.plan.layout.num_microbatches,
                 activation_peak_bytes=counter.peak_bytes)
         return loss
+
+    def eval_accuracy(self, inputs, labels) -> tuple:
+        """(validation loss, accuracy at the pooled positions, over all ranks) of a classify
+        job's held-out batch."""
+        self.correct = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        try:
+            loss = self.eval_loss(inputs, labels)
+            counts = self.correct
+        finally:
+            self.correct = None
+        dist.all_reduce(counts)  # each data-parallel replica's last stage counted its share
+        return loss, float(counts[0] / counts[1].clamp(min=1))
 
     @torch.no_grad()
     def eval_loss(self, inputs, labels) -> float:

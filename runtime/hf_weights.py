@@ -10,8 +10,9 @@ checkpoint, possibly transposed (GPT-2's Conv1D stores (in, out)) and possibly a
 fused tensor (GPT-2's c_attn is q|k|v). A rank reads only the block its parameter holds: the
 DTensor's local shape and global offset under TP (column/row shards) and FSDP2 (dim-0 shards),
 only its pipeline chunks' layers, through safetensors' `get_slice` (no full tensor is read).
-Head tensors the checkpoint lacks (a BertModel without the masked-LM head) keep their seeded
-initial values; a missing body tensor is an error naming it."""
+Head tensors the checkpoint lacks (a BertModel without the masked-LM head), LoRA adapters and a
+classification head keep their seeded initial values (listed as `kept`); a missing body tensor
+is an error naming it."""
 
 import json
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ SINGLE = "model.safetensors"
 ACTIVATIONS = {"gpt": ("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh")),
                "bert": ("hidden_act", "gelu", ("gelu",)),  # MLP set to erf GELU on load
                "llama": ("hidden_act", "silu", ("silu", "swish"))}
+# the runtime's classifier (runtime/model.py Head) reads the normed hidden state, not
+# transformers' pooler (dense + tanh of [CLS]): a *ForSequenceClassification head is not it
+NEW_HEADS = ("head.classifier.",)
 IGNORED_FIELDS = ("name", "dropout")  # not a property of the weights
 BASE_PREFIX = {"gpt2": "transformer.", "bert": "bert.", "llama": "model.", "mistral": "model."}
 
@@ -190,7 +194,11 @@ class Checkpoint:
         return None
 
     def source(self, name: str):
-        """(Source, checkpoint key or None) of runtime parameter `name` (canonical)."""
+        """(Source, checkpoint key or None) of runtime parameter `name` (canonical); (None,
+        None) for tensors a Hugging Face checkpoint has no counterpart of: LoRA adapters and
+        the classification head (new tensors, trained from their initial values)."""
+        if name.rsplit(".", 1)[-1].startswith("lora_") or name.startswith(NEW_HEADS):
+            return None, None
         src = MAPPERS[self.model_type](name, self.spec)
         return src, self.key_for(src.key)
 
@@ -247,7 +255,7 @@ def load_into(model, ckpt: Checkpoint) -> dict:
             name = canonical_name(model.spec, fqn)
             src, key = ckpt.source(name)
             if key is None:
-                if name.startswith("head."):
+                if src is None or name.startswith("head."):
                     kept.append(name)
                     continue
                 raise _bad(ckpt.path, f"no tensor {src.key.lstrip('!')!r} for {name}")

@@ -200,32 +200,40 @@ class Embedding(nn.Module):
 
 
 class Head(nn.Module):
-    """Final norm and vocabulary projection; for BERT the MLM transform (dense, GELU, norm)."""
+    """Final norm and vocabulary projection; for BERT the MLM transform (dense, GELU, norm).
+    With `num_labels` (sequence classification) a num_labels x h `classifier` with bias replaces
+    the vocabulary projection: it scores every position, and the loss reads the pooled one
+    (runtime/tasks.py: the first token of an encoder, the last text token of a decoder)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, num_labels: int = None):
         super().__init__()
         h = spec.hidden_size
         self.dense = nn.Linear(h, h) if spec.arch == "bert" else None
         self.norm = _norm(spec)
-        self.output = nn.Linear(h, spec.vocab_size, bias=spec.arch == "bert")
+        self.output = self.classifier = None
+        if num_labels:
+            self.classifier = nn.Linear(h, num_labels)
+        else:
+            self.output = nn.Linear(h, spec.vocab_size, bias=spec.arch == "bert")
 
     def forward(self, x):
         if self.dense is not None:
             x = F.gelu(self.dense(x))
-        return self.output(self.norm(x))
+        return (self.classifier or self.output)(self.norm(x))
 
 
 class Transformer(nn.Module):
     """The whole model, or one pipeline chunk of it (layers `layer_ids`, embed and/or head)."""
 
-    def __init__(self, spec: ModelSpec, layer_ids=None, has_embed=True, has_head=True):
+    def __init__(self, spec: ModelSpec, layer_ids=None, has_embed=True, has_head=True,
+                 num_labels: int = None):
         super().__init__()
         self.spec = spec
         ids = range(spec.num_layers) if layer_ids is None else layer_ids
         self.embed = Embedding(spec) if has_embed else None
         self.layers = nn.ModuleDict({str(i): Block(spec) for i in ids})
-        self.head = Head(spec) if has_head else None
-        if self.head is not None and spec.tie_embeddings:
+        self.head = Head(spec, num_labels) if has_head else None
+        if self.head is not None and self.head.output is not None and spec.tie_embeddings:
             if self.embed is not None:
                 self.head.output.weight = self.embed.wte.weight
             # else: a pipeline chunk without the embedding keeps its own copy of the word
@@ -253,7 +261,8 @@ class Transformer(nn.Module):
 
     def retie(self) -> None:
         """Re-tie the output projection to the word embedding (after TP replaced both)."""
-        if self.embed is not None and self.head is not None and self.spec.tie_embeddings:
+        if self.embed is not None and self.head is not None and self.spec.tie_embeddings \
+                and self.head.output is not None:
             if self.head.output.weight is not self.embed.wte.weight:
                 self.head.output.weight = self.embed.wte.weight
 
@@ -271,6 +280,8 @@ def _init_full(spec: ModelSpec, name: str, shape, seed: int, device) -> torch.Te
     # type draws the same values.
     gen = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     leaf = name.rsplit(".", 1)[-1]
+    if leaf == "lora_B":  # LoRA: B = 0, training starts from the base model (Hu et al. 2021)
+        return torch.zeros(shape, device=device)
     if leaf == "bias" or ("norm" in name and leaf == "weight" and len(shape) == 1):
         return (torch.ones if leaf == "weight" else torch.zeros)(shape, device=device)
     std = INIT_STD

@@ -129,12 +129,16 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
     per micro-batch a reduce-scatter of fp32 gradients and one (ZeRO-2) or two (ZeRO-3, forward
     and backward) all-gathers of the 16-bit parameters (Rajbhandari et al. 2020, Sec. 7), for
     each FSDP2 group on its own (the torch engine: every block, plus the root group holding the
-    embedding or the output layer)."""
+    embedding or the output layer).  LoRA: gradients and optimizer shards exist for the
+    trainable tensors only (`numel`); ZeRO-2/3 still gather every parameter (`all_numel`)."""
     if dp == 1:
         return []
     eng = engine(job.engine)
     link = axis_link(profile, _mesh(mesh_order, dp, tp, pp), "dp")
-    numel = _local_numel(spec, tp, rank_layers, holds_embedding, holds_head, tied_copy)
+    inv = job if job.task == "classify" or job.lora is not None else None
+    pieces = (rank_layers, holds_embedding, holds_head, tied_copy)
+    numel = _local_numel(spec, tp, *pieces, inv, trainable_only=True)
+    all_numel = _local_numel(spec, tp, *pieces, inv)
     a, m = dtype_bytes(job.precision), num_microbatches
     grad_bytes = 2 * numel if eng.fp16_grads_reduced_in_fp16 and job.precision == "fp16" \
         else 4 * numel
@@ -160,7 +164,7 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
                             grad_bytes / groups if eng.grads_in_model_dtype
                             else 4 * numel / groups),
             make_collective("dp_param_all_gather", "all_gather", link, gathers * groups,
-                            a * numel / groups)]
+                            a * all_numel / groups)]
 
 
 def fsdp_rounds(engine_name: str, zero_stage: int, pp: int, m: int) -> tuple:
