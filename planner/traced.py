@@ -33,6 +33,7 @@ CLASSES = {"gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM", "llama": "Llama
 LAYER_KEYS = {"gpt2": "n_layer"}  # others: num_hidden_layers
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 CACHE_ENV = "PLANNER_CACHE_DIR"
+CACHE_FORMAT = 1  # bump when what a cached entry means changes (points, counting)
 
 
 def hf_config_of(spec: ModelSpec) -> dict:
@@ -100,7 +101,9 @@ def _versions() -> str:
 
 def _key(cfg: dict, seq_len: int, precision: str, attention: str, versions: str) -> str:
     text = json.dumps({"config": cfg, "seq_len": seq_len, "precision": precision,
-                       "attention": attention, "versions": versions}, sort_keys=True)
+                       "attention": attention, "versions": versions,
+                       "micro_batches": TRACED_MICRO_BATCHES, "format": CACHE_FORMAT},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

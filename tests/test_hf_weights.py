@@ -160,3 +160,44 @@ def test_train_refuses_a_mismatched_checkpoint_before_any_process_group(tmp_path
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "config.json has num_layers 4 but the plan's model 'tiny' has num_layers 2" in err
+
+
+def _classify_rank(plan, path, inputs):
+    from torch.distributed.tensor import DTensor
+
+    from runtime.engine import Engine
+    from runtime.mesh import init_distributed
+    ctx = init_distributed(plan.layout, timeout_s=60)
+    engine = Engine(plan, ctx, init_from=path)
+    part = engine.parts[0]
+    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in part.named_parameters() if n.startswith("head.classifier.")}
+    with torch.no_grad():
+        out = engine.modules[0].eval()(inputs)
+    return {"logits": out, "classifier": full, "kept": engine.init_report["kept"]}
+
+
+def test_bert_classifier_reads_the_checkpoints_encoder_and_mlm_transform(tmp_path):
+    """Classification from a BertForMaskedLM checkpoint (FSDP2, 2 ranks): the encoder and the
+    MLM transform (dense, GELU, norm) come from the checkpoint, the new classifier is kept."""
+    import torch.nn.functional as F
+
+    from planner.hardware import load_cluster
+    from planner.job import Job
+    from planner.plan import Plan
+    model = hf_model("bert")
+    path = save(model, tmp_path / "bert")
+    layout = Layout(dp=2, micro_batch=1, zero_stage=2)
+    job = Job(global_batch=2, seq_len=32, precision="fp32", task="classify", num_labels=3)
+    plan = Plan(model=spec_of(path), cluster=load_cluster("cpu", 1, num_gpus=2), job=job,
+                layout=layout)
+    ranks = run_world(2, _classify_rank, plan, str(path), _inputs())
+    with torch.no_grad():
+        hidden = model.bert(_inputs()).last_hidden_state
+        features = model.cls.predictions.transform(hidden)
+    for r in ranks:
+        assert r["kept"] == ["head.classifier.weight", "head.classifier.bias"]
+        c = r["classifier"]
+        want = F.linear(features, c["head.classifier.weight"], c["head.classifier.bias"])
+        assert r["logits"].shape == (2, SEQ, 3)
+        assert (r["logits"] - want).abs().max() < LOGIT_TOL
