@@ -225,3 +225,12 @@ def test_plans_round_trip_and_older_plans_are_full_pretraining():
         old["model"].pop(key, None)
     job = Plan.from_dict(old).job
     assert job.task == "pretrain" and job.lora is None
+
+
+def test_exports_refuse_or_note_lora():
+    from planner.export import deepspeed_config, megatron_args, torchrun
+    plan = _llama8b({"dp": 8, "micro_batch": 1, "num_microbatches": 8}, LoraSpec(rank=16))
+    with pytest.raises(ValueError, match="Megatron-LM cannot express this plan: LoRA"):
+        megatron_args(plan)
+    assert "LoRA rank 16 on q,k,v,o" in deepspeed_config(plan)["comment"]
+    assert "--plan" in torchrun(plan)  # the runtime reads the lora field from the plan
