@@ -56,7 +56,7 @@ def read_config(path) -> dict:
 def check_config(path, spec: ModelSpec) -> dict:
     """The checkpoint's config.json, if it describes `spec` (else a one-line ValueError naming
     the first field that differs)."""
-    from planner.hf_config import from_hf_config
+    from planner.spec import from_hf_config
     cfg = read_config(path)
     try:
         theirs = from_hf_config(cfg, name=spec.name)
