@@ -98,3 +98,25 @@ def test_two_rank_run_from_checkpoint_starts_at_transformers_loss(tmp_path, corp
     with torch.no_grad():
         want = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten()).item()
     assert abs(first - want) < 1e-5
+
+
+def test_classify_records_are_encoded_with_the_tokenizers_template(tmp_path):
+    from benchmarks.hf_journey import train_tokenizer, write_data
+    from planner.hardware import load_cluster
+    from planner.job import Job
+    from planner.plan import Plan
+    from runtime.train import RunConfig, load_data
+    samples = write_data(tmp_path / "train.csv", rows=50)
+    train_tokenizer([t for t, _ in samples], tmp_path)
+    tok = load_tokenizer(tmp_path, 128)
+    path = save(hf_model("bert", vocab_size=128), tmp_path / "bert")
+    plan = Plan(model=spec_of(path), cluster=load_cluster("cpu", 1, num_gpus=1),
+                job=Job(global_batch=2, seq_len=32, precision="fp32", task="classify"),
+                layout=Layout(micro_batch=2))
+    got = load_data(plan, RunConfig(steps=1, data=str(tmp_path / "train.csv"),
+                                    tokenizer=str(tmp_path)))
+    x, y = got[0]
+    ids = tok.encode(samples[0][0]).ids
+    assert ids[0] == tok.token_to_id("[CLS]") and ids[-1] == tok.token_to_id("[SEP]")
+    assert x[:len(ids)].tolist() == ids
+    assert y[0] == samples[0][1] and (y[1:] == -100).all()  # the label at [CLS]
