@@ -234,3 +234,24 @@ def test_exports_refuse_or_note_lora():
         megatron_args(plan)
     assert "LoRA rank 16 on q,k,v,o" in deepspeed_config(plan)["comment"]
     assert "--plan" in torchrun(plan)  # the runtime reads the lora field from the plan
+
+
+def _checkpoint_scenario(tmp: str) -> dict:
+    from test_runtime_checkpoint import CRASH_AT, EVERY, _run
+    z1 = lora_plan(Layout(dp=2, micro_batch=2, num_microbatches=2, zero_stage=1))
+    z3 = lora_plan(Layout(dp=2, micro_batch=4, zero_stage=3))
+    out = {"ref": _run(z1, None)}
+    out["crash"] = _run(z1, f"{tmp}/a", every=EVERY, crash_at=CRASH_AT)
+    out["resume"] = _run(z1, f"{tmp}/a", resume=True)
+    out["cross_z3"] = _run(z3, f"{tmp}/a", resume=True)
+    return out
+
+
+def test_lora_checkpoints_resume_exactly_and_under_another_zero_stage(tmp_path):
+    from runtime_dist import run_world
+    from test_runtime_checkpoint import EVERY, STEPS
+    runs = run_world(2, _checkpoint_scenario, str(tmp_path))[0]
+    want = [loss for s, loss in runs["ref"] if s >= EVERY]
+    for key in ("resume", "cross_z3"):
+        assert [s for s, _ in runs[key]] == list(range(EVERY, STEPS))
+        assert max(abs(a - b) for (_, a), b in zip(runs[key], want)) < 1e-5, key
