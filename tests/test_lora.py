@@ -16,7 +16,7 @@ from runtime_dist import SPEC, Layout, make_plan, train_worlds
 from test_runtime_parity import _max_param_diff, check_memory
 
 from planner.cost.estimate import estimate
-from planner.cost.flops import microbatch_flops, model_flops_per_step
+from planner.cost.flops import lora_first_block_skip, microbatch_flops, model_flops_per_step
 from planner.cost.params import count_parameters
 from planner.job import Job
 from planner.lora import LoraSpec
@@ -152,7 +152,8 @@ def test_frozen_weights_skip_the_weight_gradient_gemms():
     # q and o: r(h + h), k and v: r(h + kv), for each of 8 x 2048 tokens, 2 FLOPs a product
     assert mb.adapter_flops == 8 * 2048 * 2 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024))
     want = spec.num_layers * (2 * full.layer_gemm_flops + 3 * full.layer_attention_flops
-                              + 3 * mb.adapter_flops) + 2 * full.head_flops
+                              + 3 * mb.adapter_flops) + 2 * full.head_flops \
+        - lora_first_block_skip(spec, 8 * 2048, job.lora)
     assert model_flops_per_step(spec, 8, 2048, job) == pytest.approx(want, rel=1e-12)
     assert model_flops_per_step(spec, 8, 2048, job) < 0.75 * model_flops_per_step(spec, 8, 2048)
 
@@ -234,3 +235,49 @@ def test_exports_refuse_or_note_lora():
         megatron_args(plan)
     assert "LoRA rank 16 on q,k,v,o" in deepspeed_config(plan)["comment"]
     assert "--plan" in torchrun(plan)  # the runtime reads the lora field from the plan
+
+
+def _checkpoint_scenario(tmp: str) -> dict:
+    from test_runtime_checkpoint import CRASH_AT, EVERY, _run
+    z1 = lora_plan(Layout(dp=2, micro_batch=2, num_microbatches=2, zero_stage=1))
+    z3 = lora_plan(Layout(dp=2, micro_batch=4, zero_stage=3))
+    out = {"ref": _run(z1, None)}
+    out["crash"] = _run(z1, f"{tmp}/a", every=EVERY, crash_at=CRASH_AT)
+    out["resume"] = _run(z1, f"{tmp}/a", resume=True)
+    out["cross_z3"] = _run(z3, f"{tmp}/a", resume=True)
+    return out
+
+
+def test_lora_checkpoints_resume_exactly_and_under_another_zero_stage(tmp_path):
+    from runtime_dist import run_world
+    from test_runtime_checkpoint import EVERY, STEPS
+    runs = run_world(2, _checkpoint_scenario, str(tmp_path))[0]
+    want = [loss for s, loss in runs["ref"] if s >= EVERY]
+    for key in ("resume", "cross_z3"):
+        assert [s for s, _ in runs[key]] == list(range(EVERY, STEPS))
+        assert max(abs(a - b) for (_, a), b in zip(runs[key], want)) < 1e-5, key
+
+
+@pytest.mark.parametrize("lora, task", [(None, "pretrain"), (LORA, "pretrain"),
+                                        (LoraSpec(rank=4, targets=("q", "v", "down")), "sft"),
+                                        (LoraSpec(rank=2, targets=("k",)), "classify")])
+def test_the_planners_gemm_flops_are_the_runtimes(lora, task):
+    """torch.utils.flop_counter over one forward + backward of the runtime model equals the
+    planner's model FLOPs less the attention core (FlopCounterMode has no formula for the CPU
+    flash-attention kernel: its count is the GEMMs' alone)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from runtime.lora import apply_lora
+    from runtime.model import Transformer, materialize
+    from runtime.pipeline import lm_loss_sum
+    job = Job(global_batch=2, seq_len=32, lora=lora, task=task, num_labels=3)
+    with torch.device("meta"):
+        model = Transformer(SPEC, num_labels=3 if task == "classify" else None)
+    apply_lora(model, lora, torch.float32)
+    materialize(model, torch.device("cpu"))
+    tokens = torch.randint(0, 3, (2, 32))
+    with FlopCounterMode(display=False) as counter:
+        lm_loss_sum(model(tokens), tokens).backward()
+    attention = 3 * SPEC.num_layers * microbatch_flops(SPEC, 2, 32, 1).layer_attention_flops
+    assert set(map(str, counter.get_flop_counts()["Global"])) <= {"aten.mm", "aten.addmm"}
+    assert counter.get_total_flops() == model_flops_per_step(SPEC, 2, 32, job) - attention

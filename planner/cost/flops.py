@@ -121,11 +121,27 @@ def microbatch_flops(spec: ModelSpec, micro_batch: int, seq_len: int, tp: int,
         frozen_base=lora is not None, head_trainable_flops=trained)
 
 
+def lora_first_block_skip(spec: ModelSpec, tokens: int, lora) -> float:
+    """Under LoRA the frozen embedding's output carries no gradient, so the first block's q, k
+    and v GEMMs (and their adapters' lora_A) compute no input gradient: the backward stops
+    there (counted on the runtime with torch.utils.flop_counter, tests/test_lora.py).  Exact
+    when one of q, k, v is adapted; otherwise the backward stops later, which is not counted
+    (the figure then over-counts the first block's backward)."""
+    if lora is None or not {"q", "k", "v"} & set(lora.targets):
+        return 0.0
+    qkv = sum(g.flops for g in layer_gemms(spec, tokens, 1) if g.name in ("q", "kv"))
+    a_in = sum(g.flops for g in adapter_gemms(spec, tokens, lora)
+               if g.name in ("lora_A_q", "lora_A_k", "lora_A_v"))
+    return qkv + a_in
+
+
 def model_flops_per_step(spec: ModelSpec, global_batch: int, seq_len: int, job=None) -> float:
     """Model FLOPs of one training step (forward + backward, no recompute), whole model, as the
-    job trains it (LoRA: no weight gradients of frozen weights)."""
+    job trains it (LoRA: no weight gradients of frozen weights, no input gradient into the
+    first block)."""
     mb = microbatch_flops(spec, global_batch, seq_len, 1, job)
-    return spec.num_layers * mb.layer_train_flops + mb.head_train_flops
+    skip = lora_first_block_skip(spec, global_batch * seq_len, job.lora if job else None)
+    return spec.num_layers * mb.layer_train_flops + mb.head_train_flops - skip
 
 
 def recompute_flops_per_layer(mb: MicrobatchFlops, recompute: str,
