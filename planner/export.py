@@ -423,6 +423,16 @@ def _deepspeed_note(lay, job) -> str:
                      f"{lay.recompute} recompute to blocks {lay.recompute_every - 1}, "
                      f"{2 * lay.recompute_every - 1}, ... only (0-based; DeepSpeed's "
                      f"activation_checkpoint_interval checkpoints groups of blocks instead)")
+    if job.lora is not None:
+        notes.append(f"LoRA rank {job.lora.rank} on {','.join(job.lora.targets)} (alpha "
+                     f"{job.lora.alpha:g}): not a DeepSpeed config key; the model code must wrap "
+                     f"those projections with adapters (e.g. PEFT) and freeze the rest, and pass "
+                     f"only the trainable parameters to deepspeed.initialize; the plan's memory "
+                     f"is this project's runtime's (runtime/lora.py)")
+    if job.task != "pretrain":
+        notes.append(f"task {job.task}: the model code supplies the "
+                     + ("classification head and pooling" if job.task == "classify"
+                        else "prompt-masked labels (-100 on the prompt)"))
     notes.append(f"optimizer.params.lr {LR_PLACEHOLDER:g} is a placeholder: set the learning "
                  "rate")
     return "; ".join(notes)
@@ -467,6 +477,13 @@ def megatron_args(plan: Plan, fill: dict | None = None) -> list:
     gives them values."""
     lay, job, spec = plan.layout, plan.job, plan.model
     _refuse_compile("Megatron-LM", lay)
+    if plan.job.lora is not None:
+        raise ValueError(f"Megatron-LM cannot express this plan: LoRA (rank "
+                         f"{plan.job.lora.rank}); Megatron-LM's pretrain scripts have no adapter "
+                         f"layers; export the plan to torchrun or slurm (runtime/lora.py)")
+    if plan.job.task != "pretrain":
+        raise ValueError(f"Megatron-LM cannot express this plan: task {plan.job.task}; its "
+                         f"pretrain_gpt.py trains language models only; export to torchrun")
     if lay.schedule in ("gpipe", "interleaved_zb", "zbv") and lay.pp > 1:
         _refuse("Megatron-LM", f"schedule {lay.schedule}; it runs 1F1B and interleaved 1F1B")
     if spec.arch == "bert":

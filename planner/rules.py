@@ -318,6 +318,52 @@ def _engine_rules() -> list:
     ]
 
 
+def _lora(ctx) -> bool:
+    return ctx.job.lora is not None
+
+
+def _lora_absent_message(ctx, r) -> str:
+    absent = ctx.job.lora.absent_targets(ctx.model.mlp)
+    have = "gate, up, down" if ctx.model.mlp == "swiglu" else "fc, proj"
+    return (f"lora target {absent[0]!r} is not in {ctx.model.name} (its {ctx.model.mlp} MLP has "
+            f"{have}; attention has q, k, v, o)")
+
+
+def _task_rules() -> list:
+    """Fine-tuning (planner/job.py task, planner/lora.py): what the runtime and the cost model
+    cover.  LoRA's adapters are plain modules around nn.Linear; PyTorch's ColwiseParallel /
+    RowwiseParallel would shard every parameter of the module along the base weight's dimension,
+    lora_A's rank rows included, so tensor parallelism is refused rather than silently wrong."""
+    op = RECOMPUTE.index("op")
+    return [
+        Rule("lora_targets", "LoRA target the model does not have",
+             lambda ctx, c: _everywhere(c, _lora(ctx) and bool(
+                 ctx.job.lora.absent_targets(ctx.model.mlp))), _lora_absent_message),
+        Rule("lora_engine", "LoRA on an engine without adapters",
+             lambda ctx, c: _everywhere(c, _lora(ctx) and ctx.job.engine != "torch"),
+             lambda ctx, r: f"LoRA (rank {ctx.job.lora.rank}) is modelled and run by the torch "
+                            f"engine only (runtime/lora.py); the {ctx.job.engine} engine's "
+                            f"optimizers and exports have no adapters"),
+        Rule("lora_tp", "LoRA with tensor parallelism",
+             lambda ctx, c: _everywhere(c, _lora(ctx)) & (c["tp"] > 1),
+             lambda ctx, r: f"LoRA with tp={r['tp']}: PyTorch's Colwise/RowwiseParallel would "
+                            f"shard lora_A's {ctx.job.lora.rank} rank rows with the base weight; "
+                            f"use tp=1 (adapters are small: data parallelism and ZeRO suffice)"),
+        Rule("lora_recompute_op", "LoRA with the op-level recompute policy",
+             lambda ctx, c: _everywhere(c, _lora(ctx)) & (c["recompute"] == op),
+             lambda ctx, r: "LoRA with recompute op: the op policy's saved outputs are counted "
+                            "for full training only; use none, selective or full"),
+        Rule("lora_compile", "LoRA with torch.compile",
+             lambda ctx, c: _everywhere(c, _lora(ctx)) & _compiled(c),
+             lambda ctx, r: "LoRA with compile: the compiled-block census is of fully trained "
+                            "blocks; use compile off"),
+        Rule("classify_tp", "classification with tensor parallelism",
+             lambda ctx, c: _everywhere(c, ctx.job.task == "classify") & (c["tp"] > 1),
+             lambda ctx, r: f"task classify with tp={r['tp']}: the {ctx.job.num_labels}-way "
+                            f"classifier is not vocabulary-parallel; use tp=1"),
+    ]
+
+
 def _policy(r: dict) -> str:
     return RECOMPUTE[r["recompute"]]
 
@@ -349,7 +395,7 @@ def _recompute_rules() -> list:
 
 
 RULES = _shape_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
-    _engine_rules()
+    _engine_rules() + _task_rules()
 BY_KEY = {rule.key: rule for rule in RULES}
 # labels of the search's own rejections (not layout rules)
 SEARCH_LABELS = {"batch": "dp does not divide the global batch",
@@ -357,7 +403,8 @@ SEARCH_LABELS = {"batch": "dp does not divide the global batch",
 # shape-level reasons (why tp or dp cannot take the obvious value) the nothing-fits line cites
 SHAPE_KEYS = ("tp_heads", "tp_ffn", "tp_node", "batch")
 # reasons that rule out every layout of a request: said first when nothing is valid
-REQUEST_KEYS = ("precision", "fp8_engine", "positions", "compile_engine")
+REQUEST_KEYS = ("precision", "fp8_engine", "positions", "compile_engine", "lora_targets",
+                "lora_engine")
 
 
 def label(key: str) -> str:

@@ -57,6 +57,8 @@ def _adamw_kw(cfg: OptimConfig) -> dict:
 def build_adamw(module, cfg: OptimConfig) -> torch.optim.AdamW:
     groups: dict = {}
     for p in module.parameters():
+        if not p.requires_grad:  # LoRA's frozen base: no optimizer state
+            continue
         groups.setdefault(_group_key(p), []).append(p)
     kws, kw = _group_kw(cfg), _adamw_kw(cfg)
     params = [p for ps in groups.values() for p in ps]

@@ -336,3 +336,23 @@ def test_fp8_recipe_selector_and_gain():
     at.run()
     _ok(at)
     assert any("FP8 (rowwise)" in _text(i) for i in at.info)
+
+
+def test_lora_widgets_change_the_ranked_plans_and_their_memory():
+    at = _app(batch=64)
+    _ok(at)
+    full = _ranked(at)
+    at.checkbox(key="lora").check().run()
+    at.number_input(key="lora_rank").set_value(16)
+    at.multiselect(key="lora_targets").set_value(["q", "v"]).run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    lora = _ranked(at)
+    assert lora and lora != full
+    at.multiselect(key="lora_targets").set_value(["fc"]).run()
+    _ok(at)
+    assert any("lora target 'fc' is not in llama3-8b" in _text(e) for e in at.error)
+    at.multiselect(key="lora_targets").set_value(["q"])
+    at.selectbox(key="task").set_value("classify").run()
+    _ok(at)
+    assert at.number_input(key="num_labels").value == 2 and _ranked(at)

@@ -130,12 +130,16 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
     per micro-batch a reduce-scatter of fp32 gradients and one (ZeRO-2) or two (ZeRO-3, forward
     and backward) all-gathers of the 16-bit parameters (Rajbhandari et al. 2020, Sec. 7), for
     each FSDP2 group on its own (the torch engine: every block, plus the root group holding the
-    embedding or the output layer)."""
+    embedding or the output layer).  LoRA: gradients and optimizer shards exist for the
+    trainable tensors only (`numel`); ZeRO-2/3 still gather every parameter (`all_numel`)."""
     if dp == 1:
         return []
     eng = engine(job.engine)
     link = axis_link(profile, _mesh(mesh_order, dp, tp, pp), "dp")
-    numel = _local_numel(spec, tp, rank_layers, holds_embedding, holds_head, tied_copy)
+    inv = job if job.task == "classify" or job.lora is not None else None
+    pieces = (rank_layers, holds_embedding, holds_head, tied_copy)
+    numel = _local_numel(spec, tp, *pieces, inv, trainable_only=True)
+    all_numel = _local_numel(spec, tp, *pieces, inv)
     a, m = dtype_bytes(job.dtype), num_microbatches
     grad_bytes = 2 * numel if eng.fp16_grads_reduced_in_fp16 and job.dtype == "fp16" \
         else 4 * numel
@@ -157,7 +161,7 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
     if eng.fsdp_groups_per_block:
         groups = rank_layers + (1 if holds_embedding or holds_head else 0)
     reduces, gathers = fsdp_rounds(job.engine, zero_stage, pp, m)
-    gathered = a * numel
+    gathered = a * all_numel
     if fp8_gather(job, zero_stage):  # FSDP2 fp8 all-gather: block linears in 1 byte, not 2
         gathered -= linear_weight_numel(spec, tp) * rank_layers
     return [make_collective("dp_reduce_scatter", "reduce_scatter", link, reduces * groups,

@@ -27,12 +27,19 @@ of the eager aten ops the fused kernels Inductor generates for it (planner/cost/
 one launch moving its bytes once; its host time is the eager host time per eager kernel times
 the compiled kernels (README, torch.compile: an upper bound on the launches' host cost)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from planner.cost import fp8
 from planner.cost.compiled import compiled_pass, eager_kernels
-from planner.cost.flops import Gemm, attention_core_flops, head_extra_gemms, head_gemm, layer_gemms
+from planner.cost.flops import (
+    Gemm,
+    adapter_gemms,
+    attention_core_flops,
+    head_extra_gemms,
+    head_gemm,
+    layer_gemms,
+)
 from planner.cost.ops import op_policy_saved, ops
 from planner.engines import engine
 from planner.hardware import GpuSpec
@@ -60,6 +67,7 @@ class LayerTimes:
     host_fwd_s: float = 0.0
     host_bwd_s: float = 0.0
     host_is_device: bool = False
+    wgrad_fraction: float = 0.5  # of gemm_bwd_s, the weight gradients' (LoRA: adapters' only)
 
     def _with_host(self, device_s: float, host_s: float) -> float:
         return device_s + host_s if self.host_is_device else max(device_s, host_s)
@@ -76,8 +84,9 @@ class LayerTimes:
 
     @property
     def wgrad_s(self) -> float:
-        """The weight-gradient half of the backward GEMMs (deferrable in zero-bubble schedules)."""
-        return self.gemm_bwd_s / 2
+        """The weight-gradient part of the backward GEMMs (deferrable in zero-bubble
+        schedules): half of a dense backward, each GEMM's dgrad and wgrad being equal."""
+        return self.gemm_bwd_s * self.wgrad_fraction
 
 
 def gemm_efficiency(gpu: GpuSpec, m: int, n: int, k: int) -> float:
@@ -225,8 +234,28 @@ def _with_casts(gpu: GpuSpec, spec: ModelSpec, job: Job, times: tuple, *, tp: in
                  for t, d in zip(times, ("fwd", "bwd")))
 
 
+def with_lora(times: LayerTimes, gpu: GpuSpec, gemms: list, precision: str) -> LayerTimes:
+    """LoRA: the base GEMMs' backward loses its weight-gradient half (frozen weights); the
+    adapters' GEMMs run forward and twice backward, their wgrad half deferrable."""
+    fwd = sum(gemm_time(gpu, g, precision) for g in gemms)
+    base_bwd = times.gemm_bwd_s / 2
+    bwd = base_bwd + 2 * fwd
+    return replace(times, gemm_fwd_s=times.gemm_fwd_s + fwd, gemm_bwd_s=bwd,
+                   wgrad_fraction=fwd / bwd if bwd else 0.0)
+
+
 def layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
                 micro_batch: int, compile: bool = False, zero_stage: int = 0) -> LayerTimes:
+    times = _layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
+                         micro_batch=micro_batch, compile=compile, zero_stage=zero_stage)
+    if job.lora is None:
+        return times
+    return with_lora(times, gpu, adapter_gemms(spec, micro_batch * job.seq_len, job.lora),
+                     job.dtype)
+
+
+def _layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
+                 micro_batch: int, compile: bool = False, zero_stage: int = 0) -> LayerTimes:
     eng = engine(job.engine)
     attn_fwd, attn_bwd = _attention_times(gpu, spec, job, micro_batch, tp)
     host_fwd, host_bwd = gpu.host_layer_s(tp) if eng.host_overhead_per_layer else (0.0, 0.0)
@@ -254,17 +283,27 @@ def layer_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int, sequence_pa
 
 def head_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int,
                micro_batch: int) -> LayerTimes:
-    """Output layer: logits GEMM (vocab-parallel) and the fp32 softmax cross-entropy."""
-    if engine(job.engine).kernels_from_op_census:
+    """Output layer: logits GEMM (vocab-parallel) and the fp32 softmax cross-entropy (a
+    classifier: the same kernels, analytically, over num_labels outputs).  LoRA's frozen
+    output layer runs no weight-gradient GEMM."""
+    times = _head_times(gpu, spec, job, tp=tp, micro_batch=micro_batch)
+    if job.lora is None or job.trains_classifier:
+        return times
+    return replace(times, gemm_bwd_s=times.gemm_bwd_s / 2, wgrad_fraction=0.0)
+
+
+def _head_times(gpu: GpuSpec, spec: ModelSpec, job: Job, *, tp: int,
+                micro_batch: int) -> LayerTimes:
+    if engine(job.engine).kernels_from_op_census and not job.trains_classifier:
         # the final norm counted on the whole sequence also under sequence parallelism
         shape: dict[str, Any] = {"tp": tp, "sequence_parallel": False, "micro_batch": micro_batch}
         gemm_fwd, elem_fwd = _census_pass(gpu, spec, job, "head", "fwd", **shape)
         gemm_bwd, elem_bwd = _census_pass(gpu, spec, job, "head", "bwd", **shape)
         return LayerTimes(gemm_fwd, 0.0, elem_fwd, gemm_bwd, 0.0, elem_bwd)
     tokens = micro_batch * job.seq_len
-    gemms = [head_gemm(spec, tokens, tp)] + head_extra_gemms(spec, tokens)
+    gemms = [head_gemm(spec, tokens, tp, job)] + head_extra_gemms(spec, tokens)
     gemm_fwd = sum(gemm_time(gpu, g, job.dtype) for g in gemms)
-    logits = tokens * -(-spec.vocab_size // tp)
+    logits = tokens * gemms[0].n
     # cast to fp32 and log-softmax (read 16-bit, write fp32, read + write for the softmax)
     elem_fwd = _memory_time(gpu, logits * (dtype_bytes(job.dtype) + 3 * 4), 3)
     return LayerTimes(gemm_fwd, 0.0, elem_fwd, 2 * gemm_fwd, 0.0, 2 * elem_fwd)

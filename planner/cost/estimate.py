@@ -105,8 +105,8 @@ def estimate(plan: Plan) -> Estimate:
     return Estimate(
         plan=plan, memory=memory, time=time,
         communication=_step_collectives(plan, memory.pp_rank),
-        model_flops_per_step=model_flops_per_step(spec, job.global_batch, job.seq_len),
+        model_flops_per_step=model_flops_per_step(spec, job.global_batch, job.seq_len, job),
         hardware_flops_per_step=hardware_flops_per_step(
             spec, job.global_batch, job.seq_len, lay.recompute, lay.recompute_every,
             op_policy_gemm_flops(spec, job, tp=1, micro_batch=job.global_batch)
-            if lay.recompute == "op" else 0.0))
+            if lay.recompute == "op" else 0.0, job))

@@ -132,7 +132,8 @@ class Scorer:
 
     def throughput(self, cols: dict, step_s: np.ndarray) -> tuple:
         """(tokens/s, MFU) as Estimate computes them."""
-        flops = model_flops_per_step(self.model, self.job.global_batch, self.job.seq_len)
+        flops = model_flops_per_step(self.model, self.job.global_batch, self.job.seq_len,
+                                     self.job)
         peak = self.fixed["gpu"].peak_flops.get(self.job.dtype, 1.0) if step_s.size else 1.0
         return (self.job.tokens_per_step / step_s,
                 flops / step_s / cols["world"].astype(float) / peak)
