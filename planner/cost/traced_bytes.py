@@ -8,8 +8,9 @@ bytes(b) = bytes(2) + (b - 2) * (bytes(3) - bytes(2)) exactly from b = 2 on; at 
 bytes may differ (transformers' shifted labels are a view there and a copy above: 8 bytes).
 Tensor parallelism and sequence parallelism shard those tensors as they shard the analytic count
 (planner/cost/activations.py), so a traced figure is scaled by the analytic ratio sharded /
-unsharded. The rest of the model is split as the analytic model splits it: the embedding's analytic bytes (token and position ids,
-its dropout mask) on the first stage, the remainder on the head.
+unsharded. The rest of the model is split as the analytic model splits it: the embedding's
+analytic bytes (token and position ids, its dropout mask) on the first stage, the remainder on
+the head.
 
 While `use(trace)` is active, planner/cost/memory.activation_pieces takes these figures instead
 of the analytic ones for layers without recompute and for the head (recompute policies keep
