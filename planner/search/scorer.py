@@ -18,6 +18,7 @@ import numpy as np
 from planner.cost.fields import parameters, rank_facts_of
 from planner.cost.flops import model_flops_per_step
 from planner.cost.memory import rank_memory_parts
+from planner.cost.moe import rank_moe_layers_of
 from planner.cost.time import mean_rank_s, rank_time_parts, step_inputs, step_of
 from planner.engines import RECOMPUTE, SCHEDULES
 from planner.plan import AXES, Layout
@@ -36,7 +37,9 @@ def layout_at(cols: dict, i: int) -> Layout:
                   virtual_stages=int(cols["virtual_stages"][i]),
                   recompute=RECOMPUTE[int(cols["recompute"][i])],
                   recompute_every=int(cols["recompute_every"][i]),
-                  compile=bool(cols["compile"][i]) if "compile" in cols else False)
+                  compile=bool(cols["compile"][i]) if "compile" in cols else False,
+                  ep=int(cols["ep"][i]) if "ep" in cols else 1,
+                  etp=int(cols["etp"][i]) if "etp" in cols else 1)
 
 
 def _row_codes(rows: np.ndarray) -> np.ndarray:
@@ -91,7 +94,9 @@ class Scorer:
         """The columns plus pipeline rank `rank`'s facts (planner.cost.fields.with_rank)."""
         with_rank = {**cols, "rank": rank}
         layers, chunks, first, last = self.unique(rank_facts_of, with_rank).T
+        moe = self.unique(rank_moe_layers_of, with_rank)
         return {**with_rank, "rank_layers": layers.astype(np.int64),
+                "rank_moe_layers": moe.astype(np.int64),
                 "rank_chunks": chunks.astype(np.int64), "holds_embedding": first.astype(np.int64),
                 "holds_head": last.astype(np.int64),
                 "tied_copy": (cols["pp"] * cols["virtual_stages"] > 1).astype(np.int64)}
