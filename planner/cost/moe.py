@@ -32,7 +32,7 @@ from planner.cost.flops import Gemm
 from planner.cost.params import block_tensors, dense_view
 from planner.cost.pipeline import chunk_rank, stage_layers
 from planner.engines import engine
-from planner.topology import _group_bandwidth, rank_grid
+from planner.topology import _distinct_groups, _group_bandwidth, rank_grid
 from planner.units import dtype_bytes
 
 FP32 = 4
@@ -247,7 +247,8 @@ def group_links(profile, mesh_order, dp, tp, pp, ep, etp, axis) -> tuple:
 def _group_links(profile, mesh_order, dp, tp, pp, ep, etp, axis) -> tuple:
     rows = expert_groups(mesh_order, dp=dp, tp=tp, pp=pp, ep=ep, etp=etp, axis=axis)
     gpn = profile.gpus_per_node
-    worst = min((_group_bandwidth(profile, row) for row in rows[:64]), key=lambda g: g[2])
+    worst = min((_group_bandwidth(profile, rows[i]) for i in _distinct_groups(rows, gpn)),
+                key=lambda g: g[2])
     intra = profile.intra_node
     nic = profile.inter_node.bandwidth_bytes_per_s * profile.inter_node.efficiency / gpn
     return (rows.shape[1], worst[0], worst[1], worst[2], nic, intra.latency_s,

@@ -143,10 +143,20 @@ class Scorer:
                 flops / step_s / cols["world"].astype(float) / peak)
 
     def _slot_ranks(self, cols: dict) -> list:
-        """Ranks 0, 1, first short rank, last; sorted per row (ties keep the lowest rank)."""
+        """Ranks 0, 1, first short rank, last (and, for an MoE model with dense first layers,
+        the ranks where its MoE layers begin); sorted per row (ties keep the lowest rank)."""
         pp, chunks = cols["pp"], cols["pp"] * cols["virtual_stages"]
         extra = self.model.num_layers % chunks
-        cand = np.stack([np.zeros_like(pp), np.minimum(1, pp - 1), np.minimum(extra, pp - 1),
-                         pp - 1], axis=1)
+        slots = [np.zeros_like(pp), np.minimum(1, pp - 1), np.minimum(extra, pp - 1), pp - 1]
+        if self.model.is_moe and self.model.moe.first_dense_layers:
+            # the rank with the first MoE layer and the next (its first rank of MoE layers only):
+            # the dense first layers make the ranks before them lighter
+            d = self.model.moe.first_dense_layers
+            base = self.model.num_layers // chunks
+            long_layers = extra * (base + 1)
+            chunk = np.where(d < long_layers, d // (base + 1),
+                             extra + (d - long_layers) // np.maximum(base, 1))
+            slots += [np.minimum(chunk % pp, pp - 1), np.minimum(chunk % pp + 1, pp - 1)]
+        cand = np.stack(slots, axis=1)
         cand.sort(axis=1)
         return [cand[:, j] for j in range(cand.shape[1])]
