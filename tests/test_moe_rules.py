@@ -20,7 +20,8 @@ def test_ep_and_etp_constraints_name_their_numbers():
     assert _errors("mixtral-8x7b", dp=8, ep=4, etp=2, micro_batch=8) == []
     errs = _errors("mixtral-8x7b", dp=8, ep=3, micro_batch=8)
     assert "ep=3 must divide the 8 routed experts of mixtral-8x7b" in errs[0]
-    errs = _errors("mixtral-8x7b", tp=2, dp=4, ep=8, etp=2, micro_batch=16)
+    errs = _errors("mixtral-8x7b", tp=2, dp=4, ep=8, etp=2, micro_batch=16,
+                   sequence_parallel=True)
     assert errs == ["ep*etp = 8*2 = 16 must divide the dense group tp*dp = 2*4 = 8 (experts "
                     "fold over the same GPUs)"]
     errs = _errors("qwen3-30b-a3b", dp=8, etp=8, micro_batch=8)
