@@ -126,3 +126,32 @@ def test_simulator_has_the_all_to_all():
 def test_moe_imbalance_is_validated():
     with pytest.raises(ValueError, match="moe imbalance must be in"):
         Job(global_batch=8, seq_len=128, moe_imbalance=0.5)
+
+
+def _cli_error(capsys, argv) -> tuple:
+    from planner.cli import main
+    code = main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+MIXTRAL_ARGS = ["estimate", "--model", "mixtral-8x7b", "--cluster", "h100-80g", "--nodes", "2",
+                "--global-batch", "32", "--seq-len", "4096", "--engine", "megatron",
+                "--dp", "16", "--zero", "1"]
+
+
+def test_cli_ep_flags(capsys):
+    code, err = _cli_error(capsys, MIXTRAL_ARGS + ["--ep", "3"])
+    assert code == 2 and "\n" not in err
+    assert "ep=3 must divide the 8 routed experts of mixtral-8x7b; from --ep 3" in err
+    with pytest.raises(SystemExit) as exc:  # argparse's usage error
+        _cli_error(capsys, MIXTRAL_ARGS + ["--moe-imbalance", "0.5"])
+    assert exc.value.code == 2
+    assert "--moe-imbalance: expected a finite number in [1, 64], got '0.5'" in \
+        capsys.readouterr().err
+    from planner.cli import main
+    assert main(MIXTRAL_ARGS + ["--ep", "8", "--moe-imbalance", "1.5", "--json"]) == 0
+    out = capsys.readouterr().out
+    import json
+    est = json.loads(out)
+    assert est["time"]["ep_comm_s"] > 0 and est["plan"]["job"]["moe_imbalance"] == 1.5
+    assert any(c["name"] == "ep_all_to_all" for c in est["communication"])
