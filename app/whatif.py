@@ -7,6 +7,7 @@ import itertools
 
 import streamlit as st
 
+from app.inputs import chosen
 from planner.plan import AXES, RECOMPUTE, SCHEDULES
 
 MESH_ORDERS = [",".join(p) for p in itertools.permutations(AXES)]
@@ -68,11 +69,11 @@ def layout_by_hand(hint: dict, moe: bool = False) -> dict:
                                  help="tensor parallel inside each expert (megatron engine)")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "ep": int(ep), "etp": int(etp),
             "sequence_parallel": bool(sp),
-            "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
+            "zero_stage": int(chosen(zero)), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,
             "recompute_every": int(every),
             "compile": bool(compiled),
-            "mesh_order": order.split(","), "layers_per_stage": parse_layers(layers)}
+            "mesh_order": chosen(order).split(","), "layers_per_stage": parse_layers(layers)}
 
 
 def parse_layers(text: str):

@@ -16,6 +16,7 @@ import re
 import shlex
 from typing import TYPE_CHECKING
 
+from planner.engines import engine
 from planner.schema import read_input_file
 
 if TYPE_CHECKING:  # annotations only: `planner --help` reads FORMATS without loading planner.plan
@@ -188,8 +189,8 @@ def _check_cpus(cpus) -> int:
 
 
 def torchrun_lines(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEPS,
-                   hosts: list = None, master_addr: str = None,
-                   master_port: int = DEFAULT_PORT, rdzv_id: str = None) -> list:
+                   hosts: list | None = None, master_addr: str | None = None,
+                   master_port: int = DEFAULT_PORT, rdzv_id: str | None = None) -> list:
     """One torchrun command per node (a single line for a one-node plan).  Every value is
     quoted for the shell; host names must be host names or IP addresses.
 
@@ -230,8 +231,8 @@ def torchrun(plan: Plan, **kwargs) -> str:
 
 
 def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEPS,
-          job_name: str = None, time_limit: str = "24:00:00", partition: str = None,
-          master_port: int = DEFAULT_PORT, cpus_per_task: int = None) -> str:
+          job_name: str | None = None, time_limit: str = "24:00:00", partition: str | None = None,
+          master_port: int = DEFAULT_PORT, cpus_per_task: int | None = None) -> str:
     """An sbatch script: one task per node, each starting torchrun with c10d rendezvous.
 
     The #SBATCH values (job name, partition, time) must match NAME_CHARS / Slurm's time
@@ -249,7 +250,7 @@ def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEP
     if partition is not None:
         head.append(f"#SBATCH --partition={check_partition(partition)}")
     if cpus_per_task is None:
-        cpus = _Shell('--cpus-per-task="$SLURM_CPUS_ON_NODE"')
+        cpus: str = _Shell('--cpus-per-task="$SLURM_CPUS_ON_NODE"')
     else:
         cpus = f"--cpus-per-task={_check_cpus(cpus_per_task)}"
         head.append(f"#SBATCH {cpus}")
@@ -302,12 +303,15 @@ def deepspeed_config(plan: Plan) -> dict:
         _refuse("DeepSpeed", f"ep={lay.ep} etp={lay.etp}; DeepSpeed's expert parallelism "
                 "needs deepspeed.moe.layer.MoE modules in the model, which its config does not "
                 "set up")
+    if job.fp8:
+        raise ValueError(f"DeepSpeed cannot express this plan: precision fp8 "
+                         f"({job.fp8_recipe}): {engine('deepspeed').fp8_refusal}")
     if lay.pp > 1 and lay.schedule != "1f1b":
         _refuse("DeepSpeed", f"schedule {lay.schedule}; its pipeline engine runs 1F1B only")
     if lay.pp > 1 and lay.zero_stage >= 2:
         _refuse("DeepSpeed", f"ZeRO-{lay.zero_stage} with pp={lay.pp}; pipeline parallelism "
                 "supports ZeRO stages 0 and 1 only")
-    cfg = {"train_batch_size": job.global_batch,
+    cfg: dict = {"train_batch_size": job.global_batch,
            "train_micro_batch_size_per_gpu": lay.micro_batch,
            "gradient_accumulation_steps": lay.num_microbatches,
            "gradient_clipping": CLIP_NORM,
@@ -466,7 +470,7 @@ def _placeholder(flag: str, fill) -> str:
     return _Shell(f'"${{{name}:?set {name} to {what}}}"')
 
 
-def megatron_args(plan: Plan, fill: dict = None) -> list:
+def megatron_args(plan: Plan, fill: dict | None = None) -> list:
     """Megatron-LM pretrain_gpt.py arguments (flat list of strings).  The settings of
     MEGATRON_PLACEHOLDERS are shell references `"${LR:?...}"`, or fill[NAME] where `fill`
     gives them values."""
@@ -551,8 +555,9 @@ def _model_args(spec, job) -> list:
         args.append("--untie-embeddings-and-output-weights")
     if not spec.linear_bias:
         args.append("--disable-bias-linear")
-    if job.precision in ("bf16", "fp16"):
-        args.append(f"--{job.precision}")
+    if job.dtype in ("bf16", "fp16"):
+        args.append(f"--{job.dtype}")
+    args += _fp8_args(job)
     args += ["--attention-backend", MEGATRON_ATTENTION[job.attention]]
     if job.attention == "eager":
         args.append("--no-masked-softmax-fusion")
@@ -610,6 +615,23 @@ def _moe_args(spec, lay) -> list:
     if moe.capacity_factor:
         args += ["--moe-expert-capacity-factor", f"{moe.capacity_factor:g}"]
     return args
+# Transformer Engine FP8 under megatron-core 0.16 (transformer_config.py: fp8 -> --fp8-format,
+# fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo): hybrid = E4M3 forward, E5M2
+# gradients; delayed scaling with the 1024-step amax history and max algorithm of NVIDIA's
+# Megatron-LM/NeMo FP8 recipes (megatron-core defaults are a 1-step history, most_recent)
+FP8_MEGATRON = {"delayed": ["--fp8-format", "hybrid", "--fp8-recipe", "delayed",
+                            "--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max"],
+                "tensorwise": ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]}
+
+
+def _fp8_args(job) -> list:
+    if not job.fp8:
+        return []
+    if job.fp8_recipe not in FP8_MEGATRON:
+        _refuse("Megatron-LM", f"fp8_recipe {job.fp8_recipe}: Transformer Engine under "
+                f"megatron-core 0.16 has delayed, tensorwise, mxfp8 and blockwise recipes, no "
+                f"torchao-style rowwise scaling")
+    return FP8_MEGATRON[job.fp8_recipe]
 
 
 def megatron(plan: Plan) -> str:

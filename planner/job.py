@@ -7,13 +7,22 @@ from planner.engines import ENGINES as ENGINE_TRAITS
 from planner.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, check_int, check_range
 from planner.schema import check_keys, require_choice
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("bf16", "fp16", "fp32", "fp8")
+# FP8 training recipes (README, FP8): tensorwise and rowwise dynamic scaling as torchao's
+# float8 training implements them (torchao/float8/config.py Float8LinearRecipeName), delayed
+# scaling from an amax history as Transformer Engine runs it under Megatron-LM
+# (transformer_engine DelayedScaling; megatron-core TransformerConfig.fp8_recipe); "none" for
+# every other precision
+FP8_RECIPES = ("tensorwise", "rowwise", "delayed")
+FP8_NONE = "none"
+# keys a plan written before FP8 lacked; absent means "none" (such plans cannot be fp8)
+JOB_KEYS_SINCE_FP8 = ("fp8_recipe",)
 # Default routing imbalance of an MoE model, max over mean tokens per expert: Switch Transformer
 # trains with capacity factor 1.25 as the headroom a load-balanced (auxiliary-loss) router needs
 # for few tokens to overflow (Fedus et al. 2022, Sec. 2.2 and Table 1).  planner/cost/moe.py.
 DEFAULT_MOE_IMBALANCE = 1.25
 MAX_MOE_IMBALANCE = 64.0
-JOB_KEYS_SINCE_4 = ("moe_imbalance",)  # absent from older plans: the default
+JOB_KEYS_SINCE_MOE = ("moe_imbalance",)  # absent from plans before schema 4: the default
 OPTIMIZERS = ("adamw",)
 # Which implementation's activation bookkeeping to model:
 #   torch    - this project's runtime (PyTorch DTensor TP/SP, FSDP2, torch.distributed.pipelining)
@@ -33,6 +42,7 @@ class Job:
     optimizer: str = "adamw"
     attention: str = "flash"
     engine: str = "torch"
+    fp8_recipe: str = FP8_NONE        # precision fp8 only: one of FP8_RECIPES
     moe_imbalance: float = DEFAULT_MOE_IMBALANCE  # MoE: max over mean tokens per expert
 
     def __post_init__(self):
@@ -43,6 +53,22 @@ class Job:
         require_choice(self.attention, "attention", ATTENTION)
         require_choice(self.engine, "engine", ENGINES)
         check_range(self.moe_imbalance, "moe imbalance", 1.0, MAX_MOE_IMBALANCE)
+        require_choice(self.fp8_recipe, "fp8_recipe", (FP8_NONE,) + FP8_RECIPES)
+        if self.precision == "fp8" and self.fp8_recipe == FP8_NONE:
+            raise ValueError(f"precision fp8 needs an fp8_recipe ({', '.join(FP8_RECIPES)})")
+        if self.precision != "fp8" and self.fp8_recipe != FP8_NONE:
+            raise ValueError(f"fp8_recipe {self.fp8_recipe} needs precision fp8, got "
+                             f"{self.precision}")
+
+    @property
+    def fp8(self) -> bool:
+        return self.precision == "fp8"
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of activations, compute copies of weights, attention and communication:
+        FP8 training runs only the linear layers' GEMMs in fp8, everything else in bf16."""
+        return "bf16" if self.fp8 else self.precision
 
     @property
     def flash_attention(self) -> bool:
@@ -53,10 +79,19 @@ class Job:
         return self.global_batch * self.seq_len
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All fields; `fp8_recipe` only on fp8 jobs (elsewhere it can only be "none", and
+        from_dict reads its absence so)."""
+        d = dataclasses.asdict(self)
+        if not self.fp8:
+            del d["fp8_recipe"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict, optional=()) -> "Job":
         """Every key is required (a dropped `precision` must not become bf16); `optional` names
-        keys an older plan schema_version lacked, for the plan loader to allow explicitly."""
+        keys an older plan schema_version lacked, for the plan loader to allow explicitly.
+        `fp8_recipe` (JOB_KEYS_SINCE_FP8) may be absent where precision is not fp8: "none" is
+        then the only value it can hold."""
+        if isinstance(data, dict) and data.get("precision") != "fp8":
+            optional = tuple(optional) + JOB_KEYS_SINCE_FP8
         return cls(**check_keys(data, cls, "job", optional))

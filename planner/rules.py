@@ -25,6 +25,7 @@ from planner.engines import (
     Engine,
     engine,
 )
+from planner.job import Job
 
 COLUMNS = ("world", "dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
            "num_microbatches", "schedule", "virtual_stages", "recompute", "lps_n", "lps_sum",
@@ -37,7 +38,7 @@ class Context:
     """What the rules read besides the layout."""
     model: object
     profile: object
-    job: object
+    job: Job
 
     @property
     def engine(self) -> Engine:
@@ -114,8 +115,24 @@ def _zb_message(ctx, r):
 
 def _precision_message(ctx, r):
     p = ctx.profile
+    if ctx.job.fp8:  # fp8 tensor cores: Hopper (sm90) and Ada (sm89) onwards
+        return (f"precision fp8: profile {p.name}'s {p.gpu.name} has no FP8 tensor cores (its "
+                f"peak_flops lists {', '.join(sorted(p.gpu.peak_flops))}; FP8 GEMMs need "
+                f"Hopper/Ada or later); use bf16")
     return (f"precision {ctx.job.precision} is not supported by profile {p.name} "
             f"({p.gpu.name} supports {', '.join(sorted(p.gpu.peak_flops))})")
+
+
+def _fp8_engine_broken(ctx) -> bool:
+    return ctx.job.fp8 and ctx.job.fp8_recipe not in ctx.engine.fp8_recipes
+
+
+def _fp8_engine_message(ctx, r):
+    eng = ctx.engine
+    if not eng.fp8_recipes:
+        return f"precision fp8 with the {eng.name} engine: {eng.fp8_refusal}"
+    return (f"fp8_recipe {ctx.job.fp8_recipe} is not a {eng.name} engine recipe (it runs "
+            f"{', '.join(eng.fp8_recipes)})")
 
 
 def _compiled(c: dict) -> np.ndarray:
@@ -208,6 +225,14 @@ def _shape_rules() -> list:
         Rule("precision", "precision not supported by the GPU",
              lambda ctx, c: _everywhere(c, not ctx.profile.supports(ctx.job.precision)),
              _precision_message),
+        Rule("fp8_engine", "FP8 recipe the engine does not run",
+             lambda ctx, c: _everywhere(c, _fp8_engine_broken(ctx)), _fp8_engine_message),
+        Rule("fp8_tp", "FP8 with tensor parallelism under an engine without it",
+             lambda ctx, c: _everywhere(c, ctx.job.fp8 and not ctx.engine.fp8_with_tp)
+             & (c["tp"] > 1),
+             lambda ctx, r: f"precision fp8 with tp={r['tp']}: the {ctx.engine.name} "
+                            f"engine's FP8 (torchao float8 linears) runs without tensor "
+                            f"parallelism; use tp=1 or --engine megatron"),
         Rule("compile_engine", "torch.compile on an engine that does not compile blocks",
              lambda ctx, c: _compiled(c) & _everywhere(c, not ctx.engine.compiles_blocks),
              lambda ctx, r: f"compile (torch.compile of each block) runs on the torch engine "
@@ -401,7 +426,7 @@ SEARCH_LABELS = {"batch": "dp does not divide the global batch",
 # shape-level reasons (why tp or dp cannot take the obvious value) the nothing-fits line cites
 SHAPE_KEYS = ("tp_heads", "tp_ffn", "tp_node", "batch")
 # reasons that rule out every layout of a request: said first when nothing is valid
-REQUEST_KEYS = ("precision", "positions", "compile_engine", "runtime_model")
+REQUEST_KEYS = ("precision", "fp8_engine", "positions", "compile_engine", "runtime_model")
 
 
 def label(key: str) -> str:

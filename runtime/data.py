@@ -6,8 +6,9 @@ of at least 256). `--data PATH` takes a text file, a directory of text files, or
 token ids whose name says their width: `NAME.bin` or `NAME.uint16.bin` holds uint16 ids (the
 nanoGPT format), `NAME.uint32.bin` uint32 ids (little-endian, no header), for vocabularies
 above 65,536 (Llama 3, Qwen, Gemma). The width must fit the model's vocabulary: uint16 for a
-vocabulary of at most 65,536 ids, uint32 above; a mismatch is refused (BIN_DTYPES). Sample k of the run is window perm_e[k mod W] of the training
-split, e = k div W, with a seeded permutation per epoch; so the data position is the step.
+vocabulary of at most 65,536 ids, uint32 above; a mismatch is refused (BIN_DTYPES). Sample k of
+the run is window perm_e[k mod W] of the training split, e = k div W, with a seeded permutation
+per epoch; so the data position is the step.
 
 Only regular files are read (a FIFO, a device such as /dev/zero or a socket is refused, never
 opened for reading), and never more than the byte cap of each."""
@@ -25,7 +26,7 @@ BIN_CHUNK_TOKENS = 8 << 20  # tokens per read when checking a .bin file's ids
 VAL_FRACTION = 0.05
 UINT16_IDS = 1 << 16  # ids 0..65535
 # the suffix before .bin -> its dtype (little-endian, as numpy writes on x86 and ARM)
-BIN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+BIN_DTYPES: dict[str, np.dtype] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 MLM_PROBABILITY = 0.15  # Devlin et al. 2019, Sec. 3.1
 
 
@@ -180,7 +181,7 @@ class TokenData:
         self.global_batch = self.per_rank * layout.dp
         self.offset = dp_rank * self.per_rank
         self.windows = (len(self.train) - 1) // seq_len
-        self._perm = {}
+        self._perm: dict = {}
 
     def _window(self, split, start: int) -> torch.Tensor:
         return torch.from_numpy(np.asarray(split[start:start + self.seq_len + 1],

@@ -29,12 +29,13 @@ class Engine:
         chunks = build_chunks(spec, lay, ctx.pp_rank)
         self.chunk_ids = [c for c, _ in chunks]
         self.parts = [m for _, m in chunks]
-        wraps = {parallelize(part, lay, plan.job.precision, ctx, compile_blocks=lay.compile)
+        wraps = {parallelize(part, lay, plan.job.dtype, ctx, compile_blocks=lay.compile,
+                             fp8_recipe=plan.job.fp8_recipe)
                  for part in self.parts}
         for part in self.parts:
             materialize(part, ctx.device, seed)
         self.ddp = wraps == {"ddp"}
-        self.modules = [apply_ddp(p, ctx.group("dp")) if self.ddp else p for p in self.parts]
+        self.modules: list = [apply_ddp(p, ctx.group("dp")) if self.ddp else p for p in self.parts]
         self.loss_scale = 1.0
         self.scaler = LossScaler(plan.job.precision == "fp16")
         self.schedule = (build_schedule(self.modules, self.chunk_ids, lay, ctx, self.loss_fn)
@@ -43,8 +44,8 @@ class Engine:
         self.has_last = lay.num_chunks - 1 in self.chunk_ids
         self._setup_tied()
         if lay.zero_stage == 1 and lay.dp > 1:
-            self.optimizers = [build_sharded_adamw(self.named_parameters(), ctx.group("dp"),
-                                                   optim_cfg)]
+            self.optimizers: list = [build_sharded_adamw(self.named_parameters(),
+                                                         ctx.group("dp"), optim_cfg)]
         else:
             self.optimizers = [build_adamw(p, optim_cfg) for p in self.parts]
 
@@ -124,7 +125,8 @@ class Engine:
         return total / nmb
 
     def _pipeline(self, inputs, labels, train: bool = True) -> torch.Tensor:
-        losses = [] if self.has_last else None
+        losses: list | None = [] if self.has_last else None
+        assert self.schedule is not None  # pp > 1
         args = (inputs,) if self.has_first else ()
         target = labels if self.has_last else None
         with self._loss_ctx():
@@ -132,7 +134,7 @@ class Engine:
                 self.schedule.step(*args, target=target, losses=losses)
             else:
                 self.schedule.eval(*args, target=target, losses=losses)
-        if not self.has_last:
+        if losses is None:  # not the last stage
             return torch.zeros((), device=self.ctx.device)
         return torch.stack([_local(x.detach()).float() for x in losses]).mean()
 
@@ -161,7 +163,7 @@ class Engine:
             if isinstance(g, DTensor) and g.placements != p.placements:
                 p.grad = g.redistribute(p.device_mesh, p.placements)
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self) -> float | None:
         """Clip by the global norm, step, clear gradients; returns the norm before clipping
         (None when fp16 gradients overflowed and the step was skipped)."""
         entries = self.clip_entries()
@@ -180,7 +182,7 @@ class Engine:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def train_step(self, inputs, labels, record: dict = None) -> float:
+    def train_step(self, inputs, labels, record: dict | None = None) -> float:
         """One optimizer step; a non-finite loss skips the update and is returned as is.
         With `record` (a dict), fill it with this rank's measured memory by component."""
         counter = measure.ActivationCounter(self.parts) if record is not None else None
@@ -193,7 +195,7 @@ class Engine:
         params = [p for _, p in self.named_parameters()]
         grads_bytes = measure.gradients_bytes(params) if counter else 0
         self.last_grad_norm = self.optimizer_step()  # for the metrics line (runtime.metrics)
-        if counter:
+        if counter and record is not None:
             record.update(
                 weights_bytes=measure.weights_bytes(params), gradients_bytes=grads_bytes,
                 optimizer_bytes=measure.optimizer_bytes(self.optimizers),

@@ -69,7 +69,8 @@ def _param_derived(t: torch.Tensor, depth: int = 6) -> bool:
         if fn is None:
             return False
         if type(fn).__name__ == "AccumulateGrad":  # a leaf: a parameter or a stage input
-            return isinstance(fn.variable, nn.Parameter)
+            # torch's Node stub lacks AccumulateGrad's `variable` (the leaf tensor)
+            return isinstance(fn.variable, nn.Parameter)  # type: ignore[attr-defined]
         if type(fn).__name__ not in _PASS_THROUGH or not fn.next_functions:
             return False
         fn = fn.next_functions[0][0]

@@ -215,6 +215,9 @@ class Head(nn.Module):
 class Transformer(nn.Module):
     """The whole model, or one pipeline chunk of it (layers `layer_ids`, embed and/or head)."""
 
+    rope_cos: torch.Tensor  # buffers (register_buffer)
+    rope_sin: torch.Tensor
+
     def __init__(self, spec: ModelSpec, layer_ids=None, has_embed=True, has_head=True):
         super().__init__()
         self.spec = spec
@@ -222,16 +225,16 @@ class Transformer(nn.Module):
         self.embed = Embedding(spec) if has_embed else None
         self.layers = nn.ModuleDict({str(i): Block(spec) for i in ids})
         self.head = Head(spec) if has_head else None
-        if self.head is not None and spec.tie_embeddings:
-            if self.embed is not None:
-                self.head.output.weight = self.embed.wte.weight
-            # else: a pipeline chunk without the embedding keeps its own copy of the word
-            # embedding, kept equal by an all-reduce of the two gradients (Narayanan et al.
-            # 2021, Sec. 4.1); its canonical name is embed.wte.weight.
+        if self.head is not None and spec.tie_embeddings and self.embed is not None:
+            self.head.output.weight = self.embed.wte.weight
+        # else: a pipeline chunk without the embedding keeps its own copy of the word
+        # embedding, kept equal by an all-reduce of the two gradients (Narayanan et al.
+        # 2021, Sec. 4.1); its canonical name is embed.wte.weight.
         cos, sin = rope_tables(spec, None)  # follows the default device (meta when building)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.autocast_dtype = None  # set for bf16/fp16 compute without FSDP mixed precision
+        # set for bf16/fp16 compute without FSDP mixed precision
+        self.autocast_dtype: torch.dtype | None = None
 
     def forward(self, x):
         if self.autocast_dtype is None:
@@ -250,9 +253,9 @@ class Transformer(nn.Module):
 
     def retie(self) -> None:
         """Re-tie the output projection to the word embedding (after TP replaced both)."""
-        if self.embed is not None and self.head is not None and self.spec.tie_embeddings:
-            if self.head.output.weight is not self.embed.wte.weight:
-                self.head.output.weight = self.embed.wte.weight
+        if (self.embed is not None and self.head is not None and self.spec.tie_embeddings
+                and self.head.output.weight is not self.embed.wte.weight):
+            self.head.output.weight = self.embed.wte.weight
 
 
 def canonical_name(spec: ModelSpec, fqn: str) -> str:
@@ -303,6 +306,7 @@ def set_recompute(model: Transformer, mode: str, every: int = 1) -> None:
     every-1, 2*every-1, ... (torchtitan's selective-layer counter; planner.cost.pipeline
     .recomputed) - the others none."""
     for name, block in model.layers.items():
+        assert isinstance(block, Block)
         on = (int(name) + 1) % every == 0
         block.recompute_full = on and mode == "full"
         block.recompute_op = on and mode == "op"

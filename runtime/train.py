@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import os
+import pathlib
 import signal
 import statistics
 import sys
@@ -32,18 +33,18 @@ VAL_BATCHES = 4
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     steps: int
-    data: str = None
+    data: str | None = None
     data_cap_bytes: int = 8 << 20
-    checkpoint_dir: str = None
+    checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
-    out: str = None
+    out: str | None = None
     seed: int = 0
     val_batches: int = VAL_BATCHES
     measure_step: int = 1  # the step whose memory is recorded (step 0 includes warm-up)
-    metrics: str = None  # JSONL of one line per step (runtime/metrics.py)
+    metrics: str | None = None  # JSONL of one line per step (runtime/metrics.py)
     eval_every: int = 0  # validation loss every K steps (0: only at the end)
-    tensorboard: str = None  # TensorBoard event directory (torch.utils.tensorboard)
+    tensorboard: str | None = None  # TensorBoard event directory (torch.utils.tensorboard)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -169,14 +170,17 @@ class Trainer:
         self.data = _token_data(plan, cfg, tokens, ctx.dp_rank)
         self.engine = Engine(plan, ctx, optim_cfg, seed=cfg.seed)  # compiles if plan says so
         self.optim_cfg = optim_cfg
-        self.steps, self.record = [], {}
-        self.last_val = None  # (step, validation loss) of the latest --eval-every evaluation
+        self.steps: list[dict] = []
+        self.record: dict = {}
+        # (step, validation loss) of the latest --eval-every evaluation
+        self.last_val: tuple | None = None
 
     def _start_step(self) -> int:
         import os
 
         from runtime import checkpoint
         root = self.cfg.checkpoint_dir
+        path: pathlib.Path | None
         if self.cfg.resume:
             path = checkpoint.resume_path(root)  # ValueError: nothing to resume
         elif root and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
@@ -225,7 +229,7 @@ class Trainer:
         self.engine.set_lr(lr)
         inputs, labels = self.data.batch(step)
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step
-        record = {} if step == min(start + cfg.measure_step, total - 1) else None
+        record: dict | None = {} if step == min(start + cfg.measure_step, total - 1) else None
         t0 = time.perf_counter()
         loss = self.engine.train_step(inputs.to(self.ctx.device),
                                       labels.to(self.ctx.device), record)
@@ -324,6 +328,8 @@ def main(argv=None) -> int:
         check_args(args)
         plan = Plan.load(args.plan)
         check_compile_flag(plan.layout, args.compile)
+        from runtime.fp8 import check_fp8
+        check_fp8(plan)
         cfg = RunConfig(steps=args.steps, data=args.data,
                         data_cap_bytes=int(args.data_cap_mb * 2**20),
                         checkpoint_dir=args.checkpoint_dir,

@@ -11,9 +11,10 @@ import sys
 from typing import TYPE_CHECKING
 
 from planner import limits
-from planner.engines import RECOMPUTE, SCHEDULES
+from planner.engines import RECOMPUTE, SCHEDULES, engine
 from planner.hardware import load_cluster, with_gpus
-from planner.job import ATTENTION, DEFAULT_MOE_IMBALANCE, MAX_MOE_IMBALANCE, PRECISIONS, Job
+from planner.job import (ATTENTION, DEFAULT_MOE_IMBALANCE, FP8_RECIPES, MAX_MOE_IMBALANCE,
+                         PRECISIONS, Job)
 from planner.presets import load_model
 from planner.schema import show_path
 
@@ -35,7 +36,12 @@ def add_inputs(parser, required: bool = True) -> None:
     parser.add_argument("--seq-len", type=bounded_int(1, limits.MAX_SEQ_LEN),
                         required=required, help="tokens per sequence")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                        help="training precision (V100 profiles have no bf16: use fp16)")
+                        help="training precision (V100 profiles have no bf16: use fp16; fp8 "
+                             "runs the linear layers' GEMMs in FP8, the rest in bf16, on "
+                             "Hopper-class profiles)")
+    parser.add_argument("--fp8-recipe", choices=FP8_RECIPES, default=None,
+                        help="FP8 scaling recipe with --precision fp8 (default: the engine's "
+                             "first: tensorwise for torch, delayed for megatron)")
     parser.add_argument("--engine", choices=("torch", "megatron", "deepspeed"), default="torch",
                         help="whose activation/overlap behaviour to model")
     parser.add_argument("--attention", choices=ATTENTION, default="flash",
@@ -104,12 +110,15 @@ FLAGS = {"model": "--model", "cluster": "--cluster", "nodes": "--nodes",
          "schedule": "--schedule", "virtual_stages": "--virtual-stages",
          "recompute": "--recompute", "recompute_every": "--recompute-every",
          "mesh_order": "--mesh-order", "gpus": "--gpus", "compile": "--compile",
-         "ep": "--ep", "etp": "--etp", "moe_imbalance": "--moe-imbalance"}
+         "fp8_recipe": "--fp8-recipe", "ep": "--ep", "etp": "--etp",
+         "moe_imbalance": "--moe-imbalance"}
 # planner.rules key -> the flags (dests) whose values that rule read
 RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn": ("tp",),
               "tp_node": ("tp",), "sp_tp": ("sp", "tp"), "sp_seq": ("tp", "seq_len"),
               "zero_dp": ("zero", "dp"), "global_batch": ("global_batch", "dp", "micro_batch"),
               "precision": ("precision",), "positions": ("seq_len",),
+              "fp8_engine": ("precision", "fp8_recipe", "engine"),
+              "fp8_tp": ("precision", "tp", "engine"),
               "interleave_pp": ("schedule", "pp"), "zbv_v": ("schedule", "virtual_stages"),
               "interleave_v": ("schedule", "virtual_stages"),
               "single_v": ("schedule", "virtual_stages"),
@@ -160,8 +169,24 @@ def check_precision(args, profile) -> None:
     where = (f"precision {args.precision} (the default of --precision)"
              if is_default(args, "precision") else f"--precision {args.precision}")
     hint = f"; use --precision {use}" if use else ""
-    raise ValueError(f"{where} is not supported by profile {profile.name} ({profile.gpu.name} "
-                     f"supports {', '.join(have)}){hint}")
+    why = " has no FP8 tensor cores (Hopper/Ada or later have them); it" \
+        if args.precision == "fp8" else ""
+    raise ValueError(f"{where} is not supported by profile {profile.name} ({profile.gpu.name}"
+                     f"{why} supports {', '.join(have)}){hint}")
+
+
+def fp8_recipe(args) -> str:
+    """--fp8-recipe under --precision fp8 (unset: the engine's default recipe); refused with
+    any other precision."""
+    recipe = getattr(args, "fp8_recipe", None)
+    if args.precision != "fp8":
+        if recipe is not None:
+            raise ValueError(f"--fp8-recipe {recipe} needs --precision fp8, got --precision "
+                             f"{args.precision}")
+        return "none"
+    if recipe is not None:
+        return recipe
+    return (engine(args.engine).fp8_recipes or FP8_RECIPES)[0]
 
 
 def build_inputs(args) -> tuple:
@@ -175,7 +200,7 @@ def build_inputs(args) -> tuple:
         raise ValueError(f"{exc}; from --gpus {gpus}, {flag_values(args, ('nodes',))}") from None
     check_precision(args, cluster.profile)
     job = Job(global_batch=args.global_batch, seq_len=args.seq_len, precision=args.precision,
-              attention=args.attention, engine=args.engine,
+              attention=args.attention, engine=args.engine, fp8_recipe=fp8_recipe(args),
               moe_imbalance=getattr(args, "moe_imbalance", DEFAULT_MOE_IMBALANCE))
     return model, cluster, job
 

@@ -11,6 +11,7 @@ input of the column-parallel GEMMs and all-gathers it again in backward, while P
 `SequenceParallel` + `ColwiseParallel` saves the all-gathered input (full sequence)."""
 
 from dataclasses import dataclass
+from typing import Any
 
 from planner.cost.comm_plan import tp_pattern_for
 from planner.cost.ops import op_policy_saved, ops
@@ -43,7 +44,7 @@ def _attention_bytes(spec: ModelSpec, job: Job, b: int, t: int, selective: bool)
     reads that output through a view, so it is one tensor.  Unfused attention keeps the softmax,
     dropout mask and dropped probabilities (5as^2b/t with dropout) and the projection its own
     input (the re-laid-out context, 2sbh/t).  b: micro-batch, t: tp."""
-    s, a = job.seq_len, dtype_bytes(job.precision)
+    s, a = job.seq_len, dtype_bytes(job.dtype)
     heads = spec.num_heads // t
     out = a * b * s * spec.hidden_size / t
     qkv = out + 2 * a * b * s * spec.kv_hidden_size / t
@@ -65,7 +66,7 @@ def _norm_bytes(spec: ModelSpec, tokens: float, a: int) -> float:
 def layer_activations(spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
                       micro_batch: int, selective: bool = False) -> LayerActivations:
     """Saved bytes of one layer and one micro-batch (no recompute, or selective)."""
-    s, t, a = job.seq_len, tp, dtype_bytes(job.precision)
+    s, t, a = job.seq_len, tp, dtype_bytes(job.dtype)
     h, f = spec.hidden_size, spec.ffn_hidden_size
     tokens = micro_batch * s
     sp = t if sequence_parallel else 1
@@ -88,7 +89,7 @@ def checkpointed_layer_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_par
     """Full recompute keeps only the block input (Korthikanti Table 2: 2sbh; sequence-sharded
     under PyTorch SP since the residual stream is sharded there)."""
     sp = tp if sequence_parallel and engine(job.engine).sp_shards_checkpoint else 1
-    return dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size / sp
+    return dtype_bytes(job.dtype) * micro_batch * job.seq_len * spec.hidden_size / sp
 
 
 def op_policy_layer_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
@@ -96,13 +97,14 @@ def op_policy_layer_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_parall
     """torchtitan's op-level policy: the checkpoint's input plus the outputs it caches - every
     other mm, the attention kernel (output and log-sum-exp) and, under sequence parallelism,
     the row-parallel reduce-scatters - from the op census's output bytes (planner.cost.ops)."""
-    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
-    rows = ops(spec, job.precision, "block", "fwd", tp=tp, micro_batch=micro_batch,
+    shape: dict[str, Any] = {"tp": tp, "sequence_parallel": sequence_parallel,
+                             "micro_batch": micro_batch}
+    rows = ops(spec, job.dtype, "block", "fwd", tp=tp, micro_batch=micro_batch,
                seq_len=job.seq_len, sequence_parallel=sequence_parallel)
     cached = sum(n * op.write_bytes for n, op in zip(op_policy_saved(rows), rows))
     forward, _ = tp_pattern_for(spec.mlp, sequence_parallel, job.engine)
     scatters = sum(n for kind, n in forward if kind == "reduce_scatter") if tp > 1 else 0
-    scattered = scatters * dtype_bytes(job.precision) * micro_batch * job.seq_len * \
+    scattered = scatters * dtype_bytes(job.dtype) * micro_batch * job.seq_len * \
         spec.hidden_size / tp
     return checkpointed_layer_bytes(spec, job, **shape) + cached + scattered
 
@@ -112,7 +114,8 @@ def layer_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
     """Saved bytes per layer and micro-batch under the plan's recompute policy (selective:
     the attention core is recomputed, Korthikanti Sec. 5; op: op_policy_layer_bytes; full:
     Table 2)."""
-    shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
+    shape: dict[str, Any] = {"tp": tp, "sequence_parallel": sequence_parallel,
+                             "micro_batch": micro_batch}
     if recompute == "full":
         return checkpointed_layer_bytes(spec, job, **shape)
     if recompute == "op":
@@ -124,7 +127,7 @@ def head_bytes(spec: ModelSpec, job: Job, *, tp: int, sequence_parallel: bool,
                micro_batch: int) -> float:
     """Output layer, one micro-batch: final-norm input, the logits GEMM input and fp32 logits
     kept for the cross-entropy backward (Korthikanti Sec. 4.3: 4sbv/t)."""
-    s, t, a = job.seq_len, tp, dtype_bytes(job.precision)
+    s, t, a = job.seq_len, tp, dtype_bytes(job.dtype)
     tokens = micro_batch * s
     sp = t if sequence_parallel else 1
     norm = _norm_bytes(spec, tokens / sp, a) if spec.arch != "bert" else 0

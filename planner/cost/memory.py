@@ -18,7 +18,8 @@ from functools import lru_cache
 
 from planner.cost import activations as act
 from planner.cost import deepspeed as ds
-from planner.cost import moe
+from planner.cost import fp8, moe
+from planner.cost.fp8 import fp8_gather, linear_weight_numel
 from planner.cost.combine import activation_peak, rank_total_bytes
 from planner.cost.compiled import saved_bytes_saving
 from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of,
@@ -150,43 +151,62 @@ def model_states(spec, job, *, tp, dp, pp, zero_stage, rank_layers, holds_embedd
     """(weights, gradients, optimizer) bytes of one rank (dp rank 0 / tp rank 0 hold the
     largest shards)."""
     pieces = (int(rank_layers), bool(holds_embedding), bool(holds_head), bool(tied_copy))
+    states: ds.DeepSpeedStates | ModelStateBytes
     if engine(job.engine).deepspeed_optimizers:
         states = ds.model_state_bytes(_local_numel(spec, tp, *pieces), dp, zero_stage,
-                                      job.precision, pp)
+                                      job.dtype, pp)
     elif engine(job.engine).fp32_master_params:
         deferred = bool(deferred_fsdp(job.engine, zero_stage, pp))
         states = _torch_rank_states(spec, pieces, tp, dp, zero_stage, dp_rank, tp_rank, deferred)
     else:
         states = zero_model_state_bytes(_local_numel(spec, tp, *pieces), dp, zero_stage,
-                                        job.precision)
+                                        job.dtype)
     return states.weights_bytes, states.gradients_bytes, states.optimizer_bytes
 
 
 def gathered_params(spec, job, *, tp, pp, zero_stage, rank_layers, holds_embedding, holds_head,
+                    tied_copy, micro_batch=1) -> float:
+    """Parameter copies that exist only during compute: 16-bit copies (under pipelining
+    ZeRO-2/3 keep the whole stage's unsharded copies until the step ends:
+    engines.deferred_fsdp), plus FP8's weight copies (planner/cost/fp8.py)."""
+    extra = fp8.weight_copy_bytes(spec, job, tp=tp, micro_batch=micro_batch,
+                                  rank_layers=rank_layers)
+    return _compute_copies(spec, job, tp=tp, pp=pp, zero_stage=zero_stage,
+                           rank_layers=rank_layers, holds_embedding=holds_embedding,
+                           holds_head=holds_head, tied_copy=tied_copy) + extra
+
+
+def _fp8_gathered_discount(spec, job, tp, zero_stage, layers) -> float:
+    """Bytes FSDP2's fp8 all-gather saves on gathered block weights: 1 of 2 per linear
+    weight element."""
+    return linear_weight_numel(spec, tp) * layers if fp8_gather(job, zero_stage) else 0.0
+
+
+def _compute_copies(spec, job, *, tp, pp, zero_stage, rank_layers, holds_embedding, holds_head,
                     tied_copy) -> float:
-    """16-bit parameter copies that exist only during compute (under pipelining ZeRO-2/3 keep
-    the whole stage's unsharded copies until the step ends: engines.deferred_fsdp)."""
-    a = dtype_bytes(job.precision)
+    a = dtype_bytes(job.dtype)
     if engine(job.engine).deepspeed_optimizers:  # 16-bit weights are the model states
-        return ds.zero3_gathered_bytes(job.precision, block_params_local(spec, tp)) \
+        return ds.zero3_gathered_bytes(job.dtype, block_params_local(spec, tp)) \
             if zero_stage == 3 else 0.0
     if zero_stage == 3 and not deferred_fsdp(job.engine, zero_stage, pp):
-        return FSDP_PREFETCH_LAYERS * a * block_params_local(spec, tp)
+        return FSDP_PREFETCH_LAYERS * (a * block_params_local(spec, tp) - _fp8_gathered_discount(
+            spec, job, tp, zero_stage, 1))
     if not engine(job.engine).fp32_master_params or (
-            job.precision == "fp32" and zero_stage not in SHARDED_GRAD_STAGES):
+            job.dtype == "fp32" and zero_stage not in SHARDED_GRAD_STAGES):
         return 0.0  # the 16-bit (or fp32) weights are the model states themselves
     # FSDP2 reshard_after_forward=False, or autocast's cast-weight cache
     return a * _local_numel(spec, tp, int(rank_layers), bool(holds_embedding), bool(holds_head),
-                            bool(tied_copy))
+                            bool(tied_copy)) - _fp8_gathered_discount(spec, job, tp, zero_stage,
+                                                                      int(rank_layers))
 
 
 def comm_buffers(spec, job, *, tp, micro_batch, zero_stage) -> float:
     """Transient collective outputs: the TP all-gathered layer input, or the block's gradients
     staged for a ZeRO-2/3 reduce-scatter in fp32."""
-    tp_gather = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size \
+    tp_gather = dtype_bytes(job.dtype) * micro_batch * job.seq_len * spec.hidden_size \
         if tp > 1 else 0.0
     if engine(job.engine).deepspeed_optimizers:
-        return tp_gather + ds.bucket_buffer_bytes(job.precision, zero_stage)
+        return tp_gather + ds.bucket_buffer_bytes(job.dtype, zero_stage)
     rs = 4 * block_params_local(spec, tp) if zero_stage in SHARDED_GRAD_STAGES else 0.0
     return tp_gather + rs
 
@@ -199,9 +219,12 @@ def activation_pieces(spec, job, *, tp, sequence_parallel, micro_batch, recomput
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
     plain = act.layer_bytes(spec, job, **shape, recompute="none")
     if compile:
-        plain -= saved_bytes_saving(spec, job.precision, seq_len=job.seq_len, **shape)
+        plain -= saved_bytes_saving(spec, job.dtype, seq_len=job.seq_len, **shape)
+    fp8_saved = fp8.saved_input_saving(spec, job, **shape)
+    plain -= fp8_saved
     policy = plain if recompute == "none" else act.layer_bytes(spec, job, **shape,
-                                                                recompute=recompute)
+                                                                recompute=recompute) - \
+        (fp8_saved if recompute == "selective" else 0.0)
     return (policy, plain,
             act.embedding_bytes(spec, job, **shape), act.head_bytes(spec, job, **shape))
 
@@ -244,7 +267,8 @@ def rank_memory_parts(evaluate) -> dict:
     return parts
 
 
-def rank_memory(plan, pp_rank: int, evaluations: PlanEvaluations = None) -> MemoryBreakdown:
+def rank_memory(plan, pp_rank: int,
+                evaluations: PlanEvaluations | None = None) -> MemoryBreakdown:
     """The memory of pipeline rank `pp_rank` (dp rank 0, tp rank 0); `evaluations` shares
     the plan's rank-independent pieces between calls."""
     evaluations = evaluations or PlanEvaluations(plan_fields(plan))

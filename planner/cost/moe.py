@@ -104,7 +104,7 @@ def moe_memory_bytes(spec, job, *, tp, sequence_parallel, micro_batch, etp) -> f
     """Bytes the memory-bound MoE kernels of one forward move: router scores (fp32, read and
     written by each router kernel), permute and unpermute of the routed copies (read + write),
     the expert activation (SwiGLU: gate, up -> product: 3 reads/writes of the routed width)."""
-    a, moe = dtype_bytes(job.precision), spec.moe
+    a, moe = dtype_bytes(job.dtype), spec.moe
     t = tokens_per_rank(job, tp=tp, sequence_parallel=sequence_parallel, micro_batch=micro_batch)
     routed = routed_tokens(spec, job, tp=tp, sequence_parallel=sequence_parallel,
                            micro_batch=micro_batch, etp=etp)
@@ -116,7 +116,7 @@ def moe_memory_bytes(spec, job, *, tp, sequence_parallel, micro_batch, etp) -> f
 
 def dense_mlp_memory_bytes(spec, job, *, tp, micro_batch) -> float:
     """The dense MLP's activation traffic (planner.cost.compute._elementwise_bytes' ffn term)."""
-    ffn = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.ffn_hidden_size / tp
+    ffn = dtype_bytes(job.dtype) * micro_batch * job.seq_len * spec.ffn_hidden_size / tp
     return 5 * ffn if spec.mlp == "swiglu" else 2 * ffn
 
 
@@ -127,11 +127,11 @@ def moe_layer_delta_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batc
     (backward: twice the bytes) minus the dense MLP's."""
     if not spec.is_moe:
         return 0.0, 0.0
-    from planner.cost.compute import _memory_time, gemm_time
+    from planner.cost.compute import _memory_time, linear_gemm_time
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
-    moe = sum(gemm_time(gpu, g, job.precision)
+    moe = sum(linear_gemm_time(gpu, g, job)
               for g in moe_gemms(spec, job, **shape, ep=ep, etp=etp))
-    dense = sum(gemm_time(gpu, g, job.precision)
+    dense = sum(linear_gemm_time(gpu, g, job)
                 for g in dense_mlp_gemms(spec, job, tp=tp, micro_batch=micro_batch))
     mem = _memory_time(gpu, moe_memory_bytes(spec, job, **shape, etp=etp),
                        ROUTER_KERNELS + PERMUTE_KERNELS)
@@ -162,7 +162,7 @@ def moe_activation_delta_bytes(spec, job, *, tp, sequence_parallel, micro_batch,
     full recompute a layer keeps only its input: no difference."""
     if not spec.is_moe or recompute == "full":
         return 0.0
-    a, moe = dtype_bytes(job.precision), spec.moe
+    a, moe = dtype_bytes(job.dtype), spec.moe
     t = tokens_per_rank(job, tp=tp, sequence_parallel=sequence_parallel, micro_batch=micro_batch)
     routed = routed_tokens(spec, job, tp=tp, sequence_parallel=sequence_parallel,
                            micro_batch=micro_batch, etp=etp)
@@ -195,8 +195,8 @@ def _state_bytes(job, numel: float, shards: int, zero_stage: int) -> tuple:
     if eng.fp32_master_params:
         w, g, o = 4.0, 4.0, 8.0
     else:
-        w = g = float(dtype_bytes(job.precision))
-        o = float(eng.optimizer_state_bytes(job.precision, zero_stage))
+        w = g = float(dtype_bytes(job.dtype))
+        o = float(eng.optimizer_state_bytes(job.dtype, zero_stage))
     return (w * numel / (shards if zero_stage >= 3 else 1),
             g * numel / (shards if zero_stage >= 2 else 1),
             o * numel / (shards if zero_stage >= 1 else 1))
@@ -271,7 +271,7 @@ def all_to_all_seconds(profile, nbytes: float, links: tuple) -> float:
 def a2a_bytes(spec, job, *, tp, sequence_parallel, micro_batch, etp=1) -> float:
     """Bytes one rank sends in one dispatch (or combine) all-to-all: f T k h (x etp when etp
     ranks exchange their gathered token group)."""
-    return dtype_bytes(job.precision) * spec.hidden_size * routed_tokens(
+    return dtype_bytes(job.dtype) * spec.hidden_size * routed_tokens(
         spec, job, tp=tp, sequence_parallel=sequence_parallel, micro_batch=micro_batch,
         etp=etp) / etp
 
@@ -315,7 +315,7 @@ def expert_grad_sync_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, zero
     link = _edp_link(profile, job, tuple(mesh_order), dp, tp, pp, ep, etp)
     if zero_stage == 0:
         return collective_time("all_reduce", FP32 * numel, link)
-    a = dtype_bytes(job.precision)
+    a = dtype_bytes(job.dtype)
     return (collective_time("reduce_scatter", FP32 * numel, link)
             + collective_time("all_gather", a * numel, link))
 

@@ -40,8 +40,9 @@ from planner.spec import BERT_TYPE_VOCAB, ModelSpec
 class ParamTensor:
     name: str
     shape: tuple
-    tp_dim: int = None  # dimension split across the TP group (etp for experts); None = replicated
-    ep_dim: int = None  # routed experts: the expert dimension, split across the EP group
+    tp_dim: int | None = None  # dimension split across the TP group (etp for experts); None =
+    #                            replicated
+    ep_dim: int | None = None  # routed experts: the expert dimension, split across the EP group
 
     @property
     def numel(self) -> int:
@@ -184,10 +185,7 @@ def head_tensors(spec: ModelSpec, holds_tied_copy: bool = False) -> list:
     the first and last chunks share a rank; that copy is `head.output.weight` (the shared
     tensor is `embed.wte.weight`).  BERT's decoder bias is the output layer's bias."""
     h, v = spec.hidden_size, spec.vocab_size
-    if spec.arch == "bert":
-        tensors = _linear("head.dense", h, h, True, "none")
-    else:
-        tensors = []
+    tensors = _linear("head.dense", h, h, True, "none") if spec.arch == "bert" else []
     tensors += _norm("head.norm", spec)
     if not spec.tie_embeddings or holds_tied_copy:
         tensors.append(ParamTensor("head.output.weight", (v, h), 0))
