@@ -59,6 +59,10 @@ class Engine:
     recompute_policies: tuple = RECOMPUTE  # the recompute policies it runs
     recompute_every_block_only: bool = False  # recompute_every must be 1
     recompute_stops_early: bool = False  # a recompute stops after the last tensor backward needs
+    runs_runtime_model: bool = True  # trains runtime/model.py (planner/runtime_support.py)
+    expert_parallel: bool = False    # splits routed experts over an ep group (Layout.ep)
+    expert_tensor_parallel: bool = False  # splits each expert's FFN over etp (Layout.etp)
+    ep_within_dp: bool = False       # ep groups are slices of the data-parallel group
     fp8_recipes: tuple = ()          # FP8 recipes it trains with (planner/job.py FP8_RECIPES)
     fp8_refusal: str = ""            # why it has none, where fp8_recipes is empty
     fp8_with_tp: bool = True         # FP8 linears under tensor parallelism
@@ -85,6 +89,8 @@ TORCH = Engine(
     # torch.utils.checkpoint (non-reentrant) early stop: the block's last collective, after the
     # last tensor its backward needs, is not re-run (tests/test_tp_census.py)
     recompute_stops_early=True,
+    # expert parallelism over the data-parallel group (all_to_all_single), experts whole
+    expert_parallel=True, ep_within_dp=True,
     # torchao float8 training (torchao/float8/config.py): dynamic tensorwise and rowwise
     # scaling; its delayed scaling was removed (torchao 0.10 release notes), so not delayed
     fp8_recipes=("tensorwise", "rowwise"),
@@ -106,6 +112,9 @@ MEGATRON = Engine(
     # --recompute-granularity selective|full; no op-level policy, and --recompute-method block
     # counts the first N layers of each stage, not every K-th block
     recompute_policies=("none", "selective", "full"), recompute_every_block_only=True,
+    # Megatron-Core builds its own model; --expert-model-parallel-size and
+    # --expert-tensor-parallel-size (megatron/core/transformer/moe/)
+    runs_runtime_model=False, expert_parallel=True, expert_tensor_parallel=True,
     # Transformer Engine under megatron-core 0.16 (transformer_config.py fp8_recipe: delayed,
     # tensorwise = TE Float8CurrentScaling, mxfp8, blockwise); no torchao-style rowwise
     fp8_recipes=("delayed", "tensorwise"))

@@ -4,7 +4,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from planner.engines import ENGINES as ENGINE_TRAITS
-from planner.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, check_int
+from planner.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, check_int, check_range
 from planner.lora import LoraSpec
 from planner.schema import check_keys, require_choice
 
@@ -18,6 +18,11 @@ FP8_RECIPES = ("tensorwise", "rowwise", "delayed")
 FP8_NONE = "none"
 # keys a plan written before FP8 lacked; absent means "none" (such plans cannot be fp8)
 JOB_KEYS_SINCE_FP8 = ("fp8_recipe",)
+# Default routing imbalance of an MoE model, max over mean tokens per expert: Switch Transformer
+# trains with capacity factor 1.25 as the headroom a load-balanced (auxiliary-loss) router needs
+# for few tokens to overflow (Fedus et al. 2022, Sec. 2.2 and Table 1).  planner/cost/moe.py.
+DEFAULT_MOE_IMBALANCE = 1.25
+MAX_MOE_IMBALANCE = 64.0
 OPTIMIZERS = ("adamw",)
 # Which implementation's activation bookkeeping to model:
 #   torch    - this project's runtime (PyTorch DTensor TP/SP, FSDP2, torch.distributed.pipelining)
@@ -33,8 +38,8 @@ ATTENTION = ("flash", "fused", "eager")
 TASKS = ("pretrain", "classify", "sft")
 MAX_LABELS = 1 << 20
 # Job keys of plan schema 4 that older plans lack: those are pre-training with every weight
-# trained (task pretrain, num_labels 2 unused, lora None)
-JOB_KEYS_SINCE_4 = ("task", "num_labels", "lora")
+# trained (task pretrain, num_labels 2 unused, lora None) of dense models (moe_imbalance unused)
+JOB_KEYS_SINCE_4 = ("task", "num_labels", "lora", "moe_imbalance")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +53,8 @@ class Job:
     fp8_recipe: str = FP8_NONE        # precision fp8 only: one of FP8_RECIPES
     task: str = "pretrain"
     num_labels: int = 2               # classify only: classes of the classifier head
-    lora: LoraSpec | None = None            # None: full fine-tuning (every weight trained)
+    lora: LoraSpec | None = None      # None: full fine-tuning (every weight trained)
+    moe_imbalance: float = DEFAULT_MOE_IMBALANCE  # MoE: max over mean tokens per expert
 
     def __post_init__(self):
         check_int(self.global_batch, "global batch", 1, MAX_GLOBAL_BATCH)
@@ -61,6 +67,7 @@ class Job:
         check_int(self.num_labels, "num labels", 2, MAX_LABELS)
         if self.lora is not None and not isinstance(self.lora, LoraSpec):
             raise ValueError(f"lora must be a LoraSpec or None, got {self.lora!r}")
+        check_range(self.moe_imbalance, "moe imbalance", 1.0, MAX_MOE_IMBALANCE)
         require_choice(self.fp8_recipe, "fp8_recipe", (FP8_NONE,) + FP8_RECIPES)
         if self.precision == "fp8" and self.fp8_recipe == FP8_NONE:
             raise ValueError(f"precision fp8 needs an fp8_recipe ({', '.join(FP8_RECIPES)})")
