@@ -74,6 +74,9 @@ def _head_plan(part: Transformer, sp: bool) -> dict:
 
 
 def apply_tp(part: Transformer, tp_mesh, sp: bool) -> None:
+    if part.spec.moe is not None:  # planner/rules.py _runtime_moe_rules refuses it too
+        raise ValueError(f"model {part.spec.name}: tensor parallelism over an MoE model is not "
+                         f"built in the runtime (use tp=1, ep>1)")
     plan = {}
     for name, block in part.layers.items():
         plan.update({f"layers.{name}.{k}": v for k, v in block_plan(block, sp).items()})
@@ -92,13 +95,39 @@ def mp_policy(precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
 
 
-def apply_fsdp(part: Transformer, dp_mesh, zero_stage: int, precision: str) -> None:
-    """ZeRO-2: reshard_after_forward=False; ZeRO-3: True (Zhao et al. 2023, FSDP)."""
-    kw = dict(mesh=dp_mesh, reshard_after_forward=zero_stage == 3,
-              mp_policy=mp_policy(precision))
+def apply_fsdp(part: Transformer, dp_mesh, zero_stage: int, precision: str,
+               expert_mesh=None) -> set:
+    """ZeRO-2: reshard_after_forward=False; ZeRO-3: True (Zhao et al. 2023, FSDP).
+
+    Under expert parallelism each MoE block's routed experts are sharded over the expert-data-
+    parallel group only (dp / ep ranks hold the same experts; torchtitan's MoE), their
+    gradients divided by dp as the dense ones (each expert sees the tokens of its ep peers);
+    with one rank per expert group (ep = dp) they stay out of FSDP. Returns the parameters FSDP
+    does not manage (their gradients are reduced by the engine)."""
+    kw = dict(reshard_after_forward=zero_stage == 3, mp_policy=mp_policy(precision))
+    unmanaged = set()
     for block in part.layers.values():
-        fully_shard(block, **kw)
-    fully_shard(part, **kw)  # embedding, head (and a tied pair) form the root group
+        ignored = set()
+        if block.moe and expert_mesh is not None:
+            experts = block.mlp.experts
+            if expert_mesh.size(0) > 1:
+                fully_shard(experts, mesh=expert_mesh["edp"], **kw)
+                experts.set_gradient_divide_factor(float(dp_mesh.size()))
+            else:
+                ignored = set(experts.parameters())
+        unmanaged |= ignored
+        fully_shard(block, mesh=dp_mesh, ignored_params=ignored or None, **kw)
+    # embedding, head (and a tied pair) form the root group
+    fully_shard(part, mesh=dp_mesh, ignored_params=unmanaged or None, **kw)
+    return unmanaged
+
+
+def apply_ep(part: Transformer, ctx) -> None:
+    """Keep this expert-parallel rank's routed experts; all-to-all over the ep group."""
+    for block in part.layers.values():
+        if block.moe:
+            block.mlp.experts.shard(ctx.ep_rank, ctx.ep)
+            block.mlp.ep, block.mlp.ep_group = ctx.ep, ctx.group("ep")
 
 
 def apply_replicate(part: Transformer, dp_mesh, precision: str) -> None:
@@ -108,8 +137,12 @@ def apply_replicate(part: Transformer, dp_mesh, precision: str) -> None:
     replicate(part, mesh=dp_mesh, mp_policy=mp_policy(precision))
 
 
-def apply_ddp(part: nn.Module, dp_group) -> nn.Module:
+def apply_ddp(part: nn.Module, dp_group, ignore: list = ()) -> nn.Module:
+    """DDP over dp; `ignore`: names of parameters it leaves alone (expert-parallel experts,
+    reduced over their expert-data-parallel group by the engine)."""
     from torch.nn.parallel import DistributedDataParallel
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(part, list(ignore))
     # Gradients are views of the buckets, so buckets add no bytes.
     return DistributedDataParallel(part, process_group=dp_group, forward_sync_buffers=False,
                                    gradient_as_bucket_view=True)
@@ -120,12 +153,14 @@ def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=F
     data-parallel wrapper still to apply after materialisation: 'ddp' or 'none'."""
     if layout.tp > 1:
         apply_tp(part, ctx.mesh["tp"], layout.sequence_parallel)
+    if layout.ep > 1:
+        apply_ep(part, ctx)
     set_recompute(part, layout.recompute, layout.recompute_every)
     if compile_blocks:
         for block in part.layers.values():
             block.compile()  # in place: parameter names are unchanged
     if layout.dp > 1 and layout.zero_stage >= 2:
-        apply_fsdp(part, ctx.mesh["dp"], layout.zero_stage, precision)
+        apply_fsdp(part, ctx.mesh["dp"], layout.zero_stage, precision, ctx.expert_mesh)
         return "none"
     if precision != "fp32":
         part.autocast_dtype = DTYPES[precision]
