@@ -62,22 +62,27 @@ class Engine:
     def _setup_experts(self) -> None:
         """Expert-parallel experts outside FSDP (DDP, or ep = dp): the engine averages their
         gradients, summed over the expert-data-parallel group and divided by dp as the dense
-        gradients are (each expert's gradient already sums its ep peers' tokens)."""
+        gradients are (each expert's gradient already sums its ep peers' tokens); under FSDP
+        (averaged over dp / ep) it divides by ep."""
         self.moes = [m for part in self.parts for m in moe_modules(part)]
-        self.expert_manual = []
+        self.expert_manual, self.expert_fsdp = [], []
         if self.plan.layout.ep > 1:
-            self.expert_manual = [p for n, p in self.named_parameters()
-                                  if is_expert_param(n) and not isinstance(p, DTensor)]
+            experts = [p for n, p in self.named_parameters() if is_expert_param(n)]
+            self.expert_manual = [p for p in experts if not isinstance(p, DTensor)]
+            self.expert_fsdp = [p for p in experts if isinstance(p, DTensor)]
 
     def _ddp_ignored(self, part) -> list:
         return [n for n, _ in part.named_parameters() if is_expert_param(n)] \
             if self.plan.layout.ep > 1 else []
 
     def _sync_expert_grads(self) -> None:
+        lay = self.plan.layout
+        sharded = [_local(p.grad) for p in self.expert_fsdp if p.grad is not None]
+        if sharded:  # FSDP averaged over the dp / ep expert-data-parallel ranks
+            torch._foreach_div_(sharded, float(lay.ep))
         grads = [p.grad for p in self.expert_manual if p.grad is not None]
         if not grads:
             return
-        lay = self.plan.layout
         if lay.dp // lay.ep > 1:
             for g in grads:
                 dist.all_reduce(g, group=self.ctx.group("edp"))

@@ -100,9 +100,10 @@ def apply_fsdp(part: Transformer, dp_mesh, zero_stage: int, precision: str,
     """ZeRO-2: reshard_after_forward=False; ZeRO-3: True (Zhao et al. 2023, FSDP).
 
     Under expert parallelism each MoE block's routed experts are sharded over the expert-data-
-    parallel group only (dp / ep ranks hold the same experts; torchtitan's MoE), their
-    gradients divided by dp as the dense ones (each expert sees the tokens of its ep peers);
-    with one rank per expert group (ep = dp) they stay out of FSDP. Returns the parameters FSDP
+    parallel group only (dp / ep ranks hold the same experts; torchtitan's MoE). FSDP divides
+    their gradients by dp / ep; the engine divides by ep more, as each expert's gradient sums
+    its ep peers' tokens (set_gradient_divide_factor would need PREMUL_SUM, which gloo lacks).
+    With one rank per expert group (ep = dp) they stay out of FSDP. Returns the parameters FSDP
     does not manage (their gradients are reduced by the engine)."""
     kw = dict(reshard_after_forward=zero_stage == 3, mp_policy=mp_policy(precision))
     unmanaged = set()
@@ -112,7 +113,6 @@ def apply_fsdp(part: Transformer, dp_mesh, zero_stage: int, precision: str,
             experts = block.mlp.experts
             if expert_mesh.size(0) > 1:
                 fully_shard(experts, mesh=expert_mesh["edp"], **kw)
-                experts.set_gradient_divide_factor(float(dp_mesh.size()))
             else:
                 ignored = set(experts.parameters())
         unmanaged |= ignored

@@ -1,0 +1,152 @@
+"""The runtime's mixture-of-experts block (runtime/moe.py): routing and expert outputs against a
+per-token reference, the auxiliary loss's injected gradient against the loss added explicitly,
+and expert parallelism (all-to-all dispatch/combine, alone and with FSDP2 and pipelining) trains
+exactly like one process (CPU, gloo, fp32, same seed, dropout 0)."""
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from runtime_dist import SPEC, Layout, make_plan, train_worlds
+
+from planner.moe_spec import MoESpec
+from runtime.model import Transformer, materialize
+from runtime.moe import MoE
+
+STEPS = 3
+LOSS_TOL = 2e-5    # tests/test_runtime_parity.py
+PARAM_TOL = 1e-4   # tests/test_runtime_parity.py
+
+MOE = dataclasses.replace(
+    SPEC, name="test-moe", moe=MoESpec(num_experts=4, experts_per_token=2,
+                                       expert_ffn_hidden_size=64, shared_ffn_hidden_size=32,
+                                       first_dense_layers=1, aux_loss_coef=0.01))
+GPT_MOE = dataclasses.replace(
+    SPEC, name="test-gpt-moe", arch="gpt", num_kv_heads=8, tie_embeddings=True,
+    linear_bias=True, moe=MoESpec(num_experts=8, experts_per_token=2,
+                                  expert_ffn_hidden_size=32, moe_layer_every=2,
+                                  router="sigmoid", aux_loss_coef=0.01))
+
+
+def _model(spec, seed=0):
+    with torch.device("meta"):
+        model = Transformer(spec)
+    materialize(model, "cpu", seed)
+    return model
+
+
+def _naive(moe: MoE, x):
+    """Per token: its top-k experts' outputs weighted by the renormalised scores."""
+    flat = x.reshape(-1, x.shape[-1])
+    logits = flat @ moe.router.weight.T
+    if moe.router.bias is not None:
+        logits = logits + moe.router.bias
+    scores = torch.sigmoid(logits) if moe.sigmoid else torch.softmax(logits, -1)
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        top, idx = scores[t].topk(moe.top_k)
+        for w, e in zip(top / top.sum(), idx.tolist()):
+            out[t] += w * moe.experts.expert(e, flat[t:t + 1])[0]
+    if moe.shared is not None:
+        out = out + moe.shared(flat)
+    return out.view_as(x)
+
+
+@pytest.mark.parametrize("spec", [MOE, GPT_MOE], ids=["llama-softmax-shared", "gpt-sigmoid"])
+def test_moe_block_equals_per_token_reference(spec):
+    model = _model(spec)
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    x = torch.randn(2, 8, spec.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), _naive(moe, x), rtol=1e-5, atol=1e-6)
+
+
+def test_moe_layers_follow_the_spec():
+    assert [b.moe for b in _model(MOE).layers.values()] == [False] + [True] * 7
+    assert [b.moe for b in _model(GPT_MOE).layers.values()] == [True, False] * 4
+    shapes = {n: tuple(p.shape) for n, p in _model(GPT_MOE).named_parameters()}
+    assert shapes["layers.0.mlp.experts.fc"] == (8, 32, 64)
+    assert shapes["layers.0.mlp.experts.proj_bias"] == (8, 64)
+    assert shapes["layers.1.mlp.fc.weight"] == (128, 64)
+
+
+def test_aux_loss_gradient_equals_adding_it_to_the_loss():
+    """The injected gradient (MoEAuxLossAutoScaler) is that of main + scale * sum of aux."""
+    model = _model(MOE)
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    x = torch.randn(2, 8, MOE.hidden_size, requires_grad=True)
+    scale = 0.37
+    moe.aux_grad_scale = scale
+    moe(x).square().sum().backward()
+    injected = [p.grad.clone() for p in moe.parameters()] + [x.grad.clone()]
+    moe.zero_grad()
+    x.grad = None
+    moe.aux_grad_scale = 0.0
+    out = moe(x)
+    idx, _, scores = moe.route(x)
+    (out.square().sum() + scale * moe.aux_loss(scores, idx)).backward()
+    explicit = [p.grad for p in moe.parameters()] + [x.grad]
+    for a, b in zip(injected, explicit):
+        torch.testing.assert_close(a, b)
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+def test_aux_loss_is_the_coefficient_under_uniform_routing():
+    """Switch eq. 4: coef * E * sum f_i P_i = coef when load and probability are uniform."""
+    moe = next(m for m in _model(MOE).modules() if isinstance(m, MoE))
+    e, k = MOE.moe.num_experts, MOE.moe.experts_per_token
+    scores = torch.full((1, e, e), 1.0 / e)
+    idx = torch.stack([torch.arange(k) + i for i in range(e)]) % e  # every expert k times
+    assert float(moe.aux_loss(scores, idx)) == pytest.approx(MOE.moe.aux_loss_coef)
+
+
+def L(**kw):
+    return Layout(**kw)
+
+
+REFERENCE = L(micro_batch=2, num_microbatches=4)
+CASES = {  # (spec, layout); global batch 8 as the reference's
+    "ep2": (MOE, L(dp=2, ep=2, micro_batch=2, num_microbatches=2)),
+    "ep2-zero2": (MOE, L(dp=2, ep=2, micro_batch=2, num_microbatches=2, zero_stage=2)),
+    "ep4-zero2": (MOE, L(dp=4, ep=4, micro_batch=2, zero_stage=2)),
+    "ep4-ddp": (MOE, L(dp=4, ep=4, micro_batch=1, num_microbatches=2)),
+    "ep2-edp2-zero3": (MOE, L(dp=4, ep=2, micro_batch=2, zero_stage=3)),
+    "ep2-edp2-ddp": (MOE, L(dp=4, ep=2, micro_batch=1, num_microbatches=2)),
+    "ep2xpp2-1f1b": (MOE, L(pp=2, dp=2, ep=2, micro_batch=1, num_microbatches=4,
+                            schedule="1f1b")),
+    "ep2xpp2-zero2-interleaved": (MOE, L(pp=2, dp=2, ep=2, micro_batch=1, num_microbatches=4,
+                                         zero_stage=2, schedule="interleaved_1f1b",
+                                         virtual_stages=2)),
+    "gpt-ep4-zero3": (GPT_MOE, L(dp=4, ep=4, micro_batch=2, zero_stage=3)),
+    "gpt-ep2xpp2": (GPT_MOE, L(pp=2, dp=2, ep=2, micro_batch=1, num_microbatches=4)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def results() -> dict:
+    plans = {name: make_plan(lay, spec) for name, (spec, lay) in CASES.items()}
+    plans.update({("reference", s.name): make_plan(REFERENCE, s) for s in (MOE, GPT_MOE)})
+    return train_worlds(plans, STEPS)
+
+
+def diffs(name: str) -> tuple:
+    spec, _ = CASES[name]
+    got, want = results()[name], results()[("reference", spec.name)]
+    loss = max(abs(a - b) for a, b in zip(got["losses"], want["losses"]))
+    assert set(got["params"]) == set(want["params"])
+    param = max(float((got["params"][k] - want["params"][k]).abs().max())
+                for k in want["params"] if not k.endswith("k.bias"))  # RUNTIME_NOTES item 9
+    return loss, param, abs(got["val_loss"] - want["val_loss"])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_expert_parallel_parity(name):
+    loss, param, val = diffs(name)
+    print(f"{name}: max |loss diff| {loss:.2e}  max |param diff| {param:.2e}")
+    assert loss <= LOSS_TOL
+    assert param <= PARAM_TOL
+    assert val <= LOSS_TOL
+    got = results()[name]
+    assert got["losses"][-1] < got["losses"][0]
