@@ -44,12 +44,13 @@ def count_all_to_all():
         _A2A_LOG.remove(log)
 
 
-def _record(kind: str, x: torch.Tensor, in_splits: list, group) -> None:
+def _record(kind: str, x: torch.Tensor, in_splits: list, out_splits: list, group) -> None:
+    """Bytes this rank sends (to itself included) and receives, and those to other ranks."""
     if not _A2A_LOG:
         return
     row = x.shape[-1] * x.element_size()
     me = dist.get_rank(group)
-    entry = {"kind": kind, "rows": sum(in_splits), "bytes": sum(in_splits) * row,
+    entry = {"kind": kind, "bytes": sum(in_splits) * row, "recv_bytes": sum(out_splits) * row,
              "remote_bytes": (sum(in_splits) - in_splits[me]) * row}
     for log in _A2A_LOG:
         log.append(entry)
@@ -62,7 +63,7 @@ class AllToAll(torch.autograd.Function):
     def forward(ctx, x, out_splits, in_splits, group, kind):
         ctx.splits, ctx.group, ctx.kind = (out_splits, in_splits), group, kind
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        _record(kind, x, in_splits, group)
+        _record(kind, x, in_splits, out_splits, group)
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
@@ -70,7 +71,7 @@ class AllToAll(torch.autograd.Function):
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
         back = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
-        _record(ctx.kind + "_backward", grad, out_splits, ctx.group)
+        _record(ctx.kind + "_backward", grad, out_splits, in_splits, ctx.group)
         dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
         return back, None, None, None, None
 

@@ -150,3 +150,60 @@ def test_expert_parallel_parity(name):
     assert val <= LOSS_TOL
     got = results()[name]
     assert got["losses"][-1] < got["losses"][0]
+
+
+def test_aux_loss_moves_the_parameters_beyond_the_tolerance():
+    """The parity above would catch a wrong aux-gradient scale: the aux loss alone moves the
+    parameters by more than PARAM_TOL in these 3 steps."""
+    no_aux = dataclasses.replace(MOE, moe=dataclasses.replace(MOE.moe, aux_loss_coef=0.0))
+    got = train_worlds({"no-aux": make_plan(REFERENCE, no_aux)}, STEPS)["no-aux"]
+    want = results()[("reference", MOE.name)]
+    assert max(float((got["params"][k] - want["params"][k]).abs().max())
+               for k in want["params"]) > 10 * PARAM_TOL
+
+
+# --- all-to-all census ---------------------------------------------------------------------------
+CENSUS = L(dp=2, ep=2, micro_batch=2, num_microbatches=2)
+
+
+def _census_rank(plan, tokens) -> dict:
+    from runtime.data import TokenData
+    from runtime.engine import Engine
+    from runtime.mesh import init_distributed
+    from runtime.moe import count_all_to_all
+    ctx = init_distributed(plan.layout, timeout_s=60)
+    engine = Engine(plan, ctx)
+    data = TokenData(tokens, plan.job.seq_len, plan.layout, ctx.dp_rank, causal=True)
+    with count_all_to_all() as log:
+        engine.train_step(*data.batch(0))
+    return {"log": log}
+
+
+def a2a_bytes_per_direction(plan) -> int:
+    """tokens x top-k x hidden x bytes: one dispatch (or combine) of one rank's micro-batch."""
+    moe = plan.model.moe
+    tokens = plan.layout.micro_batch * plan.job.seq_len
+    return tokens * moe.experts_per_token * plan.model.hidden_size * 4  # fp32 activations
+
+
+def test_all_to_all_census_equals_tokens_topk_hidden_bytes():
+    """Each rank sends its tokens x top-k rows in the dispatch and gets them back in the
+    combine (and the reverse in backward); what its experts return is routing-dependent, the
+    group's total is ep x that."""
+    from runtime_dist import corpus_tokens, run_world
+    plan = make_plan(CENSUS, MOE)
+    ranks = run_world(2, _census_rank, plan, corpus_tokens())
+    calls = MOE.moe.num_moe_layers(MOE.num_layers) * CENSUS.num_microbatches
+    want = a2a_bytes_per_direction(plan)
+    own = {"dispatch": "bytes", "combine": "recv_bytes", "combine_backward": "bytes",
+           "dispatch_backward": "recv_bytes"}
+    for kind, key in own.items():
+        per_rank = [[e for e in r["log"] if e["kind"] == kind] for r in ranks]
+        assert all(len(entries) == calls for entries in per_rank), kind
+        assert all(e[key] == want for entries in per_rank for e in entries), kind
+        other = "recv_bytes" if key == "bytes" else "bytes"
+        for i in range(calls):  # the other side: routing-dependent, summing to ep x want
+            assert sum(entries[i][other] for entries in per_rank) == CENSUS.ep * want, kind
+            assert all(0 < entries[i]["remote_bytes"] < entries[i]["bytes"]
+                       for entries in per_rank), kind
+    assert all(len(r["log"]) == 4 * calls for r in ranks)
