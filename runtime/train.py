@@ -324,6 +324,10 @@ def main(argv=None) -> int:
         check_args(args)
         plan = Plan.load(args.plan)
         check_compile_flag(plan.layout, args.compile)
+        if plan.layout.ep > 1 and args.checkpoint_dir is not None:
+            raise ValueError(f"--checkpoint-dir with ep={plan.layout.ep}: checkpoints of "
+                             f"expert-parallel runs are not built (each ep rank holds other "
+                             f"experts under the same names)")
         cfg = RunConfig(steps=args.steps, data=args.data,
                         data_cap_bytes=int(args.data_cap_mb * 2**20),
                         checkpoint_dir=args.checkpoint_dir,

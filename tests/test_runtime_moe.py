@@ -207,3 +207,39 @@ def test_all_to_all_census_equals_tokens_topk_hidden_bytes():
             assert all(0 < entries[i]["remote_bytes"] < entries[i]["bytes"]
                        for entries in per_rank), kind
     assert all(len(r["log"]) == 4 * calls for r in ranks)
+
+
+# --- the training CLI ----------------------------------------------------------------------------
+def _main_rank(argv: list) -> tuple:
+    import contextlib
+    import io
+
+    from runtime.train import main
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, err.getvalue(), out.getvalue()
+
+
+def test_training_cli_runs_an_expert_parallel_plan(tmp_path):
+    import json
+
+    from runtime_dist import run_world
+    plan = tmp_path / "plan.json"
+    make_plan(L(dp=2, ep=2, micro_batch=2, num_microbatches=2, zero_stage=2), MOE).save(plan)
+    out = tmp_path / "measured.json"
+    argv = ["--plan", str(plan), "--steps", "3", "--data-cap-mb", "1", "--timeout", "30",
+            "--out", str(out)]
+    results = run_world(2, _main_rank, argv, timeout_s=120)
+    assert [code for code, _, _ in results] == [0, 0], results
+    measured = json.loads(out.read_text())
+    assert measured["plan"]["layout"]["ep"] == 2 and len(measured["steps"]) == 3
+    assert measured["steps"][-1]["loss"] < measured["steps"][0]["loss"]
+
+
+def test_training_cli_refuses_checkpoints_of_expert_parallel_runs(tmp_path):
+    from runtime.train import main
+    plan = tmp_path / "plan.json"
+    make_plan(L(dp=2, ep=2, micro_batch=2, num_microbatches=2), MOE).save(plan)
+    code = main(["--plan", str(plan), "--steps", "1", "--checkpoint-dir", str(tmp_path / "ck")])
+    assert code == 2
