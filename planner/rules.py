@@ -323,8 +323,29 @@ def _recompute_rules() -> list:
     ]
 
 
+def _torch_runtime(ctx) -> bool:
+    return ctx.engine.name == "torch"
+
+
+def _runtime_moe_rules() -> list:
+    """What the torch runtime's MoE (runtime/moe.py) does not build yet (etp and latent
+    attention: rules etp_engine and runtime_model)."""
+    return [
+        Rule("moe_tp_runtime", "tensor parallelism over MoE blocks in the torch runtime",
+             lambda ctx, c: _everywhere(c, _torch_runtime(ctx) and ctx.model.is_moe)
+             & (c["tp"] > 1),
+             lambda ctx, r: f"tp={r['tp']}: the torch runtime does not split MoE models with "
+                            f"tensor parallelism (use tp=1; ep splits the experts)"),
+        Rule("ep_zero1_runtime", "expert parallelism with ZeRO-1 in the torch runtime",
+             lambda ctx, c: _everywhere(c, _torch_runtime(ctx)) & _expert_split(c)
+             & (c["zero_stage"] == 1) & (c["dp"] > 1),
+             lambda ctx, r: f"ep={r['ep']} with ZeRO-1: the torch runtime's sharded optimizer "
+                            f"does not handle expert-parallel experts (use ZeRO-0, 2 or 3)"),
+    ]
+
+
 RULES = _shape_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
-    _engine_rules()
+    _engine_rules() + _runtime_moe_rules()
 BY_KEY = {rule.key: rule for rule in RULES}
 # labels of the search's own rejections (not layout rules)
 SEARCH_LABELS = {"batch": "dp does not divide the global batch",

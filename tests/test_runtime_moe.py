@@ -243,3 +243,23 @@ def test_training_cli_refuses_checkpoints_of_expert_parallel_runs(tmp_path):
     make_plan(L(dp=2, ep=2, micro_batch=2, num_microbatches=2), MOE).save(plan)
     code = main(["--plan", str(plan), "--steps", "1", "--checkpoint-dir", str(tmp_path / "ck")])
     assert code == 2
+
+
+# --- what the runtime refuses (planner/rules.py _runtime_moe_rules) ------------------------------
+@pytest.mark.parametrize("layout, text", [
+    (L(dp=2, tp=2, ep=2, micro_batch=4), "tp=2: the torch runtime does not split MoE models"),
+    (L(dp=2, ep=2, micro_batch=2, num_microbatches=2, zero_stage=1), "ep=2 with ZeRO-1"),
+])
+def test_plan_refuses_what_the_runtime_does_not_build(layout, text):
+    from planner.plan import layout_errors
+    plan = make_plan(layout, MOE)
+    errors = layout_errors(plan.model, plan.cluster, plan.job, plan.layout)
+    assert any(text in e for e in errors), errors
+
+
+def test_engine_refuses_the_same_layouts_in_one_line():
+    from runtime.moe import check_runtime_layout
+    with pytest.raises(ValueError, match="ep=2 with ZeRO-1"):
+        check_runtime_layout(MOE, L(dp=2, ep=2, num_microbatches=2, zero_stage=1))
+    with pytest.raises(ValueError, match="etp=2: expert tensor parallelism is not built"):
+        check_runtime_layout(MOE, L(dp=2, ep=1, etp=2))
