@@ -329,13 +329,14 @@ def _torch_runtime(ctx) -> bool:
 
 def _runtime_moe_rules() -> list:
     """What the torch runtime's MoE (runtime/moe.py) does not build yet (etp and latent
-    attention: rules etp_engine and runtime_model)."""
+    attention: rules etp_engine and runtime_model): its router sees whole sequences (the
+    per-sequence auxiliary loss), and ZeRO-1's flat partition would mix experts of ep ranks."""
     return [
-        Rule("moe_tp_runtime", "tensor parallelism over MoE blocks in the torch runtime",
+        Rule("moe_sp_runtime", "sequence parallelism over MoE blocks in the torch runtime",
              lambda ctx, c: _everywhere(c, _torch_runtime(ctx) and ctx.model.is_moe)
-             & (c["tp"] > 1),
-             lambda ctx, r: f"tp={r['tp']}: the torch runtime does not split MoE models with "
-                            f"tensor parallelism (use tp=1; ep splits the experts)"),
+             & (c["sequence_parallel"] == 1),
+             lambda ctx, r: f"sequence parallel with tp={r['tp']}: the torch runtime's MoE "
+                            f"blocks route whole sequences (use sequence_parallel off)"),
         Rule("ep_zero1_runtime", "expert parallelism with ZeRO-1 in the torch runtime",
              lambda ctx, c: _everywhere(c, _torch_runtime(ctx)) & _expert_split(c)
              & (c["zero_stage"] == 1) & (c["dp"] > 1),

@@ -246,6 +246,9 @@ def is_expert_param(name: str) -> bool:
 def check_runtime_layout(spec: ModelSpec, layout) -> None:
     """Expert-parallel layouts the runtime does not build (planner/rules.py
     `_runtime_moe_rules` says the same for plans)."""
+    if spec.moe is not None and layout.sequence_parallel:
+        raise ValueError(f"sequence parallel over model {spec.name}: the runtime's MoE blocks "
+                         f"route whole sequences (use sequence_parallel off)")
     if layout.ep == 1 and layout.etp == 1:
         return
     if spec.moe is None:

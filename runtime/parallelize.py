@@ -20,6 +20,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from runtime.model import Transformer, set_recompute
+from runtime.moe import is_expert_param
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -35,7 +36,11 @@ def block_plan(block, sp: bool) -> dict:
     seq_out = Shard(1) if sp else Replicate()
     plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(),
             "attn.v": ColwiseParallel(), "attn.o": RowwiseParallel(output_layouts=seq_out)}
-    if block.mlp.swiglu:
+    if block.moe:
+        # router and routed experts replicated over tp (every tp rank routes the same tokens,
+        # etp = 1); shared experts split as the dense MLP (planner/cost/params.py)
+        plan.update(_shared_plan(block.mlp.shared))
+    elif block.mlp.swiglu:
         plan.update({"mlp.gate": ColwiseParallel(), "mlp.up": ColwiseParallel(),
                      "mlp.down": RowwiseParallel(output_layouts=seq_out)})
     else:
@@ -47,6 +52,15 @@ def block_plan(block, sp: bool) -> dict:
                      "mlp_norm": SequenceParallel(use_local_output=True),
                      "attn": _gather_input(sp, extra=2), "mlp": _gather_input(sp)})
     return plan
+
+
+def _shared_plan(shared) -> dict:
+    if shared is None:
+        return {}
+    if shared.swiglu:
+        return {"mlp.shared.gate": ColwiseParallel(), "mlp.shared.up": ColwiseParallel(),
+                "mlp.shared.down": RowwiseParallel()}
+    return {"mlp.shared.fc": ColwiseParallel(), "mlp.shared.proj": RowwiseParallel()}
 
 
 def _embed_plan(part: Transformer, sp: bool) -> dict:
@@ -74,9 +88,9 @@ def _head_plan(part: Transformer, sp: bool) -> dict:
 
 
 def apply_tp(part: Transformer, tp_mesh, sp: bool) -> None:
-    if part.spec.moe is not None:  # planner/rules.py _runtime_moe_rules refuses it too
-        raise ValueError(f"model {part.spec.name}: tensor parallelism over an MoE model is not "
-                         f"built in the runtime (use tp=1, ep>1)")
+    if part.spec.moe is not None and sp:  # planner/rules.py _runtime_moe_rules refuses it too
+        raise ValueError(f"model {part.spec.name}: sequence parallelism over MoE blocks is not "
+                         f"built in the runtime")
     plan = {}
     for name, block in part.layers.items():
         plan.update({f"layers.{name}.{k}": v for k, v in block_plan(block, sp).items()})
@@ -130,11 +144,12 @@ def apply_ep(part: Transformer, ctx) -> None:
             block.mlp.ep, block.mlp.ep_group = ctx.ep, ctx.group("ep")
 
 
-def apply_replicate(part: Transformer, dp_mesh, precision: str) -> None:
+def apply_replicate(part: Transformer, dp_mesh, precision: str, ignored=None) -> None:
     """ZeRO-0/1 data parallelism over DTensor (TP) parameters: FSDP2-based replicate
-    (DDP refuses DTensor parameters, RUNTIME_NOTES item 4)."""
+    (DDP refuses DTensor parameters, RUNTIME_NOTES item 4); `ignored`: expert-parallel
+    experts, reduced by the engine."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
-    replicate(part, mesh=dp_mesh, mp_policy=mp_policy(precision))
+    replicate(part, mesh=dp_mesh, mp_policy=mp_policy(precision), ignored_params=ignored)
 
 
 def apply_ddp(part: nn.Module, dp_group, ignore: list = ()) -> nn.Module:
@@ -166,6 +181,7 @@ def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=F
         part.autocast_dtype = DTYPES[precision]
     if layout.dp > 1 and layout.tp > 1:
         part.autocast_dtype = None
-        apply_replicate(part, ctx.mesh["dp"], precision)
+        experts = {p for n, p in part.named_parameters() if is_expert_param(n)}
+        apply_replicate(part, ctx.mesh["dp"], precision, experts if layout.ep > 1 else None)
         return "none"
     return "ddp" if layout.dp > 1 else "none"

@@ -119,6 +119,11 @@ CASES = {  # (spec, layout); global batch 8 as the reference's
     "ep2xpp2-zero2-interleaved": (MOE, L(pp=2, dp=2, ep=2, micro_batch=1, num_microbatches=4,
                                          zero_stage=2, schedule="interleaved_1f1b",
                                          virtual_stages=2)),
+    "tp2xep2-zero2": (MOE, L(dp=2, tp=2, ep=2, micro_batch=2, num_microbatches=2,
+                             zero_stage=2)),
+    "tp2xep2-replicate": (MOE, L(dp=2, tp=2, ep=2, micro_batch=2, num_microbatches=2)),
+    "pp2xtp2xep2-zero2": (MOE, L(pp=2, dp=2, tp=2, ep=2, micro_batch=1, num_microbatches=4,
+                                 zero_stage=2)),
     "gpt-ep4-zero3": (GPT_MOE, L(dp=4, ep=4, micro_batch=2, zero_stage=3)),
     "gpt-ep2xpp2": (GPT_MOE, L(pp=2, dp=2, ep=2, micro_batch=1, num_microbatches=4)),
 }
@@ -247,7 +252,8 @@ def test_training_cli_refuses_checkpoints_of_expert_parallel_runs(tmp_path):
 
 # --- what the runtime refuses (planner/rules.py _runtime_moe_rules) ------------------------------
 @pytest.mark.parametrize("layout, text", [
-    (L(dp=2, tp=2, ep=2, micro_batch=4), "tp=2: the torch runtime does not split MoE models"),
+    (L(dp=2, tp=2, ep=2, micro_batch=4, sequence_parallel=True),
+     "sequence parallel with tp=2: the torch runtime's MoE blocks route whole sequences"),
     (L(dp=2, ep=2, micro_batch=2, num_microbatches=2, zero_stage=1), "ep=2 with ZeRO-1"),
 ])
 def test_plan_refuses_what_the_runtime_does_not_build(layout, text):
