@@ -59,6 +59,10 @@ class Engine:
     recompute_policies: tuple = RECOMPUTE  # the recompute policies it runs
     recompute_every_block_only: bool = False  # recompute_every must be 1
     recompute_stops_early: bool = False  # a recompute stops after the last tensor backward needs
+    runs_runtime_model: bool = True  # trains runtime/model.py (planner/runtime_support.py)
+    expert_parallel: bool = False    # splits routed experts over an ep group (Layout.ep)
+    expert_tensor_parallel: bool = False  # splits each expert's FFN over etp (Layout.etp)
+    ep_within_dp: bool = False       # ep groups are slices of the data-parallel group
 
     def optimizer_state_bytes(self, precision: str, zero_stage: int = 0) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -81,7 +85,9 @@ TORCH = Engine(
     compiles_blocks=True,
     # torch.utils.checkpoint (non-reentrant) early stop: the block's last collective, after the
     # last tensor its backward needs, is not re-run (tests/test_tp_census.py)
-    recompute_stops_early=True)
+    recompute_stops_early=True,
+    # expert parallelism over the data-parallel group (all_to_all_single), experts whole
+    expert_parallel=True, ep_within_dp=True)
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped
@@ -96,7 +102,10 @@ MEGATRON = Engine(
     pipelined_fsdp_defers_sync=False,
     # --recompute-granularity selective|full; no op-level policy, and --recompute-method block
     # counts the first N layers of each stage, not every K-th block
-    recompute_policies=("none", "selective", "full"), recompute_every_block_only=True)
+    recompute_policies=("none", "selective", "full"), recompute_every_block_only=True,
+    # Megatron-Core builds its own model; --expert-model-parallel-size and
+    # --expert-tensor-parallel-size (megatron/core/transformer/moe/)
+    runs_runtime_model=False, expert_parallel=True, expert_tensor_parallel=True)
 
 # DeepSpeed 0.19.8 (runtime/engine.py, zero/stage_1_and_2.py, zero/stage3.py, bf16_optimizer.py,
 # pipe/engine.py): the user's eager model, so eager kernels and host time; its PipelineEngine

@@ -134,6 +134,27 @@ def _expert_split(c: dict) -> np.ndarray:
     return (c["ep"] > 1) | (c["etp"] > 1)
 
 
+def _ep(c: dict) -> tuple:
+    """(ep, etp) columns (ones where the space has none)."""
+    if "ep" not in c:
+        one = np.ones(c["tp"].shape, dtype=np.int64)
+        return one, one
+    return c["ep"], c["etp"]
+
+
+def _experts(ctx) -> int:
+    return ctx.model.moe.num_experts if ctx.model.is_moe else 1
+
+
+def _expert_ffn(ctx) -> int:
+    return ctx.model.moe.expert_ffn_hidden_size if ctx.model.is_moe else 1
+
+
+def _runtime_gaps(ctx) -> list:
+    from planner.runtime_support import runtime_gaps
+    return runtime_gaps(ctx.model) if ctx.engine.runs_runtime_model else []
+
+
 def _long_sequence(ctx) -> bool:
     return ctx.model.learned_positions and ctx.job.seq_len > ctx.model.max_seq_len
 
@@ -149,6 +170,12 @@ def _shape_rules() -> list:
              lambda ctx, c: _everywhere(c, not ctx.model.is_moe) & _expert_split(c),
              lambda ctx, r: f"ep={r['ep']} etp={r['etp']}: model {ctx.model.name} has no "
                             f"experts (ep and etp need an MoE model)"),
+        Rule("runtime_model", "the engine's runtime model cannot build this model",
+             lambda ctx, c: _everywhere(c, bool(_runtime_gaps(ctx))),
+             lambda ctx, r: f"the {ctx.job.engine} engine trains runtime/model.py, which cannot "
+                            f"build {ctx.model.name}: {'; '.join(_runtime_gaps(ctx))} (plan it "
+                            f"with --engine megatron)"),
+        *_expert_rules(),
         Rule("tp_heads", "tp does not divide the attention heads",
              lambda ctx, c: (ctx.model.num_heads % c["tp"] != 0)
              | (ctx.model.num_kv_heads % c["tp"] != 0),
@@ -189,6 +216,42 @@ def _shape_rules() -> list:
              lambda ctx, c: _everywhere(c, _long_sequence(ctx)),
              lambda ctx, r: f"seq len {ctx.job.seq_len} exceeds {ctx.model.name}'s "
                             f"{ctx.model.max_seq_len} learned positions"),
+    ]
+
+
+def _expert_rules() -> list:
+    """Expert parallelism folded over the dense part's GPUs (Megatron-Core's MoE layout:
+    attention on tp x dp, experts on etp x ep x expert-dp of the same tp x dp ranks)."""
+    return [
+        Rule("ep_experts", "ep does not divide the experts",
+             lambda ctx, c: _experts(ctx) % _ep(c)[0] != 0,
+             lambda ctx, r: f"ep={r['ep']} must divide the {_experts(ctx)} routed experts of "
+                            f"{ctx.model.name}"),
+        Rule("etp_ffn", "etp does not divide the expert FFN width",
+             lambda ctx, c: _expert_ffn(ctx) % _ep(c)[1] != 0,
+             lambda ctx, r: f"etp={r['etp']} must divide expert_ffn_hidden_size "
+                            f"{_expert_ffn(ctx)}"),
+        Rule("ep_group", "ep x etp does not divide tp x dp",
+             lambda ctx, c: (c["tp"] * c["dp"]) % (_ep(c)[0] * _ep(c)[1]) != 0,
+             lambda ctx, r: f"ep*etp = {r['ep']}*{r['etp']} = {r['ep'] * r['etp']} must divide "
+                            f"the dense group tp*dp = {r['tp']}*{r['dp']} = "
+                            f"{r['tp'] * r['dp']} (experts fold over the same GPUs)"),
+        Rule("ep_engine", "expert parallelism on an engine without it",
+             lambda ctx, c: _everywhere(c, not ctx.engine.expert_parallel) & (_ep(c)[0] > 1),
+             lambda ctx, r: f"ep={r['ep']}: the {ctx.job.engine} engine has no expert "
+                            f"parallelism (DeepSpeed's needs deepspeed.moe.layer.MoE modules, "
+                            f"which the runtime's model does not use); use ep=1 or --engine "
+                            f"megatron"),
+        Rule("etp_engine", "expert tensor parallelism on an engine without it",
+             lambda ctx, c: _everywhere(c, not ctx.engine.expert_tensor_parallel)
+             & (_ep(c)[1] > 1),
+             lambda ctx, r: f"etp={r['etp']}: the {ctx.job.engine} engine keeps each expert "
+                            f"whole on its rank; use etp=1 or --engine megatron"),
+        Rule("ep_dp", "ep does not divide dp (the torch runtime's EP group)",
+             lambda ctx, c: _everywhere(c, ctx.engine.ep_within_dp) & (c["dp"] % _ep(c)[0] != 0),
+             lambda ctx, r: f"ep={r['ep']} must divide dp={r['dp']}: the {ctx.job.engine} "
+                            f"engine's expert-parallel groups are slices of its data-parallel "
+                            f"group"),
     ]
 
 
@@ -354,7 +417,7 @@ SEARCH_LABELS = {"batch": "dp does not divide the global batch",
 # shape-level reasons (why tp or dp cannot take the obvious value) the nothing-fits line cites
 SHAPE_KEYS = ("tp_heads", "tp_ffn", "tp_node", "batch")
 # reasons that rule out every layout of a request: said first when nothing is valid
-REQUEST_KEYS = ("precision", "positions", "compile_engine")
+REQUEST_KEYS = ("precision", "positions", "compile_engine", "runtime_model")
 
 
 def label(key: str) -> str:

@@ -9,7 +9,24 @@ output layer Shard(0) (Shoeybi et al. 2019, Sec. 3).
 
 Names and order are the runtime's `named_parameters()` (its state-dict and checkpoint keys):
 `embed.*` and `head.*` as listed; block tensor `<name>` of layer i (global index) is
-`layers.{i}.<name>` (`layer_tensor_name`)."""
+`layers.{i}.<name>` (`layer_tensor_name`).
+
+Mixture of experts (ModelSpec.moe; MoE layers by MoESpec.is_moe_layer, the others dense): the
+MLP becomes `mlp.router.weight` [E, h] (+ `mlp.router.bias` [E] with linear_bias, GPT-OSS),
+routed experts stacked on dim 0 as per-expert nn.Linear weights [E, out, in]
+(`mlp.experts.gate|up|down` for SwiGLU, `mlp.experts.fc|proj` for GELU; biases
+`mlp.experts.<name>_bias` [E, out]), shared experts `mlp.shared.gate|up|down` (a SwiGLU of
+shared_ffn_hidden_size, TP-split like the dense MLP) and Qwen2-MoE's `mlp.shared_gate.weight`
+[1, h].  Expert tensors carry `ep_dim` 0 (split over the expert-parallel group) and their
+`tp_dim` is split over the expert-tensor-parallel group etp (Megatron-Core's expert layout);
+router and shared-expert gate are replicated (Megatron-Core TopKRouter).
+MLA (ModelSpec.mla, DeepSeek-V2 Sec. 2.1 eqs. 37-47; HF DeepseekV3Attention): `attn.q_a`
+[q_lora, h] + `attn.q_a_norm` + `attn.q_b` [heads x (nope+rope), q_lora] (or `attn.q`
+[heads x (nope+rope), h] when q_lora_rank is 0), `attn.kv_a` [kv_lora + rope, h] +
+`attn.kv_a_norm` + `attn.kv_b` [heads x (nope+v), kv_lora], `attn.o` [h, heads x v]; the
+down-projections are replicated under TP, the up-projections column-parallel (Megatron-Core
+MLASelfAttention).  Qwen3's q/k norms are `attn.q_norm|k_norm.weight` [head_dim]; GPT-OSS's
+sinks `attn.sinks` [heads], split with the heads."""
 
 import math
 from dataclasses import dataclass
@@ -22,18 +39,27 @@ from planner.spec import BERT_TYPE_VOCAB, ModelSpec
 class ParamTensor:
     name: str
     shape: tuple
-    tp_dim: int = None  # dimension split across the TP group; None = replicated
+    tp_dim: int = None  # dimension split across the TP group (etp for experts); None = replicated
+    ep_dim: int = None  # routed experts: the expert dimension, split across the EP group
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def local_shape(self, tp: int, tp_rank: int = 0) -> tuple:
-        """Shape on one TP rank (rank 0 holds the largest shard of an uneven split)."""
-        if self.tp_dim is None or tp == 1:
-            return self.shape
+    @property
+    def expert(self) -> bool:
+        return self.ep_dim is not None
+
+    def local_shape(self, tp: int, tp_rank: int = 0, *, ep: int = 1, etp: int = 1,
+                    ep_rank: int = 0, etp_rank: int = 0) -> tuple:
+        """Shape on one TP rank (rank 0 holds the largest shard of an uneven split); an expert
+        tensor is split over etp (not tp) and over ep on its expert dimension."""
         shape = list(self.shape)
-        shape[self.tp_dim] = chunk_size(shape[self.tp_dim], tp, tp_rank)
+        if self.expert:
+            shape[self.ep_dim] = chunk_size(shape[self.ep_dim], ep, ep_rank)
+            tp, tp_rank = etp, etp_rank
+        if self.tp_dim is not None and tp > 1:
+            shape[self.tp_dim] = chunk_size(shape[self.tp_dim], tp, tp_rank)
         return tuple(shape)
 
 
@@ -43,8 +69,8 @@ def chunk_size(n: int, parts: int, index: int) -> int:
     return max(0, min(size, n - index * size))
 
 
-def _norm(name: str, spec: ModelSpec) -> list:
-    h = spec.hidden_size
+def _norm(name: str, spec: ModelSpec, dim: int = 0) -> list:
+    h = dim or spec.hidden_size
     tensors = [ParamTensor(f"{name}.weight", (h,))]
     if spec.norm == "layernorm":
         tensors.append(ParamTensor(f"{name}.bias", (h,)))
@@ -65,18 +91,76 @@ def layer_tensor_name(layer: int, name: str) -> str:
     return f"layers.{layer}.{name}"
 
 
-def block_tensors(spec: ModelSpec) -> list:
-    """One transformer block; names are per-block, `layer_tensor_name` gives the full name."""
-    h, kv, f, b = spec.hidden_size, spec.kv_hidden_size, spec.ffn_hidden_size, spec.linear_bias
+def block_tensors(spec: ModelSpec, layer: int = 0) -> list:
+    """Block `layer` (global index: MoE models mix dense and MoE blocks); names are per-block,
+    `layer_tensor_name` gives the full name."""
     tensors = _norm("attn_norm", spec)
-    tensors += _linear("attn.q", h, h, b, "col") + _linear("attn.k", h, kv, b, "col")
-    tensors += _linear("attn.v", h, kv, b, "col") + _linear("attn.o", h, h, b, "row")
+    tensors += _mla_tensors(spec) if spec.mla else _attention_tensors(spec)
     tensors += _norm("mlp_norm", spec)
-    if spec.mlp == "swiglu":
-        tensors += _linear("mlp.gate", h, f, b, "col") + _linear("mlp.up", h, f, b, "col")
-        tensors += _linear("mlp.down", f, h, b, "row")
+    if spec.is_moe and spec.moe.is_moe_layer(layer):
+        return tensors + _moe_tensors(spec)
+    return tensors + _mlp_tensors("mlp", spec, spec.ffn_hidden_size)
+
+
+def _attention_tensors(spec: ModelSpec) -> list:
+    h, q, kv, b = spec.hidden_size, spec.q_hidden_size, spec.kv_hidden_size, spec.linear_bias
+    qkv = b or spec.qkv_bias
+    tensors = _linear("attn.q", h, q, qkv, "col") + _linear("attn.k", h, kv, qkv, "col")
+    tensors += _linear("attn.v", h, kv, qkv, "col") + _linear("attn.o", q, h, b, "row")
+    if spec.qk_norm:
+        tensors += _norm("attn.q_norm", spec, spec.head_dim)
+        tensors += _norm("attn.k_norm", spec, spec.head_dim)
+    if spec.attention_sinks:
+        tensors.append(ParamTensor("attn.sinks", (spec.num_heads,), 0))
+    return tensors
+
+
+def _mla_tensors(spec: ModelSpec) -> list:
+    m, h, n = spec.mla, spec.hidden_size, spec.num_heads
+    if m.q_lora_rank:
+        tensors = _linear("attn.q_a", h, m.q_lora_rank, False, "none")
+        tensors += _norm("attn.q_a_norm", spec, m.q_lora_rank)
+        tensors += _linear("attn.q_b", m.q_lora_rank, n * m.qk_head_dim, False, "col")
     else:
-        tensors += _linear("mlp.fc", h, f, b, "col") + _linear("mlp.proj", f, h, b, "row")
+        tensors = _linear("attn.q", h, n * m.qk_head_dim, False, "col")
+    tensors += _linear("attn.kv_a", h, m.kv_lora_rank + m.qk_rope_head_dim, False, "none")
+    tensors += _norm("attn.kv_a_norm", spec, m.kv_lora_rank)
+    tensors += _linear("attn.kv_b", m.kv_lora_rank, n * (m.qk_nope_head_dim + m.v_head_dim),
+                       False, "col")
+    return tensors + _linear("attn.o", n * m.v_head_dim, h, False, "row")
+
+
+def _mlp_tensors(prefix: str, spec: ModelSpec, f: int) -> list:
+    h, b = spec.hidden_size, spec.linear_bias
+    if spec.mlp == "swiglu":
+        return (_linear(f"{prefix}.gate", h, f, b, "col") + _linear(f"{prefix}.up", h, f, b, "col")
+                + _linear(f"{prefix}.down", f, h, b, "row"))
+    return _linear(f"{prefix}.fc", h, f, b, "col") + _linear(f"{prefix}.proj", f, h, b, "row")
+
+
+def _experts(name: str, e: int, d_in: int, d_out: int, bias: bool, parallel: str) -> list:
+    """Stacked per-expert linears [E, out, in]; etp splits out ('col') or in ('row')."""
+    tensors = [ParamTensor(f"mlp.experts.{name}", (e, d_out, d_in),
+                           1 if parallel == "col" else 2, ep_dim=0)]
+    if bias:
+        tensors.append(ParamTensor(f"mlp.experts.{name}_bias", (e, d_out),
+                                   1 if parallel == "col" else None, ep_dim=0))
+    return tensors
+
+
+def _moe_tensors(spec: ModelSpec) -> list:
+    moe, h, b = spec.moe, spec.hidden_size, spec.linear_bias
+    e, f = moe.num_experts, moe.expert_ffn_hidden_size
+    tensors = _linear("mlp.router", h, e, b, "none")
+    if spec.mlp == "swiglu":
+        tensors += (_experts("gate", e, h, f, b, "col") + _experts("up", e, h, f, b, "col")
+                    + _experts("down", e, f, h, b, "row"))
+    else:
+        tensors += _experts("fc", e, h, f, b, "col") + _experts("proj", e, f, h, b, "row")
+    if moe.shared_ffn_hidden_size:
+        tensors += _mlp_tensors("mlp.shared", spec, moe.shared_ffn_hidden_size)
+    if moe.shared_expert_gate:
+        tensors += _linear("mlp.shared_gate", h, 1, False, "none")
     return tensors
 
 
@@ -111,24 +195,82 @@ def head_tensors(spec: ModelSpec, holds_tied_copy: bool = False) -> list:
     return tensors
 
 
+def layer_kinds(spec: ModelSpec, layers) -> tuple:
+    """(dense blocks, MoE blocks) among global layer ids `layers`."""
+    moe = sum(spec.moe.is_moe_layer(i) for i in layers) if spec.is_moe else 0
+    return len(layers) - moe, moe
+
+
+def _blocks_numel(spec: ModelSpec, layers) -> int:
+    dense, moe = layer_kinds(spec, layers)
+    first_moe = spec.moe.first_dense_layers if spec.is_moe else 0
+    total = dense * sum(t.numel for t in block_tensors(spec, _dense_layer(spec))) if dense else 0
+    return total + (moe * sum(t.numel for t in block_tensors(spec, first_moe)) if moe else 0)
+
+
+def _dense_layer(spec: ModelSpec) -> int:
+    """A dense layer's id (0 when every layer is dense or the first layers are)."""
+    if not spec.is_moe or not spec.moe.is_moe_layer(0):
+        return 0
+    return next((i for i in range(spec.num_layers) if not spec.moe.is_moe_layer(i)), 0)
+
+
 def count_parameters(spec: ModelSpec) -> int:
     """All trainable parameters of the model (tied weights counted once)."""
     return (sum(t.numel for t in embedding_tensors(spec))
-            + spec.num_layers * sum(t.numel for t in block_tensors(spec))
+            + _blocks_numel(spec, range(spec.num_layers))
             + sum(t.numel for t in head_tensors(spec)))
 
 
+def count_active_parameters(spec: ModelSpec, embeddings: bool = True) -> int:
+    """Parameters one token passes through: the routed experts count top-k of E (Fedus et al.
+    2022, Sec. 2; DeepSeek-V3's "37B activated"); the router, shared experts and every dense
+    tensor in full.  `embeddings` False leaves out the input embedding table (a lookup, no
+    matmul; GPT-OSS's model card counts active parameters without it)."""
+    total = count_parameters(spec)
+    if spec.is_moe:
+        moe = spec.moe
+        routed = sum(t.numel for t in block_tensors(spec, moe.first_dense_layers) if t.expert)
+        idle = routed * (moe.num_experts - moe.experts_per_token) // moe.num_experts
+        total -= idle * moe.num_moe_layers(spec.num_layers)
+    if not embeddings and not spec.tie_embeddings:
+        total -= spec.vocab_size * spec.hidden_size
+    return total
+
+
+def rank_layer_ids(spec: ModelSpec, layout, pp_rank: int) -> tuple:
+    """Global ids of the layers pipeline rank `pp_rank` holds, in order."""
+    ids, start = [], 0
+    for chunk, n in enumerate(layout.stage_layers(spec.num_layers)):
+        if layout.chunk_rank(chunk) == pp_rank:
+            ids += range(start, start + n)
+        start += n
+    return tuple(ids)
+
+
 def rank_pieces(spec: ModelSpec, layout, pp_rank: int) -> tuple:
-    """(layers, holds the embedding, holds the head, head keeps a tied copy) of a pp rank."""
+    """(layers, holds the embedding, holds the head, head keeps a tied copy) of a pp rank;
+    layers: the layer count of a dense model, the global layer ids of an MoE one."""
     first, last = layout.chunk_rank(0), layout.chunk_rank(layout.num_chunks - 1)
-    layers = sum(layout.rank_chunk_layers(spec.num_layers)[pp_rank])
+    if spec.is_moe:
+        layers = rank_layer_ids(spec, layout, pp_rank)
+    else:
+        layers = sum(layout.rank_chunk_layers(spec.num_layers)[pp_rank])
     # separate chunk modules: the last keeps its own tied copy even on the first chunk's rank
     return layers, pp_rank == first, pp_rank == last, layout.num_chunks > 1
 
 
-def pieces_tensors(spec: ModelSpec, layers: int, embedding: bool, head: bool,
+def _ids(spec: ModelSpec, layers) -> tuple:
+    """Layer ids from rank_pieces' `layers` (a count stands for layers 0.. of a dense model)."""
+    if isinstance(layers, (tuple, list, range)):
+        return tuple(layers)
+    assert not spec.is_moe, "an MoE model's pieces name their layer ids"
+    return tuple(range(int(layers)))
+
+
+def pieces_tensors(spec: ModelSpec, layers, embedding: bool, head: bool,
                    tied_copy: bool) -> list:
-    tensors = block_tensors(spec) * layers
+    tensors = [t for i in _ids(spec, layers) for t in block_tensors(spec, i)]
     if embedding:
         tensors = embedding_tensors(spec) + tensors
     if head:
@@ -141,18 +283,38 @@ def rank_param_tensors(spec: ModelSpec, layout, pp_rank: int) -> list:
     return pieces_tensors(spec, *rank_pieces(spec, layout, pp_rank))
 
 
+def _tensors_local(tensors, tp: int, ep: int, etp: int, expert) -> int:
+    """Elements on rank 0 of tp / ep / etp; `expert` None = all, True/False = only those."""
+    return sum(math.prod(t.local_shape(tp, ep=ep, etp=etp)) for t in tensors
+               if expert is None or t.expert == expert)
+
+
 @lru_cache(maxsize=65536)
-def _local_numel(spec: ModelSpec, tp: int, layers: int, embedding: bool, head: bool,
-                 tied_copy: bool) -> int:
-    return sum(math.prod(t.local_shape(tp))
-               for t in pieces_tensors(spec, layers, embedding, head, tied_copy))
+def _local_numel(spec: ModelSpec, tp: int, layers, embedding: bool, head: bool,
+                 tied_copy: bool, ep: int = 1, etp: int = 1, expert=None) -> int:
+    ids = _ids(spec, layers)
+    dense, moe = layer_kinds(spec, ids)
+    n = 0
+    if dense:
+        n += dense * _tensors_local(block_tensors(spec, _dense_layer(spec)), tp, ep, etp, expert)
+    if moe:
+        first_moe = spec.moe.first_dense_layers
+        n += moe * _tensors_local(block_tensors(spec, first_moe), tp, ep, etp, expert)
+    ends = pieces_tensors(spec, (), embedding, head, tied_copy)
+    return n + _tensors_local(ends, tp, ep, etp, expert)
 
 
-def rank_local_numel(spec: ModelSpec, layout, pp_rank: int) -> int:
-    """Parameters pipeline rank `pp_rank` holds on TP rank 0 (cached: the search asks often)."""
-    return _local_numel(spec, layout.tp, *rank_pieces(spec, layout, pp_rank))
+def rank_local_numel(spec: ModelSpec, layout, pp_rank: int, expert=None) -> int:
+    """Parameters pipeline rank `pp_rank` holds on TP/EP rank 0 (cached: the search asks
+    often); `expert` True/False counts only the routed-expert / the other tensors."""
+    return _local_numel(spec, layout.tp, *rank_pieces(spec, layout, pp_rank),
+                        layout.ep, layout.etp, expert)
 
 
-def block_params_local(spec: ModelSpec, tp: int) -> int:
-    """Parameters of one block on one TP rank."""
-    return sum(math.prod(t.local_shape(tp)) for t in block_tensors(spec))
+def block_params_local(spec: ModelSpec, tp: int, ep: int = 1, etp: int = 1,
+                       layer: int = None) -> int:
+    """Parameters of one block on one TP (and EP/etp) rank: block `layer`, or the largest
+    block (an MoE block of an MoE model) when None."""
+    if layer is None:
+        layer = spec.moe.first_dense_layers if spec.is_moe else 0
+    return _tensors_local(block_tensors(spec, layer), tp, ep, etp, None)
