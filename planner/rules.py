@@ -386,22 +386,18 @@ def _recompute_rules() -> list:
     ]
 
 
-def _torch_runtime(ctx) -> bool:
-    return ctx.engine.name == "torch"
-
-
 def _runtime_moe_rules() -> list:
     """What the torch runtime's MoE (runtime/moe.py) does not build yet (etp and latent
     attention: rules etp_engine and runtime_model): its router sees whole sequences (the
     per-sequence auxiliary loss), and ZeRO-1's flat partition would mix experts of ep ranks."""
     return [
-        Rule("moe_sp_runtime", "sequence parallelism over MoE blocks in the torch runtime",
-             lambda ctx, c: _everywhere(c, _torch_runtime(ctx) and ctx.model.is_moe)
+        Rule("moe_sp_runtime", "sequence parallelism over the runtime model's MoE blocks",
+             lambda ctx, c: _everywhere(c, ctx.engine.runs_runtime_model and ctx.model.is_moe)
              & (c["sequence_parallel"] == 1),
-             lambda ctx, r: f"sequence parallel with tp={r['tp']}: the torch runtime's MoE "
+             lambda ctx, r: f"sequence parallel with tp={r['tp']}: runtime/model.py's MoE "
                             f"blocks route whole sequences (use sequence_parallel off)"),
         Rule("ep_zero1_runtime", "expert parallelism with ZeRO-1 in the torch runtime",
-             lambda ctx, c: _everywhere(c, _torch_runtime(ctx)) & _expert_split(c)
+             lambda ctx, c: _everywhere(c, ctx.engine.ep_within_dp) & _expert_split(c)
              & (c["zero_stage"] == 1) & (c["dp"] > 1),
              lambda ctx, r: f"ep={r['ep']} with ZeRO-1: the torch runtime's sharded optimizer "
                             f"does not handle expert-parallel experts (use ZeRO-0, 2 or 3)"),

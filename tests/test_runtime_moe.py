@@ -267,3 +267,55 @@ def test_engine_refuses_the_same_layouts_in_one_line():
         check_runtime_layout(MOE, L(dp=2, ep=2, num_microbatches=2, zero_stage=1))
     with pytest.raises(ValueError, match="etp=2: expert tensor parallelism is not built"):
         check_runtime_layout(MOE, L(dp=2, ep=1, etp=2))
+
+
+# --- parameter inventory: planner/cost/params.py lists the runtime's MoE tensors -----------------
+QWEN2_MOE_LIKE = dataclasses.replace(
+    MOE, name="test-qwen2-moe-like", attention_head_dim=16, num_heads=8, num_kv_heads=2,
+    moe=dataclasses.replace(MOE.moe, shared_expert_gate=True, moe_layer_every=2))
+INVENTORY = {s.name: s for s in (MOE, GPT_MOE, QWEN2_MOE_LIKE)}
+
+
+@pytest.mark.parametrize("key", sorted(INVENTORY))
+def test_moe_names_shapes_and_count_equal_planner(key):
+    from test_param_names import planner_shapes, planner_tensors, runtime_shapes
+
+    from planner.cost.params import count_parameters
+    spec = INVENTORY[key]
+    with torch.device("meta"):
+        model = Transformer(spec)
+    assert runtime_shapes(model) == planner_shapes(planner_tensors(spec, range(spec.num_layers)))
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(spec)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("key", sorted(INVENTORY))
+def test_moe_local_shapes_under_tp_and_ep_equal_planner(key, tp):
+    """Every tp rank's placements after apply_tp, every ep rank's experts after apply_ep."""
+    from test_param_names import fake_tp_mesh, planner_tensors, tp_placements
+
+    from runtime.parallelize import apply_ep, apply_tp
+    spec, ep = INVENTORY[key], 2
+    expected = planner_tensors(spec, range(spec.num_layers))
+
+    class _Ctx:  # the two fields apply_ep reads besides the group
+        def __init__(self, rank):
+            self.ep, self.ep_rank = ep, rank
+
+        def group(self, axis):
+            return None
+
+    for tp_rank in range(tp):
+        for ep_rank in range(ep):
+            with fake_tp_mesh(tp, tp_rank) as mesh:
+                with torch.device("meta"):
+                    module = Transformer(spec)
+                if tp > 1:
+                    apply_tp(module, mesh, sp=False)
+                apply_ep(module, _Ctx(ep_rank))
+                want = {n: (t.local_shape(tp, tp_rank, ep=ep, ep_rank=ep_rank),
+                            t.tp_dim if tp > 1 and not t.expert else None)
+                        for n, t in expected}
+                got = {n: (local, dim if tp > 1 else None)
+                       for n, (_, local, dim) in tp_placements(module).items()}
+                assert got == want, (tp_rank, ep_rank)
