@@ -146,6 +146,32 @@ def diffs(name: str) -> tuple:
     return loss, param, abs(got["val_loss"] - want["val_loss"])
 
 
+def planner_state_bytes(plan, coords) -> dict:
+    """Per-rank weight, gradient and AdamW bytes from the planner's inventory
+    (planner/cost/params.py rank_param_tensors, local shapes over tp and ep) sharded as the
+    planner's torch engine shards them (planner/cost/memory.py torch_model_state_bytes), the
+    routed experts over the expert-data-parallel group dp / ep instead of dp."""
+    import math
+
+    from planner.cost.memory import ADAM_STATE_BYTES_FP32, ADAM_STEP_BYTES, _fsdp_numel
+    from planner.cost.params import rank_param_tensors
+    lay = plan.layout
+    ep_rank, edp, edp_rank = coords["dp"] % lay.ep, lay.dp // lay.ep, coords["dp"] // lay.ep
+    numel = count = 0
+    for t in rank_param_tensors(plan.model, lay, coords["pp"]):
+        shape = t.local_shape(lay.tp, coords["tp"], ep=lay.ep, ep_rank=ep_rank)
+        if lay.zero_stage >= 2 and t.expert:
+            numel += _fsdp_numel(shape, edp, edp_rank)
+        elif lay.zero_stage >= 2:
+            numel += _fsdp_numel(shape, lay.dp, coords["dp"])
+        else:
+            numel += math.prod(shape)
+        count += 1
+    # the runtime measures after the step's reduce-scatter: gradients sharded as parameters
+    return {"weights_bytes": 4 * numel, "gradients_bytes": 4 * numel,
+            "optimizer_bytes": ADAM_STATE_BYTES_FP32 * numel + ADAM_STEP_BYTES * count}
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_expert_parallel_parity(name):
     loss, param, val = diffs(name)
@@ -155,6 +181,10 @@ def test_expert_parallel_parity(name):
     assert val <= LOSS_TOL
     got = results()[name]
     assert got["losses"][-1] < got["losses"][0]
+    plan = make_plan(CASES[name][1], CASES[name][0])
+    for coords, record in got["ranks"]:
+        want = planner_state_bytes(plan, coords)
+        assert {k: record[k] for k in want} == want, coords
 
 
 def test_aux_loss_moves_the_parameters_beyond_the_tolerance():
