@@ -360,7 +360,8 @@ def _run(plan: Plan, cfg: RunConfig, optim_cfg, tokens, args) -> int:
     ctx = init_distributed(plan.layout, timeout_s=args.timeout)
     _setup_logging(ctx.rank)
     lay = plan.layout
-    log.info(f"plan: {plan.model.name} dp={lay.dp} tp={lay.tp} pp={lay.pp} "
+    experts = f" ep={lay.ep}" if lay.ep > 1 else ""
+    log.info(f"plan: {plan.model.name} dp={lay.dp} tp={lay.tp} pp={lay.pp}{experts} "
              f"zero={lay.zero_stage} schedule={lay.schedule} "
              f"micro_batch={lay.micro_batch}x{lay.num_microbatches} "
              f"seq={plan.job.seq_len} {plan.job.precision} on {ctx.device.type}")
