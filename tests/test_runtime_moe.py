@@ -8,7 +8,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from runtime_dist import SPEC, Layout, make_plan, train_worlds
 
 from planner.moe_spec import MoESpec
