@@ -197,6 +197,11 @@ def torchrun_lines(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEF
     one host do not collide).  Several nodes: c10d rendezvous at the master's port with one
     `--rdzv-id` for the job (default: default_job_name(plan)); c10d assigns the node ranks
     itself, so every node runs the same line and there is no `--node-rank`."""
+    from planner.runtime_support import runtime_gaps
+    gaps = runtime_gaps(plan.model)
+    if gaps:
+        _refuse("torchrun", f"it runs runtime.train, whose model cannot build "
+                f"{plan.model.name}: {'; '.join(gaps)}")
     nodes, procs = _nodes_and_procs(plan)
     train = ["-m", "runtime.train", "--plan", _check_path(plan_path),
              "--steps", str(_check_steps(steps))]
@@ -293,6 +298,10 @@ def deepspeed_config(plan: Plan) -> dict:
     listed in the 'placeholders' key by their dotted path."""
     lay, job = plan.layout, plan.job
     _refuse_compile("DeepSpeed", lay)
+    if lay.ep > 1 or lay.etp > 1:
+        _refuse("DeepSpeed", f"ep={lay.ep} etp={lay.etp}; DeepSpeed's expert parallelism "
+                "needs deepspeed.moe.layer.MoE modules in the model, which its config does not "
+                "set up")
     if lay.pp > 1 and lay.schedule != "1f1b":
         _refuse("DeepSpeed", f"schedule {lay.schedule}; its pipeline engine runs 1F1B only")
     if lay.pp > 1 and lay.zero_stage >= 2:
@@ -492,6 +501,7 @@ def megatron_args(plan: Plan, fill: dict = None) -> list:
     args += ["--micro-batch-size", str(lay.micro_batch),
              "--global-batch-size", str(job.global_batch), "--seq-length", str(job.seq_len)]
     args += _model_args(spec, job)
+    args += _attention_args(spec) + _moe_args(spec, lay)
     args += ["--lr", _placeholder("--lr", fill),
              "--train-iters", _placeholder("--train-iters", fill),
              "--data-path", _placeholder("--data-path", fill),
@@ -547,6 +557,58 @@ def _model_args(spec, job) -> list:
     if job.attention == "eager":
         args.append("--no-masked-softmax-fusion")
     args += ["--clip-grad", str(CLIP_NORM)]
+    return args
+
+
+def _attention_args(spec) -> list:
+    """Head width, q/k norms, q/k/v-only biases and multi-head latent attention
+    (megatron/training/arguments.py; MLATransformerConfig)."""
+    if spec.attention_sinks:
+        _refuse("Megatron-LM", "attention_sinks (GPT-OSS's learned per-head sink logits): "
+                "Megatron-LM's arguments have no flag for them")
+    args = []
+    if spec.attention_head_dim and spec.attention_head_dim * spec.num_heads != spec.hidden_size:
+        args += ["--kv-channels", str(spec.attention_head_dim)]
+    if spec.qk_norm:
+        args.append("--qk-layernorm")
+    if spec.qkv_bias:
+        args.append("--add-qkv-bias")
+    if spec.mla:
+        m = spec.mla
+        if not m.q_lora_rank:
+            _refuse("Megatron-LM", "mla with q_lora_rank 0 (a full-rank query) needs "
+                    "--q-lora-rank unset, which the export does not write")
+        args += ["--multi-latent-attention", "--q-lora-rank", str(m.q_lora_rank),
+                 "--kv-lora-rank", str(m.kv_lora_rank), "--qk-head-dim", str(m.qk_nope_head_dim),
+                 "--qk-pos-emb-head-dim", str(m.qk_rope_head_dim),
+                 "--v-head-dim", str(m.v_head_dim)]
+    return args
+
+
+def _moe_args(spec, lay) -> list:
+    """Megatron-Core MoE (megatron/core/transformer/moe/): routed experts as a grouped GEMM,
+    all-to-all token dispatch, top-k routing with the auxiliary load-balancing loss."""
+    if not spec.is_moe:
+        return []
+    moe = spec.moe
+    layers = "[" + ",".join(str(int(moe.is_moe_layer(i))) for i in range(spec.num_layers)) + "]"
+    args = ["--num-experts", str(moe.num_experts), "--moe-router-topk",
+            str(moe.experts_per_token), "--moe-ffn-hidden-size", str(moe.expert_ffn_hidden_size),
+            "--expert-model-parallel-size", str(lay.ep),
+            "--expert-tensor-parallel-size", str(lay.etp), "--moe-grouped-gemm",
+            "--moe-token-dispatcher-type", "alltoall",
+            "--moe-router-score-function", moe.router, "--moe-layer-freq", layers]
+    if moe.aux_loss_coef:
+        args += ["--moe-router-load-balancing-type", "aux_loss",
+                 "--moe-aux-loss-coeff", f"{moe.aux_loss_coef:g}"]
+    else:
+        args += ["--moe-router-load-balancing-type", "none"]
+    if moe.shared_ffn_hidden_size:
+        args += ["--moe-shared-expert-intermediate-size", str(moe.shared_ffn_hidden_size)]
+    if moe.shared_expert_gate:
+        args.append("--moe-shared-expert-gate")
+    if moe.capacity_factor:
+        args += ["--moe-expert-capacity-factor", f"{moe.capacity_factor:g}"]
     return args
 
 

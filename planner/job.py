@@ -4,10 +4,16 @@ import dataclasses
 from dataclasses import dataclass
 
 from planner.engines import ENGINES as ENGINE_TRAITS
-from planner.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, check_int
+from planner.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, check_int, check_range
 from planner.schema import check_keys, require_choice
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+# Default routing imbalance of an MoE model, max over mean tokens per expert: Switch Transformer
+# trains with capacity factor 1.25 as the headroom a load-balanced (auxiliary-loss) router needs
+# for few tokens to overflow (Fedus et al. 2022, Sec. 2.2 and Table 1).  planner/cost/moe.py.
+DEFAULT_MOE_IMBALANCE = 1.25
+MAX_MOE_IMBALANCE = 64.0
+JOB_KEYS_SINCE_4 = ("moe_imbalance",)  # absent from older plans: the default
 OPTIMIZERS = ("adamw",)
 # Which implementation's activation bookkeeping to model:
 #   torch    - this project's runtime (PyTorch DTensor TP/SP, FSDP2, torch.distributed.pipelining)
@@ -27,6 +33,7 @@ class Job:
     optimizer: str = "adamw"
     attention: str = "flash"
     engine: str = "torch"
+    moe_imbalance: float = DEFAULT_MOE_IMBALANCE  # MoE: max over mean tokens per expert
 
     def __post_init__(self):
         check_int(self.global_batch, "global batch", 1, MAX_GLOBAL_BATCH)
@@ -35,6 +42,7 @@ class Job:
         require_choice(self.optimizer, "optimizer", OPTIMIZERS)
         require_choice(self.attention, "attention", ATTENTION)
         require_choice(self.engine, "engine", ENGINES)
+        check_range(self.moe_imbalance, "moe imbalance", 1.0, MAX_MOE_IMBALANCE)
 
     @property
     def flash_attention(self) -> bool:

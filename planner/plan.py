@@ -12,7 +12,7 @@ from planner import limits, rules
 from planner.cost import pipeline
 from planner.engines import INTERLEAVED, RECOMPUTE, SCHEDULES, ZERO_BUBBLE  # noqa: F401
 from planner.hardware import Cluster
-from planner.job import Job
+from planner.job import JOB_KEYS_SINCE_4, Job
 from planner.limits import check_int
 from planner.schema import check_keys, load_json_file, require_bool, require_choice, require_int
 from planner.spec import ModelSpec
@@ -185,8 +185,9 @@ class Plan:
             raise ValueError("plan estimate must be an object or null")
         optional = (LAYOUT_KEYS_SINCE_3 if version < 3 else ()) + \
             (LAYOUT_KEYS_SINCE_4 if version < 4 else ())
+        job = Job.from_dict(data["job"], JOB_KEYS_SINCE_4 if version < 4 else ())
         plan = cls(model=ModelSpec.from_dict(data["model"], strict=version >= 4),
-                   cluster=Cluster.from_dict(data["cluster"]), job=Job.from_dict(data["job"]),
+                   cluster=Cluster.from_dict(data["cluster"]), job=job,
                    layout=Layout.from_dict(data["layout"], optional))
         return plan.with_estimate(data["estimate"])
 

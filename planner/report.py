@@ -22,6 +22,7 @@ TIME_ROWS = [
     ("recompute_s", "recompute", "activation recomputation"),
     ("tp_comm_s", "TP/SP communication", "exposed tensor-parallel collectives"),
     ("pp_comm_s", "PP communication", "stage-boundary sends"),
+    ("ep_comm_s", "EP all-to-all", "expert dispatch + combine, fwd + bwd (MoE)"),
     ("bubble_s", "pipeline bubble", "fill and drain of the schedule"),
     ("dp_comm_exposed_s", "DP communication", "gradient sync not hidden by backward"),
     ("optimizer_s", "optimizer step", "AdamW update + clipping (memory-bound)"),
@@ -30,6 +31,8 @@ TIME_ROWS = [
 
 def layout_summary(layout) -> str:
     parts = [f"dp={layout.dp}", f"tp={layout.tp}", f"pp={layout.pp}"]
+    if layout.ep > 1 or layout.etp > 1:
+        parts += [f"ep={layout.ep}"] + ([f"etp={layout.etp}"] if layout.etp > 1 else [])
     if layout.sequence_parallel:
         parts.append("sp")
     parts += [f"zero={layout.zero_stage}", f"mb={layout.micro_batch}x{layout.num_microbatches}"]
@@ -97,6 +100,8 @@ def estimate_text(est) -> str:
     lines += ["", f"Step time (slowest pipeline stage: {t.slowest_pp_rank})"]
     for key, label, note in TIME_ROWS:
         value = getattr(t, key)
+        if key == "ep_comm_s" and not value:
+            continue  # a dense model (or ep = etp = 1)
         share = 100 * value / t.step_s if t.step_s else 0
         lines.append(f"  {label:<22} {fmt_seconds(value):>12} {share:5.1f}%   {note}")
     lines.append(f"  {'step':<22} {fmt_seconds(t.step_s):>12}")

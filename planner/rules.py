@@ -247,6 +247,12 @@ def _expert_rules() -> list:
              & (_ep(c)[1] > 1),
              lambda ctx, r: f"etp={r['etp']}: the {ctx.job.engine} engine keeps each expert "
                             f"whole on its rank; use etp=1 or --engine megatron"),
+        Rule("ep_sp", "experts with tp > 1 need sequence parallelism (Megatron-Core)",
+             lambda ctx, c: _everywhere(c, ctx.engine.name == "megatron" and ctx.model.is_moe)
+             & (c["tp"] > 1) & (c["sequence_parallel"] == 0),
+             lambda ctx, r: f"tp={r['tp']} with an MoE model: Megatron-LM requires "
+                            f"--sequence-parallel when tensor parallelism is used with experts "
+                            f"(megatron/training/arguments.py); add --sp"),
         Rule("ep_dp", "ep does not divide dp (the torch runtime's EP group)",
              lambda ctx, c: _everywhere(c, ctx.engine.ep_within_dp) & (c["dp"] % _ep(c)[0] != 0),
              lambda ctx, r: f"ep={r['ep']} must divide dp={r['dp']}: the {ctx.job.engine} "

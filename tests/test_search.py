@@ -32,6 +32,10 @@ SPACES = [
     ("gpt2-1.5b", "v100-16g", 1, 0, 32, 1024, "torch", "flash", "fp16"),
     ("tiny", "cpu", 1, 6, 12, 256, "torch", "flash", "bf16"),
     ("llama3-8b", "h100-80g", 2, 0, 64, 4096, "deepspeed", "flash", "bf16"),
+    # mixture of experts: ep and etp searched; 3 dense layers + MLA; head_dim != hidden / heads
+    ("mixtral-8x7b", "h100-80g", 2, 0, 64, 4096, "megatron", "flash", "bf16"),
+    ("deepseek-v3", "h100-80g", 16, 0, 256, 4096, "megatron", "flash", "bf16"),
+    ("qwen3-30b-a3b", "h100-80g", 1, 0, 32, 4096, "megatron", "flash", "bf16"),
 ]
 
 

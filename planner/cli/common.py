@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from planner import limits
 from planner.engines import RECOMPUTE, SCHEDULES
 from planner.hardware import load_cluster, with_gpus
-from planner.job import ATTENTION, PRECISIONS, Job
+from planner.job import ATTENTION, DEFAULT_MOE_IMBALANCE, MAX_MOE_IMBALANCE, PRECISIONS, Job
 from planner.presets import load_model
 from planner.schema import show_path
 
@@ -40,6 +40,10 @@ def add_inputs(parser, required: bool = True) -> None:
                         help="whose activation/overlap behaviour to model")
     parser.add_argument("--attention", choices=ATTENTION, default="flash",
                         help="attention kernels: flash, fused softmax, or eager")
+    parser.add_argument("--moe-imbalance", type=bounded_float(1.0, MAX_MOE_IMBALANCE),
+                        default=DEFAULT_MOE_IMBALANCE,
+                        help="MoE models: busiest expert's tokens over the mean (default "
+                             f"{DEFAULT_MOE_IMBALANCE}: Switch Transformer's capacity factor)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -66,6 +70,10 @@ def add_layout(parser) -> None:
     parser.add_argument("--dp", type=degree, default=1, help="data-parallel degree")
     parser.add_argument("--tp", type=degree, default=1, help="tensor-parallel degree")
     parser.add_argument("--pp", type=degree, default=1, help="pipeline-parallel degree")
+    parser.add_argument("--ep", type=degree, default=1,
+                        help="expert-parallel degree (MoE models; folded over tp x dp)")
+    parser.add_argument("--etp", type=degree, default=1,
+                        help="expert tensor-parallel degree (MoE models; megatron engine)")
     parser.add_argument("--micro-batch", type=bounded_int(1, limits.MAX_GLOBAL_BATCH), default=1,
                         help="sequences per micro-batch (micro-batches = global batch / "
                              "(dp x this))")
@@ -95,7 +103,8 @@ FLAGS = {"model": "--model", "cluster": "--cluster", "nodes": "--nodes",
          "pp": "--pp", "micro_batch": "--micro-batch", "sp": "--sp", "zero": "--zero",
          "schedule": "--schedule", "virtual_stages": "--virtual-stages",
          "recompute": "--recompute", "recompute_every": "--recompute-every",
-         "mesh_order": "--mesh-order", "gpus": "--gpus", "compile": "--compile"}
+         "mesh_order": "--mesh-order", "gpus": "--gpus", "compile": "--compile",
+         "ep": "--ep", "etp": "--etp", "moe_imbalance": "--moe-imbalance"}
 # planner.rules key -> the flags (dests) whose values that rule read
 RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn": ("tp",),
               "tp_node": ("tp",), "sp_tp": ("sp", "tp"), "sp_seq": ("tp", "seq_len"),
@@ -114,7 +123,12 @@ RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn"
               "recompute_every_none": ("recompute_every", "recompute"),
               "recompute_every_layers": ("recompute_every", "model"),
               "recompute_engine": ("recompute", "engine"),
-              "recompute_every_engine": ("recompute_every", "engine")}
+              "recompute_every_engine": ("recompute_every", "engine"),
+              "runtime_model": ("model", "engine"), "ep_dense": ("ep", "etp", "model"),
+              "ep_experts": ("ep", "model"), "etp_ffn": ("etp", "model"),
+              "ep_group": ("ep", "etp", "tp", "dp"), "ep_engine": ("ep", "engine"),
+              "etp_engine": ("etp", "engine"), "ep_dp": ("ep", "dp", "engine"),
+              "ep_sp": ("ep", "tp", "sp", "engine")}
 
 
 def is_default(args, dest: str) -> bool:
@@ -161,7 +175,8 @@ def build_inputs(args) -> tuple:
         raise ValueError(f"{exc}; from --gpus {gpus}, {flag_values(args, ('nodes',))}") from None
     check_precision(args, cluster.profile)
     job = Job(global_batch=args.global_batch, seq_len=args.seq_len, precision=args.precision,
-              attention=args.attention, engine=args.engine)
+              attention=args.attention, engine=args.engine,
+              moe_imbalance=getattr(args, "moe_imbalance", DEFAULT_MOE_IMBALANCE))
     return model, cluster, job
 
 
@@ -190,7 +205,7 @@ def build_plan(args) -> Plan:
                     virtual_stages=args.virtual_stages, recompute=args.recompute,
                     recompute_every=args.recompute_every,
                     mesh_order=tuple(a.strip() for a in args.mesh_order.split(",")),
-                    compile=args.compile)
+                    compile=args.compile, ep=args.ep, etp=args.etp)
     try:
         return Plan(model=model, cluster=cluster, job=job, layout=layout)
     except ValueError as exc:

@@ -11,16 +11,17 @@ from dataclasses import dataclass
 from planner.topology import GroupLink
 
 FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-           "reduce_scatter": lambda n: (n - 1) / n, "p2p": lambda n: 1.0}
-PHASES = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1, "p2p": 1}
+           "reduce_scatter": lambda n: (n - 1) / n, "p2p": lambda n: 1.0,
+           "all_to_all": lambda n: (n - 1) / n}  # a rank keeps 1/n of its buffer
+PHASES = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1, "p2p": 1, "all_to_all": 1}
 
 
 @dataclass(frozen=True)
 class Collective:
     """One kind of collective as the most loaded rank runs it during a step."""
     name: str            # e.g. 'tp_all_reduce', 'dp_reduce_scatter'
-    kind: str            # all_reduce | all_gather | reduce_scatter | p2p
-    axis: str            # tp | dp | pp
+    kind: str            # all_reduce | all_gather | reduce_scatter | p2p | all_to_all
+    axis: str            # tp | dp | pp | ep | etp | edp
     tier: str            # intra | inter
     count: int           # how many times per step
     bytes_each: float    # full buffer size of one call

@@ -120,7 +120,8 @@ def pp_p2p_per_microbatch(profile, spec, job, *, mesh_order, dp, tp, pp, sequenc
 
 
 def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_microbatches,
-                   rank_layers, holds_embedding, holds_head, tied_copy) -> list:
+                   rank_layers, holds_embedding, holds_head, tied_copy, rank_moe_layers=0,
+                   ep=1, etp=1) -> list:
     """Gradient synchronisation and parameter gathers of one step on one pipeline rank.
 
     ZeRO-0: all-reduce of the gradients; ZeRO-1: the same plus an all-gather of the updated
@@ -129,12 +130,17 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
     per micro-batch a reduce-scatter of fp32 gradients and one (ZeRO-2) or two (ZeRO-3, forward
     and backward) all-gathers of the 16-bit parameters (Rajbhandari et al. 2020, Sec. 7), for
     each FSDP2 group on its own (the torch engine: every block, plus the root group holding the
-    embedding or the output layer)."""
+    embedding or the output layer).  The experts of MoE layers are not here
+    (planner.cost.moe.expert_grad_sync_seconds)."""
     if dp == 1:
         return []
     eng = engine(job.engine)
     link = axis_link(profile, _mesh(mesh_order, dp, tp, pp), "dp")
     numel = _local_numel(spec, tp, rank_layers, holds_embedding, holds_head, tied_copy)
+    if rank_moe_layers:  # MoE layers: router and shared experts instead of the dense MLP; the
+        #                  experts sync over expert-dp (planner/cost/moe.py)
+        from planner.cost.moe import moe_layer_numels
+        numel += rank_moe_layers * moe_layer_numels(spec, tp, ep, etp)[0]
     a, m = dtype_bytes(job.precision), num_microbatches
     grad_bytes = 2 * numel if eng.fp16_grads_reduced_in_fp16 and job.precision == "fp16" \
         else 4 * numel

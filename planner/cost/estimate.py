@@ -7,6 +7,7 @@ from planner.cost.compute import op_policy_gemm_flops
 from planner.cost.fields import PlanEvaluations, call, plan_fields, recomputed_layers_of, with_rank
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.memory import MemoryBreakdown, rank_memory
+from planner.cost.moe import ep_collectives
 from planner.cost.time import TimeBreakdown, time_breakdown
 from planner.plan import Plan
 
@@ -77,7 +78,7 @@ def _step_collectives(plan: Plan, pp_rank: int) -> list:
         base = plain[c.name].count if c.name in plain else 0
         scaled.append(replace(c, count=(base * (layers - recomputed) + c.count * recomputed) * m))
     scaled += [replace(c, count=c.count * m) for c in call(pp_p2p_per_microbatch, named)]
-    return scaled + call(dp_collectives, named)
+    return scaled + call(dp_collectives, named) + call(ep_collectives, named)
 
 
 def estimate(plan: Plan) -> Estimate:

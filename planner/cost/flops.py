@@ -23,11 +23,28 @@ class Gemm:
         return 2.0 * self.m * self.k * self.n * self.count
 
 
+def _mla_gemms(spec: ModelSpec, tokens: int, tp: int) -> list:
+    """MLA's projections (DeepSeek-V2 eqs. 37-47): down-projections replicated over TP, the
+    up-projections and the output split by heads."""
+    m, h, n = spec.mla, spec.hidden_size, spec.num_heads // tp
+    gemms = ([Gemm("q_a", tokens, h, m.q_lora_rank), Gemm("q_b", tokens, m.q_lora_rank,
+                                                          n * m.qk_head_dim)]
+             if m.q_lora_rank else [Gemm("q", tokens, h, n * m.qk_head_dim)])
+    return gemms + [Gemm("kv_a", tokens, h, m.kv_lora_rank + m.qk_rope_head_dim),
+                    Gemm("kv_b", tokens, m.kv_lora_rank, n * (m.qk_nope_head_dim + m.v_head_dim)),
+                    Gemm("attn_out", tokens, n * m.v_head_dim, h)]
+
+
 def layer_gemms(spec: ModelSpec, tokens: int, tp: int) -> list:
-    """Forward GEMMs of one block on one TP rank (column-parallel in, row-parallel out)."""
+    """Forward GEMMs of one block on one TP rank (column-parallel in, row-parallel out); an
+    MoE model's layers as dense blocks (planner/cost/moe.py adds the experts)."""
     h, kv, f = spec.hidden_size, spec.kv_hidden_size, spec.ffn_hidden_size
-    gemms = [Gemm("q", tokens, h, h // tp), Gemm("kv", tokens, h, kv // tp, 2),
-             Gemm("attn_out", tokens, h // tp, h)]
+    q = spec.q_hidden_size
+    if spec.mla:
+        gemms = _mla_gemms(spec, tokens, tp)
+    else:
+        gemms = [Gemm("q", tokens, h, q // tp), Gemm("kv", tokens, h, kv // tp, 2),
+                 Gemm("attn_out", tokens, q // tp, h)]
     if spec.mlp == "swiglu":
         gemms += [Gemm("mlp_gate_up", tokens, h, f // tp, 2), Gemm("mlp_down", tokens, f // tp, h)]
     else:
@@ -37,8 +54,13 @@ def layer_gemms(spec: ModelSpec, tokens: int, tp: int) -> list:
 
 def attention_core_flops(spec: ModelSpec, micro_batch: int, seq_len: int, tp: int) -> float:
     """Q K^T and softmax(.) V for the heads of one TP rank: 4 b s^2 h / t (Eq. 7's s/(6h) term).
-    Counted in full, as the model-FLOPs convention does, even where a causal kernel skips half."""
-    return 4.0 * micro_batch * seq_len * seq_len * spec.hidden_size / tp
+    Counted in full, as the model-FLOPs convention does, even where a causal kernel skips half.
+    Heads of their own width: 2 b s^2 heads (d_qk + d_v) / t (MLA: d_qk = nope + rope dims)."""
+    if spec.mla:
+        width = spec.num_heads * (spec.mla.qk_head_dim + spec.mla.v_head_dim)
+    else:
+        width = 2 * spec.q_hidden_size
+    return 2.0 * micro_batch * seq_len * seq_len * width / tp
 
 
 def head_gemm(spec: ModelSpec, tokens: int, tp: int) -> Gemm:
@@ -73,9 +95,16 @@ def microbatch_flops(spec: ModelSpec, micro_batch: int, seq_len: int, tp: int) -
 
 
 def model_flops_per_step(spec: ModelSpec, global_batch: int, seq_len: int) -> float:
-    """Model FLOPs of one training step (forward + backward, no recompute), whole model."""
+    """Model FLOPs of one training step (forward + backward, no recompute), whole model; an
+    MoE model's from its active parameters (top-k routed experts, planner/cost/moe.py), so MFU
+    is on active FLOPs."""
     mb = microbatch_flops(spec, global_batch, seq_len, 1)
-    return 3.0 * (spec.num_layers * mb.layer_flops + mb.head_flops)
+    total = 3.0 * (spec.num_layers * mb.layer_flops + mb.head_flops)
+    if spec.is_moe:
+        from planner.cost.moe import moe_delta_forward_flops
+        total += 3.0 * spec.moe.num_moe_layers(spec.num_layers) * \
+            moe_delta_forward_flops(spec, global_batch * seq_len)
+    return total
 
 
 def recompute_flops_per_layer(mb: MicrobatchFlops, recompute: str,

@@ -18,6 +18,7 @@ from functools import lru_cache
 
 from planner.cost import activations as act
 from planner.cost import deepspeed as ds
+from planner.cost import moe
 from planner.cost.combine import activation_peak, rank_total_bytes
 from planner.cost.compiled import saved_bytes_saving
 from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of,
@@ -216,15 +217,21 @@ def rank_memory_parts(evaluate) -> dict:
     """One rank's bytes by component (scalars, or one entry per layout), from its pieces:
     `evaluate(fn)` is fn's result for the rank (planner/cost/fields.py)."""
     weights, gradients, optimizer = unpack(evaluate(model_states), 3)
+    moe_w, moe_g, moe_o = unpack(evaluate(moe.moe_model_states), 3)
+    weights, gradients, optimizer = weights + moe_w, gradients + moe_g, optimizer + moe_o
     per_layer, plain, emb, head = unpack(evaluate(activation_pieces), 4)
     chunks, head_mbs = unpack(evaluate(inflight), 2)
     layers, nchunks, first, last = unpack(evaluate(rank_facts_of), 4)
+    moe_layers = evaluate(moe.rank_moe_layers_of)
     facts = {"rank_layers": layers, "holds_embedding": first == 1, "holds_head": last == 1,
              "layer_bytes": per_layer, "embedding_bytes": emb, "head_bytes": head,
              "recomputed_layers": evaluate(recomputed_layers_of), "plain_layer_bytes": plain}
+    # each MoE layer saves its difference to the dense layer (planner/cost/moe.py)
+    moe_layer_acts = moe_layers * evaluate(moe.moe_activation_delta_bytes)
+    moe_acts = chunks * moe_layer_acts / nchunks
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
              "activations": activation_peak(inflight=chunks, rank_chunks=nchunks,
-                                            head_inflight=head_mbs, **facts),
+                                            head_inflight=head_mbs, **facts) + moe_acts,
              "gathered": evaluate(gathered_params), "comm_buffers": evaluate(comm_buffers)}
     parts.update(outside_parts(
         terms=[evaluate(fn) for fn in OUTSIDE_TERMS], groups=evaluate(collective_groups),
@@ -233,7 +240,7 @@ def rank_memory_parts(evaluate) -> dict:
     parts["total"] = rank_total_bytes(**parts)
     parts["communicators"], parts["peers"] = evaluate(collective_groups), evaluate(pipeline_peers)
     parts["one_microbatch"] = activation_peak(inflight=1, rank_chunks=1, head_inflight=1,
-                                              **facts)
+                                              **facts) + moe_layer_acts
     return parts
 
 

@@ -28,6 +28,7 @@ down-projections are replicated under TP, the up-projections column-parallel (Me
 MLASelfAttention).  Qwen3's q/k norms are `attn.q_norm|k_norm.weight` [head_dim]; GPT-OSS's
 sinks `attn.sinks` [heads], split with the heads."""
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -260,16 +261,28 @@ def rank_pieces(spec: ModelSpec, layout, pp_rank: int) -> tuple:
     return layers, pp_rank == first, pp_rank == last, layout.num_chunks > 1
 
 
+@lru_cache(maxsize=256)
+def dense_view(spec: ModelSpec) -> ModelSpec:
+    """The model with a dense MLP of ffn_hidden_size in every layer: how the cost model prices
+    a layer count of an MoE model (planner/cost/moe.py adds each MoE layer's difference)."""
+    return dataclasses.replace(spec, moe=None) if spec.is_moe else spec
+
+
 def _ids(spec: ModelSpec, layers) -> tuple:
-    """Layer ids from rank_pieces' `layers` (a count stands for layers 0.. of a dense model)."""
+    """Layer ids from rank_pieces' `layers` (a count: layers 0.. of the dense view)."""
     if isinstance(layers, (tuple, list, range)):
         return tuple(layers)
-    assert not spec.is_moe, "an MoE model's pieces name their layer ids"
     return tuple(range(int(layers)))
+
+
+def _view(spec: ModelSpec, layers) -> ModelSpec:
+    """A layer count of an MoE model counts dense blocks (dense_view); layer ids are exact."""
+    return spec if isinstance(layers, (tuple, list, range)) else dense_view(spec)
 
 
 def pieces_tensors(spec: ModelSpec, layers, embedding: bool, head: bool,
                    tied_copy: bool) -> list:
+    spec = _view(spec, layers)
     tensors = [t for i in _ids(spec, layers) for t in block_tensors(spec, i)]
     if embedding:
         tensors = embedding_tensors(spec) + tensors
@@ -292,6 +305,7 @@ def _tensors_local(tensors, tp: int, ep: int, etp: int, expert) -> int:
 @lru_cache(maxsize=65536)
 def _local_numel(spec: ModelSpec, tp: int, layers, embedding: bool, head: bool,
                  tied_copy: bool, ep: int = 1, etp: int = 1, expert=None) -> int:
+    spec = _view(spec, layers)
     ids = _ids(spec, layers)
     dense, moe = layer_kinds(spec, ids)
     n = 0
@@ -313,8 +327,8 @@ def rank_local_numel(spec: ModelSpec, layout, pp_rank: int, expert=None) -> int:
 
 def block_params_local(spec: ModelSpec, tp: int, ep: int = 1, etp: int = 1,
                        layer: int = None) -> int:
-    """Parameters of one block on one TP (and EP/etp) rank: block `layer`, or the largest
-    block (an MoE block of an MoE model) when None."""
+    """Parameters of one block on one TP (and EP/etp) rank: block `layer`, or a block of the
+    dense view when None."""
     if layer is None:
-        layer = spec.moe.first_dense_layers if spec.is_moe else 0
+        spec, layer = dense_view(spec), 0
     return _tensors_local(block_tensors(spec, layer), tp, ep, etp, None)

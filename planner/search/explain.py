@@ -6,10 +6,12 @@ from planner.units import fmt_seconds
 
 # TimeBreakdown fields a plan can win on, with the words for them
 TIME_PARTS = [("bubble_s", "pipeline bubble"), ("tp_comm_s", "TP communication"),
-              ("pp_comm_s", "pipeline sends"), ("dp_comm_exposed_s", "exposed DP communication"),
+              ("pp_comm_s", "pipeline sends"), ("ep_comm_s", "expert all-to-all"),
+              ("dp_comm_exposed_s", "exposed DP communication"),
               ("recompute_s", "recomputation"), ("compute_s", "compute on the slowest stage"),
               ("optimizer_s", "optimizer time")]
-LAYOUT_FIELDS = [("dp", "dp"), ("tp", "tp"), ("pp", "pp"), ("sequence_parallel", "SP"),
+LAYOUT_FIELDS = [("dp", "dp"), ("tp", "tp"), ("pp", "pp"), ("ep", "ep"), ("etp", "etp"),
+                 ("sequence_parallel", "SP"),
                  ("zero_stage", "ZeRO"), ("micro_batch", "micro-batch"), ("recompute", "recompute"),
                  ("recompute_every", "recompute every")]
 def recompute_name(lay) -> str:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from planner.cost.comm_plan import (dp_collectives, fsdp_rounds, pp_p2p_per_microbatch,
                                     tp_pass_seconds, tp_recompute_seconds)
+from planner.cost import moe
 from planner.cost.compute import LayerTimes, head_times, layer_times
 from planner.cost.fields import call, plan_fields, with_rank
 from planner.cost.memory import rank_memory
@@ -47,6 +48,8 @@ class SimCosts:
     chunk_tp_recompute_s: tuple = ()       # ... of a full recompute (all exposed)
     chunk_tp_bwd_s: tuple = ()             # ... of the backward
     chunk_tp_bwd_exposed_s: tuple = ()     # the part of chunk_tp_bwd_s not hidden by wgrad
+    chunk_ep_fwd_s: tuple = ()             # expert all-to-alls inside the forward (exposed)
+    chunk_ep_bwd_s: tuple = ()             # ... inside the backward (exposed)
     chunk_param_share: tuple = ()          # fraction of its rank's parameters in each chunk
     chunk_buckets: tuple = ()              # gradient buckets per chunk
     p2p_s: float = 0.0                     # one activation or gradient send between ranks
@@ -64,6 +67,7 @@ class SimCosts:
         n, p = self.pp * self.virtual_stages, self.pp
         defaults = {"chunk_wgrad_s": n, "chunk_recompute_s": n, "chunk_tp_fwd_s": n,
                     "chunk_tp_recompute_s": n, "chunk_tp_bwd_s": n, "chunk_tp_bwd_exposed_s": n,
+                    "chunk_ep_fwd_s": n, "chunk_ep_bwd_s": n,
                     "rank_grad_sync_s": p, "rank_gather_s": p,
                     "rank_after_step_s": p, "rank_optimizer_s": p}
         for name in ("chunk_fwd_s", "chunk_bwd_s", *defaults):
@@ -108,13 +112,19 @@ def plan_costs(plan: Plan) -> SimCosts:
     head = [ht if c == len(layers) - 1 else _NO_HEAD for c in range(len(layers))]
     per_rank = [sum(lay.rank_chunk_layers(spec.num_layers)[r]) for r in range(lay.pp)]
     p2p = call(pp_p2p_per_microbatch, named)
+    moe_n = _chunk_moe_layers(lay, spec)
+    moe_f, moe_b = call(moe.moe_layer_delta_seconds, named)
+    ep = call(moe.ep_comm_seconds, named) / 2  # dispatch + combine each way
     return SimCosts(
         schedule=lay.schedule, pp=lay.pp, virtual_stages=lay.virtual_stages,
         num_microbatches=lay.num_microbatches,
-        chunk_fwd_s=[n * (lt.fwd_s + tp_pass) + h.fwd_s for n, h in zip(layers, head)],
-        chunk_bwd_s=[n * (lt.bwd_s + tp_exposed - tp_pass) + h.bwd_s
-                     for n, h in zip(layers, head)],
-        chunk_wgrad_s=[n * lt.wgrad_s + h.wgrad_s for n, h in zip(layers, head)],
+        chunk_fwd_s=[n * (lt.fwd_s + tp_pass) + h.fwd_s + k * (moe_f + ep)
+                     for n, h, k in zip(layers, head, moe_n)],
+        chunk_bwd_s=[n * (lt.bwd_s + tp_exposed - tp_pass) + h.bwd_s + k * (moe_b + ep)
+                     for n, h, k in zip(layers, head, moe_n)],
+        chunk_wgrad_s=[n * lt.wgrad_s + h.wgrad_s + k * moe_b / 2
+                       for n, h, k in zip(layers, head, moe_n)],
+        chunk_ep_fwd_s=[k * ep for k in moe_n], chunk_ep_bwd_s=[k * ep for k in moe_n],
         chunk_recompute_s=[k * (rec + tp_rec) for k in recomputed],
         chunk_tp_fwd_s=[n * tp_pass for n in layers],
         chunk_tp_recompute_s=[k * tp_rec for k in recomputed],
@@ -123,6 +133,16 @@ def plan_costs(plan: Plan) -> SimCosts:
         chunk_param_share=[n / per_rank[lay.chunk_rank(c)] for c, n in enumerate(layers)],
         chunk_buckets=[max(1, min(n, MAX_BUCKETS_PER_CHUNK)) for n in layers],
         p2p_s=p2p[0].time_each_s if p2p else 0.0, **_dp_costs(plan, named))
+
+
+def _chunk_moe_layers(lay, spec) -> list:
+    """MoE layers of each chunk (pipeline order); 0 for a dense model."""
+    out, start = [], 0
+    for n in lay.stage_layers(spec.num_layers):
+        out.append(sum(spec.moe.is_moe_layer(i) for i in range(start, start + n))
+                   if spec.is_moe else 0)
+        start += n
+    return out
 
 
 def _chunk_recomputed(lay, num_layers: int) -> list:

@@ -146,6 +146,15 @@ def _tp_share(costs: SimCosts, kind: str, s: int) -> tuple:
     return 0.0, 0.0
 
 
+def _ep_share(costs: SimCosts, kind: str, s: int) -> float:
+    """Expert-parallel all-to-all seconds inside one compute event (all exposed)."""
+    if kind == "F":
+        return costs.chunk_ep_fwd_s[s]
+    if kind in ("B", "I"):
+        return costs.chunk_ep_bwd_s[s]
+    return 0.0
+
+
 def _summarise(costs: SimCosts, events: tuple) -> Timeline:
     by_rank = [[] for _ in range(costs.pp)]
     for e in events:
@@ -188,6 +197,9 @@ def _comm_stats(costs: SimCosts, by_rank: list) -> dict:
                 tp_total, tp_exposed = _tp_share(costs, e.kind, e.stage)
                 if tp_total:
                     _add(totals, "tp", tp_total, tp_total - tp_exposed)
+                ep = _ep_share(costs, e.kind, e.stage)
+                if ep:
+                    _add(totals, "ep", ep, 0.0)  # the experts wait for their tokens
             else:
                 _add(totals, COMM_KINDS[e.kind], e.end_s - e.start_s,
                      _overlap(busy, e.start_s, e.end_s))
