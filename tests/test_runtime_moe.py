@@ -282,7 +282,7 @@ def test_training_cli_refuses_checkpoints_of_expert_parallel_runs(tmp_path):
 # --- what the runtime refuses (planner/rules.py _runtime_moe_rules) ------------------------------
 @pytest.mark.parametrize("layout, text", [
     (L(dp=2, tp=2, ep=2, micro_batch=4, sequence_parallel=True),
-     "sequence parallel with tp=2: the torch runtime's MoE blocks route whole sequences"),
+     "sequence parallel with tp=2: runtime/model.py's MoE blocks route whole sequences"),
     (L(dp=2, ep=2, micro_batch=2, num_microbatches=2, zero_stage=1), "ep=2 with ZeRO-1"),
 ])
 def test_plan_refuses_what_the_runtime_does_not_build(layout, text):
