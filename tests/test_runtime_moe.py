@@ -220,6 +220,16 @@ def a2a_bytes_per_direction(plan) -> int:
     return tokens * moe.experts_per_token * plan.model.hidden_size * 4  # fp32 activations
 
 
+def test_cost_model_all_to_all_bytes_are_the_formula():
+    """planner/cost/moe.py a2a_bytes at a routing imbalance of 1 is what a rank sends in its
+    dispatch (the census below); the imbalance factor scales it for the busiest rank."""
+    from planner.cost.moe import a2a_bytes
+    plan = make_plan(CENSUS, MOE)
+    job = dataclasses.replace(plan.job, moe_imbalance=1.0)
+    assert a2a_bytes(plan.model, job, tp=1, sequence_parallel=False,
+                     micro_batch=CENSUS.micro_batch) == a2a_bytes_per_direction(plan)
+
+
 def test_all_to_all_census_equals_tokens_topk_hidden_bytes():
     """Each rank sends its tokens x top-k rows in the dispatch and gets them back in the
     combine (and the reverse in backward); what its experts return is routing-dependent, the
