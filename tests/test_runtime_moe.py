@@ -123,6 +123,10 @@ CASES = {  # (spec, layout); global batch 8 as the reference's
     "tp2xep2-replicate": (MOE, L(dp=2, tp=2, ep=2, micro_batch=2, num_microbatches=2)),
     "pp2xtp2xep2-zero2": (MOE, L(pp=2, dp=2, tp=2, ep=2, micro_batch=1, num_microbatches=4,
                                  zero_stage=2)),
+    "ep2-recompute-full": (MOE, L(dp=2, ep=2, micro_batch=2, num_microbatches=2,
+                                  recompute="full")),
+    "ep2-recompute-op-zero3": (MOE, L(dp=2, ep=2, micro_batch=2, num_microbatches=2,
+                                      recompute="op", zero_stage=3)),
     "gpt-ep4-zero3": (GPT_MOE, L(dp=4, ep=4, micro_batch=2, zero_stage=3)),
     "gpt-ep2xpp2": (GPT_MOE, L(pp=2, dp=2, ep=2, micro_batch=1, num_microbatches=4)),
 }
@@ -358,3 +362,17 @@ def test_moe_local_shapes_under_tp_and_ep_equal_planner(key, tp):
                 got = {n: (local, dim if tp > 1 else None)
                        for n, (_, local, dim) in tp_placements(module).items()}
                 assert got == want, (tp_rank, ep_rank)
+
+
+MIXED = {"bf16-ep2-zero2": L(dp=2, ep=2, micro_batch=2, num_microbatches=2, zero_stage=2),
+         "bf16-ep2-autocast-ddp": L(dp=2, ep=2, micro_batch=2, num_microbatches=2)}
+
+
+def test_bf16_expert_parallel_tracks_fp32():
+    """bf16 compute (FSDP2's policy over dp and expert-dp, or autocast under DDP): bf16 token
+    rows through the all-to-all, fp32 parameters and states (as the dense bf16 tests)."""
+    got = train_worlds({k: make_plan(v, MOE, "bf16") for k, v in MIXED.items()}, STEPS)
+    want = results()[("reference", MOE.name)]
+    for name, run in got.items():
+        assert max(abs(a - b) for a, b in zip(run["losses"], want["losses"])) < 0.05, name
+        assert all(v.dtype == torch.float32 for v in run["params"].values()), name
