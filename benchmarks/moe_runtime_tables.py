@@ -12,7 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 def _layout(lay) -> str:
     parts = [f"{k}{getattr(lay, k)}" for k in ("pp", "dp", "tp", "ep") if getattr(lay, k) > 1]
-    return "x".join(parts) + f" ZeRO-{lay.zero_stage} {lay.schedule if lay.pp > 1 else ''}"
+    extra = [lay.schedule] if lay.pp > 1 else []
+    extra += [f"recompute {lay.recompute}"] if lay.recompute != "none" else []
+    return " ".join(["x".join(parts), f"ZeRO-{lay.zero_stage}", *extra])
 
 
 def parity_and_memory() -> None:
@@ -30,7 +32,7 @@ def parity_and_memory() -> None:
             got = sum(record[k] for k in want)
             rows.add(f"{got:,}" + ("" if got == sum(want.values()) else " (planner "
                                    f"{sum(want.values()):,})"))
-        print(f"| {name} | {spec.name} | {_layout(lay).strip()} | {loss:.1e} | {param:.1e} | "
+        print(f"| {name} | {spec.name} | {_layout(lay)} | {loss:.1e} | {param:.1e} | "
               f"{' / '.join(sorted(rows))} |")
 
 
