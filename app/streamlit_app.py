@@ -101,7 +101,7 @@ def _column_config() -> dict:
             "tokens_per_s": num("tokens/s", format="%d"), "MFU_%": num("MFU %", format="%.1f")}
 
 
-def pick_plan(plans: pd.DataFrame, layout_hint: dict):
+def pick_plan(plans: pd.DataFrame, layout_hint: dict, moe: bool = False):
     """The plan to inspect: a table row (select box or clicked row) or a hand-set layout, which
     starts from the table plan inspected last."""
     options = [f"#{r.rank}  {r.layout}" for r in plans.itertuples()] + [BY_HAND]
@@ -114,7 +114,7 @@ def pick_plan(plans: pd.DataFrame, layout_hint: dict):
         st.session_state.pop("pick", None)
     choice = st.selectbox("Plan to inspect (or click a table row)", options, key="pick")
     if choice == BY_HAND:
-        return layout_by_hand(st.session_state.get("_last_picked", layout_hint))
+        return layout_by_hand(st.session_state.get("_last_picked", layout_hint), moe=moe)
     layout = json.loads(plans.iloc[options.index(choice)]["layout_json"])
     st.session_state["_last_picked"] = layout
     return layout
@@ -243,7 +243,7 @@ def main() -> None:
     plans = results_section(key, constraints)
     st.subheader("Selected plan (what-if)")
     hint = json.loads(plans.iloc[0]["layout_json"]) if not plans.empty else closest_layout()
-    layout = pick_plan(plans, hint)
+    layout = pick_plan(plans, hint, moe=model.is_moe)
     est = estimate_section(key, layout) if layout else None
     if est:
         breakdown_charts(key, plans, layout, est, constraints.headroom)

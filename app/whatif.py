@@ -31,8 +31,9 @@ def _seed(hint: dict) -> None:
     st.session_state["_hand_seeded"] = hint
 
 
-def layout_by_hand(hint: dict) -> dict:
-    """A layout dict from the what-if widgets (not validated here)."""
+def layout_by_hand(hint: dict, moe: bool = False) -> dict:
+    """A layout dict from the what-if widgets (not validated here); ep and etp are shown for
+    MoE models only (a dense model has no experts: 1 and 1)."""
     _seed(hint)
     c = st.columns(7)
     dp = c[0].number_input("dp", min_value=1, step=1, key="hand_dp")
@@ -57,11 +58,14 @@ def layout_by_hand(hint: dict) -> dict:
                                key="hand_recompute_every",
                                help="the recompute policy on every K-th block (0-based blocks "
                                     "K-1, 2K-1, ...: torchtitan's convention), the others none")
-    c3 = st.columns(7)
-    ep = c3[0].number_input("ep", min_value=1, step=1, key="hand_ep",
-                            help="expert parallel: the routed experts split over ep ranks")
-    etp = c3[1].number_input("expert tp", min_value=1, step=1, key="hand_etp",
-                             help="tensor parallel inside each expert")
+    ep, etp = 1, 1
+    if moe:
+        c3 = st.columns(7)
+        ep = c3[0].number_input("ep", min_value=1, step=1, key="hand_ep",
+                                help="expert parallel: the routed experts split over ep ranks "
+                                     "(folded over tp x dp)")
+        etp = c3[1].number_input("expert tp", min_value=1, step=1, key="hand_etp",
+                                 help="tensor parallel inside each expert (megatron engine)")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "ep": int(ep), "etp": int(etp),
             "sequence_parallel": bool(sp),
             "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),

@@ -74,12 +74,14 @@ def ranked_rows(result) -> list:
     budget = result.options.token_budget
     for i, c in enumerate(result.ranked, 1):
         lay = c.layout
-        row = {"rank": i, "GPUs": c.num_gpus, "dp": lay.dp, "tp": lay.tp, "pp": lay.pp,
-               "SP": "y" if lay.sequence_parallel else "-", "ZeRO": lay.zero_stage,
+        row = {"rank": i, "GPUs": c.num_gpus, "dp": lay.dp, "tp": lay.tp, "pp": lay.pp}
+        if result.model.is_moe:  # expert parallel and expert tensor parallel (MoE models)
+            row.update(ep=lay.ep, etp=lay.etp)
+        row.update({"SP": "y" if lay.sequence_parallel else "-", "ZeRO": lay.zero_stage,
                "micro-batch": f"{lay.micro_batch}x{lay.num_microbatches}",
                "schedule": schedule_name(lay), "recompute": recompute_name(lay),
                "mem/GPU GiB": round(c.total_bytes / 2**30, 1), "step s": round(c.step_s, 3),
-               "tokens/s": round(c.tokens_per_s), "MFU %": round(100 * c.mfu, 1)}
+               "tokens/s": round(c.tokens_per_s), "MFU %": round(100 * c.mfu, 1)})
         if budget:
             row["days"] = round(budget / c.tokens_per_s / 86400, 2)
             row["GPU-hours"] = round(budget / c.tokens_per_s / 3600 * c.num_gpus)
