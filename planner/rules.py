@@ -464,8 +464,26 @@ def _recompute_rules() -> list:
     ]
 
 
+def _runtime_moe_rules() -> list:
+    """What the torch runtime's MoE (runtime/moe.py) does not build yet (etp and latent
+    attention: rules etp_engine and runtime_model): its router sees whole sequences (the
+    per-sequence auxiliary loss), and ZeRO-1's flat partition would mix experts of ep ranks."""
+    return [
+        Rule("moe_sp_runtime", "sequence parallelism over the runtime model's MoE blocks",
+             lambda ctx, c: _everywhere(c, ctx.engine.runs_runtime_model and ctx.model.is_moe)
+             & (c["sequence_parallel"] == 1),
+             lambda ctx, r: f"sequence parallel with tp={r['tp']}: runtime/model.py's MoE "
+                            f"blocks route whole sequences (use sequence_parallel off)"),
+        Rule("ep_zero1_runtime", "expert parallelism with ZeRO-1 in the torch runtime",
+             lambda ctx, c: _everywhere(c, ctx.engine.ep_within_dp) & _expert_split(c)
+             & (c["zero_stage"] == 1) & (c["dp"] > 1),
+             lambda ctx, r: f"ep={r['ep']} with ZeRO-1: the torch runtime's sharded optimizer "
+                            f"does not handle expert-parallel experts (use ZeRO-0, 2 or 3)"),
+    ]
+
+
 RULES = _shape_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
-    _engine_rules() + _task_rules()
+    _engine_rules() + _task_rules() + _runtime_moe_rules()
 BY_KEY = {rule.key: rule for rule in RULES}
 # labels of the search's own rejections (not layout rules)
 SEARCH_LABELS = {"batch": "dp does not divide the global batch",

@@ -13,6 +13,7 @@ from runtime import measure
 from runtime.amp import LossScaler
 from runtime.mesh import pair_group
 from runtime.model import canonical_name, materialize
+from runtime.moe import aux_grad_scale, check_runtime_layout, is_expert_param, moe_modules
 from runtime.optim import OptimConfig, build_adamw, build_sharded_adamw, clip_grad_norm
 from runtime.lora import apply_lora, check_runtime_lora
 from runtime.parallelize import DTYPES, apply_ddp, parallelize
@@ -41,6 +42,7 @@ class Engine:
         self.plan, self.ctx, self.cfg, self.seed = plan, ctx, optim_cfg, seed
         spec, lay, job = plan.model, plan.layout, plan.job
         check_runtime_lora(job.lora)
+        check_runtime_layout(spec, lay)
         self.classify = job.task == "classify"
         chunks = build_chunks(spec, lay, ctx.pp_rank,
                               num_labels=job.num_labels if self.classify else None)
@@ -58,7 +60,9 @@ class Engine:
         self.init_report: dict | None = (_init_from(self.parts, init_from, spec) if init_from
                                          else None)
         self.ddp = wraps == {"ddp"}
-        self.modules: list = [apply_ddp(p, ctx.group("dp")) if self.ddp else p for p in self.parts]
+        self._setup_experts()
+        self.modules: list = [apply_ddp(p, ctx.group("dp"), self._ddp_ignored(p)) if self.ddp
+                              else p for p in self.parts]
         self.loss_scale = 1.0
         self.scaler = LossScaler(plan.job.precision == "fp16")
         self.schedule = (build_schedule(self.modules, self.chunk_ids, lay, ctx, self.loss_fn)
@@ -82,6 +86,35 @@ class Engine:
         entry under the embedding's name)."""
         return [(canonical_name(self.plan.model, n), p)
                 for part in self.parts for n, p in part.named_parameters()]
+
+    def _setup_experts(self) -> None:
+        """Expert-parallel experts outside FSDP (DDP, or ep = dp): the engine averages their
+        gradients, summed over the expert-data-parallel group and divided by dp as the dense
+        gradients are (each expert's gradient already sums its ep peers' tokens); under FSDP
+        (averaged over dp / ep) it divides by ep."""
+        self.moes = [m for part in self.parts for m in moe_modules(part)]
+        self.expert_manual, self.expert_fsdp = [], []
+        if self.plan.layout.ep > 1:
+            experts = [p for n, p in self.named_parameters() if is_expert_param(n)]
+            self.expert_manual = [p for p in experts if not isinstance(p, DTensor)]
+            self.expert_fsdp = [p for p in experts if isinstance(p, DTensor)]
+
+    def _ddp_ignored(self, part) -> list:
+        return [n for n, _ in part.named_parameters() if is_expert_param(n)] \
+            if self.plan.layout.ep > 1 else []
+
+    def _sync_expert_grads(self) -> None:
+        lay = self.plan.layout
+        sharded = [_local(p.grad) for p in self.expert_fsdp if p.grad is not None]
+        if sharded:  # FSDP averaged over the dp / ep expert-data-parallel ranks
+            torch._foreach_div_(sharded, float(lay.ep))
+        grads = [p.grad for p in self.expert_manual if p.grad is not None]
+        if not grads:
+            return
+        if lay.dp // lay.ep > 1:
+            for g in grads:
+                dist.all_reduce(g, group=self.ctx.group("edp"))
+        torch._foreach_div_(grads, float(lay.dp))
 
     def _setup_tied(self) -> None:
         """Tied embeddings split over chunks: the copy's gradient is summed with the
@@ -113,7 +146,9 @@ class Engine:
     def clip_entries(self) -> list:
         copies = 2 if self.plan.model.tie_embeddings and self.plan.layout.num_chunks > 1 else 1
         tied = {id(p) for p in self.tied_params}
-        return [(p, copies if id(p) in tied else 1) for _, p in self.trained_parameters()]
+        expert = self.plan.layout.ep > 1
+        return [(p, copies if id(p) in tied else 1, expert and is_expert_param(n))
+                for n, p in self.trained_parameters()]
 
     # --- steps ------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -134,6 +169,9 @@ class Engine:
             dist.all_reduce(count, group=self.ctx.group("dp"))
         self.loss_tokens = int(count)  # positions in the loss (sft: response tokens)
         self.loss_scale = lay.num_microbatches * lay.dp / max(1.0, float(count))
+        scale = aux_grad_scale(lay, self.plan.job.global_batch, self.scaler.scale)
+        for moe in self.moes:
+            moe.aux_grad_scale = scale
 
     def loss_fn(self, logits, labels):
         if self.correct is not None:  # evaluating a classifier: count the right answers
@@ -184,6 +222,7 @@ class Engine:
         else:
             local_loss = self._accumulate(inputs, labels)
         self._shard_grads_like_params()
+        self._sync_expert_grads()
         self._sync_tied()
         return self.global_loss(local_loss)
 
@@ -199,7 +238,7 @@ class Engine:
         """Clip by the global norm, step, clear gradients; returns the norm before clipping
         (None when fp16 gradients overflowed and the step was skipped)."""
         entries = self.clip_entries()
-        overflow = self.scaler.unscale([p for p, _ in entries], self.ctx.device)
+        overflow = self.scaler.unscale([p for p, *_ in entries], self.ctx.device)
         self.scaler.update(overflow)
         if overflow:
             self.zero_grad()

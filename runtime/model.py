@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from planner.spec import BERT_TYPE_VOCAB, ModelSpec
+from runtime.moe import MoE, check_runtime_moe
 from runtime.recompute import op_policy_contexts
 
 INIT_STD = 0.02  # GPT-2 / BERT initializer_range
@@ -95,10 +96,11 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         h, kv, bias = spec.hidden_size, spec.kv_hidden_size, spec.linear_bias
-        self.q = nn.Linear(h, h, bias=bias)
+        q = spec.q_hidden_size  # heads x head_dim (attention_head_dim may differ from h/heads)
+        self.q = nn.Linear(h, q, bias=bias)
         self.k = nn.Linear(h, kv, bias=bias)
         self.v = nn.Linear(h, kv, bias=bias)
-        self.o = nn.Linear(h, h, bias=bias)
+        self.o = nn.Linear(q, h, bias=bias)
         self.head_dim, self.causal = spec.head_dim, spec.causal
         self.use_rope, self.dropout = not spec.learned_positions, spec.dropout
         self.recompute_core = False  # selective recompute (Korthikanti et al. 2022, Sec. 5)
@@ -124,9 +126,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, ffn_hidden_size: int = 0):
         super().__init__()
-        h, f, bias = spec.hidden_size, spec.ffn_hidden_size, spec.linear_bias
+        h, f, bias = spec.hidden_size, ffn_hidden_size or spec.ffn_hidden_size, spec.linear_bias
         self.swiglu = spec.mlp == "swiglu"
         if self.swiglu:  # Shazeer 2020
             self.gate = nn.Linear(h, f, bias=bias)
@@ -146,12 +148,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN block (GPT, Llama) or post-LN block (BERT)."""
+    """Pre-LN block (GPT, Llama) or post-LN block (BERT); layer `layer` of an MoE model has
+    routed experts in place of the MLP (runtime/moe.py: `mlp` is an MoE, `moe` True) when
+    spec.moe says so."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, layer: int = 0):
         super().__init__()
         self.attn_norm, self.attn = _norm(spec), Attention(spec)
-        self.mlp_norm, self.mlp = _norm(spec), MLP(spec)
+        self.mlp_norm = _norm(spec)
+        self.mlp: nn.Module
+        if spec.moe is not None and spec.moe.is_moe_layer(layer):
+            shared = spec.moe.shared_ffn_hidden_size
+            self.mlp, self.moe = MoE(spec, MLP(spec, shared) if shared else None), True
+        else:
+            self.mlp, self.moe = MLP(spec), False
         self.drop = nn.Dropout(spec.dropout)
         self.post_ln = spec.arch == "bert"
         self.recompute_full = False  # full recompute: keep only the block input
@@ -233,10 +243,11 @@ class Transformer(nn.Module):
     def __init__(self, spec: ModelSpec, layer_ids=None, has_embed=True, has_head=True,
                  num_labels: int | None = None):
         super().__init__()
+        check_runtime_moe(spec)
         self.spec = spec
         ids = range(spec.num_layers) if layer_ids is None else layer_ids
         self.embed = Embedding(spec) if has_embed else None
-        self.layers = nn.ModuleDict({str(i): Block(spec) for i in ids})
+        self.layers = nn.ModuleDict({str(i): Block(spec, i) for i in ids})
         self.head = Head(spec, num_labels) if has_head else None
         if self.head is not None and self.head.output is not None and spec.tie_embeddings \
                 and self.embed is not None:
@@ -273,6 +284,29 @@ class Transformer(nn.Module):
             self.head.output.weight = self.embed.wte.weight
 
 
+def _experts_of(model: nn.Module, name: str):
+    """The Experts module holding parameter `name`, or None."""
+    from runtime.moe import Experts
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return owner if isinstance(owner, Experts) else None
+
+
+def _full_shape(model, name, param) -> tuple:
+    """The parameter's shape in the whole model (all experts under expert parallelism)."""
+    experts = _experts_of(model, name)
+    if experts is None:
+        return param.shape
+    return (experts.num_experts,) + tuple(param.shape[1:])
+
+
+def _expert_slice(model, name, full):
+    """This rank's experts of a stacked expert tensor (all of them without EP)."""
+    experts = _experts_of(model, name)
+    if experts is None:
+        return full
+    return full[experts.offset:experts.offset + experts.local_experts]
+
+
 def canonical_name(spec: ModelSpec, fqn: str) -> str:
     """The name a parameter has in the whole model (the tied copy maps to the embedding)."""
     if spec.tie_embeddings and fqn == "head.output.weight":
@@ -288,10 +322,12 @@ def _init_full(spec: ModelSpec, name: str, shape, seed: int, device) -> torch.Te
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "lora_B":  # LoRA: B = 0, training starts from the base model (Hu et al. 2021)
         return torch.zeros(shape, device=device)
-    if leaf == "bias" or ("norm" in name and leaf == "weight" and len(shape) == 1):
+    if leaf.endswith("bias") or ("norm" in name and leaf == "weight" and len(shape) == 1):
         return (torch.ones if leaf == "weight" else torch.zeros)(shape, device=device)
     std = INIT_STD
-    if name.endswith(("attn.o.weight", "mlp.proj.weight", "mlp.down.weight")):
+    # output projections of attention, MLPs (shared experts too) and routed experts
+    if name.endswith(("attn.o.weight", "proj.weight", "down.weight",
+                      "experts.down", "experts.proj")):
         std /= math.sqrt(2 * spec.num_layers)  # GPT-2 residual-projection scaling
     return torch.randn(shape, generator=gen, device=device) * std
 
@@ -303,8 +339,9 @@ def materialize(model: Transformer, device, seed: int = 0) -> None:
     model.to_empty(device=device)
     model.retie()  # to_empty gives each name its own tensor
     for name, param in model.named_parameters():
-        full = _init_full(model.spec, canonical_name(model.spec, name), param.shape, seed,
-                          device).to(param.dtype)
+        full = _init_full(model.spec, canonical_name(model.spec, name),
+                          _full_shape(model, name, param), seed, device).to(param.dtype)
+        full = _expert_slice(model, name, full)
         if isinstance(param, DTensor):
             # Every rank draws the same full tensor, so no source rank is needed.
             local = distribute_tensor(full, param.device_mesh, param.placements,

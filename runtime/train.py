@@ -382,6 +382,10 @@ def main(argv=None) -> int:
         check_compile_flag(plan.layout, args.compile)
         from runtime.fp8 import check_fp8
         check_fp8(plan)
+        if plan.layout.ep > 1 and args.checkpoint_dir is not None:
+            raise ValueError(f"--checkpoint-dir with ep={plan.layout.ep}: checkpoints of "
+                             f"expert-parallel runs are not built (each ep rank holds other "
+                             f"experts under the same names)")
         cfg = RunConfig(steps=args.steps, data=args.data,
                         data_cap_bytes=int(args.data_cap_mb * 2**20),
                         checkpoint_dir=args.checkpoint_dir,
@@ -422,7 +426,8 @@ def _run(plan: Plan, cfg: RunConfig, optim_cfg, tokens, args) -> int:
     ctx = init_distributed(plan.layout, timeout_s=args.timeout)
     _setup_logging(ctx.rank)
     lay = plan.layout
-    log.info(f"plan: {plan.model.name} dp={lay.dp} tp={lay.tp} pp={lay.pp} "
+    experts = f" ep={lay.ep}" if lay.ep > 1 else ""
+    log.info(f"plan: {plan.model.name} dp={lay.dp} tp={lay.tp} pp={lay.pp}{experts} "
              f"zero={lay.zero_stage} schedule={lay.schedule} "
              f"micro_batch={lay.micro_batch}x{lay.num_microbatches} "
              f"seq={plan.job.seq_len} {plan.job.precision} on {ctx.device.type}")
