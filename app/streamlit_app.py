@@ -19,6 +19,7 @@ from app.searching import search_results  # noqa: E402
 from app.uploads import MAX_UPLOAD_BYTES, measured_from_upload  # noqa: E402
 from app.whatif import layout_by_hand  # noqa: E402
 from planner.units import GIB, fmt_bytes, fmt_seconds  # noqa: E402
+from planner.report import fp8_gain_text  # noqa: E402
 
 TOP_CHART = 5  # plans in the memory and time bars
 BY_HAND = "set by hand"
@@ -101,7 +102,7 @@ def _column_config() -> dict:
             "tokens_per_s": num("tokens/s", format="%d"), "MFU_%": num("MFU %", format="%.1f")}
 
 
-def pick_plan(plans: pd.DataFrame, layout_hint: dict):
+def pick_plan(plans: pd.DataFrame, layout_hint: dict, moe: bool = False):
     """The plan to inspect: a table row (select box or clicked row) or a hand-set layout, which
     starts from the table plan inspected last."""
     options = [f"#{r.rank}  {r.layout}" for r in plans.itertuples()] + [BY_HAND]
@@ -114,7 +115,7 @@ def pick_plan(plans: pd.DataFrame, layout_hint: dict):
         st.session_state.pop("pick", None)
     choice = st.selectbox("Plan to inspect (or click a table row)", options, key="pick")
     if choice == BY_HAND:
-        return layout_by_hand(st.session_state.get("_last_picked", layout_hint))
+        return layout_by_hand(st.session_state.get("_last_picked", layout_hint), moe=moe)
     layout = json.loads(plans.iloc[options.index(chosen(choice))]["layout_json"])
     st.session_state["_last_picked"] = layout
     return layout
@@ -140,6 +141,8 @@ def estimate_section(key: str, layout: dict):
     cols[2].metric("tokens / s", f"{est['tokens_per_s']:,.0f}")
     cols[3].metric("MFU", f"{100 * est['mfu']:.1f}%")
     cols[4].metric("fits", "yes" if est["fits"] else "NO")
+    if est.get("fp8_gain"):
+        st.info(fp8_gain_text(est["fp8_gain"]))
     if not est["fits"]:
         st.error(f"Does not fit: {fmt_bytes(mem['total_bytes'])} on pipeline stage "
                  f"{mem['pp_rank']} > {fmt_bytes(mem['capacity_bytes'])}")
@@ -243,7 +246,7 @@ def main() -> None:
     plans = results_section(key, constraints)
     st.subheader("Selected plan (what-if)")
     hint = json.loads(plans.iloc[0]["layout_json"]) if not plans.empty else closest_layout()
-    layout = pick_plan(plans, hint)
+    layout = pick_plan(plans, hint, moe=model.moe is not None)
     est = estimate_section(key, layout) if layout else None
     if est:
         breakdown_charts(key, plans, layout, est, constraints.headroom)

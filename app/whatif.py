@@ -34,8 +34,9 @@ def _seed(hint: dict) -> None:
     st.session_state["_hand_seeded"] = hint
 
 
-def layout_by_hand(hint: dict) -> dict:
-    """A layout dict from the what-if widgets (not validated here)."""
+def layout_by_hand(hint: dict, moe: bool = False) -> dict:
+    """A layout dict from the what-if widgets (not validated here); ep and etp are shown for
+    MoE models only (a dense model has no experts: 1 and 1)."""
     _seed(hint)
     c = st.columns(7)
     dp = c[0].number_input("dp", min_value=1, step=1, key="hand_dp")
@@ -61,16 +62,19 @@ def layout_by_hand(hint: dict) -> dict:
                                help="the recompute policy on every K-th block (0-based blocks "
                                     "K-1, 2K-1, ...: torchtitan's convention), the others none")
     c3 = st.columns(7)
-    ep = c3[0].number_input("ep", min_value=1, step=1, key="hand_ep",
-                            help="expert parallel: the routed experts split over ep ranks")
-    etp = c3[1].number_input("expert tp", min_value=1, step=1, key="hand_etp",
-                             help="tensor parallel inside each expert")
-    cp = c3[2].number_input("cp", min_value=1, step=1, key="hand_cp",
+    cp = c3[0].number_input("cp", min_value=1, step=1, key="hand_cp",
                             help="context parallel: each sequence split over cp ranks "
                                  "(load-balanced causal chunks)")
-    cp_comm = c3[3].selectbox("cp attention", CP_COMMS, key="hand_cp_comm",
+    cp_comm = c3[1].selectbox("cp attention", CP_COMMS, key="hand_cp_comm",
                               help="all-gather of K/V (Llama 3), ring (Ring Attention) or "
                                    "a2a (DeepSpeed-Ulysses); with cp > 1")
+    ep, etp = 1, 1
+    if moe:
+        ep = c3[2].number_input("ep", min_value=1, step=1, key="hand_ep",
+                                help="expert parallel: the routed experts split over ep ranks "
+                                     "(folded over tp x dp)")
+        etp = c3[3].number_input("expert tp", min_value=1, step=1, key="hand_etp",
+                                 help="tensor parallel inside each expert (megatron engine)")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "ep": int(ep), "etp": int(etp),
             "cp": int(cp), "cp_comm": chosen(cp_comm),
             "sequence_parallel": bool(sp),

@@ -46,6 +46,16 @@ def long_sequences() -> str:
     return printed(script.main)
 
 
+def fp8_memory() -> str:
+    from benchmarks import fp8_memory as script
+    return printed(script.main)
+
+
+def published_fp8() -> str:
+    from benchmarks import published_fp8 as script
+    return printed(script.main)
+
+
 def simulate_agreement() -> str:
     from benchmarks import simulate_agreement as script
     return printed(script.main)
@@ -85,6 +95,11 @@ def llama70b_two_nodes() -> str:
             f"step, {best.total_bytes / 2**30:.1f} GiB per GPU)")
 
 
+def lora_memory() -> str:
+    from benchmarks import lora_memory as script
+    return printed(script.main)
+
+
 COMPUTED = [
     Block("estimate-example", "computed", estimate_example, "`planner " +
           " ".join(ESTIMATE_ARGS) + "`"),
@@ -96,8 +111,11 @@ COMPUTED = [
           "`python benchmarks/simulate_agreement.py`"),
     Block("long-sequences", "computed", long_sequences,
           "`python -m benchmarks.long_sequences`"),
+    Block("fp8-memory", "computed", fp8_memory, "`python -m benchmarks.fp8_memory`"),
+    Block("fp8-published", "computed", published_fp8, "`python -m benchmarks.published_fp8`"),
     Block("torch-engine-mfu", "computed", torch_engine_mfu,
           "`python benchmarks/torch_engine_mfu.py`"),
+    Block("lora-memory", "computed", lora_memory, "`python benchmarks/lora_memory.py`"),
     Block("llama70b-two-nodes", "computed", llama70b_two_nodes,
           "`planner suggest --model llama2-70b --cluster a100-80g --nodes 2 --global-batch 512 "
           "--seq-len 4096`"),

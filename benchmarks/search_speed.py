@@ -1,5 +1,5 @@
 """Search speed: wall time and layouts evaluated per second of `planner suggest`'s search for
-two large cases (targets: under 1 s and under 3 s on a 2-core machine).
+large cases (targets: under 1 s and under 3 s on a 2-core machine), two of them MoE.
 
   1T GPT (128 layers, hidden 25600, 160 heads, seq 2048, vocab 51200; Korthikanti et al. 2022,
       Table 3) on 3072 A100-80GB (384 nodes), global batch 3072
@@ -45,7 +45,13 @@ CASES = [  # name, model, profile, nodes, global batch, seq len, target seconds
     # the long-context stage (Dubey et al. 2024, Table 4): the search adds cp and its flavours
     ("Llama-3 405B 131k tokens, 16384 x H100", load_model("llama3-405b"), "h100-80g", 2048, 128,
      131072, 3.0),
+    # mixture of experts (searching ep and etp too): Mixtral on 8 DGX H100, DeepSeek-V3 on 1024
+    # H100 with its 15.36M-token batches (DeepSeek-AI 2024, Sec. 4.2: 3840 x 4096 at the end)
+    ("Mixtral-8x7B, 64 x H100", load_model("mixtral-8x7b"), "h100-80g", 8, 1024, 4096, 3.0),
+    ("DeepSeek-V3, 1024 x H100", load_model("deepseek-v3"), "h100-80g", 128, 3840, 4096, 3.0),
 ]
+# the torch engine's runtime model builds no MoE block yet (rule runtime_model)
+ENGINES = {"Mixtral-8x7B, 64 x H100": ("megatron",), "DeepSeek-V3, 1024 x H100": ("megatron",)}
 
 
 def run_case(model, profile, nodes, gb, seq, engine, repeats) -> list:
@@ -64,7 +70,7 @@ def main(repeats: int = 3) -> None:
           "| layouts/s (wall) | target | best plan | tokens/s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for name, model, profile, nodes, gb, seq, target in CASES:
-        for engine in ("torch", "megatron"):
+        for engine in ENGINES.get(name, ("torch", "megatron")):
             runs = run_case(model, profile, nodes, gb, seq, engine, repeats)
             times = [t for t, _, _ in runs]
             res = runs[-1][2]
@@ -88,7 +94,7 @@ def against(other: Path, repeats: int) -> None:
     print(f"\n| case | engine | CPU s here | CPU s {other} | ratio here / there |")
     print("|---|---|---:|---:|---:|")
     for i, (name, *_rest) in enumerate(CASES):
-        for engine in ("torch", "megatron"):
+        for engine in ENGINES.get(name, ("torch", "megatron")):
             mine, theirs = [], []
             for _ in range(repeats):  # taking turns, so both see the same load
                 mine.append(_child_cpu_s(here, i, engine))

@@ -156,7 +156,7 @@ def breakdown_rows(estimates: dict, rows: list, section: str, value: str, factor
         layout = _layout(est)
         for key, label, note in rows:
             out.append({"plan": plan, "layout": layout, "component": label,
-                        value: est[section][key] / factor, "note": note})
+                        value: est[section].get(key, 0.0) / factor, "note": note})
     return out
 
 

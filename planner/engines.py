@@ -66,6 +66,13 @@ class Engine:
     cp_comms: tuple = ()             # context-parallel flavours it runs (plan.CP_COMMS); () none
     cp_refusal: str = ""             # why it runs no context parallelism (cp_comms empty)
     cp_flavour_note: str = ""        # why it lacks the flavours it lacks
+    runs_runtime_model: bool = True  # trains runtime/model.py (planner/runtime_support.py)
+    expert_parallel: bool = False    # splits routed experts over an ep group (Layout.ep)
+    expert_tensor_parallel: bool = False  # splits each expert's FFN over etp (Layout.etp)
+    ep_within_dp: bool = False       # ep groups are slices of the data-parallel group
+    fp8_recipes: tuple = ()          # FP8 recipes it trains with (planner/job.py FP8_RECIPES)
+    fp8_refusal: str = ""            # why it has none, where fp8_recipes is empty
+    fp8_with_tp: bool = True         # FP8 linears under tensor parallelism
 
     def optimizer_state_bytes(self, precision: str, zero_stage: int = 0) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -92,7 +99,15 @@ TORCH = Engine(
     cp_flavour_note="the runtime (runtime/context.py) implements the all-gather of K/V only",
     # torch.utils.checkpoint (non-reentrant) early stop: the block's last collective, after the
     # last tensor its backward needs, is not re-run (tests/test_tp_census.py)
-    recompute_stops_early=True)
+    recompute_stops_early=True,
+    # expert parallelism over the data-parallel group (all_to_all_single), experts whole
+    expert_parallel=True, ep_within_dp=True,
+    # torchao float8 training (torchao/float8/config.py): dynamic tensorwise and rowwise
+    # scaling; its delayed scaling was removed (torchao 0.10 release notes), so not delayed
+    fp8_recipes=("tensorwise", "rowwise"),
+    # runtime/fp8.py converts the linears with convert_to_float8_training but does not wire
+    # torchao's Float8ColwiseParallel / Float8RowwiseParallel TP plans
+    fp8_with_tp=False)
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped
@@ -110,7 +125,13 @@ MEGATRON = Engine(
     recompute_policies=("none", "selective", "full"), recompute_every_block_only=True,
     # --context-parallel-size with --cp-comm-type allgather | p2p (ring) | a2a (Megatron-LM
     # megatron/training/arguments.py; transformer_engine's attention implements the three)
-    cp_comms=("allgather", "ring", "a2a"))
+    cp_comms=("allgather", "ring", "a2a"),
+    # Megatron-Core builds its own model; --expert-model-parallel-size and
+    # --expert-tensor-parallel-size (megatron/core/transformer/moe/)
+    runs_runtime_model=False, expert_parallel=True, expert_tensor_parallel=True,
+    # Transformer Engine under megatron-core 0.16 (transformer_config.py fp8_recipe: delayed,
+    # tensorwise = TE Float8CurrentScaling, mxfp8, blockwise); no torchao-style rowwise
+    fp8_recipes=("delayed", "tensorwise"))
 
 # DeepSpeed 0.19.8 (runtime/engine.py, zero/stage_1_and_2.py, zero/stage3.py, bf16_optimizer.py,
 # pipe/engine.py): the user's eager model, so eager kernels and host time; its PipelineEngine
@@ -132,7 +153,10 @@ DEEPSPEED = Engine(
     pipeline_zero_stages=(0, 1), tp_only_autotp=True,
     cp_refusal="DeepSpeed's sequence parallelism (Ulysses, sequence_parallel_size) needs the "
                "model's attention wrapped in its DistributedAttention, which a plain model "
-               "and this export do not do; plan it with --engine megatron or torch")
+               "and this export do not do; plan it with --engine megatron or torch",
+    fp8_refusal="DeepSpeed 0.19.8 has no FP8 training of its own (no fp8 section in its "
+    "config; FP8 comes only from Transformer Engine layers inside the model): plan FP8 with "
+    "--engine megatron or torch")
 
 ENGINES = {e.name: e for e in (TORCH, MEGATRON, DEEPSPEED)}
 

@@ -16,6 +16,7 @@ import re
 import shlex
 from typing import TYPE_CHECKING
 
+from planner.engines import engine
 from planner.schema import read_input_file
 
 if TYPE_CHECKING:  # annotations only: `planner --help` reads FORMATS without loading planner.plan
@@ -197,6 +198,11 @@ def torchrun_lines(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEF
     one host do not collide).  Several nodes: c10d rendezvous at the master's port with one
     `--rdzv-id` for the job (default: default_job_name(plan)); c10d assigns the node ranks
     itself, so every node runs the same line and there is no `--node-rank`."""
+    from planner.runtime_support import runtime_gaps
+    gaps = runtime_gaps(plan.model)
+    if gaps:
+        _refuse("torchrun", f"it runs runtime.train, whose model cannot build "
+                f"{plan.model.name}: {'; '.join(gaps)}")
     nodes, procs = _nodes_and_procs(plan)
     train = ["-m", "runtime.train", "--plan", _check_path(plan_path),
              "--steps", str(_check_steps(steps))]
@@ -293,13 +299,19 @@ def deepspeed_config(plan: Plan) -> dict:
     listed in the 'placeholders' key by their dotted path."""
     lay, job = plan.layout, plan.job
     _refuse_compile("DeepSpeed", lay)
+    if lay.ep > 1 or lay.etp > 1:
+        _refuse("DeepSpeed", f"ep={lay.ep} etp={lay.etp}; DeepSpeed's expert parallelism "
+                "needs deepspeed.moe.layer.MoE modules in the model, which its config does not "
+                "set up")
+    if job.fp8:
+        raise ValueError(f"DeepSpeed cannot express this plan: precision fp8 "
+                         f"({job.fp8_recipe}): {engine('deepspeed').fp8_refusal}")
     if lay.pp > 1 and lay.schedule != "1f1b":
         _refuse("DeepSpeed", f"schedule {lay.schedule}; its pipeline engine runs 1F1B only")
     if lay.pp > 1 and lay.zero_stage >= 2:
         _refuse("DeepSpeed", f"ZeRO-{lay.zero_stage} with pp={lay.pp}; pipeline parallelism "
                 "supports ZeRO stages 0 and 1 only")
     if lay.cp > 1:
-        from planner.engines import engine
         _refuse("DeepSpeed", f"context parallelism cp={lay.cp}: "
                 f"{engine('deepspeed').cp_refusal}")
     cfg: dict = {"train_batch_size": job.global_batch,
@@ -423,6 +435,16 @@ def _deepspeed_note(lay, job) -> str:
                      f"{lay.recompute} recompute to blocks {lay.recompute_every - 1}, "
                      f"{2 * lay.recompute_every - 1}, ... only (0-based; DeepSpeed's "
                      f"activation_checkpoint_interval checkpoints groups of blocks instead)")
+    if job.lora is not None:
+        notes.append(f"LoRA rank {job.lora.rank} on {','.join(job.lora.targets)} (alpha "
+                     f"{job.lora.alpha:g}): not a DeepSpeed config key; the model code must wrap "
+                     f"those projections with adapters (e.g. PEFT) and freeze the rest, and pass "
+                     f"only the trainable parameters to deepspeed.initialize; the plan's memory "
+                     f"is this project's runtime's (runtime/lora.py)")
+    if job.task != "pretrain":
+        notes.append(f"task {job.task}: the model code supplies the "
+                     + ("classification head and pooling" if job.task == "classify"
+                        else "prompt-masked labels (-100 on the prompt)"))
     notes.append(f"optimizer.params.lr {LR_PLACEHOLDER:g} is a placeholder: set the learning "
                  "rate")
     return "; ".join(notes)
@@ -467,6 +489,13 @@ def megatron_args(plan: Plan, fill: dict | None = None) -> list:
     gives them values."""
     lay, job, spec = plan.layout, plan.job, plan.model
     _refuse_compile("Megatron-LM", lay)
+    if plan.job.lora is not None:
+        raise ValueError(f"Megatron-LM cannot express this plan: LoRA (rank "
+                         f"{plan.job.lora.rank}); Megatron-LM's pretrain scripts have no adapter "
+                         f"layers; export the plan to torchrun or slurm (runtime/lora.py)")
+    if plan.job.task != "pretrain":
+        raise ValueError(f"Megatron-LM cannot express this plan: task {plan.job.task}; its "
+                         f"pretrain_gpt.py trains language models only; export to torchrun")
     if lay.schedule in ("gpipe", "interleaved_zb", "zbv") and lay.pp > 1:
         _refuse("Megatron-LM", f"schedule {lay.schedule}; it runs 1F1B and interleaved 1F1B")
     if spec.arch == "bert":
@@ -497,6 +526,7 @@ def megatron_args(plan: Plan, fill: dict | None = None) -> list:
     args += ["--micro-batch-size", str(lay.micro_batch),
              "--global-batch-size", str(job.global_batch), "--seq-length", str(job.seq_len)]
     args += _model_args(spec, job)
+    args += _attention_args(spec) + _moe_args(spec, lay)
     args += ["--lr", _placeholder("--lr", fill),
              "--train-iters", _placeholder("--train-iters", fill),
              "--data-path", _placeholder("--data-path", fill),
@@ -560,13 +590,83 @@ def _model_args(spec, job) -> list:
         args.append("--untie-embeddings-and-output-weights")
     if not spec.linear_bias:
         args.append("--disable-bias-linear")
-    if job.precision in ("bf16", "fp16"):
-        args.append(f"--{job.precision}")
+    if job.dtype in ("bf16", "fp16"):
+        args.append(f"--{job.dtype}")
+    args += _fp8_args(job)
     args += ["--attention-backend", MEGATRON_ATTENTION[job.attention]]
     if job.attention == "eager":
         args.append("--no-masked-softmax-fusion")
     args += ["--clip-grad", str(CLIP_NORM)]
     return args
+
+
+def _attention_args(spec) -> list:
+    """Head width, q/k norms, q/k/v-only biases and multi-head latent attention
+    (megatron/training/arguments.py; MLATransformerConfig)."""
+    if spec.attention_sinks:
+        _refuse("Megatron-LM", "attention_sinks (GPT-OSS's learned per-head sink logits): "
+                "Megatron-LM's arguments have no flag for them")
+    args = []
+    if spec.attention_head_dim and spec.attention_head_dim * spec.num_heads != spec.hidden_size:
+        args += ["--kv-channels", str(spec.attention_head_dim)]
+    if spec.qk_norm:
+        args.append("--qk-layernorm")
+    if spec.qkv_bias:
+        args.append("--add-qkv-bias")
+    if spec.mla:
+        m = spec.mla
+        if not m.q_lora_rank:
+            _refuse("Megatron-LM", "mla with q_lora_rank 0 (a full-rank query) needs "
+                    "--q-lora-rank unset, which the export does not write")
+        args += ["--multi-latent-attention", "--q-lora-rank", str(m.q_lora_rank),
+                 "--kv-lora-rank", str(m.kv_lora_rank), "--qk-head-dim", str(m.qk_nope_head_dim),
+                 "--qk-pos-emb-head-dim", str(m.qk_rope_head_dim),
+                 "--v-head-dim", str(m.v_head_dim)]
+    return args
+
+
+def _moe_args(spec, lay) -> list:
+    """Megatron-Core MoE (megatron/core/transformer/moe/): routed experts as a grouped GEMM,
+    all-to-all token dispatch, top-k routing with the auxiliary load-balancing loss."""
+    if spec.moe is None:
+        return []
+    moe = spec.moe
+    layers = "[" + ",".join(str(int(moe.is_moe_layer(i))) for i in range(spec.num_layers)) + "]"
+    args = ["--num-experts", str(moe.num_experts), "--moe-router-topk",
+            str(moe.experts_per_token), "--moe-ffn-hidden-size", str(moe.expert_ffn_hidden_size),
+            "--expert-model-parallel-size", str(lay.ep),
+            "--expert-tensor-parallel-size", str(lay.etp), "--moe-grouped-gemm",
+            "--moe-token-dispatcher-type", "alltoall",
+            "--moe-router-score-function", moe.router, "--moe-layer-freq", layers]
+    if moe.aux_loss_coef:
+        args += ["--moe-router-load-balancing-type", "aux_loss",
+                 "--moe-aux-loss-coeff", f"{moe.aux_loss_coef:g}"]
+    else:
+        args += ["--moe-router-load-balancing-type", "none"]
+    if moe.shared_ffn_hidden_size:
+        args += ["--moe-shared-expert-intermediate-size", str(moe.shared_ffn_hidden_size)]
+    if moe.shared_expert_gate:
+        args.append("--moe-shared-expert-gate")
+    if moe.capacity_factor:
+        args += ["--moe-expert-capacity-factor", f"{moe.capacity_factor:g}"]
+    return args
+# Transformer Engine FP8 under megatron-core 0.16 (transformer_config.py: fp8 -> --fp8-format,
+# fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo): hybrid = E4M3 forward, E5M2
+# gradients; delayed scaling with the 1024-step amax history and max algorithm of NVIDIA's
+# Megatron-LM/NeMo FP8 recipes (megatron-core defaults are a 1-step history, most_recent)
+FP8_MEGATRON = {"delayed": ["--fp8-format", "hybrid", "--fp8-recipe", "delayed",
+                            "--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max"],
+                "tensorwise": ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]}
+
+
+def _fp8_args(job) -> list:
+    if not job.fp8:
+        return []
+    if job.fp8_recipe not in FP8_MEGATRON:
+        _refuse("Megatron-LM", f"fp8_recipe {job.fp8_recipe}: Transformer Engine under "
+                f"megatron-core 0.16 has delayed, tensorwise, mxfp8 and blockwise recipes, no "
+                f"torchao-style rowwise scaling")
+    return FP8_MEGATRON[job.fp8_recipe]
 
 
 def megatron(plan: Plan) -> str:

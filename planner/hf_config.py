@@ -2,11 +2,12 @@
 
 Every key of a config is either read into the spec, checked against what ModelSpec can
 represent, known to leave the network unchanged (token ids, generation settings, dtype, ...), or
-unknown.  Anything that would change the model and that ModelSpec cannot express (a head_dim
-other than hidden_size / num_attention_heads, biases on the attention projections only, q/k
-norms, extra norms per layer, sliding-window attention, scaled or partial RoPE, logit
-soft-capping, an unknown key that looks like a shape key) is refused with one line naming the
-key(s) and value(s); nothing is dropped silently.
+unknown.  Anything that would change the model and that ModelSpec cannot express (biases on
+some linears only other than Qwen2's q/k/v, extra norms per layer, sliding-window attention,
+scaled or partial RoPE, logit soft-capping, an unknown key that looks like a shape key) is
+refused with one line naming the key(s) and value(s); nothing is dropped silently.  A head_dim
+other than hidden_size / num_attention_heads is ModelSpec.attention_head_dim; Qwen3's and
+Gemma 3's per-head q/k norms are ModelSpec.qk_norm.
 
 A key a config omits takes transformers' own default for its model_type (its
 `configuration_<family>.py`, transformers 5.x), so a config written with its non-default keys
@@ -16,7 +17,9 @@ top-level `rope_theta` / `rope_scaling` of transformers 4.x and the `rope_parame
 
 Families (model_type): gpt2 and bert, and the Llama-shaped decoders (RMSNorm, gated MLP, RoPE,
 grouped-query attention) llama, mistral, qwen2, qwen3, phi3 (fused qkv / gate_up projections:
-the same tensors, so the same parameter count), gemma, gemma2, gemma3_text and gemma3.  What
+the same tensors, so the same parameter count), gemma, gemma2, gemma3_text and gemma3, and the
+mixture-of-experts decoders mixtral, qwen2_moe, qwen3_moe, deepseek_v3 (multi-head latent
+attention) and gpt_oss (planner/hf_moe.py reads their expert keys).  What
 ModelSpec does not describe and does not change the parameter count or the cost model is
 accepted: the MLP's activation function (Gemma's gated GELU is computed as SwiGLU by the
 runtime), Gemma's sqrt(hidden_size) embedding scale and (1 + weight) RMSNorm."""
@@ -25,6 +28,7 @@ import os
 from dataclasses import dataclass
 from pathlib import PurePath
 
+from planner import hf_moe
 from planner.schema import short_repr
 from planner.spec import BERT_TYPE_VOCAB, MAX_NAME_LEN, ModelSpec
 
@@ -57,8 +61,6 @@ SHAPE_FRAGMENTS = ("head", "expert", "layer", "hidden", "intermediate", "vocab",
                    "dim", "embed", "position", "rope", "rotary", "bias", "norm", "attention",
                    "attn", "mlp", "ffn", "proj", "kv", "moe", "lora", "rank", "softcap", "tie",
                    "shared", "group", "sparse", "scal", "multiplier")
-HEAD_DIM_NOTE = ("ModelSpec derives head_dim = hidden_size / num_heads; an explicit head_dim "
-                 "needs cost-model and runtime support that is not there yet")
 
 
 def _show(value) -> str:
@@ -144,7 +146,11 @@ class _Decoder:
     window: object = None          # absent sliding_window; "absent" = the class reads none
     qwen_window: bool = False      # sliding_window applies only with use_sliding_window
     gemma: int = 0                 # Gemma generation (1, 2, 3): GELU gate, softcapping, ...
-    structure: str = ""            # tensors ModelSpec has no place for (q/k norms, extra norms)
+    structure: str = ""            # tensors ModelSpec has no place for (extra norms)
+    qk_norm: bool = False          # per-head q_norm / k_norm RMSNorms (ModelSpec.qk_norm)
+    layer_typed: bool = False      # the window applies to layer_types' sliding_attention layers
+    mla: bool = False              # multi-head latent attention (planner/hf_moe.py)
+    sinks: bool = False            # per-head attention sinks (ModelSpec.attention_sinks)
     ignored: tuple = ()            # keys the class reads that leave ModelSpec's model unchanged
 
 
@@ -158,8 +164,7 @@ DECODERS = {
     "qwen2": _Decoder(kv_heads=32, bias="qkv", window=4096, qwen_window=True,
                       ignored=("hidden_act",)),
     "qwen3": _Decoder(kv_heads=32, head_dim=128, bias="attention", window=4096,
-                      qwen_window=True, ignored=("hidden_act",),
-                      structure="Qwen3Attention's per-head q_norm and k_norm RMSNorm weights"),
+                      qwen_window=True, ignored=("hidden_act",), qk_norm=True),
     "phi3": _Decoder(eps=1e-5, window=None,
                      dropout_keys=("attention_dropout", "resid_pdrop", "embd_pdrop"),
                      ignored=("hidden_act", "original_max_position_embeddings")),
@@ -170,24 +175,46 @@ DECODERS = {
                        structure=_GEMMA2_NORMS),
     "gemma3_text": _Decoder(kv_heads=4, head_dim=256, tie=True, bias="attention", window=4096,
                             gemma=3, ignored=("hidden_act", "hidden_activation"),
-                            structure="per-head q_norm and k_norm RMSNorm weights, "
-                                      + _GEMMA2_NORMS),
+                            structure=_GEMMA2_NORMS, qk_norm=True),
+    # mixture-of-experts families (their MoE keys: planner/hf_moe.py)
+    "mixtral": _Decoder(kv_heads=8, window=None, ignored=("hidden_act",)),
+    "qwen2_moe": _Decoder(kv_heads=16, bias="qkv_key", window=0, qwen_window=True,
+                          ignored=("hidden_act",)),
+    "qwen3_moe": _Decoder(kv_heads=4, bias="attention", window=None, qwen_window=True,
+                          ignored=("hidden_act",), qk_norm=True),
+    "deepseek_v3": _Decoder(kv_heads=128, window=_NO_WINDOW, mla=True),
+    "gpt_oss": _Decoder(kv_heads=8, head_dim=64, bias="gpt_oss", window=128, layer_typed=True,
+                        ignored=("hidden_act",), sinks=True),
 }
 
 
-def _head_dim(c: _Config, fam: _Decoder, hidden: int, heads: int) -> None:
+def _head_dim(c: _Config, fam: _Decoder, hidden: int, heads: int) -> int:
+    """ModelSpec.attention_head_dim: 0 when head_dim is hidden_size / num_attention_heads."""
     head_dim = c.integer("head_dim", fam.head_dim)
-    if head_dim is None:  # transformers: hidden_size // num_attention_heads
-        return
-    if head_dim * heads != hidden:
-        derived = f"{hidden / heads:g}" if hidden % heads else str(hidden // heads)
-        c.refuse(f"head_dim {head_dim} != hidden_size / num_attention_heads = "
-                 f"{hidden} / {heads} = {derived} ({HEAD_DIM_NOTE})")
+    if head_dim is None or head_dim * heads == hidden:  # transformers: hidden // heads
+        return 0
+    if head_dim < 1:
+        raise ValueError(f"{PREFIX}: head_dim must be >= 1, got {head_dim}")
+    return head_dim
 
 
-def _linear_bias(c: _Config, fam: _Decoder) -> bool:
-    """ModelSpec.linear_bias puts a bias on every linear of the block (q, k, v, o and the MLP)
-    or on none; any other combination is refused with its keys."""
+def _linear_bias(c: _Config, fam: _Decoder) -> tuple:
+    """(linear_bias, qkv_bias): ModelSpec.linear_bias puts a bias on every linear of the block
+    (q, k, v, o, the MLP, experts and router), qkv_bias on q, k and v only; any other combination
+    is refused with its keys."""
+    if fam.bias == "qkv":  # Qwen2Attention: q/k/v always biased, o_proj and the MLP never
+        return False, True
+    if fam.bias == "qkv_key":  # Qwen2MoeAttention: q/k/v biased by qkv_bias (default true)
+        return False, c.flag("qkv_bias", True)
+    if fam.bias == "gpt_oss":
+        if not c.flag("attention_bias", True):
+            c.refuse("attention_bias false: GPT-OSS's experts and router always have biases; "
+                     "ModelSpec.linear_bias gives every linear a bias, or none")
+        return True, False
+    return _plain_bias(c, fam), False
+
+
+def _plain_bias(c: _Config, fam: _Decoder) -> bool:
     if fam.bias == "llama":
         attn, mlp = c.flag("attention_bias", False), c.flag("mlp_bias", False)
         if attn != mlp:
@@ -195,15 +222,9 @@ def _linear_bias(c: _Config, fam: _Decoder) -> bool:
                      f"ModelSpec.linear_bias gives every linear (attention and MLP) a bias, "
                      f"or none")
         return attn and mlp
-    if fam.bias == "attention":
-        if c.flag("attention_bias", False):
-            c.refuse(f"attention_bias true: {c.model_type} has no MLP bias (no mlp_bias key); "
-                     f"ModelSpec.linear_bias gives every linear a bias, or none")
-        return False
-    if fam.bias == "qkv":
-        c.refuse("Qwen2Attention's q/k/v projections always have biases, o_proj and the MLP "
-                 "none (attention-only bias); ModelSpec.linear_bias gives every linear a bias, "
-                 "or none")
+    if fam.bias == "attention" and c.flag("attention_bias", False):
+        c.refuse(f"attention_bias true: {c.model_type} has no MLP bias (no mlp_bias key); "
+                 f"ModelSpec.linear_bias gives every linear a bias, or none")
     return False
 
 
@@ -273,7 +294,7 @@ def _windows(c: _Config, fam: _Decoder, layers: int, max_pos: int) -> None:
         if not use or window is None or first >= layers:
             return
         where = f"use_sliding_window true: layers {first} and up attend through a"
-    elif fam.gemma:
+    elif fam.gemma or fam.layer_typed:
         c.ignore("sliding_window_pattern")
         if layer_types is not None and all(t == "full_attention" for t in layer_types):
             return
@@ -324,23 +345,31 @@ def _from_decoder(c: _Config, name: str) -> ModelSpec:
     if heads < 1 or hidden < 1:
         raise ValueError(f"{PREFIX}: hidden_size {hidden} and num_attention_heads {heads} "
                          f"must be >= 1")
-    _head_dim(c, fam, hidden, heads)
-    bias = _linear_bias(c, fam)
+    head_dim = 0 if fam.mla else _head_dim(c, fam, hidden, heads)
+    bias, qkv_bias = _linear_bias(c, fam)
     theta = _rope_theta(c)
     _windows(c, fam, layers, max_pos)
     if fam.gemma:
         _gemma_checks(c, fam, c.cfg.get("head_dim") or fam.head_dim, theta)
     if fam.structure:
         c.refuse(f"{fam.structure}: not represented by ModelSpec")
-    c.ignore(*fam.ignored)
+    c.ignore(*fam.ignored, *hf_moe.ignored_moe_keys(c.model_type))
     dropout = _dropout(c, fam.dropout_keys, 0.0)
+    mla = hf_moe.read_mla(c) if fam.mla else None
     return _finish(
         c, name,
         arch="llama", num_layers=layers, hidden_size=hidden, num_heads=heads,
-        num_kv_heads=kv_heads, ffn_hidden_size=c.integer("intermediate_size"),
+        num_kv_heads=heads if fam.mla else kv_heads,
+        ffn_hidden_size=c.integer("intermediate_size", _DENSE_FFN.get(c.model_type, _REQUIRED)),
         vocab_size=c.integer("vocab_size"), max_seq_len=max_pos,
         tie_embeddings=c.flag("tie_word_embeddings", fam.tie), linear_bias=bias,
-        dropout=dropout, norm_eps=c.number("rms_norm_eps", fam.eps), rope_theta=theta)
+        dropout=dropout, norm_eps=c.number("rms_norm_eps", fam.eps), rope_theta=theta,
+        attention_head_dim=head_dim, qkv_bias=qkv_bias, qk_norm=fam.qk_norm,
+        attention_sinks=fam.sinks, moe=hf_moe.read_moe(c, layers), mla=mla)
+
+
+# intermediate_size defaults of families that may omit it (transformers' config classes)
+_DENSE_FFN = {"gpt_oss": 2880, "deepseek_v3": 18432, "mixtral": 14336}
 
 
 # --- GPT-2 and BERT ---------------------------------------------------------------------------

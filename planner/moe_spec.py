@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 from planner import limits
 from planner.limits import check_int, check_range
-from planner.schema import check_keys, require_choice
+from planner.schema import check_keys, require_bool, require_choice
 
 ROUTERS = ("softmax", "sigmoid")
 MAX_EXPERTS = 4096  # DeepSeek-V3 has 256 routed experts; 4096 leaves room for fine-grained MoE
 MAX_CAPACITY_FACTOR = 64.0
+MOE_KEYS_OPTIONAL = ("shared_expert_gate",)  # added after schema 4's first release: absent = off
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +38,8 @@ class MoESpec:
     router: str = "softmax"
     aux_loss_coef: float = 0.01
     capacity_factor: float = 0.0       # 0 = dropless
+    shared_expert_gate: bool = False   # sigmoid gate (a 1 x hidden linear) on the shared experts'
+    #                                    output (Qwen2-MoE Qwen2MoeSparseMoeBlock)
 
     def __post_init__(self):
         check_int(self.num_experts, "num_experts", 1, MAX_EXPERTS)
@@ -48,6 +51,10 @@ class MoESpec:
         check_int(self.first_dense_layers, "first_dense_layers", 0, limits.MAX_LAYERS)
         check_int(self.moe_layer_every, "moe_layer_every", 1, limits.MAX_LAYERS)
         require_choice(self.router, "router", ROUTERS)
+        require_bool(self.shared_expert_gate, "shared_expert_gate")
+        if self.shared_expert_gate and not self.shared_ffn_hidden_size:
+            raise ValueError("shared_expert_gate needs shared experts (shared_ffn_hidden_size "
+                             "> 0)")
         check_range(self.aux_loss_coef, "aux_loss_coef", 0.0, 1.0)
         check_range(self.capacity_factor, "capacity_factor", 0.0, MAX_CAPACITY_FACTOR)
         if 0 < self.capacity_factor < 1:
@@ -67,7 +74,7 @@ class MoESpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MoESpec":
-        return cls(**check_keys(data, cls, "model spec moe"))
+        return cls(**check_keys(data, cls, "model spec moe", MOE_KEYS_OPTIONAL))
 
 
 @dataclass(frozen=True, kw_only=True)

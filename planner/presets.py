@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from planner.moe_spec import MLASpec, MoESpec
 from planner.schema import load_json_file, short_repr
 from planner.spec import ModelSpec, from_hf_config
 
@@ -26,6 +27,52 @@ def _bert(name, layers, hidden, heads):
                      vocab_size=30522, max_seq_len=512, tie_embeddings=True, linear_bias=True,
                      dropout=0.1, norm_eps=1e-12)
 
+
+def _moe(name, layers, hidden, heads, kv, ffn, vocab, seq, theta, eps, moe, **extra):
+    """A Llama-shaped decoder (RMSNorm, SwiGLU, RoPE, GQA) whose MLPs are MoESpec `moe`."""
+    return ModelSpec(name=name, arch="llama", num_layers=layers, hidden_size=hidden,
+                     num_heads=heads, num_kv_heads=kv, ffn_hidden_size=ffn, vocab_size=vocab,
+                     max_seq_len=seq, tie_embeddings=False, linear_bias=extra.pop("bias", False),
+                     norm_eps=eps, rope_theta=theta, moe=moe, **extra)
+
+
+def _qwen3_moe(name, layers, hidden, heads, ffn, expert_ffn):
+    """Qwen3-MoE (Qwen Team 2025, Table 2; HF Qwen/Qwen3-30B-A3B, Qwen3-235B-A22B config.json):
+    128 experts, top-8, no shared expert, 4 KV heads of 128 dims, q/k norms, aux loss 0.001."""
+    moe = MoESpec(num_experts=128, experts_per_token=8, expert_ffn_hidden_size=expert_ffn,
+                  aux_loss_coef=0.001)
+    return _moe(name, layers, hidden, heads, 4, ffn, 151936, 40960, 1e6, 1e-6, moe,
+                attention_head_dim=128, qk_norm=True)
+
+
+_MOE_PRESETS = [
+    # Mixtral 8x7B (Jiang et al. 2024, Table 1; HF mistralai/Mixtral-8x7B-v0.1 config.json:
+    # router_aux_loss_coef 0.02, no sliding window).
+    _moe("mixtral-8x7b", 32, 4096, 32, 8, 14336, 32000, 32768, 1e6, 1e-5,
+         MoESpec(num_experts=8, experts_per_token=2, expert_ffn_hidden_size=14336,
+                 aux_loss_coef=0.02)),
+    _qwen3_moe("qwen3-30b-a3b", 48, 2048, 32, 6144, 768),
+    _qwen3_moe("qwen3-235b-a22b", 94, 4096, 64, 12288, 1536),
+    # DeepSeek-V3 (DeepSeek-AI 2024, Sec. 4.2; HF deepseek-ai/DeepSeek-V3 config.json): MLA,
+    # 3 dense layers, then 256 routed experts (top-8, sigmoid router) + 1 shared expert;
+    # sequence-wise balance loss alpha = 0.0001 (Sec. 4.2).  Its multi-token-prediction module
+    # (14B, Sec. 2.2) is not part of the 671B and not modelled.
+    _moe("deepseek-v3", 61, 7168, 128, 128, 18432, 129280, 163840, 10000.0, 1e-6,
+         MoESpec(num_experts=256, experts_per_token=8, expert_ffn_hidden_size=2048,
+                 shared_ffn_hidden_size=2048, first_dense_layers=3, router="sigmoid",
+                 aux_loss_coef=0.0001),
+         mla=MLASpec(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                     qk_rope_head_dim=64, v_head_dim=128)),
+    # GPT-OSS-120B (OpenAI 2025 model card, Table 1; HF openai/gpt-oss-120b config.json): 128
+    # experts top-4, biases on every linear, attention sinks, 64 heads of 64 dims.  Its
+    # alternate layers attend through a 128-token sliding window, which ModelSpec does not
+    # represent: this preset attends fully in every layer (the attention FLOPs of those layers
+    # are over-counted), and its YaRN-scaled RoPE is plain RoPE at theta 150000.
+    _moe("gpt-oss-120b", 36, 2880, 64, 8, 2880, 201088, 131072, 150000.0, 1e-5,
+         MoESpec(num_experts=128, experts_per_token=4, expert_ffn_hidden_size=2880,
+                 aux_loss_coef=0.9),
+         bias=True, attention_head_dim=64, attention_sinks=True),
+]
 
 _PRESETS = [
     # Small models for real CPU runs: byte-level vocabulary (256), trained from scratch here.
@@ -58,6 +105,7 @@ _PRESETS = [
     # BERT (Devlin et al. 2019, Sec. 3; HF bert-base-uncased / bert-large-uncased).
     _bert("bert-base", 12, 768, 12),
     _bert("bert-large", 24, 1024, 16),
+    *_MOE_PRESETS,
 ]
 
 MODEL_PRESETS = {spec.name: spec for spec in _PRESETS}

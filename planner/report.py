@@ -23,6 +23,7 @@ TIME_ROWS = [
     ("tp_comm_s", "TP/SP communication", "exposed tensor-parallel collectives"),
     ("pp_comm_s", "PP communication", "stage-boundary sends"),
     ("cp_comm_s", "CP communication", "exposed context-parallel K/V traffic (cp > 1)"),
+    ("ep_comm_s", "EP all-to-all", "expert dispatch + combine, fwd + bwd (MoE)"),
     ("bubble_s", "pipeline bubble", "fill and drain of the schedule"),
     ("dp_comm_exposed_s", "DP communication", "gradient sync not hidden by backward"),
     ("optimizer_s", "optimizer step", "AdamW update + clipping (memory-bound)"),
@@ -33,6 +34,8 @@ def layout_summary(layout) -> str:
     parts = [f"dp={layout.dp}", f"tp={layout.tp}", f"pp={layout.pp}"]
     if layout.cp > 1:
         parts.append(f"cp={layout.cp}({layout.cp_comm})")
+    if layout.ep > 1 or layout.etp > 1:
+        parts += [f"ep={layout.ep}"] + ([f"etp={layout.etp}"] if layout.etp > 1 else [])
     if layout.sequence_parallel:
         parts.append("sp")
     parts += [f"zero={layout.zero_stage}", f"mb={layout.micro_batch}x{layout.num_microbatches}"]
@@ -82,6 +85,18 @@ def outside_summary(mem) -> str:
                      for key, label, _ in MEMORY_ROWS if key in OUTSIDE_KEYS)
 
 
+def fp8_gain_text(gain: dict) -> str:
+    """'FP8 (tensorwise) gains 1.17x on this shape ...' from Estimate.fp8_gain()."""
+    saved = gain["memory_saved_bytes"]
+    memory = (f"saves {fmt_bytes(saved)} per GPU" if saved >= 0
+              else f"costs {fmt_bytes(-saved)} more per GPU")
+    x = gain["speedup"]
+    verb = f"gains {x:.2f}x" if x >= 1 else f"runs at {x:.2f}x (slower)"
+    return (f"FP8 ({gain['recipe']}) {verb} on this shape over bf16 "
+            f"({gain['bf16_tokens_per_s']:,.0f} tokens/s) and {memory} (MFU is against the "
+            f"bf16 peak; eager torch casts are memory-bound: --compile fuses them)")
+
+
 def estimate_text(est) -> str:
     """The readable breakdown `planner estimate` prints."""
     plan, mem, t = est.plan, est.memory, est.time
@@ -102,11 +117,15 @@ def estimate_text(est) -> str:
         if key == "cp_comm_s" and plan.layout.cp == 1:
             continue
         value = getattr(t, key)
+        if key == "ep_comm_s" and not value:
+            continue  # a dense model (or ep = etp = 1)
         share = 100 * value / t.step_s if t.step_s else 0
         lines.append(f"  {label:<22} {fmt_seconds(value):>12} {share:5.1f}%   {note}")
     lines.append(f"  {'step':<22} {fmt_seconds(t.step_s):>12}")
     lines += ["", f"Throughput: {est.tokens_per_s:,.0f} tokens/s, {est.tflops_per_gpu:.3g} "
               f"TFLOP/s per GPU, MFU {100 * est.mfu:.1f}%, HFU {100 * est.hfu:.1f}%"]
+    if plan.job.fp8:
+        lines.append(fp8_gain_text(est.fp8_gain()))
     if est.communication:
         lines += ["", "Communication per step (most loaded rank)"]
         for c in est.communication:

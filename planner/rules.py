@@ -118,8 +118,24 @@ def _zb_message(ctx, r):
 
 def _precision_message(ctx, r):
     p = ctx.profile
+    if ctx.job.fp8:  # fp8 tensor cores: Hopper (sm90) and Ada (sm89) onwards
+        return (f"precision fp8: profile {p.name}'s {p.gpu.name} has no FP8 tensor cores (its "
+                f"peak_flops lists {', '.join(sorted(p.gpu.peak_flops))}; FP8 GEMMs need "
+                f"Hopper/Ada or later); use bf16")
     return (f"precision {ctx.job.precision} is not supported by profile {p.name} "
             f"({p.gpu.name} supports {', '.join(sorted(p.gpu.peak_flops))})")
+
+
+def _fp8_engine_broken(ctx) -> bool:
+    return ctx.job.fp8 and ctx.job.fp8_recipe not in ctx.engine.fp8_recipes
+
+
+def _fp8_engine_message(ctx, r):
+    eng = ctx.engine
+    if not eng.fp8_recipes:
+        return f"precision fp8 with the {eng.name} engine: {eng.fp8_refusal}"
+    return (f"fp8_recipe {ctx.job.fp8_recipe} is not a {eng.name} engine recipe (it runs "
+            f"{', '.join(eng.fp8_recipes)})")
 
 
 def _compiled(c: dict) -> np.ndarray:
@@ -205,6 +221,27 @@ def _cp_rules() -> list:
     ]
 
 
+def _ep(c: dict) -> tuple:
+    """(ep, etp) columns (ones where the space has none)."""
+    if "ep" not in c:
+        one = np.ones(c["tp"].shape, dtype=np.int64)
+        return one, one
+    return c["ep"], c["etp"]
+
+
+def _experts(ctx) -> int:
+    return ctx.model.moe.num_experts if ctx.model.moe is not None else 1
+
+
+def _expert_ffn(ctx) -> int:
+    return ctx.model.moe.expert_ffn_hidden_size if ctx.model.moe is not None else 1
+
+
+def _runtime_gaps(ctx) -> list:
+    from planner.runtime_support import runtime_gaps
+    return runtime_gaps(ctx.model) if ctx.engine.runs_runtime_model else []
+
+
 def _long_sequence(ctx) -> bool:
     return ctx.model.learned_positions and ctx.job.seq_len > ctx.model.max_seq_len
 
@@ -215,9 +252,15 @@ def _shape_rules() -> list:
              lambda ctx, c: _world(c) != c["world"],
              _world_message),
         Rule("ep_dense", "expert parallelism on a dense model",
-             lambda ctx, c: _everywhere(c, not ctx.model.is_moe) & _expert_split(c),
+             lambda ctx, c: _everywhere(c, ctx.model.moe is None) & _expert_split(c),
              lambda ctx, r: f"ep={r['ep']} etp={r['etp']}: model {ctx.model.name} has no "
                             f"experts (ep and etp need an MoE model)"),
+        Rule("runtime_model", "the engine's runtime model cannot build this model",
+             lambda ctx, c: _everywhere(c, bool(_runtime_gaps(ctx))),
+             lambda ctx, r: f"the {ctx.job.engine} engine trains runtime/model.py, which cannot "
+                            f"build {ctx.model.name}: {'; '.join(_runtime_gaps(ctx))} (plan it "
+                            f"with --engine megatron)"),
+        *_expert_rules(),
         Rule("tp_heads", "tp does not divide the attention heads",
              lambda ctx, c: (ctx.model.num_heads % c["tp"] != 0)
              | (ctx.model.num_kv_heads % c["tp"] != 0),
@@ -254,6 +297,14 @@ def _shape_rules() -> list:
         Rule("precision", "precision not supported by the GPU",
              lambda ctx, c: _everywhere(c, not ctx.profile.supports(ctx.job.precision)),
              _precision_message),
+        Rule("fp8_engine", "FP8 recipe the engine does not run",
+             lambda ctx, c: _everywhere(c, _fp8_engine_broken(ctx)), _fp8_engine_message),
+        Rule("fp8_tp", "FP8 with tensor parallelism under an engine without it",
+             lambda ctx, c: _everywhere(c, ctx.job.fp8 and not ctx.engine.fp8_with_tp)
+             & (c["tp"] > 1),
+             lambda ctx, r: f"precision fp8 with tp={r['tp']}: the {ctx.engine.name} "
+                            f"engine's FP8 (torchao float8 linears) runs without tensor "
+                            f"parallelism; use tp=1 or --engine megatron"),
         Rule("compile_engine", "torch.compile on an engine that does not compile blocks",
              lambda ctx, c: _compiled(c) & _everywhere(c, not ctx.engine.compiles_blocks),
              lambda ctx, r: f"compile (torch.compile of each block) runs on the torch engine "
@@ -262,6 +313,49 @@ def _shape_rules() -> list:
              lambda ctx, c: _everywhere(c, _long_sequence(ctx)),
              lambda ctx, r: f"seq len {ctx.job.seq_len} exceeds {ctx.model.name}'s "
                             f"{ctx.model.max_seq_len} learned positions"),
+    ]
+
+
+def _expert_rules() -> list:
+    """Expert parallelism folded over the dense part's GPUs (Megatron-Core's MoE layout:
+    attention on tp x dp, experts on etp x ep x expert-dp of the same tp x dp ranks)."""
+    return [
+        Rule("ep_experts", "ep does not divide the experts",
+             lambda ctx, c: _experts(ctx) % _ep(c)[0] != 0,
+             lambda ctx, r: f"ep={r['ep']} must divide the {_experts(ctx)} routed experts of "
+                            f"{ctx.model.name}"),
+        Rule("etp_ffn", "etp does not divide the expert FFN width",
+             lambda ctx, c: _expert_ffn(ctx) % _ep(c)[1] != 0,
+             lambda ctx, r: f"etp={r['etp']} must divide expert_ffn_hidden_size "
+                            f"{_expert_ffn(ctx)}"),
+        Rule("ep_group", "ep x etp does not divide tp x dp",
+             lambda ctx, c: (c["tp"] * c["dp"]) % (_ep(c)[0] * _ep(c)[1]) != 0,
+             lambda ctx, r: f"ep*etp = {r['ep']}*{r['etp']} = {r['ep'] * r['etp']} must divide "
+                            f"the dense group tp*dp = {r['tp']}*{r['dp']} = "
+                            f"{r['tp'] * r['dp']} (experts fold over the same GPUs)"),
+        Rule("ep_engine", "expert parallelism on an engine without it",
+             lambda ctx, c: _everywhere(c, not ctx.engine.expert_parallel) & (_ep(c)[0] > 1),
+             lambda ctx, r: f"ep={r['ep']}: the {ctx.job.engine} engine has no expert "
+                            f"parallelism (DeepSpeed's needs deepspeed.moe.layer.MoE modules, "
+                            f"which the runtime's model does not use); use ep=1 or --engine "
+                            f"megatron"),
+        Rule("etp_engine", "expert tensor parallelism on an engine without it",
+             lambda ctx, c: _everywhere(c, not ctx.engine.expert_tensor_parallel)
+             & (_ep(c)[1] > 1),
+             lambda ctx, r: f"etp={r['etp']}: the {ctx.job.engine} engine keeps each expert "
+                            f"whole on its rank; use etp=1 or --engine megatron"),
+        Rule("ep_sp", "experts with tp > 1 need sequence parallelism (Megatron-Core)",
+             lambda ctx, c: _everywhere(c, ctx.engine.name == "megatron"
+                                        and ctx.model.moe is not None)
+             & (c["tp"] > 1) & (c["sequence_parallel"] == 0),
+             lambda ctx, r: f"tp={r['tp']} with an MoE model: Megatron-LM requires "
+                            f"--sequence-parallel when tensor parallelism is used with experts "
+                            f"(megatron/training/arguments.py); add --sp"),
+        Rule("ep_dp", "ep does not divide dp (the torch runtime's EP group)",
+             lambda ctx, c: _everywhere(c, ctx.engine.ep_within_dp) & (c["dp"] % _ep(c)[0] != 0),
+             lambda ctx, r: f"ep={r['ep']} must divide dp={r['dp']}: the {ctx.job.engine} "
+                            f"engine's expert-parallel groups are slices of its data-parallel "
+                            f"group"),
     ]
 
 
@@ -366,6 +460,52 @@ def _engine_rules() -> list:
     ]
 
 
+def _lora(ctx) -> bool:
+    return ctx.job.lora is not None
+
+
+def _lora_absent_message(ctx, r) -> str:
+    absent = ctx.job.lora.absent_targets(ctx.model.mlp)
+    have = "gate, up, down" if ctx.model.mlp == "swiglu" else "fc, proj"
+    return (f"lora target {absent[0]!r} is not in {ctx.model.name} (its {ctx.model.mlp} MLP has "
+            f"{have}; attention has q, k, v, o)")
+
+
+def _task_rules() -> list:
+    """Fine-tuning (planner/job.py task, planner/lora.py): what the runtime and the cost model
+    cover.  LoRA's adapters are plain modules around nn.Linear; PyTorch's ColwiseParallel /
+    RowwiseParallel would shard every parameter of the module along the base weight's dimension,
+    lora_A's rank rows included, so tensor parallelism is refused rather than silently wrong."""
+    op = RECOMPUTE.index("op")
+    return [
+        Rule("lora_targets", "LoRA target the model does not have",
+             lambda ctx, c: _everywhere(c, _lora(ctx) and bool(
+                 ctx.job.lora.absent_targets(ctx.model.mlp))), _lora_absent_message),
+        Rule("lora_engine", "LoRA on an engine without adapters",
+             lambda ctx, c: _everywhere(c, _lora(ctx) and ctx.job.engine != "torch"),
+             lambda ctx, r: f"LoRA (rank {ctx.job.lora.rank}) is modelled and run by the torch "
+                            f"engine only (runtime/lora.py); the {ctx.job.engine} engine's "
+                            f"optimizers and exports have no adapters"),
+        Rule("lora_tp", "LoRA with tensor parallelism",
+             lambda ctx, c: _everywhere(c, _lora(ctx)) & (c["tp"] > 1),
+             lambda ctx, r: f"LoRA with tp={r['tp']}: PyTorch's Colwise/RowwiseParallel would "
+                            f"shard lora_A's {ctx.job.lora.rank} rank rows with the base weight; "
+                            f"use tp=1 (adapters are small: data parallelism and ZeRO suffice)"),
+        Rule("lora_recompute_op", "LoRA with the op-level recompute policy",
+             lambda ctx, c: _everywhere(c, _lora(ctx)) & (c["recompute"] == op),
+             lambda ctx, r: "LoRA with recompute op: the op policy's saved outputs are counted "
+                            "for full training only; use none, selective or full"),
+        Rule("lora_compile", "LoRA with torch.compile",
+             lambda ctx, c: _everywhere(c, _lora(ctx)) & _compiled(c),
+             lambda ctx, r: "LoRA with compile: the compiled-block census is of fully trained "
+                            "blocks; use compile off"),
+        Rule("classify_tp", "classification with tensor parallelism",
+             lambda ctx, c: _everywhere(c, ctx.job.task == "classify") & (c["tp"] > 1),
+             lambda ctx, r: f"task classify with tp={r['tp']}: the {ctx.job.num_labels}-way "
+                            f"classifier is not vocabulary-parallel; use tp=1"),
+    ]
+
+
 def _policy(r: dict) -> str:
     return RECOMPUTE[r["recompute"]]
 
@@ -396,8 +536,26 @@ def _recompute_rules() -> list:
     ]
 
 
+def _runtime_moe_rules() -> list:
+    """What the torch runtime's MoE (runtime/moe.py) does not build yet (etp and latent
+    attention: rules etp_engine and runtime_model): its router sees whole sequences (the
+    per-sequence auxiliary loss), and ZeRO-1's flat partition would mix experts of ep ranks."""
+    return [
+        Rule("moe_sp_runtime", "sequence parallelism over the runtime model's MoE blocks",
+             lambda ctx, c: _everywhere(c, ctx.engine.runs_runtime_model and ctx.model.is_moe)
+             & (c["sequence_parallel"] == 1),
+             lambda ctx, r: f"sequence parallel with tp={r['tp']}: runtime/model.py's MoE "
+                            f"blocks route whole sequences (use sequence_parallel off)"),
+        Rule("ep_zero1_runtime", "expert parallelism with ZeRO-1 in the torch runtime",
+             lambda ctx, c: _everywhere(c, ctx.engine.ep_within_dp) & _expert_split(c)
+             & (c["zero_stage"] == 1) & (c["dp"] > 1),
+             lambda ctx, r: f"ep={r['ep']} with ZeRO-1: the torch runtime's sharded optimizer "
+                            f"does not handle expert-parallel experts (use ZeRO-0, 2 or 3)"),
+    ]
+
+
 RULES = _shape_rules() + _cp_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
-    _engine_rules()
+    _engine_rules() + _task_rules() + _runtime_moe_rules()
 BY_KEY = {rule.key: rule for rule in RULES}
 # labels of the search's own rejections (not layout rules)
 SEARCH_LABELS = {"batch": "dp does not divide the global batch",
@@ -405,7 +563,8 @@ SEARCH_LABELS = {"batch": "dp does not divide the global batch",
 # shape-level reasons (why tp or dp cannot take the obvious value) the nothing-fits line cites
 SHAPE_KEYS = ("tp_heads", "tp_ffn", "tp_node", "batch")
 # reasons that rule out every layout of a request: said first when nothing is valid
-REQUEST_KEYS = ("precision", "positions", "compile_engine")
+REQUEST_KEYS = ("precision", "fp8_engine", "positions", "compile_engine", "lora_targets",
+                "lora_engine", "runtime_model")
 
 
 def label(key: str) -> str:

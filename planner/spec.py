@@ -44,6 +44,9 @@ class ModelSpec:
     attention_head_dim: int = 0        # 0 = hidden_size / num_heads (Qwen3, GPT-OSS set it)
     moe: MoESpec | None = None         # None = a dense FFN in every layer (planner/moe_spec.py)
     mla: MLASpec | None = None         # None = standard multi-/grouped-query attention
+    qkv_bias: bool = False             # biases on q/k/v only (Qwen2, Qwen2-MoE); see linear_bias
+    qk_norm: bool = False              # per-head RMSNorm of q and k (Qwen3; Dehghani et al. 2023)
+    attention_sinks: bool = False      # one learned softmax-sink logit per head (GPT-OSS)
 
     def __post_init__(self):
         require_str(self.name, "model name", MAX_NAME_LEN)
@@ -52,6 +55,12 @@ class ModelSpec:
             check_int(getattr(self, key), key, 1, hi)
         require_bool(self.tie_embeddings, "tie_embeddings")
         require_bool(self.linear_bias, "linear_bias")
+        require_bool(self.qkv_bias, "qkv_bias")
+        if self.qkv_bias and self.linear_bias:
+            raise ValueError("qkv_bias (biases on q/k/v only) and linear_bias (on every linear) "
+                             "exclude each other")
+        require_bool(self.qk_norm, "qk_norm")
+        require_bool(self.attention_sinks, "attention_sinks")
         check_range(self.dropout, "dropout", 0.0, 1.0)
         if self.dropout == 1:
             raise ValueError(f"dropout must be < 1, got {self.dropout}")
@@ -68,6 +77,11 @@ class ModelSpec:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by "
                              f"num_kv_heads {self.num_kv_heads}")
+        mla_off = ("linear_bias", "qkv_bias", "qk_norm", "attention_sinks", "attention_head_dim")
+        on = [k for k in mla_off if getattr(self, k)]
+        if self.mla is not None and on:
+            raise ValueError(f"mla (multi-head latent attention) sets its own head dims and has "
+                             f"no biases, q/k norms or sinks: {', '.join(on)} must be off")
         if self.arch != "llama" and self.num_kv_heads != self.num_heads:
             raise ValueError(f"grouped-query attention (num_kv_heads {self.num_kv_heads} != "
                              f"num_heads {self.num_heads}) is only supported for arch 'llama'")
@@ -113,8 +127,8 @@ class ModelSpec:
     def from_dict(cls, data: dict, strict: bool = False) -> "ModelSpec":
         """Every key is required (dropout, norm_eps and rope_theta too: a dropped key must not
         silently become a default), except OPTIONAL_KEYS in a spec file (not `strict`, as in a
-        plan of schema 4): absent means a dense model with standard attention, as every spec
-        written before they existed describes."""
+        plan of schema 4): absent means a dense model with standard
+        attention, as every spec written before they existed describes."""
         fields = dict(check_keys(data, cls, "model spec", () if strict else OPTIONAL_KEYS))
         for key, sub in (("moe", MoESpec), ("mla", MLASpec)):
             if fields.get(key) is not None:
@@ -122,7 +136,7 @@ class ModelSpec:
         return cls(**fields)
 
 
-OPTIONAL_KEYS = ("attention_head_dim", "moe", "mla")
+OPTIONAL_KEYS = ("attention_head_dim", "moe", "mla", "qkv_bias", "qk_norm", "attention_sinks")
 
 
 def from_hf_config(cfg: dict, name=None, source=None) -> ModelSpec:

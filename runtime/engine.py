@@ -14,8 +14,10 @@ from runtime.amp import LossScaler
 from runtime.context import ContextShard, set_context
 from runtime.mesh import pair_group
 from runtime.model import canonical_name, materialize
+from runtime.moe import aux_grad_scale, check_runtime_layout, is_expert_param, moe_modules
 from runtime.optim import OptimConfig, build_adamw, build_sharded_adamw, clip_grad_norm
-from runtime.parallelize import apply_ddp, parallelize
+from runtime.lora import apply_lora, check_runtime_lora
+from runtime.parallelize import DTYPES, apply_ddp, parallelize
 from runtime.pipeline import build_chunks, build_schedule, lm_loss_sum
 
 
@@ -23,24 +25,49 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _init_from(parts: list, path, spec) -> dict:
+    """Overwrite the seeded weights with a Hugging Face checkpoint's (runtime/hf_weights.py):
+    this rank's blocks of its chunks only."""
+    from runtime.hf_weights import Checkpoint, load_into
+    ckpt = Checkpoint(path, spec)
+    report: dict[str, list] = {"loaded": [], "kept": []}
+    for part in parts:
+        for key, names in load_into(part, ckpt).items():
+            report[key] += names
+    return report
+
+
 class Engine:
-    def __init__(self, plan, ctx, optim_cfg: OptimConfig = OptimConfig(), seed: int = 0):
+    def __init__(self, plan, ctx, optim_cfg: OptimConfig = OptimConfig(), seed: int = 0,
+                 init_from=None):
         self.plan, self.ctx, self.cfg, self.seed = plan, ctx, optim_cfg, seed
-        spec, lay = plan.model, plan.layout
+        spec, lay, job = plan.model, plan.layout, plan.job
         if lay.cp > 1 and lay.cp_comm != "allgather":
             raise ValueError(f"cp_comm {lay.cp_comm}: this runtime runs context parallelism "
                              f"as an all-gather of K/V only (runtime/context.py); re-plan with "
                              f"--cp-comm allgather")
-        chunks = build_chunks(spec, lay, ctx.pp_rank)
+        check_runtime_lora(job.lora)
+        check_runtime_layout(spec, lay)
+        self.classify = job.task == "classify"
+        chunks = build_chunks(spec, lay, ctx.pp_rank,
+                              num_labels=job.num_labels if self.classify else None)
         self.chunk_ids = [c for c, _ in chunks]
         self.parts = [m for _, m in chunks]
-        wraps = {parallelize(part, lay, plan.job.precision, ctx, compile_blocks=lay.compile)
+        for part in self.parts:  # LoRA: adapters on the meta model, base frozen
+            apply_lora(part, job.lora, DTYPES[job.dtype])
+        # classify: [correct, counted] while evaluating (accuracy)
+        self.correct: torch.Tensor | None = None
+        wraps = {parallelize(part, lay, plan.job.dtype, ctx, compile_blocks=lay.compile,
+                             fp8_recipe=plan.job.fp8_recipe)
                  for part in self.parts}
         for part in self.parts:
             materialize(part, ctx.device, seed)
+        self.init_report: dict | None = (_init_from(self.parts, init_from, spec) if init_from
+                                         else None)
         self.ddp = wraps == {"ddp"}
-        self.modules: list = [apply_ddp(p, ctx.data_group()) if self.ddp else p
-                              for p in self.parts]
+        self._setup_experts()
+        self.modules: list = [apply_ddp(p, ctx.data_group(), self._ddp_ignored(p)) if self.ddp
+                              else p for p in self.parts]
         self.cp_shard = None
         if lay.cp > 1:
             self.cp_shard = ContextShard(ctx.group("cp"), lay.cp, ctx.cp_rank, plan.job.seq_len,
@@ -54,10 +81,14 @@ class Engine:
         self.has_last = lay.num_chunks - 1 in self.chunk_ids
         self._setup_tied()
         if lay.zero_stage == 1 and lay.dp * lay.cp > 1:
-            self.optimizers: list = [build_sharded_adamw(self.named_parameters(),
+            self.optimizers: list = [build_sharded_adamw(self.trained_parameters(),
                                                          ctx.data_group(), optim_cfg)]
         else:
             self.optimizers = [build_adamw(p, optim_cfg) for p in self.parts]
+
+    def trained_parameters(self) -> list:
+        """named_parameters() that get gradients (LoRA: adapters and a classifier only)."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     # --- parameters -------------------------------------------------------------------------
     def named_parameters(self) -> list:
@@ -66,12 +97,41 @@ class Engine:
         return [(canonical_name(self.plan.model, n), p)
                 for part in self.parts for n, p in part.named_parameters()]
 
+    def _setup_experts(self) -> None:
+        """Expert-parallel experts outside FSDP (DDP, or ep = dp): the engine averages their
+        gradients, summed over the expert-data-parallel group and divided by dp as the dense
+        gradients are (each expert's gradient already sums its ep peers' tokens); under FSDP
+        (averaged over dp / ep) it divides by ep."""
+        self.moes = [m for part in self.parts for m in moe_modules(part)]
+        self.expert_manual, self.expert_fsdp = [], []
+        if self.plan.layout.ep > 1:
+            experts = [p for n, p in self.named_parameters() if is_expert_param(n)]
+            self.expert_manual = [p for p in experts if not isinstance(p, DTensor)]
+            self.expert_fsdp = [p for p in experts if isinstance(p, DTensor)]
+
+    def _ddp_ignored(self, part) -> list:
+        return [n for n, _ in part.named_parameters() if is_expert_param(n)] \
+            if self.plan.layout.ep > 1 else []
+
+    def _sync_expert_grads(self) -> None:
+        lay = self.plan.layout
+        sharded = [_local(p.grad) for p in self.expert_fsdp if p.grad is not None]
+        if sharded:  # FSDP averaged over the dp / ep expert-data-parallel ranks
+            torch._foreach_div_(sharded, float(lay.ep))
+        grads = [p.grad for p in self.expert_manual if p.grad is not None]
+        if not grads:
+            return
+        if lay.dp // lay.ep > 1:
+            for g in grads:
+                dist.all_reduce(g, group=self.ctx.group("edp"))
+        torch._foreach_div_(grads, float(lay.dp))
+
     def _setup_tied(self) -> None:
         """Tied embeddings split over chunks: the copy's gradient is summed with the
         embedding's each step (Narayanan et al. 2021, Sec. 4.1)."""
         lay, spec = self.plan.layout, self.plan.model
         self.tied_params, self.tied_group = [], None
-        if not (spec.tie_embeddings and lay.num_chunks > 1):
+        if not (spec.tie_embeddings and lay.num_chunks > 1) or self.classify:
             return
         first, last = lay.chunk_rank(0), lay.chunk_rank(lay.num_chunks - 1)
         if first != last:
@@ -96,7 +156,9 @@ class Engine:
     def clip_entries(self) -> list:
         copies = 2 if self.plan.model.tie_embeddings and self.plan.layout.num_chunks > 1 else 1
         tied = {id(p) for p in self.tied_params}
-        return [(p, copies if id(p) in tied else 1) for _, p in self.named_parameters()]
+        expert = self.plan.layout.ep > 1
+        return [(p, copies if id(p) in tied else 1, expert and is_expert_param(n))
+                for n, p in self.trained_parameters()]
 
     # --- steps ------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -116,9 +178,17 @@ class Engine:
         lay = self.plan.layout
         if lay.dp * lay.cp > 1:
             dist.all_reduce(count, group=self.ctx.data_group())
+        self.loss_tokens = int(count)  # positions in the loss (sft: response tokens)
         self.loss_scale = lay.num_microbatches * lay.dp * lay.cp / max(1.0, float(count))
+        scale = aux_grad_scale(lay, self.plan.job.global_batch, self.scaler.scale)
+        for moe in self.moes:
+            moe.aux_grad_scale = scale
 
     def loss_fn(self, logits, labels):
+        if self.correct is not None:  # evaluating a classifier: count the right answers
+            kept = labels != -100
+            hits = (_local(logits).detach().argmax(-1) == labels) & kept
+            self.correct += torch.stack([hits.sum(), kept.sum()]).double()
         return lm_loss_sum(logits, labels) * (self.loss_scale * self.scaler.scale)
 
     def _accumulate(self, inputs, labels, train: bool = True) -> torch.Tensor:
@@ -171,6 +241,7 @@ class Engine:
         else:
             local_loss = self._accumulate(inputs, labels)
         self._shard_grads_like_params()
+        self._sync_expert_grads()
         self._sync_tied()
         return self.global_loss(local_loss)
 
@@ -186,7 +257,7 @@ class Engine:
         """Clip by the global norm, step, clear gradients; returns the norm before clipping
         (None when fp16 gradients overflowed and the step was skipped)."""
         entries = self.clip_entries()
-        overflow = self.scaler.unscale([p for p, _ in entries], self.ctx.device)
+        overflow = self.scaler.unscale([p for p, *_ in entries], self.ctx.device)
         self.scaler.update(overflow)
         if overflow:
             self.zero_grad()
@@ -222,6 +293,19 @@ class Engine:
                 / self.plan.layout.num_microbatches,
                 activation_peak_bytes=counter.peak_bytes)
         return loss
+
+    def eval_accuracy(self, inputs, labels) -> tuple:
+        """(validation loss, accuracy at the pooled positions, over all ranks) of a classify
+        job's held-out batch."""
+        self.correct = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        try:
+            loss = self.eval_loss(inputs, labels)
+            counts = self.correct
+            assert counts is not None
+        finally:
+            self.correct = None
+        dist.all_reduce(counts)  # each data-parallel replica's last stage counted its share
+        return loss, float(counts[0] / counts[1].clamp(min=1))
 
     @torch.no_grad()
     def eval_loss(self, inputs, labels) -> float:

@@ -62,8 +62,8 @@ def _states(opt):
 
 
 def _param_derived(t: torch.Tensor, depth: int = 6) -> bool:
-    if isinstance(t, nn.Parameter):
-        return True
+    if isinstance(t, nn.Parameter) or isinstance(local(t)._base, nn.Parameter):
+        return True  # a view of a frozen parameter (LoRA's base: W.t() in F.linear)
     fn = t.grad_fn
     for _ in range(depth):
         if fn is None:

@@ -23,6 +23,8 @@ class DistContext:
     world_size: int
     coords: dict  # {"pp": i, "dp": j, "cp": c, "tp": k}
     data_mesh: DeviceMesh  # 1-D: dp, or dp x cp flattened (FSDP/DDP shard and reduce)
+    # ("edp", "ep") over this rank's dp group when layout.ep > 1
+    expert_mesh: DeviceMesh | None = None
 
     @property
     def pp_rank(self) -> int:
@@ -49,10 +51,24 @@ class DistContext:
         return self.data_mesh.get_group()
 
     def size(self, axis: str) -> int:
+        if axis in ("edp", "ep"):
+            assert self.expert_mesh is not None, axis
+            return self.expert_mesh.size(("edp", "ep").index(axis))
         return self.mesh.size((self.mesh.mesh_dim_names or ()).index(axis))
 
     def group(self, axis: str):
+        if axis in ("edp", "ep"):
+            assert self.expert_mesh is not None, axis
+            return self.expert_mesh.get_group(axis)
         return self.mesh.get_group(axis)
+
+    @property
+    def ep(self) -> int:
+        return 1 if self.expert_mesh is None else self.expert_mesh.size(1)
+
+    @property
+    def ep_rank(self) -> int:
+        return 0 if self.expert_mesh is None else self.expert_mesh.get_local_rank("ep")
 
     def rank_at(self, **coords) -> int:
         """Global rank at the given coordinates (axes not given: this rank's own)."""
@@ -98,7 +114,8 @@ def init_distributed(layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContex
     coord = mesh.get_coordinate()
     assert coord is not None  # every rank is in the world's mesh
     return DistContext(mesh=mesh, device=device, rank=dist.get_rank(), world_size=world,
-                       coords=dict(zip(order, coord)), data_mesh=_data_mesh(mesh, layout))
+                       coords=dict(zip(order, coord)), data_mesh=_data_mesh(mesh, layout),
+                       expert_mesh=expert_mesh(mesh, layout))
 
 
 def _data_mesh(mesh: DeviceMesh, layout) -> DeviceMesh:
@@ -108,6 +125,17 @@ def _data_mesh(mesh: DeviceMesh, layout) -> DeviceMesh:
         return mesh["dp"]
     names = tuple(a for a in mesh.mesh_dim_names or () if a in ("dp", "cp"))
     return mesh[names]._flatten("dp_cp")
+
+
+def expert_mesh(mesh: DeviceMesh, layout):
+    """The data-parallel group split into expert-data-parallel x expert-parallel (ep inner:
+    dp rank d is ep rank d % ep, Megatron-Core's adjacent EP ranks), or None when ep is 1."""
+    if layout.ep == 1:
+        return None
+    if layout.dp % layout.ep:
+        raise ValueError(f"ep={layout.ep} does not divide dp={layout.dp}: the runtime splits "
+                         f"experts over the data-parallel group")
+    return mesh["dp"]._unflatten(0, (layout.dp // layout.ep, layout.ep), ("edp", "ep"))
 
 
 def pair_group(ctx: DistContext, pp_a: int, pp_b: int):

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from planner.spec import BERT_TYPE_VOCAB, ModelSpec
+from runtime.moe import MoE, check_runtime_moe
 from runtime.recompute import op_policy_contexts
 
 INIT_STD = 0.02  # GPT-2 / BERT initializer_range
@@ -95,10 +96,11 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         h, kv, bias = spec.hidden_size, spec.kv_hidden_size, spec.linear_bias
-        self.q = nn.Linear(h, h, bias=bias)
+        q = spec.q_hidden_size  # heads x head_dim (attention_head_dim may differ from h/heads)
+        self.q = nn.Linear(h, q, bias=bias)
         self.k = nn.Linear(h, kv, bias=bias)
         self.v = nn.Linear(h, kv, bias=bias)
-        self.o = nn.Linear(h, h, bias=bias)
+        self.o = nn.Linear(q, h, bias=bias)
         self.head_dim, self.causal = spec.head_dim, spec.causal
         self.use_rope, self.dropout = not spec.learned_positions, spec.dropout
         self.recompute_core = False  # selective recompute (Korthikanti et al. 2022, Sec. 5)
@@ -127,9 +129,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, ffn_hidden_size: int = 0):
         super().__init__()
-        h, f, bias = spec.hidden_size, spec.ffn_hidden_size, spec.linear_bias
+        h, f, bias = spec.hidden_size, ffn_hidden_size or spec.ffn_hidden_size, spec.linear_bias
         self.swiglu = spec.mlp == "swiglu"
         if self.swiglu:  # Shazeer 2020
             self.gate = nn.Linear(h, f, bias=bias)
@@ -138,20 +140,31 @@ class MLP(nn.Module):
         else:
             self.fc = nn.Linear(h, f, bias=bias)
             self.proj = nn.Linear(f, h, bias=bias)
+        # GPT-2's gelu_new; a BERT checkpoint's exact (erf) GELU when loaded from one
+        # (runtime/hf_weights.py): same saved tensor, so the same activation memory.
+        self.gelu_approximate = "tanh"
 
     def forward(self, x):
         if self.swiglu:
             return self.down(F.silu(self.gate(x)) * self.up(x))
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's gelu_new
+        return self.proj(F.gelu(self.fc(x), approximate=self.gelu_approximate))
 
 
 class Block(nn.Module):
-    """Pre-LN block (GPT, Llama) or post-LN block (BERT)."""
+    """Pre-LN block (GPT, Llama) or post-LN block (BERT); layer `layer` of an MoE model has
+    routed experts in place of the MLP (runtime/moe.py: `mlp` is an MoE, `moe` True) when
+    spec.moe says so."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, layer: int = 0):
         super().__init__()
         self.attn_norm, self.attn = _norm(spec), Attention(spec)
-        self.mlp_norm, self.mlp = _norm(spec), MLP(spec)
+        self.mlp_norm = _norm(spec)
+        self.mlp: nn.Module
+        if spec.moe is not None and spec.moe.is_moe_layer(layer):
+            shared = spec.moe.shared_ffn_hidden_size
+            self.mlp, self.moe = MoE(spec, MLP(spec, shared) if shared else None), True
+        else:
+            self.mlp, self.moe = MLP(spec), False
         self.drop = nn.Dropout(spec.dropout)
         self.post_ln = spec.arch == "bert"
         self.recompute_full = False  # full recompute: keep only the block input
@@ -202,19 +215,28 @@ class Embedding(nn.Module):
 
 
 class Head(nn.Module):
-    """Final norm and vocabulary projection; for BERT the MLM transform (dense, GELU, norm)."""
+    """Final norm and vocabulary projection; for BERT the MLM transform (dense, GELU, norm).
+    With `num_labels` (sequence classification) a num_labels x h `classifier` with bias replaces
+    the vocabulary projection: it scores every position, and the loss reads the pooled one
+    (runtime/tasks.py: the first token of an encoder, the last text token of a decoder)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, num_labels: int | None = None):
         super().__init__()
         h = spec.hidden_size
         self.dense = nn.Linear(h, h) if spec.arch == "bert" else None
         self.norm = _norm(spec)
-        self.output = nn.Linear(h, spec.vocab_size, bias=spec.arch == "bert")
+        self.output = self.classifier = None
+        if num_labels:
+            self.classifier = nn.Linear(h, num_labels)
+        else:
+            self.output = nn.Linear(h, spec.vocab_size, bias=spec.arch == "bert")
 
     def forward(self, x):
         if self.dense is not None:
             x = F.gelu(self.dense(x))
-        return self.output(self.norm(x))
+        head = self.classifier if self.classifier is not None else self.output
+        assert head is not None
+        return head(self.norm(x))
 
 
 class Transformer(nn.Module):
@@ -223,18 +245,21 @@ class Transformer(nn.Module):
     rope_cos: torch.Tensor  # buffers (register_buffer)
     rope_sin: torch.Tensor
 
-    def __init__(self, spec: ModelSpec, layer_ids=None, has_embed=True, has_head=True):
+    def __init__(self, spec: ModelSpec, layer_ids=None, has_embed=True, has_head=True,
+                 num_labels: int | None = None):
         super().__init__()
+        check_runtime_moe(spec)
         self.spec = spec
         ids = range(spec.num_layers) if layer_ids is None else layer_ids
         self.embed = Embedding(spec) if has_embed else None
-        self.layers = nn.ModuleDict({str(i): Block(spec) for i in ids})
-        self.head = Head(spec) if has_head else None
-        if self.head is not None and spec.tie_embeddings and self.embed is not None:
+        self.layers = nn.ModuleDict({str(i): Block(spec, i) for i in ids})
+        self.head = Head(spec, num_labels) if has_head else None
+        if self.head is not None and self.head.output is not None and spec.tie_embeddings \
+                and self.embed is not None:
             self.head.output.weight = self.embed.wte.weight
         # else: a pipeline chunk without the embedding keeps its own copy of the word
-        # embedding, kept equal by an all-reduce of the two gradients (Narayanan et al.
-        # 2021, Sec. 4.1); its canonical name is embed.wte.weight.
+            # embedding, kept equal by an all-reduce of the two gradients (Narayanan et al.
+            # 2021, Sec. 4.1); its canonical name is embed.wte.weight.
         cos, sin = rope_tables(spec, None)  # follows the default device (meta when building)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -263,9 +288,33 @@ class Transformer(nn.Module):
 
     def retie(self) -> None:
         """Re-tie the output projection to the word embedding (after TP replaced both)."""
-        if (self.embed is not None and self.head is not None and self.spec.tie_embeddings
-                and self.head.output.weight is not self.embed.wte.weight):
+        if self.embed is not None and self.head is not None and self.spec.tie_embeddings \
+                and self.head.output is not None \
+                and self.head.output.weight is not self.embed.wte.weight:
             self.head.output.weight = self.embed.wte.weight
+
+
+def _experts_of(model: nn.Module, name: str):
+    """The Experts module holding parameter `name`, or None."""
+    from runtime.moe import Experts
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return owner if isinstance(owner, Experts) else None
+
+
+def _full_shape(model, name, param) -> tuple:
+    """The parameter's shape in the whole model (all experts under expert parallelism)."""
+    experts = _experts_of(model, name)
+    if experts is None:
+        return param.shape
+    return (experts.num_experts,) + tuple(param.shape[1:])
+
+
+def _expert_slice(model, name, full):
+    """This rank's experts of a stacked expert tensor (all of them without EP)."""
+    experts = _experts_of(model, name)
+    if experts is None:
+        return full
+    return full[experts.offset:experts.offset + experts.local_experts]
 
 
 def canonical_name(spec: ModelSpec, fqn: str) -> str:
@@ -281,10 +330,14 @@ def _init_full(spec: ModelSpec, name: str, shape, seed: int, device) -> torch.Te
     # type draws the same values.
     gen = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias" or ("norm" in name and leaf == "weight" and len(shape) == 1):
+    if leaf == "lora_B":  # LoRA: B = 0, training starts from the base model (Hu et al. 2021)
+        return torch.zeros(shape, device=device)
+    if leaf.endswith("bias") or ("norm" in name and leaf == "weight" and len(shape) == 1):
         return (torch.ones if leaf == "weight" else torch.zeros)(shape, device=device)
     std = INIT_STD
-    if name.endswith(("attn.o.weight", "mlp.proj.weight", "mlp.down.weight")):
+    # output projections of attention, MLPs (shared experts too) and routed experts
+    if name.endswith(("attn.o.weight", "proj.weight", "down.weight",
+                      "experts.down", "experts.proj")):
         std /= math.sqrt(2 * spec.num_layers)  # GPT-2 residual-projection scaling
     return torch.randn(shape, generator=gen, device=device) * std
 
@@ -296,8 +349,9 @@ def materialize(model: Transformer, device, seed: int = 0) -> None:
     model.to_empty(device=device)
     model.retie()  # to_empty gives each name its own tensor
     for name, param in model.named_parameters():
-        full = _init_full(model.spec, canonical_name(model.spec, name), param.shape, seed,
-                          device).to(param.dtype)
+        full = _init_full(model.spec, canonical_name(model.spec, name),
+                          _full_shape(model, name, param), seed, device).to(param.dtype)
+        full = _expert_slice(model, name, full)
         if isinstance(param, DTensor):
             # Every rank draws the same full tensor, so no source rank is needed.
             local = distribute_tensor(full, param.device_mesh, param.placements,

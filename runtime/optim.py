@@ -57,6 +57,8 @@ def _adamw_kw(cfg: OptimConfig) -> dict:
 def build_adamw(module, cfg: OptimConfig) -> torch.optim.AdamW:
     groups: dict = {}
     for p in module.parameters():
+        if not p.requires_grad:  # LoRA's frozen base: no optimizer state
+            continue
         groups.setdefault(_group_key(p), []).append(p)
     kws, kw = _group_kw(cfg), _adamw_kw(cfg)
     params = [p for ps in groups.values() for p in ps]
@@ -80,11 +82,12 @@ def _sharded_on(p, axis: str) -> bool:
                       (Shard, _StridedShard))
 
 
-def replication(p, ctx) -> int:
-    """How many ranks of one pipeline stage hold this parameter's gradient values."""
+def replication(p, ctx, expert: bool = False) -> int:
+    """How many ranks of one pipeline stage hold this parameter's gradient values (an
+    expert-parallel expert: those of its expert-data-parallel group, and tp)."""
     factor = 1
     joint = _sharded_on(p, "dp_cp")  # FSDP over dp x cp (context parallelism)
-    for axis in ("dp", "cp", "tp"):
+    for axis in ("edp", "tp") if expert else ("dp", "cp", "tp"):
         if not (_sharded_on(p, axis) or (joint and axis != "tp")):
             factor *= ctx.size(axis)
     return factor
@@ -94,14 +97,15 @@ def replication(p, ctx) -> int:
 def clip_grad_norm(entries: list, max_norm: float, ctx) -> float:
     """Global gradient norm over every rank, each value counted once; scale if above max_norm.
 
-    entries: [(parameter, copies)] where copies > 1 for a weight held twice (a tied embedding
-    copy). Local squared norms are divided by how often the values are replicated, then summed
-    over the whole world (RUNTIME_NOTES item 7: one norm over TP, PP and ZeRO shards)."""
+    entries: [(parameter, copies[, expert])] where copies > 1 for a weight held twice (a tied
+    embedding copy) and expert (default False) marks an expert-parallel expert. Local squared
+    norms are divided by how often the values are replicated, then summed over the whole world
+    (RUNTIME_NOTES item 7: one norm over TP, PP and ZeRO shards)."""
     grads, weights = [], []
-    for p, copies in entries:
+    for p, copies, *expert in entries:
         if p.grad is not None:
             grads.append(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
-            weights.append(1.0 / (replication(p, ctx) * copies))
+            weights.append(1.0 / (replication(p, ctx, bool(expert and expert[0])) * copies))
     total = torch.zeros((), dtype=torch.float64, device=ctx.device)
     if grads:
         norms = torch.stack(torch._foreach_norm(grads)).double()

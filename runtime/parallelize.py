@@ -6,6 +6,9 @@ projections column-parallel, o and the last MLP projection row-parallel, the wor
 the output layer vocabulary-parallel; with sequence parallelism (Korthikanti et al. 2022,
 Sec. 4.2) norms and residuals run on sequence shards. Module plans as in torchtitan's Llama."""
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -21,6 +24,7 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from runtime.model import Transformer, set_recompute
+from runtime.moe import is_expert_param
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -36,7 +40,11 @@ def block_plan(block, sp: bool) -> dict:
     seq_out = Shard(1) if sp else Replicate()
     plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(),
             "attn.v": ColwiseParallel(), "attn.o": RowwiseParallel(output_layouts=seq_out)}
-    if block.mlp.swiglu:
+    if block.moe:
+        # router and routed experts replicated over tp (every tp rank routes the same tokens,
+        # etp = 1); shared experts split as the dense MLP (planner/cost/params.py)
+        plan.update(_shared_plan(block.mlp.shared))
+    elif block.mlp.swiglu:
         plan.update({"mlp.gate": ColwiseParallel(), "mlp.up": ColwiseParallel(),
                      "mlp.down": RowwiseParallel(output_layouts=seq_out)})
     else:
@@ -48,6 +56,15 @@ def block_plan(block, sp: bool) -> dict:
                      "mlp_norm": SequenceParallel(use_local_output=True),
                      "attn": _gather_input(sp, extra=2), "mlp": _gather_input(sp)})
     return plan
+
+
+def _shared_plan(shared) -> dict:
+    if shared is None:
+        return {}
+    if shared.swiglu:
+        return {"mlp.shared.gate": ColwiseParallel(), "mlp.shared.up": ColwiseParallel(),
+                "mlp.shared.down": RowwiseParallel()}
+    return {"mlp.shared.fc": ColwiseParallel(), "mlp.shared.proj": RowwiseParallel()}
 
 
 def _embed_plan(part: Transformer, sp: bool) -> dict:
@@ -77,6 +94,9 @@ def _head_plan(part: Transformer, sp: bool) -> dict:
 
 
 def apply_tp(part: Transformer, tp_mesh, sp: bool) -> None:
+    if part.spec.moe is not None and sp:  # planner/rules.py _runtime_moe_rules refuses it too
+        raise ValueError(f"model {part.spec.name}: sequence parallelism over MoE blocks is not "
+                         f"built in the runtime")
     plan = {}
     for name, block in part.layers.items():
         plan.update({f"layers.{name}.{k}": v for k, v in block_plan(block, sp).items()})
@@ -95,46 +115,92 @@ def mp_policy(precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
 
 
-def apply_fsdp(part: Transformer, dp_mesh, zero_stage: int, precision: str) -> None:
-    """ZeRO-2: reshard_after_forward=False; ZeRO-3: True (Zhao et al. 2023, FSDP)."""
-    kw = dict(mesh=dp_mesh, reshard_after_forward=zero_stage == 3,
-              mp_policy=mp_policy(precision))
-    for block in part.layers.values():
-        fully_shard(block, **kw)
-    fully_shard(part, **kw)  # embedding, head (and a tied pair) form the root group
+def _blocks(part: Transformer) -> list[Any]:
+    """The part's blocks (runtime/model.py Block: attributes mypy cannot see through
+    nn.ModuleDict)."""
+    return list(part.layers.values())
 
 
-def apply_replicate(part: Transformer, dp_mesh, precision: str) -> None:
+def apply_fsdp(part: Transformer, dp_mesh, zero_stage: int, precision: str,
+               expert_mesh=None) -> set:
+    """ZeRO-2: reshard_after_forward=False; ZeRO-3: True (Zhao et al. 2023, FSDP).
+
+    Under expert parallelism each MoE block's routed experts are sharded over the expert-data-
+    parallel group only (dp / ep ranks hold the same experts; torchtitan's MoE). FSDP divides
+    their gradients by dp / ep; the engine divides by ep more, as each expert's gradient sums
+    its ep peers' tokens (set_gradient_divide_factor would need PREMUL_SUM, which gloo lacks).
+    With one rank per expert group (ep = dp) they stay out of FSDP. Returns the parameters FSDP
+    does not manage (their gradients are reduced by the engine)."""
+    kw: dict[str, Any] = dict(reshard_after_forward=zero_stage == 3,
+                              mp_policy=mp_policy(precision))
+    unmanaged: set = set()
+    for block in _blocks(part):
+        ignored = set()
+        if block.moe and expert_mesh is not None:
+            experts = block.mlp.experts
+            if expert_mesh.size(0) > 1:
+                fully_shard(experts, mesh=expert_mesh["edp"], **kw)
+            else:
+                ignored = set(experts.parameters())
+        unmanaged |= ignored
+        fully_shard(block, mesh=dp_mesh, ignored_params=ignored or None, **kw)
+    # embedding, head (and a tied pair) form the root group
+    fully_shard(part, mesh=dp_mesh, ignored_params=unmanaged or None, **kw)
+    return unmanaged
+
+
+def apply_ep(part: Transformer, ctx) -> None:
+    """Keep this expert-parallel rank's routed experts; all-to-all over the ep group."""
+    for block in _blocks(part):
+        if block.moe:
+            block.mlp.experts.shard(ctx.ep_rank, ctx.ep)
+            block.mlp.ep, block.mlp.ep_group = ctx.ep, ctx.group("ep")
+
+
+def apply_replicate(part: Transformer, dp_mesh, precision: str, ignored=None) -> None:
     """ZeRO-0/1 data parallelism over DTensor (TP) parameters: FSDP2-based replicate
-    (DDP refuses DTensor parameters, RUNTIME_NOTES item 4)."""
+    (DDP refuses DTensor parameters, RUNTIME_NOTES item 4); `ignored`: expert-parallel
+    experts, reduced by the engine."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
-    replicate(part, mesh=dp_mesh, mp_policy=mp_policy(precision))
+    replicate(part, mesh=dp_mesh, mp_policy=mp_policy(precision), ignored_params=ignored)
 
 
-def apply_ddp(part: nn.Module, dp_group) -> nn.Module:
+def apply_ddp(part: nn.Module, dp_group, ignore: Sequence = ()) -> nn.Module:
+    """DDP over dp; `ignore`: names of parameters it leaves alone (expert-parallel experts,
+    reduced over their expert-data-parallel group by the engine)."""
     from torch.nn.parallel import DistributedDataParallel
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(part, list(ignore))
     # Gradients are views of the buckets, so buckets add no bytes.
     return DistributedDataParallel(part, process_group=dp_group, forward_sync_buffers=False,
                                    gradient_as_bucket_view=True)
 
 
-def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=False) -> str:
-    """TP, recompute, (torch.compile per block) and FSDP on a meta-device part. Returns the
-    data-parallel wrapper still to apply after materialisation: 'ddp' or 'none'."""
+def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=False,
+                fp8_recipe: str = "none") -> str:
+    """(FP8 linears,) TP, recompute, (torch.compile per block) and FSDP on a meta-device part;
+    `precision` is the job's dtype (bf16 under FP8). Returns the data-parallel wrapper still to
+    apply after materialisation: 'ddp' or 'none'."""
+    if fp8_recipe != "none":  # runtime/fp8.py: checked before any process group
+        from runtime.fp8 import apply_fp8
+        apply_fp8(part, fp8_recipe, layout.zero_stage if layout.dp > 1 else 0)
     if layout.tp > 1:
         apply_tp(part, ctx.mesh["tp"], layout.sequence_parallel)
+    if layout.ep > 1:
+        apply_ep(part, ctx)
     set_recompute(part, layout.recompute, layout.recompute_every)
     if compile_blocks:
         for block in part.layers.values():
             block.compile()  # in place: parameter names are unchanged
     data = layout.dp * layout.cp  # ranks holding other tokens of the batch (dp x cp)
     if data > 1 and layout.zero_stage >= 2:
-        apply_fsdp(part, ctx.data_mesh, layout.zero_stage, precision)
+        apply_fsdp(part, ctx.data_mesh, layout.zero_stage, precision, ctx.expert_mesh)
         return "none"
     if precision != "fp32":
         part.autocast_dtype = DTYPES[precision]
     if data > 1 and layout.tp > 1:
         part.autocast_dtype = None
-        apply_replicate(part, ctx.data_mesh, precision)
+        experts = {p for n, p in part.named_parameters() if is_expert_param(n)}
+        apply_replicate(part, ctx.data_mesh, precision, experts if layout.ep > 1 else None)
         return "none"
     return "ddp" if data > 1 else "none"

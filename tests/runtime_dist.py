@@ -104,9 +104,10 @@ def _train_rank(plan: Plan, steps: int, tokens, measure_step: int) -> dict:
     for module in engine.modules:
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
         params.update({canonical_name(plan.model, k): v for k, v in full.items()})
-    keep = ctx.dp_rank == 0 and ctx.tp_rank == 0
+    # expert-parallel experts: every ep rank of the first expert-data-parallel group has its own
+    keep = ctx.dp_rank // ctx.ep == 0 and ctx.tp_rank == 0
     return {"coords": dict(ctx.coords), "losses": losses, "record": record, "val": val_loss,
-            "params": params if keep else None}
+            "params": params if keep else None, "ep_rank": ctx.ep_rank}
 
 
 def _train_many(plans: list, steps: int, tokens, measure_step: int) -> list:
@@ -115,9 +116,16 @@ def _train_many(plans: list, steps: int, tokens, measure_step: int) -> list:
 
 
 def _merge(ranks: list) -> dict:
-    params = {}
+    from runtime.moe import is_expert_param
+    params, experts = {}, {}
     for r in ranks:
-        params.update(r["params"] or {})
+        for k, v in (r["params"] or {}).items():
+            if is_expert_param(k):
+                experts.setdefault(k, {})[r["ep_rank"]] = v
+            else:
+                params[k] = v
+    for k, shards in experts.items():  # whole stacked tensors, experts in ep-rank order
+        params[k] = torch.cat([shards[i] for i in sorted(shards)])
     return {"losses": ranks[0]["losses"], "params": params, "val_loss": ranks[0]["val"],
             "ranks": [(r["coords"], r["record"]) for r in ranks]}
 

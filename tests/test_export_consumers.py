@@ -50,7 +50,7 @@ needs_megatron = pytest.mark.skipif(not _have("megatron.core"),
 
 
 def _plan(*, gpus=8, model="llama2-7b", precision="bf16", attention="flash", seq_len=2048,
-          **layout) -> Plan:
+          engine="torch", **layout) -> Plan:
     base = dict(dp=gpus, tp=1, pp=1, micro_batch=2, num_microbatches=4, schedule="1f1b")
     base.update(layout)
     lay = Layout(**base)
@@ -59,7 +59,8 @@ def _plan(*, gpus=8, model="llama2-7b", precision="bf16", attention="flash", seq
     cluster = load_cluster("a100-80g", nodes, num_gpus=gpus if gpus < 8 else 0)
     return Plan(model=spec, cluster=cluster, layout=lay,
                 job=Job(global_batch=lay.dp * lay.micro_batch * lay.num_microbatches,
-                        seq_len=seq_len, precision=precision, attention=attention))
+                        seq_len=seq_len, precision=precision, attention=attention,
+                        engine=engine))
 
 
 # ---- torchrun: torch.distributed.run's own parser -------------------------------------------
@@ -362,6 +363,19 @@ MEGATRON_LM_FLAGS = {
     "--micro-batch-size": "training", "--global-batch-size": "training",
     "--seq-length": "training", "--train-iters": "training", "--data-path": "training",
     "--tokenizer-type": "training", "--tokenizer-model": "training",
+    # attention shapes and mixture of experts (arguments.py _add_moe_args, _add_mla_args)
+    "--kv-channels": "special", "--qk-layernorm": "transformer", "--add-qkv-bias": "transformer",
+    "--multi-latent-attention": "special", "--q-lora-rank": "transformer",
+    "--kv-lora-rank": "transformer", "--qk-head-dim": "transformer",
+    "--qk-pos-emb-head-dim": "transformer", "--v-head-dim": "transformer",
+    "--num-experts": "special", "--moe-router-topk": "transformer",
+    "--moe-ffn-hidden-size": "transformer", "--expert-model-parallel-size": "transformer",
+    "--expert-tensor-parallel-size": "transformer", "--moe-grouped-gemm": "transformer",
+    "--moe-token-dispatcher-type": "transformer", "--moe-router-score-function": "transformer",
+    "--moe-layer-freq": "special", "--moe-router-load-balancing-type": "transformer",
+    "--moe-aux-loss-coeff": "transformer",
+    "--moe-shared-expert-intermediate-size": "transformer",
+    "--moe-shared-expert-gate": "transformer", "--moe-expert-capacity-factor": "special",
 }
 FILL = {"LR": "3e-4", "TRAIN_ITERS": "100", "DATA_PATH": "/data/text_document",
         "TOKENIZER_MODEL": "gpt2"}
@@ -422,8 +436,11 @@ def megatron_core_configs(args: list) -> tuple:
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer.enums import AttnBackend
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import (MLATransformerConfig,
+                                                              TransformerConfig)
     flags = _parse_megatron(args)
+    if "--multi-latent-attention" in flags:  # Megatron-LM builds MLATransformerConfig
+        TransformerConfig = MLATransformerConfig  # noqa: N806
     unknown = set(flags) - set(MEGATRON_LM_FLAGS)
     assert not unknown, f"flags with no known Megatron-LM meaning: {sorted(unknown)}"
     classes = {"transformer": TransformerConfig, "ddp": DistributedDataParallelConfig,
@@ -445,6 +462,13 @@ def megatron_core_configs(args: list) -> tuple:
              add_bias_linear="--disable-bias-linear" not in flags)
     if "--norm-epsilon" in flags:
         t["layernorm_epsilon"] = float(flags["--norm-epsilon"])
+    if "--kv-channels" in flags:
+        t["kv_channels"] = int(flags["--kv-channels"])
+    if "--num-experts" in flags:
+        t["num_moe_experts"] = int(flags["--num-experts"])
+        t["moe_layer_freq"] = json.loads(flags["--moe-layer-freq"])
+    if "--moe-expert-capacity-factor" in flags:
+        t["moe_expert_capacity_factor"] = float(flags["--moe-expert-capacity-factor"])
     if "--swiglu" in flags:
         t.update(gated_linear_unit=True, activation_func=torch.nn.functional.silu)
     if "--num-layers-per-virtual-pipeline-stage" in flags:
@@ -563,3 +587,50 @@ def test_megatron_gpt_model_has_the_plans_parameter_count():
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     assert counts == [count_parameters(s) for s in specs]
     assert counts[1] - counts[0] == 256 * 64  # untied: one more vocab x hidden matrix
+
+
+MOE_PLANS = [
+    _plan(gpus=16, model="mixtral-8x7b", dp=16, ep=8, zero_stage=1, engine="megatron"),
+    _plan(gpus=16, model="qwen3-30b-a3b", dp=8, tp=2, ep=8, etp=2, sequence_parallel=True,
+          zero_stage=1, engine="megatron"),
+    _plan(gpus=64, model="deepseek-v3", dp=4, tp=2, pp=8, ep=8, sequence_parallel=True,
+          zero_stage=1, engine="megatron", num_microbatches=8),
+]
+
+
+@needs_megatron
+@pytest.mark.parametrize("plan", MOE_PLANS, ids=[p.model.name for p in MOE_PLANS])
+def test_megatron_core_accepts_the_moe_exports(plan):
+    """Megatron Core's (MLA)TransformerConfig takes the MoE and MLA arguments and means by them
+    what the plan does."""
+    lay, spec = plan.layout, plan.model
+    tc, _, _, _ = megatron_core_configs(export.megatron_args(plan, fill=FILL))
+    moe = spec.moe
+    assert (tc.num_moe_experts, tc.moe_router_topk, tc.moe_ffn_hidden_size) == \
+        (moe.num_experts, moe.experts_per_token, moe.expert_ffn_hidden_size)
+    assert (tc.expert_model_parallel_size, tc.expert_tensor_parallel_size) == (lay.ep, lay.etp)
+    assert tc.moe_grouped_gemm and tc.moe_token_dispatcher_type == "alltoall"
+    assert tc.moe_router_score_function == moe.router
+    assert tc.moe_aux_loss_coeff == moe.aux_loss_coef
+    assert [bool(x) for x in tc.moe_layer_freq] == \
+        [moe.is_moe_layer(i) for i in range(spec.num_layers)]
+    assert (tc.moe_shared_expert_intermediate_size or 0) == moe.shared_ffn_hidden_size
+    assert (tc.kv_channels or spec.hidden_size // spec.num_heads) == spec.head_dim or spec.mla
+    assert tc.qk_layernorm == spec.qk_norm
+    if spec.mla:
+        m = spec.mla
+        assert (tc.q_lora_rank, tc.kv_lora_rank, tc.qk_head_dim, tc.qk_pos_emb_head_dim,
+                tc.v_head_dim) == (m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim,
+                                   m.qk_rope_head_dim, m.v_head_dim)
+
+
+def test_exports_that_cannot_run_an_moe_plan_refuse():
+    plan = MOE_PLANS[0]
+    with pytest.raises(ValueError, match="DeepSpeed cannot express this plan: ep=8 etp=1"):
+        export.deepspeed_config(plan)
+    with pytest.raises(ValueError, match="torchrun cannot express this plan: it runs "
+                                         "runtime.train, whose model cannot build mixtral"):
+        export.torchrun_lines(plan)
+    oss = _plan(gpus=8, model="gpt-oss-120b", dp=8, ep=8, zero_stage=1, engine="megatron")
+    with pytest.raises(ValueError, match="attention_sinks"):
+        export.megatron_args(oss, fill=FILL)

@@ -47,25 +47,37 @@ EXACT = [
     ("hf_llama32_1b.json", {"rope_scaling": None}, 1_235_814_400),
     # microsoft/Phi-3-mini-4k-instruct: fused qkv / gate_up; its sliding window is refused
     ("hf_phi3_mini_4k.json", {"sliding_window": None}, 3_821_079_552),
+    # head_dim other than hidden / heads: ModelSpec.attention_head_dim
+    ("hf_mistral_nemo_12b.json", {}, 12_247_782_400),   # mistralai/Mistral-Nemo-Base-2407
+    ("hf_gemma_7b.json", {}, 8_537_680_896),            # google/gemma-7b: 16 heads of 256
+    ("hf_qwen3_8b.json", {}, 8_190_735_360),            # Qwen/Qwen3-8B: q/k norms (qk_norm)
+    ("hf_qwen25_05b.json", {}, 494_032_768),            # Qwen/Qwen2.5-0.5B: q/k/v biases only
+    # mixture of experts (planner/hf_moe.py)
+    ("hf_mixtral_8x7b.json", {}, 46_702_792_704),       # mistralai/Mixtral-8x7B-v0.1
+    ("hf_qwen15_moe_a27b.json", {}, 14_315_784_192),    # Qwen/Qwen1.5-MoE-A2.7B (qwen2_moe)
+    ("hf_qwen3_30b_a3b.json", {}, 30_532_122_624),      # Qwen/Qwen3-30B-A3B
+    ("hf_qwen3_235b_a22b.json", {}, 235_093_634_560),   # Qwen/Qwen3-235B-A22B
+    # deepseek-ai/DeepSeek-V3: MLA, 3 dense layers, 256+1 experts; its YaRN RoPE is refused
+    ("hf_deepseek_v3.json", {"rope_scaling": None}, 671_026_404_352),
+    # openai/gpt-oss-120b: biases, sinks; its sliding windows and YaRN RoPE are refused
+    ("hf_gpt_oss_120b.json", {"rope_scaling": None, "layer_types": ["full_attention"] * 36},
+     116_829_156_672),
 ]
 # real checkpoints refused as they are: fixture, published total, what the refusal names
 REFUSED = [
     ("hf_llama32_1b.json", 1_235_814_400, r"rope_scaling\.rope_type 'llama3': scaled RoPE"),
     ("hf_llama31_8b_v5.json", 8_030_261_248, r"rope_parameters\.rope_type 'llama3'"),
-    ("hf_mistral_nemo_12b.json", 12_247_782_400,
-     (r"head_dim 128 != hidden_size / num_attention_heads = 5120 / 32 = 160 \(.*cost-model "
-      r"and runtime support")),
-    ("hf_gemma_7b.json", 8_537_680_896, r"head_dim 256 != .* = 3072 / 16 = 192"),
-    ("hf_qwen25_05b.json", 494_032_768, r"q/k/v projections always have biases"),
-    ("hf_qwen3_8b.json", 8_190_735_360, r"q_norm and k_norm"),
+    ("hf_deepseek_v3.json", 671_026_404_352, r"rope_scaling\.rope_type 'yarn'"),
+    ("hf_gpt_oss_120b.json", 116_829_156_672,
+     r"layer_types: 18 of 36 layers are 'sliding_attention'.*128-token sliding window"),
     ("hf_phi3_mini_4k.json", 3_821_079_552,
      r"sliding_window 2047 < max_position_embeddings 4096"),
     ("hf_gemma2_2b.json", 2_614_341_888,
-     (r"head_dim 256 != .* = 2304 / 8 = 288.*sliding_window 4096.*attn_logit_softcapping 50"
+     (r"sliding_window 4096.*attn_logit_softcapping 50"
       r".*final_logit_softcapping 30.*pre_feedforward_layernorm")),
     ("hf_gemma3_1b.json", 999_885_952,
-     (r"head_dim 256 != .*sliding_window 512.*rope_local_base_freq 10000 != rope_theta "
-      r"1000000.*q_norm and k_norm")),
+     (r"sliding_window 512.*rope_local_base_freq 10000 != rope_theta "
+      r"1000000.*pre_feedforward_layernorm")),
 ]
 
 
@@ -202,9 +214,7 @@ def test_windows_that_change_nothing_are_accepted():
     assert from_hf_config(_cfg("hf_llama3_8b.json", layer_types=layer_types)).num_layers == 32
     # Qwen's window applies only with use_sliding_window (Qwen2.5-0.5B carries 32768, off)
     cfg = _cfg("hf_qwen25_05b.json")
-    with pytest.raises(ValueError) as err:
-        from_hf_config(cfg)
-    assert "sliding_window" not in str(err.value)
+    assert from_hf_config(cfg).qkv_bias
     with pytest.raises(ValueError, match="use_sliding_window true: layers 21 and up"):
         from_hf_config({**cfg, "use_sliding_window": True, "sliding_window": 4096,
                         "max_window_layers": 21})
@@ -213,7 +223,7 @@ def test_windows_that_change_nothing_are_accepted():
 def test_gemma3_multimodal_is_refused():
     text = {k: v for k, v in _cfg("hf_gemma3_1b.json").items() if k != "model_type"}
     with pytest.raises(ValueError, match="vision_config: the vision tower.*text_config: "
-                                         ".*q_norm and k_norm"):
+                                         ".*pre_feedforward_layernorm"):
         from_hf_config({"model_type": "gemma3", "text_config": text,
                         "vision_config": {"model_type": "siglip_vision_model"}})
 
@@ -283,6 +293,89 @@ def test_imported_models_are_named(tmp_path):
 
 
 def test_presets_and_imports_agree():
-    for fixture, preset in (("hf_llama3_8b_v5.json", "llama3-8b"), ("hf_gpt2.json", "gpt2-124m")):
+    for fixture, preset in (("hf_llama3_8b_v5.json", "llama3-8b"), ("hf_gpt2.json", "gpt2-124m"),
+                            ("hf_mixtral_8x7b.json", "mixtral-8x7b"),
+                            ("hf_qwen3_30b_a3b.json", "qwen3-30b-a3b"),
+                            ("hf_qwen3_235b_a22b.json", "qwen3-235b-a22b")):
         spec = load_model(str(FIXTURES / fixture))
         assert spec.to_dict() | {"name": ""} == MODEL_PRESETS[preset].to_dict() | {"name": ""}
+
+
+@pytest.mark.parametrize("fixture, changes, preset", [
+    # the config's aux_loss_alpha 0.001 is DeepSeek-V2's; V3 trained with 0.0001 (Sec. 4.2)
+    ("hf_deepseek_v3.json", {"rope_scaling": None, "aux_loss_alpha": 0.0001}, "deepseek-v3"),
+    ("hf_gpt_oss_120b.json", {"rope_scaling": None, "layer_types": ["full_attention"] * 36},
+     "gpt-oss-120b"),
+])
+def test_moe_presets_are_their_configs_without_the_refused_keys(fixture, changes, preset):
+    spec = from_hf_config(_cfg(fixture, **changes))
+    assert spec.to_dict() | {"name": ""} == MODEL_PRESETS[preset].to_dict() | {"name": ""}
+
+
+# --- mixture of experts: which layers, which tensors (planner/hf_moe.py) ----------------------
+
+SMALL_MOE = {
+    "mixtral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2),
+    "qwen2_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, num_experts=6,
+                      num_experts_per_tok=2, decoder_sparse_step=2),
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=24, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[0, 1]),
+    "deepseek_v3": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                        num_hidden_layers=4, num_attention_heads=4, n_routed_experts=8,
+                        n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
+                        q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+                        qk_rope_head_dim=4, v_head_dim=12, n_group=2, topk_group=1),
+    "gpt_oss": dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                    num_local_experts=4, num_experts_per_tok=2,
+                    layer_types=["full_attention"] * 2,
+                    rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+}
+# which layers have experts, as transformers builds them
+MOE_LAYERS = {"mixtral": [0, 1, 2], "qwen2_moe": [1, 3], "qwen3_moe": [2, 3],
+              "deepseek_v3": [1, 2, 3], "gpt_oss": [0, 1]}
+
+
+@pytest.mark.parametrize("model_type", sorted(SMALL_MOE))
+def test_small_moe_configs_count_what_transformers_builds(model_type):
+    cfg = {"model_type": model_type, "vocab_size": 100, "max_position_embeddings": 128,
+           **SMALL_MOE[model_type]}
+    spec = from_hf_config(cfg)
+    assert [i for i in range(spec.num_layers) if spec.moe.is_moe_layer(i)] == \
+        MOE_LAYERS[model_type]
+    assert count_parameters(spec) == _transformers_count(cfg)
+
+
+def test_moe_details_of_each_family():
+    qwen2 = from_hf_config(_cfg("hf_qwen15_moe_a27b.json"))
+    assert qwen2.moe.shared_expert_gate and qwen2.moe.shared_ffn_hidden_size == 5632
+    assert qwen2.qkv_bias and not qwen2.linear_bias
+    ds = from_hf_config(_cfg("hf_deepseek_v3.json", rope_scaling=None))
+    assert (ds.mla.q_lora_rank, ds.mla.kv_lora_rank, ds.mla.qk_head_dim) == (1536, 512, 192)
+    assert ds.moe.router == "sigmoid" and ds.moe.first_dense_layers == 3
+    assert ds.num_kv_heads == ds.num_heads  # MLA has no KV-head grouping
+    oss = MODEL_PRESETS["gpt-oss-120b"]
+    assert oss.linear_bias and oss.attention_sinks and oss.q_hidden_size == 4096
+
+
+@pytest.mark.parametrize("model_type, changes, message", [
+    ("qwen3_moe", {"mlp_only_layers": [1, 3]},
+     r"mlp_only_layers \[1, 3\] with decoder_sparse_step 1: only the first k layers"),
+    ("deepseek_v3", {"moe_layer_freq": 2}, "moe_layer_freq 2: transformers builds every layer"),
+    ("deepseek_v3", {"attention_bias": True}, "attention_bias true: DeepseekV3Attention"),
+    ("deepseek_v3", {"scoring_func": "tanh"}, "scoring_func 'tanh'"),
+    ("gpt_oss", {"attention_bias": False}, "attention_bias false: GPT-OSS's experts"),
+    ("gpt_oss", {"experts_per_token": 3}, "experts_per_token 3 and num_experts_per_tok 2"),
+    ("mixtral", {"num_experts": 6}, "num_local_experts 4 and num_experts 6 disagree"),
+])
+def test_moe_keys_that_cannot_be_represented_are_refused(model_type, changes, message):
+    cfg = {"model_type": model_type, "vocab_size": 100, "max_position_embeddings": 128,
+           **SMALL_MOE[model_type], **changes}
+    with pytest.raises(ValueError, match=message) as err:
+        from_hf_config(cfg)
+    assert "\n" not in str(err.value)

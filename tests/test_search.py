@@ -35,6 +35,10 @@ SPACES = [
     # long sequences: context parallelism (every flavour under megatron, all-gather under torch)
     ("llama3-8b-cp", "h100-80g", 2, 0, 16, 65536, "megatron", "flash", "bf16"),
     ("llama3-8b-cp", "h100-80g", 2, 0, 8, 32768, "torch", "flash", "bf16"),
+    # mixture of experts: ep and etp searched; 3 dense layers + MLA; head_dim != hidden / heads
+    ("mixtral-8x7b", "h100-80g", 2, 0, 64, 4096, "megatron", "flash", "bf16"),
+    ("deepseek-v3", "h100-80g", 16, 0, 256, 4096, "megatron", "flash", "bf16"),
+    ("qwen3-30b-a3b", "h100-80g", 1, 0, 32, 4096, "megatron", "flash", "bf16"),
 ]
 
 

@@ -55,13 +55,21 @@ RUNTIME_FLAGS = (
     ("--eval-every", int, 0, "validation loss every K steps (0: only at the end)"),
     ("--tensorboard", str, None, ("also write TensorBoard events to this directory (needs the "
                                   "tensorboard package)")),
+    ("--init-from", str, None, ("start from a Hugging Face checkpoint directory (config.json "
+                                "and *.safetensors, sharded or not) of the plan's model")),
+    ("--tokenizer", str, None, ("tokenise text data with this tokenizer.json (or a directory "
+                                "holding one; needs the tokenizers package)")),
+    ("--lora-merge-out", str, None, ("LoRA plans: at the end, fold the adapters into the base "
+                                     "weights (W + alpha/r B A) and write DIR/merged.pt, a full "
+                                     "state dict without adapters")),
     ("--timeout", float, 60.0, "collective timeout (s)"),
 )
 
 METAVARS = {"--data": "PATH", "--data-cap-mb": "MIB", "--checkpoint-dir": "DIR",
             "--checkpoint-every": "K", "--lr": "LR", "--warmup": "STEPS", "--grad-clip": "NORM",
             "--seed": "SEED", "--timeout": "SECONDS", "--metrics": "PATH", "--eval-every": "K",
-            "--tensorboard": "DIR"}
+            "--tensorboard": "DIR", "--init-from": "DIR", "--tokenizer": "PATH",
+            "--lora-merge-out": "DIR"}
 
 MAX_PROCS_PER_CORE = 8  # CPU ranks: the cpu profile runs 4 per core; past 8, gloo times out
 PROBE_TIMEOUT_S = 300

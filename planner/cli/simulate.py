@@ -6,7 +6,8 @@ from planner.cli.common import (add_inputs, add_layout, build_plan, check_output
 from planner.schema import short_repr, show_path
 from planner.units import fmt_seconds
 
-COMM_NAMES = {"tp": "TP/SP collectives", "pp": "pipeline sends", "dp_grad": "DP gradient sync",
+COMM_NAMES = {"tp": "TP/SP collectives", "ep": "EP all-to-all", "pp": "pipeline sends",
+              "dp_grad": "DP gradient sync",
               "dp_gather": "ZeRO parameter gathers"}
 
 

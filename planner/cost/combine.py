@@ -43,31 +43,35 @@ class RankMicrobatch:
     tp_comm_s: Seconds
     pp_comm_s: Seconds
     wgrad_s: Seconds
-    cp_comm_s: Seconds = 0.0
+    cp_comm_s: Seconds = 0.0   # context-parallel attention traffic (planner/cost/context.py)
+    ep_comm_s: Seconds = 0.0   # expert-parallel all-to-all (planner/cost/moe.py)
 
     @property
     def total_s(self):
         return (self.compute_fwd_s + self.compute_bwd_s + self.recompute_s + self.tp_comm_s
-                + self.pp_comm_s + self.cp_comm_s)
+                + self.pp_comm_s + self.cp_comm_s + self.ep_comm_s)
 
 
 def rank_microbatch(*, rank_layers, holds_head, layer_fwd_s, layer_bwd_s, layer_wgrad_s,
                     head_fwd_s, head_bwd_s, head_wgrad_s, recompute_per_layer_s,
                     tp_exposed_per_layer_s, pp_comm_s, recomputed_layers,
-                    tp_recompute_per_layer_s, cp_exposed_per_layer_s=0.0) -> RankMicrobatch:
+                    tp_recompute_per_layer_s, cp_exposed_per_layer_s=0.0, moe_layers=0,
+                    moe_fwd_s=0.0, moe_bwd_s=0.0, ep_comm_per_layer_s=0.0) -> RankMicrobatch:
     """The rank's layers times the per-layer times, plus the output layer on the last rank;
-    its `recomputed_layers` add their recompute and the TP collectives it re-runs."""
+    its `recomputed_layers` add their recompute and the TP collectives it re-runs; its
+    `moe_layers` add what an MoE layer costs beyond a dense one and their all-to-alls."""
     def with_head(per_layer, head):
         return rank_layers * per_layer + np.where(holds_head, head, 0.0)
     return RankMicrobatch(
-        compute_fwd_s=with_head(layer_fwd_s, head_fwd_s),
-        compute_bwd_s=with_head(layer_bwd_s, head_bwd_s),
+        compute_fwd_s=with_head(layer_fwd_s, head_fwd_s) + moe_layers * moe_fwd_s,
+        compute_bwd_s=with_head(layer_bwd_s, head_bwd_s) + moe_layers * moe_bwd_s,
         recompute_s=recomputed_layers * recompute_per_layer_s,
         tp_comm_s=rank_layers * tp_exposed_per_layer_s
         + recomputed_layers * tp_recompute_per_layer_s,
         pp_comm_s=pp_comm_s + 0.0 * rank_layers,
-        wgrad_s=with_head(layer_wgrad_s, head_wgrad_s),
-        cp_comm_s=rank_layers * cp_exposed_per_layer_s)
+        wgrad_s=with_head(layer_wgrad_s, head_wgrad_s) + moe_layers * moe_bwd_s / 2,
+        cp_comm_s=rank_layers * cp_exposed_per_layer_s,
+        ep_comm_s=moe_layers * ep_comm_per_layer_s + 0.0 * rank_layers)
 
 
 def bubble_chunks(*, pp, virtual_stages, zero_bubble, fwd_s, bwd_s, wgrad_s):
@@ -132,11 +136,13 @@ class StepParts:
     dp_comm_total_s: Seconds
     slowest: object          # index into the ranks given
     cp_comm_s: Seconds = 0.0
+    ep_comm_s: Seconds = 0.0
 
     @property
     def step_s(self):
         return (self.compute_s + self.recompute_s + self.tp_comm_s + self.pp_comm_s
-                + self.cp_comm_s + self.bubble_s + self.dp_comm_exposed_s + self.optimizer_s)
+                + self.cp_comm_s + self.bubble_s + self.dp_comm_exposed_s + self.optimizer_s
+                + self.ep_comm_s)
 
 
 def step_parts(*, ranks: list, mean_total_s, pp, virtual_stages, zero_bubble, num_microbatches,
@@ -170,4 +176,5 @@ def step_parts(*, ranks: list, mean_total_s, pp, virtual_stages, zero_bubble, nu
                      recompute_s=m * s.recompute_s, tp_comm_s=m * s.tp_comm_s,
                      pp_comm_s=m * s.pp_comm_s, cp_comm_s=m * s.cp_comm_s, bubble_s=bubble,
                      dp_comm_exposed_s=dp_exp,
-                     optimizer_s=opt, dp_comm_total_s=_pick(dp_total_s, tail), slowest=slow)
+                     optimizer_s=opt, dp_comm_total_s=_pick(dp_total_s, tail), slowest=slow,
+                     ep_comm_s=m * s.ep_comm_s)

@@ -22,7 +22,7 @@ class Collective:
     """One kind of collective as the most loaded rank runs it during a step."""
     name: str            # e.g. 'tp_all_reduce', 'dp_reduce_scatter'
     kind: str            # all_reduce | all_gather | reduce_scatter | p2p | all_to_all
-    axis: str            # tp | dp | pp | cp
+    axis: str            # tp | dp | pp | cp | ep | etp | edp
     tier: str            # intra | inter
     count: int           # how many times per step
     bytes_each: float    # full buffer size of one call

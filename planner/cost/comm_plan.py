@@ -7,6 +7,7 @@ from dataclasses import replace
 from planner.cost import deepspeed as ds
 from planner.cost.comm import make_collective
 from planner.cost.context import local_job
+from planner.cost.fp8 import fp8_gather, linear_weight_numel
 from planner.cost.params import _local_numel
 from planner.engines import deferred_fsdp, engine
 from planner.plan import Mesh
@@ -43,7 +44,7 @@ def _mesh(mesh_order, dp, tp, pp, cp=1) -> Mesh:
 
 def _tp_collectives(profile, spec, job, mesh: Mesh, micro_batch: int, pattern: list) -> list:
     link = axis_link(profile, mesh, "tp")
-    nbytes = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size
+    nbytes = dtype_bytes(job.dtype) * micro_batch * job.seq_len * spec.hidden_size
     return [make_collective(f"tp_{kind}", kind, link, count, nbytes) for kind, count in pattern]
 
 
@@ -121,13 +122,14 @@ def pp_p2p_per_microbatch(profile, spec, job, *, mesh_order, dp, tp, pp, sequenc
     link = pipeline_p2p_link(profile, _mesh(mesh_order, dp, tp, pp, cp))
     job = local_job(job, cp)
     div = tp if sequence_parallel else 1
-    nbytes = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size / div
+    nbytes = dtype_bytes(job.dtype) * micro_batch * job.seq_len * spec.hidden_size / div
     return [make_collective("pp_send_activation", "p2p", link, virtual_stages, nbytes),
             make_collective("pp_send_gradient", "p2p", link, virtual_stages, nbytes)]
 
 
 def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_microbatches,
-                   rank_layers, holds_embedding, holds_head, tied_copy, cp=1) -> list:
+                   rank_layers, holds_embedding, holds_head, tied_copy, cp=1, rank_moe_layers=0,
+                   ep=1, etp=1) -> list:
     """Gradient synchronisation and parameter gathers of one step on one pipeline rank.
 
     ZeRO-0: all-reduce of the gradients; ZeRO-1: the same plus an all-gather of the updated
@@ -138,21 +140,31 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
     each FSDP2 group on its own (the torch engine: every block, plus the root group holding the
     embedding or the output layer).  Under context parallelism the group is dp x cp: the cp
     ranks of a sequence hold gradients of different tokens, and FSDP shards over them too
-    (torchtitan's dp_shard_cp mesh)."""
+    (torchtitan's dp_shard_cp mesh).  LoRA: gradients and optimizer shards exist for the
+    trainable tensors only (`numel`); ZeRO-2/3 still gather every parameter (`all_numel`).
+    The experts of MoE layers are not here (planner.cost.moe.expert_grad_sync_seconds)."""
     if dp * cp == 1:
         return []
     eng = engine(job.engine)
     link = axis_link(profile, _mesh(mesh_order, dp, tp, pp, cp), "dp_cp" if cp > 1 else "dp")
     link = replace(link, axis="dp")
-    numel = _local_numel(spec, tp, rank_layers, holds_embedding, holds_head, tied_copy)
-    a, m = dtype_bytes(job.precision), num_microbatches
-    grad_bytes = 2 * numel if eng.fp16_grads_reduced_in_fp16 and job.precision == "fp16" \
+    inv = job if job.task == "classify" or job.lora is not None else None
+    pieces = (rank_layers, holds_embedding, holds_head, tied_copy)
+    numel = _local_numel(spec, tp, *pieces, inv, trainable_only=True)
+    all_numel = _local_numel(spec, tp, *pieces, inv)
+    if rank_moe_layers:  # MoE layers: router and shared experts instead of the dense MLP; the
+        #                  experts sync over expert-dp (planner/cost/moe.py)
+        from planner.cost.moe import moe_layer_numels
+        delta = rank_moe_layers * moe_layer_numels(spec, tp, ep, etp)[0]
+        numel, all_numel = numel + delta, all_numel + delta
+    a, m = dtype_bytes(job.dtype), num_microbatches
+    grad_bytes = 2 * numel if eng.fp16_grads_reduced_in_fp16 and job.dtype == "fp16" \
         else 4 * numel
     if eng.grads_in_model_dtype:
         grad_bytes = a * numel
     if zero_stage == 0:
         ar = [make_collective("dp_all_reduce", "all_reduce", link, 1, grad_bytes)]
-        if eng.deepspeed_optimizers and ds.optimizer_wrapper(job.precision, 0, pp) \
+        if eng.deepspeed_optimizers and ds.optimizer_wrapper(job.dtype, 0, pp) \
                 == "BF16_Optimizer":  # update_lp_params all-gathers the bf16 partitions
             ar.append(make_collective("dp_param_all_gather", "all_gather", link, 1, a * numel))
         return ar
@@ -166,11 +178,14 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
     if eng.fsdp_groups_per_block:
         groups = rank_layers + (1 if holds_embedding or holds_head else 0)
     reduces, gathers = fsdp_rounds(job.engine, zero_stage, pp, m)
+    gathered = a * all_numel
+    if fp8_gather(job, zero_stage):  # FSDP2 fp8 all-gather: block linears in 1 byte, not 2
+        gathered -= linear_weight_numel(spec, tp) * rank_layers
     return [make_collective("dp_reduce_scatter", "reduce_scatter", link, reduces * groups,
                             grad_bytes / groups if eng.grads_in_model_dtype
                             else 4 * numel / groups),
             make_collective("dp_param_all_gather", "all_gather", link, gathers * groups,
-                            a * numel / groups)]
+                            gathered / groups)]
 
 
 def fsdp_rounds(engine_name: str, zero_stage: int, pp: int, m: int) -> tuple:

@@ -44,7 +44,7 @@ def local_job(job, cp: int):
 
 def _kv_bytes(spec, job, *, tp, micro_batch, cp) -> float:
     """K and V of the rank's local sequence (TP-local heads)."""
-    return 2 * dtype_bytes(job.precision) * micro_batch * (job.seq_len // cp) * \
+    return 2 * dtype_bytes(job.dtype) * micro_batch * (job.seq_len // cp) * \
         spec.kv_hidden_size / tp
 
 
@@ -61,7 +61,7 @@ def cp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, cp, cp_comm,
     if cp_comm == "ring":
         return ([make_collective("cp_kv_send", "p2p", link, cp - 1, kv)],
                 [make_collective("cp_kv_dkv_send", "p2p", link, cp - 1, RING_BWD_BLOCKS * kv)])
-    a = dtype_bytes(job.precision)
+    a = dtype_bytes(job.dtype)
     qo = a * micro_batch * (job.seq_len // cp) * spec.hidden_size / tp
     one_pass = [make_collective("cp_a2a_qo", "all_to_all", link, 2, qo),
                 make_collective("cp_a2a_kv", "all_to_all", link, 2, kv / 2)]

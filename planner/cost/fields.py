@@ -1,8 +1,8 @@
 """The named inputs of the cost functions.  A cost function's keyword parameters are named after
 what it reads - Layout fields (dp, tp, micro_batch, schedule, ...), a pipeline rank's facts
-(rank, rank_layers, rank_chunks, holds_embedding, holds_head, tied_copy) and the fixed inputs
-(profile, gpu, spec, job) - so its signature says what it reads and is the search's memo key
-(planner/search/scorer.py).  estimate() fills the same names from one plan."""
+(rank, rank_layers, rank_chunks, holds_embedding, holds_head, tied_copy, rank_moe_layers) and
+the fixed inputs (profile, gpu, spec, job) - so its signature says what it reads and is the
+search's memo key (planner/search/scorer.py).  estimate() fills the same names from one plan."""
 
 import inspect
 from functools import cache
@@ -13,7 +13,7 @@ from planner.cost.pipeline import rank_facts, rank_recomputed_layers
 
 LAYOUT_FIELDS = ("dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
                  "num_microbatches", "schedule", "virtual_stages", "recompute", "recompute_every",
-                 "mesh_order", "layers_per_stage", "compile", "cp", "cp_comm")
+                 "mesh_order", "layers_per_stage", "compile", "cp", "cp_comm", "ep", "etp")
 
 
 @cache
@@ -90,6 +90,8 @@ def with_rank(named: dict, rank: int) -> dict:
     layers, chunks, first, last = rank_facts(
         named["spec"].num_layers, pp=named["pp"], virtual_stages=named["virtual_stages"],
         schedule=named["schedule"], rank=rank, layers_per_stage=named["layers_per_stage"])
+    from planner.cost.moe import rank_moe_layers_of
+    moe = call(rank_moe_layers_of, {**named, "rank": rank})
     return {**named, "rank": rank, "rank_layers": layers, "rank_chunks": chunks,
             "holds_embedding": first, "holds_head": last,
-            "tied_copy": named["pp"] * named["virtual_stages"] > 1}
+            "tied_copy": named["pp"] * named["virtual_stages"] > 1, "rank_moe_layers": moe}

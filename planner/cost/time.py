@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from planner.cost import ops
+from planner.cost import moe, ops
 from planner.cost.combine import RankMicrobatch, rank_microbatch, step_parts
 from planner.cost.comm_plan import (dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds,
                                     tp_recompute_seconds)
@@ -45,15 +45,20 @@ class TimeBreakdown:
     dp_comm_total_s: float
     bubble_fraction: float
     slowest_pp_rank: int
-    cp_comm_s: float = 0.0
+    cp_comm_s: float = 0.0     # context-parallel attention traffic on the critical path
+    ep_comm_s: float = 0.0     # expert-parallel all-to-all on the critical path (MoE)
 
     @property
     def step_s(self) -> float:
         return (self.compute_s + self.recompute_s + self.tp_comm_s + self.pp_comm_s
-                + self.cp_comm_s + self.bubble_s + self.dp_comm_exposed_s + self.optimizer_s)
+                + self.cp_comm_s + self.bubble_s + self.dp_comm_exposed_s + self.optimizer_s
+                + self.ep_comm_s)
 
     def to_dict(self) -> dict:
+        """Every field; ep_comm_s only where there is expert-parallel traffic (MoE plans)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not self.ep_comm_s:
+            del d["ep_comm_s"]
         d["step_s"] = self.step_s
         return d
 
@@ -61,7 +66,7 @@ class TimeBreakdown:
     def of(cls, parts) -> "TimeBreakdown":
         """From one layout's planner.cost.combine.StepParts."""
         busy = parts.compute_s + parts.recompute_s + parts.tp_comm_s + parts.pp_comm_s + \
-            parts.cp_comm_s
+            parts.cp_comm_s + parts.ep_comm_s
         bubble = float(parts.bubble_s)
         return cls(compute_s=float(parts.compute_s), recompute_s=float(parts.recompute_s),
                    tp_comm_s=float(parts.tp_comm_s), pp_comm_s=float(parts.pp_comm_s),
@@ -70,14 +75,16 @@ class TimeBreakdown:
                    optimizer_s=float(parts.optimizer_s),
                    dp_comm_total_s=float(parts.dp_comm_total_s),
                    bubble_fraction=bubble / (busy + bubble) if busy else 0.0,
-                   slowest_pp_rank=int(parts.slowest))
+                   slowest_pp_rank=int(parts.slowest), ep_comm_s=float(parts.ep_comm_s))
 
 
 def layer_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch,
-                  compile=False, cp=1) -> tuple:
-    """(forward, backward, weight-gradient) seconds of one layer and micro-batch."""
+                  compile=False, zero_stage=0, cp=1) -> tuple:
+    """(forward, backward, weight-gradient) seconds of one layer and micro-batch (zero_stage:
+    FP8's FSDP2 fp8 all-gather drops the per-GEMM weight casts)."""
     lt = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
-                     micro_batch=micro_batch, compile=compile, cp=cp)
+                     micro_batch=micro_batch, compile=compile,
+                     zero_stage=zero_stage if job.fp8 else 0, cp=cp)
     return lt.fwd_s, lt.bwd_s, lt.wgrad_s
 
 
@@ -96,7 +103,7 @@ def recompute_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch, rec
         return 0.0
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
     if recompute == "op":
-        return op_policy_recompute_s(gpu, spec, local_job(job, cp), **shape)
+        return op_policy_recompute_s(gpu, spec, local_job(job, cp), **shape, compile=compile)
     lt = layer_times(gpu, spec, job, **shape, compile=compile, cp=cp)
     return selective_recompute_s(lt) if recompute == "selective" else lt.fwd_s
 
@@ -144,21 +151,27 @@ def pp_comm_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_para
 
 
 def dp_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_microbatches,
-               rank_layers, holds_embedding, holds_head, tied_copy, cp=1) -> tuple:
+               rank_layers, holds_embedding, holds_head, tied_copy, cp=1, rank_moe_layers=0,
+               ep=1, etp=1) -> tuple:
     """(all data-parallel seconds of the step, the gradient sync's, one FSDP group's parameter
-    gather) on one pipeline rank."""
+    gather) on one pipeline rank; an MoE model's expert gradients sync over expert-dp."""
+    moe_args = {"rank_moe_layers": int(rank_moe_layers), "ep": ep, "etp": etp}
     colls = dp_collectives(profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
                            zero_stage=zero_stage, num_microbatches=num_microbatches,
                            rank_layers=int(rank_layers), holds_embedding=bool(holds_embedding),
-                           holds_head=bool(holds_head), tied_copy=bool(tied_copy), cp=cp)
+                           holds_head=bool(holds_head), tied_copy=bool(tied_copy), cp=cp,
+                           **moe_args)
+    experts = moe.expert_grad_sync_seconds(profile, spec, job, mesh_order=mesh_order, dp=dp,
+                                           tp=tp, pp=pp, zero_stage=zero_stage, **moe_args)
     gather = colls[1].time_each_s if zero_stage in SHARDED_GRAD_STAGES and colls else 0.0
-    return sum(c.time_s for c in colls), colls[0].time_s if colls else 0.0, gather
+    return (sum(c.time_s for c in colls) + experts,
+            (colls[0].time_s if colls else 0.0) + experts, gather)
 
 
 def optimizer_seconds(gpu, job, *, tp, zero_stage, optimizer_bytes) -> float:
     """AdamW's update of the rank's parameters, memory-bound."""
     eng = engine(job.engine)
-    numel = optimizer_bytes / eng.optimizer_state_bytes(job.precision, zero_stage)
+    numel = optimizer_bytes / eng.optimizer_state_bytes(job.dtype, zero_stage)
     per_param: float = OPTIMIZER_BYTES_PER_PARAM
     if eng.kernels_from_op_census and not eng.deepspeed_optimizers:  # DeepSpeed: FusedAdam
         # runtime/optim.py: fused AdamW only over plain CUDA tensors (no TP, no FSDP/ZeRO
@@ -181,11 +194,16 @@ def step_inputs(spec, job, profile, *, world, pp, virtual_stages, schedule, zero
             "ranks_per_node": np.minimum(world, profile.gpus_per_node)}
 
 
-def _microbatch(evaluate, layers, holds_head, recomputed, sends=1) -> RankMicrobatch:
+def _microbatch(evaluate, layers, holds_head, recomputed, sends=1,
+                moe_layers=0) -> RankMicrobatch:
     """A micro-batch through `layers` layers, `recomputed` of them recomputed (and the output
-    layer where holds_head), with `sends` times one rank's pipeline sends."""
+    layer where holds_head), with `sends` times one rank's pipeline sends; `moe_layers` of the
+    layers are MoE layers (planner/cost/moe.py)."""
     layer, head = unpack(evaluate(layer_seconds), 3), unpack(evaluate(head_seconds), 3)
+    moe_fwd, moe_bwd = unpack(evaluate(moe.moe_layer_delta_seconds), 2)
     return rank_microbatch(
+        moe_layers=moe_layers, moe_fwd_s=moe_fwd, moe_bwd_s=moe_bwd,
+        ep_comm_per_layer_s=evaluate(moe.ep_comm_seconds),
         rank_layers=layers, holds_head=holds_head, layer_fwd_s=layer[0], layer_bwd_s=layer[1],
         layer_wgrad_s=layer[2], head_fwd_s=head[0], head_bwd_s=head[1], head_wgrad_s=head[2],
         recompute_per_layer_s=evaluate(recompute_seconds),
@@ -211,7 +229,9 @@ def rank_time_parts(evaluate, optimizer_bytes) -> RankTime:
     layers, _, _, last = unpack(evaluate(rank_facts_of), 4)
     total, sync, gather = unpack(evaluate(dp_seconds), 3)
     recomputed = evaluate(recomputed_layers_of)
-    return RankTime(microbatch=_microbatch(evaluate, layers, last == 1, recomputed),
+    moe_layers = evaluate(moe.rank_moe_layers_of)
+    return RankTime(microbatch=_microbatch(evaluate, layers, last == 1, recomputed,
+                                           moe_layers=moe_layers),
                     dp_total_s=total,
                     grad_sync_s=sync, first_gather_s=gather,
                     optimizer_s=optimizer_bytes * evaluate(optimizer_seconds_per_byte))
@@ -226,7 +246,13 @@ def mean_rank_s(evaluate, num_layers: int, pp) -> object:
     """The mean over all pipeline ranks of their micro-batch time: every layer, the output
     layer and every rank's sends, over pp."""
     recomputed = evaluate(model_recomputed_layers)
-    return _microbatch(evaluate, num_layers, True, recomputed, sends=pp).total_s / pp
+    moe_layers = evaluate(model_moe_layers)
+    return _microbatch(evaluate, num_layers, True, recomputed, sends=pp,
+                       moe_layers=moe_layers).total_s / pp
+
+
+def model_moe_layers(spec) -> int:
+    return spec.moe.num_moe_layers(spec.num_layers) if spec.moe is not None else 0
 
 
 def optimizer_seconds_per_byte(gpu, job, *, tp, zero_stage) -> float:

@@ -7,10 +7,12 @@ from planner.units import fmt_seconds
 # TimeBreakdown fields a plan can win on, with the words for them
 TIME_PARTS = [("bubble_s", "pipeline bubble"), ("tp_comm_s", "TP communication"),
               ("pp_comm_s", "pipeline sends"), ("cp_comm_s", "CP communication"),
+              ("ep_comm_s", "expert all-to-all"),
               ("dp_comm_exposed_s", "exposed DP communication"),
               ("recompute_s", "recomputation"), ("compute_s", "compute on the slowest stage"),
               ("optimizer_s", "optimizer time")]
 LAYOUT_FIELDS = [("dp", "dp"), ("tp", "tp"), ("pp", "pp"), ("cp", "cp"), ("cp_comm", "cp_comm"),
+                 ("ep", "ep"), ("etp", "etp"),
                  ("sequence_parallel", "SP"),
                  ("zero_stage", "ZeRO"), ("micro_batch", "micro-batch"), ("recompute", "recompute"),
                  ("recompute_every", "recompute every")]
@@ -78,11 +80,13 @@ def ranked_rows(result) -> list:
         row = {"rank": i, "GPUs": c.num_gpus, "dp": lay.dp, "tp": lay.tp, "pp": lay.pp}
         if with_cp:
             row["cp"] = f"{lay.cp} {lay.cp_comm}" if lay.cp > 1 else "1"
-        row |= {"SP": "y" if lay.sequence_parallel else "-", "ZeRO": lay.zero_stage,
-               "micro-batch": f"{lay.micro_batch}x{lay.num_microbatches}",
-               "schedule": schedule_name(lay), "recompute": recompute_name(lay),
-               "mem/GPU GiB": round(c.total_bytes / 2**30, 1), "step s": round(c.step_s, 3),
-               "tokens/s": round(c.tokens_per_s), "MFU %": round(100 * c.mfu, 1)}
+        if result.model.moe is not None:  # expert parallel and expert tensor parallel (MoE models)
+            row.update(ep=lay.ep, etp=lay.etp)
+        row.update({"SP": "y" if lay.sequence_parallel else "-", "ZeRO": lay.zero_stage,
+                    "micro-batch": f"{lay.micro_batch}x{lay.num_microbatches}",
+                    "schedule": schedule_name(lay), "recompute": recompute_name(lay),
+                    "mem/GPU GiB": round(c.total_bytes / 2**30, 1), "step s": round(c.step_s, 3),
+                    "tokens/s": round(c.tokens_per_s), "MFU %": round(100 * c.mfu, 1)})
         if budget:
             row["days"] = round(budget / c.tokens_per_s / 86400, 2)
             row["GPU-hours"] = round(budget / c.tokens_per_s / 3600 * c.num_gpus)
@@ -133,6 +137,9 @@ def result_text(result) -> str:
              f"(headroom {100 * result.options.headroom:.0f}%), "
              f"searched in {result.elapsed_s:.2f} s", "", text_table(ranked_rows(result)), ""]
     lines += ["Why each beats the next:"] + [f"  {x}" for x in reasons(result)]
+    if result.job.fp8:  # what the user's choice of FP8 buys on the best layout
+        from planner.report import fp8_gain_text
+        lines += ["", f"#1: {fp8_gain_text(result.ranked[0].estimate.fp8_gain())}"]
     if result.rejections:
         lines += ["", "Rejected layouts by reason (count, reason: example):"]
         lines += [f"  {r.count:>9,}  {r.label}: {r.example}" for r in result.rejections]

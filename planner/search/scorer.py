@@ -18,6 +18,7 @@ import numpy as np
 from planner.cost.fields import parameters, rank_facts_of
 from planner.cost.flops import model_flops_per_step
 from planner.cost.memory import rank_memory_parts
+from planner.cost.moe import rank_moe_layers_of
 from planner.cost.time import mean_rank_s, rank_time_parts, step_inputs, step_of
 from planner.engines import CP_COMMS, RECOMPUTE, SCHEDULES
 from planner.plan import AXES, Layout
@@ -40,7 +41,9 @@ def layout_at(cols: dict, i: int) -> Layout:
                   compile=bool(cols["compile"][i]) if "compile" in cols else False,
                   cp=int(cols["cp"][i]) if "cp" in cols else 1,
                   cp_comm=CP_COMMS[int(cols["cp_comm"][i])] if "cp_comm" in cols
-                  else "allgather")
+                  else "allgather",
+                  ep=int(cols["ep"][i]) if "ep" in cols else 1,
+                  etp=int(cols["etp"][i]) if "etp" in cols else 1)
 
 
 def _row_codes(rows: np.ndarray) -> np.ndarray:
@@ -95,7 +98,9 @@ class Scorer:
         """The columns plus pipeline rank `rank`'s facts (planner.cost.fields.with_rank)."""
         with_rank = {**cols, "rank": rank}
         layers, chunks, first, last = self.unique(rank_facts_of, with_rank).T
+        moe = self.unique(rank_moe_layers_of, with_rank)
         return {**with_rank, "rank_layers": layers.astype(np.int64),
+                "rank_moe_layers": moe.astype(np.int64),
                 "rank_chunks": chunks.astype(np.int64), "holds_embedding": first.astype(np.int64),
                 "holds_head": last.astype(np.int64),
                 "tied_copy": (cols["pp"] * cols["virtual_stages"] > 1).astype(np.int64)}
@@ -136,16 +141,27 @@ class Scorer:
 
     def throughput(self, cols: dict, step_s: np.ndarray) -> tuple:
         """(tokens/s, MFU) as Estimate computes them."""
-        flops = model_flops_per_step(self.model, self.job.global_batch, self.job.seq_len)
-        peak = self.fixed["gpu"].peak_flops.get(self.job.precision, 1.0) if step_s.size else 1.0
+        flops = model_flops_per_step(self.model, self.job.global_batch, self.job.seq_len,
+                                     self.job)
+        peak = self.fixed["gpu"].peak_flops.get(self.job.dtype, 1.0) if step_s.size else 1.0
         return (self.job.tokens_per_step / step_s,
                 flops / step_s / cols["world"].astype(float) / peak)
 
     def _slot_ranks(self, cols: dict) -> list:
-        """Ranks 0, 1, first short rank, last; sorted per row (ties keep the lowest rank)."""
+        """Ranks 0, 1, first short rank, last (and, for an MoE model with dense first layers,
+        the ranks where its MoE layers begin); sorted per row (ties keep the lowest rank)."""
         pp, chunks = cols["pp"], cols["pp"] * cols["virtual_stages"]
         extra = self.model.num_layers % chunks
-        cand = np.stack([np.zeros_like(pp), np.minimum(1, pp - 1), np.minimum(extra, pp - 1),
-                         pp - 1], axis=1)
+        slots = [np.zeros_like(pp), np.minimum(1, pp - 1), np.minimum(extra, pp - 1), pp - 1]
+        if self.model.moe is not None and self.model.moe.first_dense_layers:
+            # the rank with the first MoE layer and the next (its first rank of MoE layers only):
+            # the dense first layers make the ranks before them lighter
+            d = self.model.moe.first_dense_layers
+            base = self.model.num_layers // chunks
+            long_layers = extra * (base + 1)
+            chunk = np.where(d < long_layers, d // (base + 1),
+                             extra + (d - long_layers) // np.maximum(base, 1))
+            slots += [np.minimum(chunk % pp, pp - 1), np.minimum(chunk % pp + 1, pp - 1)]
+        cand = np.stack(slots, axis=1)
         cand.sort(axis=1)
         return [cand[:, j] for j in range(cand.shape[1])]

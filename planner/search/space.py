@@ -12,7 +12,8 @@ What is enumerated (and what is not, because it would duplicate another row):
   schedules with every v >= 2 that splits
   the layers evenly over pp*v chunks (Megatron-LM's --num-layers-per-virtual-pipeline-stage
   needs that), ZBV with v = 2; with pp = 1 the schedule is moot and only '1f1b' is listed.
-  Only the schedules and ZeRO stages the engine runs are listed (planner.engines).
+  Only the schedules and ZeRO stages the engine runs are listed (planner.engines).  For an MoE
+  model every (ep, etp) of expert_options; a dense model has ep = etp = 1.
 
 The structural rules themselves are planner/rules.py, evaluated here on whole columns."""
 
@@ -104,9 +105,34 @@ def cp_options(job, room: int) -> list:
     return pairs
 
 
+def expert_options(model, job, dp: int, tp: int) -> list:
+    """(ep, etp) pairs for one (dp, tp) shape: (1, 1) for a dense model; for an MoE model every
+    ep dividing the experts with ep x etp dividing tp x dp (the torch engine: ep dividing dp),
+    and etp 1 or tp where the engine splits experts (Megatron-Core's usual choices: experts
+    whole, or split like the dense part)."""
+    eng = engine(job.engine)
+    if model.moe is None or not eng.expert_parallel:
+        return [(1, 1)]
+    etps = [1] + ([tp] if tp > 1 and eng.expert_tensor_parallel
+                  and model.moe.expert_ffn_hidden_size % tp == 0 else [])
+    group = dp if eng.ep_within_dp else tp * dp
+    return [(ep, etp) for etp in etps for ep in divisors(model.moe.num_experts)
+            if (group // (etp if not eng.ep_within_dp else 1)) % ep == 0
+            and group % (ep * (1 if eng.ep_within_dp else etp)) == 0]
+
+
 def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int,
                 recomputes: list, cp: int = 1, cp_comm: int = 0) -> np.ndarray:
-    """Every layout of one (dp, tp, pp, cp) shape, as an int array with len(COLUMNS) columns."""
+    """Every layout of one (dp, tp, pp, cp) shape, as an int array with len(COLUMNS) columns
+    (with cp > 1 no expert split: rule cp_moe)."""
+    experts = expert_options(model, job, dp, tp) if cp == 1 else [(1, 1)]
+    blocks = [_expert_rows(model, job, world, dp, tp, pp, recomputes, ep, etp, cp, cp_comm)
+              for ep, etp in experts]
+    return np.concatenate(blocks)
+
+
+def _expert_rows(model, job, world: int, dp: int, tp: int, pp: int, recomputes: list,
+                 ep: int, etp: int, cp: int, cp_comm: int) -> np.ndarray:
     per_replica = job.global_batch // dp
     mbs = divisors(per_replica)
     scheds = _schedule_options(model.num_layers, pp, job.engine)
@@ -122,9 +148,8 @@ def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int,
     n = mb.size
     const = lambda x: np.full(n, x)  # noqa: E731
     return np.stack([const(world), const(dp), const(tp), const(pp), grid[2], grid[3], mb,
-                     per_replica // mb, sched, v, rc, const(0), const(0), every, const(1),
-                     const(1), const(cp), const(cp_comm)],
-                    axis=1)  # ep = etp = 1: dense models
+                     per_replica // mb, sched, v, rc, const(0), const(0), every, const(ep),
+                     const(etp), const(cp), const(cp_comm)], axis=1)
 
 
 def enumerate_space(model, job, world: int, max_tp: int, recompute: str | None = None,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from planner.cost.comm_plan import (dp_collectives, fsdp_rounds, pp_p2p_per_microbatch,
                                     tp_pass_seconds, tp_recompute_seconds)
+from planner.cost import moe
 from planner.cost.compute import LayerTimes, head_times, layer_times
 from planner.cost.context import cp_collectives, cp_exposed, local_job
 from planner.cost.fields import call, plan_fields, with_rank
@@ -53,6 +54,8 @@ class SimCosts:
     chunk_cp_fwd_exposed_s: Sequence = ()  # ... not hidden by attention (ring; else all)
     chunk_cp_bwd_s: Sequence = ()          # ... of the backward
     chunk_cp_bwd_exposed_s: Sequence = ()
+    chunk_ep_fwd_s: Sequence = ()          # expert all-to-alls inside the forward (exposed)
+    chunk_ep_bwd_s: Sequence = ()          # ... inside the backward (exposed)
     chunk_param_share: Sequence = ()       # fraction of its rank's parameters in each chunk
     chunk_buckets: Sequence = ()           # gradient buckets per chunk
     p2p_s: float = 0.0                     # one activation or gradient send between ranks
@@ -72,6 +75,7 @@ class SimCosts:
                     "chunk_tp_recompute_s": n, "chunk_tp_bwd_s": n, "chunk_tp_bwd_exposed_s": n,
                     "chunk_cp_fwd_s": n, "chunk_cp_fwd_exposed_s": n, "chunk_cp_bwd_s": n,
                     "chunk_cp_bwd_exposed_s": n,
+                    "chunk_ep_fwd_s": n, "chunk_ep_bwd_s": n,
                     "rank_grad_sync_s": p, "rank_gather_s": p,
                     "rank_after_step_s": p, "rank_optimizer_s": p}
         for name in ("chunk_fwd_s", "chunk_bwd_s", *defaults):
@@ -118,17 +122,23 @@ def plan_costs(plan: Plan) -> SimCosts:
     per_rank = [sum(lay.rank_chunk_layers(spec.num_layers)[r]) for r in range(lay.pp)]
     p2p = call(pp_p2p_per_microbatch, named)
     cp = _cp_layer_seconds(lay, named, lt)
+    moe_n = _chunk_moe_layers(lay, spec)
+    moe_f, moe_b = call(moe.moe_layer_delta_seconds, named)
+    ep = call(moe.ep_comm_seconds, named) / 2  # dispatch + combine each way
     return SimCosts(
         schedule=lay.schedule, pp=lay.pp, virtual_stages=lay.virtual_stages,
         num_microbatches=lay.num_microbatches,
-        chunk_fwd_s=[n * (lt.fwd_s + tp_pass + cp[1]) + h.fwd_s for n, h in zip(layers, head)],
-        chunk_bwd_s=[n * (lt.bwd_s + tp_exposed - tp_pass + cp[3]) + h.bwd_s
-                     for n, h in zip(layers, head)],
+        chunk_fwd_s=[n * (lt.fwd_s + tp_pass + cp[1]) + h.fwd_s + k * (moe_f + ep)
+                     for n, h, k in zip(layers, head, moe_n)],
+        chunk_bwd_s=[n * (lt.bwd_s + tp_exposed - tp_pass + cp[3]) + h.bwd_s + k * (moe_b + ep)
+                     for n, h, k in zip(layers, head, moe_n)],
         chunk_cp_fwd_s=[n * cp[0] for n in layers],
         chunk_cp_fwd_exposed_s=[n * cp[1] for n in layers],
         chunk_cp_bwd_s=[n * cp[2] for n in layers],
         chunk_cp_bwd_exposed_s=[n * cp[3] for n in layers],
-        chunk_wgrad_s=[n * lt.wgrad_s + h.wgrad_s for n, h in zip(layers, head)],
+        chunk_wgrad_s=[n * lt.wgrad_s + h.wgrad_s + k * moe_b / 2
+                       for n, h, k in zip(layers, head, moe_n)],
+        chunk_ep_fwd_s=[k * ep for k in moe_n], chunk_ep_bwd_s=[k * ep for k in moe_n],
         chunk_recompute_s=[k * (rec + tp_rec) for k in recomputed],
         chunk_tp_fwd_s=[n * tp_pass for n in layers],
         chunk_tp_recompute_s=[k * tp_rec for k in recomputed],
@@ -149,6 +159,16 @@ def _cp_layer_seconds(lay, named: dict, lt) -> tuple:
     f_exp = cp_exposed(lay.cp_comm, lay.cp, fwd, [], lt.attention_fwd_s, 0.0)
     b_exp = cp_exposed(lay.cp_comm, lay.cp, [], bwd, 0.0, lt.attention_bwd_s)
     return f, f_exp, b, b_exp
+
+
+def _chunk_moe_layers(lay, spec) -> list:
+    """MoE layers of each chunk (pipeline order); 0 for a dense model."""
+    out, start = [], 0
+    for n in lay.stage_layers(spec.num_layers):
+        out.append(sum(spec.moe.is_moe_layer(i) for i in range(start, start + n))
+                   if spec.moe is not None else 0)
+        start += n
+    return out
 
 
 def _chunk_recomputed(lay, num_layers: int) -> list:

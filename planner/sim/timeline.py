@@ -155,6 +155,15 @@ def _cp_share(costs: SimCosts, kind: str, s: int) -> tuple:
     return 0.0, 0.0
 
 
+def _ep_share(costs: SimCosts, kind: str, s: int) -> float:
+    """Expert-parallel all-to-all seconds inside one compute event (all exposed)."""
+    if kind == "F":
+        return costs.chunk_ep_fwd_s[s]
+    if kind in ("B", "I"):
+        return costs.chunk_ep_bwd_s[s]
+    return 0.0
+
+
 def _summarise(costs: SimCosts, events: tuple) -> Timeline:
     by_rank: list[list] = [[] for _ in range(costs.pp)]
     for e in events:
@@ -200,6 +209,9 @@ def _comm_stats(costs: SimCosts, by_rank: list) -> dict:
                 cp_total, cp_exposed = _cp_share(costs, e.kind, e.stage)
                 if cp_total:
                     _add(totals, "cp", cp_total, cp_total - cp_exposed)
+                ep = _ep_share(costs, e.kind, e.stage)
+                if ep:
+                    _add(totals, "ep", ep, 0.0)  # the experts wait for their tokens
             else:
                 _add(totals, COMM_KINDS[e.kind], e.end_s - e.start_s,
                      _overlap(busy, e.start_s, e.end_s))
