@@ -59,6 +59,8 @@ class Engine:
     recompute_policies: tuple = RECOMPUTE  # the recompute policies it runs
     recompute_every_block_only: bool = False  # recompute_every must be 1
     recompute_stops_early: bool = False  # a recompute stops after the last tensor backward needs
+    hsdp_stages: tuple = ()          # ZeRO stages it runs hybrid-sharded (Layout.dp_shard < dp)
+    hsdp_note: str = "this engine has no hybrid sharding"  # why other stages are refused
 
     def optimizer_state_bytes(self, precision: str, zero_stage: int = 0) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -81,7 +83,12 @@ TORCH = Engine(
     compiles_blocks=True,
     # torch.utils.checkpoint (non-reentrant) early stop: the block's last collective, after the
     # last tensor its backward needs, is not re-run (tests/test_tp_census.py)
-    recompute_stops_early=True)
+    recompute_stops_early=True,
+    # FSDP2 fully_shard(mesh=2-D (replicate, shard) DeviceMesh) is HSDP; ZeRO-1 is DDP plus
+    # ZeroRedundancyOptimizer (or runtime/zero1.py under TP), which take one group only
+    hsdp_stages=(2, 3),
+    hsdp_note="the torch engine hybrid-shards with FSDP2 on a 2-D mesh (ZeRO-2 or 3); its "
+              "ZeRO-1 optimizer shards over one group only")
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped
@@ -96,7 +103,13 @@ MEGATRON = Engine(
     pipelined_fsdp_defers_sync=False,
     # --recompute-granularity selective|full; no op-level policy, and --recompute-method block
     # counts the first N layers of each stage, not every K-th block
-    recompute_policies=("none", "selective", "full"), recompute_every_block_only=True)
+    recompute_policies=("none", "selective", "full"), recompute_every_block_only=True,
+    # --num-distributed-optimizer-instances = dp / dp_shard: the distributed optimizer shards
+    # within each instance, gradients all-reduce across them (megatron/core/parallel_state.py
+    # intra-partial data-parallel groups; megatron-core 0.16)
+    hsdp_stages=(1,),
+    hsdp_note="Megatron-LM hybrid-shards the distributed optimizer "
+              "(--num-distributed-optimizer-instances, ZeRO-1) only")
 
 # DeepSpeed 0.19.8 (runtime/engine.py, zero/stage_1_and_2.py, zero/stage3.py, bf16_optimizer.py,
 # pipe/engine.py): the user's eager model, so eager kernels and host time; its PipelineEngine
@@ -115,7 +128,10 @@ DEEPSPEED = Engine(
     kernels_from_op_census=True, pytorch_pipelining_limits=False,
     pipelined_fsdp_defers_sync=False, deepspeed_optimizers=True, grads_in_model_dtype=True,
     zero2_params_replicated=True, dp_overlap_stages=(1, 2, 3), pipeline_overlaps_dp=False,
-    pipeline_zero_stages=(0, 1), tp_only_autotp=True)
+    pipeline_zero_stages=(0, 1), tp_only_autotp=True,
+    hsdp_note="DeepSpeed 0.19.8 removed MiCS (mics_shard_size), and ZeRO++ hpZ "
+              "(zero_hpz_partition_size) keeps optimizer states and gradients sharded over "
+              "all of dp (only a secondary weight copy is node-local): no hybrid sharding")
 
 ENGINES = {e.name: e for e in (TORCH, MEGATRON, DEEPSPEED)}
 

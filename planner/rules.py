@@ -28,7 +28,7 @@ from planner.engines import (
 
 COLUMNS = ("world", "dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
            "num_microbatches", "schedule", "virtual_stages", "recompute", "lps_n", "lps_sum",
-           "recompute_every", "ep", "etp")
+           "recompute_every", "ep", "etp", "dp_shard")
 SCHED = {name: i for i, name in enumerate(SCHEDULES)}
 
 
@@ -62,7 +62,7 @@ def layout_columns(layout, world: int) -> dict:
               "recompute": RECOMPUTE.index(layout.recompute),
               "lps_n": len(layout.layers_per_stage), "lps_sum": sum(layout.layers_per_stage),
               "recompute_every": layout.recompute_every, "compile": int(layout.compile),
-              "ep": layout.ep, "etp": layout.etp}
+              "ep": layout.ep, "etp": layout.etp, "dp_shard": layout.dp_shard}
     return {k: np.array([v], dtype=np.int64) for k, v in values.items()}
 
 
@@ -132,6 +132,42 @@ def _expert_split(c: dict) -> np.ndarray:
     if "ep" not in c:
         return np.zeros(c["tp"].shape, dtype=bool)
     return (c["ep"] > 1) | (c["etp"] > 1)
+
+
+def _dp_shard(c: dict) -> np.ndarray:
+    """Layout.dp_shard (a space without the column: 0, the whole dp group shards)."""
+    return c["dp_shard"] if "dp_shard" in c else np.zeros(c["tp"].shape, dtype=np.int64)
+
+
+def _hybrid(c: dict) -> np.ndarray:
+    """Hybrid sharding: a shard group smaller than dp."""
+    s = _dp_shard(c)
+    return (s > 0) & (s < c["dp"])
+
+
+def _hsdp_rules() -> list:
+    """Hybrid sharding (Layout.dp_shard): shard groups of dp_shard consecutive dp ranks, the
+    model states replicated across the dp / dp_shard groups (planner/engines.py hsdp_stages)."""
+    s = _dp_shard
+    return [
+        Rule("dp_shard_divides", "dp_shard does not divide dp",
+             lambda ctx, c: (s(c) > 0) & (c["dp"] % np.maximum(s(c), 1) != 0),
+             lambda ctx, r: f"dp_shard={r['dp_shard']} must divide dp={r['dp']} (dp = "
+                            f"dp_replicate x dp_shard)"),
+        Rule("dp_shard_one", "dp_shard of one shards nothing",
+             lambda ctx, c: (s(c) == 1) & (c["dp"] > 1),
+             lambda ctx, r: f"dp_shard=1 shards over one rank (every rank holds everything); "
+                            f"use zero_stage 0 to replicate, or dp_shard > 1"),
+        Rule("dp_shard_zero", "dp_shard without ZeRO",
+             lambda ctx, c: (s(c) > 0) & (c["zero_stage"] == 0),
+             lambda ctx, r: f"dp_shard={r['dp_shard']} picks the ZeRO shard group, but "
+                            f"ZeRO-0 shards nothing; use zero_stage >= 1 (or dp_shard 0)"),
+        Rule("dp_shard_engine", "hybrid sharding at a ZeRO stage the engine does not run",
+             lambda ctx, c: _hybrid(c) & (c["zero_stage"] > 0)
+             & ~np.isin(c["zero_stage"], ctx.engine.hsdp_stages),
+             lambda ctx, r: f"dp_shard={r['dp_shard']} < dp={r['dp']} with ZeRO-"
+                            f"{r['zero_stage']}: {ctx.engine.hsdp_note}"),
+    ]
 
 
 def _long_sequence(ctx) -> bool:
@@ -323,7 +359,7 @@ def _recompute_rules() -> list:
     ]
 
 
-RULES = _shape_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
+RULES = _shape_rules() + _hsdp_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
     _engine_rules()
 BY_KEY = {rule.key: rule for rule in RULES}
 # labels of the search's own rejections (not layout rules)

@@ -61,6 +61,16 @@ def add_recompute(parser, search: bool) -> None:
                                                   else " (default 1)"))
 
 
+def add_dp_shard(parser, search: bool) -> None:
+    """--dp-shard: hybrid sharding's shard group (the rest of dp replicates)."""
+    parser.add_argument("--dp-shard", type=bounded_int(0, limits.MAX_DEGREE),
+                        default=None if search else 0,
+                        help="hybrid sharding: ZeRO shards over groups of S consecutive dp "
+                             "ranks and replicates across dp/S groups; 0 = all of dp" +
+                             (" (default: search the shard groups)" if search
+                              else " (default 0)"))
+
+
 def add_layout(parser) -> None:
     degree = bounded_int(1, limits.MAX_DEGREE)
     parser.add_argument("--dp", type=degree, default=1, help="data-parallel degree")
@@ -71,6 +81,7 @@ def add_layout(parser) -> None:
                              "(dp x this))")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs tp > 1)")
     parser.add_argument("--zero", type=bounded_int(0, 3), default=0, help="ZeRO stage 0-3")
+    add_dp_shard(parser, search=False)
     parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b",
                         help="pipeline schedule (with pp > 1)")
     parser.add_argument("--virtual-stages", type=bounded_int(1, limits.MAX_LAYERS), default=1,
@@ -95,7 +106,8 @@ FLAGS = {"model": "--model", "cluster": "--cluster", "nodes": "--nodes",
          "pp": "--pp", "micro_batch": "--micro-batch", "sp": "--sp", "zero": "--zero",
          "schedule": "--schedule", "virtual_stages": "--virtual-stages",
          "recompute": "--recompute", "recompute_every": "--recompute-every",
-         "mesh_order": "--mesh-order", "gpus": "--gpus", "compile": "--compile"}
+         "mesh_order": "--mesh-order", "gpus": "--gpus", "compile": "--compile",
+         "dp_shard": "--dp-shard"}
 # planner.rules key -> the flags (dests) whose values that rule read
 RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn": ("tp",),
               "tp_node": ("tp",), "sp_tp": ("sp", "tp"), "sp_seq": ("tp", "seq_len"),
@@ -114,7 +126,10 @@ RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn"
               "recompute_every_none": ("recompute_every", "recompute"),
               "recompute_every_layers": ("recompute_every", "model"),
               "recompute_engine": ("recompute", "engine"),
-              "recompute_every_engine": ("recompute_every", "engine")}
+              "recompute_every_engine": ("recompute_every", "engine"),
+              "dp_shard_divides": ("dp_shard", "dp"), "dp_shard_one": ("dp_shard",),
+              "dp_shard_zero": ("dp_shard", "zero"),
+              "dp_shard_engine": ("dp_shard", "zero", "engine")}
 
 
 def is_default(args, dest: str) -> bool:
@@ -190,7 +205,7 @@ def build_plan(args) -> Plan:
                     virtual_stages=args.virtual_stages, recompute=args.recompute,
                     recompute_every=args.recompute_every,
                     mesh_order=tuple(a.strip() for a in args.mesh_order.split(",")),
-                    compile=args.compile)
+                    compile=args.compile, dp_shard=args.dp_shard)
     try:
         return Plan(model=model, cluster=cluster, job=job, layout=layout)
     except ValueError as exc:

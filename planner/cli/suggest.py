@@ -1,7 +1,7 @@
 """`planner suggest`: search every valid layout, rank, explain, write the chosen plan."""
 
 from planner import limits
-from planner.cli.common import (add_compile, add_gpus, add_inputs, add_recompute, bounded_float,
+from planner.cli.common import (add_compile, add_dp_shard, add_gpus, add_inputs, add_recompute, bounded_float,
                                 bounded_int, build_inputs, check_output, print_json, save_plan)
 
 # = planner.search.ranking.OBJECTIVES (tests/test_imports.py checks); not imported from there:
@@ -13,6 +13,7 @@ def add_parser(sub):
     p = sub.add_parser("suggest", help="search every layout and rank the ones that fit")
     add_inputs(p)
     add_recompute(p, search=True)
+    add_dp_shard(p, search=True)
     plans = bounded_int(1, limits.MAX_RANKED_PLANS)
     add_gpus(p)
     p.add_argument("--top", type=plans, default=10, help="plans to show (default 10)")
@@ -42,7 +43,8 @@ def _options(args):
                          allow_fewer_gpus=args.allow_fewer_gpus,
                          target_tokens_per_s=args.target_tokens_per_s,
                          token_budget=args.token_budget, compile=args.compile,
-                         recompute=args.recompute, recompute_every=args.recompute_every)
+                         recompute=args.recompute, recompute_every=args.recompute_every,
+                         dp_shard=args.dp_shard)
 
 
 def run(args) -> int:

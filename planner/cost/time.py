@@ -126,15 +126,19 @@ def pp_comm_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_para
 
 
 def dp_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_microbatches,
-               rank_layers, holds_embedding, holds_head, tied_copy) -> tuple:
+               rank_layers, holds_embedding, holds_head, tied_copy, dp_shard=0) -> tuple:
     """(all data-parallel seconds of the step, the gradient sync's, one FSDP group's parameter
-    gather) on one pipeline rank."""
+    gather) on one pipeline rank; hybrid sharding's replica all-reduce follows each
+    reduce-scatter, so it counts in the gradient sync."""
     colls = dp_collectives(profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
                            zero_stage=zero_stage, num_microbatches=num_microbatches,
                            rank_layers=int(rank_layers), holds_embedding=bool(holds_embedding),
-                           holds_head=bool(holds_head), tied_copy=bool(tied_copy))
+                           holds_head=bool(holds_head), tied_copy=bool(tied_copy),
+                           dp_shard=int(dp_shard))
     gather = colls[1].time_each_s if zero_stage in SHARDED_GRAD_STAGES and colls else 0.0
-    return sum(c.time_s for c in colls), colls[0].time_s if colls else 0.0, gather
+    sync = colls[0].time_s + sum(c.time_s for c in colls if c.axis == "dp_replicate") \
+        if colls else 0.0
+    return sum(c.time_s for c in colls), sync, gather
 
 
 def optimizer_seconds(gpu, job, *, tp, zero_stage, optimizer_bytes) -> float:

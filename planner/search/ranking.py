@@ -23,7 +23,7 @@ from planner.search.space import concat, enumerate_space, take
 OBJECTIVES = ("throughput", "min-gpus", "time-to-train")
 # Deterministic tie-break after the objective: less memory, fewer GPUs, then the simpler layout
 # (lower pp, tp, ZeRO, recompute, schedule index) - the column order below.
-TIE_COLUMNS = ("world", "pp", "tp", "zero_stage", "recompute", "recompute_every", "schedule",
+TIE_COLUMNS = ("world", "pp", "tp", "zero_stage", "dp_shard", "recompute", "recompute_every", "schedule",
                "virtual_stages", "sequence_parallel", "dp", "micro_batch")
 
 
@@ -39,6 +39,7 @@ class SearchOptions:
     compile: bool = False           # every layout with Layout.compile (torch.compile per block)
     recompute: str = None           # a fixed recompute policy (None: search them)
     recompute_every: int = None     # a fixed recompute_every (None: search 1, 2, 4)
+    dp_shard: int = None            # a fixed Layout.dp_shard (None: search the shard groups)
 
     def __post_init__(self):
         if self.max_tp is None:
@@ -190,7 +191,8 @@ class _Search:
         spaces = []
         for world in gpu_counts(self.cluster, self.opt.allow_fewer_gpus):
             cols, bad_shapes = enumerate_space(self.model, self.job, world, self.max_tp,
-                                               self.opt.recompute, self.opt.recompute_every)
+                                               self.opt.recompute, self.opt.recompute_every,
+                                               self.opt.dp_shard)
             if bad_shapes:
                 dp, tp, pp = bad_shapes[0]
                 self.reject("batch", len(bad_shapes),

@@ -36,6 +36,7 @@ def layout_at(cols: dict, i: int) -> Layout:
                   virtual_stages=int(cols["virtual_stages"][i]),
                   recompute=RECOMPUTE[int(cols["recompute"][i])],
                   recompute_every=int(cols["recompute_every"][i]),
+                  dp_shard=int(cols["dp_shard"][i]) if "dp_shard" in cols else 0,
                   compile=bool(cols["compile"][i]) if "compile" in cols else False)
 
 

@@ -11,7 +11,9 @@ What is enumerated (and what is not, because it would duplicate another row):
   schedules with every v >= 2 that splits
   the layers evenly over pp*v chunks (Megatron-LM's --num-layers-per-virtual-pipeline-stage
   needs that), ZBV with v = 2; with pp = 1 the schedule is moot and only '1f1b' is listed.
-  Only the schedules and ZeRO stages the engine runs are listed (planner.engines).
+  Only the schedules and ZeRO stages the engine runs are listed (planner.engines).  Each
+  layout at a ZeRO stage the engine hybrid-shards is also listed with every shard group
+  1 < dp_shard < dp dividing dp (hybrid sharding; dp_shard 0 is the whole dp group).
 
 The structural rules themselves are planner/rules.py, evaluated here on whole columns."""
 
@@ -99,12 +101,42 @@ def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int,
     n = mb.size
     const = lambda x: np.full(n, x)  # noqa: E731
     return np.stack([const(world), const(dp), const(tp), const(pp), grid[2], grid[3], mb,
-                     per_replica // mb, sched, v, rc, const(0), const(0), every, const(1), const(1)],
-                    axis=1)  # ep = etp = 1: dense models
+                     per_replica // mb, sched, v, rc, const(0), const(0), every, const(1), const(1),
+                     const(0)], axis=1)  # ep = etp = 1: dense models; dp_shard 0: see _shards
+
+
+
+SHARD = COLUMNS.index("dp_shard")
+
+
+def shard_options(dp: int, engine_name: str, zero_stage: int) -> list:
+    """Hybrid-sharding shard groups to try besides the whole dp group (dp_shard 0): every
+    proper divisor 1 < S < dp, at the ZeRO stages the engine hybrid-shards."""
+    if zero_stage not in engine(engine_name).hsdp_stages:
+        return []
+    return [d for d in divisors(dp) if 1 < d < dp]
+
+
+def _shards(rows: np.ndarray, dp: int, engine_name: str, dp_shard) -> np.ndarray:
+    """The rows, plus a copy per hybrid shard group (shard_options) of each row whose ZeRO stage
+    hybrid-shards; a fixed `dp_shard` is the only value (the rules refuse rows it cannot take,
+    and the refusal is reported)."""
+    if dp_shard is not None:
+        out = rows.copy()
+        out[:, SHARD] = dp_shard
+        return out
+    blocks = [rows]
+    zero = COLUMNS.index("zero_stage")
+    for z in np.unique(rows[:, zero]):
+        for shard in shard_options(dp, engine_name, int(z)):
+            extra = rows[rows[:, zero] == z].copy()
+            extra[:, SHARD] = shard
+            blocks.append(extra)
+    return np.concatenate(blocks)
 
 
 def enumerate_space(model, job, world: int, max_tp: int, recompute: str = None,
-                    recompute_every: int = None) -> tuple:
+                    recompute_every: int = None, dp_shard: int = None) -> tuple:
     """(columns dict, shape rejections) for `world` GPUs.  A shape whose dp does not divide the
     global batch has no micro-batch split at all; it is reported once, as a shape.  A fixed
     `recompute` / `recompute_every` is the only value tried (recompute_options)."""
@@ -116,7 +148,8 @@ def enumerate_space(model, job, world: int, max_tp: int, recompute: str = None,
             if job.global_batch % dp:
                 shape_rejects.append((dp, tp, pp))
                 continue
-            blocks.append(_shape_rows(model, job, world, dp, tp, pp, recomputes))
+            blocks.append(_shards(_shape_rows(model, job, world, dp, tp, pp, recomputes), dp,
+                                  job.engine, dp_shard))
     rows = np.concatenate(blocks) if blocks else np.zeros((0, len(COLUMNS)), dtype=np.int64)
     return {name: rows[:, i].astype(np.int64) for i, name in enumerate(COLUMNS)}, shape_rejects
 

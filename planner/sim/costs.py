@@ -136,6 +136,11 @@ def _chunk_recomputed(lay, num_layers: int) -> list:
     return out
 
 
+def _sync_s(colls: list) -> float:
+    """Gradient-sync seconds: the first collective plus hybrid sharding's replica all-reduce."""
+    return colls[0].time_s + sum(c.time_s for c in colls if c.axis == "dp_replicate")
+
+
 def _dp_costs(plan: Plan, named: dict) -> dict:
     lay = plan.layout
     ranks = [with_rank(named, r) for r in range(lay.pp)]
@@ -148,12 +153,14 @@ def _dp_costs(plan: Plan, named: dict) -> dict:
     if lay.dp == 1:
         return common
     if lay.zero_stage in DDP_STAGES:
-        return {**common, "dp_mode": "all_reduce", "rank_grad_sync_s": [c[0].time_s for c in colls],
-                "rank_after_step_s": [sum(x.time_s for x in c[1:]) for c in colls]}
+        return {**common, "dp_mode": "all_reduce", "rank_grad_sync_s": [_sync_s(c) for c in colls],
+                "rank_after_step_s": [sum(x.time_s for x in c[1:] if x.axis != "dp_replicate")
+                                      for c in colls]}
     deferred = bool(deferred_fsdp(plan.job.engine, lay.zero_stage, lay.pp))
     reduces, gathers = fsdp_rounds(plan.job.engine, lay.zero_stage, lay.pp, lay.num_microbatches)
     # one round of a rank's FSDP2 groups: every group's reduce-scatter or gather once
     return {**common, "dp_mode": "deferred" if deferred else "sharded",
-            "rank_grad_sync_s": [c[0].time_s / reduces for c in colls],
+            # hybrid sharding: each reduce-scatter's replica all-reduce follows it
+            "rank_grad_sync_s": [_sync_s(c) / reduces for c in colls],
             "rank_gather_s": [c[1].time_s / gathers for c in colls],
             "gathers_per_microbatch": 2 if lay.zero_stage == 3 else 1}
