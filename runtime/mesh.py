@@ -22,6 +22,7 @@ class DistContext:
     rank: int
     world_size: int
     coords: dict  # {"pp": i, "dp": j, "tp": k}
+    hsdp_mesh: DeviceMesh = None  # hybrid sharding: the 2-D (dp_replicate, dp_shard) mesh
 
     @property
     def pp_rank(self) -> int:
@@ -83,7 +84,18 @@ def init_distributed(layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContex
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=order)
     coord = mesh.get_coordinate()
     return DistContext(mesh=mesh, device=device, rank=dist.get_rank(), world_size=world,
-                       coords=dict(zip(order, coord)))
+                       coords=dict(zip(order, coord)), hsdp_mesh=hsdp_mesh(mesh, layout))
+
+
+def hsdp_mesh(mesh: DeviceMesh, layout):
+    """Hybrid sharding's 2-D (dp_replicate, dp_shard) mesh, the dp axis unflattened replicate
+    outer and shard inner (a shard group is dp_shard consecutive dp ranks, as
+    planner/topology.py places it); None without hybrid sharding."""
+    if not 0 < layout.dp_shard < layout.dp:
+        return None
+    split = mesh._unflatten("dp", (layout.dp // layout.dp_shard, layout.dp_shard),
+                            ("dp_replicate", "dp_shard"))
+    return split["dp_replicate", "dp_shard"]
 
 
 def pair_group(ctx: DistContext, pp_a: int, pp_b: int):

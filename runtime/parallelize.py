@@ -125,7 +125,9 @@ def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=F
         for block in part.layers.values():
             block.compile()  # in place: parameter names are unchanged
     if layout.dp > 1 and layout.zero_stage >= 2:
-        apply_fsdp(part, ctx.mesh["dp"], layout.zero_stage, precision)
+        # hybrid sharding: FSDP2 on the 2-D (replicate, shard) mesh is HSDP
+        dp_mesh = ctx.hsdp_mesh if ctx.hsdp_mesh is not None else ctx.mesh["dp"]
+        apply_fsdp(part, dp_mesh, layout.zero_stage, precision)
         return "none"
     if precision != "fp32":
         part.autocast_dtype = DTYPES[precision]

@@ -148,9 +148,9 @@ def model_states(spec, job, *, tp, dp, pp, zero_stage, rank_layers, holds_embedd
                  holds_head, tied_copy, dp_rank=0, tp_rank=0, dp_shard=0) -> tuple:
     """(weights, gradients, optimizer) bytes of one rank (dp rank 0 / tp rank 0 hold the
     largest shards).  Hybrid sharding shards over the dp_shard ranks of a shard group (every
-    replica holds the same shards), so the states are those of dp = dp_shard; `dp_rank` is then
-    the rank within its shard group."""
-    dp = dp_shard or dp
+    replica holds the same shards), so the states are those of dp = dp_shard at the rank's place
+    in its group (dp rank = replica x dp_shard + place: planner/topology.py)."""
+    dp, dp_rank = (dp_shard, dp_rank % dp_shard) if 0 < dp_shard < dp else (dp, dp_rank)
     pieces = (int(rank_layers), bool(holds_embedding), bool(holds_head), bool(tied_copy))
     if engine(job.engine).deepspeed_optimizers:
         states = ds.model_state_bytes(_local_numel(spec, tp, *pieces), dp, zero_stage,
