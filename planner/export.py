@@ -291,6 +291,7 @@ def deepspeed_config(plan: Plan) -> dict:
     What the config cannot say (where the tensor and pipeline degrees come from, what the model
     code must do) is in the 'comment' key, which DeepSpeed ignores; settings no plan holds are
     listed in the 'placeholders' key by their dotted path."""
+    from planner.engines import DEEPSPEED
     lay, job = plan.layout, plan.job
     _refuse_compile("DeepSpeed", lay)
     if lay.pp > 1 and lay.schedule != "1f1b":
@@ -298,6 +299,9 @@ def deepspeed_config(plan: Plan) -> dict:
     if lay.pp > 1 and lay.zero_stage >= 2:
         _refuse("DeepSpeed", f"ZeRO-{lay.zero_stage} with pp={lay.pp}; pipeline parallelism "
                 "supports ZeRO stages 0 and 1 only")
+    if lay.hybrid:
+        _refuse("DeepSpeed", f"hybrid sharding (dp_shard={lay.dp_shard} of dp={lay.dp}): "
+                f"{DEEPSPEED.hsdp_note}")
     cfg = {"train_batch_size": job.global_batch,
            "train_micro_batch_size_per_gpu": lay.micro_batch,
            "gradient_accumulation_steps": lay.num_microbatches,
@@ -489,6 +493,11 @@ def megatron_args(plan: Plan, fill: dict = None) -> list:
     if lay.zero_stage >= 2:
         args += ["--use-megatron-fsdp", "--data-parallel-sharding-strategy",
                  MEGATRON_FSDP_SHARDING[lay.zero_stage]]
+    if lay.hybrid:
+        # dp / dp_shard instances of the distributed optimizer (Megatron-FSDP: HSDP, its outer
+        # dp_replicate level unsharded), each over dp_shard consecutive dp ranks
+        # (megatron/core/parallel_state.py intra-partial groups; mcore_fsdp_adapter enable_hsdp)
+        args += ["--num-distributed-optimizer-instances", str(lay.dp_replicate)]
     args += ["--micro-batch-size", str(lay.micro_batch),
              "--global-batch-size", str(job.global_batch), "--seq-length", str(job.seq_len)]
     args += _model_args(spec, job)

@@ -355,6 +355,7 @@ MEGATRON_LM_FLAGS = {
     "--bf16": "special", "--fp16": "special", "--attention-backend": "special",
     "--no-masked-softmax-fusion": "special",
     "--use-distributed-optimizer": "ddp", "--use-megatron-fsdp": "ddp",
+    "--num-distributed-optimizer-instances": "ddp",
     "--data-parallel-sharding-strategy": "ddp", "--clip-grad": "optimizer", "--lr": "optimizer",
     "--vocab-size": "model", "--max-position-embeddings": "model",
     "--position-embedding-type": "model", "--rotary-base": "model",
@@ -386,6 +387,8 @@ def _megatron_plans() -> list:
     plans.append(_plan(gpus=8, model="gpt3-1.3b", dp=8, precision="fp16", zero_stage=1))
     plans.append(_plan(gpus=8, model="gpt3-1.3b", dp=2, pp=4, precision="fp32",
                        num_microbatches=8))
+    plans.append(_plan(gpus=16, model="llama3-8b", dp=8, tp=2, zero_stage=3, dp_shard=4,
+                       attention="flash", sequence_parallel=True))  # hybrid sharding
     return plans
 
 
@@ -504,6 +507,8 @@ def test_megatron_core_accepts_every_export(plan):
     if lay.zero_stage >= 2:
         assert ddp.data_parallel_sharding_strategy == \
             ShardingStrategy(lay.zero_stage).name.lower()
+    # hybrid sharding: dp / dp_shard distributed-optimizer instances
+    assert ddp.num_distributed_optimizer_instances == lay.dp_replicate
     assert opt.lr == float(FILL["LR"]) and opt.clip_grad == export.CLIP_NORM
 
 
