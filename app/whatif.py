@@ -1,7 +1,7 @@
-"""What-if: set dp/tp/pp/ZeRO/micro-batch/recompute (the policy and every K-th block),
-torch.compile, the schedule, the mesh order and the layers of each pipeline stage by hand.  The
-widgets only collect values; validity is decided by
-planner.plan (the page shows its one-line reason)."""
+"""What-if: set dp/tp/pp/ZeRO (and its hybrid shard group)/micro-batch/recompute (the policy
+and every K-th block), torch.compile, the schedule, the mesh order and the layers of each
+pipeline stage by hand.  The widgets only collect values; validity is decided by planner.plan
+(the page shows its one-line reason)."""
 
 import itertools
 
@@ -12,7 +12,7 @@ from planner.plan import AXES, RECOMPUTE, SCHEDULES
 MESH_ORDERS = [",".join(p) for p in itertools.permutations(AXES)]
 
 FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "num_microbatches", "virtual_stages",
-          "recompute_every", "ep", "etp")
+          "recompute_every", "ep", "etp", "dp_shard")
 
 
 def _seed(hint: dict) -> None:
@@ -21,7 +21,8 @@ def _seed(hint: dict) -> None:
     if st.session_state.get("_hand_seeded") == hint:
         return
     for f in FIELDS:
-        st.session_state[f"hand_{f}"] = int(hint.get(f, 0 if f == "zero_stage" else 1))
+        st.session_state[f"hand_{f}"] = int(hint.get(f, 0 if f in ("zero_stage", "dp_shard")
+                                                      else 1))
     st.session_state["hand_sp"] = bool(hint.get("sequence_parallel", False))
     st.session_state["hand_compile"] = bool(hint.get("compile", False))
     st.session_state["hand_schedule"] = hint.get("schedule", "1f1b")
@@ -62,7 +63,11 @@ def layout_by_hand(hint: dict) -> dict:
                             help="expert parallel: the routed experts split over ep ranks")
     etp = c3[1].number_input("expert tp", min_value=1, step=1, key="hand_etp",
                              help="tensor parallel inside each expert")
+    shard = c3[2].number_input("dp shard", min_value=0, step=1, key="hand_dp_shard",
+                               help="hybrid sharding: ZeRO shards over groups of this many dp "
+                                    "ranks and replicates across dp / this; 0 = all of dp")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "ep": int(ep), "etp": int(etp),
+            "dp_shard": int(shard),
             "sequence_parallel": bool(sp),
             "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,

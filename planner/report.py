@@ -32,7 +32,10 @@ def layout_summary(layout) -> str:
     parts = [f"dp={layout.dp}", f"tp={layout.tp}", f"pp={layout.pp}"]
     if layout.sequence_parallel:
         parts.append("sp")
-    parts += [f"zero={layout.zero_stage}", f"mb={layout.micro_batch}x{layout.num_microbatches}"]
+    parts.append(f"zero={layout.zero_stage}")
+    if layout.dp_shard:
+        parts.append(f"shard={layout.dp_shard}")  # hybrid sharding (dp_replicate x dp_shard)
+    parts.append(f"mb={layout.micro_batch}x{layout.num_microbatches}")
     if layout.pp > 1:
         sched = layout.schedule
         if layout.virtual_stages > 1:
