@@ -19,6 +19,8 @@ ZERO_BUBBLE = ("interleaved_zb", "zbv")                       # backward split i
 RECOMPUTE = ("none", "selective", "op", "full")
 RECOMPUTE_EVERY_CHOICES = (1, 2, 4)  # the K the search tries where a policy is on
 ZERO_STAGES = (0, 1, 2, 3)
+# CPU offload (planner/cost/offload.py): nothing; the optimizer states; also the parameters
+OFFLOADS = ("none", "optimizer", "params")
 DDP_STAGES = (0, 1)          # gradients all-reduced (DDP or FSDP2's replicate under TP)
 SHARDED_GRAD_STAGES = (2, 3)  # FSDP2: reduce-scatter per micro-batch
 
@@ -61,6 +63,8 @@ class Engine:
     recompute_stops_early: bool = False  # a recompute stops after the last tensor backward needs
     hsdp_stages: tuple = ()          # ZeRO stages it runs hybrid-sharded (Layout.dp_shard < dp)
     hsdp_note: str = "this engine has no hybrid sharding"  # why other stages are refused
+    offload_stages: tuple = ((), ())  # ZeRO stages it runs offload "optimizer", "params" at
+    offload_note: str = ""           # what it offloads, and how
 
     def optimizer_state_bytes(self, precision: str, zero_stage: int = 0) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -88,7 +92,12 @@ TORCH = Engine(
     # ZeroRedundancyOptimizer (or runtime/zero1.py under TP), which take one group only
     hsdp_stages=(2, 3),
     hsdp_note="the torch engine hybrid-shards with FSDP2 on a 2-D mesh (ZeRO-2 or 3); its "
-              "ZeRO-1 optimizer shards over one group only")
+              "ZeRO-1 optimizer shards over one group only",
+    # FSDP2 CPUOffloadPolicy moves parameters, gradients and optimizer states together
+    offload_stages=((), (2, 3)),
+    offload_note="the torch engine offloads with FSDP2's CPUOffloadPolicy, which moves "
+                 "parameters, gradients and optimizer states together: offload params at "
+                 "ZeRO-2 or 3")
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped
@@ -109,7 +118,12 @@ MEGATRON = Engine(
     # intra-partial data-parallel groups; megatron-core 0.16)
     hsdp_stages=(1,),
     hsdp_note="Megatron-LM hybrid-shards the distributed optimizer "
-              "(--num-distributed-optimizer-instances, ZeRO-1) only")
+              "(--num-distributed-optimizer-instances, ZeRO-1) only",
+    # --optimizer-cpu-offload needs --use-distributed-optimizer (megatron-core 0.16
+    # optimizer_config.py); parameters stay on the GPU
+    offload_stages=((1,), ()),
+    offload_note="Megatron-LM offloads the distributed optimizer (--optimizer-cpu-offload, "
+                 "ZeRO-1) only")
 
 # DeepSpeed 0.19.8 (runtime/engine.py, zero/stage_1_and_2.py, zero/stage3.py, bf16_optimizer.py,
 # pipe/engine.py): the user's eager model, so eager kernels and host time; its PipelineEngine
@@ -131,7 +145,12 @@ DEEPSPEED = Engine(
     pipeline_zero_stages=(0, 1), tp_only_autotp=True,
     hsdp_note="DeepSpeed 0.19.8 removed MiCS (mics_shard_size), and ZeRO++ hpZ "
               "(zero_hpz_partition_size) keeps optimizer states and gradients sharded over "
-              "all of dp (only a secondary weight copy is node-local): no hybrid sharding")
+              "all of dp (only a secondary weight copy is node-local): no hybrid sharding",
+    # zero_optimization.offload_optimizer at stages 1-3, offload_param at stage 3 only
+    # (deepspeed/runtime/zero/offload_config.py, stage3.py)
+    offload_stages=((1, 2, 3), (3,)),
+    offload_note="DeepSpeed offloads the optimizer at ZeRO-1 to 3 (offload_optimizer) and "
+                 "parameters at ZeRO-3 only (offload_param)")
 
 ENGINES = {e.name: e for e in (TORCH, MEGATRON, DEEPSPEED)}
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from planner import limits, rules
 from planner.cost import pipeline
-from planner.engines import INTERLEAVED, RECOMPUTE, SCHEDULES, ZERO_BUBBLE  # noqa: F401
+from planner.engines import INTERLEAVED, OFFLOADS, RECOMPUTE, SCHEDULES, ZERO_BUBBLE  # noqa: F401
 from planner.hardware import Cluster
 from planner.job import Job
 from planner.limits import check_int
@@ -29,7 +29,7 @@ LAYOUT_BOUNDS = {"dp": limits.MAX_DEGREE, "tp": limits.MAX_DEGREE, "pp": limits.
 SCHEMA_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 LAYOUT_KEYS_SINCE_3 = ("recompute_every", "compile")  # absent from older files: their defaults
-LAYOUT_KEYS_SINCE_4 = ("ep", "etp", "dp_shard")
+LAYOUT_KEYS_SINCE_4 = ("ep", "etp", "dp_shard", "offload")
 AXES = ("pp", "dp", "tp")
 
 
@@ -65,6 +65,8 @@ class Layout:
     # hybrid sharding (HSDP): ZeRO shards over groups of dp_shard consecutive dp ranks and
     # replicates across the dp / dp_shard groups; 0 = the whole dp group shards (plain ZeRO/FSDP)
     dp_shard: int = 0
+    # CPU offload: "optimizer" states (ZeRO-Offload) or also the "params" (planner/cost/offload.py)
+    offload: str = "none"
     sequence_parallel: bool = False
     zero_stage: int = 0
     micro_batch: int = 1
@@ -91,6 +93,7 @@ class Layout:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         require_choice(self.schedule, "schedule", SCHEDULES)
         require_choice(self.recompute, "recompute", RECOMPUTE)
+        require_choice(self.offload, "offload", OFFLOADS)
         for key in ("mesh_order", "layers_per_stage"):
             if not isinstance(getattr(self, key), (list, tuple)):
                 raise ValueError(f"{key} must be a list, got {getattr(self, key)!r}")

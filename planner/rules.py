@@ -19,6 +19,7 @@ import numpy as np
 from planner.engines import (
     DDP_STAGES,
     INTERLEAVED,
+    OFFLOADS,
     RECOMPUTE,
     SCHEDULES,
     ZERO_BUBBLE,
@@ -28,7 +29,7 @@ from planner.engines import (
 
 COLUMNS = ("world", "dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
            "num_microbatches", "schedule", "virtual_stages", "recompute", "lps_n", "lps_sum",
-           "recompute_every", "ep", "etp", "dp_shard")
+           "recompute_every", "ep", "etp", "dp_shard", "offload")
 SCHED = {name: i for i, name in enumerate(SCHEDULES)}
 
 
@@ -62,7 +63,8 @@ def layout_columns(layout, world: int) -> dict:
               "recompute": RECOMPUTE.index(layout.recompute),
               "lps_n": len(layout.layers_per_stage), "lps_sum": sum(layout.layers_per_stage),
               "recompute_every": layout.recompute_every, "compile": int(layout.compile),
-              "ep": layout.ep, "etp": layout.etp, "dp_shard": layout.dp_shard}
+              "ep": layout.ep, "etp": layout.etp, "dp_shard": layout.dp_shard,
+              "offload": OFFLOADS.index(layout.offload)}
     return {k: np.array([v], dtype=np.int64) for k, v in values.items()}
 
 
@@ -167,6 +169,35 @@ def _hsdp_rules() -> list:
              & ~np.isin(c["zero_stage"], ctx.engine.hsdp_stages),
              lambda ctx, r: f"dp_shard={r['dp_shard']} < dp={r['dp']} with ZeRO-"
                             f"{r['zero_stage']}: {ctx.engine.hsdp_note}"),
+    ]
+
+
+def _offload(c: dict) -> np.ndarray:
+    """Layout.offload as an index into OFFLOADS (a space without the column: none)."""
+    return c["offload"] if "offload" in c else np.zeros(c["tp"].shape, dtype=np.int64)
+
+
+def _offload_refused(ctx, c) -> np.ndarray:
+    kind = _offload(c)
+    out = np.zeros(kind.shape, dtype=bool)
+    for i, stages in enumerate(ctx.engine.offload_stages, start=1):
+        out |= (kind == i) & ~np.isin(c["zero_stage"], stages)
+    return out
+
+
+def _offload_rules() -> list:
+    """CPU offload (Layout.offload; planner/cost/offload.py)."""
+    name = lambda r: OFFLOADS[r["offload"]]  # noqa: E731
+    return [
+        Rule("offload_engine", "offload at a ZeRO stage the engine does not offload",
+             _offload_refused,
+             lambda ctx, r: f"offload {name(r)} with ZeRO-{r['zero_stage']}: "
+                            f"{ctx.engine.offload_note}"),
+        Rule("offload_host", "offload on a profile without host figures",
+             lambda ctx, c: (_offload(c) > 0) & _everywhere(c, not ctx.profile.host.known),
+             lambda ctx, r: f"offload {name(r)}: profile {ctx.profile.name} has no host "
+                            f"memory / host-link / CPU Adam figures (a schema 1-3 profile; "
+                            f"measure them with planner profile)"),
     ]
 
 
@@ -359,7 +390,7 @@ def _recompute_rules() -> list:
     ]
 
 
-RULES = _shape_rules() + _hsdp_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
+RULES = _shape_rules() + _hsdp_rules() + _offload_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
     _engine_rules()
 BY_KEY = {rule.key: rule for rule in RULES}
 # labels of the search's own rejections (not layout rules)

@@ -355,7 +355,7 @@ MEGATRON_LM_FLAGS = {
     "--bf16": "special", "--fp16": "special", "--attention-backend": "special",
     "--no-masked-softmax-fusion": "special",
     "--use-distributed-optimizer": "ddp", "--use-megatron-fsdp": "ddp",
-    "--num-distributed-optimizer-instances": "ddp",
+    "--num-distributed-optimizer-instances": "ddp", "--optimizer-cpu-offload": "optimizer",
     "--data-parallel-sharding-strategy": "ddp", "--clip-grad": "optimizer", "--lr": "optimizer",
     "--vocab-size": "model", "--max-position-embeddings": "model",
     "--position-embedding-type": "model", "--rotary-base": "model",

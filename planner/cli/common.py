@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from planner import limits
-from planner.engines import RECOMPUTE, SCHEDULES
+from planner.engines import OFFLOADS, RECOMPUTE, SCHEDULES
 from planner.hardware import load_cluster, with_gpus
 from planner.job import ATTENTION, PRECISIONS, Job
 from planner.presets import load_model
@@ -82,6 +82,9 @@ def add_layout(parser) -> None:
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs tp > 1)")
     parser.add_argument("--zero", type=bounded_int(0, 3), default=0, help="ZeRO stage 0-3")
     add_dp_shard(parser, search=False)
+    parser.add_argument("--offload", choices=OFFLOADS, default="none",
+                        help="CPU offload: the optimizer states (ZeRO-Offload) or also the "
+                             "parameters, into host memory (default none)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b",
                         help="pipeline schedule (with pp > 1)")
     parser.add_argument("--virtual-stages", type=bounded_int(1, limits.MAX_LAYERS), default=1,
@@ -107,7 +110,7 @@ FLAGS = {"model": "--model", "cluster": "--cluster", "nodes": "--nodes",
          "schedule": "--schedule", "virtual_stages": "--virtual-stages",
          "recompute": "--recompute", "recompute_every": "--recompute-every",
          "mesh_order": "--mesh-order", "gpus": "--gpus", "compile": "--compile",
-         "dp_shard": "--dp-shard"}
+         "dp_shard": "--dp-shard", "offload": "--offload"}
 # planner.rules key -> the flags (dests) whose values that rule read
 RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn": ("tp",),
               "tp_node": ("tp",), "sp_tp": ("sp", "tp"), "sp_seq": ("tp", "seq_len"),
@@ -129,7 +132,8 @@ RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn"
               "recompute_every_engine": ("recompute_every", "engine"),
               "dp_shard_divides": ("dp_shard", "dp"), "dp_shard_one": ("dp_shard",),
               "dp_shard_zero": ("dp_shard", "zero"),
-              "dp_shard_engine": ("dp_shard", "zero", "engine")}
+              "dp_shard_engine": ("dp_shard", "zero", "engine"),
+              "offload_engine": ("offload", "zero", "engine"), "offload_host": ("offload", "cluster")}
 
 
 def is_default(args, dest: str) -> bool:
@@ -205,7 +209,7 @@ def build_plan(args) -> Plan:
                     virtual_stages=args.virtual_stages, recompute=args.recompute,
                     recompute_every=args.recompute_every,
                     mesh_order=tuple(a.strip() for a in args.mesh_order.split(",")),
-                    compile=args.compile, dp_shard=args.dp_shard)
+                    compile=args.compile, dp_shard=args.dp_shard, offload=args.offload)
     try:
         return Plan(model=model, cluster=cluster, job=job, layout=layout)
     except ValueError as exc:

@@ -13,7 +13,7 @@ from planner.cost.pipeline import rank_facts, rank_recomputed_layers
 
 LAYOUT_FIELDS = ("dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
                  "num_microbatches", "schedule", "virtual_stages", "recompute", "recompute_every",
-                 "mesh_order", "layers_per_stage", "compile", "dp_shard")
+                 "mesh_order", "layers_per_stage", "compile", "dp_shard", "offload")
 
 
 @lru_cache(maxsize=None)

@@ -23,6 +23,7 @@ from planner.cost.compute import (head_times, layer_times, op_policy_recompute_s
 from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of,
                                  recomputed_layers_of, unpack)
 from planner.cost.flops import recomputed_layer_count
+from planner.cost.offload import offload_seconds
 from planner.engines import (SHARDED_GRAD_STAGES, ZERO_BUBBLE, deferred_fsdp, dp_overlapped,
                              engine)
 
@@ -199,7 +200,8 @@ def rank_time_parts(evaluate, optimizer_bytes) -> RankTime:
     return RankTime(microbatch=_microbatch(evaluate, layers, last == 1, recomputed),
                     dp_total_s=total,
                     grad_sync_s=sync, first_gather_s=gather,
-                    optimizer_s=optimizer_bytes * evaluate(optimizer_seconds_per_byte))
+                    optimizer_s=optimizer_bytes * evaluate(optimizer_seconds_per_byte)
+                    + evaluate(offload_seconds))
 
 
 def model_recomputed_layers(spec, *, recompute, recompute_every) -> int:

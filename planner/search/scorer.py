@@ -19,11 +19,12 @@ from planner.cost.fields import parameters, rank_facts_of
 from planner.cost.flops import model_flops_per_step
 from planner.cost.memory import rank_memory_parts
 from planner.cost.time import mean_rank_s, rank_time_parts, step_inputs, step_of
-from planner.engines import RECOMPUTE, SCHEDULES
+from planner.engines import OFFLOADS, RECOMPUTE, SCHEDULES
 from planner.plan import AXES, Layout
 from planner.search.space import take
 
-_NAMES = {"schedule": np.array(SCHEDULES), "recompute": np.array(RECOMPUTE)}
+_NAMES = {"schedule": np.array(SCHEDULES), "recompute": np.array(RECOMPUTE),
+          "offload": np.array(OFFLOADS)}
 _FLAGS = ("sequence_parallel", "holds_embedding", "holds_head", "tied_copy", "compile")
 
 
@@ -37,6 +38,7 @@ def layout_at(cols: dict, i: int) -> Layout:
                   recompute=RECOMPUTE[int(cols["recompute"][i])],
                   recompute_every=int(cols["recompute_every"][i]),
                   dp_shard=int(cols["dp_shard"][i]) if "dp_shard" in cols else 0,
+                  offload=OFFLOADS[int(cols["offload"][i])] if "offload" in cols else "none",
                   compile=bool(cols["compile"][i]) if "compile" in cols else False)
 
 

@@ -100,9 +100,10 @@ def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int,
     every = np.array([k for _, k in recomputes])[grid[4]]
     n = mb.size
     const = lambda x: np.full(n, x)  # noqa: E731
+    # ep = etp = 1: dense models; dp_shard 0 (see _shards); offload none (index 0)
     return np.stack([const(world), const(dp), const(tp), const(pp), grid[2], grid[3], mb,
                      per_replica // mb, sched, v, rc, const(0), const(0), every, const(1), const(1),
-                     const(0)], axis=1)  # ep = etp = 1: dense models; dp_shard 0: see _shards
+                     const(0), const(0)], axis=1)
 
 
 

@@ -11,6 +11,7 @@ from planner.cost.fields import call, plan_fields, with_rank
 from planner.cost.memory import rank_memory
 from planner.cost.pipeline import recomputed
 from planner.cost.time import exposed_tp, optimizer_seconds, recompute_seconds
+from planner.cost.offload import offload_seconds
 from planner.engines import DDP_STAGES, SCHEDULES, deferred_fsdp, dp_overlapped
 from planner.plan import Plan
 
@@ -145,9 +146,10 @@ def _dp_costs(plan: Plan, named: dict) -> dict:
     lay = plan.layout
     ranks = [with_rank(named, r) for r in range(lay.pp)]
     colls = [call(dp_collectives, r) for r in ranks]
+    # the GPU AdamW step, plus the CPU step and host-link copies of CPU offload
     opt = [optimizer_seconds(named["gpu"], plan.job, tp=lay.tp, zero_stage=lay.zero_stage,
                              optimizer_bytes=rank_memory(plan, r).optimizer_bytes)
-           for r in range(lay.pp)]
+           + call(offload_seconds, rank) for r, rank in zip(range(lay.pp), ranks)]
     common = {"rank_optimizer_s": opt,
               "dp_overlap": bool(dp_overlapped(plan.job.engine, lay.zero_stage, lay.pp, lay.dp))}
     if lay.dp == 1:
