@@ -395,7 +395,8 @@ RULES = _shape_rules() + _hsdp_rules() + _offload_rules() + _schedule_rules() + 
 BY_KEY = {rule.key: rule for rule in RULES}
 # labels of the search's own rejections (not layout rules)
 SEARCH_LABELS = {"batch": "dp does not divide the global batch",
-                 "memory": "does not fit in memory", "target": "below the target tokens/s"}
+                 "memory": "does not fit in memory", "target": "below the target tokens/s",
+                 "host_memory": "CPU offload does not fit in host memory"}
 # shape-level reasons (why tp or dp cannot take the obvious value) the nothing-fits line cites
 SHAPE_KEYS = ("tp_heads", "tp_ffn", "tp_node", "batch")
 # reasons that rule out every layout of a request: said first when nothing is valid

@@ -121,3 +121,32 @@ def test_the_runtime_refuses_offload_on_cpu_in_one_line():
     with pytest.raises(ValueError, match="offloads params only"):
         check_offload(Layout(dp=2, zero_stage=1, micro_batch=1, offload="optimizer"), "cuda")
     check_offload(Layout(dp=2, zero_stage=3, micro_batch=1, offload="params"), "cuda")
+
+
+def test_search_offloads_when_asked_and_checks_host_memory():
+    from planner.search.ranking import search
+    spec, cluster = MODEL_PRESETS["llama3-70b"], load_cluster("a100-80g", 1)
+    job = Job(global_batch=64, seq_len=4096, precision="bf16", engine="deepspeed")
+    assert not search(spec, cluster, job, top=1).ranked  # nothing fits on the GPUs alone
+    found = search(spec, cluster, job, top=3, offload=None)
+    assert found.ranked and all(c.layout.offload != "none" for c in found.ranked)
+    assert all(c.estimate.memory.fits for c in found.ranked)
+    tiny = dataclasses.replace(cluster.profile, host=dataclasses.replace(
+        cluster.profile.host, memory_bytes_per_node=256 * 2**30))
+    none = search(spec, Cluster(profile=tiny, num_nodes=1), job, top=1, offload=None)
+    assert not none.ranked and none.rejected["CPU offload does not fit in host memory"] > 0
+
+
+def test_nothing_fits_advice_names_the_offload_and_its_cost():
+    from planner.search import nofit
+    from planner.search.ranking import search
+    spec, cluster = MODEL_PRESETS["llama3-70b"], load_cluster("a100-80g", 1)
+    job = Job(global_batch=64, seq_len=4096, precision="bf16", engine="deepspeed")
+    result = search(spec, cluster, job, top=1)
+    line = nofit.offload_line(result, search)
+    best = search(spec, cluster, job, top=1, offload=None).ranked[0]
+    plain = estimate(dataclasses.replace(best.plan, layout=dataclasses.replace(
+        best.layout, offload="none")))
+    pct = 100 * (best.tokens_per_s / plain.tokens_per_s - 1)
+    assert line.startswith(f"fits with {best.layout.offload} offload: ")
+    assert f"at {pct:+.0f}% throughput against the same layout without it" in line

@@ -13,13 +13,15 @@ What is enumerated (and what is not, because it would duplicate another row):
   needs that), ZBV with v = 2; with pp = 1 the schedule is moot and only '1f1b' is listed.
   Only the schedules and ZeRO stages the engine runs are listed (planner.engines).  Each
   layout at a ZeRO stage the engine hybrid-shards is also listed with every shard group
-  1 < dp_shard < dp dividing dp (hybrid sharding; dp_shard 0 is the whole dp group).
+  1 < dp_shard < dp dividing dp (hybrid sharding; dp_shard 0 is the whole dp group).  CPU
+  offload is listed only when asked for: `offload=None` adds a copy of each row per offload
+  its engine runs at that ZeRO stage (the nothing-fits advice does that).
 
 The structural rules themselves are planner/rules.py, evaluated here on whole columns."""
 
 import numpy as np
 
-from planner.engines import RECOMPUTE, RECOMPUTE_EVERY_CHOICES, engine
+from planner.engines import OFFLOADS, RECOMPUTE, RECOMPUTE_EVERY_CHOICES, engine
 from planner.rules import COLUMNS, SCHED
 
 
@@ -136,8 +138,27 @@ def _shards(rows: np.ndarray, dp: int, engine_name: str, dp_shard) -> np.ndarray
     return np.concatenate(blocks)
 
 
+OFFLOAD = COLUMNS.index("offload")
+
+
+def _offloads(rows: np.ndarray, engine_name: str, offload) -> np.ndarray:
+    """The rows, plus a copy per CPU offload the engine runs at each row's ZeRO stage
+    (engines.offload_stages); a fixed `offload` is the only value (refusals reported)."""
+    if offload is not None:
+        out = rows.copy()
+        out[:, OFFLOAD] = OFFLOADS.index(offload)
+        return out
+    blocks, zero = [rows], COLUMNS.index("zero_stage")
+    for kind, stages in enumerate(engine(engine_name).offload_stages, start=1):
+        extra = rows[np.isin(rows[:, zero], stages)].copy()
+        extra[:, OFFLOAD] = kind
+        blocks.append(extra)
+    return np.concatenate(blocks)
+
+
 def enumerate_space(model, job, world: int, max_tp: int, recompute: str = None,
-                    recompute_every: int = None, dp_shard: int = None) -> tuple:
+                    recompute_every: int = None, dp_shard: int = None,
+                    offload: str = "none") -> tuple:
     """(columns dict, shape rejections) for `world` GPUs.  A shape whose dp does not divide the
     global batch has no micro-batch split at all; it is reported once, as a shape.  A fixed
     `recompute` / `recompute_every` is the only value tried (recompute_options)."""
@@ -149,8 +170,9 @@ def enumerate_space(model, job, world: int, max_tp: int, recompute: str = None,
             if job.global_batch % dp:
                 shape_rejects.append((dp, tp, pp))
                 continue
-            blocks.append(_shards(_shape_rows(model, job, world, dp, tp, pp, recomputes), dp,
-                                  job.engine, dp_shard))
+            rows = _shards(_shape_rows(model, job, world, dp, tp, pp, recomputes), dp,
+                           job.engine, dp_shard)
+            blocks.append(_offloads(rows, job.engine, offload))
     rows = np.concatenate(blocks) if blocks else np.zeros((0, len(COLUMNS)), dtype=np.int64)
     return {name: rows[:, i].astype(np.int64) for i, name in enumerate(COLUMNS)}, shape_rejects
 
