@@ -7,7 +7,7 @@ import itertools
 
 import streamlit as st
 
-from planner.plan import AXES, RECOMPUTE, SCHEDULES
+from planner.plan import AXES, OFFLOADS, RECOMPUTE, SCHEDULES
 
 MESH_ORDERS = [",".join(p) for p in itertools.permutations(AXES)]
 
@@ -27,6 +27,7 @@ def _seed(hint: dict) -> None:
     st.session_state["hand_compile"] = bool(hint.get("compile", False))
     st.session_state["hand_schedule"] = hint.get("schedule", "1f1b")
     st.session_state["hand_recompute"] = hint.get("recompute", "none")
+    st.session_state["hand_offload"] = hint.get("offload", "none")
     st.session_state["hand_mesh_order"] = ",".join(hint.get("mesh_order", AXES))
     st.session_state["hand_layers"] = ",".join(map(str, hint.get("layers_per_stage", [])))
     st.session_state["_hand_seeded"] = hint
@@ -66,8 +67,11 @@ def layout_by_hand(hint: dict) -> dict:
     shard = c3[2].number_input("dp shard", min_value=0, step=1, key="hand_dp_shard",
                                help="hybrid sharding: ZeRO shards over groups of this many dp "
                                     "ranks and replicates across dp / this; 0 = all of dp")
+    offload = c3[3].selectbox("CPU offload", OFFLOADS, key="hand_offload",
+                              help="optimizer states (ZeRO-Offload) or also the parameters "
+                                   "in host memory; the verdict covers host memory too")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "ep": int(ep), "etp": int(etp),
-            "dp_shard": int(shard),
+            "dp_shard": int(shard), "offload": offload,
             "sequence_parallel": bool(sp),
             "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,

@@ -14,6 +14,9 @@ def add_parser(sub):
     add_inputs(p)
     add_recompute(p, search=True)
     add_dp_shard(p, search=True)
+    p.add_argument("--offload", choices=("none", "optimizer", "params", "any"), default="none",
+                   help="CPU offload to plan with; any: search the offloads the engine runs "
+                        "(default none; the nothing-fits advice tries them)")
     plans = bounded_int(1, limits.MAX_RANKED_PLANS)
     add_gpus(p)
     p.add_argument("--top", type=plans, default=10, help="plans to show (default 10)")
@@ -44,7 +47,8 @@ def _options(args):
                          target_tokens_per_s=args.target_tokens_per_s,
                          token_budget=args.token_budget, compile=args.compile,
                          recompute=args.recompute, recompute_every=args.recompute_every,
-                         dp_shard=args.dp_shard)
+                         dp_shard=args.dp_shard,
+                         offload=None if args.offload == "any" else args.offload)
 
 
 def run(args) -> int:
