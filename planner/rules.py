@@ -158,8 +158,8 @@ def _hsdp_rules() -> list:
                             f"dp_replicate x dp_shard)"),
         Rule("dp_shard_one", "dp_shard of one shards nothing",
              lambda ctx, c: (s(c) == 1) & (c["dp"] > 1),
-             lambda ctx, r: f"dp_shard=1 shards over one rank (every rank holds everything); "
-                            f"use zero_stage 0 to replicate, or dp_shard > 1"),
+             lambda ctx, r: "dp_shard=1 shards over one rank (every rank holds everything); "
+                            "use zero_stage 0 to replicate, or dp_shard > 1"),
         Rule("dp_shard_zero", "dp_shard without ZeRO",
              lambda ctx, c: (s(c) > 0) & (c["zero_stage"] == 0),
              lambda ctx, r: f"dp_shard={r['dp_shard']} picks the ZeRO shard group, but "
