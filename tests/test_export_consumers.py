@@ -50,7 +50,7 @@ needs_megatron = pytest.mark.skipif(not _have("megatron.core"),
 
 
 def _plan(*, gpus=8, model="llama2-7b", precision="bf16", attention="flash", seq_len=2048,
-          **layout) -> Plan:
+          engine="torch", **layout) -> Plan:
     base = dict(dp=gpus, tp=1, pp=1, micro_batch=2, num_microbatches=4, schedule="1f1b")
     base.update(layout)
     lay = Layout(**base)
@@ -59,7 +59,8 @@ def _plan(*, gpus=8, model="llama2-7b", precision="bf16", attention="flash", seq
     cluster = load_cluster("a100-80g", nodes, num_gpus=gpus if gpus < 8 else 0)
     return Plan(model=spec, cluster=cluster, layout=lay,
                 job=Job(global_batch=lay.dp * lay.micro_batch * lay.num_microbatches,
-                        seq_len=seq_len, precision=precision, attention=attention))
+                        seq_len=seq_len, precision=precision, attention=attention,
+                        engine=engine))
 
 
 # ---- torchrun: torch.distributed.run's own parser -------------------------------------------
@@ -172,6 +173,24 @@ def test_deepspeed_parses_every_config(plan, ds_world):
     assert parsed.pipeline["activation_checkpoint_interval"] == (1 if full_pipe else 0)
     autotp = lay.tp > 1 and lay.pp == 1 and not lay.sequence_parallel
     assert parsed.tensor_parallel_config.autotp_size == (lay.tp if autotp else 0)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("zero,offload,engine", [(1, "optimizer", "deepspeed"),
+                                                 (2, "optimizer", "deepspeed"),
+                                                 (3, "params", "deepspeed"),
+                                                 (3, "params", "torch")])
+def test_deepspeed_reads_the_offload(zero, offload, engine, ds_world):
+    """CPU offload: DeepSpeed's config classes read offload_optimizer (and offload_param)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    plan = _plan(dp=8, zero_stage=zero, offload=offload, engine=engine)
+    ds_world(8)
+    zero_cfg = DeepSpeedConfig(export.deepspeed_config(plan), mpu=_Mpu(8)).zero_config
+    assert zero_cfg.offload_optimizer.device == "cpu" and zero_cfg.offload_optimizer.pin_memory
+    if offload == "params":
+        assert zero_cfg.offload_param.device == "cpu"
+    else:
+        assert zero_cfg.offload_param is None
 
 
 @needs_deepspeed
@@ -389,6 +408,8 @@ def _megatron_plans() -> list:
                        num_microbatches=8))
     plans.append(_plan(gpus=16, model="llama3-8b", dp=8, tp=2, zero_stage=3, dp_shard=4,
                        attention="flash", sequence_parallel=True))  # hybrid sharding
+    plans.append(_plan(gpus=8, model="llama3-8b", dp=8, zero_stage=1, offload="optimizer",
+                       engine="megatron"))  # CPU offload of the distributed optimizer
     return plans
 
 
@@ -509,6 +530,7 @@ def test_megatron_core_accepts_every_export(plan):
             ShardingStrategy(lay.zero_stage).name.lower()
     # hybrid sharding: dp / dp_shard distributed-optimizer instances
     assert ddp.num_distributed_optimizer_instances == lay.dp_replicate
+    assert opt.optimizer_cpu_offload == (lay.offload == "optimizer")
     assert opt.lr == float(FILL["LR"]) and opt.clip_grad == export.CLIP_NORM
 
 
