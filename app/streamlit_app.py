@@ -14,11 +14,12 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout too
 
 from app import backend, charts  # noqa: E402
-from app.inputs import sidebar  # noqa: E402
+from app.inputs import chosen, sidebar  # noqa: E402
 from app.searching import search_results  # noqa: E402
 from app.uploads import MAX_UPLOAD_BYTES, measured_from_upload  # noqa: E402
 from app.whatif import layout_by_hand  # noqa: E402
 from planner.units import GIB, fmt_bytes, fmt_seconds  # noqa: E402
+from planner.report import fp8_gain_text  # noqa: E402
 
 TOP_CHART = 5  # plans in the memory and time bars
 BY_HAND = "set by hand"
@@ -115,7 +116,7 @@ def pick_plan(plans: pd.DataFrame, layout_hint: dict):
     choice = st.selectbox("Plan to inspect (or click a table row)", options, key="pick")
     if choice == BY_HAND:
         return layout_by_hand(st.session_state.get("_last_picked", layout_hint))
-    layout = json.loads(plans.iloc[options.index(choice)]["layout_json"])
+    layout = json.loads(plans.iloc[options.index(chosen(choice))]["layout_json"])
     st.session_state["_last_picked"] = layout
     return layout
 
@@ -140,6 +141,8 @@ def estimate_section(key: str, layout: dict):
     cols[2].metric("tokens / s", f"{est['tokens_per_s']:,.0f}")
     cols[3].metric("MFU", f"{100 * est['mfu']:.1f}%")
     cols[4].metric("fits", "yes" if est["fits"] else "NO")
+    if est.get("fp8_gain"):
+        st.info(fp8_gain_text(est["fp8_gain"]))
     if not est["fits"]:
         st.error(f"Does not fit: {fmt_bytes(mem['total_bytes'])} on pipeline stage "
                  f"{mem['pp_rank']} > {fmt_bytes(mem['capacity_bytes'])}")

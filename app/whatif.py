@@ -7,6 +7,7 @@ import itertools
 
 import streamlit as st
 
+from app.inputs import chosen
 from planner.plan import AXES, OFFLOADS, RECOMPUTE, SCHEDULES
 
 MESH_ORDERS = [",".join(p) for p in itertools.permutations(AXES)]
@@ -73,11 +74,11 @@ def layout_by_hand(hint: dict) -> dict:
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "ep": int(ep), "etp": int(etp),
             "dp_shard": int(shard), "offload": offload,
             "sequence_parallel": bool(sp),
-            "zero_stage": int(zero), "micro_batch": int(mb), "num_microbatches": int(m),
+            "zero_stage": int(chosen(zero)), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,
             "recompute_every": int(every),
             "compile": bool(compiled),
-            "mesh_order": order.split(","), "layers_per_stage": parse_layers(layers)}
+            "mesh_order": chosen(order).split(","), "layers_per_stage": parse_layers(layers)}
 
 
 def parse_layers(text: str):

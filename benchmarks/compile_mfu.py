@@ -1,19 +1,19 @@
 """Predicted MFU of the `torch` engine eager and with each block torch.compile'd
 (Layout.compile), against the shared anchors' plain-PyTorch runs (section 6: a Llama-shaped
 1.1B and 3.4B, one H100 80GB, PyTorch 2.11, bf16; measured eager 37.8% / 40.4%, torch.compile
-50.4% / 53.6% MFU for the 1.1B at micro-batch 4 / 8, compiled 48.3% for the 3.4B at 4).  MFU as benchmarks/torch_engine_mfu.py defines it.
+50.4% / 53.6% MFU for the 1.1B at micro-batch 4 / 8, compiled 48.3% for the 3.4B at 4).  MFU as
+benchmarks/torch_engine_mfu.py defines it.
 
     python benchmarks/compile_mfu.py"""
 
 import dataclasses
 
-from torch_engine_mfu import RUNS, _mfu  # run as a script from the repository root
+from torch_engine_mfu import LLAMA_1B, RUNS, _mfu  # run as a script from the repository root
+
 from planner.cost.estimate import estimate
 from planner.hardware import load_cluster
 from planner.job import Job
 from planner.plan import Layout, Plan
-
-from torch_engine_mfu import LLAMA_1B  # noqa: E402
 
 # anchors section 6: 3.4B = 26 layers, hidden 3200, 32 heads, 32 kv heads, FFN 8640
 LLAMA_3B = dataclasses.replace(LLAMA_1B, name="llama-3.4b", num_layers=26, hidden_size=3200,

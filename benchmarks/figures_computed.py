@@ -41,6 +41,16 @@ def torch_engine_mfu() -> str:
     return printed(script.main)
 
 
+def fp8_memory() -> str:
+    from benchmarks import fp8_memory as script
+    return printed(script.main)
+
+
+def published_fp8() -> str:
+    from benchmarks import published_fp8 as script
+    return printed(script.main)
+
+
 def simulate_agreement() -> str:
     from benchmarks import simulate_agreement as script
     return printed(script.main)
@@ -50,9 +60,9 @@ def estimate_example() -> str:
     """The header and memory breakdown of `planner estimate`, then its step and throughput."""
     from planner.cli import main
     lines = printed(main, ESTIMATE_ARGS).splitlines()
-    memory = lines[:lines.index(next(l for l in lines if l.startswith("Step time")))]
-    step = next(l for l in lines if l.strip().startswith("step "))
-    throughput = next(l for l in lines if l.startswith("Throughput"))
+    memory = lines[:lines.index(next(ln for ln in lines if ln.startswith("Step time")))]
+    step = next(ln for ln in lines if ln.strip().startswith("step "))
+    throughput = next(ln for ln in lines if ln.startswith("Throughput"))
     shown = memory + [lines[len(memory)], "  ...", step, throughput]
     return "\n".join(["```", *shown, "```"])
 
@@ -80,6 +90,11 @@ def llama70b_two_nodes() -> str:
             f"step, {best.total_bytes / 2**30:.1f} GiB per GPU)")
 
 
+def lora_memory() -> str:
+    from benchmarks import lora_memory as script
+    return printed(script.main)
+
+
 COMPUTED = [
     Block("estimate-example", "computed", estimate_example, "`planner " +
           " ".join(ESTIMATE_ARGS) + "`"),
@@ -89,8 +104,11 @@ COMPUTED = [
           "`python benchmarks/korthikanti_search.py`"),
     Block("simulate-agreement", "computed", simulate_agreement,
           "`python benchmarks/simulate_agreement.py`"),
+    Block("fp8-memory", "computed", fp8_memory, "`python -m benchmarks.fp8_memory`"),
+    Block("fp8-published", "computed", published_fp8, "`python -m benchmarks.published_fp8`"),
     Block("torch-engine-mfu", "computed", torch_engine_mfu,
           "`python benchmarks/torch_engine_mfu.py`"),
+    Block("lora-memory", "computed", lora_memory, "`python benchmarks/lora_memory.py`"),
     Block("llama70b-two-nodes", "computed", llama70b_two_nodes,
           "`planner suggest --model llama2-70b --cluster a100-80g --nodes 2 --global-batch 512 "
           "--seq-len 4096`"),

@@ -65,6 +65,9 @@ class Engine:
     hsdp_note: str = "this engine has no hybrid sharding"  # why other stages are refused
     offload_stages: tuple = ((), ())  # ZeRO stages it runs offload "optimizer", "params" at
     offload_note: str = ""           # what it offloads, and how
+    fp8_recipes: tuple = ()          # FP8 recipes it trains with (planner/job.py FP8_RECIPES)
+    fp8_refusal: str = ""            # why it has none, where fp8_recipes is empty
+    fp8_with_tp: bool = True         # FP8 linears under tensor parallelism
 
     def optimizer_state_bytes(self, precision: str, zero_stage: int = 0) -> int:
         """AdamW bytes per parameter besides weights and gradients: fp32 moments (8), plus an
@@ -97,7 +100,13 @@ TORCH = Engine(
     offload_stages=((), (2, 3)),
     offload_note="the torch engine offloads with FSDP2's CPUOffloadPolicy, which moves "
                  "parameters, gradients and optimizer states together: offload params at "
-                 "ZeRO-2 or 3")
+                 "ZeRO-2 or 3",
+    # torchao float8 training (torchao/float8/config.py): dynamic tensorwise and rowwise
+    # scaling; its delayed scaling was removed (torchao 0.10 release notes), so not delayed
+    fp8_recipes=("tensorwise", "rowwise"),
+    # runtime/fp8.py converts the linears with convert_to_float8_training but does not wire
+    # torchao's Float8ColwiseParallel / Float8RowwiseParallel TP plans
+    fp8_with_tp=False)
 
 # Megatron-LM runs 1F1B with or without interleaving (no GPipe, no zero-bubble schedules) and
 # ZeRO 0 or 1 (--use-distributed-optimizer); its gradient all-reduce is not overlapped
@@ -123,7 +132,10 @@ MEGATRON = Engine(
     # optimizer_config.py); parameters stay on the GPU
     offload_stages=((1,), ()),
     offload_note="Megatron-LM offloads the distributed optimizer (--optimizer-cpu-offload, "
-                 "ZeRO-1) only")
+                 "ZeRO-1) only",
+    # Transformer Engine under megatron-core 0.16 (transformer_config.py fp8_recipe: delayed,
+    # tensorwise = TE Float8CurrentScaling, mxfp8, blockwise); no torchao-style rowwise
+    fp8_recipes=("delayed", "tensorwise"))
 
 # DeepSpeed 0.19.8 (runtime/engine.py, zero/stage_1_and_2.py, zero/stage3.py, bf16_optimizer.py,
 # pipe/engine.py): the user's eager model, so eager kernels and host time; its PipelineEngine
@@ -150,7 +162,10 @@ DEEPSPEED = Engine(
     # (deepspeed/runtime/zero/offload_config.py, stage3.py)
     offload_stages=((1, 2, 3), (3,)),
     offload_note="DeepSpeed offloads the optimizer at ZeRO-1 to 3 (offload_optimizer) and "
-                 "parameters at ZeRO-3 only (offload_param)")
+                 "parameters at ZeRO-3 only (offload_param)",
+    fp8_refusal="DeepSpeed 0.19.8 has no FP8 training of its own (no fp8 section in its "
+    "config; FP8 comes only from Transformer Engine layers inside the model): plan FP8 with "
+    "--engine megatron or torch")
 
 ENGINES = {e.name: e for e in (TORCH, MEGATRON, DEEPSPEED)}
 

@@ -16,6 +16,7 @@ import re
 import shlex
 from typing import TYPE_CHECKING
 
+from planner.engines import engine
 from planner.schema import read_input_file
 
 if TYPE_CHECKING:  # annotations only: `planner --help` reads FORMATS without loading planner.plan
@@ -188,8 +189,8 @@ def _check_cpus(cpus) -> int:
 
 
 def torchrun_lines(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEPS,
-                   hosts: list = None, master_addr: str = None,
-                   master_port: int = DEFAULT_PORT, rdzv_id: str = None) -> list:
+                   hosts: list | None = None, master_addr: str | None = None,
+                   master_port: int = DEFAULT_PORT, rdzv_id: str | None = None) -> list:
     """One torchrun command per node (a single line for a one-node plan).  Every value is
     quoted for the shell; host names must be host names or IP addresses.
 
@@ -225,8 +226,8 @@ def torchrun(plan: Plan, **kwargs) -> str:
 
 
 def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEPS,
-          job_name: str = None, time_limit: str = "24:00:00", partition: str = None,
-          master_port: int = DEFAULT_PORT, cpus_per_task: int = None) -> str:
+          job_name: str | None = None, time_limit: str = "24:00:00", partition: str | None = None,
+          master_port: int = DEFAULT_PORT, cpus_per_task: int | None = None) -> str:
     """An sbatch script: one task per node, each starting torchrun with c10d rendezvous.
 
     The #SBATCH values (job name, partition, time) must match NAME_CHARS / Slurm's time
@@ -244,7 +245,7 @@ def slurm(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEFAULT_STEP
     if partition is not None:
         head.append(f"#SBATCH --partition={check_partition(partition)}")
     if cpus_per_task is None:
-        cpus = _Shell('--cpus-per-task="$SLURM_CPUS_ON_NODE"')
+        cpus: str = _Shell('--cpus-per-task="$SLURM_CPUS_ON_NODE"')
     else:
         cpus = f"--cpus-per-task={_check_cpus(cpus_per_task)}"
         head.append(f"#SBATCH {cpus}")
@@ -294,6 +295,9 @@ def deepspeed_config(plan: Plan) -> dict:
     from planner.engines import DEEPSPEED
     lay, job = plan.layout, plan.job
     _refuse_compile("DeepSpeed", lay)
+    if job.fp8:
+        raise ValueError(f"DeepSpeed cannot express this plan: precision fp8 "
+                         f"({job.fp8_recipe}): {engine('deepspeed').fp8_refusal}")
     if lay.pp > 1 and lay.schedule != "1f1b":
         _refuse("DeepSpeed", f"schedule {lay.schedule}; its pipeline engine runs 1F1B only")
     if lay.pp > 1 and lay.zero_stage >= 2:
@@ -302,7 +306,7 @@ def deepspeed_config(plan: Plan) -> dict:
     if lay.hybrid:
         _refuse("DeepSpeed", f"hybrid sharding (dp_shard={lay.dp_shard} of dp={lay.dp}): "
                 f"{DEEPSPEED.hsdp_note}")
-    cfg = {"train_batch_size": job.global_batch,
+    cfg: dict = {"train_batch_size": job.global_batch,
            "train_micro_batch_size_per_gpu": lay.micro_batch,
            "gradient_accumulation_steps": lay.num_microbatches,
            "gradient_clipping": CLIP_NORM,
@@ -442,6 +446,16 @@ def _deepspeed_note(lay, job) -> str:
                      f"{lay.recompute} recompute to blocks {lay.recompute_every - 1}, "
                      f"{2 * lay.recompute_every - 1}, ... only (0-based; DeepSpeed's "
                      f"activation_checkpoint_interval checkpoints groups of blocks instead)")
+    if job.lora is not None:
+        notes.append(f"LoRA rank {job.lora.rank} on {','.join(job.lora.targets)} (alpha "
+                     f"{job.lora.alpha:g}): not a DeepSpeed config key; the model code must wrap "
+                     f"those projections with adapters (e.g. PEFT) and freeze the rest, and pass "
+                     f"only the trainable parameters to deepspeed.initialize; the plan's memory "
+                     f"is this project's runtime's (runtime/lora.py)")
+    if job.task != "pretrain":
+        notes.append(f"task {job.task}: the model code supplies the "
+                     + ("classification head and pooling" if job.task == "classify"
+                        else "prompt-masked labels (-100 on the prompt)"))
     notes.append(f"optimizer.params.lr {LR_PLACEHOLDER:g} is a placeholder: set the learning "
                  "rate")
     return "; ".join(notes)
@@ -480,12 +494,19 @@ def _placeholder(flag: str, fill) -> str:
     return _Shell(f'"${{{name}:?set {name} to {what}}}"')
 
 
-def megatron_args(plan: Plan, fill: dict = None) -> list:
+def megatron_args(plan: Plan, fill: dict | None = None) -> list:
     """Megatron-LM pretrain_gpt.py arguments (flat list of strings).  The settings of
     MEGATRON_PLACEHOLDERS are shell references `"${LR:?...}"`, or fill[NAME] where `fill`
     gives them values."""
     lay, job, spec = plan.layout, plan.job, plan.model
     _refuse_compile("Megatron-LM", lay)
+    if plan.job.lora is not None:
+        raise ValueError(f"Megatron-LM cannot express this plan: LoRA (rank "
+                         f"{plan.job.lora.rank}); Megatron-LM's pretrain scripts have no adapter "
+                         f"layers; export the plan to torchrun or slurm (runtime/lora.py)")
+    if plan.job.task != "pretrain":
+        raise ValueError(f"Megatron-LM cannot express this plan: task {plan.job.task}; its "
+                         f"pretrain_gpt.py trains language models only; export to torchrun")
     if lay.schedule in ("gpipe", "interleaved_zb", "zbv") and lay.pp > 1:
         _refuse("Megatron-LM", f"schedule {lay.schedule}; it runs 1F1B and interleaved 1F1B")
     if spec.arch == "bert":
@@ -577,13 +598,33 @@ def _model_args(spec, job) -> list:
         args.append("--untie-embeddings-and-output-weights")
     if not spec.linear_bias:
         args.append("--disable-bias-linear")
-    if job.precision in ("bf16", "fp16"):
-        args.append(f"--{job.precision}")
+    if job.dtype in ("bf16", "fp16"):
+        args.append(f"--{job.dtype}")
+    args += _fp8_args(job)
     args += ["--attention-backend", MEGATRON_ATTENTION[job.attention]]
     if job.attention == "eager":
         args.append("--no-masked-softmax-fusion")
     args += ["--clip-grad", str(CLIP_NORM)]
     return args
+
+
+# Transformer Engine FP8 under megatron-core 0.16 (transformer_config.py: fp8 -> --fp8-format,
+# fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo): hybrid = E4M3 forward, E5M2
+# gradients; delayed scaling with the 1024-step amax history and max algorithm of NVIDIA's
+# Megatron-LM/NeMo FP8 recipes (megatron-core defaults are a 1-step history, most_recent)
+FP8_MEGATRON = {"delayed": ["--fp8-format", "hybrid", "--fp8-recipe", "delayed",
+                            "--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max"],
+                "tensorwise": ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]}
+
+
+def _fp8_args(job) -> list:
+    if not job.fp8:
+        return []
+    if job.fp8_recipe not in FP8_MEGATRON:
+        _refuse("Megatron-LM", f"fp8_recipe {job.fp8_recipe}: Transformer Engine under "
+                f"megatron-core 0.16 has delayed, tensorwise, mxfp8 and blockwise recipes, no "
+                f"torchao-style rowwise scaling")
+    return FP8_MEGATRON[job.fp8_recipe]
 
 
 def megatron(plan: Plan) -> str:

@@ -18,7 +18,8 @@ def _profile_dir() -> Path:
     if source.is_dir():
         return source
     installed = importlib.util.find_spec("planner.hardware_profiles")
-    return Path(list(installed.submodule_search_locations)[0]) if installed else source
+    locations = installed.submodule_search_locations if installed else None
+    return Path(list(locations)[0]) if locations else source
 
 
 PROFILE_DIR = _profile_dir()
@@ -130,7 +131,7 @@ def _check_links(links) -> None:
     H100, the most of any NVLink generation), which also bounds the ring search."""
     if not isinstance(links, list) or not links:
         raise ValueError("intra_node.links must list [gpu_a, gpu_b, num_links] triples")
-    per_gpu = {}
+    per_gpu: dict = {}
     for link in links:
         if (not isinstance(link, list) or len(link) != 3
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in link)

@@ -79,7 +79,9 @@ class _Config:
     None, because for some keys null means 'none' where absent means the class default)."""
 
     def __init__(self, cfg: dict, model_type: str):
-        self.cfg, self.model_type, self.read, self.problems = cfg, model_type, set(), []
+        self.read: set[str] = set()
+        self.problems: list[str] = []
+        self.cfg, self.model_type = cfg, model_type
 
     def value(self, key: str, default=None):
         self.read.add(key)
@@ -283,7 +285,7 @@ def _windows(c: _Config, fam: _Decoder, layers: int, max_pos: int) -> None:
                  f"{window}-token sliding window, which ModelSpec does not represent")
 
 
-def _gemma_checks(c: _Config, fam: _Decoder, head_dim: int, theta: float) -> None:
+def _gemma_checks(c: _Config, fam: _Decoder, head_dim, theta: float) -> None:
     for key, default in (("attn_logit_softcapping", 50.0 if fam.gemma == 2 else None),
                          ("final_logit_softcapping", 30.0 if fam.gemma == 2 else None)):
         value = c.value(key, default)
@@ -425,7 +427,7 @@ def model_name(cfg: dict, name=None, source=None) -> str:
     """The config's `_name_or_path` (its last component: 'meta-llama/Llama-3.2-1B' ->
     'Llama-3.2-1B'), else `name` (a caller's file name), else the config file's name when it is
     not 'config.json', else its directory's name, else the model_type."""
-    candidates = []
+    candidates: list = []
     hub = cfg.get("_name_or_path")
     if isinstance(hub, str):
         parts = [p for p in hub.replace("\\", "/").split("/") if p]

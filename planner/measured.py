@@ -488,8 +488,10 @@ class ProfileMeasurements:
             for key in _PROFILE_V2_DEFAULTS:
                 del d[key]
         else:
-            d.update(spread=dict(self.spread), load_before=self.load_before.to_dict(),
-                     load_during=self.load_during.to_dict())
+            before, during = self.load_before, self.load_during
+            assert before is not None and during is not None  # checked: schema 2 has both
+            d.update(spread=dict(self.spread), load_before=before.to_dict(),
+                     load_during=during.to_dict())
         return d
 
     @classmethod

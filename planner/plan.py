@@ -12,7 +12,7 @@ from planner import limits, rules
 from planner.cost import pipeline
 from planner.engines import INTERLEAVED, OFFLOADS, RECOMPUTE, SCHEDULES, ZERO_BUBBLE  # noqa: F401
 from planner.hardware import Cluster
-from planner.job import Job
+from planner.job import JOB_KEYS_SINCE_4, Job
 from planner.limits import check_int
 from planner.schema import check_keys, load_json_file, require_bool, require_choice, require_int
 from planner.spec import ModelSpec
@@ -147,7 +147,7 @@ class Layout:
         """Pipeline rank that runs model chunk `chunk` (looped placement; V shape for zbv)."""
         return pipeline.chunk_rank(chunk, pp=self.pp, schedule=self.schedule)
 
-    def rank_chunk_layers(self, num_layers: int) -> list:
+    def rank_chunk_layers(self, num_layers: int) -> tuple:
         """For each pipeline rank, the layer counts of the chunks it runs."""
         return pipeline.rank_chunk_layers(num_layers, pp=self.pp,
                                           virtual_stages=self.virtual_stages,
@@ -178,7 +178,7 @@ class Plan:
     cluster: Cluster
     job: Job
     layout: Layout
-    estimate: dict = None
+    estimate: dict | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -189,7 +189,7 @@ class Plan:
         if errors:
             raise ValueError(errors[0])
 
-    def with_estimate(self, estimate: dict) -> "Plan":
+    def with_estimate(self, estimate: dict | None) -> "Plan":
         """The plan with an estimate attached (Estimate.to_dict(); its copy of the plan is
         dropped: the plan is the file)."""
         if estimate is not None:
@@ -205,7 +205,8 @@ class Plan:
     def from_dict(cls, data: dict) -> "Plan":
         """Every key is required; a version-1 file's estimate loses its copy of the plan, a
         version 1 or 2 layout lacks LAYOUT_KEYS_SINCE_3, a version 1-3 layout lacks
-        LAYOUT_KEYS_SINCE_4 and its model the MoE/MLA keys (they take their defaults: dense)."""
+        LAYOUT_KEYS_SINCE_4, its job JOB_KEYS_SINCE_4 (pre-training, no LoRA) and its model the
+        MoE/MLA keys (they take their defaults: dense)."""
         check_keys(data, cls, "plan")
         version = data["schema_version"]
         if isinstance(version, bool) or version not in READABLE_VERSIONS:
@@ -215,8 +216,10 @@ class Plan:
             raise ValueError("plan estimate must be an object or null")
         optional = (LAYOUT_KEYS_SINCE_3 if version < 3 else ()) + \
             (LAYOUT_KEYS_SINCE_4 if version < 4 else ())
+        job_optional = JOB_KEYS_SINCE_4 if version < 4 else ()
         plan = cls(model=ModelSpec.from_dict(data["model"], strict=version >= 4),
-                   cluster=Cluster.from_dict(data["cluster"]), job=Job.from_dict(data["job"]),
+                   cluster=Cluster.from_dict(data["cluster"]),
+                   job=Job.from_dict(data["job"], job_optional),
                    layout=Layout.from_dict(data["layout"], optional))
         return plan.with_estimate(data["estimate"])
 

@@ -84,6 +84,18 @@ def outside_summary(mem) -> str:
                      for key, label, _ in MEMORY_ROWS if key in OUTSIDE_KEYS)
 
 
+def fp8_gain_text(gain: dict) -> str:
+    """'FP8 (tensorwise) gains 1.17x on this shape ...' from Estimate.fp8_gain()."""
+    saved = gain["memory_saved_bytes"]
+    memory = (f"saves {fmt_bytes(saved)} per GPU" if saved >= 0
+              else f"costs {fmt_bytes(-saved)} more per GPU")
+    x = gain["speedup"]
+    verb = f"gains {x:.2f}x" if x >= 1 else f"runs at {x:.2f}x (slower)"
+    return (f"FP8 ({gain['recipe']}) {verb} on this shape over bf16 "
+            f"({gain['bf16_tokens_per_s']:,.0f} tokens/s) and {memory} (MFU is against the "
+            f"bf16 peak; eager torch casts are memory-bound: --compile fuses them)")
+
+
 def estimate_text(est) -> str:
     """The readable breakdown `planner estimate` prints."""
     plan, mem, t = est.plan, est.memory, est.time
@@ -112,6 +124,8 @@ def estimate_text(est) -> str:
     lines.append(f"  {'step':<22} {fmt_seconds(t.step_s):>12}")
     lines += ["", f"Throughput: {est.tokens_per_s:,.0f} tokens/s, {est.tflops_per_gpu:.3g} "
               f"TFLOP/s per GPU, MFU {100 * est.mfu:.1f}%, HFU {100 * est.hfu:.1f}%"]
+    if plan.job.fp8:
+        lines.append(fp8_gain_text(est.fp8_gain()))
     if est.communication:
         lines += ["", "Communication per step (most loaded rank)"]
         for c in est.communication:

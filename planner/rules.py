@@ -26,6 +26,7 @@ from planner.engines import (
     Engine,
     engine,
 )
+from planner.job import Job
 
 COLUMNS = ("world", "dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
            "num_microbatches", "schedule", "virtual_stages", "recompute", "lps_n", "lps_sum",
@@ -38,7 +39,7 @@ class Context:
     """What the rules read besides the layout."""
     model: object
     profile: object
-    job: object
+    job: Job
 
     @property
     def engine(self) -> Engine:
@@ -116,8 +117,24 @@ def _zb_message(ctx, r):
 
 def _precision_message(ctx, r):
     p = ctx.profile
+    if ctx.job.fp8:  # fp8 tensor cores: Hopper (sm90) and Ada (sm89) onwards
+        return (f"precision fp8: profile {p.name}'s {p.gpu.name} has no FP8 tensor cores (its "
+                f"peak_flops lists {', '.join(sorted(p.gpu.peak_flops))}; FP8 GEMMs need "
+                f"Hopper/Ada or later); use bf16")
     return (f"precision {ctx.job.precision} is not supported by profile {p.name} "
             f"({p.gpu.name} supports {', '.join(sorted(p.gpu.peak_flops))})")
+
+
+def _fp8_engine_broken(ctx) -> bool:
+    return ctx.job.fp8 and ctx.job.fp8_recipe not in ctx.engine.fp8_recipes
+
+
+def _fp8_engine_message(ctx, r):
+    eng = ctx.engine
+    if not eng.fp8_recipes:
+        return f"precision fp8 with the {eng.name} engine: {eng.fp8_refusal}"
+    return (f"fp8_recipe {ctx.job.fp8_recipe} is not a {eng.name} engine recipe (it runs "
+            f"{', '.join(eng.fp8_recipes)})")
 
 
 def _compiled(c: dict) -> np.ndarray:
@@ -248,6 +265,14 @@ def _shape_rules() -> list:
         Rule("precision", "precision not supported by the GPU",
              lambda ctx, c: _everywhere(c, not ctx.profile.supports(ctx.job.precision)),
              _precision_message),
+        Rule("fp8_engine", "FP8 recipe the engine does not run",
+             lambda ctx, c: _everywhere(c, _fp8_engine_broken(ctx)), _fp8_engine_message),
+        Rule("fp8_tp", "FP8 with tensor parallelism under an engine without it",
+             lambda ctx, c: _everywhere(c, ctx.job.fp8 and not ctx.engine.fp8_with_tp)
+             & (c["tp"] > 1),
+             lambda ctx, r: f"precision fp8 with tp={r['tp']}: the {ctx.engine.name} "
+                            f"engine's FP8 (torchao float8 linears) runs without tensor "
+                            f"parallelism; use tp=1 or --engine megatron"),
         Rule("compile_engine", "torch.compile on an engine that does not compile blocks",
              lambda ctx, c: _compiled(c) & _everywhere(c, not ctx.engine.compiles_blocks),
              lambda ctx, r: f"compile (torch.compile of each block) runs on the torch engine "
@@ -360,6 +385,52 @@ def _engine_rules() -> list:
     ]
 
 
+def _lora(ctx) -> bool:
+    return ctx.job.lora is not None
+
+
+def _lora_absent_message(ctx, r) -> str:
+    absent = ctx.job.lora.absent_targets(ctx.model.mlp)
+    have = "gate, up, down" if ctx.model.mlp == "swiglu" else "fc, proj"
+    return (f"lora target {absent[0]!r} is not in {ctx.model.name} (its {ctx.model.mlp} MLP has "
+            f"{have}; attention has q, k, v, o)")
+
+
+def _task_rules() -> list:
+    """Fine-tuning (planner/job.py task, planner/lora.py): what the runtime and the cost model
+    cover.  LoRA's adapters are plain modules around nn.Linear; PyTorch's ColwiseParallel /
+    RowwiseParallel would shard every parameter of the module along the base weight's dimension,
+    lora_A's rank rows included, so tensor parallelism is refused rather than silently wrong."""
+    op = RECOMPUTE.index("op")
+    return [
+        Rule("lora_targets", "LoRA target the model does not have",
+             lambda ctx, c: _everywhere(c, _lora(ctx) and bool(
+                 ctx.job.lora.absent_targets(ctx.model.mlp))), _lora_absent_message),
+        Rule("lora_engine", "LoRA on an engine without adapters",
+             lambda ctx, c: _everywhere(c, _lora(ctx) and ctx.job.engine != "torch"),
+             lambda ctx, r: f"LoRA (rank {ctx.job.lora.rank}) is modelled and run by the torch "
+                            f"engine only (runtime/lora.py); the {ctx.job.engine} engine's "
+                            f"optimizers and exports have no adapters"),
+        Rule("lora_tp", "LoRA with tensor parallelism",
+             lambda ctx, c: _everywhere(c, _lora(ctx)) & (c["tp"] > 1),
+             lambda ctx, r: f"LoRA with tp={r['tp']}: PyTorch's Colwise/RowwiseParallel would "
+                            f"shard lora_A's {ctx.job.lora.rank} rank rows with the base weight; "
+                            f"use tp=1 (adapters are small: data parallelism and ZeRO suffice)"),
+        Rule("lora_recompute_op", "LoRA with the op-level recompute policy",
+             lambda ctx, c: _everywhere(c, _lora(ctx)) & (c["recompute"] == op),
+             lambda ctx, r: "LoRA with recompute op: the op policy's saved outputs are counted "
+                            "for full training only; use none, selective or full"),
+        Rule("lora_compile", "LoRA with torch.compile",
+             lambda ctx, c: _everywhere(c, _lora(ctx)) & _compiled(c),
+             lambda ctx, r: "LoRA with compile: the compiled-block census is of fully trained "
+                            "blocks; use compile off"),
+        Rule("classify_tp", "classification with tensor parallelism",
+             lambda ctx, c: _everywhere(c, ctx.job.task == "classify") & (c["tp"] > 1),
+             lambda ctx, r: f"task classify with tp={r['tp']}: the {ctx.job.num_labels}-way "
+                            f"classifier is not vocabulary-parallel; use tp=1"),
+    ]
+
+
 def _policy(r: dict) -> str:
     return RECOMPUTE[r["recompute"]]
 
@@ -390,8 +461,8 @@ def _recompute_rules() -> list:
     ]
 
 
-RULES = _shape_rules() + _hsdp_rules() + _offload_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
-    _engine_rules()
+RULES = _shape_rules() + _hsdp_rules() + _offload_rules() + _schedule_rules() + \
+    _pytorch_rules() + _recompute_rules() + _engine_rules() + _task_rules()
 BY_KEY = {rule.key: rule for rule in RULES}
 # labels of the search's own rejections (not layout rules)
 SEARCH_LABELS = {"batch": "dp does not divide the global batch",
@@ -400,7 +471,8 @@ SEARCH_LABELS = {"batch": "dp does not divide the global batch",
 # shape-level reasons (why tp or dp cannot take the obvious value) the nothing-fits line cites
 SHAPE_KEYS = ("tp_heads", "tp_ffn", "tp_node", "batch")
 # reasons that rule out every layout of a request: said first when nothing is valid
-REQUEST_KEYS = ("precision", "positions", "compile_engine")
+REQUEST_KEYS = ("precision", "fp8_engine", "positions", "compile_engine", "lora_targets",
+                "lora_engine")
 
 
 def label(key: str) -> str:

@@ -36,7 +36,7 @@ def axis_groups(mesh_order: tuple, sizes: dict, axis: str) -> np.ndarray:
     return moved.reshape(-1, sizes[axis])
 
 
-_RING_CACHE = {}
+_RING_CACHE: dict = {}
 
 
 def mesh_ring_bandwidth(intra: IntraNode, local_ids: tuple) -> float:
@@ -114,7 +114,7 @@ def _max_disjoint_cycles(cycles: list, capacity: dict, start: int = 0, steps=Non
 def _cycle_bound(capacity: dict) -> int:
     """Each cycle takes two link ends of every GPU: no more cycles than the GPU with the fewest
     links can carry."""
-    ends = {}
+    ends: dict = {}
     for edge, n in capacity.items():
         for gpu in edge:
             ends[gpu] = ends.get(gpu, 0) + n
@@ -149,7 +149,7 @@ def _group_bandwidth(profile: HardwareProfile, group: np.ndarray) -> tuple:
     return len(nodes), per_node, bw
 
 
-_LINK_CACHE = {}
+_LINK_CACHE: dict = {}
 
 
 def _distinct_groups(groups: np.ndarray, gpn: int) -> np.ndarray:
@@ -163,7 +163,7 @@ def _distinct_groups(groups: np.ndarray, gpn: int) -> np.ndarray:
     # Long rows (a group of thousands of ranks): np.unique(axis=0) compares them as structured
     # records with one field per rank, which takes seconds; few rows, so a dict is quick.
     # Same result: first index of each distinct row, in the rows' lexicographic order.
-    first = {}
+    first: dict = {}
     for i, row in enumerate(keys):
         first.setdefault(row.tobytes(), i)
     return np.array(sorted(first.values(), key=lambda i: tuple(keys[i].tolist())))

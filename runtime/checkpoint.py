@@ -67,7 +67,7 @@ _METADATA_GLOBALS = {
 
 # --- finding checkpoints --------------------------------------------------------------------
 
-def latest(root) -> Path:
+def latest(root) -> Path | None:
     """The newest complete checkpoint under `root` (a `step_N` with a manifest), or None."""
     root = Path(root)
     complete = [p for p in _step_dirs(root) if (p / MANIFEST).is_file()] if root.is_dir() else []
@@ -163,11 +163,11 @@ def _part_states(engine) -> list:
         engine.optimizers[0], "flat_state_dict") else None
     flat1 = zero1.flat_state_dict() if zero1 else None
     for i, module in enumerate(engine.modules):
-        model = {}
+        model: dict = {}
         for k, v in get_model_state_dict(module).items():
             model.setdefault(canonical_name(spec, k), v)
         names = {canonical_name(spec, n) for n, _ in engine.parts[i].named_parameters()}
-        if zero1:
+        if flat1 is not None:
             optim = {k: v for k, v in flat1.items()
                      if k.startswith("state.") and k[6:].rsplit(".", 1)[0] in names}
         else:

@@ -6,8 +6,13 @@ of at least 256). `--data PATH` takes a text file, a directory of text files, or
 token ids whose name says their width: `NAME.bin` or `NAME.uint16.bin` holds uint16 ids (the
 nanoGPT format), `NAME.uint32.bin` uint32 ids (little-endian, no header), for vocabularies
 above 65,536 (Llama 3, Qwen, Gemma). The width must fit the model's vocabulary: uint16 for a
-vocabulary of at most 65,536 ids, uint32 above; a mismatch is refused (BIN_DTYPES). Sample k of the run is window perm_e[k mod W] of the training
-split, e = k div W, with a seeded permutation per epoch; so the data position is the step.
+vocabulary of at most 65,536 ids, uint32 above; a mismatch is refused (BIN_DTYPES). Sample k of
+the run is window perm_e[k mod W] of the training split, e = k div W, with a seeded permutation
+per epoch; so the data position is the step.
+
+`--tokenizer DIR` (a `tokenizer.json`, or a directory holding one, read with the `tokenizers`
+package) tokenises the text instead of taking its bytes: each file is decoded as UTF-8 and
+encoded in chunks of whole lines; the tokenizer's vocabulary must fit the model's.
 
 Only regular files are read (a FIFO, a device such as /dev/zero or a socket is refused, never
 opened for reading), and never more than the byte cap of each."""
@@ -25,7 +30,7 @@ BIN_CHUNK_TOKENS = 8 << 20  # tokens per read when checking a .bin file's ids
 VAL_FRACTION = 0.05
 UINT16_IDS = 1 << 16  # ids 0..65535
 # the suffix before .bin -> its dtype (little-endian, as numpy writes on x86 and ARM)
-BIN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+BIN_DTYPES: dict[str, np.dtype] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 MLM_PROBABILITY = 0.15  # Devlin et al. 2019, Sec. 3.1
 
 
@@ -93,8 +98,10 @@ def _read_files(files, cap_bytes: int) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
 
 
-def load_tokens(path=None, vocab_size: int = 256, cap_bytes: int = DEFAULT_CAP_BYTES):
-    """Token ids as a numpy array (uint8 for bytes, uint16 or uint32 for a .bin file)."""
+def load_tokens(path=None, vocab_size: int = 256, cap_bytes: int = DEFAULT_CAP_BYTES,
+                tokenizer=None):
+    """Token ids as a numpy array (uint8 for bytes, uint16 or uint32 for a .bin file or text
+    through `tokenizer`, a tokenizers.Tokenizer)."""
     top = None
     if path is None:
         tokens = _read_files(stdlib_files(), cap_bytes)
@@ -105,12 +112,17 @@ def load_tokens(path=None, vocab_size: int = 256, cap_bytes: int = DEFAULT_CAP_B
             if p.is_dir():
                 tokens = _read_files(sorted(f for f in p.rglob("*") if f.is_file()), cap_bytes)
             elif p.suffix == ".bin":
+                if tokenizer is not None:
+                    raise ValueError(f"data {p} holds token ids already; --tokenizer applies "
+                                     f"to text data")
                 tokens, top = _read_bin(p, bin_dtype(p, vocab_size))
             else:
                 tokens = np.frombuffer(read_prefix(p, cap_bytes), dtype=np.uint8)
         except OSError as exc:
             raise ValueError(f"data path {path} is unreadable: {exc.strerror or exc}") from None
         source = str(path)
+    if tokenizer is not None:
+        tokens = encode_bytes(tokenizer, tokens, vocab_size)
     if vocab_size < 256 and tokens.dtype == np.uint8:
         raise ValueError(f"byte-level tokens need vocab_size >= 256, the model has {vocab_size}")
     if top is None:
@@ -119,6 +131,65 @@ def load_tokens(path=None, vocab_size: int = 256, cap_bytes: int = DEFAULT_CAP_B
         raise ValueError(f"data {source} has token id {top} >= the model's "
                          f"vocab_size {vocab_size}")
     return tokens
+
+
+TOKENIZER_FILE = "tokenizer.json"
+ENCODE_CHUNK_BYTES = 1 << 16  # text per encode_batch item, cut at a line end
+
+
+def load_tokenizer(path, vocab_size: int):
+    """A `tokenizers.Tokenizer` from tokenizer.json (or a directory holding one), if its
+    vocabulary (with added tokens) fits the model's `vocab_size`; else a one-line ValueError."""
+    p = Path(path)
+    file = p / TOKENIZER_FILE if p.is_dir() else p
+    if not file.is_file():
+        raise ValueError(f"--tokenizer {path}: no {TOKENIZER_FILE} there")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ValueError("--tokenizer needs the tokenizers package (pip install "
+                         "'parallel-planner[hf]')") from None
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - the Rust parser's errors have no common type
+        raise ValueError(f"--tokenizer {path}: {file.name} is not a tokenizer file "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                         ) from None
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size > vocab_size:
+        raise ValueError(f"--tokenizer {path} has {size:,} tokens but the model's vocab_size "
+                         f"is {vocab_size:,}")
+    return tok
+
+
+def mask_token_id(tokenizer, vocab_size: int) -> int:
+    """The id masked-LM inputs use: the tokenizer's [MASK] (or <mask>), else vocab_size - 1."""
+    if tokenizer is not None:
+        for name in ("[MASK]", "<mask>"):
+            tid = tokenizer.token_to_id(name)
+            if tid is not None:
+                return tid
+    return vocab_size - 1
+
+
+def _line_chunks(text: str, size: int) -> list:
+    chunks, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        chunks.append(text[start:end])
+        start = end
+    return chunks
+
+
+def encode_bytes(tokenizer, data: np.ndarray, vocab_size: int) -> np.ndarray:
+    """UTF-8 text (bytes as uint8) -> token ids, uint16 when the vocabulary fits, else uint32."""
+    text = data.tobytes().decode("utf-8", errors="replace")
+    ids = [e.ids for e in tokenizer.encode_batch(_line_chunks(text, ENCODE_CHUNK_BYTES),
+                                                 add_special_tokens=False)]
+    dtype = BIN_DTYPES["uint16"] if vocab_size <= UINT16_IDS else BIN_DTYPES["uint32"]
+    flat = [i for chunk in ids for i in chunk]
+    return np.asarray(flat, dtype=dtype)
 
 
 def bin_dtype(p: Path, vocab_size: int) -> np.dtype:
@@ -168,19 +239,20 @@ class TokenData:
     """Fixed-length windows of a token stream for one data-parallel rank."""
 
     def __init__(self, tokens, seq_len: int, layout, dp_rank: int, *, causal: bool = True,
-                 vocab_size: int = 256, seed: int = 0):
+                 vocab_size: int = 256, seed: int = 0, mask_id: int | None = None):
         n_val = max(seq_len + 1, int(len(tokens) * VAL_FRACTION))
         if len(tokens) < n_val + 2 * (seq_len + 1):
             raise ValueError(f"data has {len(tokens)} tokens; need at least "
                              f"{n_val + 2 * (seq_len + 1)} for sequence length {seq_len}")
         self.train, self.val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
         self.seq_len, self.causal, self.seed = seq_len, causal, seed
-        self.mask_id = vocab_size - 1  # 0xFF for bytes: never occurs in UTF-8 text
+        # 0xFF for bytes: never occurs in UTF-8 text; a tokenizer's own [MASK] otherwise
+        self.mask_id = vocab_size - 1 if mask_id is None else mask_id
         self.per_rank = layout.micro_batch * layout.num_microbatches
         self.global_batch = self.per_rank * layout.dp
         self.offset = dp_rank * self.per_rank
         self.windows = (len(self.train) - 1) // seq_len
-        self._perm = {}
+        self._perm: dict = {}
 
     def _window(self, split, start: int) -> torch.Tensor:
         return torch.from_numpy(np.asarray(split[start:start + self.seq_len + 1],

@@ -14,7 +14,8 @@ from runtime.amp import LossScaler
 from runtime.mesh import pair_group
 from runtime.model import canonical_name, materialize
 from runtime.optim import OptimConfig, build_adamw, build_sharded_adamw, clip_grad_norm
-from runtime.parallelize import apply_ddp, parallelize
+from runtime.lora import apply_lora, check_runtime_lora
+from runtime.parallelize import DTYPES, apply_ddp, parallelize
 from runtime.pipeline import build_chunks, build_schedule, lm_loss_sum
 
 
@@ -22,19 +23,42 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _init_from(parts: list, path, spec) -> dict:
+    """Overwrite the seeded weights with a Hugging Face checkpoint's (runtime/hf_weights.py):
+    this rank's blocks of its chunks only."""
+    from runtime.hf_weights import Checkpoint, load_into
+    ckpt = Checkpoint(path, spec)
+    report: dict[str, list] = {"loaded": [], "kept": []}
+    for part in parts:
+        for key, names in load_into(part, ckpt).items():
+            report[key] += names
+    return report
+
+
 class Engine:
-    def __init__(self, plan, ctx, optim_cfg: OptimConfig = OptimConfig(), seed: int = 0):
+    def __init__(self, plan, ctx, optim_cfg: OptimConfig = OptimConfig(), seed: int = 0,
+                 init_from=None):
         self.plan, self.ctx, self.cfg, self.seed = plan, ctx, optim_cfg, seed
-        spec, lay = plan.model, plan.layout
-        chunks = build_chunks(spec, lay, ctx.pp_rank)
+        spec, lay, job = plan.model, plan.layout, plan.job
+        check_runtime_lora(job.lora)
+        self.classify = job.task == "classify"
+        chunks = build_chunks(spec, lay, ctx.pp_rank,
+                              num_labels=job.num_labels if self.classify else None)
         self.chunk_ids = [c for c, _ in chunks]
         self.parts = [m for _, m in chunks]
-        wraps = {parallelize(part, lay, plan.job.precision, ctx, compile_blocks=lay.compile)
+        for part in self.parts:  # LoRA: adapters on the meta model, base frozen
+            apply_lora(part, job.lora, DTYPES[job.dtype])
+        # classify: [correct, counted] while evaluating (accuracy)
+        self.correct: torch.Tensor | None = None
+        wraps = {parallelize(part, lay, plan.job.dtype, ctx, compile_blocks=lay.compile,
+                             fp8_recipe=plan.job.fp8_recipe)
                  for part in self.parts}
         for part in self.parts:
             materialize(part, ctx.device, seed)
+        self.init_report: dict | None = (_init_from(self.parts, init_from, spec) if init_from
+                                         else None)
         self.ddp = wraps == {"ddp"}
-        self.modules = [apply_ddp(p, ctx.group("dp")) if self.ddp else p for p in self.parts]
+        self.modules: list = [apply_ddp(p, ctx.group("dp")) if self.ddp else p for p in self.parts]
         self.loss_scale = 1.0
         self.scaler = LossScaler(plan.job.precision == "fp16")
         self.schedule = (build_schedule(self.modules, self.chunk_ids, lay, ctx, self.loss_fn)
@@ -43,10 +67,14 @@ class Engine:
         self.has_last = lay.num_chunks - 1 in self.chunk_ids
         self._setup_tied()
         if lay.zero_stage == 1 and lay.dp > 1:
-            self.optimizers = [build_sharded_adamw(self.named_parameters(), ctx.group("dp"),
-                                                   optim_cfg)]
+            self.optimizers: list = [build_sharded_adamw(self.trained_parameters(),
+                                                         ctx.group("dp"), optim_cfg)]
         else:
             self.optimizers = [build_adamw(p, optim_cfg) for p in self.parts]
+
+    def trained_parameters(self) -> list:
+        """named_parameters() that get gradients (LoRA: adapters and a classifier only)."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     # --- parameters -------------------------------------------------------------------------
     def named_parameters(self) -> list:
@@ -60,7 +88,7 @@ class Engine:
         embedding's each step (Narayanan et al. 2021, Sec. 4.1)."""
         lay, spec = self.plan.layout, self.plan.model
         self.tied_params, self.tied_group = [], None
-        if not (spec.tie_embeddings and lay.num_chunks > 1):
+        if not (spec.tie_embeddings and lay.num_chunks > 1) or self.classify:
             return
         first, last = lay.chunk_rank(0), lay.chunk_rank(lay.num_chunks - 1)
         if first != last:
@@ -85,7 +113,7 @@ class Engine:
     def clip_entries(self) -> list:
         copies = 2 if self.plan.model.tie_embeddings and self.plan.layout.num_chunks > 1 else 1
         tied = {id(p) for p in self.tied_params}
-        return [(p, copies if id(p) in tied else 1) for _, p in self.named_parameters()]
+        return [(p, copies if id(p) in tied else 1) for _, p in self.trained_parameters()]
 
     # --- steps ------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -104,9 +132,14 @@ class Engine:
         lay = self.plan.layout
         if lay.dp > 1:
             dist.all_reduce(count, group=self.ctx.group("dp"))
+        self.loss_tokens = int(count)  # positions in the loss (sft: response tokens)
         self.loss_scale = lay.num_microbatches * lay.dp / max(1.0, float(count))
 
     def loss_fn(self, logits, labels):
+        if self.correct is not None:  # evaluating a classifier: count the right answers
+            kept = labels != -100
+            hits = (_local(logits).detach().argmax(-1) == labels) & kept
+            self.correct += torch.stack([hits.sum(), kept.sum()]).double()
         return lm_loss_sum(logits, labels) * (self.loss_scale * self.scaler.scale)
 
     def _accumulate(self, inputs, labels, train: bool = True) -> torch.Tensor:
@@ -124,7 +157,8 @@ class Engine:
         return total / nmb
 
     def _pipeline(self, inputs, labels, train: bool = True) -> torch.Tensor:
-        losses = [] if self.has_last else None
+        losses: list | None = [] if self.has_last else None
+        assert self.schedule is not None  # pp > 1
         args = (inputs,) if self.has_first else ()
         target = labels if self.has_last else None
         with self._loss_ctx():
@@ -132,7 +166,7 @@ class Engine:
                 self.schedule.step(*args, target=target, losses=losses)
             else:
                 self.schedule.eval(*args, target=target, losses=losses)
-        if not self.has_last:
+        if losses is None:  # not the last stage
             return torch.zeros((), device=self.ctx.device)
         return torch.stack([_local(x.detach()).float() for x in losses]).mean()
 
@@ -161,7 +195,7 @@ class Engine:
             if isinstance(g, DTensor) and g.placements != p.placements:
                 p.grad = g.redistribute(p.device_mesh, p.placements)
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self) -> float | None:
         """Clip by the global norm, step, clear gradients; returns the norm before clipping
         (None when fp16 gradients overflowed and the step was skipped)."""
         entries = self.clip_entries()
@@ -180,7 +214,7 @@ class Engine:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def train_step(self, inputs, labels, record: dict = None) -> float:
+    def train_step(self, inputs, labels, record: dict | None = None) -> float:
         """One optimizer step; a non-finite loss skips the update and is returned as is.
         With `record` (a dict), fill it with this rank's measured memory by component."""
         counter = measure.ActivationCounter(self.parts) if record is not None else None
@@ -193,7 +227,7 @@ class Engine:
         params = [p for _, p in self.named_parameters()]
         grads_bytes = measure.gradients_bytes(params) if counter else 0
         self.last_grad_norm = self.optimizer_step()  # for the metrics line (runtime.metrics)
-        if counter:
+        if counter and record is not None:
             record.update(
                 weights_bytes=measure.weights_bytes(params), gradients_bytes=grads_bytes,
                 optimizer_bytes=measure.optimizer_bytes(self.optimizers),
@@ -201,6 +235,19 @@ class Engine:
                 / self.plan.layout.num_microbatches,
                 activation_peak_bytes=counter.peak_bytes)
         return loss
+
+    def eval_accuracy(self, inputs, labels) -> tuple:
+        """(validation loss, accuracy at the pooled positions, over all ranks) of a classify
+        job's held-out batch."""
+        self.correct = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        try:
+            loss = self.eval_loss(inputs, labels)
+            counts = self.correct
+            assert counts is not None
+        finally:
+            self.correct = None
+        dist.all_reduce(counts)  # each data-parallel replica's last stage counted its share
+        return loss, float(counts[0] / counts[1].clamp(min=1))
 
     @torch.no_grad()
     def eval_loss(self, inputs, labels) -> float:

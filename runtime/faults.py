@@ -3,6 +3,7 @@ report of a fault on a rank.
 
 Importable without torch (the launcher and the argument checks use it before torch loads)."""
 
+import contextlib
 import json
 import os
 import re
@@ -66,7 +67,7 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_OTHER
 
 
-def one_line(text: str) -> str:
+def one_line(text: object) -> str:
     """The first line of an error text, without gloo's '[file.cc:123] ' prefix and advice."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     line = lines[0] if lines else ""
@@ -127,9 +128,7 @@ def hard_exit(code: int) -> None:
     with a dead or diverging peer can hang or abort with SIGABRT)."""
     import logging
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     logging.shutdown()
     os._exit(code)

@@ -19,6 +19,7 @@ import socket
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -158,9 +159,9 @@ def measure_host_offload(device) -> dict:
 
 
 # One small llama layer: its FLOPs and bytes are negligible, so its time is host work.
-PROBE = dict(name="host-probe", arch="llama", num_layers=1, hidden_size=64, num_heads=8,
-             num_kv_heads=8, ffn_hidden_size=128, vocab_size=256, max_seq_len=16,
-             tie_embeddings=False, linear_bias=False)
+PROBE: dict[str, Any] = dict(name="host-probe", arch="llama", num_layers=1, hidden_size=64,
+                             num_heads=8, num_kv_heads=8, ffn_hidden_size=128, vocab_size=256,
+                             max_seq_len=16, tie_embeddings=False, linear_bias=False)
 PROBE_REPEAT = 10
 PROBE_SECONDS = 2.0
 
@@ -335,7 +336,7 @@ def measure(ranks: int, tmp_path: str, load_before: MachineLoad) -> dict:
     during = machine_load(load_before.cores, own_load=max(ranks, load_before.cores),
                           core_share=got["core_share"])
     _log(f"[load] during: load average {during.loadavg_1min:.2f}, the ranks got "
-         f"{100 * during.core_share:.0f}% of {during.cores} core(s)")
+         f"{100 * got['core_share']:.0f}% of {during.cores} core(s)")
     return {"schema_version": PROFILE_SCHEMA_VERSION, "device_name": name,
             "host": socket.gethostname(), "ranks": ranks,
             "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "peak_flops": peak,
@@ -352,9 +353,10 @@ def check_load_before(ranks: int, cuda: bool) -> tuple:
     """(MachineLoad, busy reason or None) of the machine before anything is measured: its load
     average and an idle-core probe on the cores the measuring will use."""
     cores = profile_cores(ranks, cuda)
-    load = machine_load(cores, core_share=idle_core_share(cores))
+    share = idle_core_share(cores)
+    load = machine_load(cores, core_share=share)
     _log(f"[load] before: load average {load.loadavg_1min:.2f} on {load.host_cpus} cores, "
-         f"idle-core probe {100 * load.core_share:.0f}% of {cores} core(s)")
+         f"idle-core probe {100 * share:.0f}% of {cores} core(s)")
     return load, load.busy_reason()
 
 

@@ -62,14 +62,15 @@ def _states(opt):
 
 
 def _param_derived(t: torch.Tensor, depth: int = 6) -> bool:
-    if isinstance(t, nn.Parameter):
-        return True
+    if isinstance(t, nn.Parameter) or isinstance(local(t)._base, nn.Parameter):
+        return True  # a view of a frozen parameter (LoRA's base: W.t() in F.linear)
     fn = t.grad_fn
     for _ in range(depth):
         if fn is None:
             return False
         if type(fn).__name__ == "AccumulateGrad":  # a leaf: a parameter or a stage input
-            return isinstance(fn.variable, nn.Parameter)
+            # torch's Node stub lacks AccumulateGrad's `variable` (the leaf tensor)
+            return isinstance(fn.variable, nn.Parameter)  # type: ignore[attr-defined]
         if type(fn).__name__ not in _PASS_THROUGH or not fn.next_functions:
             return False
         fn = fn.next_functions[0][0]

@@ -37,7 +37,7 @@ class DistContext:
         return self.coords["tp"]
 
     def size(self, axis: str) -> int:
-        return self.mesh.size(self.mesh.mesh_dim_names.index(axis))
+        return self.mesh.size((self.mesh.mesh_dim_names or ()).index(axis))
 
     def group(self, axis: str):
         return self.mesh.get_group(axis)
@@ -45,7 +45,7 @@ class DistContext:
     def rank_at(self, **coords) -> int:
         """Global rank at the given coordinates (axes not given: this rank's own)."""
         full = {**self.coords, **coords}
-        index = tuple(full[name] for name in self.mesh.mesh_dim_names)
+        index = tuple(full[name] for name in self.mesh.mesh_dim_names or ())
         return int(self.mesh.mesh[index])
 
 
@@ -83,6 +83,7 @@ def init_distributed(layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContex
     shape = tuple(getattr(layout, axis) for axis in order)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=order)
     coord = mesh.get_coordinate()
+    assert coord is not None  # every rank is in the world's mesh
     return DistContext(mesh=mesh, device=device, rank=dist.get_rank(), world_size=world,
                        coords=dict(zip(order, coord)), hsdp_mesh=hsdp_mesh(mesh, layout))
 
@@ -105,7 +106,7 @@ def pair_group(ctx: DistContext, pp_a: int, pp_b: int):
     pairs, seen = [], set()
     for rank in range(ctx.world_size):
         index = (ctx.mesh.mesh == rank).nonzero()[0].tolist()
-        coords = dict(zip(ctx.mesh.mesh_dim_names, index))
+        coords = dict(zip(ctx.mesh.mesh_dim_names or (), index))
         a = ctx.rank_at(**{**coords, "pp": pp_a})
         b = ctx.rank_at(**{**coords, "pp": pp_b})
         if (a, b) not in seen:

@@ -135,11 +135,14 @@ class MLP(nn.Module):
         else:
             self.fc = nn.Linear(h, f, bias=bias)
             self.proj = nn.Linear(f, h, bias=bias)
+        # GPT-2's gelu_new; a BERT checkpoint's exact (erf) GELU when loaded from one
+        # (runtime/hf_weights.py): same saved tensor, so the same activation memory.
+        self.gelu_approximate = "tanh"
 
     def forward(self, x):
         if self.swiglu:
             return self.down(F.silu(self.gate(x)) * self.up(x))
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's gelu_new
+        return self.proj(F.gelu(self.fc(x), approximate=self.gelu_approximate))
 
 
 class Block(nn.Module):
@@ -197,41 +200,55 @@ class Embedding(nn.Module):
 
 
 class Head(nn.Module):
-    """Final norm and vocabulary projection; for BERT the MLM transform (dense, GELU, norm)."""
+    """Final norm and vocabulary projection; for BERT the MLM transform (dense, GELU, norm).
+    With `num_labels` (sequence classification) a num_labels x h `classifier` with bias replaces
+    the vocabulary projection: it scores every position, and the loss reads the pooled one
+    (runtime/tasks.py: the first token of an encoder, the last text token of a decoder)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, num_labels: int | None = None):
         super().__init__()
         h = spec.hidden_size
         self.dense = nn.Linear(h, h) if spec.arch == "bert" else None
         self.norm = _norm(spec)
-        self.output = nn.Linear(h, spec.vocab_size, bias=spec.arch == "bert")
+        self.output = self.classifier = None
+        if num_labels:
+            self.classifier = nn.Linear(h, num_labels)
+        else:
+            self.output = nn.Linear(h, spec.vocab_size, bias=spec.arch == "bert")
 
     def forward(self, x):
         if self.dense is not None:
             x = F.gelu(self.dense(x))
-        return self.output(self.norm(x))
+        head = self.classifier if self.classifier is not None else self.output
+        assert head is not None
+        return head(self.norm(x))
 
 
 class Transformer(nn.Module):
     """The whole model, or one pipeline chunk of it (layers `layer_ids`, embed and/or head)."""
 
-    def __init__(self, spec: ModelSpec, layer_ids=None, has_embed=True, has_head=True):
+    rope_cos: torch.Tensor  # buffers (register_buffer)
+    rope_sin: torch.Tensor
+
+    def __init__(self, spec: ModelSpec, layer_ids=None, has_embed=True, has_head=True,
+                 num_labels: int | None = None):
         super().__init__()
         self.spec = spec
         ids = range(spec.num_layers) if layer_ids is None else layer_ids
         self.embed = Embedding(spec) if has_embed else None
         self.layers = nn.ModuleDict({str(i): Block(spec) for i in ids})
-        self.head = Head(spec) if has_head else None
-        if self.head is not None and spec.tie_embeddings:
-            if self.embed is not None:
-                self.head.output.weight = self.embed.wte.weight
-            # else: a pipeline chunk without the embedding keeps its own copy of the word
+        self.head = Head(spec, num_labels) if has_head else None
+        if self.head is not None and self.head.output is not None and spec.tie_embeddings \
+                and self.embed is not None:
+            self.head.output.weight = self.embed.wte.weight
+        # else: a pipeline chunk without the embedding keeps its own copy of the word
             # embedding, kept equal by an all-reduce of the two gradients (Narayanan et al.
             # 2021, Sec. 4.1); its canonical name is embed.wte.weight.
         cos, sin = rope_tables(spec, None)  # follows the default device (meta when building)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.autocast_dtype = None  # set for bf16/fp16 compute without FSDP mixed precision
+        # set for bf16/fp16 compute without FSDP mixed precision
+        self.autocast_dtype: torch.dtype | None = None
 
     def forward(self, x):
         if self.autocast_dtype is None:
@@ -250,9 +267,10 @@ class Transformer(nn.Module):
 
     def retie(self) -> None:
         """Re-tie the output projection to the word embedding (after TP replaced both)."""
-        if self.embed is not None and self.head is not None and self.spec.tie_embeddings:
-            if self.head.output.weight is not self.embed.wte.weight:
-                self.head.output.weight = self.embed.wte.weight
+        if self.embed is not None and self.head is not None and self.spec.tie_embeddings \
+                and self.head.output is not None \
+                and self.head.output.weight is not self.embed.wte.weight:
+            self.head.output.weight = self.embed.wte.weight
 
 
 def canonical_name(spec: ModelSpec, fqn: str) -> str:
@@ -268,6 +286,8 @@ def _init_full(spec: ModelSpec, name: str, shape, seed: int, device) -> torch.Te
     # type draws the same values.
     gen = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     leaf = name.rsplit(".", 1)[-1]
+    if leaf == "lora_B":  # LoRA: B = 0, training starts from the base model (Hu et al. 2021)
+        return torch.zeros(shape, device=device)
     if leaf == "bias" or ("norm" in name and leaf == "weight" and len(shape) == 1):
         return (torch.ones if leaf == "weight" else torch.zeros)(shape, device=device)
     std = INIT_STD
@@ -303,6 +323,7 @@ def set_recompute(model: Transformer, mode: str, every: int = 1) -> None:
     every-1, 2*every-1, ... (torchtitan's selective-layer counter; planner.cost.pipeline
     .recomputed) - the others none."""
     for name, block in model.layers.items():
+        assert isinstance(block, Block)
         on = (int(name) + 1) % every == 0
         block.recompute_full = on and mode == "full"
         block.recompute_op = on and mode == "op"

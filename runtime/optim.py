@@ -55,8 +55,10 @@ def _adamw_kw(cfg: OptimConfig) -> dict:
 
 
 def build_adamw(module, cfg: OptimConfig) -> torch.optim.AdamW:
-    groups = {}
+    groups: dict = {}
     for p in module.parameters():
+        if not p.requires_grad:  # LoRA's frozen base: no optimizer state
+            continue
         groups.setdefault(_group_key(p), []).append(p)
     kws, kw = _group_kw(cfg), _adamw_kw(cfg)
     params = [p for ps in groups.values() for p in ps]
@@ -78,7 +80,8 @@ def _sharded_on(p, axis: str) -> bool:
     if not isinstance(p, DTensor) or axis not in (p.device_mesh.mesh_dim_names or ()):
         return False
     # FSDP2 over a TP parameter shards with _StridedShard, which is not a Shard subclass.
-    return isinstance(p.placements[p.device_mesh.mesh_dim_names.index(axis)],
+    names = p.device_mesh.mesh_dim_names or ()
+    return isinstance(p.placements[names.index(axis)],
                       (Shard, _StridedShard))
 
 

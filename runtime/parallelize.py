@@ -18,6 +18,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from runtime.model import Transformer, set_recompute
 
@@ -50,12 +51,13 @@ def block_plan(block, sp: bool) -> dict:
 
 
 def _embed_plan(part: Transformer, sp: bool) -> dict:
+    assert part.embed is not None  # called for the chunk holding the embedding
     plain = part.embed.wpe is None and part.embed.norm is None
     if plain:  # Llama: reduce-scatter straight into sequence shards
         return {"embed.wte": RowwiseParallel(input_layouts=Replicate(),
                                              output_layouts=Shard(1) if sp else Replicate())}
-    plan = {"embed.wte": RowwiseParallel(input_layouts=Replicate(),
-                                         output_layouts=Replicate())}
+    plan: dict[str, ParallelStyle] = {
+        "embed.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
     if sp:  # positions/norm act on the full sequence, then each rank keeps its slice
         plan["embed"] = PrepareModuleOutput(output_layouts=Replicate(),
                                             desired_output_layouts=Shard(1))
@@ -64,11 +66,12 @@ def _embed_plan(part: Transformer, sp: bool) -> dict:
 
 def _head_plan(part: Transformer, sp: bool) -> dict:
     # Logits stay vocabulary-sharded DTensors for loss_parallel (no all-gather of v).
-    plan = {"head.output": ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(),
-                                           output_layouts=Shard(-1), use_local_output=False)}
+    plan: dict[str, ParallelStyle] = {
+        "head.output": ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(),
+                                       output_layouts=Shard(-1), use_local_output=False)}
     if sp:
         plan["head.norm"] = SequenceParallel(use_local_output=True)
-        if part.head.dense is not None:
+        if part.head is not None and part.head.dense is not None:
             plan["head.dense"] = SequenceParallel(use_local_output=True)
     return plan
 
@@ -134,9 +137,14 @@ def check_offload(layout, device_type: str) -> None:
                          "run is on CPU (re-plan without --offload)")
 
 
-def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=False) -> str:
-    """TP, recompute, (torch.compile per block) and FSDP on a meta-device part. Returns the
-    data-parallel wrapper still to apply after materialisation: 'ddp' or 'none'."""
+def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=False,
+                fp8_recipe: str = "none") -> str:
+    """(FP8 linears,) TP, recompute, (torch.compile per block) and FSDP on a meta-device part;
+    `precision` is the job's dtype (bf16 under FP8). Returns the data-parallel wrapper still to
+    apply after materialisation: 'ddp' or 'none'."""
+    if fp8_recipe != "none":  # runtime/fp8.py: checked before any process group
+        from runtime.fp8 import apply_fp8
+        apply_fp8(part, fp8_recipe, layout.zero_stage if layout.dp > 1 else 0)
     check_offload(layout, ctx.device.type)
     if layout.tp > 1:
         apply_tp(part, ctx.mesh["tp"], layout.sequence_parallel)

@@ -41,12 +41,13 @@ def local_chunks(layout, pp_rank: int) -> list:
     return [c for c in range(layout.num_chunks) if layout.chunk_rank(c) == pp_rank]
 
 
-def build_chunks(spec, layout, pp_rank: int) -> list:
-    """(chunk index, meta-device Transformer) for every chunk this pipeline rank runs."""
+def build_chunks(spec, layout, pp_rank: int, num_labels: int | None = None) -> list:
+    """(chunk index, meta-device Transformer) for every chunk this pipeline rank runs (with
+    `num_labels`, the last chunk's head is a classifier)."""
     ids = chunk_layer_ids(layout, spec.num_layers)
     last = layout.num_chunks - 1
-    return [(c, Transformer(spec, layer_ids=ids[c], has_embed=c == 0, has_head=c == last))
-            for c in local_chunks(layout, pp_rank)]
+    return [(c, Transformer(spec, layer_ids=ids[c], has_embed=c == 0, has_head=c == last,
+                            num_labels=num_labels)) for c in local_chunks(layout, pp_rank)]
 
 
 def build_schedule(modules: list, chunks: list, layout, ctx, loss_fn):

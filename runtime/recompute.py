@@ -26,12 +26,12 @@ OP_POLICY_SAVE_LIST = {
     _ops.max.default,
 }
 
-OBSERVER = []  # the ActivationCounter measuring this step, if any
+OBSERVER: list = []  # the ActivationCounter measuring this step, if any
 
 
 def op_policy_contexts():
     """The checkpoint's context_fn: a fresh mm counter per block call (torchtitan's `meta`)."""
-    meta = defaultdict(int)
+    meta: defaultdict[str, int] = defaultdict(int)
     counted = []
 
     def policy(ctx, func, *args, **kwargs):

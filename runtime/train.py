@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import os
+import pathlib
 import signal
 import statistics
 import sys
@@ -32,18 +33,21 @@ VAL_BATCHES = 4
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     steps: int
-    data: str = None
+    data: str | None = None
     data_cap_bytes: int = 8 << 20
-    checkpoint_dir: str = None
+    checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
-    out: str = None
+    out: str | None = None
     seed: int = 0
     val_batches: int = VAL_BATCHES
     measure_step: int = 1  # the step whose memory is recorded (step 0 includes warm-up)
-    metrics: str = None  # JSONL of one line per step (runtime/metrics.py)
+    metrics: str | None = None  # JSONL of one line per step (runtime/metrics.py)
     eval_every: int = 0  # validation loss every K steps (0: only at the end)
-    tensorboard: str = None  # TensorBoard event directory (torch.utils.tensorboard)
+    tensorboard: str | None = None  # TensorBoard event directory (torch.utils.tensorboard)
+    init_from: str | None = None  # Hugging Face checkpoint directory (runtime/hf_weights.py)
+    tokenizer: str | None = None  # tokenizer.json or its directory (runtime/data.py)
+    lora_merge_out: str | None = None  # LoRA: write the merged weights here at the end
 
     def __post_init__(self):
         if self.steps < 1:
@@ -91,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation loss every K steps (0: only at the end)")
     p.add_argument("--tensorboard", help="also write TensorBoard events to this directory "
                    "(needs the tensorboard package)")
+    p.add_argument("--init-from", help="start from a Hugging Face checkpoint directory "
+                   "(config.json and *.safetensors, sharded or not) of the plan's model")
+    p.add_argument("--tokenizer", help="tokenise text data with this tokenizer.json (or a "
+                   "directory holding one; needs the tokenizers package)")
+    p.add_argument("--lora-merge-out", help="LoRA plans: at the end, fold the adapters into "
+                   "the base weights (W + alpha/r B A) and write DIR/merged.pt, a full state "
+                   "dict without adapters")
     p.add_argument("--timeout", type=float, default=60.0, help="collective timeout (s)")
     p.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     return p
@@ -132,6 +143,10 @@ def check_args(args) -> None:
     if args.tensorboard is not None:
         from runtime.metrics import tensorboard_writer_class
         tensorboard_writer_class()  # a missing tensorboard: one line before any process group
+    if args.lora_merge_out is not None:
+        out = Path(args.lora_merge_out)
+        _need(out.is_dir() or not out.exists(), "--lora-merge-out", args.lora_merge_out,
+              "a directory")
     if args.checkpoint_dir is not None:
         ck = Path(args.checkpoint_dir)
         _need(ck.is_dir() or not ck.exists(), "--checkpoint-dir", args.checkpoint_dir,
@@ -167,16 +182,26 @@ class Trainer:
         if tokens is None:
             tokens = load_data(plan, cfg)
         self.data = _token_data(plan, cfg, tokens, ctx.dp_rank)
-        self.engine = Engine(plan, ctx, optim_cfg, seed=cfg.seed)  # compiles if plan says so
+        self.engine = Engine(plan, ctx, optim_cfg, seed=cfg.seed,  # compiles if plan says so
+                             init_from=cfg.init_from)
+        report = self.engine.init_report
+        if report is not None:
+            kept = report["kept"]
+            log.info(f"weights from {cfg.init_from}: {len(report['loaded'])} tensors on rank 0"
+                     + (f"; initialised here: {', '.join(kept)}" if kept else ""))
         self.optim_cfg = optim_cfg
-        self.steps, self.record = [], {}
-        self.last_val = None  # (step, validation loss) of the latest --eval-every evaluation
+        self.steps: list[dict] = []
+        self.record: dict = {}
+        # (step, validation loss) of the latest --eval-every evaluation
+        self.last_val: tuple | None = None
+        self.accuracy: float | None = None  # classify: accuracy of the latest validation
 
     def _start_step(self) -> int:
         import os
 
         from runtime import checkpoint
         root = self.cfg.checkpoint_dir
+        path: pathlib.Path | None
         if self.cfg.resume:
             path = checkpoint.resume_path(root)  # ValueError: nothing to resume
         elif root and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
@@ -225,7 +250,7 @@ class Trainer:
         self.engine.set_lr(lr)
         inputs, labels = self.data.batch(step)
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step
-        record = {} if step == min(start + cfg.measure_step, total - 1) else None
+        record: dict | None = {} if step == min(start + cfg.measure_step, total - 1) else None
         t0 = time.perf_counter()
         loss = self.engine.train_step(inputs.to(self.ctx.device),
                                       labels.to(self.ctx.device), record)
@@ -239,11 +264,15 @@ class Trainer:
                            "tokens_per_s": tokens_per_step / dt, "lr": lr})
         memory = measure.current_memory_bytes(self.ctx.device)
         _log_step(step, total, loss, lr, dt, tokens_per_step, memory)
+        if self.plan.job.task != "pretrain":
+            self.steps[-1]["loss_tokens"] = self.engine.loss_tokens
         row = {**self.steps[-1], "grad_norm": getattr(self.engine, "last_grad_norm", None),
                "memory_bytes": memory,
                "peak_allocated_bytes": measure.peak_allocated_bytes(self.ctx.device)}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             row["val_loss"] = self.validation_loss()  # every rank: a collective
+            if self.accuracy is not None:
+                row["val_accuracy"] = self.accuracy
             self.last_val = (step, row["val_loss"])
             log.info(f"step {step + 1}: validation loss {row['val_loss']:.4f}")
         if writer is not None:
@@ -253,10 +282,18 @@ class Trainer:
             log.info(f"saved checkpoint {path}")
 
     def validation_loss(self) -> float:
-        losses = []
+        """Mean held-out loss; a classify job also sets self.accuracy (pooled positions)."""
+        losses, right = [], []
         for i in range(self.cfg.val_batches):
-            x, y = self.data.val_batch(i)
-            losses.append(self.engine.eval_loss(x.to(self.ctx.device), y.to(self.ctx.device)))
+            x, y = (t.to(self.ctx.device) for t in self.data.val_batch(i))
+            if self.plan.job.task == "classify":
+                loss, acc = self.engine.eval_accuracy(x, y)
+                right.append(acc)
+            else:
+                loss = self.engine.eval_loss(x, y)
+            losses.append(loss)
+        if right:
+            self.accuracy = sum(right) / len(right)
         return sum(losses) / len(losses)
 
     def _measured(self) -> dict:
@@ -269,6 +306,13 @@ class Trainer:
         else:
             val = self.validation_loss()
         log.info(f"validation loss {val:.4f} ({self.cfg.val_batches} held-out batches)")
+        if self.accuracy is not None:
+            log.info(f"validation accuracy {self.accuracy:.4f}")
+        if self.cfg.lora_merge_out:
+            from runtime.lora import save_merged
+            path = save_merged(self.engine, self.cfg.lora_merge_out)
+            if path:
+                log.info(f"wrote the merged weights to {path}")
         empty = dict.fromkeys(("weights_bytes", "gradients_bytes", "optimizer_bytes",
                                "activation_bytes_per_microbatch", "activation_peak_bytes"))
         mine = {"rank": self.ctx.rank, "coords": dict(self.ctx.coords), **empty, **self.record,
@@ -279,23 +323,35 @@ class Trainer:
         times = [s["step_time_s"] for s in self.steps]
         median = statistics.median(times[1:] if len(times) > 1 else times) if times else None
         tokens = self.plan.job.global_batch * self.plan.job.seq_len
-        return {"schema_version": 1, "plan": self.plan.to_dict(), "steps": self.steps,
+        steps = [{k: v for k, v in s.items() if k != "loss_tokens"} for s in self.steps]
+        return {"schema_version": 1, "plan": self.plan.to_dict(), "steps": steps,
                 "val_loss": val, "step_time_s": median,
                 "tokens_per_s": tokens / median if median else None, "ranks": ranks}
 
 
 def load_data(plan: Plan, cfg: RunConfig):
-    """The run's tokens (ValueError if unusable: missing, special file, ids >= vocab, too few)."""
-    from runtime.data import load_tokens
-    tokens = load_tokens(cfg.data, plan.model.vocab_size, cfg.data_cap_bytes)
+    """The run's tokens (ValueError if unusable: missing, special file, ids >= vocab, too few);
+    for a classify or sft plan its samples (runtime/tasks.py), tokenised by --tokenizer if given."""
+    from runtime.data import load_tokenizer, load_tokens
+    tok = load_tokenizer(cfg.tokenizer, plan.model.vocab_size) if cfg.tokenizer else None
+    if plan.job.task != "pretrain":
+        from runtime.tasks import encode_bytes, task_samples
+        encode = encode_bytes if tok is None else (lambda text: tok.encode(text).ids)
+        return task_samples(plan, cfg.data, cap_bytes=cfg.data_cap_bytes, encode=encode)
+    tokens = load_tokens(cfg.data, plan.model.vocab_size, cfg.data_cap_bytes, tokenizer=tok)
     _token_data(plan, cfg, tokens, 0)  # too few tokens for the sequence length: refuse now
     return tokens
 
 
 def _token_data(plan: Plan, cfg: RunConfig, tokens, dp_rank: int):
-    from runtime.data import TokenData
+    if plan.job.task != "pretrain":
+        from runtime.tasks import TaskData
+        return TaskData(tokens, plan.layout, dp_rank, cfg.seed)
+    from runtime.data import TokenData, load_tokenizer, mask_token_id
+    tok = load_tokenizer(cfg.tokenizer, plan.model.vocab_size) if cfg.tokenizer else None
     return TokenData(tokens, plan.job.seq_len, plan.layout, dp_rank, causal=plan.model.causal,
-                     vocab_size=plan.model.vocab_size, seed=cfg.seed)
+                     vocab_size=plan.model.vocab_size, seed=cfg.seed,
+                     mask_id=mask_token_id(tok, plan.model.vocab_size))
 
 
 class NonFiniteLoss(faults.Diverged):
@@ -324,12 +380,22 @@ def main(argv=None) -> int:
         check_args(args)
         plan = Plan.load(args.plan)
         check_compile_flag(plan.layout, args.compile)
+        from runtime.fp8 import check_fp8
+        check_fp8(plan)
         cfg = RunConfig(steps=args.steps, data=args.data,
                         data_cap_bytes=int(args.data_cap_mb * 2**20),
                         checkpoint_dir=args.checkpoint_dir,
                         checkpoint_every=args.checkpoint_every, resume=args.resume,
                         out=args.out, seed=args.seed, metrics=args.metrics,
-                        eval_every=args.eval_every, tensorboard=args.tensorboard)
+                        eval_every=args.eval_every, tensorboard=args.tensorboard,
+                        init_from=args.init_from, tokenizer=args.tokenizer,
+                        lora_merge_out=args.lora_merge_out)
+        if args.init_from:  # config, files and shapes before any process group
+            from runtime.hf_weights import Checkpoint
+            Checkpoint(args.init_from, plan.model)
+        if args.lora_merge_out and plan.job.lora is None:
+            raise ValueError(f"--lora-merge-out {args.lora_merge_out}: the plan has no lora "
+                             f"(plan with --lora-rank)")
         from runtime.mesh import check_world_size
         from runtime.optim import OptimConfig
         check_world_size(plan.layout)

@@ -164,7 +164,8 @@ def compile_block(spec, precision: str, t: int = SYMBOLS["t"], batch=None,
             torch._functorch.config.patch(enable_autograd_cache=False), GraphRecorder() as rec:
         compiled_saved, out = _saved_terms(lambda: run(compiled), block.parameters())
         out.backward(torch.randn_like(out))
-    assert len(rec.graphs) == 2, f"expected one forward and one backward graph, got {len(rec.graphs)}"
+    assert len(rec.graphs) == 2, \
+        f"expected one forward and one backward graph, got {len(rec.graphs)}"
     show = value if raw else formula
     return {"block_fwd": _merge(rec.graphs[0], raw), "block_bwd": _merge(rec.graphs[1], raw),
             "saved_eager": show(eager_saved), "saved_compiled": show(compiled_saved)}

@@ -322,3 +322,37 @@ def test_compile_checkbox_speeds_up_the_hand_set_layout_or_names_the_rule():
     at.number_input(key="hand_num_microbatches").set_value(16).run()
     _ok(at)
     assert len(at.error) == 1 and "compile with tp=2 fails" in _text(at.error[0])
+
+
+def test_fp8_recipe_selector_and_gain():
+    at = _app(nodes=1, batch=8, seq=4096)
+    assert "fp8_recipe" not in [s.key for s in at.selectbox]  # only under fp8
+    at.selectbox(key="profile").set_value("h100-80g")
+    at.selectbox(key="precision").set_value("fp8")
+    at.run()
+    _ok(at)
+    assert at.selectbox(key="fp8_recipe").options == ["tensorwise", "rowwise", "delayed"]
+    at.selectbox(key="fp8_recipe").set_value("rowwise")
+    at.run()
+    _ok(at)
+    assert any("FP8 (rowwise)" in _text(i) for i in at.info)
+
+
+def test_lora_widgets_change_the_ranked_plans_and_their_memory():
+    at = _app(batch=64)
+    _ok(at)
+    full = _ranked(at)
+    at.checkbox(key="lora").check().run()
+    at.number_input(key="lora_rank").set_value(16)
+    at.multiselect(key="lora_targets").set_value(["q", "v"]).run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    lora = _ranked(at)
+    assert lora and lora != full
+    at.multiselect(key="lora_targets").set_value(["fc"]).run()
+    _ok(at)
+    assert any("lora target 'fc' is not in llama3-8b" in _text(e) for e in at.error)
+    at.multiselect(key="lora_targets").set_value(["q"])
+    at.selectbox(key="task").set_value("classify").run()
+    _ok(at)
+    assert at.number_input(key="num_labels").value == 2 and _ranked(at)

@@ -193,7 +193,7 @@ def test_torchrun_plan_path_arrives_literally(path, nodes, fake_bin, tmp_path):
     lines = export.torchrun_lines(_plan(nodes=nodes), plan_path=path, steps=4,
                                   hosts=["n0", "n1"][:nodes] if nodes > 1 else None)
     assert len(lines) == nodes
-    for rank, text in enumerate(lines):
+    for text in lines:
         (argv,) = _run_bash(text, fake_bin, tmp_path)
         tail = ["-m", "runtime.train", "--plan", path, "--steps", "4"]
         if nodes == 1:

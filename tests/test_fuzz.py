@@ -136,10 +136,17 @@ PER_BASE = {"estimate": 1000, "estimate-plan": 700, "estimate-hf": 350, "estimat
 
 @pytest.fixture
 def files(tmp_path, monkeypatch):
-    """The fuzz inputs; no subprocess may start (run, profile) and calibrate's fit is a stub."""
+    """The fuzz inputs; no subprocess may start (run, profile), calibrate's fit is a stub, and
+    so is --trace-activations' tracer (transformers on the meta device: tests/test_traced.py)."""
     import planner.calibration.calibrate
     import planner.cli.profile
     import planner.cli.run
+    import planner.traced
+    from planner.cost.traced_bytes import TracedActivations
+    monkeypatch.setattr(planner.traced, "trace", lambda cfg, *, seq_len, precision, attention:
+                        TracedActivations(model_class="stub", seq_len=seq_len,
+                                          precision=precision, attention=attention,
+                                          layer_bytes=(2000, 3000), rest_bytes=(900, 1300)))
     monkeypatch.setattr(planner.cli.run, "launch", lambda cmd: 0)
     monkeypatch.setattr(planner.cli.profile.subprocess, "run",
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1))

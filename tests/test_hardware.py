@@ -204,8 +204,7 @@ def test_schema_1_profiles_still_load_as_schema_4():
     old = _as_old(current, 1)
     loaded = HardwareProfile.from_dict(old)  # v1 files may carry the v2 gpu keys too
     assert loaded.gpu == current.gpu and loaded.schema_version == 4
-    for key, default in (("host_layer_overhead_s", {}), ("host_is_device", False),
-                         ("shared_cores", 0)):
+    for key in ("host_layer_overhead_s", "host_is_device", "shared_cores"):
         del old["gpu"][key]
     loaded = HardwareProfile.from_dict(old)
     assert loaded.schema_version == 4 and loaded.gpu.host_layer_overhead_s == {}

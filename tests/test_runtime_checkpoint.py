@@ -2,6 +2,7 @@
 incomplete checkpoints are never picked; --resume with nothing to resume fails; one run per
 directory (an flock that a crashed run does not leave held)."""
 
+import contextlib
 import functools
 import os
 import signal
@@ -37,10 +38,8 @@ def _run(plan, ckpt_dir, *, every=0, resume=False, crash_at=None) -> list:
                 raise Crash(step)
             return batch(step)
         trainer.data.batch = crashing_batch
-    try:
+    with contextlib.suppress(Crash):
         trainer.run()
-    except Crash:
-        pass
     return [(s["step"], s["loss"]) for s in trainer.steps]
 
 

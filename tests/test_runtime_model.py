@@ -76,7 +76,8 @@ def test_rms_norm_matches_torch_and_saves_input_and_rstd_only():
     want = torch.nn.functional.rms_norm(x, (16,), norm.weight, 1e-5)
     torch.testing.assert_close(y, want)
     assert sorted(saved) == sorted([(2, 3, 16), (16,), (2, 3, 1)])
-    assert torch.autograd.gradcheck(lambda a, w: RMSNorm.forward(_with(norm, w), a), (x, norm.weight))
+    assert torch.autograd.gradcheck(lambda a, w: RMSNorm.forward(_with(norm, w), a),
+                                    (x, norm.weight))
 
 
 def _with(norm, weight):

@@ -99,12 +99,13 @@ BERT_CASES = {"bert-pp2": L(pp=2, micro_batch=2, num_microbatches=4),
 
 
 SPECS = {"llama": SPEC, "gpt": GPT, "bert": BERT}
-ALL = {**{("llama", k): v for k, v in CASES.items()}, **{("gpt", k): v for k, v in GPT_CASES.items()},
+ALL = {**{("llama", k): v for k, v in CASES.items()},
+       **{("gpt", k): v for k, v in GPT_CASES.items()},
        **{("bert", k): v for k, v in BERT_CASES.items()}}
 REFERENCE = Layout(micro_batch=2, num_microbatches=4)  # one process: 4 micro-batches of 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def results(world: int) -> dict:
     """Every case of this world size (and the references), trained in one forked world."""
     plans = {key: make_plan(lay, SPECS[key[0]]) for key, lay in ALL.items()
@@ -173,7 +174,7 @@ MIXED = {"bf16-fsdp-zero2": L(dp=2, micro_batch=2, num_microbatches=2, zero_stag
          "bf16-replicate-tp2xdp2": L(dp=2, tp=2, micro_batch=2, num_microbatches=2)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mixed_results() -> dict:
     return train_worlds({k: make_plan(v, SPEC, "bf16") for k, v in MIXED.items()}, STEPS)
 

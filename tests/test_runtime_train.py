@@ -206,7 +206,8 @@ def test_debug_adds_the_traceback(tmp_path, monkeypatch):
     code, err, _ = _main_rank(["--plan", str(tmp_path / "none.json"), "--steps", "1",
                                "--debug"])
     assert code == 2 and "Traceback" in err
-    assert err.splitlines()[-1] == f"runtime.train: error: plan file not found: {tmp_path}/none.json"
+    assert err.splitlines()[-1] == \
+        f"runtime.train: error: plan file not found: {tmp_path}/none.json"
 
 
 def test_fifo_as_data_is_refused_at_once(tmp_path):

@@ -11,10 +11,10 @@ import pytest
 from planner import rules
 from planner.cli import main
 from planner.cost.estimate import estimate
+from planner.engines import RECOMPUTE_EVERY_CHOICES
 from planner.hardware import Cluster, load_cluster
 from planner.job import Job
 from planner.plan import INTERLEAVED, RECOMPUTE, SCHEDULES, Layout, Plan, layout_errors
-from planner.engines import RECOMPUTE_EVERY_CHOICES
 from planner.presets import load_model
 from planner.search.explain import reasons, why_better
 from planner.search.ranking import SearchOptions, cluster_for, search

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from planner.cost.params import count_parameters, rank_param_tensors
+from planner.moe_spec import MLASpec, MoESpec
 from planner.plan import Layout
 from planner.presets import MODEL_PRESETS, load_model
-from planner.moe_spec import MLASpec, MoESpec
 from planner.spec import OPTIONAL_KEYS, ModelSpec, from_hf_config
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -17,6 +17,7 @@ planner.measured.relative_error, (predicted - measured) / measured, as in `plann
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -85,7 +86,8 @@ def identify(runs: list, profile: HardwareProfile) -> tuple:
     only one factor can be fitted, and latency not at all from runs without collectives."""
     jac = sensitivities(runs, profile)
     order = sorted(range(len(FACTORS)), key=lambda j: -np.abs(jac[:, j]).max())
-    fitted, left = [], {}
+    fitted: list[str] = []
+    left: dict[str, str] = {}
     for j in order:
         name, col = FACTORS[j], jac[:, j]
         if np.abs(col).max() < limits.MIN_SENSITIVITY:
@@ -152,7 +154,7 @@ def _nelder_mead(f, x0: np.ndarray, steps: int = 300, tol: float = 1e-6) -> np.n
     return simplex[int(np.argmin(values))]
 
 
-def fit_factors(runs: list, profile: HardwareProfile, names: list = FACTORS) -> dict:
+def fit_factors(runs: list, profile: HardwareProfile, names: Sequence = FACTORS) -> dict:
     """Every factor: those in `names` fitted inside their bounds (coordinate descent on the
     grids, then Nelder-Mead in log space from there: the kernel overhead and collective latency
     trade off, which leaves coordinate steps short), the others 1."""

@@ -10,7 +10,8 @@ def _shape_factor(shapes: np.ndarray, d0: float) -> np.ndarray:
     return np.prod(shapes / (shapes + d0), axis=1)
 
 
-def fit_gemm_efficiency(measurements: list, peak_flops: float, half_dim: float = None) -> tuple:
+def fit_gemm_efficiency(measurements: list, peak_flops: float,
+                        half_dim: float | None = None) -> tuple:
     """(gemm_efficiency_max, gemm_half_dim, rms relative error) from [(m, n, k, flops_per_s)].
 
     With `half_dim` given, only e_max is fitted (use it when the measured shapes are all large,
@@ -19,7 +20,7 @@ def fit_gemm_efficiency(measurements: list, peak_flops: float, half_dim: float =
         raise ValueError(f"need at least 2 GEMM measurements to fit, got {len(measurements)}")
     data = np.asarray(measurements, dtype=float)
     shapes, achieved = data[:, :3], data[:, 3] / peak_flops
-    best = None
+    best: tuple | None = None
     grid = [half_dim] if half_dim is not None else np.geomspace(1.0, 4096.0, 400)
     for d0 in grid:
         q = _shape_factor(shapes, d0)
@@ -28,4 +29,5 @@ def fit_gemm_efficiency(measurements: list, peak_flops: float, half_dim: float =
         err = float(np.sqrt(np.mean(rel ** 2)))
         if best is None or err < best[2]:
             best = (min(e_max, 1.0), float(d0), err)
+    assert best is not None  # the grid is never empty
     return best

@@ -78,6 +78,7 @@ def fit_gemms(gemms: list, peak: float) -> tuple:
         res = gemm_residuals(gemms, peak, e_max, half_dim)
         if best is None or np.mean(res ** 2) < np.mean(best[2] ** 2):
             best = (e_max, float(half_dim), res)
+    assert best is not None  # HALF_DIM_GRID is never empty
     return best
 
 

@@ -11,9 +11,10 @@ import sys
 from typing import TYPE_CHECKING
 
 from planner import limits
-from planner.engines import OFFLOADS, RECOMPUTE, SCHEDULES
+from planner.engines import OFFLOADS, RECOMPUTE, SCHEDULES, engine
 from planner.hardware import load_cluster, with_gpus
-from planner.job import ATTENTION, PRECISIONS, Job
+from planner.job import ATTENTION, FP8_RECIPES, MAX_LABELS, PRECISIONS, TASKS, Job
+from planner.lora import DEFAULT_TARGETS, MAX_RANK, TARGETS, LoraSpec, parse_targets
 from planner.presets import load_model
 from planner.schema import show_path
 
@@ -35,12 +36,68 @@ def add_inputs(parser, required: bool = True) -> None:
     parser.add_argument("--seq-len", type=bounded_int(1, limits.MAX_SEQ_LEN),
                         required=required, help="tokens per sequence")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                        help="training precision (V100 profiles have no bf16: use fp16)")
+                        help="training precision (V100 profiles have no bf16: use fp16; fp8 "
+                             "runs the linear layers' GEMMs in FP8, the rest in bf16, on "
+                             "Hopper-class profiles)")
+    parser.add_argument("--fp8-recipe", choices=FP8_RECIPES, default=None,
+                        help="FP8 scaling recipe with --precision fp8 (default: the engine's "
+                             "first: tensorwise for torch, delayed for megatron)")
     parser.add_argument("--engine", choices=("torch", "megatron", "deepspeed"), default="torch",
                         help="whose activation/overlap behaviour to model")
     parser.add_argument("--attention", choices=ATTENTION, default="flash",
                         help="attention kernels: flash, fused softmax, or eager")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_task(parser)
+
+
+def add_task(parser) -> None:
+    """--task, --num-labels and the LoRA flags (planner/job.py, planner/lora.py)."""
+    parser.add_argument("--task", choices=TASKS, default="pretrain",
+                        help="pretrain (LM loss), classify (sequence classification head), "
+                             "sft (causal LM, prompt masked out of the loss)")
+    parser.add_argument("--num-labels", type=bounded_int(2, MAX_LABELS), default=2,
+                        help="classes of the classify head (default 2)")
+    parser.add_argument("--lora-rank", type=bounded_int(1, MAX_RANK), default=None,
+                        help="train LoRA adapters of this rank on a frozen base (default: "
+                             "full fine-tuning)")
+    parser.add_argument("--lora-alpha", type=float, default=16.0,
+                        help="LoRA scale numerator: updates are alpha / rank x B A x")
+    parser.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+                        help=f"adapted projections, of {','.join(TARGETS)}")
+    parser.add_argument("--lora-base-4bit", action="store_true",
+                        help="QLoRA-style 4-bit frozen base (memory model only; the runtime "
+                             "keeps the base in the training precision)")
+
+
+def lora_from_args(args):
+    """The LoraSpec the flags ask for, or None; LoRA flags without --lora-rank are refused."""
+    rank = getattr(args, "lora_rank", None)
+    if rank is None:
+        given = getattr(args, "given", None) or ()
+        stray = [f for f in ("lora_alpha", "lora_targets", "lora_base_4bit") if f in given]
+        if stray:
+            raise ValueError(f"--{stray[0].replace('_', '-')} needs --lora-rank")
+        return None
+    return LoraSpec(rank=rank, alpha=args.lora_alpha, targets=parse_targets(args.lora_targets),
+                    base_4bit=bool(args.lora_base_4bit))
+
+
+def add_trace(parser) -> None:
+    parser.add_argument("--trace-activations", action="store_true",
+                        help="use the activation bytes transformers' implementation of the "
+                             "model saves (traced on the meta device; needs the hf extra; "
+                             "cached) instead of the analytic count, and show both")
+
+
+def traced_context(args, spec, job):
+    """(context manager, comparison line) for --trace-activations, or a null context."""
+    import contextlib
+    if not getattr(args, "trace_activations", False):
+        return contextlib.nullcontext(), None
+    from planner import traced  # torch and transformers: only with the flag
+    from planner.cost.traced_bytes import use
+    trace = traced.for_job(spec, job, getattr(args, "model", None))
+    return use(trace), trace
 
 
 def add_gpus(parser) -> None:
@@ -110,12 +167,16 @@ FLAGS = {"model": "--model", "cluster": "--cluster", "nodes": "--nodes",
          "schedule": "--schedule", "virtual_stages": "--virtual-stages",
          "recompute": "--recompute", "recompute_every": "--recompute-every",
          "mesh_order": "--mesh-order", "gpus": "--gpus", "compile": "--compile",
+         "fp8_recipe": "--fp8-recipe",
+         "task": "--task", "lora_rank": "--lora-rank", "lora_targets": "--lora-targets",
          "dp_shard": "--dp-shard", "offload": "--offload"}
 # planner.rules key -> the flags (dests) whose values that rule read
 RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn": ("tp",),
               "tp_node": ("tp",), "sp_tp": ("sp", "tp"), "sp_seq": ("tp", "seq_len"),
               "zero_dp": ("zero", "dp"), "global_batch": ("global_batch", "dp", "micro_batch"),
               "precision": ("precision",), "positions": ("seq_len",),
+              "fp8_engine": ("precision", "fp8_recipe", "engine"),
+              "fp8_tp": ("precision", "tp", "engine"),
               "interleave_pp": ("schedule", "pp"), "zbv_v": ("schedule", "virtual_stages"),
               "interleave_v": ("schedule", "virtual_stages"),
               "single_v": ("schedule", "virtual_stages"),
@@ -130,10 +191,14 @@ RULE_FLAGS = {"world": ("dp", "tp", "pp", "gpus"), "tp_heads": ("tp",), "tp_ffn"
               "recompute_every_layers": ("recompute_every", "model"),
               "recompute_engine": ("recompute", "engine"),
               "recompute_every_engine": ("recompute_every", "engine"),
+              "lora_targets": ("lora_targets", "model"), "lora_engine": ("lora_rank", "engine"),
+              "lora_tp": ("lora_rank", "tp"), "lora_recompute_op": ("lora_rank", "recompute"),
+              "lora_compile": ("lora_rank", "compile"), "classify_tp": ("task", "tp"),
               "dp_shard_divides": ("dp_shard", "dp"), "dp_shard_one": ("dp_shard",),
               "dp_shard_zero": ("dp_shard", "zero"),
               "dp_shard_engine": ("dp_shard", "zero", "engine"),
-              "offload_engine": ("offload", "zero", "engine"), "offload_host": ("offload", "cluster")}
+              "offload_engine": ("offload", "zero", "engine"),
+              "offload_host": ("offload", "cluster")}
 
 
 def is_default(args, dest: str) -> bool:
@@ -165,8 +230,24 @@ def check_precision(args, profile) -> None:
     where = (f"precision {args.precision} (the default of --precision)"
              if is_default(args, "precision") else f"--precision {args.precision}")
     hint = f"; use --precision {use}" if use else ""
-    raise ValueError(f"{where} is not supported by profile {profile.name} ({profile.gpu.name} "
-                     f"supports {', '.join(have)}){hint}")
+    why = " has no FP8 tensor cores (Hopper/Ada or later have them); it" \
+        if args.precision == "fp8" else ""
+    raise ValueError(f"{where} is not supported by profile {profile.name} ({profile.gpu.name}"
+                     f"{why} supports {', '.join(have)}){hint}")
+
+
+def fp8_recipe(args) -> str:
+    """--fp8-recipe under --precision fp8 (unset: the engine's default recipe); refused with
+    any other precision."""
+    recipe = getattr(args, "fp8_recipe", None)
+    if args.precision != "fp8":
+        if recipe is not None:
+            raise ValueError(f"--fp8-recipe {recipe} needs --precision fp8, got --precision "
+                             f"{args.precision}")
+        return "none"
+    if recipe is not None:
+        return recipe
+    return (engine(args.engine).fp8_recipes or FP8_RECIPES)[0]
 
 
 def build_inputs(args) -> tuple:
@@ -180,7 +261,9 @@ def build_inputs(args) -> tuple:
         raise ValueError(f"{exc}; from --gpus {gpus}, {flag_values(args, ('nodes',))}") from None
     check_precision(args, cluster.profile)
     job = Job(global_batch=args.global_batch, seq_len=args.seq_len, precision=args.precision,
-              attention=args.attention, engine=args.engine)
+              attention=args.attention, engine=args.engine, fp8_recipe=fp8_recipe(args),
+              task=getattr(args, "task", "pretrain"), num_labels=getattr(args, "num_labels", 2),
+              lora=lora_from_args(args))
     return model, cluster, job
 
 

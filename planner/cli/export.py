@@ -73,7 +73,7 @@ def _text(plan: Plan, args, notes: list) -> str:
 
 def run(args) -> int:
     from planner.plan import Plan
-    notes = []
+    notes: list[str] = []
     text = _text(Plan.load(args.plan), args, notes)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

@@ -55,13 +55,21 @@ RUNTIME_FLAGS = (
     ("--eval-every", int, 0, "validation loss every K steps (0: only at the end)"),
     ("--tensorboard", str, None, ("also write TensorBoard events to this directory (needs the "
                                   "tensorboard package)")),
+    ("--init-from", str, None, ("start from a Hugging Face checkpoint directory (config.json "
+                                "and *.safetensors, sharded or not) of the plan's model")),
+    ("--tokenizer", str, None, ("tokenise text data with this tokenizer.json (or a directory "
+                                "holding one; needs the tokenizers package)")),
+    ("--lora-merge-out", str, None, ("LoRA plans: at the end, fold the adapters into the base "
+                                     "weights (W + alpha/r B A) and write DIR/merged.pt, a full "
+                                     "state dict without adapters")),
     ("--timeout", float, 60.0, "collective timeout (s)"),
 )
 
 METAVARS = {"--data": "PATH", "--data-cap-mb": "MIB", "--checkpoint-dir": "DIR",
             "--checkpoint-every": "K", "--lr": "LR", "--warmup": "STEPS", "--grad-clip": "NORM",
             "--seed": "SEED", "--timeout": "SECONDS", "--metrics": "PATH", "--eval-every": "K",
-            "--tensorboard": "DIR"}
+            "--tensorboard": "DIR", "--init-from": "DIR", "--tokenizer": "PATH",
+            "--lora-merge-out": "DIR"}
 
 MAX_PROCS_PER_CORE = 8  # CPU ranks: the cpu profile runs 4 per core; past 8, gloo times out
 PROBE_TIMEOUT_S = 300
@@ -113,13 +121,13 @@ def _text_of(kind):
 
 def training_flags(args) -> list:
     """The runtime.train flags given to `planner run` itself, as runtime.train's arguments."""
-    out = []
+    out: list[str] = []
     for flag, kind, default, _ in RUNTIME_FLAGS:
         value = getattr(args, "train_" + flag[2:].replace("-", "_"), default)
         if kind is bool:
             out += [flag] if value else []
         elif value is not None and value is not default:
-            out += [flag, value]
+            out += [flag, str(value)]
     return out
 
 
@@ -226,6 +234,8 @@ def check_host(plan: Plan, plan_path, nodes: int, procs: int) -> dict:
 
 
 def _memory_need(plan: Plan, procs: int):
+    if plan.estimate is None:
+        return None
     try:
         return procs * float(plan.estimate["memory"]["total_bytes"])
     except (TypeError, KeyError, ValueError):
@@ -297,7 +307,8 @@ def launch(cmd: list) -> int:
     proc = subprocess.Popen(cmd, preexec_fn=_block_interrupts if handing else None)
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, lambda *_: proc.terminate()) if main_thread else None
-    presses, since, signalled = 0, None, set()
+    presses, since = 0, None
+    signalled: set = set()
     try:
         while True:
             try:
@@ -314,6 +325,7 @@ def launch(cmd: list) -> int:
                     proc.terminate()  # (without handing: the launcher had the first itself)
             if handing and presses == 1:
                 signalled |= _interrupt(children(proc.pid) - signalled)
+                assert since is not None  # set by the press that made presses 1
                 if time.monotonic() - since > STOP_GRACE_S:
                     presses = 2
                     proc.terminate()

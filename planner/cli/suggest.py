@@ -1,8 +1,9 @@
 """`planner suggest`: search every valid layout, rank, explain, write the chosen plan."""
 
 from planner import limits
-from planner.cli.common import (add_compile, add_dp_shard, add_gpus, add_inputs, add_recompute, bounded_float,
-                                bounded_int, build_inputs, check_output, print_json, save_plan)
+from planner.cli.common import (add_compile, add_dp_shard, add_gpus, add_inputs, add_recompute,
+                                add_trace, bounded_float, bounded_int, build_inputs,
+                                check_output, print_json, save_plan, traced_context)
 
 # = planner.search.ranking.OBJECTIVES (tests/test_imports.py checks); not imported from there:
 # that module loads the search and the cost model, which building the parser must not
@@ -36,6 +37,7 @@ def add_parser(sub):
     p.add_argument("--token-budget", type=bounded_float(0.0, limits.MAX_TOKEN_BUDGET),
                    default=0.0, help="tokens to train, for time-to-train (e.g. 2e12)")
     add_compile(p)  # on: every layout compiled; off (default): none
+    add_trace(p)
     return p
 
 
@@ -58,7 +60,15 @@ def run(args) -> int:
     model, cluster, job = build_inputs(args)  # with --gpus
     if args.rank < 1:
         raise ValueError(f"--rank must be >= 1, got {args.rank}")
-    result = search(model, cluster, job, _options(args))
+    context, trace = traced_context(args, model, job)
+    with context:  # the relaxations of a no-fit search and the explanations too
+        if trace is not None and not args.json:
+            from planner.traced import comparison_text
+            print(comparison_text(trace, model, job, 1) + "\n")
+        return _searched(args, search(model, cluster, job, _options(args)))
+
+
+def _searched(args, result) -> int:
     if not result.ranked:
         return _nothing(result, args)
     if args.rank > len(result.ranked):

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# a time in seconds: one value, or one per layout (the search's columns)
+Seconds = float | np.ndarray
+
 
 def activation_peak(*, inflight, rank_layers, rank_chunks, layer_bytes, holds_embedding,
                     embedding_bytes, holds_head, head_inflight, head_bytes, recomputed_layers,
@@ -34,12 +37,12 @@ def rank_total_bytes(*, weights, gradients, optimizer, activations, gathered, co
 @dataclass(frozen=True)
 class RankMicrobatch:
     """One micro-batch through all chunks of one pipeline rank, in seconds (scalars or arrays)."""
-    compute_fwd_s: object
-    compute_bwd_s: object
-    recompute_s: object
-    tp_comm_s: object
-    pp_comm_s: object
-    wgrad_s: object
+    compute_fwd_s: Seconds
+    compute_bwd_s: Seconds
+    recompute_s: Seconds
+    tp_comm_s: Seconds
+    pp_comm_s: Seconds
+    wgrad_s: Seconds
 
     @property
     def total_s(self):
@@ -117,14 +120,14 @@ def _pick(per_rank: list, index):
 @dataclass(frozen=True)
 class StepParts:
     """The step's parts (scalars or arrays), as TimeBreakdown reports them."""
-    compute_s: object
-    recompute_s: object
-    tp_comm_s: object
-    pp_comm_s: object
-    bubble_s: object
-    dp_comm_exposed_s: object
-    optimizer_s: object
-    dp_comm_total_s: object
+    compute_s: Seconds
+    recompute_s: Seconds
+    tp_comm_s: Seconds
+    pp_comm_s: Seconds
+    bubble_s: Seconds
+    dp_comm_exposed_s: Seconds
+    optimizer_s: Seconds
+    dp_comm_total_s: Seconds
     slowest: object          # index into the ranks given
 
     @property

@@ -4,6 +4,7 @@ planner/cost/fields.py."""
 
 from planner.cost import deepspeed as ds
 from planner.cost.comm import make_collective
+from planner.cost.fp8 import fp8_gather, linear_weight_numel
 from planner.cost.params import _local_numel
 from planner.engines import deferred_fsdp, engine
 from planner.plan import Mesh
@@ -40,7 +41,7 @@ def _mesh(mesh_order, dp, tp, pp, dp_shard=0) -> Mesh:
 
 def _tp_collectives(profile, spec, job, mesh: Mesh, micro_batch: int, pattern: list) -> list:
     link = axis_link(profile, mesh, "tp")
-    nbytes = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size
+    nbytes = dtype_bytes(job.dtype) * micro_batch * job.seq_len * spec.hidden_size
     return [make_collective(f"tp_{kind}", kind, link, count, nbytes) for kind, count in pattern]
 
 
@@ -96,7 +97,7 @@ def tp_collectives_per_layer(profile, spec, job, *, mesh_order, dp, tp, pp, sequ
     if tp == 1:
         return []
     forward, backward = tp_pattern_for(spec.mlp, sequence_parallel, job.engine)
-    counts = {}
+    counts: dict = {}
     for kind, count in forward + recomputed_tp_pattern(forward, recompute,
                                                        engine(job.engine).recompute_stops_early):
         counts[kind] = counts.get(kind, 0) + count
@@ -114,7 +115,7 @@ def pp_p2p_per_microbatch(profile, spec, job, *, mesh_order, dp, tp, pp, sequenc
         return []
     link = pipeline_p2p_link(profile, _mesh(mesh_order, dp, tp, pp))
     div = tp if sequence_parallel else 1
-    nbytes = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size / div
+    nbytes = dtype_bytes(job.dtype) * micro_batch * job.seq_len * spec.hidden_size / div
     return [make_collective("pp_send_activation", "p2p", link, virtual_stages, nbytes),
             make_collective("pp_send_gradient", "p2p", link, virtual_stages, nbytes)]
 
@@ -129,9 +130,11 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
     per micro-batch a reduce-scatter of fp32 gradients and one (ZeRO-2) or two (ZeRO-3, forward
     and backward) all-gathers of the 16-bit parameters (Rajbhandari et al. 2020, Sec. 7), for
     each FSDP2 group on its own (the torch engine: every block, plus the root group holding the
-    embedding or the output layer).  Hybrid sharding (0 < dp_shard < dp) runs the reduce-scatters
-    and gathers within the shard group and, after every reduce-scatter, all-reduces its 1/dp_shard
-    output across the dp / dp_shard replicas (hybrid_all_reduce)."""
+    embedding or the output layer).  LoRA: gradients and optimizer shards exist for the
+    trainable tensors only (`numel`); ZeRO-2/3 still gather every parameter (`all_numel`).
+    Hybrid sharding (0 < dp_shard < dp) runs the reduce-scatters and gathers within the shard
+    group and, after every reduce-scatter, all-reduces its 1/dp_shard output across the
+    dp / dp_shard replicas (hybrid_all_reduce)."""
     if dp == 1:
         return []
     hybrid = 0 < dp_shard < dp
@@ -159,15 +162,17 @@ def _dp_sync(profile, spec, job, link, *, zero_stage, pp, num_microbatches, tp,
     """The collectives of dp_collectives over one group's link (dp, or the shard group)."""
     eng = engine(job.engine)
     rank_layers, holds_embedding, holds_head, tied_copy = pieces
-    numel = _local_numel(spec, tp, rank_layers, holds_embedding, holds_head, tied_copy)
-    a, m = dtype_bytes(job.precision), num_microbatches
-    grad_bytes = 2 * numel if eng.fp16_grads_reduced_in_fp16 and job.precision == "fp16" \
+    inv = job if job.task == "classify" or job.lora is not None else None
+    numel = _local_numel(spec, tp, *pieces, inv, trainable_only=True)
+    all_numel = _local_numel(spec, tp, *pieces, inv)
+    a, m = dtype_bytes(job.dtype), num_microbatches
+    grad_bytes = 2 * numel if eng.fp16_grads_reduced_in_fp16 and job.dtype == "fp16" \
         else 4 * numel
     if eng.grads_in_model_dtype:
         grad_bytes = a * numel
     if zero_stage == 0:
         ar = [make_collective("dp_all_reduce", "all_reduce", link, 1, grad_bytes)]
-        if eng.deepspeed_optimizers and ds.optimizer_wrapper(job.precision, 0, pp) \
+        if eng.deepspeed_optimizers and ds.optimizer_wrapper(job.dtype, 0, pp) \
                 == "BF16_Optimizer":  # update_lp_params all-gathers the bf16 partitions
             ar.append(make_collective("dp_param_all_gather", "all_gather", link, 1, a * numel))
         return ar
@@ -181,11 +186,14 @@ def _dp_sync(profile, spec, job, link, *, zero_stage, pp, num_microbatches, tp,
     if eng.fsdp_groups_per_block:
         groups = rank_layers + (1 if holds_embedding or holds_head else 0)
     reduces, gathers = fsdp_rounds(job.engine, zero_stage, pp, m)
+    gathered = a * all_numel
+    if fp8_gather(job, zero_stage):  # FSDP2 fp8 all-gather: block linears in 1 byte, not 2
+        gathered -= linear_weight_numel(spec, tp) * rank_layers
     return [make_collective("dp_reduce_scatter", "reduce_scatter", link, reduces * groups,
                             grad_bytes / groups if eng.grads_in_model_dtype
                             else 4 * numel / groups),
             make_collective("dp_param_all_gather", "all_gather", link, gathers * groups,
-                            a * numel / groups)]
+                            gathered / groups)]
 
 
 def fsdp_rounds(engine_name: str, zero_stage: int, pp: int, m: int) -> tuple:

@@ -75,7 +75,8 @@ def model_state_bytes(numel: float, dp: int, zero_stage: int, precision: str,
         grads = a * numel + a * part + MASTER_BYTES * part
     else:
         # ZeRO-2: grads_in_partition (16-bit, the rank's partition); ZeRO-3:
-        # grad_partitions_flat_buffer (the partition, in grad_accum_dtype); both cast to an fp32 partition .grad at the step
+        # grad_partitions_flat_buffer (the partition, in grad_accum_dtype); both cast to an fp32
+        # partition .grad at the step
         grads = a * part + MASTER_BYTES * part
     return DeepSpeedStates(weights, grads, ADAM_STATE_BYTES_MIXED * part)
 

@@ -39,7 +39,7 @@ class Estimate:
 
     @property
     def peak_flops(self) -> float:
-        return self.plan.cluster.profile.gpu.peak_flops[self.plan.job.precision]
+        return self.plan.cluster.profile.gpu.peak_flops[self.plan.job.dtype]
 
     @property
     def mfu(self) -> float:
@@ -50,8 +50,24 @@ class Estimate:
         return self.hardware_flops_per_step / self.step_s / self.plan.cluster.world_size / \
             self.peak_flops
 
+    def fp8_gain(self) -> dict | None:
+        """What FP8 gains on this plan's shape: the same layout estimated in bf16 (None unless
+        the job is fp8).  speedup = fp8 tokens/s over bf16's; memory_saved_bytes may be
+        negative (FP8 weight copies)."""
+        if not self.plan.job.fp8:
+            return None
+        job = replace(self.plan.job, precision="bf16", fp8_recipe="none")
+        base = estimate(replace(self.plan, job=job, estimate=None))
+        return {"recipe": self.plan.job.fp8_recipe, "bf16_tokens_per_s": base.tokens_per_s,
+                "speedup": self.tokens_per_s / base.tokens_per_s,
+                "bf16_total_bytes": base.memory.total_bytes,
+                "memory_saved_bytes": base.memory.total_bytes - self.memory.total_bytes,
+                "bf16_fits": base.fits}
+
     def to_dict(self) -> dict:
-        return {"fits": self.fits, "memory": self.memory.to_dict(), "time": self.time.to_dict(),
+        extra = {"fp8_gain": self.fp8_gain()} if self.plan.job.fp8 else {}
+        return {**extra, "fits": self.fits, "memory": self.memory.to_dict(),
+                "time": self.time.to_dict(),
                 "tokens_per_s": self.tokens_per_s, "tflops_per_gpu": self.tflops_per_gpu,
                 "mfu": self.mfu, "hfu": self.hfu,
                 "model_flops_per_step": self.model_flops_per_step,
@@ -89,8 +105,8 @@ def estimate(plan: Plan) -> Estimate:
     return Estimate(
         plan=plan, memory=memory, time=time,
         communication=_step_collectives(plan, memory.pp_rank),
-        model_flops_per_step=model_flops_per_step(spec, job.global_batch, job.seq_len),
+        model_flops_per_step=model_flops_per_step(spec, job.global_batch, job.seq_len, job),
         hardware_flops_per_step=hardware_flops_per_step(
             spec, job.global_batch, job.seq_len, lay.recompute, lay.recompute_every,
             op_policy_gemm_flops(spec, job, tp=1, micro_batch=job.global_batch)
-            if lay.recompute == "op" else 0.0))
+            if lay.recompute == "op" else 0.0, job))

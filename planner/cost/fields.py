@@ -5,7 +5,7 @@ what it reads - Layout fields (dp, tp, micro_batch, schedule, ...), a pipeline r
 (planner/search/scorer.py).  estimate() fills the same names from one plan."""
 
 import inspect
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -16,7 +16,7 @@ LAYOUT_FIELDS = ("dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_bat
                  "mesh_order", "layers_per_stage", "compile", "dp_shard", "offload")
 
 
-@lru_cache(maxsize=None)
+@cache
 def parameters(fn) -> tuple:
     """(name, has a default) of each of fn's parameters, in order."""
     return tuple((name, p.default is not p.empty)
@@ -42,9 +42,9 @@ class PlanEvaluations:
 
     def __init__(self, named: dict):
         self.named = named
-        self._memo = {}
+        self._memo: dict = {}
 
-    def evaluator(self, rank: int = None):
+    def evaluator(self, rank: int | None = None):
         named = self.named if rank is None else with_rank(self.named, rank)
         return lambda fn: self.value(fn, named)
 

@@ -10,7 +10,13 @@ also the weights.  That is the `megatron` engine.  The `torch` engine (this proj
 keeps fp32 parameters as the master copy and computes in 16 bits through FSDP2's
 MixedPrecisionPolicy or autocast: 4 + 4 + 8 bytes, sharded per tensor exactly as PyTorch does
 (FSDP2: dim 0, torch.chunk sizes; ZeRO-1: the rank-local parameters laid end to end and cut into
-dp equal pieces, as runtime/zero1.py does)."""
+dp equal pieces, as runtime/zero1.py does).
+
+LoRA (planner/lora.py, runtime/lora.py): the frozen base tensors are held in the training
+precision (2 bytes in bf16/fp16; QLoRA's 4-bit base: NF4 block weights at 4.5 bits, a memory
+model only) with no gradient and no optimizer state, sharded by FSDP2 like any parameter; the
+adapters (and a classifier head) are fp32 master parameters with fp32 gradients and AdamW state,
+and ZeRO-1 partitions only them."""
 
 import math
 from dataclasses import dataclass, fields
@@ -18,6 +24,9 @@ from functools import lru_cache
 
 from planner.cost import activations as act
 from planner.cost import deepspeed as ds
+from planner.cost import fp8
+from planner.cost.fp8 import fp8_gather, linear_weight_numel
+from planner.cost import traced_bytes
 from planner.cost.combine import activation_peak, rank_total_bytes
 from planner.cost.compiled import saved_bytes_saving
 from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of,
@@ -27,6 +36,7 @@ from planner.cost.params import _local_numel, block_params_local, chunk_size, pi
 from planner.cost.pipeline import head_inflight, inflight_chunks
 from planner.cost import offload as offload_cost
 from planner.engines import SHARDED_GRAD_STAGES, deferred_fsdp, engine
+from planner.lora import NF4_BITS_PER_WEIGHT
 from planner.units import ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED, dtype_bytes
 
 ADAM_STEP_BYTES = 4        # torch.optim.AdamW keeps a float32 `step` tensor per parameter
@@ -129,12 +139,35 @@ def _flat_partition(numels: list, dp: int, dp_rank: int) -> tuple:
     return max(0, end - start), pieces
 
 
+def _frozen_bytes(tensors: list, tp: int, dp: int, zero_stage: int, dp_rank: int,
+                  tp_rank: int, frozen_bytes: float, base_4bit: bool) -> float:
+    """Frozen tensors (LoRA's base) in `frozen_bytes` per element, FSDP2-sharded under ZeRO-2/3;
+    with `base_4bit` the block's linear weights in NF4 (planner.lora.NF4_BITS_PER_WEIGHT)."""
+    total = 0.0
+    for t in tensors:
+        shape = t.local_shape(tp, tp_rank)
+        n = _fsdp_numel(shape, dp, dp_rank) if zero_stage in SHARDED_GRAD_STAGES \
+            else math.prod(shape)
+        quantised = base_4bit and len(shape) == 2 and not t.name.startswith(("embed.", "head."))
+        total += n * (NF4_BITS_PER_WEIGHT / 8 if quantised else frozen_bytes)
+    return total
+
+
 def torch_model_state_bytes(tensors: list, tp: int, dp: int, zero_stage: int,
-                            dp_rank: int = 0, tp_rank: int = 0,
-                            deferred_sync: bool = False) -> ModelStateBytes:
+                            dp_rank: int = 0, tp_rank: int = 0, deferred_sync: bool = False,
+                            frozen_bytes: float = 4, base_4bit: bool = False) -> ModelStateBytes:
     """fp32 parameters, fp32 gradients, AdamW exp_avg + exp_avg_sq + step, as PyTorch shards.
     With `deferred_sync` (ZeRO-2/3 under pipelining) the gradients are held unsharded in fp32
-    until the step's reduce-scatter (FSDP2 accumulates unreduced gradients in its reduce dtype)."""
+    until the step's reduce-scatter (FSDP2 accumulates unreduced gradients in its reduce dtype).
+    Frozen tensors (t.frozen) hold `frozen_bytes` per element and nothing else."""
+    frozen = [t for t in tensors if t.frozen]
+    if frozen:
+        base = _frozen_bytes(frozen, tp, dp, zero_stage, dp_rank, tp_rank, frozen_bytes,
+                             base_4bit)
+        rest = torch_model_state_bytes([t for t in tensors if not t.frozen], tp, dp,
+                                       zero_stage, dp_rank, tp_rank, deferred_sync)
+        return ModelStateBytes(base + rest.weights_bytes, rest.gradients_bytes,
+                               rest.optimizer_bytes)
     state = ADAM_STATE_BYTES_FP32
     shapes = [t.local_shape(tp, tp_rank) for t in tensors]
     if zero_stage in SHARDED_GRAD_STAGES:  # FSDP2 shards parameters and gradients
@@ -151,10 +184,20 @@ def torch_model_state_bytes(tensors: list, tp: int, dp: int, zero_stage: int,
 
 
 @lru_cache(maxsize=65536)
-def _torch_rank_states(spec, pieces: tuple, tp: int, dp: int, zero_stage: int, dp_rank: int,
-                       tp_rank: int, deferred_sync: bool) -> ModelStateBytes:
-    return torch_model_state_bytes(pieces_tensors(spec, *pieces), tp, dp, zero_stage, dp_rank,
-                                   tp_rank, deferred_sync)
+def _torch_rank_states(spec, pieces: tuple[int, bool, bool, bool], tp: int,
+                       dp: int, zero_stage: int, dp_rank: int,
+                       tp_rank: int, deferred_sync: bool, job=None) -> ModelStateBytes:
+    lora = job.lora if job is not None else None
+    frozen = dtype_bytes(job.dtype) if job is not None else 4
+    return torch_model_state_bytes(pieces_tensors(spec, *pieces, job=job), tp, dp, zero_stage,
+                                   dp_rank, tp_rank, deferred_sync, frozen,
+                                   bool(lora and lora.base_4bit))
+
+
+def _inventory_job(job):
+    """The job when it changes the parameter inventory (classify, LoRA), else None (a shared
+    cache entry for every pre-training job)."""
+    return job if job.task == "classify" or job.lora is not None else None
 
 
 def model_states(spec, job, *, tp, dp, pp, zero_stage, rank_layers, holds_embedding,
@@ -190,44 +233,70 @@ def rank_states(spec, job, *, tp, dp, pp, zero_stage, rank_layers, holds_embeddi
     in its group (dp rank = replica x dp_shard + place: planner/topology.py)."""
     dp, dp_rank = (dp_shard, dp_rank % dp_shard) if 0 < dp_shard < dp else (dp, dp_rank)
     pieces = (int(rank_layers), bool(holds_embedding), bool(holds_head), bool(tied_copy))
+    states: ds.DeepSpeedStates | ModelStateBytes
     if engine(job.engine).deepspeed_optimizers:
-        states = ds.model_state_bytes(_local_numel(spec, tp, *pieces), dp, zero_stage,
-                                      job.precision, pp)
+        states = ds.model_state_bytes(_local_numel(spec, tp, *pieces, _inventory_job(job)), dp,
+                                      zero_stage, job.dtype, pp)
     elif engine(job.engine).fp32_master_params:
         deferred = bool(deferred_fsdp(job.engine, zero_stage, pp))
-        states = _torch_rank_states(spec, pieces, tp, dp, zero_stage, dp_rank, tp_rank, deferred)
+        states = _torch_rank_states(spec, pieces, tp, dp, zero_stage, dp_rank, tp_rank, deferred,
+                                    _inventory_job(job))
     else:
-        states = zero_model_state_bytes(_local_numel(spec, tp, *pieces), dp, zero_stage,
-                                        job.precision)
+        states = zero_model_state_bytes(_local_numel(spec, tp, *pieces, _inventory_job(job)), dp,
+                                        zero_stage, job.dtype)
     return states.weights_bytes, states.gradients_bytes, states.optimizer_bytes
 
 
 def gathered_params(spec, job, *, tp, pp, zero_stage, rank_layers, holds_embedding, holds_head,
+                    tied_copy, micro_batch=1) -> float:
+    """Parameter copies that exist only during compute: 16-bit copies (under pipelining
+    ZeRO-2/3 keep the whole stage's unsharded copies until the step ends:
+    engines.deferred_fsdp), plus FP8's weight copies (planner/cost/fp8.py)."""
+    extra = fp8.weight_copy_bytes(spec, job, tp=tp, micro_batch=micro_batch,
+                                  rank_layers=rank_layers)
+    return _compute_copies(spec, job, tp=tp, pp=pp, zero_stage=zero_stage,
+                           rank_layers=rank_layers, holds_embedding=holds_embedding,
+                           holds_head=holds_head, tied_copy=tied_copy) + extra
+
+
+def _fp8_gathered_discount(spec, job, tp, zero_stage, layers) -> float:
+    """Bytes FSDP2's fp8 all-gather saves on gathered block weights: 1 of 2 per linear
+    weight element."""
+    return linear_weight_numel(spec, tp) * layers if fp8_gather(job, zero_stage) else 0.0
+
+
+def _compute_copies(spec, job, *, tp, pp, zero_stage, rank_layers, holds_embedding, holds_head,
                     tied_copy) -> float:
-    """16-bit parameter copies that exist only during compute (under pipelining ZeRO-2/3 keep
-    the whole stage's unsharded copies until the step ends: engines.deferred_fsdp)."""
-    a = dtype_bytes(job.precision)
+    """The 16-bit copies.  Autocast caches casts of trainable fp32 leaves only
+    (aten/src/ATen/autocast_mode.cpp, `can_try_cache` needs requires_grad): LoRA's frozen
+    base, already 16-bit, adds no copy."""
+    a = dtype_bytes(job.dtype)
+    inv = _inventory_job(job)
     if engine(job.engine).deepspeed_optimizers:  # 16-bit weights are the model states
-        return ds.zero3_gathered_bytes(job.precision, block_params_local(spec, tp)) \
+        return ds.zero3_gathered_bytes(job.dtype, block_params_local(spec, tp, inv)) \
             if zero_stage == 3 else 0.0
     if zero_stage == 3 and not deferred_fsdp(job.engine, zero_stage, pp):
-        return FSDP_PREFETCH_LAYERS * a * block_params_local(spec, tp)
+        return FSDP_PREFETCH_LAYERS * (a * block_params_local(spec, tp, inv) -
+                                       _fp8_gathered_discount(spec, job, tp, zero_stage, 1))
     if not engine(job.engine).fp32_master_params or (
-            job.precision == "fp32" and zero_stage not in SHARDED_GRAD_STAGES):
+            job.dtype == "fp32" and zero_stage not in SHARDED_GRAD_STAGES):
         return 0.0  # the 16-bit (or fp32) weights are the model states themselves
     # FSDP2 reshard_after_forward=False, or autocast's cast-weight cache
+    autocast = zero_stage not in SHARDED_GRAD_STAGES
     return a * _local_numel(spec, tp, int(rank_layers), bool(holds_embedding), bool(holds_head),
-                            bool(tied_copy))
+                            bool(tied_copy), inv, trainable_only=autocast) - \
+        _fp8_gathered_discount(spec, job, tp, zero_stage, int(rank_layers))
 
 
 def comm_buffers(spec, job, *, tp, micro_batch, zero_stage) -> float:
     """Transient collective outputs: the TP all-gathered layer input, or the block's gradients
-    staged for a ZeRO-2/3 reduce-scatter in fp32."""
-    tp_gather = dtype_bytes(job.precision) * micro_batch * job.seq_len * spec.hidden_size \
+    staged for a ZeRO-2/3 reduce-scatter in fp32 (LoRA: the adapters' only)."""
+    tp_gather = dtype_bytes(job.dtype) * micro_batch * job.seq_len * spec.hidden_size \
         if tp > 1 else 0.0
     if engine(job.engine).deepspeed_optimizers:
-        return tp_gather + ds.bucket_buffer_bytes(job.precision, zero_stage)
-    rs = 4 * block_params_local(spec, tp) if zero_stage in SHARDED_GRAD_STAGES else 0.0
+        return tp_gather + ds.bucket_buffer_bytes(job.dtype, zero_stage)
+    rs = 4 * block_params_local(spec, tp, _inventory_job(job), trainable_only=True) \
+        if zero_stage in SHARDED_GRAD_STAGES else 0.0
     return tp_gather + rs
 
 
@@ -237,13 +306,21 @@ def activation_pieces(spec, job, *, tp, sequence_parallel, micro_batch, recomput
     one micro-batch; a compiled block without recompute saves what the compiled census
     measured fewer (planner/cost/compiled.py; under a recompute policy the eager figure)."""
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
-    plain = act.layer_bytes(spec, job, **shape, recompute="none")
+    trace = traced_bytes.active(job)  # --trace-activations: the implementation's own bytes
+    if trace is not None:
+        plain = trace.layer(spec, job, **shape)
+    else:
+        plain = act.layer_bytes(spec, job, **shape, recompute="none")
     if compile:
-        plain -= saved_bytes_saving(spec, job.precision, seq_len=job.seq_len, **shape)
+        plain -= saved_bytes_saving(spec, job.dtype, seq_len=job.seq_len, **shape)
+    fp8_saved = fp8.saved_input_saving(spec, job, **shape)
+    plain -= fp8_saved
     policy = plain if recompute == "none" else act.layer_bytes(spec, job, **shape,
-                                                                recompute=recompute)
-    return (policy, plain,
-            act.embedding_bytes(spec, job, **shape), act.head_bytes(spec, job, **shape))
+                                                                recompute=recompute) - \
+        (fp8_saved if recompute == "selective" else 0.0)
+    head = act.head_bytes(spec, job, **shape) if trace is None else trace.head(spec, job,
+                                                                                **shape)
+    return (policy, plain, act.embedding_bytes(spec, job, **shape), head)
 
 
 def inflight(*, pp, num_microbatches, virtual_stages, schedule, rank) -> tuple:
@@ -279,7 +356,8 @@ def rank_memory_parts(evaluate) -> dict:
     return parts
 
 
-def rank_memory(plan, pp_rank: int, evaluations: PlanEvaluations = None) -> MemoryBreakdown:
+def rank_memory(plan, pp_rank: int,
+                evaluations: PlanEvaluations | None = None) -> MemoryBreakdown:
     """The memory of pipeline rank `pp_rank` (dp rank 0, tp rank 0); `evaluations` shares
     the plan's rank-independent pieces between calls."""
     evaluations = evaluations or PlanEvaluations(plan_fields(plan))

@@ -46,7 +46,7 @@ def split(states: tuple, job, *, offload: str, optimizer_numel: float) -> tuple:
 def optimizer_numel(job, *, zero_stage: int, optimizer_bytes: float) -> float:
     """Parameters whose AdamW states this rank holds (its optimizer bytes over bytes per
     parameter)."""
-    return optimizer_bytes / engine(job.engine).optimizer_state_bytes(job.precision, zero_stage)
+    return optimizer_bytes / engine(job.engine).optimizer_state_bytes(job.dtype, zero_stage)
 
 
 def link_bytes(spec, job, *, offload, tp, dp, pp, zero_stage, num_microbatches, rank_layers,
@@ -59,7 +59,7 @@ def link_bytes(spec, job, *, offload, tp, dp, pp, zero_stage, num_microbatches, 
     if offload == "params" and engine(job.engine).fp32_master_params:
         reduces, gathers = fsdp_rounds(job.engine, zero_stage, pp, num_microbatches)
         return 0.0, 4.0 * numel / shard * max(reduces, gathers)
-    a = dtype_bytes(job.precision)
+    a = dtype_bytes(job.dtype)
     return a * numel / shard, a * numel / shard
 
 

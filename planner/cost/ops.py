@@ -16,6 +16,7 @@ Ops flagged `sp` (norms, residual adds, dropout, the head's norm) run on s/t tok
 parallelism; the others on the whole sequence."""
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -37,7 +38,7 @@ class Op:
     flops: float         # each
     read_bytes: float    # each
     write_bytes: float   # each
-    mkn: tuple = None    # a GEMM's (m, k, n), or (batch, m, k, n)
+    mkn: tuple | None = None    # a GEMM's (m, k, n), or (batch, m, k, n)
 
 
 def _poly(text: str) -> tuple:
@@ -128,7 +129,7 @@ OP_POLICY_SAVE_LIST = ("mm", "_scaled_dot_product_efficient_attention",
                        "_scaled_dot_product_flash_attention", "max")
 
 
-def op_policy_saved(rows: list) -> list:
+def op_policy_saved(rows: Sequence) -> list:
     """For each op row of a block forward, how many of its `count` kernels the op-level policy
     saves the output of (mm: the 1st, 3rd, 5th, ... mm of the block)."""
     saved, mm_seen = [], 0

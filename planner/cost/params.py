@@ -9,7 +9,12 @@ output layer Shard(0) (Shoeybi et al. 2019, Sec. 3).
 
 Names and order are the runtime's `named_parameters()` (its state-dict and checkpoint keys):
 `embed.*` and `head.*` as listed; block tensor `<name>` of layer i (global index) is
-`layers.{i}.<name>` (`layer_tensor_name`)."""
+`layers.{i}.<name>` (`layer_tensor_name`).
+
+A job (planner/job.py) changes the inventory in two ways: `classify` replaces the output layer
+by `head.classifier` (num_labels x h and a bias; never tied), and LoRA (planner/lora.py) adds
+`<linear>.lora_A` (r x in) and `<linear>.lora_B` (out x r) after each targeted linear layer and
+marks every other tensor frozen (the classifier stays trainable: it is new)."""
 
 import math
 from dataclasses import dataclass
@@ -22,7 +27,8 @@ from planner.spec import BERT_TYPE_VOCAB, ModelSpec
 class ParamTensor:
     name: str
     shape: tuple
-    tp_dim: int = None  # dimension split across the TP group; None = replicated
+    tp_dim: int | None = None  # dimension split across the TP group; None = replicated
+    frozen: bool = False  # no gradient, no optimizer state (LoRA's base weights)
 
     @property
     def numel(self) -> int:
@@ -91,6 +97,44 @@ def embedding_tensors(spec: ModelSpec) -> list:
     return tensors
 
 
+def _adapted(tensors: list, lora) -> list:
+    """LoRA: lora_A (r x in) and lora_B (out x r) after each targeted linear layer's tensors,
+    in the runtime's registration order (runtime/lora.py); every other tensor frozen."""
+    names = set(lora.tensor_names())
+    out = []
+    for t in tensors:
+        out.append(ParamTensor(t.name, t.shape, t.tp_dim, frozen=True))
+        base, leaf = t.name.rsplit(".", 1)
+        is_last = leaf == "bias" or not any(u.name == f"{base}.bias" for u in tensors)
+        if base in names and is_last:
+            d_out, d_in = next(u.shape for u in tensors if u.name == f"{base}.weight")
+            out += [ParamTensor(f"{base}.lora_A", (lora.rank, d_in)),
+                    ParamTensor(f"{base}.lora_B", (d_out, lora.rank))]
+    return out
+
+
+def job_block_tensors(spec: ModelSpec, job=None) -> list:
+    """One block as the job trains it (LoRA adds adapters and freezes the rest)."""
+    tensors = block_tensors(spec)
+    return _adapted(tensors, job.lora) if job is not None and job.lora is not None else tensors
+
+
+def _frozen(tensors: list, job) -> list:
+    if job is None or job.lora is None:
+        return tensors
+    return [t if t.name.startswith("head.classifier") else
+            ParamTensor(t.name, t.shape, t.tp_dim, frozen=True) for t in tensors]
+
+
+def classifier_tensors(spec: ModelSpec, num_labels: int) -> list:
+    """Sequence classification head: the final norm (BERT: its MLM transform, dense + norm, as
+    the pooler) and a num_labels x h classifier with bias, replacing the output layer."""
+    h = spec.hidden_size
+    tensors = _linear("head.dense", h, h, True, "none") if spec.arch == "bert" else []
+    return tensors + _norm("head.norm", spec) + \
+        _linear("head.classifier", h, num_labels, True, "none")
+
+
 def head_tensors(spec: ModelSpec, holds_tied_copy: bool = False) -> list:
     """Final norm and output layer; BERT's MLM transform (dense + norm) and decoder bias.
 
@@ -99,10 +143,7 @@ def head_tensors(spec: ModelSpec, holds_tied_copy: bool = False) -> list:
     the first and last chunks share a rank; that copy is `head.output.weight` (the shared
     tensor is `embed.wte.weight`).  BERT's decoder bias is the output layer's bias."""
     h, v = spec.hidden_size, spec.vocab_size
-    if spec.arch == "bert":
-        tensors = _linear("head.dense", h, h, True, "none")
-    else:
-        tensors = []
+    tensors = _linear("head.dense", h, h, True, "none") if spec.arch == "bert" else []
     tensors += _norm("head.norm", spec)
     if not spec.tie_embeddings or holds_tied_copy:
         tensors.append(ParamTensor("head.output.weight", (v, h), 0))
@@ -111,14 +152,21 @@ def head_tensors(spec: ModelSpec, holds_tied_copy: bool = False) -> list:
     return tensors
 
 
-def count_parameters(spec: ModelSpec) -> int:
-    """All trainable parameters of the model (tied weights counted once)."""
-    return (sum(t.numel for t in embedding_tensors(spec))
-            + spec.num_layers * sum(t.numel for t in block_tensors(spec))
-            + sum(t.numel for t in head_tensors(spec)))
+def job_head_tensors(spec: ModelSpec, job=None, holds_tied_copy: bool = False) -> list:
+    if job is not None and job.trains_classifier:
+        return _frozen(classifier_tensors(spec, job.num_labels), job)
+    return _frozen(head_tensors(spec, holds_tied_copy), job)
 
 
-def rank_pieces(spec: ModelSpec, layout, pp_rank: int) -> tuple:
+def count_parameters(spec: ModelSpec, job=None, trainable_only: bool = False) -> int:
+    """All parameters of the model as the job builds it (tied weights counted once); with
+    `trainable_only`, those that get gradients (LoRA: the adapters and a classifier)."""
+    tensors = (_frozen(embedding_tensors(spec), job) + job_block_tensors(spec, job) *
+               spec.num_layers + job_head_tensors(spec, job))
+    return sum(t.numel for t in tensors if not (trainable_only and t.frozen))
+
+
+def rank_pieces(spec: ModelSpec, layout, pp_rank: int) -> tuple[int, bool, bool, bool]:
     """(layers, holds the embedding, holds the head, head keeps a tied copy) of a pp rank."""
     first, last = layout.chunk_rank(0), layout.chunk_rank(layout.num_chunks - 1)
     layers = sum(layout.rank_chunk_layers(spec.num_layers)[pp_rank])
@@ -127,32 +175,49 @@ def rank_pieces(spec: ModelSpec, layout, pp_rank: int) -> tuple:
 
 
 def pieces_tensors(spec: ModelSpec, layers: int, embedding: bool, head: bool,
-                   tied_copy: bool) -> list:
-    tensors = block_tensors(spec) * layers
+                   tied_copy: bool, job=None) -> list:
+    tensors = job_block_tensors(spec, job) * layers
     if embedding:
-        tensors = embedding_tensors(spec) + tensors
+        tensors = _frozen(embedding_tensors(spec), job) + tensors
     if head:
-        tensors = tensors + head_tensors(spec, holds_tied_copy=tied_copy)
+        tensors = tensors + job_head_tensors(spec, job, holds_tied_copy=tied_copy)
     return tensors
 
 
-def rank_param_tensors(spec: ModelSpec, layout, pp_rank: int) -> list:
+def rank_param_tensors(spec: ModelSpec, layout, pp_rank: int, job=None) -> list:
     """Every parameter tensor pipeline rank `pp_rank` holds (blocks repeated per layer)."""
-    return pieces_tensors(spec, *rank_pieces(spec, layout, pp_rank))
+    return pieces_tensors(spec, *rank_pieces(spec, layout, pp_rank), job=job)
+
+
+def _job_key(job):
+    """The part of a job the inventory depends on (a cache key)."""
+    if job is None:
+        return None
+    return (job.task == "classify" and job.num_labels, job.lora)
 
 
 @lru_cache(maxsize=65536)
-def _local_numel(spec: ModelSpec, tp: int, layers: int, embedding: bool, head: bool,
-                 tied_copy: bool) -> int:
+def _numel_of(spec: ModelSpec, tp: int, layers: int, embedding: bool, head: bool,
+              tied_copy: bool, job_key, trainable_only: bool, job) -> int:
     return sum(math.prod(t.local_shape(tp))
-               for t in pieces_tensors(spec, layers, embedding, head, tied_copy))
+               for t in pieces_tensors(spec, layers, embedding, head, tied_copy, job)
+               if not (trainable_only and t.frozen))
 
 
-def rank_local_numel(spec: ModelSpec, layout, pp_rank: int) -> int:
+def _local_numel(spec: ModelSpec, tp: int, layers: int, embedding: bool, head: bool,
+                 tied_copy: bool, job=None, trainable_only: bool = False) -> int:
+    """Parameters of a rank's pieces on TP rank 0 (with `trainable_only`, those trained)."""
+    key = _job_key(job)
+    return _numel_of(spec, tp, int(layers), bool(embedding), bool(head), bool(tied_copy), key,
+                     trainable_only, job if key is not None and key != (False, None) else None)
+
+
+def rank_local_numel(spec: ModelSpec, layout, pp_rank: int, job=None) -> int:
     """Parameters pipeline rank `pp_rank` holds on TP rank 0 (cached: the search asks often)."""
-    return _local_numel(spec, layout.tp, *rank_pieces(spec, layout, pp_rank))
+    return _local_numel(spec, layout.tp, *rank_pieces(spec, layout, pp_rank), job=job)
 
 
-def block_params_local(spec: ModelSpec, tp: int) -> int:
-    """Parameters of one block on one TP rank."""
-    return sum(math.prod(t.local_shape(tp)) for t in block_tensors(spec))
+def block_params_local(spec: ModelSpec, tp: int, job=None, trainable_only: bool = False) -> int:
+    """Parameters of one block on one TP rank (with `trainable_only`, those trained)."""
+    return sum(math.prod(t.local_shape(tp)) for t in job_block_tensors(spec, job)
+               if not (trainable_only and t.frozen))

@@ -10,6 +10,7 @@ split the backward into input-gradient B and weight-gradient W and fill the bubb
 
 from functools import lru_cache
 
+
 def inflight_chunks(*, pp, num_microbatches, virtual_stages, schedule, rank) -> int:
     """Chunk forward passes whose activations pipeline rank `rank` holds at its peak."""
     p, m, v = pp, num_microbatches, virtual_stages
@@ -54,7 +55,7 @@ def rank_chunk_layers(num_layers: int, *, pp: int, virtual_stages: int, schedule
                       layers_per_stage: tuple = ()) -> tuple:
     """For each pipeline rank, the layer counts of the chunks it runs (cached: the search and
     the estimate ask for the same pipelines often)."""
-    per_rank = [[] for _ in range(pp)]
+    per_rank: list[list[int]] = [[] for _ in range(pp)]
     layers = stage_layers(num_layers, pp=pp, virtual_stages=virtual_stages,
                           layers_per_stage=layers_per_stage)
     for chunk, n in enumerate(layers):

@@ -71,10 +71,12 @@ class TimeBreakdown:
 
 
 def layer_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch,
-                  compile=False) -> tuple:
-    """(forward, backward, weight-gradient) seconds of one layer and micro-batch."""
+                  compile=False, zero_stage=0) -> tuple:
+    """(forward, backward, weight-gradient) seconds of one layer and micro-batch (zero_stage:
+    FP8's FSDP2 fp8 all-gather drops the per-GEMM weight casts)."""
     lt = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
-                     micro_batch=micro_batch, compile=compile)
+                     micro_batch=micro_batch, compile=compile,
+                     zero_stage=zero_stage if job.fp8 else 0)
     return lt.fwd_s, lt.bwd_s, lt.wgrad_s
 
 
@@ -93,7 +95,7 @@ def recompute_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch, rec
         return 0.0
     shape = {"tp": tp, "sequence_parallel": sequence_parallel, "micro_batch": micro_batch}
     if recompute == "op":
-        return op_policy_recompute_s(gpu, spec, job, **shape)
+        return op_policy_recompute_s(gpu, spec, job, **shape, compile=compile)
     lt = layer_times(gpu, spec, job, **shape, compile=compile)
     return selective_recompute_s(lt) if recompute == "selective" else lt.fwd_s
 
@@ -145,8 +147,8 @@ def dp_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_mi
 def optimizer_seconds(gpu, job, *, tp, zero_stage, optimizer_bytes) -> float:
     """AdamW's update of the rank's parameters, memory-bound."""
     eng = engine(job.engine)
-    numel = optimizer_bytes / eng.optimizer_state_bytes(job.precision, zero_stage)
-    per_param = OPTIMIZER_BYTES_PER_PARAM
+    numel = optimizer_bytes / eng.optimizer_state_bytes(job.dtype, zero_stage)
+    per_param: float = OPTIMIZER_BYTES_PER_PARAM
     if eng.kernels_from_op_census and not eng.deepspeed_optimizers:  # DeepSpeed: FusedAdam
         # runtime/optim.py: fused AdamW only over plain CUDA tensors (no TP, no FSDP/ZeRO
         # sharding); foreach otherwise, and always on CPU ranks
@@ -231,7 +233,7 @@ def step_of(ranks: list, step: dict, mean_rank_total_s):
 
 
 def time_breakdown(plan, rank_memories: list,
-                   evaluations: PlanEvaluations = None) -> TimeBreakdown:
+                   evaluations: PlanEvaluations | None = None) -> TimeBreakdown:
     named, pp = plan_fields(plan), plan.layout.pp
     evaluations = evaluations or PlanEvaluations(named)
     evaluators = [evaluations.evaluator(r) for r in range(pp)]

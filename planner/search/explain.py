@@ -135,6 +135,9 @@ def result_text(result) -> str:
              f"(headroom {100 * result.options.headroom:.0f}%), "
              f"searched in {result.elapsed_s:.2f} s", "", text_table(ranked_rows(result)), ""]
     lines += ["Why each beats the next:"] + [f"  {x}" for x in reasons(result)]
+    if result.job.fp8:  # what the user's choice of FP8 buys on the best layout
+        from planner.report import fp8_gain_text
+        lines += ["", f"#1: {fp8_gain_text(result.ranked[0].estimate.fp8_gain())}"]
     if result.rejections:
         lines += ["", "Rejected layouts by reason (count, reason: example):"]
         lines += [f"  {r.count:>9,}  {r.label}: {r.example}" for r in result.rejections]

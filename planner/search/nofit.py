@@ -113,6 +113,12 @@ def relaxations(result, search_fn) -> list:
             out.append(f"recompute=full cuts activations from {_gib(mem.activations_bytes)} to "
                        f"{_gib(est.memory.activations_bytes)} (total "
                        f"{_gib(est.memory.total_bytes)})")
+    if result.job.fp8:  # what FP8 does to memory on that layout: little (README, FP8)
+        gain = c.estimate.fp8_gain()
+        out.append(f"FP8 is no memory lever: in bf16 that layout needs "
+                   f"{_gib(gain['bf16_total_bytes'])} ({_gib(abs(gain['memory_saved_bytes']))} "
+                   f"{'more' if gain['memory_saved_bytes'] >= 0 else 'less'}; weights, "
+                   f"gradients and optimizer states are the same)")
     if c.layout.micro_batch > 1:
         lay = c.layout
         est = _variant(result, c, micro_batch=1,

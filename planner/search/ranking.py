@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner import rules
-from planner.limits import MAX_GPU_COUNTS, MAX_SEARCH_LAYOUTS
 from planner.cost.estimate import Estimate, estimate
 from planner.hardware import Cluster
+from planner.limits import MAX_GPU_COUNTS, MAX_SEARCH_LAYOUTS
 from planner.plan import Plan
 from planner.report import layout_summary, outside_summary
 from planner.search.scorer import Scorer, layout_at
@@ -37,10 +37,10 @@ class SearchOptions:
     target_tokens_per_s: float = 0.0
     token_budget: float = 0.0       # tokens to train, for time-to-train
     compile: bool = False           # every layout with Layout.compile (torch.compile per block)
-    recompute: str = None           # a fixed recompute policy (None: search them)
-    recompute_every: int = None     # a fixed recompute_every (None: search 1, 2, 4)
-    dp_shard: int = None            # a fixed Layout.dp_shard (None: search the shard groups)
-    offload: str = "none"           # a fixed Layout.offload (None: search the offloads)
+    recompute: str | None = None    # a fixed recompute policy (None: search them)
+    recompute_every: int | None = None  # a fixed recompute_every (None: search 1, 2, 4)
+    dp_shard: int | None = None     # a fixed Layout.dp_shard (None: search the shard groups)
+    offload: str | None = "none"    # a fixed Layout.offload (None: search the offloads)
 
     def __post_init__(self):
         if self.max_tp is None:
@@ -116,22 +116,23 @@ class SearchResult:
     num_considered: int
     num_fit: int
     elapsed_s: float
-    closest: Candidate = None   # when nothing fits: the layout needing the least memory
-    fit_table: dict = field(default=None, repr=False)  # columns of every plan that fits
+    closest: Candidate | None = None   # when nothing fits: the layout needing the least memory
+    fit_table: dict | None = field(default=None, repr=False)  # columns of every plan that fits
 
     @property
     def rejected(self) -> dict:
         return {r.label: r.count for r in self.rejections}
 
     @property
-    def best(self) -> Candidate:
+    def best(self) -> Candidate | None:
         return self.ranked[0] if self.ranked else None
 
     @property
     def feasible(self) -> list:
         """Every plan that fits, in rank order, as FitRow (fast-scorer numbers)."""
-        return [FitRow(layout=layout_at(self.fit_table, i), **{
-            k: float(self.fit_table[k][i]) for k in ("total_bytes", "step_s", "tokens_per_s",
+        table = self.fit_table or {}
+        return [FitRow(layout=layout_at(table, i), **{
+            k: float(table[k][i]) for k in ("total_bytes", "step_s", "tokens_per_s",
                                                       "mfu")}) for i in _rank_order(self)]
 
 
@@ -246,14 +247,15 @@ def _primary(opt: SearchOptions, t: dict) -> list:
     return [speed, memory]  # time-to-train orders as throughput: budget / tokens_per_s
 
 
-def _options(options: SearchOptions, kwargs: dict) -> SearchOptions:
+def _options(options: SearchOptions | None, kwargs: dict) -> SearchOptions:
     opt = options or SearchOptions(**kwargs)
     if opt.objective == "min-gpus" and not opt.allow_fewer_gpus:
         opt = dataclasses.replace(opt, allow_fewer_gpus=True)
     return opt
 
 
-def search(model, cluster: Cluster, job, options: SearchOptions = None, **kwargs) -> SearchResult:
+def search(model, cluster: Cluster, job, options: SearchOptions | None = None,
+           **kwargs) -> SearchResult:
     """Every layout of the cluster (or fewer GPUs), ranked best first by the objective."""
     opt = _options(options, kwargs)
     t0 = time.perf_counter()

@@ -102,7 +102,7 @@ class Scorer:
     def _evaluate(self, cols: dict):
         return lambda fn: self.unique(fn, cols)
 
-    def memory(self, cols: dict, limit: float = None) -> np.ndarray:
+    def memory(self, cols: dict, limit: float | None = None) -> np.ndarray:
         """Bytes on the most loaded rank of every row (MemoryBreakdown.total_bytes).
 
         With a `limit`, a row stops being evaluated at the first rank found over it (its value
@@ -147,8 +147,9 @@ class Scorer:
 
     def throughput(self, cols: dict, step_s: np.ndarray) -> tuple:
         """(tokens/s, MFU) as Estimate computes them."""
-        flops = model_flops_per_step(self.model, self.job.global_batch, self.job.seq_len)
-        peak = self.fixed["gpu"].peak_flops.get(self.job.precision, 1.0) if step_s.size else 1.0
+        flops = model_flops_per_step(self.model, self.job.global_batch, self.job.seq_len,
+                                     self.job)
+        peak = self.fixed["gpu"].peak_flops.get(self.job.dtype, 1.0) if step_s.size else 1.0
         return (self.job.tokens_per_step / step_s,
                 flops / step_s / cols["world"].astype(float) / peak)
 

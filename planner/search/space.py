@@ -33,7 +33,8 @@ def divisors(n: int) -> list:
 
 def _factorise(n: int) -> dict:
     """{prime: exponent} of n >= 1."""
-    factors, p = {}, 2
+    factors: dict[int, int] = {}
+    p = 2
     while p * p <= n:
         while n % p == 0:
             factors[p] = factors.get(p, 0) + 1
@@ -66,12 +67,12 @@ def _schedule_options(num_layers: int, pp: int, engine_name: str) -> list:
     return [(s, v) for s, v in opts if s in runs]
 
 
-def recompute_options(model, engine_name: str, recompute: str = None,
-                      recompute_every: int = None) -> list:
+def recompute_options(model, engine_name: str, recompute: str | None = None,
+                      recompute_every: int | None = None) -> list:
     """(RECOMPUTE index, recompute_every) pairs: the engine's policies, each on every block
-    and, for a policy under an engine with recompute_every, on every 2nd and 4th block (RECOMPUTE_EVERY_CHOICES within the layers);
-    a value the user fixed is the only one tried (a combination the rules refuse stays, so its
-    refusal is reported)."""
+    and, for a policy under an engine with recompute_every, on every 2nd and 4th block
+    (RECOMPUTE_EVERY_CHOICES within the layers); a value the user fixed is the only one tried
+    (a combination the rules refuse stays, so its refusal is reported)."""
     policies = [recompute] if recompute else list(engine(engine_name).recompute_policies)
     pairs = []
     for policy in policies:
@@ -104,8 +105,8 @@ def _shape_rows(model, job, world: int, dp: int, tp: int, pp: int,
     const = lambda x: np.full(n, x)  # noqa: E731
     # ep = etp = 1: dense models; dp_shard 0 (see _shards); offload none (index 0)
     return np.stack([const(world), const(dp), const(tp), const(pp), grid[2], grid[3], mb,
-                     per_replica // mb, sched, v, rc, const(0), const(0), every, const(1), const(1),
-                     const(0), const(0)], axis=1)
+                     per_replica // mb, sched, v, rc, const(0), const(0), every, const(1),
+                     const(1), const(0), const(0)], axis=1)
 
 
 
@@ -156,9 +157,9 @@ def _offloads(rows: np.ndarray, engine_name: str, offload) -> np.ndarray:
     return np.concatenate(blocks)
 
 
-def enumerate_space(model, job, world: int, max_tp: int, recompute: str = None,
-                    recompute_every: int = None, dp_shard: int = None,
-                    offload: str = "none") -> tuple:
+def enumerate_space(model, job, world: int, max_tp: int, recompute: str | None = None,
+                    recompute_every: int | None = None, dp_shard: int | None = None,
+                    offload: str | None = "none") -> tuple:
     """(columns dict, shape rejections) for `world` GPUs.  A shape whose dp does not divide the
     global batch has no micro-batch split at all; it is reported once, as a shape.  A fixed
     `recompute` / `recompute_every` is the only value tried (recompute_options)."""

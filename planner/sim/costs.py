@@ -2,6 +2,7 @@
 by the cost model (planner/cost/*) so that simulator and estimate share one source of truth, or
 by hand (tests use uniform stages without communication)."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from planner.cost.comm_plan import (dp_collectives, fsdp_rounds, pp_p2p_per_microbatch,
@@ -40,24 +41,24 @@ class SimCosts:
     pp: int
     virtual_stages: int = 1
     num_microbatches: int
-    chunk_fwd_s: tuple
-    chunk_bwd_s: tuple                     # full backward, weight gradient included
-    chunk_wgrad_s: tuple = ()
-    chunk_recompute_s: tuple = ()
-    chunk_tp_fwd_s: tuple = ()             # TP collectives of the forward (all exposed)
-    chunk_tp_recompute_s: tuple = ()       # ... of a full recompute (all exposed)
-    chunk_tp_bwd_s: tuple = ()             # ... of the backward
-    chunk_tp_bwd_exposed_s: tuple = ()     # the part of chunk_tp_bwd_s not hidden by wgrad
-    chunk_param_share: tuple = ()          # fraction of its rank's parameters in each chunk
-    chunk_buckets: tuple = ()              # gradient buckets per chunk
+    chunk_fwd_s: Sequence
+    chunk_bwd_s: Sequence                  # full backward, weight gradient included
+    chunk_wgrad_s: Sequence = ()
+    chunk_recompute_s: Sequence = ()
+    chunk_tp_fwd_s: Sequence = ()          # TP collectives of the forward (all exposed)
+    chunk_tp_recompute_s: Sequence = ()    # ... of a full recompute (all exposed)
+    chunk_tp_bwd_s: Sequence = ()          # ... of the backward
+    chunk_tp_bwd_exposed_s: Sequence = ()  # the part of chunk_tp_bwd_s not hidden by wgrad
+    chunk_param_share: Sequence = ()       # fraction of its rank's parameters in each chunk
+    chunk_buckets: Sequence = ()           # gradient buckets per chunk
     p2p_s: float = 0.0                     # one activation or gradient send between ranks
     dp_mode: str = "none"                  # none | all_reduce | sharded | deferred
     dp_overlap: bool = True
-    rank_grad_sync_s: tuple = ()           # all_reduce, deferred: per step; sharded: per mb
-    rank_gather_s: tuple = ()              # sharded, deferred: one gather of the rank's params
+    rank_grad_sync_s: Sequence = ()        # all_reduce, deferred: per step; sharded: per mb
+    rank_gather_s: Sequence = ()           # sharded, deferred: one gather of the rank's params
     gathers_per_microbatch: int = 0        # ZeRO-2: 1 (before F), ZeRO-3: 2 (also before B)
-    rank_after_step_s: tuple = ()          # ZeRO-1 parameter broadcast after the step
-    rank_optimizer_s: tuple = ()
+    rank_after_step_s: Sequence = ()       # ZeRO-1 parameter broadcast after the step
+    rank_optimizer_s: Sequence = ()
     blocking_p2p: bool = True
 
     def __post_init__(self):

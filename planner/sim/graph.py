@@ -37,7 +37,8 @@ class _Graph:
 def _compute_events(gb: _Graph, c: SimCosts) -> tuple:
     """Compute events per rank in schedule order, chained on the compute stream."""
     actions = rank_actions(c.schedule, c.pp, c.virtual_stages, c.num_microbatches)
-    ids, seq = {}, [[] for _ in range(c.pp)]
+    ids: dict = {}
+    seq: list[list] = [[] for _ in range(c.pp)]
     for r, acts in enumerate(actions):
         for kind, s, mb in acts:
             if kind in "BI" and c.chunk_recompute_s[s] > 0:
@@ -117,7 +118,8 @@ def _gather_events(gb: _Graph, c: SimCosts, r: int, seq: list) -> None:
     """ZeRO-2/3 parameter all-gathers before each forward (ZeRO-3: and each backward, counting
     its recompute), issued when the previous compute event starts (one-ahead prefetch).  The
     first layer's bucket gates the event, the rest must land before the next event starts."""
-    prev_kind, resharded = None, {}
+    prev_kind = None
+    resharded: dict = {}
     for i, e in enumerate(seq):
         node = gb.nodes[e][1]
         kind = node["kind"]
@@ -183,8 +185,10 @@ def list_schedule(g: nx.DiGraph) -> tuple:
     for out in succ:
         for v, _ in out:
             waiting[v] += 1
-    ready, bind, start = [0.0] * n, [-1] * n, [None] * n
-    free, occupant = {}, {}
+    ready, bind = [0.0] * n, [-1] * n
+    start: list[float | None] = [None] * n
+    free: dict = {}
+    occupant: dict = {}
     heap = [(0.0, prio[i], i) for i in range(n) if waiting[i] == 0]
     heapq.heapify(heap)
     while heap:

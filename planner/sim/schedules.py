@@ -58,7 +58,8 @@ def _interleaved(rank: int, p: int, v: int, m: int, zero_bubble: bool) -> list:
     def bwd_stage(op):
         return (v - 1 - (op - warmup) // per_round % v) * p + rank
 
-    nxt = {"F": defaultdict(int), "B": defaultdict(int), "W": defaultdict(int)}
+    nxt: dict[str, defaultdict] = {"F": defaultdict(int), "B": defaultdict(int),
+                                   "W": defaultdict(int)}
     ops, backwards = [], []  # backwards: stage of every I so far, in order
 
     def emit(kind, stage):

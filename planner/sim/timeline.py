@@ -147,14 +147,14 @@ def _tp_share(costs: SimCosts, kind: str, s: int) -> tuple:
 
 
 def _summarise(costs: SimCosts, events: tuple) -> Timeline:
-    by_rank = [[] for _ in range(costs.pp)]
+    by_rank: list[list] = [[] for _ in range(costs.pp)]
     for e in events:
         by_rank[e.rank].append(e)
     pipe = [e for e in events if e.kind in PIPELINE_KINDS]
     t0, t1 = min(e.start_s for e in pipe), max(e.end_s for e in pipe)
     step = max(e.end_s for e in events)
     busy = [sum(e.end_s - e.start_s for e in evs if e.kind in PIPELINE_KINDS) for evs in by_rank]
-    critical = {}
+    critical: dict = {}
     for e in events:
         if e.critical:
             critical[e.kind] = critical.get(e.kind, 0.0) + e.end_s - e.start_s
@@ -180,7 +180,7 @@ def _peak_inflight(rank_events: list) -> int:
 def _comm_stats(costs: SimCosts, by_rank: list) -> dict:
     """Exposed vs overlapped seconds per kind: a comm event is overlapped while its rank's
     compute stream is busy; TP collectives are exposed as far as they sit inside compute."""
-    totals = {}
+    totals: dict = {}
     for evs in by_rank:
         busy = sorted((e.start_s, e.end_s) for e in evs if e.stream == "compute")
         for e in evs:
