@@ -22,7 +22,7 @@ class DistContext:
     rank: int
     world_size: int
     coords: dict  # {"pp": i, "dp": j, "tp": k}
-    hsdp_mesh: DeviceMesh = None  # hybrid sharding: the 2-D (dp_replicate, dp_shard) mesh
+    hsdp_mesh: DeviceMesh | None = None  # hybrid sharding: the 2-D (dp_replicate, dp_shard) mesh
 
     @property
     def pp_rank(self) -> int:

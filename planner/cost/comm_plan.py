@@ -163,8 +163,9 @@ def _dp_sync(profile, spec, job, link, *, zero_stage, pp, num_microbatches, tp,
     eng = engine(job.engine)
     rank_layers, holds_embedding, holds_head, tied_copy = pieces
     inv = job if job.task == "classify" or job.lora is not None else None
-    numel = _local_numel(spec, tp, *pieces, inv, trainable_only=True)
-    all_numel = _local_numel(spec, tp, *pieces, inv)
+    numel = _local_numel(spec, tp, rank_layers, holds_embedding, holds_head, tied_copy, inv,
+                         trainable_only=True)
+    all_numel = _local_numel(spec, tp, rank_layers, holds_embedding, holds_head, tied_copy, inv)
     a, m = dtype_bytes(job.dtype), num_microbatches
     grad_bytes = 2 * numel if eng.fp16_grads_reduced_in_fp16 and job.dtype == "fp16" \
         else 4 * numel

@@ -23,8 +23,8 @@ from planner.search.space import concat, enumerate_space, take
 OBJECTIVES = ("throughput", "min-gpus", "time-to-train")
 # Deterministic tie-break after the objective: less memory, fewer GPUs, then the simpler layout
 # (lower pp, tp, ZeRO, recompute, schedule index) - the column order below.
-TIE_COLUMNS = ("world", "pp", "tp", "zero_stage", "dp_shard", "recompute", "recompute_every", "schedule",
-               "virtual_stages", "sequence_parallel", "dp", "micro_batch")
+TIE_COLUMNS = ("world", "pp", "tp", "zero_stage", "dp_shard", "recompute", "recompute_every",
+               "schedule", "virtual_stages", "sequence_parallel", "dp", "micro_batch")
 
 
 @dataclass(frozen=True, kw_only=True)
