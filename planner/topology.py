@@ -169,9 +169,24 @@ def _distinct_groups(groups: np.ndarray, gpn: int) -> np.ndarray:
     return np.array(sorted(first.values(), key=lambda i: tuple(keys[i].tolist())))
 
 
+HSDP_AXES = ("dp_replicate", "dp_shard")  # dp split outer x inner: dp rank = r * S + s
+
+
+def _split_dp(mesh_order: tuple, sizes: dict, dp_shard: int) -> tuple:
+    """Mesh order and sizes with dp split into (dp_replicate, dp_shard): a shard group is
+    dp_shard consecutive dp ranks (FSDP2's 2-D mesh and Megatron's intra-partial groups), so it
+    stays inside a node where the node holds it."""
+    shard = dp_shard or sizes["dp"]
+    order = tuple(a for axis in mesh_order for a in (HSDP_AXES if axis == "dp" else (axis,)))
+    split = {**sizes, "dp_replicate": sizes["dp"] // shard, "dp_shard": shard}
+    return order, split
+
+
 def _axis_link_cached(profile: HardwareProfile, mesh_order: tuple, dp: int, tp: int, pp: int,
-                      axis: str) -> GroupLink:
+                      dp_shard: int, axis: str) -> GroupLink:
     sizes = {"dp": dp, "tp": tp, "pp": pp}
+    if axis in HSDP_AXES:
+        mesh_order, sizes = _split_dp(mesh_order, sizes, dp_shard)
     n = sizes[axis]
     if n == 1:
         return GroupLink(axis, 1, 1, 1, "none", float("inf"), 0.0)
@@ -185,8 +200,10 @@ def _axis_link_cached(profile: HardwareProfile, mesh_order: tuple, dp: int, tp: 
 
 
 def axis_link(profile: HardwareProfile, layout, axis: str) -> GroupLink:
-    """The slowest group of `axis` under this layout (the most loaded rank waits for it)."""
-    key = (id(profile), tuple(layout.mesh_order), layout.dp, layout.tp, layout.pp, axis)
+    """The slowest group of `axis` (pp, dp, tp, or under hybrid sharding dp_shard and
+    dp_replicate) under this layout (the most loaded rank waits for it)."""
+    key = (id(profile), tuple(layout.mesh_order), layout.dp, layout.tp, layout.pp,
+           getattr(layout, "dp_shard", 0), axis)
     hit = _LINK_CACHE.get(key)
     if hit is None or hit[0] is not profile:
         hit = (profile, _axis_link_cached(profile, *key[1:]))
