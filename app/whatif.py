@@ -1,7 +1,6 @@
-"""What-if: set dp/tp/pp/cp (and its flavour)/ZeRO/micro-batch/recompute (the policy and
-every K-th block),
-torch.compile, the schedule, the mesh order and the layers of each pipeline stage by hand.  The
-widgets only collect values; validity is decided by
+"""What-if: set dp/tp/pp/cp (and its flavour)/ZeRO (and its hybrid shard group)/micro-batch/
+recompute (the policy and every K-th block), torch.compile, the schedule, the mesh order and the
+layers of each pipeline stage by hand.  The widgets only collect values; validity is decided by
 planner.plan (the page shows its one-line reason)."""
 
 import itertools
@@ -9,12 +8,12 @@ import itertools
 import streamlit as st
 
 from app.inputs import chosen
-from planner.plan import AXES, CP_COMMS, RECOMPUTE, SCHEDULES
+from planner.plan import AXES, CP_COMMS, OFFLOADS, RECOMPUTE, SCHEDULES
 
 MESH_ORDERS = [",".join(p) for p in itertools.permutations(AXES)]
 
 FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "num_microbatches", "virtual_stages",
-          "recompute_every", "ep", "etp", "cp")
+          "recompute_every", "ep", "etp", "cp", "dp_shard")
 
 
 def _seed(hint: dict) -> None:
@@ -23,12 +22,14 @@ def _seed(hint: dict) -> None:
     if st.session_state.get("_hand_seeded") == hint:
         return
     for f in FIELDS:
-        st.session_state[f"hand_{f}"] = int(hint.get(f, 0 if f == "zero_stage" else 1))
+        st.session_state[f"hand_{f}"] = int(hint.get(f, 0 if f in ("zero_stage", "dp_shard")
+                                                      else 1))
     st.session_state["hand_sp"] = bool(hint.get("sequence_parallel", False))
     st.session_state["hand_compile"] = bool(hint.get("compile", False))
     st.session_state["hand_schedule"] = hint.get("schedule", "1f1b")
     st.session_state["hand_recompute"] = hint.get("recompute", "none")
     st.session_state["hand_cp_comm"] = hint.get("cp_comm", "allgather")
+    st.session_state["hand_offload"] = hint.get("offload", "none")
     st.session_state["hand_mesh_order"] = ",".join(hint.get("mesh_order", AXES))
     st.session_state["hand_layers"] = ",".join(map(str, hint.get("layers_per_stage", [])))
     st.session_state["_hand_seeded"] = hint
@@ -75,8 +76,16 @@ def layout_by_hand(hint: dict, moe: bool = False) -> dict:
                                      "(folded over tp x dp)")
         etp = c3[3].number_input("expert tp", min_value=1, step=1, key="hand_etp",
                                  help="tensor parallel inside each expert (megatron engine)")
+    c4 = st.columns(7)
+    shard = c4[0].number_input("dp shard", min_value=0, step=1, key="hand_dp_shard",
+                               help="hybrid sharding: ZeRO shards over groups of this many dp "
+                                    "ranks and replicates across dp / this; 0 = all of dp")
+    offload = c4[1].selectbox("CPU offload", OFFLOADS, key="hand_offload",
+                              help="optimizer states (ZeRO-Offload) or also the parameters "
+                                   "in host memory; the verdict covers host memory too")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "ep": int(ep), "etp": int(etp),
             "cp": int(cp), "cp_comm": chosen(cp_comm),
+            "dp_shard": int(shard), "offload": offload,
             "sequence_parallel": bool(sp),
             "zero_stage": int(chosen(zero)), "micro_batch": int(mb), "num_microbatches": int(m),
             "schedule": sched, "virtual_stages": int(v), "recompute": rc,

@@ -23,6 +23,8 @@ RECOMPUTE = ("none", "selective", "op", "full")
 CP_COMMS = ("allgather", "ring", "a2a")
 RECOMPUTE_EVERY_CHOICES = (1, 2, 4)  # the K the search tries where a policy is on
 ZERO_STAGES = (0, 1, 2, 3)
+# CPU offload (planner/cost/offload.py): nothing; the optimizer states; also the parameters
+OFFLOADS = ("none", "optimizer", "params")
 DDP_STAGES = (0, 1)          # gradients all-reduced (DDP or FSDP2's replicate under TP)
 SHARDED_GRAD_STAGES = (2, 3)  # FSDP2: reduce-scatter per micro-batch
 
@@ -70,6 +72,10 @@ class Engine:
     expert_parallel: bool = False    # splits routed experts over an ep group (Layout.ep)
     expert_tensor_parallel: bool = False  # splits each expert's FFN over etp (Layout.etp)
     ep_within_dp: bool = False       # ep groups are slices of the data-parallel group
+    hsdp_stages: tuple = ()          # ZeRO stages it runs hybrid-sharded (Layout.dp_shard < dp)
+    hsdp_note: str = "this engine has no hybrid sharding"  # why other stages are refused
+    offload_stages: tuple = ((), ())  # ZeRO stages it runs offload "optimizer", "params" at
+    offload_note: str = ""           # what it offloads, and how
     fp8_recipes: tuple = ()          # FP8 recipes it trains with (planner/job.py FP8_RECIPES)
     fp8_refusal: str = ""            # why it has none, where fp8_recipes is empty
     fp8_with_tp: bool = True         # FP8 linears under tensor parallelism
@@ -102,6 +108,16 @@ TORCH = Engine(
     recompute_stops_early=True,
     # expert parallelism over the data-parallel group (all_to_all_single), experts whole
     expert_parallel=True, ep_within_dp=True,
+    # FSDP2 fully_shard(mesh=2-D (replicate, shard) DeviceMesh) is HSDP; ZeRO-1 is DDP plus
+    # ZeroRedundancyOptimizer (or runtime/zero1.py under TP), which take one group only
+    hsdp_stages=(2, 3),
+    hsdp_note="the torch engine hybrid-shards with FSDP2 on a 2-D mesh (ZeRO-2 or 3); its "
+              "ZeRO-1 optimizer shards over one group only",
+    # FSDP2 CPUOffloadPolicy moves parameters, gradients and optimizer states together
+    offload_stages=((), (2, 3)),
+    offload_note="the torch engine offloads with FSDP2's CPUOffloadPolicy, which moves "
+                 "parameters, gradients and optimizer states together: offload params at "
+                 "ZeRO-2 or 3",
     # torchao float8 training (torchao/float8/config.py): dynamic tensorwise and rowwise
     # scaling; its delayed scaling was removed (torchao 0.10 release notes), so not delayed
     fp8_recipes=("tensorwise", "rowwise"),
@@ -129,6 +145,17 @@ MEGATRON = Engine(
     # Megatron-Core builds its own model; --expert-model-parallel-size and
     # --expert-tensor-parallel-size (megatron/core/transformer/moe/)
     runs_runtime_model=False, expert_parallel=True, expert_tensor_parallel=True,
+    # --num-distributed-optimizer-instances = dp / dp_shard: the distributed optimizer shards
+    # within each instance, gradients all-reduce across them (megatron/core/parallel_state.py
+    # intra-partial data-parallel groups; megatron-core 0.16)
+    hsdp_stages=(1,),
+    hsdp_note="Megatron-LM hybrid-shards the distributed optimizer "
+              "(--num-distributed-optimizer-instances, ZeRO-1) only",
+    # --optimizer-cpu-offload needs --use-distributed-optimizer (megatron-core 0.16
+    # optimizer_config.py); parameters stay on the GPU
+    offload_stages=((1,), ()),
+    offload_note="Megatron-LM offloads the distributed optimizer (--optimizer-cpu-offload, "
+                 "ZeRO-1) only",
     # Transformer Engine under megatron-core 0.16 (transformer_config.py fp8_recipe: delayed,
     # tensorwise = TE Float8CurrentScaling, mxfp8, blockwise); no torchao-style rowwise
     fp8_recipes=("delayed", "tensorwise"))
@@ -154,6 +181,14 @@ DEEPSPEED = Engine(
     cp_refusal="DeepSpeed's sequence parallelism (Ulysses, sequence_parallel_size) needs the "
                "model's attention wrapped in its DistributedAttention, which a plain model "
                "and this export do not do; plan it with --engine megatron or torch",
+    hsdp_note="DeepSpeed 0.19.8 removed MiCS (mics_shard_size), and ZeRO++ hpZ "
+              "(zero_hpz_partition_size) keeps optimizer states and gradients sharded over "
+              "all of dp (only a secondary weight copy is node-local): no hybrid sharding",
+    # zero_optimization.offload_optimizer at stages 1-3, offload_param at stage 3 only
+    # (deepspeed/runtime/zero/offload_config.py, stage3.py)
+    offload_stages=((1, 2, 3), (3,)),
+    offload_note="DeepSpeed offloads the optimizer at ZeRO-1 to 3 (offload_optimizer) and "
+                 "parameters at ZeRO-3 only (offload_param)",
     fp8_refusal="DeepSpeed 0.19.8 has no FP8 training of its own (no fp8 section in its "
     "config; FP8 comes only from Transformer Engine layers inside the model): plan FP8 with "
     "--engine megatron or torch")

@@ -297,6 +297,7 @@ def deepspeed_config(plan: Plan) -> dict:
     What the config cannot say (where the tensor and pipeline degrees come from, what the model
     code must do) is in the 'comment' key, which DeepSpeed ignores; settings no plan holds are
     listed in the 'placeholders' key by their dotted path."""
+    from planner.engines import DEEPSPEED
     lay, job = plan.layout, plan.job
     _refuse_compile("DeepSpeed", lay)
     if lay.ep > 1 or lay.etp > 1:
@@ -314,6 +315,9 @@ def deepspeed_config(plan: Plan) -> dict:
     if lay.cp > 1:
         _refuse("DeepSpeed", f"context parallelism cp={lay.cp}: "
                 f"{engine('deepspeed').cp_refusal}")
+    if lay.hybrid:
+        _refuse("DeepSpeed", f"hybrid sharding (dp_shard={lay.dp_shard} of dp={lay.dp}): "
+                f"{DEEPSPEED.hsdp_note}")
     cfg: dict = {"train_batch_size": job.global_batch,
            "train_micro_batch_size_per_gpu": lay.micro_batch,
            "gradient_accumulation_steps": lay.num_microbatches,
@@ -325,6 +329,7 @@ def deepspeed_config(plan: Plan) -> dict:
            "bf16": {"enabled": job.precision == "bf16"},
            "fp16": {"enabled": job.precision == "fp16"},
            "steps_per_print": 10}
+    _deepspeed_offload(cfg, lay)
     if job.engine == "deepspeed":
         _deepspeed_engine_settings(cfg, lay, job)
     elif lay.zero_stage >= 2:
@@ -349,6 +354,24 @@ def deepspeed_config(plan: Plan) -> dict:
                            "learning rate: the plan does not choose one"}
     cfg["comment"] = _deepspeed_note(lay, job)
     return cfg
+
+
+def _deepspeed_offload(cfg: dict, lay) -> None:
+    """CPU offload: offload_optimizer (ZeRO-Offload; DeepSpeed then steps with its CPU-Adam) and
+    for `params` also offload_param, which DeepSpeed runs at ZeRO-3 only
+    (deepspeed/runtime/zero/offload_config.py)."""
+    if lay.offload == "none":
+        return
+    if lay.zero_stage == 0:
+        _refuse("DeepSpeed", f"offload {lay.offload} with ZeRO-0; offload_optimizer needs ZeRO "
+                "1 to 3")
+    if lay.offload == "params" and lay.zero_stage != 3:
+        _refuse("DeepSpeed", f"offload params with ZeRO-{lay.zero_stage}; offload_param runs at "
+                "ZeRO-3 only")
+    zero = cfg["zero_optimization"]
+    zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if lay.offload == "params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
 
 
 def _deepspeed_engine_settings(cfg: dict, lay, job) -> None:
@@ -523,6 +546,19 @@ def megatron_args(plan: Plan, fill: dict | None = None) -> list:
     if lay.zero_stage >= 2:
         args += ["--use-megatron-fsdp", "--data-parallel-sharding-strategy",
                  MEGATRON_FSDP_SHARDING[lay.zero_stage]]
+    if lay.offload == "params":
+        _refuse("Megatron-LM", "offload params; it offloads the distributed optimizer only "
+                "(--optimizer-cpu-offload)")
+    if lay.offload == "optimizer":
+        if lay.zero_stage == 0:
+            _refuse("Megatron-LM", "offload optimizer with ZeRO-0; --optimizer-cpu-offload "
+                    "needs the distributed optimizer (ZeRO-1)")
+        args.append("--optimizer-cpu-offload")  # megatron-core optimizer_config.py
+    if lay.hybrid:
+        # dp / dp_shard instances of the distributed optimizer (Megatron-FSDP: HSDP, its outer
+        # dp_replicate level unsharded), each over dp_shard consecutive dp ranks
+        # (megatron/core/parallel_state.py intra-partial groups; mcore_fsdp_adapter enable_hsdp)
+        args += ["--num-distributed-optimizer-instances", str(lay.dp_replicate)]
     args += ["--micro-batch-size", str(lay.micro_batch),
              "--global-batch-size", str(job.global_batch), "--seq-length", str(job.seq_len)]
     args += _model_args(spec, job)

@@ -27,7 +27,10 @@ PROFILE_DIR = _profile_dir()
 # 3: the one gpu.framework_overhead_bytes became the itemised memory outside tensors
 #    (OUTSIDE_TENSOR_KEYS); a version 1/2 file loads with its figure as context_bytes, the
 #    other items 0 (legacy_outside_tensors), so its totals are unchanged and its sources say so.
-SCHEMA_VERSION = 3
+# 4: the host section (HostSpec: host memory, host-to-device bandwidth, CPU Adam rate, for CPU
+#    offload); a version 1-3 file loads with HostSpec() - every figure 0, "not known" - and
+#    offload plans are refused on it (planner/rules.py offload_host)
+SCHEMA_VERSION = 4
 V1_OPTIONAL_GPU_KEYS = {"host_layer_overhead_s": {}, "host_is_device": False, "shared_cores": 0}
 OUTSIDE_TENSOR_KEYS = ("context_bytes", "blas_workspace_bytes", "comm_buffer_bytes_per_group",
                        "comm_buffer_bytes_per_peer", "allocator_fragmentation")
@@ -187,6 +190,28 @@ class InterNode:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HostSpec:
+    """The host side of one node, what CPU offload reads (planner/cost/offload.py).  0 = not
+    known (a schema 1-3 profile, or a figure nobody measured): offload is refused there."""
+    memory_bytes_per_node: int = 0        # host DRAM of one node, shared by its GPUs
+    h2d_bandwidth_bytes_per_s: float = 0.0  # one GPU's host link, per direction (PCIe / C2C)
+    cpu_adam_params_per_s: float = 0.0    # AdamW parameter updates per second, whole node
+
+    def __post_init__(self):
+        check_int(self.memory_bytes_per_node, "host.memory_bytes_per_node", 0,
+                  limits.MAX_MEMORY_BYTES * limits.MAX_GPUS_PER_NODE)
+        check_range(self.h2d_bandwidth_bytes_per_s, "host.h2d_bandwidth_bytes_per_s", 0,
+                    limits.MAX_BANDWIDTH)
+        check_range(self.cpu_adam_params_per_s, "host.cpu_adam_params_per_s", 0,
+                    limits.MAX_FLOPS)
+
+    @property
+    def known(self) -> bool:
+        return min(self.memory_bytes_per_node, self.h2d_bandwidth_bytes_per_s,
+                   self.cpu_adam_params_per_s) > 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class HardwareProfile:
     schema_version: int
     name: str
@@ -196,6 +221,7 @@ class HardwareProfile:
     intra_node: IntraNode
     inter_node: InterNode
     sources: dict
+    host: HostSpec = HostSpec()
 
     def __post_init__(self):
         if self.schema_version != SCHEMA_VERSION:
@@ -210,7 +236,7 @@ class HardwareProfile:
                 isinstance(v, str) for v in self.sources.values()):
             raise ValueError("profile sources must be an object of field -> citation")
         for part, cls in (("gpu", GpuSpec), ("intra_node", IntraNode),
-                          ("inter_node", InterNode)):
+                          ("inter_node", InterNode), ("host", HostSpec)):
             if not isinstance(getattr(self, part), cls):
                 raise ValueError(f"profile {part} must be an object")
         if self.intra_node.kind == "nvlink_mesh":
@@ -231,14 +257,19 @@ class HardwareProfile:
     def from_dict(cls, data: dict) -> "HardwareProfile":
         """Every key is required, except: the nvlink_mesh keys of intra_node for other fabrics,
         and in a schema_version 1 file the gpu keys it lacked (read as {}, false and 0).  A
-        version 1 or 2 profile loads as the current version (legacy_outside_tensors)."""
-        check_keys(data, cls, "hardware profile")
-        version = data["schema_version"]
-        if isinstance(version, bool) or version not in (1, 2, SCHEMA_VERSION):
+        version 1 or 2 profile loads as the current version (legacy_outside_tensors); a version
+        1-3 file has no host section (HostSpec(): not known)."""
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        check_keys(data, cls, "hardware profile",
+                   ("host",) if version in (1, 2, 3) else ())
+        if isinstance(version, bool) or version not in (1, 2, 3, SCHEMA_VERSION):
             raise ValueError(f"profile schema_version {short_repr(version)} is not supported "
-                             f"(expected 1, 2 or {SCHEMA_VERSION})")
+                             f"(expected 1, 2, 3 or {SCHEMA_VERSION})")
         gpu, sources = data["gpu"], data["sources"]
-        if version < SCHEMA_VERSION:
+        host = HostSpec(**check_keys(data.get("host", {}), HostSpec, "hardware profile host",
+                                     () if "host" in data else
+                                     tuple(f.name for f in dataclasses.fields(HostSpec))))
+        if version < 3:
             gpu, sources = legacy_outside_tensors(gpu, sources)
         gpu = check_keys(gpu, GpuSpec, "hardware profile gpu",
                          tuple(V1_OPTIONAL_GPU_KEYS) if version == 1 else ())
@@ -249,7 +280,7 @@ class HardwareProfile:
         check_keys(intra, IntraNode, "hardware profile intra_node", () if mesh else MESH_KEYS)
         inter = check_keys(data["inter_node"], InterNode, "hardware profile inter_node")
         return cls(**{**data, "schema_version": SCHEMA_VERSION, "gpu": GpuSpec(**gpu),
-                      "sources": sources,
+                      "sources": sources, "host": host,
                       "intra_node": IntraNode(**intra), "inter_node": InterNode(**inter)})
 
 

@@ -345,7 +345,7 @@ class MachineLoad:
 
 # keys version 1 files lack, with the values they stand for
 _PROFILE_V2_DEFAULTS = {"repeats": 1, "spread": {}, "load_before": None, "load_during": None}
-_OPTIONAL = ("outside_tensors",)  # documented on ProfileMeasurements
+_OPTIONAL = ("outside_tensors", "host_offload")  # documented on ProfileMeasurements
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -385,6 +385,9 @@ class ProfileMeasurements:
     # the memory-outside-tensors items measured (hardware profile gpu keys -> value); optional,
     # absent in files written before it: nothing measured, the base profile's items are kept
     outside_tensors: dict = dataclasses.field(default_factory=dict)
+    # the host terms of CPU offload measured (hardware profile host keys -> value); optional,
+    # absent in older files: the base profile's host figures are kept
+    host_offload: dict = dataclasses.field(default_factory=dict)
     schema_version: int = PROFILE_SCHEMA_VERSION
 
     def __post_init__(self):
@@ -406,6 +409,18 @@ class ProfileMeasurements:
         self._check_layer_host()
         self._check_repeats()
         self._check_outside_tensors()
+        self._check_host_offload()
+
+    def _check_host_offload(self) -> None:
+        from planner.hardware import HostSpec
+        if not isinstance(self.host_offload, dict):
+            raise ValueError(f"host_offload must be an object, got {_short(self.host_offload)}")
+        keys = [f.name for f in dataclasses.fields(HostSpec)]
+        for key, value in self.host_offload.items():
+            require_choice(key, "host_offload key", keys)
+            require_finite(value, f"host_offload[{key!r}]")
+            if value <= 0:
+                raise ValueError(f"host_offload[{key!r}] must be > 0, got {value!r}")
 
     def _check_outside_tensors(self) -> None:
         from planner.hardware import OUTSIDE_TENSOR_KEYS

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 from planner import limits, rules
 from planner.cost import pipeline
-from planner.engines import CP_COMMS, INTERLEAVED, RECOMPUTE, SCHEDULES, ZERO_BUBBLE  # noqa: F401
+from planner.engines import (  # noqa: F401
+    CP_COMMS,
+    INTERLEAVED,
+    OFFLOADS,
+    RECOMPUTE,
+    SCHEDULES,
+    ZERO_BUBBLE,
+)
 from planner.hardware import Cluster
 from planner.job import JOB_KEYS_SINCE_4, Job
 from planner.limits import check_int
@@ -20,6 +27,7 @@ from planner.spec import ModelSpec
 # the largest value of each layout field (planner/limits.py gives the sources)
 LAYOUT_BOUNDS = {"dp": limits.MAX_DEGREE, "tp": limits.MAX_DEGREE, "pp": limits.MAX_DEGREE,
                  "ep": limits.MAX_DEGREE, "etp": limits.MAX_DEGREE, "cp": limits.MAX_DEGREE,
+                 "dp_shard": limits.MAX_DEGREE,
                  "micro_batch": limits.MAX_GLOBAL_BATCH,
                  "num_microbatches": limits.MAX_GLOBAL_BATCH,
                  "virtual_stages": limits.MAX_LAYERS, "recompute_every": limits.MAX_LAYERS}
@@ -28,7 +36,7 @@ LAYOUT_BOUNDS = {"dp": limits.MAX_DEGREE, "tp": limits.MAX_DEGREE, "pp": limits.
 SCHEMA_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 LAYOUT_KEYS_SINCE_3 = ("recompute_every", "compile")  # absent from older files: their defaults
-LAYOUT_KEYS_SINCE_4 = ("ep", "etp", "cp", "cp_comm")
+LAYOUT_KEYS_SINCE_4 = ("ep", "etp", "cp", "cp_comm", "dp_shard", "offload")
 # Mesh axes, outermost first.  cp sits inside dp and outside tp, as torchtitan's
 # ["pp", "dp_replicate", "dp_shard", "cp", "tp"] mesh does (torchtitan parallel_dims.py): the cp
 # ranks of one sequence are neighbours, within a node where tp*cp fits one.  A mesh_order of the
@@ -65,6 +73,11 @@ class Mesh:
     tp: int
     pp: int
     cp: int = 1
+    dp_shard: int = 0   # Layout.dp_shard (0: the whole dp group shards)
+
+    @property
+    def shard_size(self) -> int:
+        return self.dp_shard or self.dp
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +89,11 @@ class Layout:
     etp: int = 1                      # expert tensor parallel (folded over the dense group)
     cp: int = 1                       # context parallel: each sequence split over cp ranks
     cp_comm: str = "allgather"        # CP_COMMS: how attention sees the whole sequence
+    # hybrid sharding (HSDP): ZeRO shards over groups of dp_shard consecutive dp ranks and
+    # replicates across the dp / dp_shard groups; 0 = the whole dp group shards (plain ZeRO/FSDP)
+    dp_shard: int = 0
+    # CPU offload: "optimizer" states (ZeRO-Offload) or also the "params" (planner/cost/offload.py)
+    offload: str = "none"
     sequence_parallel: bool = False
     zero_stage: int = 0
     micro_batch: int = 1
@@ -93,6 +111,8 @@ class Layout:
                     "virtual_stages", "recompute_every"):
             require_int(getattr(self, key), key)
             check_int(getattr(self, key), key, 1, LAYOUT_BOUNDS[key])
+        require_int(self.dp_shard, "dp_shard", minimum=0)
+        check_int(self.dp_shard, "dp_shard", 0, LAYOUT_BOUNDS["dp_shard"])
         require_bool(self.sequence_parallel, "sequence_parallel")
         require_bool(self.compile, "compile")
         require_int(self.zero_stage, "zero_stage", minimum=0)
@@ -101,6 +121,7 @@ class Layout:
         require_choice(self.schedule, "schedule", SCHEDULES)
         require_choice(self.recompute, "recompute", RECOMPUTE)
         require_choice(self.cp_comm, "cp_comm", CP_COMMS)
+        require_choice(self.offload, "offload", OFFLOADS)
         for key in ("mesh_order", "layers_per_stage"):
             if not isinstance(getattr(self, key), (list, tuple)):
                 raise ValueError(f"{key} must be a list, got {getattr(self, key)!r}")
@@ -118,13 +139,29 @@ class Layout:
         return self.dp * self.tp * self.pp * self.cp
 
     @property
+    def shard_size(self) -> int:
+        """Ranks one ZeRO/FSDP shard group spans (dp unless hybrid sharding splits it)."""
+        return self.dp_shard or self.dp
+
+    @property
+    def dp_replicate(self) -> int:
+        """Copies of the sharded model states (1 unless hybrid sharding); dp / shard_size."""
+        return self.dp // self.shard_size if self.dp % self.shard_size == 0 else 0
+
+    @property
+    def hybrid(self) -> bool:
+        """Hybrid sharding: a shard group smaller than dp."""
+        return 0 < self.dp_shard < self.dp
+
+    @property
     def num_chunks(self) -> int:
         """Model chunks in the pipeline: pp stages times virtual stages per rank."""
         return self.pp * self.virtual_stages
 
     @property
     def mesh(self) -> "Mesh":
-        return Mesh(mesh_order=self.mesh_order, dp=self.dp, tp=self.tp, pp=self.pp, cp=self.cp)
+        return Mesh(mesh_order=self.mesh_order, dp=self.dp, tp=self.tp, pp=self.pp, cp=self.cp,
+                    dp_shard=self.dp_shard)
 
     def stage_layers(self, num_layers: int) -> tuple:
         """Layers of each model chunk, in pipeline order (chunk c lives on rank c % pp)."""

@@ -38,7 +38,12 @@ def layout_summary(layout) -> str:
         parts += [f"ep={layout.ep}"] + ([f"etp={layout.etp}"] if layout.etp > 1 else [])
     if layout.sequence_parallel:
         parts.append("sp")
-    parts += [f"zero={layout.zero_stage}", f"mb={layout.micro_batch}x{layout.num_microbatches}"]
+    parts.append(f"zero={layout.zero_stage}")
+    if layout.dp_shard:
+        parts.append(f"shard={layout.dp_shard}")  # hybrid sharding (dp_replicate x dp_shard)
+    if layout.offload != "none":
+        parts.append(f"offload={layout.offload}")
+    parts.append(f"mb={layout.micro_batch}x{layout.num_microbatches}")
     if layout.pp > 1:
         sched = layout.schedule
         if layout.virtual_stages > 1:
@@ -108,10 +113,15 @@ def estimate_text(est) -> str:
     for key, label, note in MEMORY_ROWS:
         lines.append(f"  {label:<22} {fmt_bytes(getattr(mem, key)):>12}   "
                      f"{memory_note(key, note, mem, plan.cluster.profile.gpu)}")
-    verdict = "fits" if mem.fits else "DOES NOT FIT"
+    verdict = "fits" if mem.total_bytes <= mem.capacity_bytes else "DOES NOT FIT"
     lines.append(f"  {'total':<22} {fmt_bytes(mem.total_bytes):>12}   of "
                  f"{fmt_bytes(mem.capacity_bytes)}: {verdict} "
                  f"({100 * mem.total_bytes / mem.capacity_bytes:.0f}%)")
+    if mem.host_bytes_per_node:  # CPU offload: the node's host memory holds the rest
+        lines.append(f"  {'host memory per node':<22} {fmt_bytes(mem.host_bytes_per_node):>12}"
+                     f"   of {fmt_bytes(mem.host_capacity_bytes)}: "
+                     f"{'fits' if mem.host_fits else 'DOES NOT FIT'} (offload "
+                     f"{plan.layout.offload}: every GPU of the node offloads into it)")
     lines += ["", f"Step time (slowest pipeline stage: {t.slowest_pp_rank})"]
     for key, label, note in TIME_ROWS:
         if key == "cp_comm_s" and plan.layout.cp == 1:

@@ -20,6 +20,7 @@ from planner.engines import (
     CP_COMMS,
     DDP_STAGES,
     INTERLEAVED,
+    OFFLOADS,
     RECOMPUTE,
     SCHEDULES,
     ZERO_BUBBLE,
@@ -30,7 +31,7 @@ from planner.job import Job
 
 COLUMNS = ("world", "dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
            "num_microbatches", "schedule", "virtual_stages", "recompute", "lps_n", "lps_sum",
-           "recompute_every", "ep", "etp", "cp", "cp_comm")
+           "recompute_every", "ep", "etp", "dp_shard", "offload", "cp", "cp_comm")
 # cp_comm holds an index into CP_COMMS
 SCHED = {name: i for i, name in enumerate(SCHEDULES)}
 
@@ -65,7 +66,8 @@ def layout_columns(layout, world: int) -> dict:
               "recompute": RECOMPUTE.index(layout.recompute),
               "lps_n": len(layout.layers_per_stage), "lps_sum": sum(layout.layers_per_stage),
               "recompute_every": layout.recompute_every, "compile": int(layout.compile),
-              "ep": layout.ep, "etp": layout.etp, "cp": layout.cp,
+              "ep": layout.ep, "etp": layout.etp, "dp_shard": layout.dp_shard,
+              "offload": OFFLOADS.index(layout.offload), "cp": layout.cp,
               "cp_comm": CP_COMMS.index(layout.cp_comm)}
     return {k: np.array([v], dtype=np.int64) for k, v in values.items()}
 
@@ -218,6 +220,11 @@ def _cp_rules() -> list:
              lambda ctx, c: cp_on(c) & _expert_split(c),
              lambda ctx, r: f"cp={r['cp']} with ep={r['ep']} etp={r['etp']}: the cost model "
                             f"and runtime do not combine context and expert parallelism"),
+        Rule("cp_hsdp", "context parallelism with hybrid sharding",
+             lambda ctx, c: cp_on(c) & _hybrid(c),
+             lambda ctx, r: f"cp={r['cp']} with dp_shard={r['dp_shard']} < dp={r['dp']}: ZeRO "
+                            f"shards over dp x cp, and hybrid shard groups of dp x cp are not "
+                            f"modelled or run; use dp_shard 0"),
     ]
 
 
@@ -240,6 +247,71 @@ def _expert_ffn(ctx) -> int:
 def _runtime_gaps(ctx) -> list:
     from planner.runtime_support import runtime_gaps
     return runtime_gaps(ctx.model) if ctx.engine.runs_runtime_model else []
+
+
+def _dp_shard(c: dict) -> np.ndarray:
+    """Layout.dp_shard (a space without the column: 0, the whole dp group shards)."""
+    return c["dp_shard"] if "dp_shard" in c else np.zeros(c["tp"].shape, dtype=np.int64)
+
+
+def _hybrid(c: dict) -> np.ndarray:
+    """Hybrid sharding: a shard group smaller than dp."""
+    s = _dp_shard(c)
+    return (s > 0) & (s < c["dp"])
+
+
+def _hsdp_rules() -> list:
+    """Hybrid sharding (Layout.dp_shard): shard groups of dp_shard consecutive dp ranks, the
+    model states replicated across the dp / dp_shard groups (planner/engines.py hsdp_stages)."""
+    s = _dp_shard
+    return [
+        Rule("dp_shard_divides", "dp_shard does not divide dp",
+             lambda ctx, c: (s(c) > 0) & (c["dp"] % np.maximum(s(c), 1) != 0),
+             lambda ctx, r: f"dp_shard={r['dp_shard']} must divide dp={r['dp']} (dp = "
+                            f"dp_replicate x dp_shard)"),
+        Rule("dp_shard_one", "dp_shard of one shards nothing",
+             lambda ctx, c: (s(c) == 1) & (c["dp"] > 1),
+             lambda ctx, r: "dp_shard=1 shards over one rank (every rank holds everything); "
+                            "use zero_stage 0 to replicate, or dp_shard > 1"),
+        Rule("dp_shard_zero", "dp_shard without ZeRO",
+             lambda ctx, c: (s(c) > 0) & (c["zero_stage"] == 0),
+             lambda ctx, r: f"dp_shard={r['dp_shard']} picks the ZeRO shard group, but "
+                            f"ZeRO-0 shards nothing; use zero_stage >= 1 (or dp_shard 0)"),
+        Rule("dp_shard_engine", "hybrid sharding at a ZeRO stage the engine does not run",
+             lambda ctx, c: _hybrid(c) & (c["zero_stage"] > 0)
+             & ~np.isin(c["zero_stage"], ctx.engine.hsdp_stages),
+             lambda ctx, r: f"dp_shard={r['dp_shard']} < dp={r['dp']} with ZeRO-"
+                            f"{r['zero_stage']}: {ctx.engine.hsdp_note}"),
+    ]
+
+
+def _offload(c: dict) -> np.ndarray:
+    """Layout.offload as an index into OFFLOADS (a space without the column: none)."""
+    return c["offload"] if "offload" in c else np.zeros(c["tp"].shape, dtype=np.int64)
+
+
+def _offload_refused(ctx, c) -> np.ndarray:
+    kind = _offload(c)
+    out = np.zeros(kind.shape, dtype=bool)
+    for i, stages in enumerate(ctx.engine.offload_stages, start=1):
+        out |= (kind == i) & ~np.isin(c["zero_stage"], stages)
+    return out
+
+
+def _offload_rules() -> list:
+    """CPU offload (Layout.offload; planner/cost/offload.py)."""
+    name = lambda r: OFFLOADS[r["offload"]]  # noqa: E731
+    return [
+        Rule("offload_engine", "offload at a ZeRO stage the engine does not offload",
+             _offload_refused,
+             lambda ctx, r: f"offload {name(r)} with ZeRO-{r['zero_stage']}: "
+                            f"{ctx.engine.offload_note}"),
+        Rule("offload_host", "offload on a profile without host figures",
+             lambda ctx, c: (_offload(c) > 0) & _everywhere(c, not ctx.profile.host.known),
+             lambda ctx, r: f"offload {name(r)}: profile {ctx.profile.name} has no host "
+                            f"memory / host-link / CPU Adam figures (a schema 1-3 profile; "
+                            f"measure them with planner profile)"),
+    ]
 
 
 def _long_sequence(ctx) -> bool:
@@ -551,15 +623,23 @@ def _runtime_moe_rules() -> list:
              & (c["zero_stage"] == 1) & (c["dp"] > 1),
              lambda ctx, r: f"ep={r['ep']} with ZeRO-1: the torch runtime's sharded optimizer "
                             f"does not handle expert-parallel experts (use ZeRO-0, 2 or 3)"),
+        Rule("ep_hsdp_runtime", "expert parallelism with hybrid sharding in the torch runtime",
+             lambda ctx, c: _everywhere(c, ctx.engine.ep_within_dp) & _expert_split(c)
+             & _hybrid(c),
+             lambda ctx, r: f"ep={r['ep']} with dp_shard={r['dp_shard']}: the torch runtime "
+                            f"splits experts over the whole data-parallel group, not over a "
+                            f"hybrid shard group (use dp_shard 0)"),
     ]
 
 
-RULES = _shape_rules() + _cp_rules() + _schedule_rules() + _pytorch_rules() + _recompute_rules() + \
-    _engine_rules() + _task_rules() + _runtime_moe_rules()
+RULES = _shape_rules() + _cp_rules() + _hsdp_rules() + _offload_rules() + _schedule_rules() + \
+    _pytorch_rules() + _recompute_rules() + _engine_rules() + _task_rules() + \
+    _runtime_moe_rules()
 BY_KEY = {rule.key: rule for rule in RULES}
 # labels of the search's own rejections (not layout rules)
 SEARCH_LABELS = {"batch": "dp does not divide the global batch",
-                 "memory": "does not fit in memory", "target": "below the target tokens/s"}
+                 "memory": "does not fit in memory", "target": "below the target tokens/s",
+                 "host_memory": "CPU offload does not fit in host memory"}
 # shape-level reasons (why tp or dp cannot take the obvious value) the nothing-fits line cites
 SHAPE_KEYS = ("tp_heads", "tp_ffn", "tp_node", "batch")
 # reasons that rule out every layout of a request: said first when nothing is valid

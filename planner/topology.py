@@ -42,7 +42,7 @@ def axis_groups(mesh_order: tuple, sizes: dict, axis: str) -> np.ndarray:
     """Rows of ranks that form the process groups of `axis` (one row per group); a joint axis
     (JOINT_AXES) groups the ranks of its axes together, in mesh order."""
     order = tuple(mesh_order)
-    if "cp" not in order:
+    if "cp" not in order and "dp" in order:
         order = order[:order.index("dp") + 1] + ("cp",) + order[order.index("dp") + 1:]
     names = [a for a in order if a in _axis_names(axis)]
     grid = rank_grid(order, {"cp": 1, **sizes})
@@ -184,9 +184,24 @@ def _distinct_groups(groups: np.ndarray, gpn: int) -> np.ndarray:
     return np.array(sorted(first.values(), key=lambda i: tuple(keys[i].tolist())))
 
 
+HSDP_AXES = ("dp_replicate", "dp_shard")  # dp split outer x inner: dp rank = r * S + s
+
+
+def _split_dp(mesh_order: tuple, sizes: dict, dp_shard: int) -> tuple:
+    """Mesh order and sizes with dp split into (dp_replicate, dp_shard): a shard group is
+    dp_shard consecutive dp ranks (FSDP2's 2-D mesh and Megatron's intra-partial groups), so it
+    stays inside a node where the node holds it."""
+    shard = dp_shard or sizes["dp"]
+    order = tuple(a for axis in mesh_order for a in (HSDP_AXES if axis == "dp" else (axis,)))
+    split = {**sizes, "dp_replicate": sizes["dp"] // shard, "dp_shard": shard}
+    return order, split
+
+
 def _axis_link_cached(profile: HardwareProfile, mesh_order: tuple, dp: int, tp: int, pp: int,
-                      cp: int, axis: str) -> GroupLink:
+                      cp: int, dp_shard: int, axis: str) -> GroupLink:
     sizes = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
+    if axis in HSDP_AXES:
+        mesh_order, sizes = _split_dp(mesh_order, sizes, dp_shard)
     n = int(np.prod([sizes[a] for a in _axis_names(axis)]))
     if n == 1:
         return GroupLink(axis, 1, 1, 1, "none", float("inf"), 0.0)
@@ -200,9 +215,10 @@ def _axis_link_cached(profile: HardwareProfile, mesh_order: tuple, dp: int, tp: 
 
 
 def axis_link(profile: HardwareProfile, layout, axis: str) -> GroupLink:
-    """The slowest group of `axis` under this layout (the most loaded rank waits for it)."""
+    """The slowest group of `axis` (pp, dp, tp, cp, dp_cp, or under hybrid sharding dp_shard
+    and dp_replicate) under this layout (the most loaded rank waits for it)."""
     key = (id(profile), tuple(layout.mesh_order), layout.dp, layout.tp, layout.pp,
-           getattr(layout, "cp", 1), axis)
+           getattr(layout, "cp", 1), getattr(layout, "dp_shard", 0), axis)
     hit = _LINK_CACHE.get(key)
     if hit is None or hit[0] is not profile:
         hit = (profile, _axis_link_cached(profile, *key[1:]))

@@ -128,6 +128,36 @@ def measure_copy(device, share: float) -> tuple:
     return rate, spread
 
 
+ADAM_PROBE_PARAMS = 2**23  # 8M fp32 parameters: 128 MiB of states, past every cache
+
+
+def measure_host_offload(device) -> dict:
+    """The host terms of CPU offload: physical memory, host-to-device copy bandwidth (pinned
+    CPU -> GPU; on CPU ranks a memcpy, since host and device are one memory) and the AdamW
+    update rate of the CPU on all its cores."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    n = 2**26 if device.type == "cuda" else 2**23
+    src = torch.empty(n, pin_memory=device.type == "cuda")
+    dst = torch.empty(n, device=device)
+    seconds, _ = _repeated(lambda: dst.copy_(src, non_blocking=device.type == "cuda"),
+                           device, 10)
+    h2d = n * src.element_size() / seconds
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    p = torch.nn.Parameter(torch.zeros(ADAM_PROBE_PARAMS))
+    p.grad = torch.ones_like(p)
+    opt = torch.optim.AdamW([p], foreach=True)
+    opt.step()
+    adam_s, _ = _repeated(opt.step, torch.device("cpu"), 5)
+    torch.set_num_threads(threads)
+    out = {"memory_bytes_per_node": memory, "h2d_bandwidth_bytes_per_s": h2d,
+           "cpu_adam_params_per_s": ADAM_PROBE_PARAMS / adam_s}
+    _log(f"[host] {memory / 2**30:.1f} GiB, host-to-device "
+         f"{'copy' if device.type == 'cuda' else 'memcpy'} {h2d / 1e9:.1f} GB/s, CPU AdamW "
+         f"{out['cpu_adam_params_per_s'] / 1e9:.3f}e9 parameters/s")
+    return out
+
+
 # One small llama layer: its FLOPs and bytes are negligible, so its time is host work.
 PROBE: dict[str, Any] = dict(name="host-probe", arch="llama", num_layers=1, hidden_size=64,
                              num_heads=8, num_kv_heads=8, ffn_hidden_size=128, vocab_size=256,
@@ -294,6 +324,7 @@ def measure(ranks: int, tmp_path: str, load_before: MachineLoad) -> dict:
         sizes, got = [], _single_rank_host(device)
     gemms, gemm_spread = measure_gemms(device, dtype, share)
     copy, copy_spread = measure_copy(device, share)
+    host_offload = measure_host_offload(device)
     outside = memprofile.measure_outside_tensors(device, context_rss)
     if got["comm_buffer_bytes_per_group"] is not None:
         outside["comm_buffer_bytes_per_group"] = int(got["comm_buffer_bytes_per_group"])
@@ -313,7 +344,7 @@ def measure(ranks: int, tmp_path: str, load_before: MachineLoad) -> dict:
             "allreduce_bytes": sizes, "allreduce_s": got["allreduce_s"],
             "layer_host_s": got["layer_host_s"], "host_is_device": not cuda,
             "shared_cores": 0 if cuda else len(os.sched_getaffinity(0)),
-            "outside_tensors": outside,
+            "outside_tensors": outside, "host_offload": host_offload,
             "repeats": REPEATS, "spread": spread, "load_before": load_before.to_dict(),
             "load_during": during.to_dict()}
 

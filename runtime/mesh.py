@@ -25,6 +25,7 @@ class DistContext:
     data_mesh: DeviceMesh  # 1-D: dp, or dp x cp flattened (FSDP/DDP shard and reduce)
     # ("edp", "ep") over this rank's dp group when layout.ep > 1
     expert_mesh: DeviceMesh | None = None
+    hsdp_mesh: DeviceMesh | None = None  # hybrid sharding: the 2-D (dp_replicate, dp_shard) mesh
 
     @property
     def pp_rank(self) -> int:
@@ -115,7 +116,7 @@ def init_distributed(layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContex
     assert coord is not None  # every rank is in the world's mesh
     return DistContext(mesh=mesh, device=device, rank=dist.get_rank(), world_size=world,
                        coords=dict(zip(order, coord)), data_mesh=_data_mesh(mesh, layout),
-                       expert_mesh=expert_mesh(mesh, layout))
+                       expert_mesh=expert_mesh(mesh, layout), hsdp_mesh=hsdp_mesh(mesh, layout))
 
 
 def _data_mesh(mesh: DeviceMesh, layout) -> DeviceMesh:
@@ -136,6 +137,17 @@ def expert_mesh(mesh: DeviceMesh, layout):
         raise ValueError(f"ep={layout.ep} does not divide dp={layout.dp}: the runtime splits "
                          f"experts over the data-parallel group")
     return mesh["dp"]._unflatten(0, (layout.dp // layout.ep, layout.ep), ("edp", "ep"))
+
+
+def hsdp_mesh(mesh: DeviceMesh, layout):
+    """Hybrid sharding's 2-D (dp_replicate, dp_shard) mesh, the dp axis unflattened replicate
+    outer and shard inner (a shard group is dp_shard consecutive dp ranks, as
+    planner/topology.py places it); None without hybrid sharding."""
+    if not 0 < layout.dp_shard < layout.dp:
+        return None
+    split = mesh._unflatten("dp", (layout.dp // layout.dp_shard, layout.dp_shard),
+                            ("dp_replicate", "dp_shard"))
+    return split["dp_replicate", "dp_shard"]
 
 
 def pair_group(ctx: DistContext, pp_a: int, pp_b: int):

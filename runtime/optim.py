@@ -73,6 +73,9 @@ def build_sharded_adamw(named_params: list, dp_group, cfg: OptimConfig) -> Shard
     return ShardedAdamW(named_params, dp_group, group_of, _group_kw(cfg), **_adamw_kw(cfg))
 
 
+HSDP_AXES = ("dp_replicate", "dp_shard")
+
+
 def _sharded_on(p, axis: str) -> bool:
     if not isinstance(p, DTensor) or axis not in (p.device_mesh.mesh_dim_names or ()):
         return False
@@ -84,12 +87,16 @@ def _sharded_on(p, axis: str) -> bool:
 
 def replication(p, ctx, expert: bool = False) -> int:
     """How many ranks of one pipeline stage hold this parameter's gradient values (an
-    expert-parallel expert: those of its expert-data-parallel group, and tp)."""
+    expert-parallel expert: those of its expert-data-parallel group, and tp).  Under hybrid
+    sharding the parameter lives on the (dp_replicate, dp_shard) mesh: its values are held
+    dp / dp_shard times (sharded over dp_shard only)."""
     factor = 1
     joint = _sharded_on(p, "dp_cp")  # FSDP over dp x cp (context parallelism)
-    for axis in ("edp", "tp") if expert else ("dp", "cp", "tp"):
-        if not (_sharded_on(p, axis) or (joint and axis != "tp")):
-            factor *= ctx.size(axis)
+    dp_axes = ("dp_replicate", "dp_shard") if ctx.hsdp_mesh is not None else ("dp", "cp")
+    for axis in (("edp",) if expert else dp_axes) + ("tp",):
+        if not (_sharded_on(p, axis) or (joint and axis in ("dp", "cp"))):
+            factor *= ctx.hsdp_mesh.size(ctx.hsdp_mesh.mesh_dim_names.index(axis)) \
+                if axis in HSDP_AXES else ctx.size(axis)
     return factor
 
 

@@ -122,8 +122,9 @@ def _blocks(part: Transformer) -> list[Any]:
 
 
 def apply_fsdp(part: Transformer, dp_mesh, zero_stage: int, precision: str,
-               expert_mesh=None) -> set:
-    """ZeRO-2: reshard_after_forward=False; ZeRO-3: True (Zhao et al. 2023, FSDP).
+               expert_mesh=None, offload: bool = False) -> set:
+    """ZeRO-2: reshard_after_forward=False; ZeRO-3: True (Zhao et al. 2023, FSDP); `offload`:
+    CPUOffloadPolicy (sharded parameters, gradients and optimizer states in host memory).
 
     Under expert parallelism each MoE block's routed experts are sharded over the expert-data-
     parallel group only (dp / ep ranks hold the same experts; torchtitan's MoE). FSDP divides
@@ -133,6 +134,9 @@ def apply_fsdp(part: Transformer, dp_mesh, zero_stage: int, precision: str,
     does not manage (their gradients are reduced by the engine)."""
     kw: dict[str, Any] = dict(reshard_after_forward=zero_stage == 3,
                               mp_policy=mp_policy(precision))
+    if offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+        kw["offload_policy"] = CPUOffloadPolicy()
     unmanaged: set = set()
     for block in _blocks(part):
         ignored = set()
@@ -176,6 +180,20 @@ def apply_ddp(part: nn.Module, dp_group, ignore: Sequence = ()) -> nn.Module:
                                    gradient_as_bucket_view=True)
 
 
+def check_offload(layout, device_type: str) -> None:
+    """The runtime offloads `params` through FSDP2's CPUOffloadPolicy, which needs an
+    accelerator (RUNTIME_NOTES item 6) and ZeRO-2/3; anything else is refused in one line."""
+    if layout.offload == "none":
+        return
+    if layout.offload != "params" or layout.zero_stage < 2 or layout.dp < 2:
+        raise ValueError(f"offload {layout.offload} with ZeRO-{layout.zero_stage}, "
+                         f"dp={layout.dp}: this runtime offloads params only, with FSDP2 "
+                         f"(ZeRO-2/3, dp > 1)")
+    if device_type != "cuda":
+        raise ValueError("offload params: FSDP2's CPUOffloadPolicy needs a CUDA device; this "
+                         "run is on CPU (re-plan without --offload)")
+
+
 def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=False,
                 fp8_recipe: str = "none") -> str:
     """(FP8 linears,) TP, recompute, (torch.compile per block) and FSDP on a meta-device part;
@@ -184,6 +202,7 @@ def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=F
     if fp8_recipe != "none":  # runtime/fp8.py: checked before any process group
         from runtime.fp8 import apply_fp8
         apply_fp8(part, fp8_recipe, layout.zero_stage if layout.dp > 1 else 0)
+    check_offload(layout, ctx.device.type)
     if layout.tp > 1:
         apply_tp(part, ctx.mesh["tp"], layout.sequence_parallel)
     if layout.ep > 1:
@@ -194,7 +213,11 @@ def parallelize(part: Transformer, layout, precision: str, ctx, compile_blocks=F
             block.compile()  # in place: parameter names are unchanged
     data = layout.dp * layout.cp  # ranks holding other tokens of the batch (dp x cp)
     if data > 1 and layout.zero_stage >= 2:
-        apply_fsdp(part, ctx.data_mesh, layout.zero_stage, precision, ctx.expert_mesh)
+        # hybrid sharding: FSDP2 on the 2-D (replicate, shard) mesh is HSDP (not with cp > 1:
+        # rule cp_hsdp)
+        dp_mesh = ctx.hsdp_mesh if ctx.hsdp_mesh is not None else ctx.data_mesh
+        apply_fsdp(part, dp_mesh, layout.zero_stage, precision, ctx.expert_mesh,
+                   offload=layout.offload == "params")
         return "none"
     if precision != "fp32":
         part.autocast_dtype = DTYPES[precision]

@@ -84,6 +84,8 @@ def test_cp_groups_are_neighbours_inside_dp():
      "cp_comm ring: the torch engine runs allgather only"),
     (dict(), "deepspeed", 65536, "cp=4: the deepspeed engine runs no context parallelism: "
      "DeepSpeed's sequence parallelism (Ulysses"),
+    (dict(tp=2, cp=2, dp=4, num_microbatches=4, zero_stage=2, dp_shard=2), "torch", 65536,
+     "cp=2 with dp_shard=2 < dp=4: ZeRO shards over dp x cp"),
 ])
 def test_rules_name_the_numbers(kw, engine, seq, message):
     lay = Layout(**{**dict(tp=4, cp=4, micro_batch=1, num_microbatches=16), **kw})

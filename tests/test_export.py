@@ -259,6 +259,25 @@ def test_megatron_zero_stages(zero, flags):
     assert got == flags
 
 
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_megatron_hybrid_sharding_is_distributed_optimizer_instances(zero):
+    plan = _dp_only(zero_stage=zero, dp_shard=2 if zero > 1 else 0)
+    if zero == 1:  # the torch engine does not hybrid-shard ZeRO-1; Megatron-LM does
+        plan = dataclasses.replace(
+            plan, job=dataclasses.replace(plan.job, engine="megatron"),
+            layout=dataclasses.replace(plan.layout, dp_shard=2))
+    args = export.megatron_args(plan)
+    i = args.index("--num-distributed-optimizer-instances")
+    assert args[i + 1] == "4"  # dp 8 = 4 replicas x shard groups of 2
+    assert "--num-distributed-optimizer-instances" not in export.megatron_args(
+        _dp_only(zero_stage=zero))
+
+
+def test_deepspeed_refuses_hybrid_sharding_with_the_reason():
+    with pytest.raises(ValueError, match=r"hybrid sharding \(dp_shard=2 of dp=8\).*MiCS"):
+        export.deepspeed_config(_dp_only(zero_stage=3, dp_shard=2))
+
+
 @pytest.mark.parametrize("attention,backend,fusion", [("flash", "flash", True),
                                                       ("fused", "unfused", True),
                                                       ("eager", "unfused", False)])

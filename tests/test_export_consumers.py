@@ -176,6 +176,24 @@ def test_deepspeed_parses_every_config(plan, ds_world):
 
 
 @needs_deepspeed
+@pytest.mark.parametrize("zero,offload,engine", [(1, "optimizer", "deepspeed"),
+                                                 (2, "optimizer", "deepspeed"),
+                                                 (3, "params", "deepspeed"),
+                                                 (3, "params", "torch")])
+def test_deepspeed_reads_the_offload(zero, offload, engine, ds_world):
+    """CPU offload: DeepSpeed's config classes read offload_optimizer (and offload_param)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    plan = _plan(dp=8, zero_stage=zero, offload=offload, engine=engine)
+    ds_world(8)
+    zero_cfg = DeepSpeedConfig(export.deepspeed_config(plan), mpu=_Mpu(8)).zero_config
+    assert zero_cfg.offload_optimizer.device == "cpu" and zero_cfg.offload_optimizer.pin_memory
+    if offload == "params":
+        assert zero_cfg.offload_param.device == "cpu"
+    else:
+        assert zero_cfg.offload_param is None
+
+
+@needs_deepspeed
 def test_deepspeed_batch_check_needs_the_mpu_the_note_names(ds_world):
     """Without an mpu DeepSpeed counts every rank as data parallel: train_batch_size (the
     plan's global batch) then fails its check under TP or PP."""
@@ -356,6 +374,7 @@ MEGATRON_LM_FLAGS = {
     "--bf16": "special", "--fp16": "special", "--attention-backend": "special",
     "--no-masked-softmax-fusion": "special",
     "--use-distributed-optimizer": "ddp", "--use-megatron-fsdp": "ddp",
+    "--num-distributed-optimizer-instances": "ddp", "--optimizer-cpu-offload": "optimizer",
     "--data-parallel-sharding-strategy": "ddp", "--clip-grad": "optimizer", "--lr": "optimizer",
     "--vocab-size": "model", "--max-position-embeddings": "model",
     "--position-embedding-type": "model", "--rotary-base": "model",
@@ -400,6 +419,10 @@ def _megatron_plans() -> list:
     plans.append(_plan(gpus=8, model="gpt3-1.3b", dp=8, precision="fp16", zero_stage=1))
     plans.append(_plan(gpus=8, model="gpt3-1.3b", dp=2, pp=4, precision="fp32",
                        num_microbatches=8))
+    plans.append(_plan(gpus=16, model="llama3-8b", dp=8, tp=2, zero_stage=3, dp_shard=4,
+                       attention="flash", sequence_parallel=True))  # hybrid sharding
+    plans.append(_plan(gpus=8, model="llama3-8b", dp=8, zero_stage=1, offload="optimizer",
+                       engine="megatron"))  # CPU offload of the distributed optimizer
     return plans
 
 
@@ -528,6 +551,9 @@ def test_megatron_core_accepts_every_export(plan):
     if lay.zero_stage >= 2:
         assert ddp.data_parallel_sharding_strategy == \
             ShardingStrategy(lay.zero_stage).name.lower()
+    # hybrid sharding: dp / dp_shard distributed-optimizer instances
+    assert ddp.num_distributed_optimizer_instances == lay.dp_replicate
+    assert opt.optimizer_cpu_offload == (lay.offload == "optimizer")
     assert opt.lr == float(FILL["LR"]) and opt.clip_grad == export.CLIP_NORM
 
 

@@ -8,6 +8,7 @@ from planner.hardware import (
     OUTSIDE_TENSOR_KEYS,
     Cluster,
     HardwareProfile,
+    HostSpec,
     list_profiles,
     load_cluster,
     load_profile,
@@ -148,10 +149,10 @@ def test_nvlink_mesh_nodes_are_small_enough_to_search():
         HardwareProfile.from_dict(data)
 
 
-def test_every_profile_key_is_required_in_schema_3():
+def test_every_profile_key_is_required_in_schema_4():
     data = _profile()
-    assert data["schema_version"] == 3
-    for part in ("gpu", "intra_node", "inter_node"):
+    assert data["schema_version"] == 4
+    for part in ("gpu", "intra_node", "inter_node", "host"):
         for key in list(data[part]):
             if part == "intra_node" and key in ("links", "link_bandwidth_bytes_per_s",
                                                 "fallback_bandwidth_bytes_per_s"):
@@ -177,6 +178,7 @@ def _as_old(profile, version: int) -> dict:
     """A current profile written as a schema 1/2 file: one framework_overhead_bytes."""
     old = json.loads(json.dumps(profile.to_dict()))
     old["schema_version"] = version
+    del old["host"]
     gpu = old["gpu"]
     gpu["framework_overhead_bytes"] = gpu["context_bytes"]
     for key in OUTSIDE_TENSOR_KEYS:
@@ -184,18 +186,31 @@ def _as_old(profile, version: int) -> dict:
     return old
 
 
-def test_schema_1_profiles_still_load_as_schema_3():
+def test_schema_3_profiles_load_without_host_figures():
+    """A schema 3 file has no host section: it loads with every host figure 0 (not known)."""
+    old = json.loads(json.dumps(load_profile("h100-80g").to_dict()))
+    old["schema_version"] = 3
+    del old["host"]
+    loaded = HardwareProfile.from_dict(old)
+    assert loaded.schema_version == 4 and loaded.host == HostSpec() and not loaded.host.known
+    assert loaded.gpu == load_profile("h100-80g").gpu
+    assert load_profile("h100-80g").host.known
+    with pytest.raises(ValueError, match="host.h2d_bandwidth_bytes_per_s must be in"):
+        HostSpec(h2d_bandwidth_bytes_per_s=-1.0)
+
+
+def test_schema_1_profiles_still_load_as_schema_4():
     current = load_profile("cpu")
     old = _as_old(current, 1)
     loaded = HardwareProfile.from_dict(old)  # v1 files may carry the v2 gpu keys too
-    assert loaded.gpu == current.gpu and loaded.schema_version == 3
+    assert loaded.gpu == current.gpu and loaded.schema_version == 4
     for key in ("host_layer_overhead_s", "host_is_device", "shared_cores"):
         del old["gpu"][key]
     loaded = HardwareProfile.from_dict(old)
-    assert loaded.schema_version == 3 and loaded.gpu.host_layer_overhead_s == {}
+    assert loaded.schema_version == 4 and loaded.gpu.host_layer_overhead_s == {}
     assert not loaded.gpu.host_is_device and loaded.gpu.shared_cores == 0
-    with pytest.raises(ValueError, match="schema_version 4 is not supported"):
-        HardwareProfile.from_dict({**current.to_dict(), "schema_version": 4})
+    with pytest.raises(ValueError, match="schema_version 5 is not supported"):
+        HardwareProfile.from_dict({**current.to_dict(), "schema_version": 5})
 
 
 def test_a_schema_2_file_keeps_its_framework_overhead_whole_as_the_context():
@@ -205,7 +220,7 @@ def test_a_schema_2_file_keeps_its_framework_overhead_whole_as_the_context():
     assert old["schema_version"] == 2 and old["gpu"]["framework_overhead_bytes"] == 2**31
     loaded = load_profile(str(SCHEMA_2_FILE))
     gpu = loaded.gpu
-    assert loaded.schema_version == 3 and gpu.context_bytes == 2**31
+    assert loaded.schema_version == 4 and gpu.context_bytes == 2**31
     assert (gpu.blas_workspace_bytes, gpu.comm_buffer_bytes_per_group,
             gpu.comm_buffer_bytes_per_peer, gpu.allocator_fragmentation) == (0, 0, 0, 0.0)
     assert "not itemised" in loaded.sources["gpu.context_bytes"]

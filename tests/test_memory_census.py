@@ -23,6 +23,7 @@ TIED = dataclasses.replace(MODEL_PRESETS["tiny-gpt"], max_seq_len=SEQ_LEN, dropo
 WORLD_4 = {
     "dp4": (SPEC, L(dp=4, micro_batch=2, num_microbatches=1)),
     "dp2-tp2": (SPEC, L(dp=2, tp=2, micro_batch=2, num_microbatches=1)),
+    "dp4-hsdp2": (SPEC, L(dp=4, dp_shard=2, zero_stage=3, micro_batch=2, num_microbatches=1)),
     "dp2-pp2-tied": (TIED, L(dp=2, pp=2, micro_batch=2, num_microbatches=4)),
     "pp4-interleaved": (SPEC, L(pp=4, micro_batch=1, num_microbatches=4,
                                 schedule="interleaved_1f1b", virtual_stages=2)),
@@ -70,7 +71,7 @@ def _planned(plan, pp_rank: int) -> tuple:
     return process_groups(named["spec"], dp=plan.layout.dp, tp=plan.layout.tp,
                           pp=plan.layout.pp, virtual_stages=plan.layout.virtual_stages,
                           schedule=plan.layout.schedule, holds_embedding=named["holds_embedding"],
-                          holds_head=named["holds_head"])
+                          holds_head=named["holds_head"], dp_shard=plan.layout.dp_shard)
 
 
 @pytest.mark.parametrize("name", list(WORLD_4))

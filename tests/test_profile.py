@@ -99,6 +99,11 @@ def test_planner_profile_on_cpu_writes_a_loadable_profile(tmp_path):
     assert set(gpu.host_layer_overhead_s) == {"1", "2"}
     # a DTensor layer costs the host more than a plain one
     assert sum(gpu.host_layer_s(2)) > sum(gpu.host_layer_s(1)) > 0
+    # the host terms of CPU offload (on CPU the host-to-device copy is a memcpy)
+    assert "[host] " in run.stderr and "memcpy" in run.stderr
+    host = profile.host
+    assert host.known and host.memory_bytes_per_node > 2**30
+    assert "memcpy" in profile.sources["host.h2d_bandwidth_bytes_per_s"]
 
 
 def test_single_rank_profile_keeps_the_base_fabric():
@@ -173,6 +178,22 @@ def test_missing_measurement_keys_are_refused(tmp_path):
     path.write_text(json.dumps(_measurements(gemms=[])))
     with pytest.raises(ValueError, match="at least 2 GEMM"):
         ProfileMeasurements.load(path)
+
+
+def test_measured_host_terms_replace_the_base_ones_with_their_method():
+    measured = {"memory_bytes_per_node": 2**40, "h2d_bandwidth_bytes_per_s": 51e9,
+                "cpu_adam_params_per_s": 3e9}
+    m = ProfileMeasurements.from_dict(_measurements(host_offload=measured))
+    assert ProfileMeasurements.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+    profile = profile_from_measurements(load_profile("h100-80g"), m, "ours")
+    assert (profile.host.memory_bytes_per_node, profile.host.h2d_bandwidth_bytes_per_s,
+            profile.host.cpu_adam_params_per_s) == (2**40, 51e9, 3e9)
+    assert "AdamW" in profile.sources["host.cpu_adam_params_per_s"]
+    old = ProfileMeasurements.from_dict(_measurements())
+    assert profile_from_measurements(load_profile("h100-80g"), old, "ours").host == \
+        load_profile("h100-80g").host
+    with pytest.raises(ValueError, match="host_offload key"):
+        ProfileMeasurements.from_dict(_measurements(host_offload={"nvme_bytes": 1}))
 
 
 def test_measured_outside_tensor_items_replace_the_base_ones_with_their_method():

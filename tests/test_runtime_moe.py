@@ -334,7 +334,16 @@ def test_moe_names_shapes_and_count_equal_planner(key):
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("key", sorted(INVENTORY))
 def test_moe_local_shapes_under_tp_and_ep_equal_planner(key, tp):
-    """Every tp rank's placements after apply_tp, every ep rank's experts after apply_ep."""
+    """Every tp rank's placements after apply_tp, every ep rank's experts after apply_ep.  In a
+    spawned process: the fake process groups leave state in this one that made later forked
+    TP worlds train differently (test_runtime_parity's tp2 case, when run after this)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_check_local_shapes, key, tp).result()
+
+
+def _check_local_shapes(key, tp):
     from test_param_names import fake_tp_mesh, planner_tensors, tp_placements
 
     from runtime.parallelize import apply_ep, apply_tp

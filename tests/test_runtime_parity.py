@@ -75,6 +75,14 @@ CASES = {
     "recompute-full-every4-pp2-interleaved": L(pp=2, micro_batch=2, num_microbatches=4,
                                                schedule="interleaved_1f1b", virtual_stages=2,
                                                recompute="full", recompute_every=4),
+    # hybrid sharding (FSDP2 on the 2-D (dp_replicate, dp_shard) mesh)
+    "hsdp-zero3-dp4-shard2": L(dp=4, dp_shard=2, micro_batch=2, zero_stage=3),
+    "hsdp-zero2-dp4-shard2-accum": L(dp=4, dp_shard=2, micro_batch=1, num_microbatches=2,
+                                     zero_stage=2),
+    "hsdp-tp2xdp4-shard2-zero3-sp": L(dp=4, tp=2, dp_shard=2, micro_batch=2, zero_stage=3,
+                                      sequence_parallel=True),
+    "hsdp-pp2xdp4-shard2-zero2": L(pp=2, dp=4, dp_shard=2, micro_batch=1, num_microbatches=2,
+                                   zero_stage=2),
 }
 GPT_CASES = {
     "gpt-tied-pp2": L(pp=2, micro_batch=2, num_microbatches=4),

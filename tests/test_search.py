@@ -107,23 +107,25 @@ def test_memory_verdict_with_limit_is_exact(space):
 
 
 def _brute_force(model, cluster, job):
-    """Every distinct valid layout by plain loops over the fields (the definition)."""
+    """Every distinct valid layout by plain loops over the fields (the definition); dp_shard = dp
+    is the same layout as dp_shard 0 (the whole dp group), so only 0 stands for it."""
     world, L = cluster.world_size, model.num_layers
     found = set()
     for tp, pp in itertools.product(range(1, world + 1), repeat=2):
         if world % (tp * pp):
             continue
         dp = world // (tp * pp)
-        for mb, sp, zero, rc, every, sched, v in itertools.product(
+        for mb, sp, zero, rc, every, sched, v, shard in itertools.product(
                 range(1, job.global_batch + 1), (False, True), range(4), RECOMPUTE,
-                RECOMPUTE_EVERY_CHOICES, SCHEDULES, range(1, L + 1)):
+                RECOMPUTE_EVERY_CHOICES, SCHEDULES, range(1, L + 1), [0, *range(1, dp)]):
             if job.global_batch % (dp * mb) or (sp and tp == 1) or (zero and dp == 1):
                 continue
             if pp == 1 and sched != "1f1b" or sched in INTERLEAVED and L % (pp * v):
                 continue
             lay = Layout(dp=dp, tp=tp, pp=pp, sequence_parallel=sp, zero_stage=zero,
                          micro_batch=mb, num_microbatches=job.global_batch // (dp * mb),
-                         schedule=sched, virtual_stages=v, recompute=rc, recompute_every=every)
+                         schedule=sched, virtual_stages=v, recompute=rc, recompute_every=every,
+                         dp_shard=shard)
             if not layout_errors(model, cluster, job, lay):
                 found.add(lay)
     return found

@@ -273,6 +273,18 @@ def _build(base, m, name, peak, gemm, intra, report) -> HardwareProfile:
     if gpu.kernel_overhead_s != base.gpu.kernel_overhead_s:
         sources["gpu.kernel_overhead_s"] = "0: on CPU ranks it is part of host_layer_overhead_s"
     gpn = m.ranks if m.ranks > 1 else base.gpus_per_node
+    host = dataclasses.replace(base.host, **{k: (int(v) if k == "memory_bytes_per_node"
+                                                 else float(v))
+                                             for k, v in m.host_offload.items()})
+    for key in m.host_offload:
+        sources[f"host.{key}"] = f"{note}: {HOST_HOW[key]}"
     return dataclasses.replace(base, name=name, gpus_per_node=gpn, gpu=gpu,
-                               intra_node=intra, sources=sources,
+                               intra_node=intra, sources=sources, host=host,
                                description=f"{base.description} — {note}")
+
+
+HOST_HOW = {"memory_bytes_per_node": "physical memory (SC_PHYS_PAGES x SC_PAGE_SIZE)",
+            "h2d_bandwidth_bytes_per_s": "pinned host-to-device copy of 256 MiB (on CPU ranks a "
+                                         "memcpy: host and device are one memory)",
+            "cpu_adam_params_per_s": "torch.optim.AdamW (foreach) on fp32 CPU parameters, "
+                                     "every core of the host"}

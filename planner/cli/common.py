@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from planner import limits
-from planner.engines import CP_COMMS, RECOMPUTE, SCHEDULES, engine
+from planner.engines import CP_COMMS, OFFLOADS, RECOMPUTE, SCHEDULES, engine
 from planner.hardware import load_cluster, with_gpus
 from planner.job import (ATTENTION, DEFAULT_MOE_IMBALANCE, FP8_RECIPES, MAX_LABELS,
                          MAX_MOE_IMBALANCE, PRECISIONS, TASKS, Job)
@@ -123,6 +123,16 @@ def add_recompute(parser, search: bool) -> None:
                                                   else " (default 1)"))
 
 
+def add_dp_shard(parser, search: bool) -> None:
+    """--dp-shard: hybrid sharding's shard group (the rest of dp replicates)."""
+    parser.add_argument("--dp-shard", type=bounded_int(0, limits.MAX_DEGREE),
+                        default=None if search else 0,
+                        help="hybrid sharding: ZeRO shards over groups of S consecutive dp "
+                             "ranks and replicates across dp/S groups; 0 = all of dp" +
+                             (" (default: search the shard groups)" if search
+                              else " (default 0)"))
+
+
 def add_layout(parser) -> None:
     degree = bounded_int(1, limits.MAX_DEGREE)
     parser.add_argument("--dp", type=degree, default=1, help="data-parallel degree")
@@ -142,6 +152,10 @@ def add_layout(parser) -> None:
                              "(dp x this))")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs tp > 1)")
     parser.add_argument("--zero", type=bounded_int(0, 3), default=0, help="ZeRO stage 0-3")
+    add_dp_shard(parser, search=False)
+    parser.add_argument("--offload", choices=OFFLOADS, default="none",
+                        help="CPU offload: the optimizer states (ZeRO-Offload) or also the "
+                             "parameters, into host memory (default none)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b",
                         help="pipeline schedule (with pp > 1)")
     parser.add_argument("--virtual-stages", type=bounded_int(1, limits.MAX_LAYERS), default=1,
@@ -171,7 +185,8 @@ FLAGS = {"model": "--model", "cluster": "--cluster", "nodes": "--nodes",
          "cp": "--cp", "cp_comm": "--cp-comm",
          "fp8_recipe": "--fp8-recipe", "ep": "--ep", "etp": "--etp",
          "moe_imbalance": "--moe-imbalance",
-         "task": "--task", "lora_rank": "--lora-rank", "lora_targets": "--lora-targets"}
+         "task": "--task", "lora_rank": "--lora-rank", "lora_targets": "--lora-targets",
+         "dp_shard": "--dp-shard", "offload": "--offload"}
 # planner.rules key -> the flags (dests) whose values that rule read
 RULE_FLAGS = {"world": ("dp", "tp", "pp", "cp", "gpus"), "cp_seq": ("cp", "seq_len"),
               "cp_comm_off": ("cp_comm", "cp"), "cp_a2a_heads": ("cp_comm", "cp", "tp"),
@@ -204,7 +219,12 @@ RULE_FLAGS = {"world": ("dp", "tp", "pp", "cp", "gpus"), "cp_seq": ("cp", "seq_l
               "ep_experts": ("ep", "model"), "etp_ffn": ("etp", "model"),
               "ep_group": ("ep", "etp", "tp", "dp"), "ep_engine": ("ep", "engine"),
               "etp_engine": ("etp", "engine"), "ep_dp": ("ep", "dp", "engine"),
-              "ep_sp": ("ep", "tp", "sp", "engine")}
+              "ep_sp": ("ep", "tp", "sp", "engine"),
+              "dp_shard_divides": ("dp_shard", "dp"), "dp_shard_one": ("dp_shard",),
+              "dp_shard_zero": ("dp_shard", "zero"),
+              "dp_shard_engine": ("dp_shard", "zero", "engine"),
+              "offload_engine": ("offload", "zero", "engine"),
+              "offload_host": ("offload", "cluster")}
 
 
 def is_default(args, dest: str) -> bool:
@@ -302,7 +322,7 @@ def build_plan(args) -> Plan:
                     recompute_every=args.recompute_every,
                     mesh_order=tuple(a.strip() for a in args.mesh_order.split(",")),
                     compile=args.compile, cp=args.cp, cp_comm=args.cp_comm, ep=args.ep,
-                    etp=args.etp)
+                    etp=args.etp, dp_shard=args.dp_shard, offload=args.offload)
     try:
         return Plan(model=model, cluster=cluster, job=job, layout=layout)
     except ValueError as exc:

@@ -1,9 +1,9 @@
 """`planner suggest`: search every valid layout, rank, explain, write the chosen plan."""
 
 from planner import limits
-from planner.cli.common import (add_compile, add_gpus, add_inputs, add_recompute, add_trace,
-                                bounded_float, bounded_int, build_inputs, check_output,
-                                print_json, save_plan, traced_context)
+from planner.cli.common import (add_compile, add_dp_shard, add_gpus, add_inputs, add_recompute,
+                                add_trace, bounded_float, bounded_int, build_inputs,
+                                check_output, print_json, save_plan, traced_context)
 
 # = planner.search.ranking.OBJECTIVES (tests/test_imports.py checks); not imported from there:
 # that module loads the search and the cost model, which building the parser must not
@@ -14,6 +14,10 @@ def add_parser(sub):
     p = sub.add_parser("suggest", help="search every layout and rank the ones that fit")
     add_inputs(p)
     add_recompute(p, search=True)
+    add_dp_shard(p, search=True)
+    p.add_argument("--offload", choices=("none", "optimizer", "params", "any"), default="none",
+                   help="CPU offload to plan with; any: search the offloads the engine runs "
+                        "(default none; the nothing-fits advice tries them)")
     plans = bounded_int(1, limits.MAX_RANKED_PLANS)
     add_gpus(p)
     p.add_argument("--top", type=plans, default=10, help="plans to show (default 10)")
@@ -44,7 +48,9 @@ def _options(args):
                          allow_fewer_gpus=args.allow_fewer_gpus,
                          target_tokens_per_s=args.target_tokens_per_s,
                          token_budget=args.token_budget, compile=args.compile,
-                         recompute=args.recompute, recompute_every=args.recompute_every)
+                         recompute=args.recompute, recompute_every=args.recompute_every,
+                         dp_shard=args.dp_shard,
+                         offload=None if args.offload == "any" else args.offload)
 
 
 def run(args) -> int:

@@ -38,8 +38,8 @@ def tp_pattern_for(mlp: str, sp: bool, engine_name: str) -> tuple:
     return forward, ([("all_gather", 2)] if sp else []) + [("all_reduce", colwise)]
 
 
-def _mesh(mesh_order, dp, tp, pp, cp=1) -> Mesh:
-    return Mesh(mesh_order=tuple(mesh_order), dp=dp, tp=tp, pp=pp, cp=cp)
+def _mesh(mesh_order, dp, tp, pp, cp=1, dp_shard=0) -> Mesh:
+    return Mesh(mesh_order=tuple(mesh_order), dp=dp, tp=tp, pp=pp, cp=cp, dp_shard=dp_shard)
 
 
 def _tp_collectives(profile, spec, job, mesh: Mesh, micro_batch: int, pattern: list) -> list:
@@ -129,7 +129,7 @@ def pp_p2p_per_microbatch(profile, spec, job, *, mesh_order, dp, tp, pp, sequenc
 
 def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_microbatches,
                    rank_layers, holds_embedding, holds_head, tied_copy, cp=1, rank_moe_layers=0,
-                   ep=1, etp=1) -> list:
+                   ep=1, etp=1, dp_shard=0) -> list:
     """Gradient synchronisation and parameter gathers of one step on one pipeline rank.
 
     ZeRO-0: all-reduce of the gradients; ZeRO-1: the same plus an all-gather of the updated
@@ -142,16 +142,46 @@ def dp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, nu
     ranks of a sequence hold gradients of different tokens, and FSDP shards over them too
     (torchtitan's dp_shard_cp mesh).  LoRA: gradients and optimizer shards exist for the
     trainable tensors only (`numel`); ZeRO-2/3 still gather every parameter (`all_numel`).
-    The experts of MoE layers are not here (planner.cost.moe.expert_grad_sync_seconds)."""
+    The experts of MoE layers are not here (planner.cost.moe.expert_grad_sync_seconds).
+    Hybrid sharding (0 < dp_shard < dp) runs the reduce-scatters and gathers within the shard
+    group and, after every reduce-scatter, all-reduces its 1/dp_shard output across the
+    dp / dp_shard replicas (hybrid_all_reduce; not with cp > 1: rule cp_hsdp)."""
     if dp * cp == 1:
         return []
+    hybrid = 0 < dp_shard < dp
+    mesh = _mesh(mesh_order, dp, tp, pp, cp, dp_shard)
+    link = axis_link(profile, mesh, "dp_shard" if hybrid else "dp_cp" if cp > 1 else "dp")
+    link = replace(link, axis="dp") if cp > 1 else link
+    colls = _dp_sync(profile, spec, job, link,
+                     zero_stage=zero_stage, pp=pp, num_microbatches=num_microbatches, tp=tp,
+                     pieces=(rank_layers, holds_embedding, holds_head, tied_copy),
+                     experts=(rank_moe_layers, ep, etp))
+    if hybrid:
+        colls.append(hybrid_all_reduce(colls[0], axis_link(profile, mesh, "dp_replicate"),
+                                       dp_shard))
+    return colls
+
+
+def hybrid_all_reduce(reduce_scatter, link, dp_shard: int):
+    """HSDP's replica all-reduce: FSDP2 (_fsdp_collectives.foreach_reduce: all_reduce over the
+    replicate group of the reduce-scatter output) and Megatron's distributed optimizer instances
+    (param_and_grad_buffer: inter-instance all-reduce of the reduce-scattered bucket) both
+    all-reduce the rank's 1/dp_shard gradient shard, once per reduce-scatter."""
+    return make_collective("dp_replicate_all_reduce", "all_reduce", link, reduce_scatter.count,
+                           reduce_scatter.bytes_each / dp_shard)
+
+
+def _dp_sync(profile, spec, job, link, *, zero_stage, pp, num_microbatches, tp,
+             pieces, experts=(0, 1, 1)) -> list:
+    """The collectives of dp_collectives over one group's link (dp, or the shard group);
+    `experts`: (MoE layers of the rank, ep, etp)."""
     eng = engine(job.engine)
-    link = axis_link(profile, _mesh(mesh_order, dp, tp, pp, cp), "dp_cp" if cp > 1 else "dp")
-    link = replace(link, axis="dp")
+    rank_layers, holds_embedding, holds_head, tied_copy = pieces
+    rank_moe_layers, ep, etp = experts
     inv = job if job.task == "classify" or job.lora is not None else None
-    pieces = (rank_layers, holds_embedding, holds_head, tied_copy)
-    numel = _local_numel(spec, tp, *pieces, inv, trainable_only=True)
-    all_numel = _local_numel(spec, tp, *pieces, inv)
+    numel = _local_numel(spec, tp, rank_layers, holds_embedding, holds_head, tied_copy, inv,
+                         trainable_only=True)
+    all_numel = _local_numel(spec, tp, rank_layers, holds_embedding, holds_head, tied_copy, inv)
     if rank_moe_layers:  # MoE layers: router and shared experts instead of the dense MLP; the
         #                  experts sync over expert-dp (planner/cost/moe.py)
         from planner.cost.moe import moe_layer_numels

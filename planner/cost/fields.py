@@ -13,7 +13,8 @@ from planner.cost.pipeline import rank_facts, rank_recomputed_layers
 
 LAYOUT_FIELDS = ("dp", "tp", "pp", "sequence_parallel", "zero_stage", "micro_batch",
                  "num_microbatches", "schedule", "virtual_stages", "recompute", "recompute_every",
-                 "mesh_order", "layers_per_stage", "compile", "cp", "cp_comm", "ep", "etp")
+                 "mesh_order", "layers_per_stage", "compile", "cp", "cp_comm", "ep", "etp",
+                 "dp_shard", "offload")
 
 
 @cache

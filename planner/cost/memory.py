@@ -35,6 +35,7 @@ from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_
 from planner.cost.outside import OUTSIDE_TERMS, collective_groups, outside_parts, pipeline_peers
 from planner.cost.params import _local_numel, block_params_local, chunk_size, pieces_tensors
 from planner.cost.pipeline import head_inflight, inflight_chunks
+from planner.cost import offload as offload_cost
 from planner.engines import SHARDED_GRAD_STAGES, deferred_fsdp, engine
 from planner.lora import NF4_BITS_PER_WEIGHT
 from planner.units import ADAM_STATE_BYTES_FP32, ADAM_STATE_BYTES_MIXED, dtype_bytes
@@ -69,6 +70,13 @@ class MemoryBreakdown:
     activation_bytes_per_microbatch: float
     inflight_microbatches: float
     capacity_bytes: float
+    host_bytes_per_node: float = 0.0   # CPU offload: the node's ranks' states in host memory
+    host_capacity_bytes: float = 0.0   # the profile's host memory per node
+
+    @property
+    def host_fits(self) -> bool:
+        return self.host_bytes_per_node <= self.host_capacity_bytes or \
+            self.host_bytes_per_node == 0
 
     @property
     def tensor_bytes(self) -> float:
@@ -87,13 +95,18 @@ class MemoryBreakdown:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.capacity_bytes
+        """GPU memory and, under CPU offload, the node's host memory."""
+        return self.total_bytes <= self.capacity_bytes and self.host_fits
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["framework_bytes"] = self.framework_bytes
         d["total_bytes"] = self.total_bytes
         d["fits"] = self.fits
+        if not self.host_bytes_per_node:  # no offload: the keys of plans without it
+            del d["host_bytes_per_node"], d["host_capacity_bytes"]
+        else:
+            d["host_fits"] = self.host_fits
         return d
 
 
@@ -189,10 +202,38 @@ def _inventory_job(job):
 
 
 def model_states(spec, job, *, tp, dp, pp, zero_stage, rank_layers, holds_embedding,
-                 holds_head, tied_copy, dp_rank=0, tp_rank=0, cp=1) -> tuple:
+                 holds_head, tied_copy, dp_rank=0, tp_rank=0, cp=1, dp_shard=0,
+                 offload="none") -> tuple:
+    """(weights, gradients, optimizer) bytes on one rank's GPU: the states (rank_states) less
+    what CPU offload keeps on the host (planner/cost/offload.py)."""
+    states = rank_states(spec, job, tp=tp, dp=dp, pp=pp, zero_stage=zero_stage,
+                         rank_layers=rank_layers, holds_embedding=holds_embedding,
+                         holds_head=holds_head, tied_copy=tied_copy, dp_rank=dp_rank,
+                         tp_rank=tp_rank, cp=cp, dp_shard=dp_shard)
+    numel = offload_cost.optimizer_numel(job, zero_stage=zero_stage, optimizer_bytes=states[2])
+    return offload_cost.split(states, job, offload=offload, optimizer_numel=numel)[0]
+
+
+def host_states(spec, job, *, tp, dp, pp, zero_stage, rank_layers, holds_embedding, holds_head,
+                tied_copy, cp=1, dp_shard=0, offload="none") -> float:
+    """Bytes one rank keeps in host memory under CPU offload (0 without)."""
+    if offload == "none":
+        return 0.0
+    states = rank_states(spec, job, tp=tp, dp=dp, pp=pp, zero_stage=zero_stage,
+                         rank_layers=rank_layers, holds_embedding=holds_embedding,
+                         holds_head=holds_head, tied_copy=tied_copy, cp=cp, dp_shard=dp_shard)
+    numel = offload_cost.optimizer_numel(job, zero_stage=zero_stage, optimizer_bytes=states[2])
+    return offload_cost.split(states, job, offload=offload, optimizer_numel=numel)[1]
+
+
+def rank_states(spec, job, *, tp, dp, pp, zero_stage, rank_layers, holds_embedding,
+                holds_head, tied_copy, dp_rank=0, tp_rank=0, cp=1, dp_shard=0) -> tuple:
     """(weights, gradients, optimizer) bytes of one rank (dp rank 0 / tp rank 0 hold the
-    largest shards).  ZeRO/FSDP shard over dp x cp (torchtitan's dp_shard_cp mesh)."""
-    dp = dp * cp
+    largest shards).  ZeRO/FSDP shard over dp x cp (torchtitan's dp_shard_cp mesh).  Hybrid
+    sharding shards over the dp_shard ranks of a shard group (every replica holds the same
+    shards), so the states are those of dp = dp_shard at the rank's place in its group (dp rank
+    = replica x dp_shard + place: planner/topology.py; not with cp > 1: rule cp_hsdp)."""
+    dp, dp_rank = (dp_shard, dp_rank % dp_shard) if 0 < dp_shard < dp else (dp * cp, dp_rank)
     pieces = (int(rank_layers), bool(holds_embedding), bool(holds_head), bool(tied_copy))
     states: ds.DeepSpeedStates | ModelStateBytes
     if engine(job.engine).deepspeed_optimizers:
@@ -324,6 +365,7 @@ def rank_memory_parts(evaluate) -> dict:
         transient_bytes=parts["activations"] + parts["gathered"] + parts["comm_buffers"]))
     parts["total"] = rank_total_bytes(**parts)
     parts["communicators"], parts["peers"] = evaluate(collective_groups), evaluate(pipeline_peers)
+    parts["host"] = evaluate(host_states)
     parts["one_microbatch"] = activation_peak(inflight=1, rank_chunks=1, head_inflight=1,
                                               **facts) + moe_layer_acts
     return parts
@@ -345,7 +387,12 @@ def rank_memory(plan, pp_rank: int,
         num_communicators=int(p["communicators"]), num_pipeline_peers=int(p["peers"]),
         activation_bytes_per_microbatch=p["one_microbatch"],
         inflight_microbatches=p["activations"] / p["one_microbatch"]
-        if p["one_microbatch"] else 0.0, capacity_bytes=plan.cluster.profile.gpu.memory_bytes)
+        if p["one_microbatch"] else 0.0, capacity_bytes=plan.cluster.profile.gpu.memory_bytes,
+        # every rank of a node offloads into its host memory: the node's ranks (at most
+        # gpus_per_node) times this rank's bytes (an upper bound where a node mixes stages)
+        host_bytes_per_node=p["host"] * min(plan.cluster.world_size,
+                                            plan.cluster.profile.gpus_per_node),
+        host_capacity_bytes=float(plan.cluster.profile.host.memory_bytes_per_node))
 
 
 def rank_model_state(plan, pp_rank: int, dp_rank: int = 0, tp_rank: int = 0) -> ModelStateBytes:

@@ -18,18 +18,22 @@ P2P_COMMUNICATORS_PER_PEER = 2
 
 
 def process_groups(spec, *, dp, tp, pp, virtual_stages, schedule, holds_embedding,
-                   holds_head, cp=1) -> tuple:
+                   holds_head, cp=1, dp_shard=0) -> tuple:
     """Names of the process groups of >= 2 ranks this rank is in, as the runtime creates them:
     the default group (init_process_group; the loss and gradient-norm all-reduces use it), one
     DeviceMesh group per axis of size > 1 (init_device_mesh; an axis spanning the whole world
     reuses the default group, torch/distributed/device_mesh.py), and the tied-embedding pair
-    (runtime/mesh.py pair_group) on the two ranks holding the embedding and the output layer."""
+    (runtime/mesh.py pair_group) on the two ranks holding the embedding and the output layer.
+    Hybrid sharding unflattens the dp axis into dp_replicate x dp_shard (DeviceMesh._unflatten:
+    one group per new axis; runtime/mesh.py hsdp_mesh)."""
     world = dp * tp * pp * cp
     names = ["world"] if world > 1 else []
     names += [axis for axis, size in (("dp", dp), ("tp", tp), ("pp", pp), ("cp", cp))
               if 1 < size < world]
     if cp > 1 and 1 < dp * cp < world:
         names.append("dp_cp")  # the flattened group FSDP shards and reduces over
+    if 0 < dp_shard < dp:
+        names += ["dp_replicate"] + (["dp_shard"] if dp_shard > 1 else [])
     tied_apart = spec.tie_embeddings and pp * virtual_stages > 1 and chunk_rank(
         0, pp=pp, schedule=schedule) != chunk_rank(pp * virtual_stages - 1, pp=pp,
                                                   schedule=schedule)
@@ -39,12 +43,13 @@ def process_groups(spec, *, dp, tp, pp, virtual_stages, schedule, holds_embeddin
 
 
 def collective_groups(spec, *, dp, tp, pp, virtual_stages, schedule, holds_embedding,
-                      holds_head, cp=1) -> int:
+                      holds_head, cp=1, dp_shard=0) -> int:
     """Communicators that run collectives on this rank (ring buffers): every group above but the
-    pipeline group, which only carries sends (NCCL connects lazily, per algorithm used)."""
+    pipeline group, which only carries sends (NCCL connects lazily, per algorithm used); under
+    hybrid sharding the dp group still all-reduces the label count (runtime/engine.py)."""
     names = process_groups(spec, dp=dp, tp=tp, pp=pp, virtual_stages=virtual_stages,
                            schedule=schedule, holds_embedding=holds_embedding,
-                           holds_head=holds_head, cp=cp)
+                           holds_head=holds_head, cp=cp, dp_shard=dp_shard)
     return len([n for n in names if n != "pp"])
 
 

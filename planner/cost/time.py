@@ -24,6 +24,7 @@ from planner.cost.compute import (head_times, layer_times, op_policy_recompute_s
 from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of,
                                  recomputed_layers_of, unpack)
 from planner.cost.flops import recomputed_layer_count
+from planner.cost.offload import offload_seconds
 from planner.engines import (SHARDED_GRAD_STAGES, ZERO_BUBBLE, deferred_fsdp, dp_overlapped,
                              engine)
 
@@ -152,20 +153,23 @@ def pp_comm_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, sequence_para
 
 def dp_seconds(profile, spec, job, *, mesh_order, dp, tp, pp, zero_stage, num_microbatches,
                rank_layers, holds_embedding, holds_head, tied_copy, cp=1, rank_moe_layers=0,
-               ep=1, etp=1) -> tuple:
+               ep=1, etp=1, dp_shard=0) -> tuple:
     """(all data-parallel seconds of the step, the gradient sync's, one FSDP group's parameter
-    gather) on one pipeline rank; an MoE model's expert gradients sync over expert-dp."""
+    gather) on one pipeline rank; an MoE model's expert gradients sync over expert-dp; hybrid
+    sharding's replica all-reduce follows each reduce-scatter, so it counts in the gradient
+    sync."""
     moe_args = {"rank_moe_layers": int(rank_moe_layers), "ep": ep, "etp": etp}
     colls = dp_collectives(profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
                            zero_stage=zero_stage, num_microbatches=num_microbatches,
                            rank_layers=int(rank_layers), holds_embedding=bool(holds_embedding),
                            holds_head=bool(holds_head), tied_copy=bool(tied_copy), cp=cp,
-                           **moe_args)
+                           dp_shard=int(dp_shard), **moe_args)
     experts = moe.expert_grad_sync_seconds(profile, spec, job, mesh_order=mesh_order, dp=dp,
                                            tp=tp, pp=pp, zero_stage=zero_stage, **moe_args)
     gather = colls[1].time_each_s if zero_stage in SHARDED_GRAD_STAGES and colls else 0.0
-    return (sum(c.time_s for c in colls) + experts,
-            (colls[0].time_s if colls else 0.0) + experts, gather)
+    sync = colls[0].time_s + sum(c.time_s for c in colls if c.axis == "dp_replicate") \
+        if colls else 0.0
+    return sum(c.time_s for c in colls) + experts, sync + experts, gather
 
 
 def optimizer_seconds(gpu, job, *, tp, zero_stage, optimizer_bytes) -> float:
@@ -234,7 +238,8 @@ def rank_time_parts(evaluate, optimizer_bytes) -> RankTime:
                                            moe_layers=moe_layers),
                     dp_total_s=total,
                     grad_sync_s=sync, first_gather_s=gather,
-                    optimizer_s=optimizer_bytes * evaluate(optimizer_seconds_per_byte))
+                    optimizer_s=optimizer_bytes * evaluate(optimizer_seconds_per_byte)
+                    + evaluate(offload_seconds))
 
 
 def model_recomputed_layers(spec, *, recompute, recompute_every) -> int:

@@ -15,7 +15,8 @@ LAYOUT_FIELDS = [("dp", "dp"), ("tp", "tp"), ("pp", "pp"), ("cp", "cp"), ("cp_co
                  ("ep", "ep"), ("etp", "etp"),
                  ("sequence_parallel", "SP"),
                  ("zero_stage", "ZeRO"), ("micro_batch", "micro-batch"), ("recompute", "recompute"),
-                 ("recompute_every", "recompute every")]
+                 ("recompute_every", "recompute every"), ("dp_shard", "dp shard"),
+                 ("offload", "offload")]
 def recompute_name(lay) -> str:
     """'op', or 'op/2' for the policy on every 2nd block."""
     return lay.recompute + (f"/{lay.recompute_every}" if lay.recompute_every > 1 else "")
@@ -85,8 +86,15 @@ def ranked_rows(result) -> list:
         row.update({"SP": "y" if lay.sequence_parallel else "-", "ZeRO": lay.zero_stage,
                     "micro-batch": f"{lay.micro_batch}x{lay.num_microbatches}",
                     "schedule": schedule_name(lay), "recompute": recompute_name(lay),
-                    "mem/GPU GiB": round(c.total_bytes / 2**30, 1), "step s": round(c.step_s, 3),
+                    "mem/GPU GiB": round(c.total_bytes / 2**30, 1),
+                    "step s": round(c.step_s, 3),
                     "tokens/s": round(c.tokens_per_s), "MFU %": round(100 * c.mfu, 1)})
+        # hybrid sharding and CPU offload: columns only where a ranked plan uses them
+        if any(x.layout.dp_shard for x in result.ranked):
+            row["shard"] = lay.dp_shard or "-"
+        if any(x.layout.offload != "none" for x in result.ranked):
+            row["offload"] = lay.offload
+            row["host GiB/node"] = round(c.estimate.memory.host_bytes_per_node / 2**30, 1)
         if budget:
             row["days"] = round(budget / c.tokens_per_s / 86400, 2)
             row["GPU-hours"] = round(budget / c.tokens_per_s / 3600 * c.num_gpus)

@@ -1,6 +1,6 @@
 """When nothing fits, say what would - each line from a real re-run of the search or the
-estimate with one setting relaxed (more nodes, full recompute, smaller micro-batch, less
-headroom, a GPU with more memory), never from a guess."""
+estimate with one setting relaxed (more nodes, full recompute, smaller micro-batch, CPU offload,
+less headroom, a GPU with more memory), never from a guess."""
 
 import dataclasses
 
@@ -63,6 +63,27 @@ def bigger_gpus(result, search_fn) -> list:
     return out
 
 
+def offload_line(result, search_fn):
+    """The best plan when the search may also offload to host memory, with its throughput
+    against the same layout without offload (which does not fit); None where nothing does or
+    offload was already searched."""
+    if result.options.offload is None or not result.cluster.profile.host.known:
+        return None
+    found = search_fn(result.model, result.cluster, result.job,
+                      dataclasses.replace(result.options, top=1, offload=None))
+    if not found.ranked or found.ranked[0].layout.offload == "none":
+        return None
+    best = found.ranked[0]
+    plain = _variant(result, best, offload="none")
+    delta = f" at {100 * (best.tokens_per_s / plain.tokens_per_s - 1):+.0f}% throughput " \
+        f"against the same layout without it ({_gib(plain.memory.total_bytes)} per GPU)" \
+        if plain else ""
+    return (f"fits with {best.layout.offload} offload: {layout_summary(best.layout)} at "
+            f"{_gib(best.total_bytes)} per GPU and "
+            f"{_gib(best.estimate.memory.host_bytes_per_node)} host memory per node, "
+            f"{best.tokens_per_s:,.0f} tokens/s{delta}")
+
+
 def advice(result, search_fn) -> list:
     """Lines saying that nothing fits and what would; result.closest must be set."""
     c = result.closest
@@ -106,6 +127,9 @@ def relaxations(result, search_fn) -> list:
             out.append(f"micro-batch 1 instead of {lay.micro_batch}: activations "
                        f"{_gib(mem.activations_bytes)} -> {_gib(est.memory.activations_bytes)} "
                        f"(total {_gib(est.memory.total_bytes)})")
+    line = offload_line(result, search_fn)
+    if line:
+        out.append(line)
     if mem.total_bytes <= mem.capacity_bytes:
         need = 1 - mem.total_bytes / mem.capacity_bytes
         out.append(f"it fits with less headroom: --headroom {int(need * 100) / 100:.2f} "

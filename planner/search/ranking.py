@@ -23,9 +23,9 @@ from planner.search.space import concat, enumerate_space, take
 OBJECTIVES = ("throughput", "min-gpus", "time-to-train")
 # Deterministic tie-break after the objective: less memory, fewer GPUs, then the simpler layout
 # (lower pp, tp, ZeRO, recompute, schedule index) - the column order below.
-TIE_COLUMNS = ("world", "pp", "tp", "cp", "cp_comm", "zero_stage", "recompute",
-               "recompute_every", "schedule",
-               "virtual_stages", "sequence_parallel", "dp", "micro_batch")
+TIE_COLUMNS = ("world", "pp", "tp", "cp", "cp_comm", "zero_stage", "dp_shard", "recompute",
+               "recompute_every", "schedule", "virtual_stages", "sequence_parallel", "dp",
+               "micro_batch")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +40,8 @@ class SearchOptions:
     compile: bool = False           # every layout with Layout.compile (torch.compile per block)
     recompute: str | None = None    # a fixed recompute policy (None: search them)
     recompute_every: int | None = None  # a fixed recompute_every (None: search 1, 2, 4)
+    dp_shard: int | None = None     # a fixed Layout.dp_shard (None: search the shard groups)
+    offload: str | None = "none"    # a fixed Layout.offload (None: search the offloads)
 
     def __post_init__(self):
         if self.max_tp is None:
@@ -192,7 +194,8 @@ class _Search:
         spaces = []
         for world in gpu_counts(self.cluster, self.opt.allow_fewer_gpus):
             cols, bad_shapes = enumerate_space(self.model, self.job, world, self.max_tp,
-                                               self.opt.recompute, self.opt.recompute_every)
+                                               self.opt.recompute, self.opt.recompute_every,
+                                               self.opt.dp_shard, self.opt.offload)
             if bad_shapes:
                 dp, tp, pp = bad_shapes[0]
                 self.reject("batch", len(bad_shapes),
@@ -274,7 +277,15 @@ def _memory_stage(s: "_Search", valid: dict) -> tuple:
     """(fits mask, bytes, closest candidate when nothing fits); counts memory rejections."""
     limit = _limit(s.cluster, s.opt.headroom)
     mem = s.scorer.memory(valid, limit)
-    fit = mem <= limit
+    host = s.scorer.host_fits(valid, s.cluster.profile)
+    if not host.all():
+        bad = np.flatnonzero(~host)
+        ex = _candidate(s, valid, int(bad[0]))
+        s.reject("host_memory", bad.size,
+                 f"e.g. {layout_summary(ex.layout)} offloads "
+                 f"{_gib(ex.estimate.memory.host_bytes_per_node)} GiB per node > "
+                 f"{_gib(ex.estimate.memory.host_capacity_bytes)} GiB of host memory")
+    fit = (mem <= limit) & host
     if not fit.all():
         bad = np.flatnonzero(~fit)
         ex = _candidate(s, valid, int(bad[np.argmin(mem[bad])]))

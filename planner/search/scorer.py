@@ -17,15 +17,15 @@ import numpy as np
 
 from planner.cost.fields import parameters, rank_facts_of
 from planner.cost.flops import model_flops_per_step
-from planner.cost.memory import rank_memory_parts
+from planner.cost.memory import host_states, rank_memory_parts
 from planner.cost.moe import rank_moe_layers_of
 from planner.cost.time import mean_rank_s, rank_time_parts, step_inputs, step_of
-from planner.engines import CP_COMMS, RECOMPUTE, SCHEDULES
+from planner.engines import CP_COMMS, OFFLOADS, RECOMPUTE, SCHEDULES
 from planner.plan import AXES, Layout
 from planner.search.space import take
 
 _NAMES = {"schedule": np.array(SCHEDULES), "recompute": np.array(RECOMPUTE),
-          "cp_comm": np.array(CP_COMMS)}
+          "cp_comm": np.array(CP_COMMS), "offload": np.array(OFFLOADS)}
 _FLAGS = ("sequence_parallel", "holds_embedding", "holds_head", "tied_copy", "compile")
 
 
@@ -38,6 +38,8 @@ def layout_at(cols: dict, i: int) -> Layout:
                   virtual_stages=int(cols["virtual_stages"][i]),
                   recompute=RECOMPUTE[int(cols["recompute"][i])],
                   recompute_every=int(cols["recompute_every"][i]),
+                  dp_shard=int(cols["dp_shard"][i]) if "dp_shard" in cols else 0,
+                  offload=OFFLOADS[int(cols["offload"][i])] if "offload" in cols else "none",
                   compile=bool(cols["compile"][i]) if "compile" in cols else False,
                   cp=int(cols["cp"][i]) if "cp" in cols else 1,
                   cp_comm=CP_COMMS[int(cols["cp_comm"][i])] if "cp_comm" in cols
@@ -125,6 +127,18 @@ class Scorer:
             if limit is not None:
                 alive[idx] = mem[idx] <= limit
         return mem
+
+    def host_fits(self, cols: dict, profile) -> np.ndarray:
+        """Whether every row's CPU offload fits the node's host memory (MemoryBreakdown
+        host_fits: the node's ranks times the most loaded rank's host bytes)."""
+        ok = np.ones(cols["dp"].size, dtype=bool)
+        if "offload" not in cols or not (cols["offload"] > 0).any():
+            return ok
+        per_node = np.minimum(cols["world"], profile.gpus_per_node)
+        for r in self._slot_ranks(cols):
+            host = self.unique(host_states, self._rank_cols(cols, r))
+            ok &= (host == 0) | (host * per_node <= profile.host.memory_bytes_per_node)
+        return ok
 
     def step_time(self, cols: dict) -> np.ndarray:
         """Seconds per training step of every row (TimeBreakdown.step_s)."""

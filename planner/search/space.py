@@ -14,12 +14,16 @@ What is enumerated (and what is not, because it would duplicate another row):
   needs that), ZBV with v = 2; with pp = 1 the schedule is moot and only '1f1b' is listed.
   Only the schedules and ZeRO stages the engine runs are listed (planner.engines).  For an MoE
   model every (ep, etp) of expert_options; a dense model has ep = etp = 1.
+  Each layout at a ZeRO stage the engine hybrid-shards is also listed with every shard group
+  1 < dp_shard < dp dividing dp (hybrid sharding; dp_shard 0 is the whole dp group).  CPU
+  offload is listed only when asked for: `offload=None` adds a copy of each row per offload
+  its engine runs at that ZeRO stage (the nothing-fits advice does that).
 
 The structural rules themselves are planner/rules.py, evaluated here on whole columns."""
 
 import numpy as np
 
-from planner.engines import CP_COMMS, RECOMPUTE, RECOMPUTE_EVERY_CHOICES, engine
+from planner.engines import CP_COMMS, OFFLOADS, RECOMPUTE, RECOMPUTE_EVERY_CHOICES, engine
 from planner.rules import COLUMNS, SCHED
 
 # The search tries context parallelism only while every rank keeps at least this many tokens
@@ -147,13 +151,62 @@ def _expert_rows(model, job, world: int, dp: int, tp: int, pp: int, recomputes: 
     every = np.array([k for _, k in recomputes])[grid[4]]
     n = mb.size
     const = lambda x: np.full(n, x)  # noqa: E731
+    # ep = etp = 1: dense models; dp_shard 0 (see _shards); offload none (index 0)
     return np.stack([const(world), const(dp), const(tp), const(pp), grid[2], grid[3], mb,
                      per_replica // mb, sched, v, rc, const(0), const(0), every, const(ep),
-                     const(etp), const(cp), const(cp_comm)], axis=1)
+                     const(etp), const(0), const(0), const(cp), const(cp_comm)], axis=1)
+
+
+SHARD = COLUMNS.index("dp_shard")
+
+
+def shard_options(dp: int, engine_name: str, zero_stage: int) -> list:
+    """Hybrid-sharding shard groups to try besides the whole dp group (dp_shard 0): every
+    proper divisor 1 < S < dp, at the ZeRO stages the engine hybrid-shards."""
+    if zero_stage not in engine(engine_name).hsdp_stages:
+        return []
+    return [d for d in divisors(dp) if 1 < d < dp]
+
+
+def _shards(rows: np.ndarray, dp: int, engine_name: str, dp_shard) -> np.ndarray:
+    """The rows, plus a copy per hybrid shard group (shard_options) of each row whose ZeRO stage
+    hybrid-shards; a fixed `dp_shard` is the only value (the rules refuse rows it cannot take,
+    and the refusal is reported)."""
+    if dp_shard is not None:
+        out = rows.copy()
+        out[:, SHARD] = dp_shard
+        return out
+    blocks = [rows]
+    zero = COLUMNS.index("zero_stage")
+    for z in np.unique(rows[:, zero]):
+        for shard in shard_options(dp, engine_name, int(z)):
+            extra = rows[rows[:, zero] == z].copy()
+            extra[:, SHARD] = shard
+            blocks.append(extra)
+    return np.concatenate(blocks)
+
+
+OFFLOAD = COLUMNS.index("offload")
+
+
+def _offloads(rows: np.ndarray, engine_name: str, offload) -> np.ndarray:
+    """The rows, plus a copy per CPU offload the engine runs at each row's ZeRO stage
+    (engines.offload_stages); a fixed `offload` is the only value (refusals reported)."""
+    if offload is not None:
+        out = rows.copy()
+        out[:, OFFLOAD] = OFFLOADS.index(offload)
+        return out
+    blocks, zero = [rows], COLUMNS.index("zero_stage")
+    for kind, stages in enumerate(engine(engine_name).offload_stages, start=1):
+        extra = rows[np.isin(rows[:, zero], stages)].copy()
+        extra[:, OFFLOAD] = kind
+        blocks.append(extra)
+    return np.concatenate(blocks)
 
 
 def enumerate_space(model, job, world: int, max_tp: int, recompute: str | None = None,
-                    recompute_every: int | None = None) -> tuple:
+                    recompute_every: int | None = None, dp_shard: int | None = None,
+                    offload: str | None = "none") -> tuple:
     """(columns dict, shape rejections) for `world` GPUs.  A shape whose dp does not divide the
     global batch has no micro-batch split at all; it is reported once, as a shape.  A fixed
     `recompute` / `recompute_every` is the only value tried (recompute_options)."""
@@ -167,8 +220,10 @@ def enumerate_space(model, job, world: int, max_tp: int, recompute: str | None =
                     if flavour == 0:
                         shape_rejects.append((dp, tp, pp))
                     continue
-                blocks.append(_shape_rows(model, job, world, dp, tp, pp, recomputes, cp,
-                                          flavour))
+                rows = _shape_rows(model, job, world, dp, tp, pp, recomputes, cp, flavour)
+                if cp == 1 or dp_shard is not None:  # cp > 1: no hybrid sharding (cp_hsdp)
+                    rows = _shards(rows, dp, job.engine, dp_shard)
+                blocks.append(_offloads(rows, job.engine, offload))
     rows = np.concatenate(blocks) if blocks else np.zeros((0, len(COLUMNS)), dtype=np.int64)
     return {name: rows[:, i].astype(np.int64) for i, name in enumerate(COLUMNS)}, shape_rejects
 

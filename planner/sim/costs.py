@@ -14,6 +14,7 @@ from planner.cost.fields import call, plan_fields, with_rank
 from planner.cost.memory import rank_memory
 from planner.cost.pipeline import recomputed
 from planner.cost.time import exposed_tp, optimizer_seconds, recompute_seconds
+from planner.cost.offload import offload_seconds
 from planner.engines import DDP_STAGES, SCHEDULES, deferred_fsdp, dp_overlapped
 from planner.plan import Plan
 
@@ -182,25 +183,33 @@ def _chunk_recomputed(lay, num_layers: int) -> list:
     return out
 
 
+def _sync_s(colls: list) -> float:
+    """Gradient-sync seconds: the first collective plus hybrid sharding's replica all-reduce."""
+    return colls[0].time_s + sum(c.time_s for c in colls if c.axis == "dp_replicate")
+
+
 def _dp_costs(plan: Plan, named: dict) -> dict:
     lay = plan.layout
     ranks = [with_rank(named, r) for r in range(lay.pp)]
     colls = [call(dp_collectives, r) for r in ranks]
+    # the GPU AdamW step, plus the CPU step and host-link copies of CPU offload
     opt = [optimizer_seconds(named["gpu"], plan.job, tp=lay.tp, zero_stage=lay.zero_stage,
                              optimizer_bytes=rank_memory(plan, r).optimizer_bytes)
-           for r in range(lay.pp)]
+           + call(offload_seconds, rank) for r, rank in zip(range(lay.pp), ranks)]
     common = {"rank_optimizer_s": opt,
               "dp_overlap": bool(dp_overlapped(plan.job.engine, lay.zero_stage, lay.pp,
                                                lay.dp * lay.cp))}
     if lay.dp * lay.cp == 1:
         return common
     if lay.zero_stage in DDP_STAGES:
-        return {**common, "dp_mode": "all_reduce", "rank_grad_sync_s": [c[0].time_s for c in colls],
-                "rank_after_step_s": [sum(x.time_s for x in c[1:]) for c in colls]}
+        return {**common, "dp_mode": "all_reduce", "rank_grad_sync_s": [_sync_s(c) for c in colls],
+                "rank_after_step_s": [sum(x.time_s for x in c[1:] if x.axis != "dp_replicate")
+                                      for c in colls]}
     deferred = bool(deferred_fsdp(plan.job.engine, lay.zero_stage, lay.pp))
     reduces, gathers = fsdp_rounds(plan.job.engine, lay.zero_stage, lay.pp, lay.num_microbatches)
     # one round of a rank's FSDP2 groups: every group's reduce-scatter or gather once
     return {**common, "dp_mode": "deferred" if deferred else "sharded",
-            "rank_grad_sync_s": [c[0].time_s / reduces for c in colls],
+            # hybrid sharding: each reduce-scatter's replica all-reduce follows it
+            "rank_grad_sync_s": [_sync_s(c) / reduces for c in colls],
             "rank_gather_s": [c[1].time_s / gathers for c in colls],
             "gathers_per_microbatch": 2 if lay.zero_stage == 3 else 1}
