@@ -9,6 +9,7 @@ has torchrun, DeepSpeed and Megatron Core read the exports."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import operator
@@ -203,6 +204,13 @@ def torchrun_lines(plan: Plan, *, plan_path: str = "plan.json", steps: int = DEF
     if gaps:
         _refuse("torchrun", f"it runs runtime.train, whose model cannot build "
                 f"{plan.model.name}: {'; '.join(gaps)}")
+    if plan.job.engine != "torch":  # runtime.train is the torch engine: its rules apply
+        from planner.plan import layout_errors
+        errors = layout_errors(plan.model, plan.cluster,
+                               dataclasses.replace(plan.job, engine="torch"), plan.layout)
+        if errors:
+            _refuse("torchrun", f"it runs runtime.train (the torch engine), which refuses "
+                    f"this {plan.job.engine} plan: {errors[0]}")
     nodes, procs = _nodes_and_procs(plan)
     train = ["-m", "runtime.train", "--plan", _check_path(plan_path),
              "--steps", str(_check_steps(steps))]

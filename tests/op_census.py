@@ -390,6 +390,7 @@ def embedding_census(spec: ModelSpec, precision: str, emb=None, batch=None,
 class _Ctx:
     """The one-rank context runtime.optim.clip_grad_norm asks for sizes and the device."""
     device = torch.device("cpu")
+    hsdp_mesh = None  # no hybrid sharding
 
     def size(self, axis: str) -> int:
         return 1

@@ -655,8 +655,9 @@ def test_exports_that_cannot_run_an_moe_plan_refuse():
     with pytest.raises(ValueError, match="DeepSpeed cannot express this plan: ep=8 etp=1"):
         export.deepspeed_config(plan)
     with pytest.raises(ValueError, match="torchrun cannot express this plan: it runs "
-                                         "runtime.train, whose model cannot build mixtral"):
-        export.torchrun_lines(plan)
+                                         "runtime.train .the torch engine., which refuses this "
+                                         "megatron plan: ep=8 with ZeRO-1"):
+        export.torchrun_lines(plan)  # the runtime builds Mixtral, not ep with ZeRO-1
     oss = _plan(gpus=8, model="gpt-oss-120b", dp=8, ep=8, zero_stage=1, engine="megatron")
     with pytest.raises(ValueError, match="attention_sinks"):
         export.megatron_args(oss, fill=FILL)
