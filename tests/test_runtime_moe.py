@@ -385,3 +385,17 @@ def test_bf16_expert_parallel_tracks_fp32():
     for name, run in got.items():
         assert max(abs(a - b) for a, b in zip(run["losses"], want["losses"])) < 0.05, name
         assert all(v.dtype == torch.float32 for v in run["params"].values()), name
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_planner_memory_model_holds_the_runtimes_model_states(name):
+    """planner.cost.memory.rank_memory (dense view plus planner/cost/moe.py's MoE terms) gives
+    the weights and AdamW bytes the runtime holds on each pipeline rank's most loaded rank."""
+    from planner.cost.memory import rank_memory
+    spec, layout = CASES[name]
+    plan = make_plan(layout, spec)
+    for pp_rank in range(layout.pp):
+        mem = rank_memory(plan, pp_rank)
+        want = planner_state_bytes(plan, {"dp": 0, "tp": 0, "pp": pp_rank})
+        assert (mem.weights_bytes, mem.optimizer_bytes) == \
+            (want["weights_bytes"], want["optimizer_bytes"]), pp_rank

@@ -193,12 +193,14 @@ def _state_bytes(job, numel: float, shards: int, zero_stage: int) -> tuple:
     """(weights, gradients, optimizer) bytes of `numel` elements sharded over `shards` ranks as
     the engine does (planner.cost.memory: torch fp32 master 4 + 4 + 8, else the ZeRO recipe)."""
     eng = engine(job.engine)
+    weights_from = 3
     if eng.fp32_master_params:
         w, g, o = 4.0, 4.0, 8.0
+        weights_from = 2  # FSDP2 shards parameters at ZeRO-2 too (memory.SHARDED_GRAD_STAGES)
     else:
         w = g = float(dtype_bytes(job.dtype))
         o = float(eng.optimizer_state_bytes(job.dtype, zero_stage))
-    return (w * numel / (shards if zero_stage >= 3 else 1),
+    return (w * numel / (shards if zero_stage >= weights_from else 1),
             g * numel / (shards if zero_stage >= 2 else 1),
             o * numel / (shards if zero_stage >= 1 else 1))
 
@@ -212,7 +214,18 @@ def moe_model_states(spec, job, *, tp, dp, zero_stage, rank_moe_layers, ep=1, et
     edp = expert_dp(job, tp=tp, dp=dp, ep=ep, etp=etp)
     a = _state_bytes(job, rank_moe_layers * other, dp, zero_stage)
     b = _state_bytes(job, rank_moe_layers * experts, edp, zero_stage)
-    return tuple(x + y for x, y in zip(a, b))
+    w, g, o = (x + y for x, y in zip(a, b))
+    if engine(job.engine).fp32_master_params:  # AdamW's per-tensor step: the MoE block's count
+        from planner.cost.memory import ADAM_STEP_BYTES
+        o += ADAM_STEP_BYTES * rank_moe_layers * moe_tensor_count_delta(spec)
+    return w, g, o
+
+
+def moe_tensor_count_delta(spec) -> int:
+    """Parameter tensors an MoE block has beyond a dense block (router, stacked experts, shared
+    experts and gate against the dense MLP's)."""
+    return len(block_tensors(spec, spec.moe.first_dense_layers)) - \
+        len(block_tensors(dense_view(spec), 0))
 
 
 # --- expert-parallel communication ------------------------------------------------------------
