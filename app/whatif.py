@@ -76,11 +76,10 @@ def layout_by_hand(hint: dict, moe: bool = False) -> dict:
                                      "(folded over tp x dp)")
         etp = c3[3].number_input("expert tp", min_value=1, step=1, key="hand_etp",
                                  help="tensor parallel inside each expert (megatron engine)")
-    c4 = st.columns(7)
-    shard = c4[0].number_input("dp shard", min_value=0, step=1, key="hand_dp_shard",
+    shard = c3[4].number_input("dp shard", min_value=0, step=1, key="hand_dp_shard",
                                help="hybrid sharding: ZeRO shards over groups of this many dp "
                                     "ranks and replicates across dp / this; 0 = all of dp")
-    offload = c4[1].selectbox("CPU offload", OFFLOADS, key="hand_offload",
+    offload = c3[5].selectbox("CPU offload", OFFLOADS, key="hand_offload",
                               help="optimizer states (ZeRO-Offload) or also the parameters "
                                    "in host memory; the verdict covers host memory too")
     return {"dp": int(dp), "tp": int(tp), "pp": int(pp), "ep": int(ep), "etp": int(etp),
