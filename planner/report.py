@@ -26,7 +26,8 @@ TIME_ROWS = [
     ("ep_comm_s", "EP all-to-all", "expert dispatch + combine, fwd + bwd (MoE)"),
     ("bubble_s", "pipeline bubble", "fill and drain of the schedule"),
     ("dp_comm_exposed_s", "DP communication", "gradient sync not hidden by backward"),
-    ("optimizer_s", "optimizer step", "AdamW update + clipping (memory-bound)"),
+    ("optimizer_s", "optimizer step",
+     "AdamW update + clipping, gradient accumulation of micro-batches 2..m (memory-bound)"),
 ]
 
 

@@ -32,6 +32,8 @@ from planner.engines import (SHARDED_GRAD_STAGES, ZERO_BUBBLE, deferred_fsdp, dp
 # gradient, plus the gradient-norm pass for clipping (read the gradient again).  The torch engine
 # counts what the runtime's AdamW really moves (planner.cost.ops, from the op census).
 OPTIMIZER_BYTES_PER_PARAM = 8 + 8 + 8 + 4 + 4
+# an in-place `grad += new` reads the gradient and the new one and writes the gradient
+ACCUMULATE_BYTES_PER_BYTE = 3
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,22 @@ def optimizer_seconds(gpu, job, *, tp, zero_stage, optimizer_bytes) -> float:
     return numel * per_param / (gpu.hbm_bandwidth_bytes_per_s * gpu.memory_efficiency)
 
 
+def accumulation_seconds_per_byte(gpu, job, *, num_microbatches) -> float:
+    """Seconds per gradient byte a rank spends adding micro-batches 2..m into its gradients:
+    read both, write one, 3 bytes moved per byte held, memory-bound.  The `torch` engine only:
+    autograd's AccumulateGrad adds in place into an existing `.grad` (torch/csrc/autograd/
+    functions/accumulate_grad.h), FSDP2 into the sharded gradient after each reduce-scatter and,
+    under pipelining, into the unsharded fp32 gradient (torch/distributed/fsdp/_fully_shard/
+    _fsdp_collectives.py foreach_reduce, _fsdp_param.py); the op census counts one micro-batch
+    (tests/op_census.py).  Megatron-LM's fused weight-gradient GEMMs accumulate into main_grad
+    (gradient_accumulation_fusion) and DeepSpeed's buffers are its own: no extra pass counted."""
+    eng = engine(job.engine)
+    if not eng.kernels_from_op_census or eng.deepspeed_optimizers:
+        return 0.0
+    adds = np.maximum(0, num_microbatches - 1)
+    return ACCUMULATE_BYTES_PER_BYTE * adds / (gpu.hbm_bandwidth_bytes_per_s * gpu.memory_efficiency)
+
+
 def step_inputs(spec, job, profile, *, world, pp, virtual_stages, schedule, zero_stage,
                 dp, num_microbatches, cp=1) -> dict:
     """What the step combination needs besides the ranks (planner.cost.combine.step_parts);
@@ -227,9 +245,10 @@ class RankTime:
     optimizer_s: object
 
 
-def rank_time_parts(evaluate, optimizer_bytes) -> RankTime:
+def rank_time_parts(evaluate, optimizer_bytes, gradients_bytes) -> RankTime:
     """One rank's times from its pieces: `evaluate(fn)` is fn's result for the rank
-    (planner/cost/fields.py)."""
+    (planner/cost/fields.py).  Its optimizer time includes the gradient accumulation of
+    micro-batches 2..m (accumulation_seconds_per_byte)."""
     layers, _, _, last = unpack(evaluate(rank_facts_of), 4)
     total, sync, gather = unpack(evaluate(dp_seconds), 3)
     recomputed = evaluate(recomputed_layers_of)
@@ -239,6 +258,7 @@ def rank_time_parts(evaluate, optimizer_bytes) -> RankTime:
                     dp_total_s=total,
                     grad_sync_s=sync, first_gather_s=gather,
                     optimizer_s=optimizer_bytes * evaluate(optimizer_seconds_per_byte)
+                    + gradients_bytes * evaluate(accumulation_seconds_per_byte)
                     + evaluate(offload_seconds))
 
 
@@ -279,6 +299,7 @@ def time_breakdown(plan, rank_memories: list,
     named, pp = plan_fields(plan), plan.layout.pp
     evaluations = evaluations or PlanEvaluations(named)
     evaluators = [evaluations.evaluator(r) for r in range(pp)]
-    ranks = [rank_time_parts(ev, mem.optimizer_bytes) for ev, mem in zip(evaluators, rank_memories)]
+    ranks = [rank_time_parts(ev, mem.optimizer_bytes, mem.gradients_bytes)
+             for ev, mem in zip(evaluators, rank_memories)]
     mean = mean_rank_s(evaluators[0], plan.model.num_layers, pp)
     return TimeBreakdown.of(step_of(ranks, call(step_inputs, named), mean))

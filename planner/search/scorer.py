@@ -147,7 +147,8 @@ class Scorer:
         ranks = []
         for r in self._slot_ranks(cols):
             evaluate = self._evaluate(self._rank_cols(cols, r))
-            ranks.append(rank_time_parts(evaluate, rank_memory_parts(evaluate)["optimizer"]))
+            states = rank_memory_parts(evaluate)
+            ranks.append(rank_time_parts(evaluate, states["optimizer"], states["gradients"]))
         named = {**self.fixed, **cols, **{k: _NAMES[k][cols[k]] for k in _NAMES}}
         step = step_inputs(**{k: named[k] for k, _ in parameters(step_inputs)})
         mean = mean_rank_s(evaluate, self.model.num_layers, cols["pp"])

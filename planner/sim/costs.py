@@ -13,7 +13,8 @@ from planner.cost.context import cp_collectives, cp_exposed, local_job
 from planner.cost.fields import call, plan_fields, with_rank
 from planner.cost.memory import rank_memory
 from planner.cost.pipeline import recomputed
-from planner.cost.time import exposed_tp, optimizer_seconds, recompute_seconds
+from planner.cost.time import (accumulation_seconds_per_byte, exposed_tp, optimizer_seconds,
+                               recompute_seconds)
 from planner.cost.offload import offload_seconds
 from planner.engines import DDP_STAGES, SCHEDULES, deferred_fsdp, dp_overlapped
 from planner.plan import Plan
@@ -188,14 +189,24 @@ def _sync_s(colls: list) -> float:
     return colls[0].time_s + sum(c.time_s for c in colls if c.axis == "dp_replicate")
 
 
+def _optimizer_s(plan: Plan, named: dict, pp_rank: int) -> float:
+    """The rank's AdamW step and the gradient accumulation of micro-batches 2..m."""
+    lay, mem = plan.layout, rank_memory(plan, pp_rank)
+    accumulate = accumulation_seconds_per_byte(named["gpu"], plan.job,
+                                               num_microbatches=lay.num_microbatches)
+    return (optimizer_seconds(named["gpu"], plan.job, tp=lay.tp, zero_stage=lay.zero_stage,
+                              optimizer_bytes=mem.optimizer_bytes)
+            + float(accumulate) * mem.gradients_bytes)
+
+
 def _dp_costs(plan: Plan, named: dict) -> dict:
     lay = plan.layout
     ranks = [with_rank(named, r) for r in range(lay.pp)]
     colls = [call(dp_collectives, r) for r in ranks]
-    # the GPU AdamW step, plus the CPU step and host-link copies of CPU offload
-    opt = [optimizer_seconds(named["gpu"], plan.job, tp=lay.tp, zero_stage=lay.zero_stage,
-                             optimizer_bytes=rank_memory(plan, r).optimizer_bytes)
-           + call(offload_seconds, rank) for r, rank in zip(range(lay.pp), ranks)]
+    # the GPU AdamW step and gradient accumulation, plus the CPU step and host-link copies of
+    # CPU offload
+    opt = [_optimizer_s(plan, named, r) + call(offload_seconds, rank)
+           for r, rank in zip(range(lay.pp), ranks)]
     common = {"rank_optimizer_s": opt,
               "dp_overlap": bool(dp_overlapped(plan.job.engine, lay.zero_stage, lay.pp,
                                                lay.dp * lay.cp))}
