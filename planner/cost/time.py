@@ -200,7 +200,8 @@ def accumulation_seconds_per_byte(gpu, job, *, num_microbatches) -> float:
     if not eng.kernels_from_op_census or eng.deepspeed_optimizers:
         return 0.0
     adds = np.maximum(0, num_microbatches - 1)
-    return ACCUMULATE_BYTES_PER_BYTE * adds / (gpu.hbm_bandwidth_bytes_per_s * gpu.memory_efficiency)
+    bandwidth = gpu.hbm_bandwidth_bytes_per_s * gpu.memory_efficiency
+    return ACCUMULATE_BYTES_PER_BYTE * adds / bandwidth
 
 
 def step_inputs(spec, job, profile, *, world, pp, virtual_stages, schedule, zero_stage,
