@@ -152,3 +152,21 @@ def test_fsdp2_gathers_and_reduces_each_block_on_its_own():
                     job=Job(global_batch=64, seq_len=4096, engine="megatron"),
                     layout=Layout(dp=8, zero_stage=1, micro_batch=1, num_microbatches=8))
     assert [c.count for c in _dp_collectives(megatron, 0)] == [1, 1]
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_gradient_accumulation_adds_three_gradient_passes_per_extra_microbatch(zero):
+    """torch engine: micro-batches 2..m each add into the rank's gradients in place (read both,
+    write one); one micro-batch adds nothing, and Megatron-LM's fused accumulation nothing."""
+    def run(nmb, engine="torch"):
+        plan = _plan(Layout(dp=8, zero_stage=zero, micro_batch=1, num_microbatches=nmb),
+                     batch=8 * nmb, engine=engine)
+        return plan, estimate(plan)
+    plan, one = run(1)
+    _, eight = run(8)
+    gpu = plan.cluster.profile.gpu
+    grads = rank_memory(plan, 0).gradients_bytes
+    want = 7 * 3 * grads / (gpu.hbm_bandwidth_bytes_per_s * gpu.memory_efficiency)
+    assert eight.time.optimizer_s - one.time.optimizer_s == pytest.approx(want, rel=1e-9)
+    assert run(8, "megatron")[1].time.optimizer_s == pytest.approx(
+        run(1, "megatron")[1].time.optimizer_s, rel=1e-12)
