@@ -1,7 +1,8 @@
 """Context parallelism on gloo (runtime/context.py): every layout trains exactly like one
 process (fp32, same seed, dropout 0), its model-state bytes equal the planner's over dp x cp
 shards, activation bytes per micro-batch are within 10% of the prediction (which counts the
-gathered K/V), and the K/V bytes the collectives move equal the cost model's."""
+gathered K/V, except under recompute), and the K/V bytes the collectives move equal the cost
+model's."""
 
 import functools
 
@@ -9,7 +10,7 @@ import pytest
 from runtime_dist import Layout, make_plan, run_world, train_worlds
 
 from planner.cost.context import cp_collectives
-from planner.cost.fields import call, plan_fields
+from planner.cost.fields import call, plan_fields, recomputed_layers_of, with_rank
 from planner.cost.memory import rank_memory, rank_model_state
 
 STEPS = 3
@@ -24,6 +25,11 @@ CASES = {
     "cp4-zero3": Layout(cp=4, micro_batch=2, num_microbatches=4, zero_stage=3),
     "cp2xtp2": Layout(cp=2, tp=2, micro_batch=2, num_microbatches=4),
     "cp2xpp2": Layout(cp=2, pp=2, micro_batch=2, num_microbatches=4),
+    # recompute: the gathered K/V is made again inside the recomputed attention, not saved
+    "cp2-selective": Layout(cp=2, micro_batch=2, num_microbatches=4, recompute="selective"),
+    "cp2-op": Layout(cp=2, micro_batch=2, num_microbatches=4, recompute="op"),
+    "cp2-full-every2": Layout(cp=2, micro_batch=2, num_microbatches=4, recompute="full",
+                              recompute_every=2),
 }
 REFERENCE = Layout(micro_batch=2, num_microbatches=4)
 
@@ -99,10 +105,11 @@ def _census_rank(plan, tokens) -> dict:
     return counted
 
 
-@pytest.mark.parametrize("name", ["cp2", "cp4", "cp2xtp2"])
+@pytest.mark.parametrize("name", ["cp2", "cp4", "cp2xtp2", "cp2-selective", "cp2-full-every2"])
 def test_cp_collective_bytes_equal_the_cost_model(name):
     """Every K/V all-gather and dK/dV reduce-scatter the runtime runs in a step, counted and
-    sized, against the estimate's cp collectives (count per step x gathered buffer)."""
+    sized, against the estimate's cp collectives (count per step x gathered buffer); a
+    recomputed layer gathers K/V once more."""
     from runtime_dist import corpus_tokens
 
     from planner.cost.estimate import estimate
@@ -115,6 +122,9 @@ def test_cp_collective_bytes_equal_the_cost_model(name):
         # 2 calls per layer (K and V) where the model moves them as one buffer
         assert counted[kind][0] == 2 * want.count, kind
         assert counted[kind][1] == pytest.approx(want.count * want.bytes_each, rel=1e-12), kind
-    assert want.count == plan.model.num_layers * lay.num_microbatches
+    recomputed = call(recomputed_layers_of, with_rank(plan_fields(plan), 0))
+    assert comm["all_gather"].count == \
+        (plan.model.num_layers + recomputed) * lay.num_microbatches
+    assert comm["reduce_scatter"].count == plan.model.num_layers * lay.num_microbatches
     fwd, bwd = call(cp_collectives, plan_fields(plan))
     assert [c.kind for c in fwd + bwd] == ["all_gather", "reduce_scatter"]

@@ -68,6 +68,17 @@ def cp_collectives(profile, spec, job, *, mesh_order, dp, tp, pp, cp, cp_comm,
     return one_pass, [dataclasses.replace(c, name=c.name + "_grad") for c in one_pass]
 
 
+def cp_rerun_collectives(forward: list, cp_comm: str, recompute: str) -> list:
+    """The forward CP collectives a recomputed layer runs again: all of them under full and
+    op-level recompute (neither saves a collective's output; runtime/recompute.py), and under
+    selective recompute those inside the attention core - the K/V all-gather (runtime/model.py
+    checkpoints the core with the gather in it) and the ring's sends (Megatron-LM's core
+    attention holds them) - but not Ulysses' all-to-alls, which sit outside it."""
+    if recompute == "none" or (recompute == "selective" and cp_comm == "a2a"):
+        return []
+    return forward
+
+
 def cp_exposed(cp_comm: str, cp: int, forward: list, backward: list, attn_fwd_s: float,
                attn_bwd_s: float) -> float:
     """Seconds of CP traffic on the critical path: all of it, except that a ring's sends

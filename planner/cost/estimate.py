@@ -4,7 +4,7 @@ from dataclasses import dataclass, replace
 
 from planner.cost.comm_plan import dp_collectives, pp_p2p_per_microbatch, tp_collectives_per_layer
 from planner.cost.compute import op_policy_gemm_flops
-from planner.cost.context import cp_collectives
+from planner.cost.context import cp_collectives, cp_rerun_collectives
 from planner.cost.fields import PlanEvaluations, call, plan_fields, recomputed_layers_of, with_rank
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.memory import MemoryBreakdown, rank_memory
@@ -96,7 +96,9 @@ def _step_collectives(plan: Plan, pp_rank: int) -> list:
         scaled.append(replace(c, count=(base * (layers - recomputed) + c.count * recomputed) * m))
     scaled += [replace(c, count=c.count * m) for c in call(pp_p2p_per_microbatch, named)]
     forward, backward = call(cp_collectives, named)
-    scaled += [replace(c, count=c.count * layers * m) for c in forward + backward]
+    rerun = {c.name for c in cp_rerun_collectives(forward, named["cp_comm"], named["recompute"])}
+    scaled += [replace(c, count=c.count * (layers + recomputed * (c.name in rerun)) * m)
+               for c in forward + backward]
     return scaled + call(dp_collectives, named) + call(ep_collectives, named)
 
 

@@ -323,9 +323,11 @@ def activation_pieces(spec, job, *, tp, sequence_parallel, micro_batch, recomput
         plain -= saved_bytes_saving(spec, job.dtype, seq_len=job.seq_len, **shape)
     fp8_saved = fp8.saved_input_saving(spec, job, **shape)
     plain -= fp8_saved
-    # full recompute keeps the block input only; selective and op keep the attention inputs
+    # full recompute keeps the block input only; selective and op keep the attention inputs,
+    # the local q, k, v: the gathered K/V is made again inside the recomputed attention
+    # (context.cp_rerun_collectives; measured on the runtime, tests/test_runtime_cp.py)
     policy = plain if recompute == "none" else act.layer_bytes(
-        spec, job, **shape, recompute=recompute) + (0.0 if recompute == "full" else gathered) - \
+        spec, job, **shape, recompute=recompute) - \
         (fp8_saved if recompute == "selective" else 0.0)
     head = act.head_bytes(spec, job, **shape) if trace is None else trace.head(spec, job,
                                                                                 **shape)

@@ -18,7 +18,7 @@ from planner.cost import moe, ops
 from planner.cost.combine import RankMicrobatch, rank_microbatch, step_parts
 from planner.cost.comm_plan import (dp_collectives, pp_p2p_per_microbatch, tp_pass_seconds,
                                     tp_recompute_seconds)
-from planner.cost.context import cp_collectives, cp_exposed, local_job
+from planner.cost.context import cp_collectives, cp_exposed, cp_rerun_collectives, local_job
 from planner.cost.compute import (head_times, layer_times, op_policy_recompute_s,
                                   selective_recompute_s)
 from planner.cost.fields import (PlanEvaluations, call, plan_fields, rank_facts_of,
@@ -109,6 +109,22 @@ def recompute_seconds(gpu, spec, job, *, tp, sequence_parallel, micro_batch, rec
         return op_policy_recompute_s(gpu, spec, local_job(job, cp), **shape, compile=compile)
     lt = layer_times(gpu, spec, job, **shape, compile=compile, cp=cp)
     return selective_recompute_s(lt) if recompute == "selective" else lt.fwd_s
+
+
+def cp_recompute_seconds(gpu, profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
+                         micro_batch, recompute, cp=1, cp_comm="allgather") -> float:
+    """CP communication a recomputed layer adds per micro-batch: its forward collectives that
+    the recompute runs again (context.cp_rerun_collectives), exposed as in the forward."""
+    if cp == 1 or recompute == "none":
+        return 0.0
+    fwd, _ = cp_collectives(profile, spec, job, mesh_order=mesh_order, dp=dp, tp=tp, pp=pp,
+                            cp=cp, cp_comm=cp_comm, micro_batch=micro_batch)
+    rerun = cp_rerun_collectives(fwd, cp_comm, recompute)
+    if not rerun:
+        return 0.0
+    lt = layer_times(gpu, spec, job, tp=tp, sequence_parallel=sequence_parallel,
+                     micro_batch=micro_batch, cp=cp)
+    return cp_exposed(cp_comm, cp, rerun, [], lt.attention_fwd_s, 0.0)
 
 
 def tp_exposed_seconds(gpu, profile, spec, job, *, mesh_order, dp, tp, pp, sequence_parallel,
@@ -229,7 +245,7 @@ def _microbatch(evaluate, layers, holds_head, recomputed, sends=1,
         ep_comm_per_layer_s=evaluate(moe.ep_comm_seconds),
         rank_layers=layers, holds_head=holds_head, layer_fwd_s=layer[0], layer_bwd_s=layer[1],
         layer_wgrad_s=layer[2], head_fwd_s=head[0], head_bwd_s=head[1], head_wgrad_s=head[2],
-        recompute_per_layer_s=evaluate(recompute_seconds),
+        recompute_per_layer_s=evaluate(recompute_seconds) + evaluate(cp_recompute_seconds),
         tp_exposed_per_layer_s=evaluate(tp_exposed_seconds),
         cp_exposed_per_layer_s=evaluate(cp_exposed_seconds),
         pp_comm_s=sends * evaluate(pp_comm_seconds), recomputed_layers=recomputed,

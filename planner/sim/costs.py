@@ -13,8 +13,8 @@ from planner.cost.context import cp_collectives, cp_exposed, local_job
 from planner.cost.fields import call, plan_fields, with_rank
 from planner.cost.memory import rank_memory
 from planner.cost.pipeline import recomputed
-from planner.cost.time import (accumulation_seconds_per_byte, exposed_tp, optimizer_seconds,
-                               recompute_seconds)
+from planner.cost.time import (accumulation_seconds_per_byte, cp_recompute_seconds, exposed_tp,
+                               optimizer_seconds, recompute_seconds)
 from planner.cost.offload import offload_seconds
 from planner.engines import DDP_STAGES, SCHEDULES, deferred_fsdp, dp_overlapped
 from planner.plan import Plan
@@ -118,6 +118,7 @@ def plan_costs(plan: Plan) -> SimCosts:
     tp_exposed = exposed_tp(plan.job, tp_pass, tp_bwd, lt.wgrad_s)
     # the estimate's own per-recomputed-layer seconds (planner.cost.time)
     tp_rec, rec = call(tp_recompute_seconds, named), call(recompute_seconds, named)
+    rec += call(cp_recompute_seconds, named)  # the K/V traffic the recompute runs again
     layers = lay.stage_layers(spec.num_layers)
     recomputed = _chunk_recomputed(lay, spec.num_layers)
     head = [ht if c == len(layers) - 1 else _NO_HEAD for c in range(len(layers))]
