@@ -43,6 +43,8 @@ CASES = {
     "zero3-dp2": Layout(dp=2, micro_batch=4, zero_stage=3),
     "pp2-1f1b": Layout(pp=2, micro_batch=2, num_microbatches=4),
     "recompute-full-dp2": Layout(dp=2, micro_batch=2, num_microbatches=2, recompute="full"),
+    "cp2": Layout(cp=2, micro_batch=2, num_microbatches=4),
+    "cp2xdp2-zero3": Layout(cp=2, dp=2, micro_batch=2, num_microbatches=2, zero_stage=3),
 }
 GPT_CASES = {"gpt-tied-pp2": Layout(pp=2, micro_batch=2, num_microbatches=4)}
 BF16 = {"bf16-zero2": Layout(dp=2, micro_batch=2, num_microbatches=2, zero_stage=2),

@@ -124,7 +124,8 @@ def _max_param_diff(got: dict, want: dict) -> float:
 
 def check_memory(plan, ranks) -> None:
     for coords, record in ranks:
-        states = rank_model_state(plan, coords["pp"], coords["dp"], coords["tp"])
+        shard = coords["dp"] * plan.layout.cp + coords.get("cp", 0)  # dp x cp mesh, dp outer
+        states = rank_model_state(plan, coords["pp"], shard, coords["tp"])
         want = {k: getattr(states, k) for k in ("weights_bytes", "gradients_bytes",
                                                  "optimizer_bytes")}
         if deferred_fsdp(plan.job.engine, plan.layout.zero_stage, plan.layout.pp):
